@@ -1,0 +1,327 @@
+//! The typed recipe: TRL's three argument groups (model / data / training) plus the handbook's
+//! extras, each key with TRL's default and whether nibble acts on it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::*;
+
+/// How far nibble honours a key; keys a user sets that are not `Acted` are listed in a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// nibble acts on the key today.
+    Acted,
+    /// Understood and validated; the part of nibble that acts on it has not landed yet.
+    Planned,
+    /// Understood and validated, but nibble has no equivalent (hub pushes, trackers, ...).
+    Ignored,
+}
+
+/// Static facts about one typed key.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    /// Key name as written in a recipe.
+    pub name: &'static str,
+    /// Whether nibble acts on it.
+    pub support: Support,
+    /// Whether a command-line or environment value is split on commas.
+    pub list: bool,
+}
+
+/// Types that may appear as a recipe value; `LIST` marks those that take comma lists on the
+/// command line.
+pub(crate) trait RecipeValue {
+    const LIST: bool = false;
+}
+impl RecipeValue for bool {}
+impl RecipeValue for i64 {}
+impl RecipeValue for u64 {}
+impl RecipeValue for f64 {}
+impl RecipeValue for String {}
+impl RecipeValue for KwArgs {}
+impl RecipeValue for DatasetMixture {}
+impl RecipeValue for ReportTo {
+    const LIST: bool = true;
+}
+impl RecipeValue for TargetModules {
+    const LIST: bool = true;
+}
+impl RecipeValue for PadTo {}
+impl RecipeValue for Vec<String> {
+    const LIST: bool = true;
+}
+impl<T: RecipeValue> RecipeValue for Option<T> {
+    const LIST: bool = T::LIST;
+}
+macro_rules! plain_values { ($($t:ty),*) => { $(impl RecipeValue for $t {})* } }
+plain_values!(
+    Dtype,
+    QuantType,
+    QuantStorage,
+    Scheduler,
+    Interval,
+    SaveStrategy,
+    PackingStrategy,
+    TruncationMode,
+    LossType,
+    LogLevel
+);
+
+/// Reads one key from the merged layers, recording a diagnostic instead of failing.
+pub(crate) trait Extract {
+    fn get<T: serde::de::DeserializeOwned>(&mut self, key: &str, default: T) -> T;
+}
+
+macro_rules! section {
+    (
+        $(#[$m:meta])* $name:ident {
+            $( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, $support:ident; )*
+        }
+    ) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct $name {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+        impl $name {
+            /// Every key of this section, in declaration order.
+            pub const FIELDS: &'static [Field] = &[
+                $( Field {
+                    name: stringify!($field),
+                    support: Support::$support,
+                    list: <$ty as RecipeValue>::LIST,
+                }, )*
+            ];
+            pub(crate) fn extract(x: &mut impl Extract) -> Self {
+                let d = Self::default();
+                Self { $( $field: x.get(stringify!($field), d.$field), )* }
+            }
+        }
+    };
+}
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+section! {
+    /// TRL's `ModelConfig`: what to load, how to quantize it, and the LoRA adapter.
+    ModelArgs {
+        /// Local directory or hub id of the base model (required).
+        model_name_or_path: Option<String> = None, Planned;
+        /// Hub revision (branch, tag or commit).
+        model_revision: String = s("main"), Planned;
+        /// Weight dtype; with 4-bit loading also the compute dtype.
+        dtype: Dtype = Dtype::Float32, Planned;
+        /// Attention kernel name (`eager`, `sdpa`, `flash_attention_2`, ...).
+        attn_implementation: Option<String> = None, Ignored;
+        /// Train a LoRA adapter instead of the full model.
+        use_peft: bool = false, Planned;
+        /// LoRA rank.
+        lora_r: i64 = 16, Planned;
+        /// LoRA alpha (scaling = alpha / r).
+        lora_alpha: i64 = 32, Planned;
+        /// Dropout on the adapter input.
+        lora_dropout: f64 = 0.05, Planned;
+        /// Which linear modules get adapters.
+        lora_target_modules: Option<TargetModules> = None, Planned;
+        /// Parameters (not modules) to adapt, for MoE experts.
+        lora_target_parameters: Option<Vec<String>> = None, Ignored;
+        /// Modules trained in full and saved with the adapter.
+        lora_modules_to_save: Option<Vec<String>> = None, Planned;
+        /// PEFT task type written to adapter_config.json.
+        lora_task_type: String = s("CAUSAL_LM"), Planned;
+        /// rsLoRA scaling (alpha / sqrt(r)).
+        use_rslora: bool = false, Planned;
+        /// Weight-decomposed LoRA.
+        use_dora: bool = false, Planned;
+        /// LLM.int8 base weights.
+        load_in_8bit: bool = false, Planned;
+        /// 4-bit base weights (QLoRA).
+        load_in_4bit: bool = false, Planned;
+        /// 4-bit code book.
+        bnb_4bit_quant_type: QuantType = QuantType::Nf4, Planned;
+        /// Double quantization of the block scales.
+        use_bnb_nested_quant: bool = false, Planned;
+        /// Storage dtype of the packed 4-bit bytes.
+        bnb_4bit_quant_storage: Option<QuantStorage> = None, Planned;
+        /// Tokenizer location when it differs from the model (older handbook key).
+        tokenizer_name_or_path: Option<String> = None, Planned;
+    }
+}
+
+section! {
+    /// TRL's `ScriptArguments` plus the handbook's `dataset_mixture`: which data to train on.
+    DataArgs {
+        /// One dataset: hub id or local file/directory.
+        dataset_name: Option<String> = None, Planned;
+        /// Configuration name of `dataset_name`.
+        dataset_config: Option<String> = None, Planned;
+        /// Split used for training.
+        dataset_train_split: String = s("train"), Planned;
+        /// Split used for evaluation.
+        dataset_test_split: String = s("test"), Planned;
+        /// Stream the dataset instead of loading it.
+        dataset_streaming: bool = false, Ignored;
+        /// Ignore bias buffers (a distributed-training workaround).
+        ignore_bias_buffers: bool = false, Ignored;
+        /// Several datasets mixed by weight (alignment-handbook).
+        dataset_mixture: Option<DatasetMixture> = None, Planned;
+    }
+}
+
+section! {
+    /// TRL's `SFTConfig` (with the Trainer's arguments nibble understands) and the handbook's
+    /// `chat_template`.
+    TrainingArgs {
+        /// Where checkpoints and the final adapter go.
+        output_dir: Option<String> = None, Planned;
+        /// Allow writing into a non-empty `output_dir` (older transformers key, kept by nibble).
+        overwrite_output_dir: bool = false, Planned;
+        /// Sequences per device per micro-batch.
+        per_device_train_batch_size: i64 = 8, Planned;
+        /// Sequences per device per eval batch.
+        per_device_eval_batch_size: i64 = 8, Planned;
+        /// Micro-batches per optimizer step.
+        gradient_accumulation_steps: i64 = 1, Planned;
+        /// Epochs (fractions allowed) when `max_steps` is -1.
+        num_train_epochs: f64 = 3.0, Planned;
+        /// Total optimizer steps; -1 means use `num_train_epochs`.
+        max_steps: i64 = -1, Planned;
+        /// Peak learning rate.
+        learning_rate: f64 = 2e-5, Planned;
+        /// Learning-rate schedule.
+        lr_scheduler_type: Scheduler = Scheduler::Linear, Planned;
+        /// Extra schedule parameters (`min_lr`, `num_cycles`, ...).
+        lr_scheduler_kwargs: Option<KwArgs> = None, Planned;
+        /// Warmup steps; a value below 1 is a fraction of the total steps (transformers 5).
+        warmup_steps: f64 = 0.0, Planned;
+        /// Optimizer name.
+        optim: String = s("adamw_torch_fused"), Planned;
+        /// Decoupled weight decay.
+        weight_decay: f64 = 0.0, Planned;
+        /// AdamW beta1.
+        adam_beta1: f64 = 0.9, Planned;
+        /// AdamW beta2.
+        adam_beta2: f64 = 0.999, Planned;
+        /// AdamW epsilon.
+        adam_epsilon: f64 = 1e-8, Planned;
+        /// Gradient clipping norm (0 disables).
+        max_grad_norm: f64 = 1.0, Planned;
+        /// Normalise the loss by the token count across devices.
+        average_tokens_across_devices: bool = true, Planned;
+        /// bf16 compute; unset means true unless fp16 is set (TRL's rule).
+        bf16: Option<bool> = None, Planned;
+        /// fp16 compute.
+        fp16: bool = false, Planned;
+        /// TF32 matmuls on Ampere+ GPUs.
+        tf32: Option<bool> = None, Planned;
+        /// Recompute each decoder layer in backward to save memory.
+        gradient_checkpointing: bool = true, Planned;
+        /// Checkpointing options (`use_reentrant`).
+        gradient_checkpointing_kwargs: Option<KwArgs> = None, Planned;
+        /// Offload activations to CPU.
+        activation_offloading: bool = false, Ignored;
+        /// Use the KV cache in training forward passes.
+        use_cache: bool = false, Ignored;
+        /// Label smoothing of the loss.
+        label_smoothing_factor: f64 = 0.0, Planned;
+        /// NEFTune embedding noise.
+        neftune_noise_alpha: Option<f64> = None, Planned;
+        /// Log by steps or epochs.
+        logging_strategy: Interval = Interval::Steps, Planned;
+        /// Log every N steps (below 1: a fraction of total steps).
+        logging_steps: f64 = 10.0, Planned;
+        /// Log the first step too.
+        logging_first_step: bool = false, Planned;
+        /// Verbosity.
+        log_level: LogLevel = LogLevel::Passive, Planned;
+        /// Experiment trackers.
+        report_to: ReportTo = ReportTo::One(s("none")), Ignored;
+        /// Run name for trackers and logs.
+        run_name: Option<String> = None, Planned;
+        /// When to evaluate.
+        eval_strategy: Interval = Interval::No, Planned;
+        /// Evaluate every N steps (below 1: a fraction of total steps).
+        eval_steps: Option<f64> = None, Planned;
+        /// Evaluate before the first step.
+        eval_on_start: bool = false, Planned;
+        /// When to checkpoint.
+        save_strategy: SaveStrategy = SaveStrategy::Steps, Planned;
+        /// Checkpoint every N steps (below 1: a fraction of total steps).
+        save_steps: f64 = 500.0, Planned;
+        /// Keep at most this many checkpoints.
+        save_total_limit: Option<i64> = None, Planned;
+        /// Save only the adapter, not optimizer and scheduler state.
+        save_only_model: bool = false, Planned;
+        /// Resume from this checkpoint directory.
+        resume_from_checkpoint: Option<String> = None, Planned;
+        /// Push to the hub.
+        push_to_hub: bool = false, Ignored;
+        /// Hub repository to push to.
+        hub_model_id: Option<String> = None, Ignored;
+        /// When to push.
+        hub_strategy: String = s("every_save"), Ignored;
+        /// Train (informational in TRL scripts).
+        do_train: bool = false, Ignored;
+        /// Evaluate (informational in TRL scripts).
+        do_eval: bool = false, Ignored;
+        /// Seed of initialisation, dropout and data order.
+        seed: u64 = 42, Planned;
+        /// Separate seed for data order.
+        data_seed: Option<u64> = None, Planned;
+        /// Train on CPU even if a GPU is present.
+        use_cpu: bool = false, Planned;
+        /// Drop the last incomplete batch.
+        dataloader_drop_last: bool = false, Planned;
+        /// Process-group timeout in seconds.
+        ddp_timeout: i64 = 1800, Planned;
+        /// Run model code from the hub (never: nibble has no Python).
+        trust_remote_code: bool = false, Ignored;
+        /// Extra model-loading arguments.
+        model_init_kwargs: Option<KwArgs> = None, Ignored;
+        /// Chat template (jinja) overriding the tokenizer's (handbook key).
+        chat_template: Option<String> = None, Planned;
+        /// File or directory holding a chat template.
+        chat_template_path: Option<String> = None, Planned;
+        /// Text column of plain-text datasets.
+        dataset_text_field: String = s("text"), Planned;
+        /// Extra dataset-preparation options (`skip_prepare_dataset`, ...).
+        dataset_kwargs: Option<KwArgs> = None, Planned;
+        /// Worker count for tokenization.
+        dataset_num_proc: Option<i64> = None, Planned;
+        /// End-of-sequence token override.
+        eos_token: Option<String> = None, Planned;
+        /// Padding token override.
+        pad_token: Option<String> = None, Planned;
+        /// Truncate (or pack) sequences to this many tokens.
+        max_length: Option<i64> = Some(1024), Planned;
+        /// Which end of a long sequence is kept.
+        truncation_mode: TruncationMode = TruncationMode::KeepStart, Planned;
+        /// Shuffle the dataset before packing.
+        shuffle_dataset: bool = false, Planned;
+        /// Pack several sequences into each row.
+        packing: bool = false, Planned;
+        /// How to pack.
+        packing_strategy: PackingStrategy = PackingStrategy::Bfd, Planned;
+        /// Batches without padding (flattened sequences).
+        padding_free: bool = false, Planned;
+        /// Pad lengths to a multiple of this.
+        pad_to_multiple_of: Option<PadTo> = Some(PadTo::Word(s("auto"))), Planned;
+        /// Pack the eval set too (default: as `packing`).
+        eval_packing: Option<bool> = None, Planned;
+        /// Loss on completion tokens only (default: when the data has prompt/completion).
+        completion_only_loss: Option<bool> = None, Planned;
+        /// Loss on assistant tokens only (needs `{% generation %}` in the template).
+        assistant_only_loss: bool = false, Planned;
+        /// Loss function.
+        loss_type: LossType = LossType::Nll, Planned;
+        /// Liger kernels (Triton; no equivalent in nibble).
+        use_liger_kernel: bool = false, Ignored;
+    }
+}

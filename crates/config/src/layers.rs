@@ -1,0 +1,272 @@
+//! The four layers of a recipe (defaults < YAML file < `NIBBLE_` environment < command line),
+//! each read into a flat key map with the origin of every key, old key spellings translated.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::value::{Dict, Map, Value as FValue};
+use figment::{Metadata, Profile, Provider};
+use serde_json::Value as J;
+
+use crate::diag::{Diagnostic, Kind, Origin, Source};
+use crate::known;
+use crate::spans::{Position, SpanIndex};
+
+/// Environment variables with the `NIBBLE_` prefix that configure tooling, not the recipe.
+pub const RESERVED_ENV: &[&str] =
+    &["NIBBLE_HOME", "NIBBLE_LOG", "NIBBLE_PYTHON", "NIBBLE_VENV", "NIBBLE_CACHE"];
+
+/// Prefix of environment variables that override recipe keys.
+pub const ENV_PREFIX: &str = "NIBBLE_";
+
+/// A warning about a recipe: something accepted but worth telling the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// Dotted key path.
+    pub key: String,
+    /// Where the key came from.
+    pub origin: Origin,
+    /// What nibble did with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.origin {
+            // Summaries over many keys have no single place.
+            Origin::Default => write!(f, "{}: {}", self.message, self.key),
+            _ => write!(f, "{}: {}: {}", self.origin, self.key, self.message),
+        }
+    }
+}
+
+/// One layer: flat top-level keys with JSON values and the origin of each.
+#[derive(Debug, Clone)]
+pub(crate) struct Layer {
+    pub source: Source,
+    pub values: BTreeMap<String, J>,
+    pub origins: BTreeMap<String, Origin>,
+    /// Raw text of env / CLI values, to retry a key as a plain string.
+    pub raw: BTreeMap<String, String>,
+    /// For a file layer: the file and its key positions.
+    pub file: Option<(PathBuf, SpanIndex)>,
+}
+
+impl Layer {
+    fn new(source: Source) -> Self {
+        Layer { source, values: BTreeMap::new(), origins: BTreeMap::new(), raw: BTreeMap::new(), file: None }
+    }
+
+    /// Origin of a (possibly nested) key path in this layer.
+    pub fn origin_of(&self, path: &str) -> Origin {
+        if let Some((file, spans)) = &self.file {
+            return Origin::File { path: file.clone(), position: spans.nearest(path) };
+        }
+        let top = path.split('.').next().unwrap_or(path);
+        self.origins.get(top).cloned().unwrap_or(Origin::Default)
+    }
+
+    fn insert(&mut self, key: String, value: J, origin: Origin) {
+        self.origins.insert(key.clone(), origin);
+        self.values.insert(key, value);
+    }
+
+    /// The defaults layer, from nibble's typed defaults.
+    pub fn defaults(flat: BTreeMap<String, J>) -> Self {
+        let mut l = Layer::new(Source::Default);
+        for (k, v) in flat {
+            l.insert(k, v, Origin::Default);
+        }
+        l
+    }
+
+    /// Parse a recipe YAML text. Returns the layer and the top-level `env:` map.
+    pub fn from_yaml(
+        path: &Path,
+        text: &str,
+        diags: &mut Vec<Diagnostic>,
+    ) -> (Self, BTreeMap<String, String>) {
+        let spans = SpanIndex::from_yaml(text);
+        let mut layer = Layer::new(Source::File);
+        let mut env = BTreeMap::new();
+        let file_origin = |pos: Option<Position>| Origin::File { path: path.to_owned(), position: pos };
+        let doc: serde_yaml::Value = match serde_yaml::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                let position = e.location().map(|l| Position { line: l.line(), column: l.column() });
+                diags.push(Diagnostic {
+                    kind: Kind::Syntax,
+                    key: "(file)".into(),
+                    origin: file_origin(position),
+                    message: format!("not valid YAML: {e}"),
+                });
+                return (layer, env);
+            }
+        };
+        let map = match doc {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            other => {
+                diags.push(Diagnostic {
+                    kind: Kind::Syntax,
+                    key: "(file)".into(),
+                    origin: file_origin(Some(Position { line: 1, column: 1 })),
+                    message: format!("a recipe is a mapping of keys to values, found {}", yaml_kind(&other)),
+                });
+                return (layer, env);
+            }
+        };
+        for (k, v) in map {
+            let Some(key) = k.as_str().map(str::to_owned) else {
+                diags.push(Diagnostic {
+                    kind: Kind::Syntax,
+                    key: format!("{k:?}"),
+                    origin: file_origin(None),
+                    message: "keys must be strings".into(),
+                });
+                continue;
+            };
+            let origin = file_origin(spans.get(&key));
+            if key == "env" {
+                read_env_map(&key, v, &origin, &spans, path, &mut env, diags);
+                continue;
+            }
+            match serde_json::to_value(&v) {
+                Ok(j) => layer.insert(key, j, origin),
+                Err(e) => diags.push(Diagnostic {
+                    kind: Kind::WrongType,
+                    key,
+                    origin,
+                    message: format!("unsupported YAML value: {e}"),
+                }),
+            }
+        }
+        layer.file = Some((path.to_owned(), spans));
+        (layer, env)
+    }
+
+    /// The `NIBBLE_*` environment layer (reserved tooling variables excluded).
+    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut layer = Layer::new(Source::Env);
+        for (var, raw) in vars {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+            if RESERVED_ENV.contains(&var.as_str()) || rest.is_empty() {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            let value = parse_cli_value(&key, &raw);
+            layer.raw.insert(key.clone(), raw);
+            layer.insert(key, value, Origin::Env { var });
+        }
+        layer
+    }
+
+    /// The command-line layer from `--key value` / `--key=value` pairs (already split).
+    pub fn from_cli(pairs: Vec<(String, Option<String>)>, diags: &mut Vec<Diagnostic>) -> Self {
+        let mut layer = Layer::new(Source::Cli);
+        for (flag, raw) in pairs {
+            let key = flag.trim_start_matches('-').replace('-', "_");
+            if key.is_empty() {
+                diags.push(Diagnostic {
+                    kind: Kind::Syntax,
+                    key: flag.clone(),
+                    origin: Origin::Cli { flag },
+                    message: "empty flag name".into(),
+                });
+                continue;
+            }
+            // A bare `--flag` means true, as TRL's parser takes boolean flags.
+            let raw = raw.unwrap_or_else(|| "true".to_owned());
+            let value = parse_cli_value(&key, &raw);
+            layer.raw.insert(key.clone(), raw);
+            layer.insert(key, value, Origin::Cli { flag });
+        }
+        layer
+    }
+}
+
+fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
+    match v {
+        serde_yaml::Value::Null => "nothing",
+        serde_yaml::Value::Bool(_) => "a boolean",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a mapping",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn read_env_map(
+    key: &str,
+    v: serde_yaml::Value,
+    origin: &Origin,
+    spans: &SpanIndex,
+    path: &Path,
+    env: &mut BTreeMap<String, String>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let serde_yaml::Value::Mapping(m) = v else {
+        diags.push(Diagnostic {
+            kind: Kind::WrongType,
+            key: key.into(),
+            origin: origin.clone(),
+            message: format!("expected a mapping of variable names to values, found {}", yaml_kind(&v)),
+        });
+        return;
+    };
+    for (name, value) in m {
+        let name = name.as_str().map(str::to_owned).unwrap_or_else(|| format!("{name:?}"));
+        let sub = format!("env.{name}");
+        let text = match value {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            other => {
+                diags.push(Diagnostic {
+                    kind: Kind::WrongType,
+                    origin: Origin::File { path: path.to_owned(), position: spans.get(&sub) },
+                    key: sub,
+                    message: format!("an environment value must be a scalar, found {}", yaml_kind(&other)),
+                });
+                continue;
+            }
+        };
+        env.insert(name, text);
+    }
+}
+
+/// Parse a command-line or environment value: a YAML scalar or flow collection, or for list
+/// keys a comma list.
+pub(crate) fn parse_cli_value(key: &str, raw: &str) -> J {
+    let list = known::typed(key).map(|f| f.list).unwrap_or(false)
+        || known::passthrough(key).is_some_and(|f| f.kind == "list");
+    let t = raw.trim();
+    if list && !t.starts_with('[') && t.contains(',') {
+        return J::Array(
+            t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| J::String(s.into())).collect(),
+        );
+    }
+    match serde_yaml::from_str::<serde_yaml::Value>(t) {
+        Ok(v) => serde_json::to_value(v).unwrap_or_else(|_| J::String(raw.to_owned())),
+        Err(_) => J::String(raw.to_owned()),
+    }
+}
+
+/// Adapter that hands a layer to figment, named after its source so that figment's metadata
+/// tells which layer a merged value came from.
+pub(crate) struct FigmentLayer<'a>(pub &'a Layer);
+
+impl Provider for FigmentLayer<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.0.source.to_string())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (k, v) in &self.0.values {
+            dict.insert(k.clone(), FValue::serialize(v)?);
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}

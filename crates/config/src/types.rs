@@ -1,0 +1,265 @@
+//! Value types of recipe keys: the closed sets TRL accepts, and the keys that take several shapes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A JSON object, for TRL's free-form `*_kwargs` keys.
+pub type KwArgs = BTreeMap<String, serde_json::Value>;
+
+macro_rules! choice {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $text)] $variant,)+
+        }
+        impl $name {
+            /// Every spelling the recipe accepts, as TRL names them.
+            pub const ALL: &'static [&'static str] = &[$($text),+];
+            /// The recipe spelling of this value.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+choice! {
+    /// Model weight / compute dtype (`dtype`, formerly `torch_dtype`).
+    Dtype {
+        /// Take the dtype recorded in the checkpoint's config.json.
+        Auto = "auto",
+        /// bfloat16.
+        Bfloat16 = "bfloat16",
+        /// float16.
+        Float16 = "float16",
+        /// float32.
+        Float32 = "float32",
+    }
+}
+
+choice! {
+    /// 4-bit code book (`bnb_4bit_quant_type`).
+    QuantType {
+        /// NormalFloat4, the QLoRA default.
+        Nf4 = "nf4",
+        /// 4-bit float (e2m1).
+        Fp4 = "fp4",
+    }
+}
+
+choice! {
+    /// Dtype whose storage holds the packed 4-bit bytes (`bnb_4bit_quant_storage`).
+    QuantStorage {
+        /// uint8, bitsandbytes' default.
+        Uint8 = "uint8",
+        /// float16 reinterpretation of the same bytes.
+        Float16 = "float16",
+        /// bfloat16 reinterpretation of the same bytes.
+        Bfloat16 = "bfloat16",
+        /// float32 reinterpretation of the same bytes.
+        Float32 = "float32",
+    }
+}
+
+choice! {
+    /// Learning-rate schedule (`lr_scheduler_type`), as transformers names them.
+    Scheduler {
+        /// Linear decay to zero.
+        Linear = "linear",
+        /// Cosine decay to zero.
+        Cosine = "cosine",
+        /// Cosine with hard restarts.
+        CosineWithRestarts = "cosine_with_restarts",
+        /// Polynomial decay.
+        Polynomial = "polynomial",
+        /// Constant.
+        Constant = "constant",
+        /// Constant after a linear warmup.
+        ConstantWithWarmup = "constant_with_warmup",
+        /// Inverse square root.
+        InverseSqrt = "inverse_sqrt",
+        /// Reduce on plateau of the eval metric.
+        ReduceLrOnPlateau = "reduce_lr_on_plateau",
+        /// Cosine decaying to a minimum learning rate.
+        CosineWithMinLr = "cosine_with_min_lr",
+        /// Cosine with warmup decaying to a minimum learning rate.
+        CosineWarmupWithMinLr = "cosine_warmup_with_min_lr",
+        /// Warmup, stable, decay.
+        WarmupStableDecay = "warmup_stable_decay",
+        /// Greedy schedule.
+        Greedy = "greedy",
+    }
+}
+
+choice! {
+    /// When logging or evaluation happens (`logging_strategy`, `eval_strategy`).
+    Interval {
+        /// Never.
+        No = "no",
+        /// Every N steps.
+        Steps = "steps",
+        /// At the end of each epoch.
+        Epoch = "epoch",
+    }
+}
+
+choice! {
+    /// When checkpoints are written (`save_strategy`).
+    SaveStrategy {
+        /// Never.
+        No = "no",
+        /// Every `save_steps` steps.
+        Steps = "steps",
+        /// At the end of each epoch.
+        Epoch = "epoch",
+        /// Whenever the tracked metric improves.
+        Best = "best",
+    }
+}
+
+choice! {
+    /// How sequences are packed into `max_length` bins (`packing_strategy`).
+    PackingStrategy {
+        /// Best-fit decreasing of whole sequences (formerly `ffd`).
+        Bfd = "bfd",
+        /// Best-fit decreasing, splitting sequences longer than a bin.
+        BfdSplit = "bfd_split",
+        /// Concatenate everything and cut.
+        Wrapped = "wrapped",
+    }
+}
+
+choice! {
+    /// Which end of a too-long sequence survives truncation (`truncation_mode`).
+    TruncationMode {
+        /// Keep the beginning.
+        KeepStart = "keep_start",
+        /// Keep the end.
+        KeepEnd = "keep_end",
+    }
+}
+
+choice! {
+    /// Training loss (`loss_type`).
+    LossType {
+        /// Negative log-likelihood.
+        Nll = "nll",
+        /// Dynamic fine-tuning loss.
+        Dft = "dft",
+        /// NLL computed in chunks to save memory.
+        ChunkedNll = "chunked_nll",
+    }
+}
+
+choice! {
+    /// Verbosity of the main process (`log_level`).
+    LogLevel {
+        /// Most verbose.
+        Detail = "detail",
+        /// Debug.
+        Debug = "debug",
+        /// Info.
+        Info = "info",
+        /// Warning.
+        Warning = "warning",
+        /// Error.
+        Error = "error",
+        /// Critical.
+        Critical = "critical",
+        /// Leave the library default.
+        Passive = "passive",
+    }
+}
+
+/// `lora_target_modules`: a list of names (exact or `.suffix` match), or one string (a regex,
+/// or `all-linear`), exactly as PEFT takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names matched exactly or by `.suffix`.
+    List(Vec<String>),
+    /// A regex full-match, or `all-linear`.
+    Pattern(String),
+}
+
+/// `report_to`: one integration name or several (`none` for nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReportTo {
+    /// One name (`none`, `all`, `tensorboard`, ...).
+    One(String),
+    /// Several names.
+    Many(Vec<String>),
+}
+
+impl ReportTo {
+    /// True when no integration is requested.
+    pub fn is_none(&self) -> bool {
+        match self {
+            ReportTo::One(s) => s == "none",
+            ReportTo::Many(v) => v.is_empty() || v.iter().all(|s| s == "none"),
+        }
+    }
+}
+
+/// `pad_to_multiple_of`: a number, or `auto` (TRL picks one from the hardware).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PadTo {
+    /// Pad lengths to a multiple of this.
+    Multiple(u64),
+    /// Let the trainer choose (`auto`).
+    Word(String),
+}
+
+/// One dataset of a `dataset_mixture`, as the alignment-handbook defines it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// Hub id or local path.
+    pub id: String,
+    /// Dataset configuration name.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Split to read.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Columns to keep (all when absent).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Fraction of the split kept after a seeded shuffle, in (0, 1].
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn default_split() -> String {
+    "train".to_owned()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// `dataset_mixture`: several datasets mixed by weight, with an optional held-out split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetMixture {
+    /// The datasets, concatenated after subsampling.
+    pub datasets: Vec<DatasetSpec>,
+    /// Seed of the shuffles.
+    #[serde(default)]
+    pub seed: u64,
+    /// Held-out test split: a fraction in (0, 1) or a row count (>= 1).
+    #[serde(default)]
+    pub test_split_size: Option<f64>,
+    /// nibble extension: datasets used only for evaluation. Filled when an older recipe's
+    /// `dataset_splits` names test splits, so that they are not mixed into training.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval_datasets: Vec<DatasetSpec>,
+}

@@ -1,0 +1,115 @@
+//! `cargo xtask ci`: every check CI runs, in order, failing fast with the name of the failed step;
+//! .ci/run calls it on a fresh clone, and developers can run the same thing locally.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::setup::Setup;
+use crate::{cargo, check_status};
+
+/// Packages that must never appear among `config`'s normal and build dependencies.
+const TORCH_PACKAGES: [&str; 2] = ["tch", "torch-sys"];
+
+/// One `cargo` invocation of the CI sequence.
+struct Step {
+    /// The cargo arguments.
+    args: &'static [&'static str],
+    /// Extra environment for that invocation.
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// The cargo steps, in order (the `config` dependency check runs after them).
+const STEPS: [Step; 4] = [
+    Step { args: &["fmt", "--all", "--", "--check"], env: &[] },
+    Step { args: &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], env: &[] },
+    Step { args: &["test", "--workspace"], env: &[] },
+    Step { args: &["doc", "--workspace", "--no-deps"], env: &[("RUSTDOCFLAGS", "-D warnings")] },
+];
+
+/// Runs the CI sequence against the environment `env` prepared by setup.
+pub fn ci(root: &Path, env: &Setup) -> Result<()> {
+    let started = Instant::now();
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+        if std::env::var_os(var).is_some() {
+            eprintln!(
+                "warning: {var} is set; it replaces `build.rustflags` from \
+                 .cargo/nibble-local.toml, so test binaries lose the rpath to libtorch"
+            );
+        }
+    }
+    let total = STEPS.len() + 1;
+    for (i, step) in STEPS.iter().enumerate() {
+        let shown = shown(step);
+        println!("\n==> [{}/{total}] {shown}", i + 1);
+        let mut cmd = cargo(root, env);
+        cmd.args(step.args).envs(step.env.iter().copied());
+        check_status(cmd.status(), &shown).with_context(|| format!("CI step `{shown}` failed"))?;
+    }
+
+    let shown = "cargo tree -p config -e normal,build (must not contain tch or torch-sys)";
+    println!("\n==> [{total}/{total}] {shown}");
+    config_never_links_libtorch(root, env).with_context(|| format!("CI step `{shown}` failed"))?;
+
+    println!("\nCI passed: {total} steps in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// How a step is shown in headers and errors.
+fn shown(step: &Step) -> String {
+    let env: String = step.env.iter().map(|(k, v)| format!("{k}={v:?} ")).collect();
+    format!("{env}cargo {}", step.args.join(" "))
+}
+
+/// Fails when `config`'s normal/build dependency tree contains a torch package.
+fn config_never_links_libtorch(root: &Path, env: &Setup) -> Result<()> {
+    let out = cargo(root, env)
+        .args(["tree", "-p", "config", "-e", "normal,build", "--prefix", "none"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("could not run `cargo tree`")?;
+    if !out.status.success() {
+        bail!("`cargo tree -p config` failed ({})", out.status);
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let found = torch_packages_in(&tree);
+    if !found.is_empty() {
+        bail!(
+            "the `config` crate depends on {} (it must never link libtorch); see why with \
+             `cargo tree -p config -e normal,build -i {}`",
+            found.join(" and "),
+            found.first().copied().unwrap_or("tch")
+        );
+    }
+    println!("ok: `config` depends on neither {}", TORCH_PACKAGES.join(" nor "));
+    Ok(())
+}
+
+/// The torch packages named in `cargo tree --prefix none` output (package name = first word, so
+/// that e.g. `matchers` or `patch` do not count as `tch`).
+fn torch_packages_in(tree: &str) -> Vec<&'static str> {
+    TORCH_PACKAGES
+        .into_iter()
+        .filter(|pkg| tree.lines().any(|line| line.split_whitespace().next() == Some(*pkg)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spots_torch_packages_by_name_only() {
+        let clean = "config v0.1.0 (/w/crates/config)\nmatchers v0.2.0\npatch v0.7.0\n";
+        assert!(torch_packages_in(clean).is_empty());
+        let dirty = "config v0.1.0\ntch v0.24.0\ntorch-sys v0.24.0\n";
+        assert_eq!(torch_packages_in(dirty), ["tch", "torch-sys"]);
+    }
+
+    #[test]
+    fn shows_env_before_the_command() {
+        assert_eq!(shown(&STEPS[3]), "RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps");
+    }
+}

@@ -1,0 +1,119 @@
+//! `cargo xtask`: nibble's developer commands (Python/libtorch setup, tests, CI), written in Rust
+//! so that a fresh clone needs nothing but cargo and python3 to get going.
+#![allow(clippy::print_stdout, reason = "a command-line tool reports to its user on stdout")]
+
+mod ci;
+mod fnv;
+mod setup;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  setup [--force]    create or refresh the Python venv (pinned by xtask/python/requirements.lock)
+                     and point cargo at its libtorch; a no-op when already done.
+                     --force recreates the venv from scratch.
+  test [ARGS...]     setup, then `cargo test --workspace [ARGS...]`
+  ci                 setup, then fmt, clippy, test, doc, and the check that `config` never
+                     links libtorch (what CI runs, through .ci/run)
+  help               print this text
+
+environment:
+  NIBBLE_HOME        cache folder holding the venv (default: $XDG_CACHE_HOME/nibble,
+                     else $HOME/.cache/nibble)";
+
+fn main() -> ExitCode {
+    match run(std::env::args_os().skip(1).collect()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the command line (by hand: std only) and runs the chosen command.
+fn run(args: Vec<OsString>) -> Result<()> {
+    let args = args
+        .into_iter()
+        .map(|a| a.into_string().map_err(|a| anyhow::anyhow!("argument {a:?} is not valid UTF-8")))
+        .collect::<Result<Vec<String>>>()?;
+    let root = workspace_root()?;
+    let Some((command, rest)) = args.split_first() else {
+        println!("{USAGE}");
+        bail!("missing command");
+    };
+    match command.as_str() {
+        "setup" => {
+            let force = match rest {
+                [] => false,
+                [flag] if flag == "--force" => true,
+                _ => bail!("`setup` takes only `--force`, got {rest:?}\n\n{USAGE}"),
+            };
+            setup::setup(&root, force)?;
+        }
+        "test" => {
+            let env = setup::setup(&root, false)?;
+            let mut cmd = cargo(&root, &env);
+            cmd.args(["test", "--workspace"]).args(rest);
+            check_status(cmd.status(), "cargo test --workspace")?;
+        }
+        "ci" => {
+            if !rest.is_empty() {
+                bail!("`ci` takes no arguments, got {rest:?}");
+            }
+            let env = setup::setup(&root, false)?;
+            ci::ci(&root, &env)?;
+        }
+        "help" | "-h" | "--help" => println!("{USAGE}"),
+        other => bail!("unknown command `{other}`\n\n{USAGE}"),
+    }
+    Ok(())
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root =
+        manifest_dir.parent().with_context(|| format!("{} has no parent folder", manifest_dir.display()))?;
+    if !root.join("Cargo.toml").is_file() {
+        bail!(
+            "workspace root {} has no Cargo.toml (was the repository moved? rebuild xtask)",
+            root.display()
+        );
+    }
+    Ok(root.to_path_buf())
+}
+
+/// A `cargo` command run from the workspace root with the libtorch environment of `env`.
+///
+/// Cargo's `[env]` table never overrides variables already in the process environment, and
+/// `cargo run` hands this process the values it saw when xtask started (the "not set up" stub
+/// on a first run), so children get the fresh values explicitly.
+fn cargo(root: &Path, env: &setup::Setup) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .env("LIBTORCH", &env.torch_dir)
+        .env("NIBBLE_PYTHON", &env.python)
+        .env("NIBBLE_VENV", &env.venv);
+    cmd
+}
+
+/// Turns a child's spawn result and exit status into an error that names `what`.
+fn check_status(status: std::io::Result<ExitStatus>, what: &str) -> Result<()> {
+    let status = status.with_context(|| format!("could not start `{what}`"))?;
+    if !status.success() {
+        bail!("`{what}` failed ({status})");
+    }
+    Ok(())
+}
