@@ -117,3 +117,26 @@ fn check_status(status: std::io::Result<ExitStatus>, what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Before setup, the committed defaults must stop torch-sys with our one-line instruction:
+    /// LIBTORCH points at the stub, whose `build-version` torch-sys prints in its error.
+    #[test]
+    fn unset_libtorch_points_at_the_setup_instruction() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let defaults = std::fs::read_to_string(root.join(".cargo/nibble-defaults.toml")).expect("defaults");
+        assert!(defaults.contains(r#"LIBTORCH = { value = "xtask/libtorch-not-set-up", relative = true }"#));
+        let config = std::fs::read_to_string(root.join(".cargo/config.toml")).expect("config");
+        let include = config.find("include =").expect("include line");
+        let first_table = config.find("\n[").expect("a table");
+        assert!(include < first_table, "`include` must come before the first table or cargo ignores it");
+        let stub =
+            std::fs::read_to_string(root.join("xtask/libtorch-not-set-up/build-version")).expect("stub");
+        assert!(
+            stub.contains("cargo xtask setup") && !stub.contains('+') && stub.trim().lines().count() == 1
+        );
+    }
+}

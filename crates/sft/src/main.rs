@@ -90,10 +90,6 @@ fn show_env() {
 fn run(recipe: Option<PathBuf>, print_config: bool, overrides: Vec<String>) -> Result<ExitCode> {
     let recipe = match load_recipe(recipe, &overrides) {
         Ok(r) => r,
-        Err(e @ config::Error::Invalid(_)) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(EXIT_RECIPE));
-        }
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(EXIT_RECIPE));
@@ -105,6 +101,10 @@ fn run(recipe: Option<PathBuf>, print_config: bool, overrides: Vec<String>) -> R
         unsafe { std::env::set_var(k, v) };
     }
     init_logging();
+    if !recipe.env.is_empty() {
+        let names: Vec<&str> = recipe.env.keys().map(String::as_str).collect();
+        tracing::debug!("exported from the recipe's env: {}", names.join(", "));
+    }
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }

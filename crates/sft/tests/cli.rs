@@ -1,0 +1,110 @@
+//! The `sft` binary as a user runs it: `--print-config`, exit codes, layering, `env:` export.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn sft(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .expect("run sft")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nibble-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+#[test]
+fn print_config_on_the_handbook_qlora_recipe() {
+    let recipe = repo().join("recipes/zephyr-7b-beta/sft/config_qlora.yaml");
+    let out = sft(&[recipe.to_str().expect("utf-8"), "--print-config", "--lora_r", "64"], &repo());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON plan");
+    assert_eq!(plan["model"]["lora_alpha"], 16);
+    assert_eq!(plan["model"]["lora_dropout"], 0.05);
+    assert_eq!(plan["model"]["bnb_4bit_quant_type"], "nf4");
+    assert_eq!(plan["model"]["use_bnb_nested_quant"], false);
+    assert_eq!(plan["training"]["max_length"], 2048);
+    assert_eq!(plan["model"]["lora_r"], 64);
+    assert_eq!(plan["sources"]["lora_r"], "cli");
+    assert_eq!(plan["sources"]["lora_alpha"], "file");
+    assert_eq!(plan["sources"]["bnb_4bit_quant_type"], "default");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_seq_length: older spelling"), "{stderr}");
+}
+
+#[test]
+fn three_mistakes_exit_2_and_write_nothing() {
+    let dir = scratch("bad");
+    let recipe = dir.join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        "model_name_or_path: m\ndataset_name: d\noutput_dir: out\nlora_r: 0\nlearnin_rate: 1e-4\nbf16: maybe\n",
+    )
+    .expect("write recipe");
+    let out = sft(&["recipe.yaml"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in ["recipe.yaml:4:1: lora_r", "recipe.yaml:5:1: learnin_rate", "recipe.yaml:6:1: bf16"] {
+        assert!(stderr.contains(line), "missing `{line}` in:\n{stderr}");
+    }
+    let left: Vec<_> =
+        std::fs::read_dir(&dir).expect("read dir").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("recipe.yaml")], "nothing else may be written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn environment_overrides_the_file_and_flags_override_the_environment() {
+    let recipe = repo().join("recipes/tiny/config_qlora.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args([recipe.to_str().expect("utf-8"), "--print-config", "--seed=7"])
+        .env("NIBBLE_LORA_R", "4")
+        .env("NIBBLE_SEED", "3")
+        .output()
+        .expect("run sft");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (plan["model"]["lora_r"].clone(), plan["sources"]["lora_r"].clone()),
+        (4.into(), "env".into())
+    );
+    assert_eq!((plan["training"]["seed"].clone(), plan["sources"]["seed"].clone()), (7.into(), "cli".into()));
+}
+
+#[test]
+fn recipe_env_is_exported_before_logging_starts() {
+    let dir = scratch("env");
+    std::fs::write(dir.join("r.yaml"), "env:\n  NIBBLE_LOG: debug\nmodel_name_or_path: m\ndataset_name: d\n")
+        .expect("write");
+    let out = sft(&["r.yaml", "--print-config"], &dir);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exported from the recipe's env: NIBBLE_LOG"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_recipe_file_exits_2_naming_it() {
+    let out = sft(&["no/such/recipe.yaml"], &repo());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/recipe.yaml"));
+}
+
+#[test]
+fn the_tiny_default_runs() {
+    let out = sft(&["recipes/tiny/config_qlora.yaml"], &repo());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON plan");
+    assert_eq!(plan["model"]["model_name_or_path"], "models/tiny-llama");
+}
