@@ -21,7 +21,7 @@ struct Step {
     env: &'static [(&'static str, &'static str)],
 }
 
-/// The cargo steps, in order (the `config` dependency check runs after them).
+/// The cargo steps, in order (the libtorch-free dependency checks run after them).
 const STEPS: [Step; 4] = [
     Step { args: &["fmt", "--all", "--", "--check"], env: &[] },
     Step { args: &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], env: &[] },
@@ -49,9 +49,12 @@ pub fn ci(root: &Path, env: &Setup) -> Result<()> {
         check_status(cmd.status(), &shown).with_context(|| format!("CI step `{shown}` failed"))?;
     }
 
-    let shown = "cargo tree -p config -e normal,build (must not contain tch or torch-sys)";
+    let shown = "cargo tree -e normal,build for config, device-map and quant without its torch feature \
+                 (must not contain tch or torch-sys)";
     println!("\n==> [{total}/{total}] {shown}");
-    config_never_links_libtorch(root, env).with_context(|| format!("CI step `{shown}` failed"))?;
+    for args in LIBTORCH_FREE {
+        never_links_libtorch(root, env, args).with_context(|| format!("CI step `{shown}` failed"))?;
+    }
 
     println!("\nCI passed: {total} steps in {:.0?}", started.elapsed());
     Ok(())
@@ -63,27 +66,34 @@ fn shown(step: &Step) -> String {
     format!("{env}cargo {}", step.args.join(" "))
 }
 
-/// Fails when `config`'s normal/build dependency tree contains a torch package.
-fn config_never_links_libtorch(root: &Path, env: &Setup) -> Result<()> {
+/// Crates (with the cargo flags selecting them) that must build without libtorch.
+const LIBTORCH_FREE: [&[&str]; 3] =
+    [&["-p", "config"], &["-p", "device-map"], &["-p", "quant", "--no-default-features"]];
+
+/// Fails when a crate's normal/build dependency tree contains a torch package.
+fn never_links_libtorch(root: &Path, env: &Setup, select: &[&str]) -> Result<()> {
+    let what = select.join(" ");
     let out = cargo(root, env)
-        .args(["tree", "-p", "config", "-e", "normal,build", "--prefix", "none"])
+        .arg("tree")
+        .args(select)
+        .args(["-e", "normal,build", "--prefix", "none"])
         .stderr(Stdio::inherit())
         .output()
         .context("could not run `cargo tree`")?;
     if !out.status.success() {
-        bail!("`cargo tree -p config` failed ({})", out.status);
+        bail!("`cargo tree {what}` failed ({})", out.status);
     }
     let tree = String::from_utf8_lossy(&out.stdout);
     let found = torch_packages_in(&tree);
     if !found.is_empty() {
         bail!(
-            "the `config` crate depends on {} (it must never link libtorch); see why with \
-             `cargo tree -p config -e normal,build -i {}`",
+            "`{what}` depends on {} (it must never link libtorch); see why with \
+             `cargo tree {what} -e normal,build -i {}`",
             found.join(" and "),
             found.first().copied().unwrap_or("tch")
         );
     }
-    println!("ok: `config` depends on neither {}", TORCH_PACKAGES.join(" nor "));
+    println!("ok: `{what}` depends on neither {}", TORCH_PACKAGES.join(" nor "));
     Ok(())
 }
 

@@ -20,8 +20,9 @@ commands:
                      and point cargo at its libtorch; a no-op when already done.
                      --force recreates the venv from scratch.
   test [ARGS...]     setup, then `cargo test --workspace [ARGS...]`
-  ci                 setup, then fmt, clippy, test, doc, and the check that `config` never
-                     links libtorch (what CI runs, through .ci/run)
+  ci                 setup, then fmt, clippy, test, doc, and the check that `config`,
+                     `device-map` and `quant` without its torch feature never link libtorch
+                     (what CI runs, through .ci/run)
   help               print this text
 
 environment:
