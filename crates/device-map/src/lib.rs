@@ -7,10 +7,13 @@
 //! never goes back to an earlier device along the forward order, so activations only move
 //! forward, and whole decoder layers spill to the CPU (offload) when the GPUs are full.
 //!
+//! [`estimate`] sizes a run (weights, adapter, optimizer, activations) from the model's shape.
+//!
 //! This crate never links libtorch: it works on names and byte counts only.
 
 #![deny(missing_docs)]
 
+pub mod estimate;
 mod size;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,269 @@
+//! How much memory a QLoRA run needs, from the model's shape and the recipe's settings, before
+//! anything loads: base weights (4.127 bit/param with double quantization, 4.5 without),
+//! unquantized embeddings/norms/head, LoRA weights with their gradients and AdamW states, and
+//! activations for the batch and length with or without gradient checkpointing.
+//!
+//! Activations are an estimate of what autograd keeps, per token and per decoder layer, for a
+//! Llama-shaped block with memory-efficient attention (no `seq x seq` score matrix is stored):
+//! the inputs of both norms and of every linear, q/k/v, the attention output and log-sum-exp,
+//! the MLP's gate, up and their product. With checkpointing, only each layer's input is kept,
+//! plus one layer's full set while it is recomputed. The loss keeps fp32 logits and their grad.
+
+use std::fmt;
+
+use crate::format_bytes;
+
+/// The dimensions of a decoder-only transformer (from its `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Vocabulary size.
+    pub vocab: u64,
+    /// Hidden size.
+    pub hidden: u64,
+    /// MLP intermediate size.
+    pub intermediate: u64,
+    /// Decoder layers.
+    pub layers: u64,
+    /// Attention heads.
+    pub heads: u64,
+    /// Key/value heads (GQA).
+    pub kv_heads: u64,
+    /// Size of one head.
+    pub head_dim: u64,
+    /// Whether the output head shares the embedding matrix.
+    pub tied_embeddings: bool,
+}
+
+/// The seven linear layers of a decoder block, by PEFT module name, with (in, out) features.
+pub fn block_linears(s: &ModelShape) -> [(&'static str, u64, u64); 7] {
+    let q = s.heads * s.head_dim;
+    let kv = s.kv_heads * s.head_dim;
+    [
+        ("q_proj", s.hidden, q),
+        ("k_proj", s.hidden, kv),
+        ("v_proj", s.hidden, kv),
+        ("o_proj", q, s.hidden),
+        ("gate_proj", s.hidden, s.intermediate),
+        ("up_proj", s.hidden, s.intermediate),
+        ("down_proj", s.intermediate, s.hidden),
+    ]
+}
+
+impl ModelShape {
+    /// Parameters in the decoder blocks' linear layers (what 4-bit quantization stores).
+    pub fn linear_params(&self) -> u64 {
+        self.layers * block_linears(self).iter().map(|(_, i, o)| i * o).sum::<u64>()
+    }
+
+    /// Parameters kept unquantized: embeddings, the head (unless tied) and all norms.
+    pub fn other_params(&self) -> u64 {
+        let emb = self.vocab * self.hidden;
+        let head = if self.tied_embeddings { 0 } else { emb };
+        emb + head + self.layers * 2 * self.hidden + self.hidden
+    }
+}
+
+/// How the base weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseWeights {
+    /// 4-bit with blocksize 64; `double_quant` quantizes the block scales too.
+    FourBit {
+        /// Double quantization of the absmax values.
+        double_quant: bool,
+    },
+    /// LLM.int8: one byte per weight plus one f32 scale per row.
+    EightBit,
+    /// Unquantized, in the compute dtype.
+    Dense,
+}
+
+impl BaseWeights {
+    /// Storage bits per linear parameter.
+    pub fn bits_per_param(self, dtype_bytes: u64) -> f64 {
+        match self {
+            // 4 bits, one 8-bit code per 64 values, one f32 per 256 codes.
+            BaseWeights::FourBit { double_quant: true } => 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0),
+            // 4 bits and one f32 absmax per 64 values.
+            BaseWeights::FourBit { double_quant: false } => 4.0 + 32.0 / 64.0,
+            BaseWeights::EightBit => 8.0,
+            BaseWeights::Dense => 8.0 * dtype_bytes as f64,
+        }
+    }
+}
+
+/// The run settings that drive memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunShape {
+    /// How base weights are stored.
+    pub base: BaseWeights,
+    /// Bytes per element of the compute dtype (2 for bf16/fp16, 4 for fp32).
+    pub dtype_bytes: u64,
+    /// LoRA rank (0: no adapter).
+    pub lora_r: u64,
+    /// Which block linears get adapters (PEFT names such as `q_proj`).
+    pub lora_targets: Vec<String>,
+    /// Bytes per adapter parameter (4 for fp32 adapters).
+    pub adapter_bytes: u64,
+    /// Sequences per micro-batch.
+    pub batch: u64,
+    /// Tokens per sequence.
+    pub seq: u64,
+    /// Recompute each decoder layer in backward.
+    pub gradient_checkpointing: bool,
+}
+
+/// The estimate, by component, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Quantized (or dense) decoder linears.
+    pub base_linears: u64,
+    /// Embeddings, head and norms in the compute dtype.
+    pub unquantized: u64,
+    /// Adapter weights.
+    pub lora_weights: u64,
+    /// Adapter gradients.
+    pub lora_grads: u64,
+    /// AdamW's two moments per adapter parameter, in fp32.
+    pub optimizer: u64,
+    /// What autograd keeps across all decoder layers at the end of the forward pass.
+    pub activations: u64,
+    /// fp32 logits and their gradient for the loss.
+    pub logits: u64,
+}
+
+impl Estimate {
+    /// Sum of all parts.
+    pub fn total(&self) -> u64 {
+        self.base_linears
+            + self.unquantized
+            + self.lora_weights
+            + self.lora_grads
+            + self.optimizer
+            + self.activations
+            + self.logits
+    }
+
+    /// Each component with a name, for display.
+    pub fn parts(&self) -> [(&'static str, u64); 7] {
+        [
+            ("base weights (decoder linears)", self.base_linears),
+            ("embeddings, head, norms", self.unquantized),
+            ("LoRA weights", self.lora_weights),
+            ("LoRA gradients", self.lora_grads),
+            ("AdamW states", self.optimizer),
+            ("activations", self.activations),
+            ("logits (fp32) and their grad", self.logits),
+        ]
+    }
+}
+
+impl fmt::Display for Estimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, b) in self.parts() {
+            writeln!(f, "  {name:<32} {:>12}", format_bytes(b))?;
+        }
+        write!(f, "  {:<32} {:>12}", "total", format_bytes(self.total()))
+    }
+}
+
+/// Elements autograd keeps per token in one decoder layer (see the module docs).
+fn saved_per_token(s: &ModelShape) -> u64 {
+    let q = s.heads * s.head_dim;
+    let kv = s.kv_heads * s.head_dim;
+    // norm 1 input + output, q/k/v, attention output (o_proj input), log-sum-exp per head,
+    // norm 2 input + output, gate, up, silu(gate) * up (down_proj input).
+    2 * s.hidden + q + 2 * kv + q + s.heads + 2 * s.hidden + 3 * s.intermediate
+}
+
+/// Estimate memory for a model and run.
+pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
+    let base_linears = (model.linear_params() as f64 * run.base.bits_per_param(run.dtype_bytes) / 8.0).ceil() as u64;
+    let unquantized = model.other_params() * run.dtype_bytes;
+    let lora_params: u64 = if run.lora_r == 0 {
+        0
+    } else {
+        model.layers
+            * block_linears(model)
+                .iter()
+                .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
+                .map(|(_, i, o)| run.lora_r * (i + o))
+                .sum::<u64>()
+    };
+    let tokens = run.batch * run.seq;
+    let per_layer = tokens * saved_per_token(model) * run.dtype_bytes;
+    let activations = if run.gradient_checkpointing {
+        model.layers * tokens * model.hidden * run.dtype_bytes + per_layer
+    } else {
+        model.layers * per_layer
+    };
+    Estimate {
+        base_linears,
+        unquantized,
+        lora_weights: lora_params * run.adapter_bytes,
+        lora_grads: lora_params * run.adapter_bytes,
+        optimizer: lora_params * 8,
+        activations,
+        logits: 2 * tokens * model.vocab * 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama2_7b() -> ModelShape {
+        ModelShape {
+            vocab: 32000,
+            hidden: 4096,
+            intermediate: 11008,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            head_dim: 128,
+            tied_embeddings: false,
+        }
+    }
+
+    fn qlora(checkpointing: bool) -> RunShape {
+        RunShape {
+            base: BaseWeights::FourBit { double_quant: true },
+            dtype_bytes: 2,
+            lora_r: 16,
+            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+            adapter_bytes: 4,
+            batch: 4,
+            seq: 2048,
+            gradient_checkpointing: checkpointing,
+        }
+    }
+
+    #[test]
+    fn bits_per_param_match_the_qlora_paper() {
+        assert!((BaseWeights::FourBit { double_quant: true }.bits_per_param(2) - 4.127).abs() < 1e-3);
+        assert_eq!(BaseWeights::FourBit { double_quant: false }.bits_per_param(2), 4.5);
+    }
+
+    #[test]
+    fn llama2_7b_qlora_weights_are_about_3_9_gb() {
+        let m = llama2_7b();
+        assert_eq!(m.linear_params(), 6_476_005_376);
+        let e = estimate(&m, &qlora(true));
+        // 6,476,005,376 params * 4.126953125 bits / 8 = 3.34 GB of 4-bit weights.
+        assert_eq!(e.base_linears, 3_340_771_328);
+        assert_eq!(e.unquantized, (2 * 32000 * 4096 + 65 * 4096) * 2);
+        // r=16 on all seven linears: 39,976,960 adapter parameters (PEFT reports the same).
+        assert_eq!(e.lora_weights, 39_976_960 * 4);
+        assert_eq!(e.optimizer, 39_976_960 * 8);
+    }
+
+    #[test]
+    fn checkpointing_cuts_activations_by_about_the_layer_count() {
+        let m = llama2_7b();
+        let with = estimate(&m, &qlora(true)).activations;
+        let without = estimate(&m, &qlora(false)).activations;
+        assert!(without > 10 * with, "{without} vs {with}");
+        assert!(with > 0);
+    }
+}
