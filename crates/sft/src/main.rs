@@ -6,23 +6,36 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
+mod estimate;
+
 /// Exit code of a recipe error (bad key, type, value), as argparse-style tools use.
 const EXIT_RECIPE: u8 = 2;
 
 const USAGE: &str = "\
-usage: sft RECIPE.yaml [--key value | --key=value]... [--print-config]
+usage: sft RECIPE.yaml [--key value | --key=value]... [--print-config | --estimate-memory]
        sft --config RECIPE.yaml [...]
        sft env                      show the libtorch build and devices nibble sees
 
 Recipe keys follow TRL (ModelConfig, ScriptArguments, SFTConfig) and the alignment-handbook.
 Precedence: defaults < RECIPE.yaml < NIBBLE_<KEY> environment variables < --key flags.";
 
+/// What a run with a recipe does.
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum Mode {
+    /// The main job.
+    Train,
+    /// Print the resolved plan as JSON and exit.
+    PrintConfig,
+    /// Print the memory estimate and exit.
+    EstimateMemory,
+}
+
 /// What the command line asks for.
 #[derive(Debug, PartialEq)]
 enum Command {
     Help,
     Env,
-    Run { recipe: Option<PathBuf>, print_config: bool, overrides: Vec<String> },
+    Run { recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String> },
 }
 
 fn parse_args(args: Vec<String>) -> Result<Command> {
@@ -32,12 +45,13 @@ fn parse_args(args: Vec<String>) -> Result<Command> {
         _ => {}
     }
     let mut recipe = None;
-    let mut print_config = false;
+    let mut mode = Mode::Train;
     let mut overrides = Vec::new();
     let mut it = args.into_iter().peekable();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--print-config" | "--print_config" => print_config = true,
+            "--print-config" | "--print_config" => mode = Mode::PrintConfig,
+            "--estimate-memory" | "--estimate_memory" => mode = Mode::EstimateMemory,
             "--config" => recipe = Some(PathBuf::from(it.next().context("--config needs a file")?)),
             _ if a.starts_with("--config=") => recipe = Some(PathBuf::from(&a["--config=".len()..])),
             _ if a.starts_with("--") => {
@@ -50,7 +64,7 @@ fn parse_args(args: Vec<String>) -> Result<Command> {
             _ => anyhow::bail!("unexpected argument `{a}` (a recipe was already given)\n\n{USAGE}"),
         }
     }
-    Ok(Command::Run { recipe, print_config, overrides })
+    Ok(Command::Run { recipe, mode, overrides })
 }
 
 fn init_logging() {
@@ -87,7 +101,7 @@ fn show_env() {
     }
 }
 
-fn run(recipe: Option<PathBuf>, print_config: bool, overrides: Vec<String>) -> Result<ExitCode> {
+fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<ExitCode> {
     let recipe = match load_recipe(recipe, &overrides) {
         Ok(r) => r,
         Err(e) => {
@@ -108,7 +122,16 @@ fn run(recipe: Option<PathBuf>, print_config: bool, overrides: Vec<String>) -> R
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
-    if print_config {
+    if mode == Mode::EstimateMemory {
+        let device = if recipe.training.use_cpu || !tch::Cuda::is_available() {
+            device_map::Device::Cpu
+        } else {
+            device_map::Device::Cuda(0)
+        };
+        estimate::print(&recipe, device)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if mode == Mode::PrintConfig {
         #[allow(clippy::print_stdout)]
         {
             println!("{}", serde_json::to_string_pretty(&recipe.to_json())?);
@@ -145,7 +168,7 @@ fn main() -> Result<ExitCode> {
             show_env();
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { recipe, print_config, overrides } => run(recipe, print_config, overrides),
+        Command::Run { recipe, mode, overrides } => run(recipe, mode, overrides),
     }
 }
 
@@ -164,7 +187,7 @@ mod tests {
             c,
             Some(Command::Run {
                 recipe: Some("r.yaml".into()),
-                print_config: true,
+                mode: Mode::PrintConfig,
                 overrides: args("--lora_r 8 --bf16 --max_steps=-1"),
             })
         );
@@ -177,7 +200,7 @@ mod tests {
             c,
             Some(Command::Run {
                 recipe: Some("r.yaml".into()),
-                print_config: false,
+                mode: Mode::Train,
                 overrides: args("--seed 1")
             })
         );

@@ -108,3 +108,28 @@ fn the_tiny_default_runs() {
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON plan");
     assert_eq!(plan["model"]["model_name_or_path"], "models/tiny-llama");
 }
+
+#[test]
+fn estimate_memory_reads_the_model_config() {
+    let out = sft(&["recipes/tiny/config_qlora.yaml", "--estimate-memory"], &repo());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["115264 parameters", "LoRA r=8", "17920 trainable", "total"] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+}
+
+#[test]
+fn estimate_memory_for_a_model_not_in_the_cache_names_it() {
+    let dir = scratch("hub");
+    let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args([repo().join("recipes/tiny/config_qlora.yaml").to_str().expect("utf-8"), "--estimate-memory"])
+        .args(["--model_name_or_path", "org/absent-model"])
+        .env("HF_HUB_CACHE", &dir)
+        .output()
+        .expect("run sft");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("org/absent-model") && stderr.contains("models--org--absent-model"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,138 @@
+//! A model's `config.json`: which family it is and its dimensions, read with errors that name
+//! the file and key. Only the families nibble has model code for are accepted.
+
+use std::path::Path;
+
+use device_map::estimate::ModelShape;
+use serde_json::Value;
+
+use crate::Error;
+
+/// The model families nibble runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 1/2/3/3.1/3.2.
+    Llama,
+    /// Mistral.
+    Mistral,
+    /// Qwen2 (bias on q/k/v).
+    Qwen2,
+    /// Qwen3 (RMSNorm on q and k).
+    Qwen3,
+}
+
+impl Architecture {
+    /// The `architectures` names accepted, as transformers writes them.
+    pub const SUPPORTED: [&'static str; 4] =
+        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Architecture::Llama),
+            "MistralForCausalLM" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+            _ => None,
+        }
+    }
+}
+
+/// What nibble needs from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfConfig {
+    /// The family.
+    pub architecture: Architecture,
+    /// Dimensions.
+    pub shape: ModelShape,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base (`rope_theta`, or `rope_parameters.rope_theta` in transformers 5).
+    pub rope_theta: f64,
+    /// Weight dtype recorded by transformers (`dtype` or `torch_dtype`), if any.
+    pub dtype: Option<String>,
+    /// The checkpoint is already quantized (`quantization_config` present).
+    pub prequantized: bool,
+}
+
+impl HfConfig {
+    /// Read `<dir>/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, Error> {
+        let path = dir.join("config.json");
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+        Self::parse(&path, &text)
+    }
+
+    /// Parse a config.json text; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
+        let bad = |message: String| Error::BadConfig { path: path.to_owned(), message };
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let arch_name = v
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("missing `architectures` (a list with the model class name)".into()))?;
+        let architecture = Architecture::from_name(arch_name)
+            .ok_or_else(|| Error::Unsupported { path: path.to_owned(), found: arch_name.to_owned() })?;
+        let int = |key: &str| -> Result<u64, Error> {
+            match v.get(key) {
+                Some(x) => x
+                    .as_u64()
+                    .ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
+                None => Err(bad(format!("missing `{key}`"))),
+            }
+        };
+        let opt_int = |key: &str| -> Result<Option<u64>, Error> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => int(key).map(Some),
+            }
+        };
+        let hidden = int("hidden_size")?;
+        let heads = int("num_attention_heads")?;
+        if heads == 0 || hidden == 0 {
+            return Err(bad("`hidden_size` and `num_attention_heads` must be positive".into()));
+        }
+        let head_dim = match opt_int("head_dim")? {
+            Some(d) => d,
+            None if hidden % heads == 0 => hidden / heads,
+            None => {
+                return Err(bad(format!(
+                    "`hidden_size` {hidden} is not divisible by `num_attention_heads` {heads}"
+                )));
+            }
+        };
+        let kv_heads = opt_int("num_key_value_heads")?.unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(bad(format!(
+                "`num_key_value_heads` {kv_heads} must divide `num_attention_heads` {heads}"
+            )));
+        }
+        let shape = ModelShape {
+            vocab: int("vocab_size")?,
+            hidden,
+            intermediate: int("intermediate_size")?,
+            layers: int("num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            tied_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+        };
+        let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64, Error> {
+            match x {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x.as_f64().ok_or_else(|| bad(format!("`{key}` must be a number, found {x}"))),
+            }
+        };
+        let rope = v.get("rope_theta").or_else(|| v.get("rope_parameters").and_then(|p| p.get("rope_theta")));
+        Ok(HfConfig {
+            architecture,
+            shape,
+            rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
+            rope_theta: float(rope, "rope_theta", 10000.0)?,
+            dtype: v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(Value::as_str).map(str::to_owned),
+            prequantized: v.get("quantization_config").is_some_and(|q| !q.is_null()),
+        })
+    }
+}

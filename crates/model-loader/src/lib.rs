@@ -1,0 +1,60 @@
+//! Hugging Face models for nibble: where a model lives (a local directory or the hub cache,
+//! offline) and what its `config.json` says (architecture and shape). Loading and quantizing the
+//! safetensors themselves arrives with the loader issue.
+
+#![deny(missing_docs)]
+
+mod hf_config;
+mod resolve;
+
+pub use hf_config::{Architecture, HfConfig};
+pub use resolve::{HubCache, resolve_model};
+
+use std::path::PathBuf;
+
+/// Why a model could not be found or understood; every variant names the file or id at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Neither a local directory nor a cached hub model.
+    #[error(
+        "model `{id}` (revision `{revision}`) is not a local directory and not in the Hugging Face cache \
+         (searched {}); nibble never downloads: fetch it with `huggingface-cli download {id}` or give a local path",
+        .searched.display()
+    )]
+    NotInCache {
+        /// The id as given.
+        id: String,
+        /// The revision asked for.
+        revision: String,
+        /// The cache folder of that repository.
+        searched: PathBuf,
+    },
+    /// A file that could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A config.json that is not valid JSON or lacks a required key.
+    #[error("{}: {message}", .path.display())]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// An architecture nibble has no model file for.
+    #[error(
+        "{}: architecture `{found}` is not supported (supported: {})",
+        .path.display(),
+        Architecture::SUPPORTED.join(", ")
+    )]
+    Unsupported {
+        /// The config.json.
+        path: PathBuf,
+        /// The `architectures` entry found.
+        found: String,
+    },
+}

@@ -1,0 +1,99 @@
+//! Finding models: local directories, the hub cache layout (refs and snapshots), offline
+//! errors naming the id, revision and folder; reading config.json with key-level errors.
+
+use std::path::{Path, PathBuf};
+
+use model_loader::{Architecture, Error, HfConfig, HubCache, resolve_model};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nibble-loader-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch");
+    d
+}
+
+/// Lay out a model in a hub cache exactly as huggingface_hub does.
+fn fake_cache(root: &Path, id: &str, commit: &str, branch: &str) {
+    let repo = root.join(format!("models--{}", id.replace('/', "--")));
+    std::fs::create_dir_all(repo.join("refs")).expect("refs");
+    std::fs::write(repo.join("refs").join(branch), commit).expect("ref");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).expect("snapshot");
+    std::fs::copy(repo_root().join("models/tiny-llama/config.json"), snap.join("config.json"))
+        .expect("config");
+}
+
+#[test]
+fn local_directory_is_used_as_is() {
+    let dir = repo_root().join("models/tiny-llama");
+    let cache = HubCache { path: "/nonexistent".into() };
+    assert_eq!(resolve_model(dir.to_str().expect("utf-8"), "main", &cache).expect("resolve"), dir);
+}
+
+#[test]
+fn hub_ids_resolve_through_refs_and_commits() {
+    let root = scratch("cache");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    fake_cache(&root, "org/tiny", commit, "main");
+    let cache = HubCache { path: root.clone() };
+    let snap = root.join("models--org--tiny/snapshots").join(commit);
+    assert_eq!(resolve_model("org/tiny", "main", &cache).expect("by branch"), snap);
+    assert_eq!(resolve_model("org/tiny", commit, &cache).expect("by commit"), snap);
+    let shape = HfConfig::from_dir(&snap).expect("config").shape;
+    assert_eq!(shape.layers, 2);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn missing_models_name_id_revision_and_folder() {
+    let root = scratch("empty");
+    let cache = HubCache { path: root.clone() };
+    let e = resolve_model("org/absent", "v2", &cache).expect_err("absent");
+    let shown = e.to_string();
+    assert!(matches!(e, Error::NotInCache { .. }));
+    for part in ["org/absent", "v2", "models--org--absent", "never downloads"] {
+        assert!(shown.contains(part), "`{part}` missing from: {shown}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_tiny_model_config_reads() {
+    let c = HfConfig::from_dir(&repo_root().join("models/tiny-llama")).expect("config");
+    assert_eq!(c.architecture, Architecture::Llama);
+    assert_eq!(
+        (c.shape.hidden, c.shape.intermediate, c.shape.heads, c.shape.kv_heads, c.shape.head_dim),
+        (64, 160, 4, 2, 16)
+    );
+    assert_eq!(c.rope_theta, 10000.0, "read from transformers 5's rope_parameters");
+    assert!(!c.prequantized);
+}
+
+#[test]
+fn config_errors_name_the_file_and_key() {
+    let p = Path::new("m/config.json");
+    let cases = [
+        (r#"{"architectures": ["GPT2LMHeadModel"]}"#, "GPT2LMHeadModel"),
+        (r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}"#, "missing `num_attention_heads`"),
+        (
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": "64", "num_attention_heads": 4}"#,
+            "`hidden_size` must be",
+        ),
+        (
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}"#,
+            "must divide",
+        ),
+        ("{not json", "not valid JSON"),
+    ];
+    for (text, want) in cases {
+        let e = HfConfig::parse(p, text).expect_err(text).to_string();
+        assert!(e.starts_with("m/config.json: ") && e.contains(want), "{text}: {e}");
+    }
+    let unsupported =
+        HfConfig::parse(p, r#"{"architectures": ["GPT2LMHeadModel"]}"#).expect_err("gpt2").to_string();
+    assert!(unsupported.contains("Qwen3ForCausalLM"), "lists the supported ones: {unsupported}");
+}

@@ -1,0 +1,139 @@
+//! `sft RECIPE --estimate-memory`: the memory a run will need, from the model's config.json and
+//! the recipe, before anything loads.
+
+use anyhow::{Context, Result};
+use config::Recipe;
+use config::types::{Dtype, TargetModules};
+use device_map::estimate::{BaseWeights, RunShape, estimate};
+use device_map::{Device, format_bytes};
+use model_loader::{HfConfig, HubCache, resolve_model};
+
+/// Bytes per element of the compute dtype: the recipe's `dtype`, or the checkpoint's for `auto`.
+fn dtype_bytes(recipe: &Recipe, cfg: &HfConfig) -> u64 {
+    let name = match recipe.model.dtype {
+        Dtype::Auto => cfg.dtype.as_deref().unwrap_or("float32"),
+        d => d.as_str(),
+    };
+    match name {
+        "bfloat16" | "float16" | "bf16" | "fp16" => 2,
+        _ => 4,
+    }
+}
+
+/// Which of a decoder block's linears the recipe's `lora_target_modules` selects, judged on the
+/// module paths of layer 0 (PEFT's rules: exact name or `.suffix` for lists, full-match regex
+/// for a string, every linear but the head for `all-linear`).
+pub fn lora_targets(targets: Option<&TargetModules>) -> Result<Vec<String>> {
+    let names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let path = |n: &str| {
+        let block = if n.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&n) {
+            "mlp"
+        } else {
+            "self_attn"
+        };
+        format!("model.layers.0.{block}.{n}")
+    };
+    let chosen = match targets {
+        None => Vec::new(),
+        Some(TargetModules::Pattern(p)) if p == "all-linear" => names.to_vec(),
+        Some(TargetModules::Pattern(p)) => {
+            let re = regex::Regex::new(&format!("^(?:{p})$"))
+                .with_context(|| format!("lora_target_modules: bad regex `{p}`"))?;
+            names.iter().copied().filter(|n| re.is_match(&path(n))).collect()
+        }
+        Some(TargetModules::List(l)) => names
+            .iter()
+            .copied()
+            .filter(|n| l.iter().any(|t| path(n) == *t || path(n).ends_with(&format!(".{t}"))))
+            .collect(),
+    };
+    Ok(chosen.into_iter().map(str::to_owned).collect())
+}
+
+/// Print the estimate for a resolved recipe; the whole model goes on `device` (the default
+/// k-bit device map, `{"": local device}`).
+pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
+    let id = recipe.model.model_name_or_path.as_deref().context("model_name_or_path is not set")?;
+    let cache = HubCache::from_env(|k| std::env::var(k).ok());
+    let dir = resolve_model(id, &recipe.model.model_revision, &cache)?;
+    let cfg = HfConfig::from_dir(&dir)?;
+    let base = if recipe.model.load_in_4bit {
+        BaseWeights::FourBit { double_quant: recipe.model.use_bnb_nested_quant }
+    } else if recipe.model.load_in_8bit {
+        BaseWeights::EightBit
+    } else {
+        BaseWeights::Dense
+    };
+    let run = RunShape {
+        base,
+        dtype_bytes: dtype_bytes(recipe, &cfg),
+        lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
+        lora_targets: lora_targets(recipe.model.lora_target_modules.as_ref())?,
+        adapter_bytes: 4,
+        batch: u64::try_from(recipe.training.per_device_train_batch_size).unwrap_or(1),
+        seq: recipe.training.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
+        gradient_checkpointing: recipe.training.gradient_checkpointing,
+    };
+    let e = estimate(&cfg.shape, &run);
+    let s = &cfg.shape;
+    let params = s.linear_params() + s.other_params();
+    let lora_params = e.lora_weights / run.adapter_bytes.max(1);
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "model: {} ({:?}, {} parameters, {} layers)",
+            dir.display(),
+            cfg.architecture,
+            params,
+            s.layers
+        );
+        println!(
+            "run: {:?}, {}-byte compute, LoRA r={} on {:?} ({lora_params} trainable), batch {} x {} tokens, gradient checkpointing {}",
+            run.base,
+            run.dtype_bytes,
+            run.lora_r,
+            run.lora_targets,
+            run.batch,
+            run.seq,
+            run.gradient_checkpointing
+        );
+        println!("estimated peak memory on {device}:");
+        println!("{e}");
+        let other = RunShape { gradient_checkpointing: !run.gradient_checkpointing, ..run.clone() };
+        println!(
+            "  (with gradient checkpointing {}: {})",
+            if other.gradient_checkpointing { "on" } else { "off" },
+            format_bytes(estimate(&cfg.shape, &other).total())
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[&str]) -> TargetModules {
+        TargetModules::List(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn targets_follow_peft_matching() {
+        assert_eq!(lora_targets(None).ok(), Some(vec![]));
+        assert_eq!(
+            lora_targets(Some(&TargetModules::Pattern("all-linear".into()))).map(|v| v.len()).ok(),
+            Some(7)
+        );
+        assert_eq!(
+            lora_targets(Some(&t(&["q_proj", "v_proj", "lm_head"]))).ok(),
+            Some(vec!["q_proj".into(), "v_proj".into()])
+        );
+        assert_eq!(lora_targets(Some(&t(&["self_attn.o_proj"]))).ok(), Some(vec!["o_proj".into()]));
+        let re = TargetModules::Pattern(r".*\.mlp\..*".into());
+        assert_eq!(
+            lora_targets(Some(&re)).ok(),
+            Some(vec!["gate_proj".into(), "up_proj".into(), "down_proj".into()])
+        );
+        assert!(lora_targets(Some(&TargetModules::Pattern("(".into()))).is_err());
+    }
+}
