@@ -177,7 +177,8 @@ fn saved_per_token(s: &ModelShape) -> u64 {
 
 /// Estimate memory for a model and run.
 pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
-    let base_linears = (model.linear_params() as f64 * run.base.bits_per_param(run.dtype_bytes) / 8.0).ceil() as u64;
+    let base_linears =
+        (model.linear_params() as f64 * run.base.bits_per_param(run.dtype_bytes) / 8.0).ceil() as u64;
     let unquantized = model.other_params() * run.dtype_bytes;
     let lora_params: u64 = if run.lora_r == 0 {
         0
