@@ -4,9 +4,11 @@
 
 #![deny(missing_docs)]
 
+mod checkpoint;
 mod hf_config;
 mod resolve;
 
+pub use checkpoint::{Checkpoint, TensorView, expected_shapes};
 pub use hf_config::{Architecture, HfConfig};
 pub use resolve::{HubCache, resolve_model};
 
@@ -43,6 +45,40 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A checkpoint file or index that cannot be used.
+    #[error("{}: {message}", .path.display())]
+    BadCheckpoint {
+        /// The file (or directory).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A shard the index names but the directory lacks.
+    #[error("{}: shard {} is missing", .index.display(), .shard.display())]
+    MissingShard {
+        /// The index file.
+        index: PathBuf,
+        /// The missing shard.
+        shard: PathBuf,
+    },
+    /// A tensor the model needs that no shard holds.
+    #[error("tensor `{name}` is not in the checkpoint at {}", .path.display())]
+    MissingTensor {
+        /// The tensor.
+        name: String,
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// A tensor whose dtype or shape does not fit config.json.
+    #[error("{}: tensor `{name}`: {message}", .path.display())]
+    TensorMismatch {
+        /// The tensor.
+        name: String,
+        /// The shard holding it.
+        path: PathBuf,
+        /// Expected vs found.
         message: String,
     },
     /// An architecture nibble has no model file for.

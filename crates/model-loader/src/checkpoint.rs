@@ -1,0 +1,243 @@
+//! A model's weights on disk: one `model.safetensors` or shards listed by
+//! `model.safetensors.index.json`, memory-mapped (nothing is copied until a tensor is used), with
+//! every header checked and every tensor's dtype and shape checked against `config.json`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::Error;
+use crate::hf_config::{Architecture, HfConfig};
+
+/// One tensor's place in a shard.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the shard's file.
+    start: usize,
+    end: usize,
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// A borrowed view of one tensor's bytes in its memory-mapped shard.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    /// The tensor's name.
+    pub name: &'a str,
+    /// Its element type.
+    pub dtype: Dtype,
+    /// Its shape.
+    pub shape: &'a [usize],
+    /// Its raw little-endian bytes.
+    pub data: &'a [u8],
+    /// The file it lives in.
+    pub file: &'a Path,
+}
+
+/// All tensors of a checkpoint directory, memory-mapped.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })
+}
+
+impl Checkpoint {
+    /// Open `dir/model.safetensors.index.json` (sharded) or `dir/model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<(PathBuf, Vec<String>)> = if index.is_file() {
+            let text = read_to_string(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadCheckpoint {
+                path: index.clone(),
+                message: format!("not valid JSON: {e}"),
+            })?;
+            let map =
+                v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadCheckpoint {
+                    path: index.clone(),
+                    message: "missing `weight_map` (tensor name -> shard file)".into(),
+                })?;
+            let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| Error::BadCheckpoint {
+                    path: index.clone(),
+                    message: format!("weight_map[{tensor}] is not a file name"),
+                })?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(Error::BadCheckpoint {
+                        path: index.clone(),
+                        message: format!("weight_map[{tensor}] = `{file}` leaves the model directory"),
+                    });
+                }
+                by_file.entry(file.to_owned()).or_default().push(tensor.clone());
+            }
+            for f in by_file.keys() {
+                if !dir.join(f).is_file() {
+                    return Err(Error::MissingShard { index: index.clone(), shard: dir.join(f) });
+                }
+            }
+            by_file.into_iter().map(|(f, t)| (dir.join(f), t)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.is_file() {
+                return Err(Error::BadCheckpoint {
+                    path: dir.to_owned(),
+                    message: "no model.safetensors nor model.safetensors.index.json".into(),
+                });
+            }
+            vec![(single, Vec::new())]
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut entries = BTreeMap::new();
+        for (i, (path, listed)) in files.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+            // SAFETY: the map is read-only; a file changed underneath while mapped would give
+            // wrong weights (not memory unsafety in safe code reading bytes), as with any reader.
+            let map =
+                unsafe { Mmap::map(&file) }.map_err(|source| Error::Read { path: path.clone(), source })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::BadCheckpoint {
+                path: path.clone(),
+                message: format!("invalid safetensors: {e:?}"),
+            })?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                entries.insert(
+                    name.clone(),
+                    Entry {
+                        shard: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
+                );
+            }
+            for t in &listed {
+                if entries.get(t).is_none_or(|e| e.shard != i) {
+                    return Err(Error::BadCheckpoint {
+                        path: path.clone(),
+                        message: format!("the index puts tensor `{t}` here, but the file does not hold it"),
+                    });
+                }
+            }
+            shards.push(Shard { path, map });
+        }
+        Ok(Checkpoint { shards, entries })
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Number of shard files.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// One tensor's bytes.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>, Error> {
+        let (key, e) = self
+            .entries
+            .get_key_value(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.to_owned(), path: self.location() })?;
+        let shard = &self.shards[e.shard];
+        Ok(TensorView {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            data: &shard.map[e.start..e.end],
+            file: &shard.path,
+        })
+    }
+
+    fn location(&self) -> PathBuf {
+        self.shards.first().and_then(|s| s.path.parent()).map(Path::to_path_buf).unwrap_or_default()
+    }
+
+    /// Check that every tensor the architecture needs is present with the shape config.json
+    /// implies and a floating dtype (or, for a pre-quantized checkpoint, skip the linears).
+    pub fn check_against(&self, cfg: &HfConfig) -> Result<(), Error> {
+        for (name, shape) in expected_shapes(cfg) {
+            if cfg.prequantized && name.ends_with("_proj.weight") {
+                continue;
+            }
+            let t = self.tensor(&name)?;
+            if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(Error::TensorMismatch {
+                    name,
+                    path: t.file.to_owned(),
+                    message: format!("dtype {:?} is not a floating type (F32, F16 or BF16)", t.dtype),
+                });
+            }
+            if t.shape != shape.as_slice() {
+                return Err(Error::TensorMismatch {
+                    name,
+                    path: t.file.to_owned(),
+                    message: format!("shape {:?}, but config.json implies {shape:?}", t.shape),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every tensor of a Llama-family checkpoint with the shape config.json implies.
+pub fn expected_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
+    let s = &cfg.shape;
+    let u = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    let (h, i, v) = (u(s.hidden), u(s.intermediate), u(s.vocab));
+    let (q, kv, hd) = (u(s.heads * s.head_dim), u(s.kv_heads * s.head_dim), u(s.head_dim));
+    let mut out =
+        vec![("model.embed_tokens.weight".to_owned(), vec![v, h]), ("model.norm.weight".to_owned(), vec![h])];
+    if !s.tied_embeddings {
+        out.push(("lm_head.weight".to_owned(), vec![v, h]));
+    }
+    for l in 0..s.layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        match cfg.architecture {
+            Architecture::Qwen2 => {
+                out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+                out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+                out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            }
+            Architecture::Qwen3 => {
+                out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+                out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+            }
+            Architecture::Llama | Architecture::Mistral => {}
+        }
+    }
+    out
+}
