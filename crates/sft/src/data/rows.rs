@@ -1,0 +1,168 @@
+//! Reading rows and recognising their format: plain `text`; `prompt`/`completion` strings;
+//! conversational `messages` (with optional `tools` and `chat_template_kwargs`); conversational
+//! `prompt`/`completion` (lists of messages).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A row that cannot be used, or a file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A row that does not parse or fits no format.
+    #[error("{}: row {row}: {message}", .path.display())]
+    Row {
+        /// The file.
+        path: PathBuf,
+        /// 1-based row number (the line, for JSONL).
+        row: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file type nibble does not read yet.
+    #[error("{}: unsupported data file (expected .jsonl or .json)", .path.display())]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, `tool`, ...
+    pub role: String,
+    /// The text (templates may read other keys too; they are kept in `extra`).
+    #[serde(default)]
+    pub content: Value,
+    /// Other keys of the message (`tool_calls`, `name`, ...), passed to the template as is.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// A row in one of TRL's formats.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// Language modelling on raw text.
+    Text(String),
+    /// Prompt and completion strings (loss on the completion with `completion_only_loss`).
+    PromptCompletion {
+        /// The prompt.
+        prompt: String,
+        /// The completion.
+        completion: String,
+    },
+    /// A conversation, rendered with the chat template.
+    Conversation {
+        /// The messages.
+        messages: Vec<Message>,
+        /// Tool definitions for the template.
+        tools: Option<Value>,
+        /// Extra template variables.
+        kwargs: Option<serde_json::Map<String, Value>>,
+    },
+    /// A conversational prompt and completion (lists of messages).
+    ConversationalPromptCompletion {
+        /// The prompt messages.
+        prompt: Vec<Message>,
+        /// The completion messages.
+        completion: Vec<Message>,
+        /// Tool definitions for the template.
+        tools: Option<Value>,
+        /// Extra template variables.
+        kwargs: Option<serde_json::Map<String, Value>>,
+    },
+}
+
+fn messages(v: &Value, what: &str) -> Result<Vec<Message>, String> {
+    let list = v.as_array().ok_or_else(|| format!("`{what}` must be a list of messages"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let msg: Message =
+                serde_json::from_value(m.clone()).map_err(|e| format!("`{what}[{i}]`: {e}"))?;
+            if msg.content.is_null() && !msg.extra.contains_key("tool_calls") {
+                return Err(format!("`{what}[{i}]` has no `content`"));
+            }
+            Ok(msg)
+        })
+        .collect()
+}
+
+/// Recognise a row's format; `text_field` is the recipe's `dataset_text_field`.
+pub fn classify(row: &Value, text_field: &str) -> Result<Example, String> {
+    let obj = row.as_object().ok_or("a row must be a JSON object")?;
+    let tools = obj.get("tools").filter(|t| !t.is_null()).cloned();
+    let kwargs = match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => return Err("`chat_template_kwargs` must be an object".into()),
+    };
+    if let Some(m) = obj.get("messages") {
+        return Ok(Example::Conversation { messages: messages(m, "messages")?, tools, kwargs });
+    }
+    match (obj.get("prompt"), obj.get("completion")) {
+        (Some(Value::String(p)), Some(Value::String(c))) => {
+            return Ok(Example::PromptCompletion { prompt: p.clone(), completion: c.clone() });
+        }
+        (Some(p @ Value::Array(_)), Some(c @ Value::Array(_))) => {
+            return Ok(Example::ConversationalPromptCompletion {
+                prompt: messages(p, "prompt")?,
+                completion: messages(c, "completion")?,
+                tools,
+                kwargs,
+            });
+        }
+        (Some(_), Some(_)) => {
+            return Err("`prompt` and `completion` must both be strings or both lists of messages".into());
+        }
+        (Some(_), None) | (None, Some(_)) => return Err("`prompt` and `completion` come together".into()),
+        (None, None) => {}
+    }
+    match obj.get(text_field) {
+        Some(Value::String(t)) => Ok(Example::Text(t.clone())),
+        Some(_) => Err(format!("`{text_field}` must be a string")),
+        None => {
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            Err(format!(
+                "fits no dataset format (expected `messages`, `prompt`+`completion`, or `{text_field}`); it has {keys:?}"
+            ))
+        }
+    }
+}
+
+/// Read every row of a local JSONL or JSON (a list of rows) file.
+pub fn read_rows(path: &Path, text_field: &str) -> Result<Vec<Example>, DataError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| DataError::Read { path: path.to_owned(), source })?;
+    let row_err = |row: usize, message: String| DataError::Row { path: path.to_owned(), row, message };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let values: Vec<(usize, Value)> = match ext {
+        "jsonl" => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map(|v| (i + 1, v))
+                    .map_err(|e| row_err(i + 1, format!("not valid JSON: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+        "json" => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Array(a)) => a.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect(),
+            Ok(_) => return Err(row_err(1, "a .json data file must hold a list of rows".into())),
+            Err(e) => return Err(row_err(e.line(), format!("not valid JSON: {e}"))),
+        },
+        _ => return Err(DataError::Unsupported { path: path.to_owned() }),
+    };
+    values.into_iter().map(|(row, v)| classify(&v, text_field).map_err(|m| row_err(row, m))).collect()
+}

@@ -1,0 +1,218 @@
+//! Chat templates rendered as transformers renders them: Jinja through minijinja with
+//! `trim_blocks` / `lstrip_blocks`, Python-style string methods (pycompat), loop controls,
+//! `raise_exception`, a `tojson` that writes what Python's `json.dumps` writes, and the
+//! `{% generation %}` block that marks assistant text for `assistant_only_loss`.
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, ErrorKind};
+
+/// A chat template that cannot be compiled or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The template does not compile.
+    #[error("chat template does not compile: {0:#}")]
+    Compile(minijinja::Error),
+    /// Rendering failed (including a `raise_exception` from the template itself).
+    #[error("chat template failed to render: {0:#}")]
+    Render(minijinja::Error),
+    /// `assistant_only_loss` needs `{{% generation %}}` blocks the template lacks.
+    #[error(
+        "assistant_only_loss needs a chat template with {{% generation %}} ... {{% endgeneration %}} around \
+         assistant replies; this one has none"
+    )]
+    NoGenerationBlock,
+}
+
+/// Private-use characters that mark the start and end of `{% generation %}` output.
+const GEN_START: char = '\u{E000}';
+const GEN_END: char = '\u{E001}';
+
+/// What a render produced: the text, and the byte ranges of assistant text inside
+/// `{% generation %}` blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The rendered conversation.
+    pub text: String,
+    /// Byte ranges of `text` produced inside generation blocks.
+    pub assistant_spans: Vec<std::ops::Range<usize>>,
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    has_generation: bool,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("has_generation", &self.has_generation).finish()
+    }
+}
+
+/// Rewrite `{% generation %}` / `{% endgeneration %}` (with any whitespace control) into plain
+/// Jinja that emits marker characters and keeps the tags' trim/lstrip behaviour: the markers sit
+/// between two block tags, so the newline after the original tag still follows a block tag.
+fn rewrite_generation(src: &str) -> (String, bool) {
+    let re = regex::Regex::new(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}").expect("valid regex");
+    let mut found = false;
+    let out = re
+        .replace_all(src, |c: &regex::Captures<'_>| {
+            found = true;
+            let (l, r) = (&c[1], &c[3]);
+            if &c[2] == "generation" {
+                format!("{{%{l} if true %}}{GEN_START}{{% if true {r}%}}")
+            } else {
+                format!("{{%{l} endif %}}{GEN_END}{{% endif {r}%}}")
+            }
+        })
+        .into_owned();
+    (out, found)
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` for template values.
+fn py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let (nl, pad, pad_in, sep) = match indent {
+        Some(n) => ("\n", " ".repeat(n * depth), " ".repeat(n * (depth + 1)), ","),
+        None => ("", String::new(), String::new(), ", "),
+    };
+    match v {
+        J::Null => out.push_str("null"),
+        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        J::Number(n) => out.push_str(&n.to_string()),
+        J::String(s) => out.push_str(&serde_json::to_string(s).unwrap_or_default()),
+        J::Array(a) if a.is_empty() => out.push_str("[]"),
+        J::Object(m) if m.is_empty() => out.push_str("{}"),
+        J::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                out.push_str(if i == 0 { nl } else { sep });
+                if i > 0 {
+                    out.push_str(nl);
+                }
+                out.push_str(&pad_in);
+                py_json(x, indent, depth + 1, out);
+            }
+            out.push_str(nl);
+            out.push_str(&pad);
+            out.push(']');
+        }
+        J::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                out.push_str(if i == 0 { nl } else { sep });
+                if i > 0 {
+                    out.push_str(nl);
+                }
+                out.push_str(&pad_in);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(": ");
+                py_json(x, indent, depth + 1, out);
+            }
+            out.push_str(nl);
+            out.push_str(&pad);
+            out.push('}');
+        }
+    }
+}
+
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let j = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    py_json(&j, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+impl ChatTemplate {
+    /// Compile a template source (from tokenizer_config.json, chat_template.jinja or a recipe).
+    pub fn new(source: &str) -> Result<Self, TemplateError> {
+        let (src, has_generation) = rewrite_generation(source);
+        let mut env = Environment::new();
+        let syntax = env
+            .syntax()
+            .to_builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(TemplateError::Compile)?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", src).map_err(TemplateError::Compile)?;
+        Ok(ChatTemplate { env, has_generation })
+    }
+
+    /// Whether the template marks assistant text with `{% generation %}`.
+    pub fn has_generation(&self) -> bool {
+        self.has_generation
+    }
+
+    /// Render a conversation. `context` holds `messages` and anything else the template reads
+    /// (`tools`, `bos_token`, `eos_token`, `add_generation_prompt`, chat_template_kwargs, ...).
+    pub fn render(&self, context: &serde_json::Value) -> Result<Rendered, TemplateError> {
+        let tmpl = self.env.get_template("chat").map_err(TemplateError::Render)?;
+        let ctx: Value = serde_json::from_value(context.clone()).map_err(|e| {
+            TemplateError::Render(minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))
+        })?;
+        let raw = tmpl.render(ctx).map_err(TemplateError::Render)?;
+        let mut text = String::with_capacity(raw.len());
+        let mut spans = Vec::new();
+        let mut open = None;
+        for ch in raw.chars() {
+            match ch {
+                GEN_START => open = Some(text.len()),
+                GEN_END => {
+                    if let Some(start) = open.take() {
+                        spans.push(start..text.len());
+                    }
+                }
+                c => text.push(c),
+            }
+        }
+        Ok(Rendered { text, assistant_spans: spans })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tojson_writes_what_python_writes() {
+        let v = json!({"name": "f", "args": [1, 2.5, "é", {"a": null}], "ok": true});
+        let mut out = String::new();
+        py_json(&v, None, 0, &mut out);
+        assert_eq!(out, r#"{"name": "f", "args": [1, 2.5, "é", {"a": null}], "ok": true}"#);
+        let mut out = String::new();
+        py_json(&json!({"a": [1, 2]}), Some(2), 0, &mut out);
+        assert_eq!(out, "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
+    }
+
+    #[test]
+    fn generation_blocks_become_spans() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{{ '\n' }}{% endfor %}",
+        )
+        .expect("compiles");
+        assert!(t.has_generation());
+        let r = t
+            .render(&json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+            .expect("renders");
+        assert_eq!(r.text, "user: hi\nassistant: yo\n");
+        assert_eq!(&r.text[r.assistant_spans[0].clone()], "yo");
+    }
+
+    #[test]
+    fn raise_exception_is_a_render_error() {
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").expect("compiles");
+        let e = t.render(&json!({"messages": []})).expect_err("raises");
+        assert!(e.to_string().contains("roles must alternate"), "{e}");
+    }
+}
