@@ -12,10 +12,21 @@
 //! - element `2j` goes to the high nibble of byte `j`, element `2j + 1` to the low nibble; an odd
 //!   count pads the last low nibble with the code of `0.0 * scale`.
 //!
-//! Where bitsandbytes' CPU path differs (it divides instead of multiplying in a short last block,
-//! gives NF4 nibble 7 instead of 0 to an all-zero block, and uses a lookup table instead of a
-//! search for the 8-bit map of double quantization), nibble follows the kernel above; the
-//! differences are tested against values computed from each rule in `tests/bnb_parity.rs`.
+//! Where bitsandbytes' CPU path (0.50.2, a torch-ops implementation) differs, nibble follows the
+//! kernel above. `tests/bnb_parity.rs` recomputes each CPU rule and fails on any difference that
+//! none of them explains. Measured on its golden files:
+//!
+//! - a short last block is divided by absmax instead of multiplied by its reciprocal;
+//! - an all-zero block gets NF4 nibble 7 (the kernel: 0);
+//! - absmax is clamped to at least 1e-38 (the kernel's reciprocal overflows for subnormal absmax);
+//! - FP4 thresholds are torch's f32 midpoints, one ulp from the kernel's literals, and a negative
+//!   value exactly on one takes the larger magnitude; a few NF4 midpoints also differ in the last bit;
+//! - FP4 gives the sign bit to tiny positive values that round to zero and not to tiny negative
+//!   ones (the kernel sets it by the sign of x);
+//! - the 8-bit map of double quantization goes through a 65536-bin lookup table instead of the
+//!   kernel's search (codes within one bin of the nearest, more often near zero);
+//! - the double-quantization offset is torch's f32 `mean()`, which this module's f64 mean matches
+//!   except for an ulp on some inputs (pass bitsandbytes' offset to [`double_quant`] to compare).
 //!
 //! Dequantization is exact by definition: `code[nibble] * absmax` in f32, then round to nearest
 //! even into the output dtype.

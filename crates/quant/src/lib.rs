@@ -8,6 +8,15 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+pub mod file;
+/// Linear layers (dense and 4-bit) behind one small trait, so adapters can wrap any of them.
+#[cfg(feature = "torch")]
+pub mod linear;
+/// The fast path: the codec as libtorch ops on `tch` tensors (C++ in `csrc/`, bit-identical to [`codec`]).
+#[cfg(feature = "torch")]
+pub mod ops;
+/// bitsandbytes' serialized layout (`weight`, `weight.absmax`, ..., `quant_state` JSON) on plain buffers.
+pub mod state;
 
 pub use codec::{NestedAbsmax, QuantType};
 
@@ -37,5 +46,54 @@ pub enum Error {
         expected: usize,
         /// Length given.
         got: usize,
+    },
+    /// A libtorch failure (a C++ exception or a `tch` error), with its message.
+    #[cfg(feature = "torch")]
+    #[error("libtorch: {0}")]
+    Torch(String),
+    /// A tensor the fast path cannot take as it is (wrong dtype, device, layout or shape).
+    #[cfg(feature = "torch")]
+    #[error("{what}: {problem}")]
+    BadTensor {
+        /// Which tensor.
+        what: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A tensor of a quantized state is missing.
+    #[error("missing tensor `{key}`")]
+    MissingTensor {
+        /// Full tensor key.
+        key: String,
+    },
+    /// A tensor of a quantized state has the wrong dtype.
+    #[error("tensor `{key}`: dtype {got}, expected {expected}")]
+    TensorDtype {
+        /// Full tensor key.
+        key: String,
+        /// The dtype bitsandbytes writes.
+        expected: String,
+        /// The dtype found.
+        got: String,
+    },
+    /// A tensor of a quantized state has the wrong shape for the others.
+    #[error("tensor `{key}`: shape {got:?}, expected {expected:?} ({why})")]
+    TensorShape {
+        /// Full tensor key.
+        key: String,
+        /// The shape implied by the rest of the state.
+        expected: Vec<usize>,
+        /// The shape found.
+        got: Vec<usize>,
+        /// What implies the expected shape.
+        why: String,
+    },
+    /// A quantized state's JSON (or a field of it) is malformed.
+    #[error("tensor `{key}`: {problem}")]
+    MalformedState {
+        /// Full tensor key.
+        key: String,
+        /// What is wrong.
+        problem: String,
     },
 }

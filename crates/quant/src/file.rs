@@ -1,0 +1,133 @@
+//! safetensors files for quantized weights: read any file (memory-mapped, header checked), write
+//! one deterministically (sorted header, fixed layout) and atomically (temp file, then rename),
+//! so the same input always gives the same bytes and an interrupted write leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::state::RawTensor;
+
+/// Why a safetensors file could not be read or written; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// I/O on the file.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not a valid safetensors file (truncated, bad header, offsets out of range).
+    #[error("{}: not a valid safetensors file: {message}", .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+}
+
+/// All tensors of a safetensors file (copied out of the map) and its metadata.
+pub fn read(path: &Path) -> Result<(Vec<RawTensor>, BTreeMap<String, String>), FileError> {
+    let io = |source| FileError::Io { path: path.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: read-only map of a file we only read from; its bytes are copied out below.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let st = safetensors::SafeTensors::deserialize(&map)
+        .map_err(|e| FileError::Invalid { path: path.to_owned(), message: format!("{e:?}") })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| FileError::Invalid { path: path.to_owned(), message: format!("{e:?}") })?;
+    let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let mut tensors: Vec<RawTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| RawTensor {
+            name,
+            dtype: format!("{:?}", t.dtype()),
+            shape: t.shape().to_vec(),
+            data: t.data().to_vec(),
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((tensors, metadata))
+}
+
+/// The bytes of a safetensors file holding `tensors` (laid out in name order) and `metadata`.
+pub fn to_bytes(tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut sorted: Vec<&RawTensor> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0usize;
+    for t in &sorted {
+        let end = offset + t.data.len();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    // Pad the header with spaces so the data starts 8-byte aligned, as the reference writer does.
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for t in sorted {
+        out.extend_from_slice(&t.data);
+    }
+    out
+}
+
+/// Write a safetensors file atomically: a temporary file beside `path`, synced, then renamed.
+pub fn write(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), FileError> {
+    let io = |source| FileError::Io { path: path.to_owned(), source };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&to_bytes(tensors, metadata))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_files_read_back_with_the_safetensors_crate() {
+        let t = vec![
+            RawTensor {
+                name: "b".into(),
+                dtype: "F32".into(),
+                shape: vec![2],
+                data: vec![0, 0, 128, 63, 0, 0, 0, 64],
+            },
+            RawTensor { name: "a".into(), dtype: "U8".into(), shape: vec![3, 1], data: vec![1, 2, 3] },
+        ];
+        let meta = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+        let bytes = to_bytes(&t, &meta);
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid file");
+        assert_eq!(st.tensor("a").expect("a").data(), &[1, 2, 3]);
+        assert_eq!(st.tensor("b").expect("b").shape(), &[2]);
+        assert_eq!(to_bytes(&t, &meta), bytes, "deterministic");
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        assert!(header_len.is_multiple_of(8));
+    }
+}

@@ -1,0 +1,529 @@
+//! The fast path of the codec: 4-bit and blockwise 8-bit quantization as libtorch ops on `tch`
+//! tensors (C++ in `csrc/quant_ops.cpp`, parallel over blocks), producing the same bytes as the
+//! reference in [`crate::codec`].
+//!
+//! Inputs must be contiguous CPU tensors; 4-bit quantization takes f32, f16 and bf16 (converted
+//! exactly to f32 first), dequantization writes f32, f16 or bf16 (`code * absmax` in f32, then
+//! rounded to nearest even). Double quantization takes its offset from torch's own
+//! `absmax.mean()`, as bitsandbytes does, so the bytes match bitsandbytes on long inputs too.
+
+use std::ffi::{CStr, c_char, c_void};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::Error;
+use crate::codec::{self, NESTED_BLOCKSIZE, QuantType};
+
+mod ffi {
+    use std::ffi::{c_char, c_void};
+
+    // Tensors cross as `torch::Tensor*` (tch's `C_tensor`); outputs are owned by the caller.
+    unsafe extern "C" {
+        pub fn nibble_quant_free_error(err: *mut c_char);
+        pub fn nibble_quantize_4bit(
+            input: *const c_void,
+            blocksize: i64,
+            qt: i32,
+            packed: *mut *mut c_void,
+            absmax: *mut *mut c_void,
+            bad_index: *mut i64,
+        ) -> *mut c_char;
+        pub fn nibble_dequantize_4bit(
+            packed: *const c_void,
+            absmax: *const c_void,
+            n: i64,
+            blocksize: i64,
+            qt: i32,
+            out: i32,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn nibble_dequantize_4bit_into(
+            packed: *const c_void,
+            absmax: *const c_void,
+            blocksize: i64,
+            qt: i32,
+            out: *mut c_void,
+        ) -> *mut c_char;
+        pub fn nibble_quantize_8bit(
+            input: *const c_void,
+            code: *const c_void,
+            blocksize: i64,
+            use_mean: i32,
+            offset: *mut f32,
+            codes: *mut *mut c_void,
+            absmax: *mut *mut c_void,
+            bad_index: *mut i64,
+        ) -> *mut c_char;
+        pub fn nibble_dequantize_8bit(
+            codes: *const c_void,
+            absmax: *const c_void,
+            code: *const c_void,
+            blocksize: i64,
+            offset: f32,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn nibble_linear4bit_forward(
+            x: *const c_void,
+            packed: *const c_void,
+            absmax: *const c_void,
+            bias: *const c_void,
+            out_features: i64,
+            in_features: i64,
+            blocksize: i64,
+            qt: i32,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
+    }
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::Torch(e.to_string())
+    }
+}
+
+/// Turn a C error string into `Err(Error::Torch)`, freeing it.
+fn check(err: *mut c_char) -> Result<(), Error> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null error is a NUL-terminated string malloc'd by the C++ side; it is read
+    // once and freed once, by the matching free function.
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    // SAFETY: see above; `err` is not used after this.
+    unsafe { ffi::nibble_quant_free_error(err) };
+    Err(Error::Torch(msg))
+}
+
+/// Take ownership of a tensor the C++ side allocated with `new`.
+fn take(ptr: *mut c_void, what: &'static str) -> Result<Tensor, Error> {
+    if ptr.is_null() {
+        return Err(Error::Torch(format!("{what}: the C++ op returned no tensor")));
+    }
+    // SAFETY: a non-null output pointer is a fresh `new torch::Tensor` that nothing else owns;
+    // tch's `Tensor` frees it with `delete` on drop.
+    Ok(unsafe { Tensor::from_ptr(ptr.cast()) })
+}
+
+fn ptr(t: &Tensor) -> *const c_void {
+    t.as_ptr().cast()
+}
+
+fn qt_code(qt: QuantType) -> i32 {
+    match qt {
+        QuantType::Nf4 => 0,
+        QuantType::Fp4 => 1,
+    }
+}
+
+fn out_code(kind: Kind) -> Result<i32, Error> {
+    match kind {
+        Kind::Float => Ok(0),
+        Kind::Half => Ok(1),
+        Kind::BFloat16 => Ok(2),
+        other => Err(Error::BadTensor {
+            what: "output dtype",
+            problem: format!("cannot dequantize to {other:?} (use Float, Half or BFloat16)"),
+        }),
+    }
+}
+
+fn blocksize_i64(blocksize: usize) -> Result<i64, Error> {
+    codec::check_blocksize(blocksize)?;
+    // The supported block sizes are at most 4096.
+    Ok(blocksize as i64)
+}
+
+/// Check that `t` is a contiguous CPU tensor of one of `kinds`.
+fn check_input(t: &Tensor, what: &'static str, kinds: &[Kind]) -> Result<(), Error> {
+    let bad = |problem: String| Err(Error::BadTensor { what, problem });
+    if !t.defined() {
+        return bad("undefined tensor".into());
+    }
+    if t.device() != Device::Cpu {
+        return bad(format!("must be on the CPU for now, got {:?}", t.device()));
+    }
+    let kind = t.f_kind()?;
+    if !kinds.contains(&kind) {
+        return bad(format!("dtype {kind:?} is not supported (expected one of {kinds:?})"));
+    }
+    if !t.is_contiguous() {
+        return bad("must be contiguous (call .contiguous() first)".into());
+    }
+    Ok(())
+}
+
+/// The error for element `index` of `x`, whose value minus `offset` is not finite.
+fn non_finite(x: &Tensor, index: i64, offset: f32) -> Error {
+    let value = x
+        .f_view([-1])
+        .and_then(|flat| flat.f_double_value(&[index]))
+        .map(|v| v as f32 - offset)
+        .unwrap_or(f32::NAN);
+    Error::NonFinite { index: index as usize, value }
+}
+
+/// 4-bit quantization of a whole tensor (flattened): packed uint8 `[ceil(n/2), 1]` and f32 absmax
+/// `[ceil(n/blocksize)]`, byte-identical to [`codec::quantize_4bit`].
+pub fn quantize_4bit(x: &Tensor, blocksize: usize, qt: QuantType) -> Result<(Tensor, Tensor), Error> {
+    let bs = blocksize_i64(blocksize)?;
+    check_input(x, "input", &[Kind::Float, Kind::Half, Kind::BFloat16])?;
+    let mut packed = std::ptr::null_mut();
+    let mut absmax = std::ptr::null_mut();
+    let mut bad = -1i64;
+    // SAFETY: `x` is a live tensor for the call; the out-pointers are valid locals.
+    let err =
+        unsafe { ffi::nibble_quantize_4bit(ptr(x), bs, qt_code(qt), &mut packed, &mut absmax, &mut bad) };
+    check(err)?;
+    if bad >= 0 {
+        return Err(non_finite(x, bad, 0.0));
+    }
+    Ok((take(packed, "packed")?, take(absmax, "absmax")?))
+}
+
+/// Dequantize `n` 4-bit values into a 1-D tensor of `kind` (Float, Half or BFloat16): exactly
+/// [`codec::dequantize_4bit`], then rounded to nearest even for 16-bit kinds.
+pub fn dequantize_4bit(
+    packed: &Tensor,
+    absmax: &Tensor,
+    n: usize,
+    blocksize: usize,
+    qt: QuantType,
+    kind: Kind,
+) -> Result<Tensor, Error> {
+    let bs = blocksize_i64(blocksize)?;
+    let out = out_code(kind)?;
+    check_input(packed, "packed", &[Kind::Uint8])?;
+    check_input(absmax, "absmax", &[Kind::Float])?;
+    let n = i64::try_from(n)
+        .map_err(|_| Error::BadTensor { what: "element count", problem: format!("{n} is too large") })?;
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err = unsafe {
+        ffi::nibble_dequantize_4bit(ptr(packed), ptr(absmax), n, bs, qt_code(qt), out, &mut result)
+    };
+    check(err)?;
+    take(result, "dequantized")
+}
+
+/// Dequantize into an existing contiguous CPU tensor of Float, Half or BFloat16, whose element
+/// count is the number of 4-bit values (its shape is kept); avoids allocating (and faulting in)
+/// a fresh output per call.
+pub fn dequantize_4bit_into(
+    packed: &Tensor,
+    absmax: &Tensor,
+    blocksize: usize,
+    qt: QuantType,
+    out: &mut Tensor,
+) -> Result<(), Error> {
+    let bs = blocksize_i64(blocksize)?;
+    check_input(packed, "packed", &[Kind::Uint8])?;
+    check_input(absmax, "absmax", &[Kind::Float])?;
+    check_input(out, "out", &[Kind::Float, Kind::Half, Kind::BFloat16])?;
+    // SAFETY: the tensors live for the call; `out` is borrowed mutably, so nothing else reads it
+    // while the op writes its data.
+    let err = unsafe {
+        ffi::nibble_dequantize_4bit_into(ptr(packed), ptr(absmax), bs, qt_code(qt), out.as_mut_ptr().cast())
+    };
+    check(err)
+}
+
+/// bitsandbytes' signed dynamic 8-bit map ([`codec::dynamic_map`]) as a 256-element f32 tensor.
+pub fn dynamic_map_tensor() -> Tensor {
+    Tensor::from_slice(codec::dynamic_map().as_slice())
+}
+
+/// Where the offset of a blockwise 8-bit quantization comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Offset {
+    /// torch's `input.mean()` in f32, as bitsandbytes takes it for double quantization.
+    Mean,
+    /// A given value (0.0 for a plain blockwise quantization).
+    Given(f32),
+}
+
+/// Blockwise 8-bit quantization of `x - offset` (f32, contiguous CPU) with a 256-entry sorted
+/// map: codes uint8 `[n]`, f32 absmax per block, and the offset used. Same bytes as
+/// [`codec::quantize_blockwise_8bit`] on the centered values.
+pub fn quantize_blockwise_8bit(
+    x: &Tensor,
+    code: &Tensor,
+    blocksize: usize,
+    offset: Offset,
+) -> Result<(Tensor, Tensor, f32), Error> {
+    let bs = blocksize_i64(blocksize)?;
+    check_input(x, "input", &[Kind::Float])?;
+    check_input(code, "code", &[Kind::Float])?;
+    let (use_mean, mut off) = match offset {
+        Offset::Mean => (1, 0.0f32),
+        Offset::Given(v) => (0, v),
+    };
+    let mut codes = std::ptr::null_mut();
+    let mut absmax = std::ptr::null_mut();
+    let mut bad = -1i64;
+    // SAFETY: the tensors live for the call; the out-pointers are valid locals.
+    let err = unsafe {
+        ffi::nibble_quantize_8bit(
+            ptr(x),
+            ptr(code),
+            bs,
+            use_mean,
+            &mut off,
+            &mut codes,
+            &mut absmax,
+            &mut bad,
+        )
+    };
+    check(err)?;
+    if bad >= 0 {
+        return Err(non_finite(x, bad, off));
+    }
+    Ok((take(codes, "codes")?, take(absmax, "absmax")?, off))
+}
+
+/// Inverse of [`quantize_blockwise_8bit`]: f32 `code[q] * absmax[block] + offset`.
+pub fn dequantize_blockwise_8bit(
+    codes: &Tensor,
+    absmax: &Tensor,
+    code: &Tensor,
+    blocksize: usize,
+    offset: f32,
+) -> Result<Tensor, Error> {
+    let bs = blocksize_i64(blocksize)?;
+    check_input(codes, "codes", &[Kind::Uint8])?;
+    check_input(absmax, "nested absmax", &[Kind::Float])?;
+    check_input(code, "code", &[Kind::Float])?;
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err =
+        unsafe { ffi::nibble_dequantize_8bit(ptr(codes), ptr(absmax), ptr(code), bs, offset, &mut result) };
+    check(err)?;
+    take(result, "absmax")
+}
+
+/// Options of [`Quantized4bit::quantize`] (bitsandbytes' defaults: NF4, blocksize 64, no double
+/// quantization).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizeOptions {
+    /// NF4 or FP4.
+    pub quant_type: QuantType,
+    /// Elements per absmax block (32..4096, a power of two).
+    pub blocksize: usize,
+    /// Quantize the absmax values once more (8-bit, nested blocksize 256, mean offset).
+    pub double_quant: bool,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false }
+    }
+}
+
+/// The block scales of a 4-bit tensor.
+#[derive(Debug)]
+pub enum Absmax4 {
+    /// One f32 per block.
+    Plain(Tensor),
+    /// Double quantized: 8-bit codes of `absmax - offset` with the dynamic map.
+    Nested {
+        /// uint8, one per block of the 4-bit data.
+        codes: Tensor,
+        /// f32, one per [`NESTED_BLOCKSIZE`] codes.
+        nested_absmax: Tensor,
+        /// torch's `absmax.mean()`, subtracted before quantizing.
+        offset: f32,
+    },
+}
+
+/// A tensor quantized to 4 bits, with what it takes to dequantize it.
+#[derive(Debug)]
+pub struct Quantized4bit {
+    /// uint8 `[ceil(n/2), 1]`: element `2j` in the high nibble of byte `j`.
+    pub packed: Tensor,
+    /// The block scales.
+    pub absmax: Absmax4,
+    /// Shape of the original tensor.
+    pub shape: Vec<i64>,
+    /// dtype of the original tensor.
+    pub dtype: Kind,
+    /// Elements per block.
+    pub blocksize: usize,
+    /// NF4 or FP4.
+    pub quant_type: QuantType,
+}
+
+impl Quantized4bit {
+    /// Quantize a contiguous f32/f16/bf16 CPU tensor of any shape.
+    pub fn quantize(x: &Tensor, opts: QuantizeOptions) -> Result<Self, Error> {
+        let (packed, absmax) = quantize_4bit(x, opts.blocksize, opts.quant_type)?;
+        let absmax = if opts.double_quant {
+            let (codes, nested_absmax, offset) =
+                quantize_blockwise_8bit(&absmax, &dynamic_map_tensor(), NESTED_BLOCKSIZE, Offset::Mean)?;
+            Absmax4::Nested { codes, nested_absmax, offset }
+        } else {
+            Absmax4::Plain(absmax)
+        };
+        Ok(Quantized4bit {
+            packed,
+            absmax,
+            shape: x.size(),
+            dtype: x.f_kind()?,
+            blocksize: opts.blocksize,
+            quant_type: opts.quant_type,
+        })
+    }
+
+    /// Number of elements of the original tensor.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().map(|&d| d.max(0) as usize).product()
+    }
+
+    /// The f32 absmax per block (reconstructed from the nested codes with double quantization).
+    pub fn absmax_f32(&self) -> Result<Tensor, Error> {
+        match &self.absmax {
+            Absmax4::Plain(a) => Ok(a.shallow_clone()),
+            Absmax4::Nested { codes, nested_absmax, offset } => dequantize_blockwise_8bit(
+                codes,
+                nested_absmax,
+                &dynamic_map_tensor(),
+                NESTED_BLOCKSIZE,
+                *offset,
+            ),
+        }
+    }
+
+    /// Dequantize to `kind` (Float, Half or BFloat16) in the original shape.
+    pub fn dequantize(&self, kind: Kind) -> Result<Tensor, Error> {
+        let absmax = self.absmax_f32()?;
+        let flat =
+            dequantize_4bit(&self.packed, &absmax, self.numel(), self.blocksize, self.quant_type, kind)?;
+        Ok(flat.f_view(self.shape.as_slice())?)
+    }
+
+    /// Build from the codec's plain buffers (packed bytes, and plain or nested absmax).
+    pub fn from_codec(
+        packed: &[u8],
+        absmax: CodecAbsmax<'_>,
+        shape: &[i64],
+        dtype: Kind,
+        blocksize: usize,
+        quant_type: QuantType,
+    ) -> Result<Self, Error> {
+        codec::check_blocksize(blocksize)?;
+        let numel: usize = shape.iter().map(|&d| d.max(0) as usize).product();
+        if packed.len() != codec::packed_len(numel) {
+            return Err(Error::Length {
+                what: "packed bytes",
+                expected: codec::packed_len(numel),
+                got: packed.len(),
+            });
+        }
+        let blocks = codec::n_blocks(numel, blocksize);
+        let absmax = match absmax {
+            CodecAbsmax::Plain(a) => {
+                if a.len() != blocks {
+                    return Err(Error::Length { what: "absmax", expected: blocks, got: a.len() });
+                }
+                Absmax4::Plain(Tensor::from_slice(a))
+            }
+            CodecAbsmax::Nested(n) => {
+                if n.codes.len() != blocks {
+                    return Err(Error::Length { what: "absmax codes", expected: blocks, got: n.codes.len() });
+                }
+                let nested = codec::n_blocks(blocks, NESTED_BLOCKSIZE);
+                if n.nested_absmax.len() != nested {
+                    return Err(Error::Length {
+                        what: "nested absmax",
+                        expected: nested,
+                        got: n.nested_absmax.len(),
+                    });
+                }
+                Absmax4::Nested {
+                    codes: Tensor::from_slice(&n.codes),
+                    nested_absmax: Tensor::from_slice(&n.nested_absmax),
+                    offset: n.offset,
+                }
+            }
+        };
+        let packed = Tensor::from_slice(packed).f_view([packed.len() as i64, 1])?;
+        Ok(Quantized4bit { packed, absmax, shape: shape.to_vec(), dtype, blocksize, quant_type })
+    }
+
+    /// The packed bytes as a plain buffer.
+    pub fn packed_bytes(&self) -> Result<Vec<u8>, Error> {
+        Ok(Vec::<u8>::try_from(&self.packed.f_view([-1])?)?)
+    }
+
+    /// The block scales as the codec's plain buffers.
+    pub fn codec_absmax(&self) -> Result<CodecAbsmaxOwned, Error> {
+        Ok(match &self.absmax {
+            Absmax4::Plain(a) => CodecAbsmaxOwned::Plain(Vec::<f32>::try_from(a)?),
+            Absmax4::Nested { codes, nested_absmax, offset } => {
+                CodecAbsmaxOwned::Nested(codec::NestedAbsmax {
+                    codes: Vec::<u8>::try_from(codes)?,
+                    nested_absmax: Vec::<f32>::try_from(nested_absmax)?,
+                    offset: *offset,
+                })
+            }
+        })
+    }
+}
+
+/// Block scales as the codec's plain buffers, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum CodecAbsmax<'a> {
+    /// One f32 per block.
+    Plain(&'a [f32]),
+    /// Double quantized.
+    Nested(&'a codec::NestedAbsmax),
+}
+
+/// Block scales as the codec's plain buffers, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CodecAbsmaxOwned {
+    /// One f32 per block.
+    Plain(Vec<f32>),
+    /// Double quantized.
+    Nested(codec::NestedAbsmax),
+}
+
+/// Linear4bit's forward through the C++ autograd Function: `x [..., in]` (already in the compute
+/// dtype), weight `[out, in]` as packed bytes and f32 absmax, optional bias `[out]`.
+#[allow(clippy::too_many_arguments, reason = "a thin FFI wrapper; the layer is the API")]
+pub(crate) fn linear4bit_forward(
+    x: &Tensor,
+    packed: &Tensor,
+    absmax: &Tensor,
+    bias: Option<&Tensor>,
+    out_features: i64,
+    in_features: i64,
+    blocksize: usize,
+    qt: QuantType,
+) -> Result<Tensor, Error> {
+    let bs = blocksize_i64(blocksize)?;
+    if x.device() != Device::Cpu {
+        return Err(Error::BadTensor {
+            what: "input",
+            problem: format!("must be on the CPU for now, got {:?}", x.device()),
+        });
+    }
+    let bias_ptr = bias.map_or(std::ptr::null(), ptr);
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call (bias may be null, which the C++ side checks); the
+    // Function keeps its own references to what it saves.
+    let err = unsafe {
+        ffi::nibble_linear4bit_forward(
+            ptr(x),
+            ptr(packed),
+            ptr(absmax),
+            bias_ptr,
+            out_features,
+            in_features,
+            bs,
+            qt_code(qt),
+            &mut result,
+        )
+    };
+    check(err)?;
+    take(result, "output")
+}

@@ -1,0 +1,354 @@
+//! The libtorch fast path (`quant::ops`) against the reference codec: byte-identical packed
+//! nibbles, absmax and nested codes on random shapes, dtypes, block sizes and quant types, exact
+//! dequantization, and typed errors for what it refuses.
+#![cfg(feature = "torch")]
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use quant::Error;
+use quant::codec::{self, BLOCKSIZES, NESTED_BLOCKSIZE, QuantType};
+use quant::ops::{self, Absmax4, CodecAbsmaxOwned, Offset, QuantizeOptions, Quantized4bit};
+use tch::{Kind, Tensor};
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.reshape([-1])).unwrap()
+}
+
+fn u8s(t: &Tensor) -> Vec<u8> {
+    Vec::<u8>::try_from(&t.reshape([-1])).unwrap()
+}
+
+/// Raw bits of a 16-bit tensor (bf16 or f16).
+fn bits16(t: &Tensor) -> Vec<u16> {
+    Vec::<i16>::try_from(&t.reshape([-1]).view_dtype(Kind::Int16))
+        .unwrap()
+        .iter()
+        .map(|&v| v as u16)
+        .collect()
+}
+
+/// Expected 16-bit patterns of f32 values, every NaN as the canonical quiet NaN that torch's
+/// conversions (and the fast path) write; `half` keeps the NaN's sign.
+fn want_bf16(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| if x.is_nan() { 0x7fc0 } else { bf16::from_f32(x).to_bits() }).collect()
+}
+
+/// Same for f16; NaNs compared by class (any NaN pattern), see [`canon_f16`].
+fn want_f16(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| canon_f16(f16::from_f32(x).to_bits())).collect()
+}
+
+fn canon_f16(b: u16) -> u16 {
+    if b & 0x7c00 == 0x7c00 && b & 0x03ff != 0 { 0x7e00 } else { b }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Values as they reach the codec once stored in `kind` (exact for every value of `kind`).
+fn stored(values: &[f32], kind: Kind) -> Vec<f32> {
+    match kind {
+        Kind::Half => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+        Kind::BFloat16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        _ => values.to_vec(),
+    }
+}
+
+/// A tensor of `kind` holding exactly `stored(values, kind)`.
+fn tensor(values: &[f32], shape: &[i64], kind: Kind) -> Tensor {
+    match kind {
+        Kind::Half => {
+            let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+            Tensor::from_slice(&v).reshape(shape)
+        }
+        // Not `from_slice(&[bf16])`: tch 0.24 tags `half::bf16` as Kind::Half. The f32 values
+        // rounded to bf16 first convert exactly.
+        Kind::BFloat16 => Tensor::from_slice(&stored(values, kind)).to_kind(Kind::BFloat16).reshape(shape),
+        _ => Tensor::from_slice(values).reshape(shape),
+    }
+}
+
+fn value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        6 => -3.0f32..3.0,
+        1 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        1 => -1e-30f32..1e-30,
+        1 => proptest::num::f32::NORMAL | proptest::num::f32::SUBNORMAL | proptest::num::f32::ZERO,
+    ]
+}
+
+fn shape() -> impl Strategy<Value = Vec<i64>> {
+    prop_oneof![
+        (0i64..3000).prop_map(|n| vec![n]),
+        (0i64..70, 0i64..90).prop_map(|(a, b)| vec![a, b]),
+        (1i64..12, 1i64..12, 1i64..40).prop_map(|(a, b, c)| vec![a, b, c]),
+    ]
+}
+
+/// A shape, values for it with some whole blocks zeroed, a block size and a quant type.
+fn case() -> impl Strategy<Value = (Vec<i64>, Vec<f32>, usize, QuantType, Kind)> {
+    (
+        shape(),
+        proptest::sample::select(BLOCKSIZES.to_vec()),
+        prop_oneof![Just(QuantType::Nf4), Just(QuantType::Fp4)],
+        prop_oneof![Just(Kind::Float), Just(Kind::Half), Just(Kind::BFloat16)],
+    )
+        .prop_flat_map(|(shape, bs, qt, kind)| {
+            let n = shape.iter().product::<i64>() as usize;
+            let blocks = codec::n_blocks(n, bs);
+            (
+                Just(shape),
+                proptest::collection::vec(value(), n),
+                proptest::collection::vec(proptest::bool::weighted(0.2), blocks),
+                Just(bs),
+                Just(qt),
+                Just(kind),
+            )
+        })
+        .prop_map(|(shape, mut values, zero, bs, qt, kind)| {
+            // Keep values finite once stored in a 16-bit kind.
+            let max = match kind {
+                Kind::Half => 65504.0,
+                Kind::BFloat16 => 3.38e38,
+                _ => f32::MAX,
+            };
+            values.iter_mut().for_each(|v| *v = v.clamp(-max, max));
+            for (b, z) in zero.iter().enumerate() {
+                if *z {
+                    let end = ((b + 1) * bs).min(values.len());
+                    values[b * bs..end].iter_mut().for_each(|v| *v = 0.0);
+                }
+            }
+            (shape, values, bs, qt, kind)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn quantize_matches_the_codec_byte_for_byte((shape, values, bs, qt, kind) in case()) {
+        let x = tensor(&values, &shape, kind);
+        let exact = stored(&values, kind);
+        let (want_packed, want_absmax) = codec::quantize_4bit(&exact, bs, qt).unwrap();
+
+        let (packed, absmax) = ops::quantize_4bit(&x, bs, qt).unwrap();
+        prop_assert_eq!(packed.size(), vec![want_packed.len() as i64, 1]);
+        prop_assert_eq!(u8s(&packed), want_packed.clone());
+        prop_assert_eq!(bits(&f32s(&absmax)), bits(&want_absmax));
+
+        // Double quantization: the offset is torch's own f32 mean of the absmax values.
+        let dq = Quantized4bit::quantize(&x, QuantizeOptions { quant_type: qt, blocksize: bs, double_quant: true });
+        if want_absmax.is_empty() {
+            let q = dq.unwrap();
+            let Absmax4::Nested { offset, .. } = &q.absmax else { panic!("not nested") };
+            prop_assert!(offset.is_nan());
+            return Ok(());
+        }
+        let offset = Tensor::from_slice(&want_absmax).mean(Kind::Float).double_value(&[]) as f32;
+        match codec::double_quant(&want_absmax, Some(offset)) {
+            Ok(want) => {
+                let q = dq.unwrap();
+                prop_assert_eq!(q.packed_bytes().unwrap(), want_packed);
+                prop_assert_eq!(&q.shape, &shape);
+                prop_assert_eq!(q.codec_absmax().unwrap(), CodecAbsmaxOwned::Nested(want.clone()));
+                // The absmax values it dequantizes with are the codec's, bit for bit.
+                prop_assert_eq!(bits(&f32s(&q.absmax_f32().unwrap())), bits(&want.absmax().unwrap()));
+            }
+            // Scales near f32::MAX overflow the mean or `absmax - offset`: both refuse.
+            Err(Error::NonFinite { index, value }) => match dq {
+                Err(Error::NonFinite { index: i, value: v }) => {
+                    prop_assert_eq!(i, index);
+                    prop_assert_eq!(v.to_bits(), value.to_bits());
+                }
+                other => prop_assert!(false, "codec refused element {index}, fast path gave {other:?}"),
+            },
+            Err(e) => prop_assert!(false, "{e}"),
+        }
+    }
+
+    #[test]
+    fn dequantize_is_exact((shape, values, bs, qt, kind) in case()) {
+        let x = tensor(&values, &shape, kind);
+        for double_quant in [false, true] {
+            let q = match Quantized4bit::quantize(&x, QuantizeOptions { quant_type: qt, blocksize: bs, double_quant }) {
+                Ok(q) => q,
+                // Scales near f32::MAX overflow double quantization (checked against the codec above).
+                Err(Error::NonFinite { .. }) if double_quant => continue,
+                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+            };
+            let absmax = f32s(&q.absmax_f32().unwrap());
+            let packed = q.packed_bytes().unwrap();
+            let mut want = vec![0.0f32; q.numel()];
+            codec::dequantize_4bit(&packed, &absmax, bs, qt, &mut want).unwrap();
+
+            let got = q.dequantize(Kind::Float).unwrap();
+            prop_assert_eq!(got.size(), shape.clone());
+            prop_assert_eq!(bits(&f32s(&got)), bits(&want));
+
+            let got = q.dequantize(Kind::BFloat16).unwrap();
+            prop_assert_eq!(got.kind(), Kind::BFloat16);
+            prop_assert_eq!(bits16(&got), want_bf16(&want));
+
+            let got = q.dequantize(Kind::Half).unwrap();
+            prop_assert_eq!(got.kind(), Kind::Half);
+            let got: Vec<u16> = bits16(&got).into_iter().map(canon_f16).collect();
+            prop_assert_eq!(got, want_f16(&want));
+        }
+    }
+
+    /// Any bytes and any finite scales, not only what quantize makes (overflow to f16 inf,
+    /// subnormal results, huge scales).
+    #[test]
+    fn dequantize_arbitrary_bytes_and_scales(
+        n in 0usize..2000,
+        bs in proptest::sample::select(BLOCKSIZES.to_vec()),
+        fp4 in any::<bool>(),
+        seed in proptest::collection::vec(any::<u8>(), 1000),
+        scales in proptest::collection::vec(value(), 63),
+    ) {
+        let qt = if fp4 { QuantType::Fp4 } else { QuantType::Nf4 };
+        let packed: Vec<u8> = (0..codec::packed_len(n)).map(|i| seed[i % seed.len()].wrapping_add((i / seed.len()) as u8)).collect();
+        let absmax: Vec<f32> = (0..codec::n_blocks(n, bs)).map(|i| scales[i % scales.len()]).collect();
+        let mut want = vec![0.0f32; n];
+        codec::dequantize_4bit(&packed, &absmax, bs, qt, &mut want).unwrap();
+        let p = Tensor::from_slice(&packed);
+        let a = Tensor::from_slice(&absmax);
+        let got = ops::dequantize_4bit(&p, &a, n, bs, qt, Kind::Float).unwrap();
+        prop_assert_eq!(bits(&f32s(&got)), bits(&want));
+        let got = ops::dequantize_4bit(&p, &a, n, bs, qt, Kind::BFloat16).unwrap();
+        prop_assert_eq!(bits16(&got), want_bf16(&want));
+        let got = ops::dequantize_4bit(&p, &a, n, bs, qt, Kind::Half).unwrap();
+        let got: Vec<u16> = bits16(&got).into_iter().map(canon_f16).collect();
+        prop_assert_eq!(got, want_f16(&want));
+    }
+
+    /// Plain blockwise 8-bit quantization with a given offset, against the codec.
+    #[test]
+    fn blockwise_8bit_matches_the_codec(
+        values in proptest::collection::vec(value(), 0..3000),
+        bs in proptest::sample::select(BLOCKSIZES.to_vec()),
+        offset in -1.0f32..1.0,
+    ) {
+        let centered: Vec<f32> = values.iter().map(|&v| v - offset).collect();
+        prop_assume!(centered.iter().all(|v| v.is_finite()));
+        let map = ops::dynamic_map_tensor();
+        let (want_codes, want_absmax) = codec::quantize_blockwise_8bit(&centered, codec::dynamic_map(), bs).unwrap();
+        let (codes, absmax, used) = ops::quantize_blockwise_8bit(&Tensor::from_slice(&values), &map, bs, Offset::Given(offset)).unwrap();
+        prop_assert_eq!(used.to_bits(), offset.to_bits());
+        prop_assert_eq!(u8s(&codes), want_codes.clone());
+        prop_assert_eq!(bits(&f32s(&absmax)), bits(&want_absmax));
+        let back = ops::dequantize_blockwise_8bit(&codes, &absmax, &map, bs, offset).unwrap();
+        let mut want = codec::dequantize_blockwise_8bit(&want_codes, &want_absmax, codec::dynamic_map(), bs).unwrap();
+        want.iter_mut().for_each(|v| *v += offset);
+        prop_assert_eq!(bits(&f32s(&back)), bits(&want));
+    }
+}
+
+#[test]
+fn non_finite_input_is_an_error_naming_the_element() {
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0usize, 77, 4999] {
+                let mut v = vec![0.5f32; 5000];
+                v[at] = bad;
+                // A second bad value later must not be the one reported.
+                if at + 300 < v.len() {
+                    v[at + 300] = f32::NAN;
+                }
+                let x = tensor(&v, &[50, 100], kind);
+                match ops::quantize_4bit(&x, 64, QuantType::Nf4) {
+                    Err(Error::NonFinite { index, value }) => {
+                        assert_eq!(index, at, "{kind:?} {bad}");
+                        assert_eq!(value.is_nan(), bad.is_nan());
+                    }
+                    other => panic!("{kind:?} {bad} at {at}: {other:?}"),
+                }
+            }
+        }
+    }
+    let x = Tensor::from_slice(&[1.0f32, f32::INFINITY]);
+    let r = ops::quantize_blockwise_8bit(&x, &ops::dynamic_map_tensor(), 256, Offset::Mean);
+    assert!(matches!(r, Err(Error::NonFinite { index: 1, .. })), "{r:?}");
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let x = Tensor::from_slice(&[1.0f32; 128]).reshape([8, 16]);
+    assert!(matches!(ops::quantize_4bit(&x, 48, QuantType::Nf4), Err(Error::Blocksize(48))));
+    let ints = Tensor::from_slice(&[1i32; 8]);
+    let r = ops::quantize_4bit(&ints, 64, QuantType::Nf4);
+    assert!(matches!(r, Err(Error::BadTensor { what: "input", .. })), "{r:?}");
+    let r = ops::quantize_4bit(&x.tr(), 64, QuantType::Nf4);
+    assert!(
+        matches!(&r, Err(Error::BadTensor { what: "input", problem }) if problem.contains("contiguous")),
+        "{r:?}"
+    );
+    let r = Quantized4bit::quantize(&x, QuantizeOptions::default()).and_then(|q| q.dequantize(Kind::Int));
+    assert!(matches!(r, Err(Error::BadTensor { what: "output dtype", .. })), "{r:?}");
+    // Lengths that do not fit together are reported by the C++ op as a libtorch error.
+    let p = Tensor::from_slice(&[0u8; 4]);
+    let a = Tensor::from_slice(&[1.0f32]);
+    let r = ops::dequantize_4bit(&p, &a, 10, 64, QuantType::Nf4, Kind::Float);
+    assert!(matches!(&r, Err(Error::Torch(m)) if m.contains("packed bytes: expected 5")), "{r:?}");
+    let r = Quantized4bit::from_codec(
+        &[0u8; 4],
+        ops::CodecAbsmax::Plain(&[1.0]),
+        &[10],
+        Kind::Float,
+        64,
+        QuantType::Nf4,
+    );
+    assert!(matches!(r, Err(Error::Length { what: "packed bytes", expected: 5, got: 4 })), "{r:?}");
+}
+
+#[test]
+fn codec_buffers_round_trip() {
+    let v: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+    let (packed, absmax) = codec::quantize_4bit(&v, 64, QuantType::Fp4).unwrap();
+    let nested = codec::double_quant(&absmax, None).unwrap();
+    let q = Quantized4bit::from_codec(
+        &packed,
+        ops::CodecAbsmax::Nested(&nested),
+        &[10, 100],
+        Kind::BFloat16,
+        64,
+        QuantType::Fp4,
+    )
+    .unwrap();
+    assert_eq!(q.packed_bytes().unwrap(), packed);
+    assert_eq!(q.codec_absmax().unwrap(), CodecAbsmaxOwned::Nested(nested.clone()));
+    let mut want = vec![0.0f32; 1000];
+    codec::dequantize_4bit(&packed, &nested.absmax().unwrap(), 64, QuantType::Fp4, &mut want).unwrap();
+    assert_eq!(bits(&f32s(&q.dequantize(Kind::Float).unwrap())), bits(&want));
+    assert_eq!(NESTED_BLOCKSIZE, 256);
+}
+
+#[test]
+fn empty_and_single_element() {
+    let e = Tensor::from_slice::<f32>(&[]);
+    let q = Quantized4bit::quantize(&e, QuantizeOptions::default()).unwrap();
+    assert_eq!(q.packed.size(), vec![0, 1]);
+    assert_eq!(q.dequantize(Kind::BFloat16).unwrap().size(), vec![0]);
+    let one = Tensor::from_slice(&[-3.0f32]);
+    let (p, a) = ops::quantize_4bit(&one, 64, QuantType::Fp4).unwrap();
+    assert_eq!((u8s(&p), f32s(&a)), (vec![0xB0], vec![3.0]));
+}
+
+#[test]
+fn dequantize_into_an_existing_tensor_equals_dequantize() {
+    let x = Tensor::randn([33, 70], (Kind::Float, tch::Device::Cpu));
+    let q = Quantized4bit::quantize(&x, QuantizeOptions::default()).unwrap();
+    let absmax = q.absmax_f32().unwrap();
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        let mut out = Tensor::empty([33, 70], (kind, tch::Device::Cpu));
+        ops::dequantize_4bit_into(&q.packed, &absmax, 64, QuantType::Nf4, &mut out).unwrap();
+        assert!(out.equal(&q.dequantize(kind).unwrap()), "{kind:?}");
+    }
+    let mut short = Tensor::empty([10], (Kind::Float, tch::Device::Cpu));
+    let r = ops::dequantize_4bit_into(&q.packed, &absmax, 64, QuantType::Nf4, &mut short);
+    assert!(matches!(&r, Err(Error::Torch(m)) if m.contains("packed bytes")), "{r:?}");
+}

@@ -1,0 +1,222 @@
+//! bitsandbytes' serialized layout: a property round trip (state -> tensors -> state), and live
+//! interop with the pinned bitsandbytes both ways through real .safetensors files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use proptest::prelude::*;
+use quant::QuantType;
+use quant::state::{QuantState, RawTensor};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+fn dtype_of(name: &str) -> Dtype {
+    match name {
+        "U8" => Dtype::U8,
+        "F32" => Dtype::F32,
+        other => panic!("unexpected dtype {other}"),
+    }
+}
+
+fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            (t.name.clone(), TensorView::new(dtype_of(&t.dtype), t.shape.clone(), &t.data).expect("view"))
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("write safetensors");
+}
+
+fn read_safetensors(path: &Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).expect("read safetensors");
+    let st = SafeTensors::deserialize(&bytes).expect("parse safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| RawTensor {
+            name,
+            dtype: format!("{:?}", v.dtype()),
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        })
+        .collect()
+}
+
+fn python() -> String {
+    std::env::var("NIBBLE_PYTHON").unwrap_or_else(|_| {
+        panic!("NIBBLE_PYTHON is not set: run `cargo xtask setup` (it installs the pinned Python stack)")
+    })
+}
+
+fn run_python(script: &str, args: &[&Path]) {
+    let out = Command::new(python())
+        .env("TORCHDYNAMO_DISABLE", "1")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run NIBBLE_PYTHON (run `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nibble-state-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Deterministic pseudo-normal weights (no rand dependency).
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            let mut acc = 0.0f32;
+            for _ in 0..4 {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            acc
+        })
+        .collect()
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// f32 values rounded to nearest even into the torch dtype, and back to f32 (exactly).
+fn round_to(x: &[f32], dtype: &str) -> Vec<f32> {
+    match dtype {
+        "float32" => x.to_vec(),
+        "float16" => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
+        "bfloat16" => x.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect(),
+        other => panic!("dtype {other}"),
+    }
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> String {
+    let i = a.chunks(4).zip(b.chunks(4)).position(|(x, y)| x != y).unwrap_or(usize::MAX);
+    if i == usize::MAX {
+        return format!("lengths {} vs {}", a.len(), b.len());
+    }
+    let f = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    format!("element {i}: {:e} vs {:e}", f(&a[4 * i..4 * i + 4]), f(&b[4 * i..4 * i + 4]))
+}
+
+const BNB_DEQUANT: &str = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+from bitsandbytes.functional import QuantState, dequantize_4bit
+sd = load_file(sys.argv[1])
+out = {}
+for prefix in sorted({k[: k.index(".weight")] for k in sd}):
+    qs = {k[len(prefix) + len(".weight."):]: v for k, v in sd.items() if k.startswith(prefix + ".weight.")}
+    state = QuantState.from_dict(qs, device=torch.device("cpu"))
+    out[prefix] = dequantize_4bit(sd[prefix + ".weight"], state).float().reshape(state.shape).contiguous()
+save_file(out, sys.argv[2])
+"#;
+
+/// nibble quantizes and writes; bitsandbytes reads with `QuantState.from_dict` and dequantizes.
+#[test]
+fn bitsandbytes_reads_what_nibble_writes() {
+    let dir = temp_dir("n2b");
+    // Rows of even length that bnb's CPU dequantize handles exactly (see tests/bnb_parity.rs).
+    let cases = [
+        ("m.nf4", QuantType::Nf4, 64, false, vec![24usize, 96]),
+        ("m.nf4dq", QuantType::Nf4, 64, true, vec![80, 256]),
+        ("m.fp4", QuantType::Fp4, 128, false, vec![10, 200]),
+        ("m.fp4dq", QuantType::Fp4, 32, true, vec![40, 224]),
+    ];
+    let mut tensors = Vec::new();
+    let mut states = HashMap::new();
+    for (i, (prefix, qt, bs, dq, shape)) in cases.iter().enumerate() {
+        let x = weights(shape.iter().product(), i as u64);
+        let s = QuantState::quantize(&x, shape, "float32", *qt, *bs, *dq).expect("quantize");
+        tensors.extend(s.to_tensors(prefix));
+        states.insert(prefix.to_string(), s);
+    }
+    let (qfile, dfile) = (dir.join("q.safetensors"), dir.join("d.safetensors"));
+    write_safetensors(&qfile, &tensors);
+    run_python(BNB_DEQUANT, &[&qfile, &dfile]);
+    let back: HashMap<String, RawTensor> =
+        read_safetensors(&dfile).into_iter().map(|t| (t.name.clone(), t)).collect();
+    for (prefix, s) in &states {
+        let ours = f32_bytes(&s.dequantize().expect("dequantize"));
+        let theirs = &back[prefix];
+        assert_eq!(theirs.shape, s.shape, "{prefix}");
+        assert!(theirs.data == ours, "{prefix}: bnb vs nibble, {}", first_difference(&theirs.data, &ours));
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+const BNB_QUANTIZE: &str = r#"
+import sys, torch
+from safetensors.torch import save_file
+import bitsandbytes.functional as F
+out = {}
+cases = [("a", "nf4", 64, False, torch.float32, (16, 128)), ("b", "nf4", 64, True, torch.bfloat16, (64, 320)),
+         ("c", "fp4", 256, False, torch.float16, (6, 300)), ("d", "fp4", 64, True, torch.float32, (33, 512))]
+for i, (prefix, qt, bs, dq, dtype, shape) in enumerate(cases):
+    g = torch.Generator().manual_seed(i)
+    w = torch.randn(*shape, generator=g).to(dtype)
+    packed, state = F.quantize_4bit(w, blocksize=bs, compress_statistics=dq, quant_type=qt)
+    out[prefix + ".weight"] = packed
+    for k, v in state.as_dict(packed=True).items():
+        out[prefix + ".weight." + k] = v
+    out[prefix + ".dequantized"] = F.dequantize_4bit(packed, state).float().contiguous()
+save_file(out, sys.argv[1])
+"#;
+
+/// bitsandbytes quantizes and saves its packed state dict; nibble reads and dequantizes it.
+#[test]
+fn nibble_reads_what_bitsandbytes_writes() {
+    let dir = temp_dir("b2n");
+    let file = dir.join("bnb.safetensors");
+    run_python(BNB_QUANTIZE, &[&file]);
+    let tensors = read_safetensors(&file);
+    let by_name: HashMap<&str, &RawTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for prefix in ["a", "b", "c", "d"] {
+        let s = QuantState::from_tensors(prefix, &tensors).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+        let ours = f32_bytes(&round_to(&s.dequantize().expect("dequantize"), &s.dtype));
+        let theirs = by_name[format!("{prefix}.dequantized").as_str()];
+        assert!(theirs.data == ours, "{prefix}: bnb vs nibble, {}", first_difference(&theirs.data, &ours));
+        // Writing it back gives bitsandbytes' own bytes, JSON included.
+        for t in s.to_tensors(prefix) {
+            let orig = by_name[t.name.as_str()];
+            assert_eq!((&t.dtype, &t.shape), (&orig.dtype, &orig.shape), "{}", t.name);
+            assert!(t.data == orig.data, "{}: bytes differ", t.name);
+        }
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+fn arb_state() -> impl Strategy<Value = QuantState> {
+    (
+        prop_oneof![Just(QuantType::Nf4), Just(QuantType::Fp4)],
+        prop::sample::select(quant::codec::BLOCKSIZES.to_vec()),
+        prop::sample::select(vec!["float32", "float16", "bfloat16"]),
+        prop::collection::vec(1usize..40, 1..4),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(qt, bs, dtype, shape, dq, seed)| {
+            let n = shape.iter().product();
+            QuantState::quantize(&weights(n, seed), &shape, dtype, qt, bs, dq).expect("quantize")
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn state_tensors_state_round_trip(s in arb_state()) {
+        let tensors = s.to_tensors("model.layers.0.mlp.up_proj");
+        let back = QuantState::from_tensors("model.layers.0.mlp.up_proj", &tensors).expect("read back");
+        prop_assert_eq!(&back, &s);
+        prop_assert_eq!(back.to_tensors("model.layers.0.mlp.up_proj"), tensors);
+    }
+}
