@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 mod estimate;
+mod prepare;
 
 /// Exit code of a recipe error (bad key, type, value), as argparse-style tools use.
 const EXIT_RECIPE: u8 = 2;
@@ -148,8 +149,10 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
     {
         println!("{}", serde_json::to_string_pretty(&recipe.to_json())?);
     }
+    prepare::prepare(&recipe)?;
     tracing::warn!(
-        "the training loop has not landed yet (issue 6): the resolved plan above is all this run does"
+        "the training loop has not landed yet (issue 6): this run stops after resolving the plan \
+         and checking the model and data"
     );
     Ok(ExitCode::SUCCESS)
 }
