@@ -1,7 +1,8 @@
-//! Linear layers behind one small trait ([`Linear`]), so that adapters (`lora`) and model code
-//! can wrap or call any of them without knowing which: [`Dense`] (plain weight) and
-//! [`Linear4bit`] (a 4-bit weight that is dequantized on the fly in forward and again in
-//! backward, so no dequantized copy stays alive between the two).
+//! Linear layers behind one small trait ([`Linear`](crate::linear::Linear)), so that adapters
+//! (`lora`) and model code can wrap or call any of them without knowing which:
+//! [`Dense`](crate::linear::Dense) (plain weight) and [`Linear4bit`](crate::linear::Linear4bit)
+//! (a 4-bit weight that is dequantized on the fly in forward and again in backward, so no
+//! dequantized copy stays alive between the two).
 
 use tch::{Kind, Tensor};
 
