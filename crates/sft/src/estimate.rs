@@ -6,7 +6,7 @@ use config::Recipe;
 use config::types::{Dtype, TargetModules};
 use device_map::estimate::{BaseWeights, RunShape, estimate};
 use device_map::{Device, format_bytes};
-use model_loader::{HfConfig, HubCache, resolve_model};
+use model_loader::HfConfig;
 
 /// Bytes per element of the compute dtype: the recipe's `dtype`, or the checkpoint's for `auto`.
 fn dtype_bytes(recipe: &Recipe, cfg: &HfConfig) -> u64 {
@@ -53,10 +53,7 @@ pub fn lora_targets(targets: Option<&TargetModules>) -> Result<Vec<String>> {
 /// Print the estimate for a resolved recipe; the whole model goes on `device` (the default
 /// k-bit device map, `{"": local device}`).
 pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
-    let id = recipe.model.model_name_or_path.as_deref().context("model_name_or_path is not set")?;
-    let cache = HubCache::from_env(|k| std::env::var(k).ok());
-    let dir = resolve_model(id, &recipe.model.model_revision, &cache)?;
-    let cfg = HfConfig::from_dir(&dir)?;
+    let (dir, cfg) = crate::prepare::model(recipe)?;
     let base = if recipe.model.load_in_4bit {
         BaseWeights::FourBit { double_quant: recipe.model.use_bnb_nested_quant }
     } else if recipe.model.load_in_8bit {

@@ -2,7 +2,7 @@
 //! check its checkpoint against config.json, read the training rows and render the first one
 //! with the chat template. The training loop (issue 6) continues from here.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use config::Recipe;
@@ -31,12 +31,18 @@ fn chat_template(recipe: &Recipe, model_dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// The recipe's model directory (local, or a hub-cache snapshot) and its config.json.
+pub fn model(recipe: &Recipe) -> Result<(PathBuf, HfConfig)> {
+    let id = recipe.model.model_name_or_path.as_deref().context("model_name_or_path is not set")?;
+    let cache = HubCache::from_env(|k| std::env::var(k).ok());
+    let dir = resolve_model(id, &recipe.model.model_revision, &cache)?;
+    let cfg = HfConfig::from_dir(&dir)?;
+    Ok((dir, cfg))
+}
+
 /// Check the model and data a recipe names; logs what it found.
 pub fn prepare(recipe: &Recipe) -> Result<()> {
-    let id = recipe.model.model_name_or_path.as_deref().context("model_name_or_path is not set")?;
-    let dir =
-        resolve_model(id, &recipe.model.model_revision, &HubCache::from_env(|k| std::env::var(k).ok()))?;
-    let cfg = HfConfig::from_dir(&dir)?;
+    let (dir, cfg) = model(recipe)?;
     let ckpt = Checkpoint::open(&dir)?;
     ckpt.check_against(&cfg)?;
     tracing::info!(
