@@ -1,45 +1,20 @@
 //! bitsandbytes' serialized layout: a property round trip (state -> tensors -> state), and live
 //! interop with the pinned bitsandbytes both ways through real .safetensors files.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use proptest::prelude::*;
 use quant::QuantType;
 use quant::state::{QuantState, RawTensor};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-
-fn dtype_of(name: &str) -> Dtype {
-    match name {
-        "U8" => Dtype::U8,
-        "F32" => Dtype::F32,
-        other => panic!("unexpected dtype {other}"),
-    }
-}
 
 fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|t| {
-            (t.name.clone(), TensorView::new(dtype_of(&t.dtype), t.shape.clone(), &t.data).expect("view"))
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).expect("write safetensors");
+    quant::file::write(path, tensors, &BTreeMap::new()).expect("write safetensors");
 }
 
 fn read_safetensors(path: &Path) -> Vec<RawTensor> {
-    let bytes = std::fs::read(path).expect("read safetensors");
-    let st = SafeTensors::deserialize(&bytes).expect("parse safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| RawTensor {
-            name,
-            dtype: format!("{:?}", v.dtype()),
-            shape: v.shape().to_vec(),
-            data: v.data().to_vec(),
-        })
-        .collect()
+    quant::file::read(path).expect("read safetensors").0
 }
 
 fn python() -> String {
