@@ -23,7 +23,7 @@ pub mod types;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use figment::Figment;
 use figment::value::Value as FValue;
@@ -420,13 +420,4 @@ fn resolve_effective(r: &mut Recipe) {
     if t.output_dir.is_none() {
         t.output_dir = Some("trainer_output".into());
     }
-}
-
-/// Read only the `env:` map of a recipe file (to export it before anything else runs).
-pub fn read_env_section(path: &Path) -> Result<BTreeMap<String, String>, Error> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
-    let mut diags = Vec::new();
-    let (_, env) = Layer::from_yaml(path, &text, &mut diags);
-    if diags.is_empty() { Ok(env) } else { Err(Error::Invalid(diags)) }
 }
