@@ -181,7 +181,7 @@ impl Checkpoint {
     /// implies and a floating dtype (or, for a pre-quantized checkpoint, skip the linears).
     pub fn check_against(&self, cfg: &HfConfig) -> Result<(), Error> {
         for (name, shape) in expected_shapes(cfg) {
-            if cfg.prequantized && name.ends_with("_proj.weight") {
+            if cfg.prequantized && name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
                 continue;
             }
             let t = self.tensor(&name)?;
@@ -226,17 +226,22 @@ pub fn expected_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
         out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
         out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
         out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-        match cfg.architecture {
-            Architecture::Qwen2 => {
-                out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
-                out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-                out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
-            }
-            Architecture::Qwen3 => {
-                out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
-                out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
-            }
-            Architecture::Llama | Architecture::Mistral => {}
+        if cfg.qkv_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if cfg.o_bias {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        if cfg.mlp_bias {
+            out.push((format!("{p}.mlp.gate_proj.bias"), vec![i]));
+            out.push((format!("{p}.mlp.up_proj.bias"), vec![i]));
+            out.push((format!("{p}.mlp.down_proj.bias"), vec![h]));
+        }
+        if cfg.architecture == Architecture::Qwen3 {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
         }
     }
     out

@@ -52,6 +52,39 @@ pub struct HfConfig {
     pub dtype: Option<String>,
     /// The checkpoint is already quantized (`quantization_config` present).
     pub prequantized: bool,
+    /// How RoPE frequencies are scaled (`rope_parameters.rope_type` or the older `rope_scaling`).
+    pub rope_scaling: RopeScaling,
+    /// Bias on q/k/v (`attention_bias` for Llama/Mistral/Qwen3; always for Qwen2).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (`attention_bias` for Llama/Mistral/Qwen3; never for Qwen2).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (`mlp_bias`, Llama only).
+    pub mlp_bias: bool,
+    /// Mistral's sliding attention window, when set and the sequence is longer.
+    pub sliding_window: Option<u64>,
+}
+
+/// RoPE frequency scaling, as transformers' `rope_type`s compute it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Positions divided by `factor` (`linear`).
+    Linear {
+        /// Divisor of the positions.
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling (`llama3`).
+    Llama3 {
+        /// Scale of low frequencies.
+        factor: f64,
+        /// Wavelength threshold numerator for low frequencies.
+        low_freq_factor: f64,
+        /// Wavelength threshold numerator for high frequencies.
+        high_freq_factor: f64,
+        /// Context length of pretraining.
+        original_max_position_embeddings: f64,
+    },
 }
 
 impl HfConfig {
@@ -126,7 +159,30 @@ impl HfConfig {
             }
         };
         let rope = v.get("rope_theta").or_else(|| v.get("rope_parameters").and_then(|p| p.get("rope_theta")));
+        let rope_scaling = parse_rope_scaling(&v).map_err(bad)?;
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(bad(format!("`hidden_act` `{act}` is not supported (nibble's decoder uses silu)")));
+        }
+        let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
+        if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3) && flag("use_sliding_window") {
+            return Err(bad("`use_sliding_window: true` is not supported for Qwen models yet".into()));
+        }
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            _ => (flag("attention_bias"), flag("attention_bias")),
+        };
+        let sliding_window = match architecture {
+            Architecture::Mistral => opt_int("sliding_window")?,
+            _ => None,
+        };
         Ok(HfConfig {
+            rope_scaling,
+            qkv_bias,
+            o_bias,
+            mlp_bias: architecture == Architecture::Llama && flag("mlp_bias"),
+            sliding_window,
             architecture,
             shape,
             rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
@@ -134,5 +190,34 @@ impl HfConfig {
             dtype: v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(Value::as_str).map(str::to_owned),
             prequantized: v.get("quantization_config").is_some_and(|q| !q.is_null()),
         })
+    }
+}
+
+/// Read `rope_parameters` (transformers 5) or `rope_scaling` (older configs).
+fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
+    let params = match v.get("rope_scaling").filter(|x| !x.is_null()) {
+        Some(p) => p,
+        None => match v.get("rope_parameters") {
+            Some(p) => p,
+            None => return Ok(RopeScaling::Default),
+        },
+    };
+    let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str| -> Result<f64, String> {
+        params
+            .get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope type `{kind}` needs a number `{key}` in `rope_parameters`"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(format!("rope type `{other}` is not supported (supported: default, linear, llama3)")),
     }
 }

@@ -1,15 +1,17 @@
 //! Hugging Face models for nibble: where a model lives (a local directory or the hub cache,
-//! offline) and what its `config.json` says (architecture and shape). Loading and quantizing the
-//! safetensors themselves arrives with the loader issue.
+//! offline), what its `config.json` says (architecture and shape), its memory-mapped safetensors,
+//! and the model itself ([`CausalLm`]), quantized to 4 bits tensor by tensor as it loads.
 
 #![deny(missing_docs)]
 
 mod checkpoint;
 mod hf_config;
+mod model;
 mod resolve;
 
 pub use checkpoint::{Checkpoint, TensorView, expected_shapes};
-pub use hf_config::{Architecture, HfConfig};
+pub use hf_config::{Architecture, HfConfig, RopeScaling};
+pub use model::{CausalLm, LayerContext, LoadOptions};
 pub use resolve::{HubCache, resolve_model};
 
 use std::path::PathBuf;
@@ -93,4 +95,21 @@ pub enum Error {
         /// The `architectures` entry found.
         found: String,
     },
+    /// A tensor that could not be quantized or used as a linear layer's weight.
+    #[error("tensor `{name}`: {source}")]
+    Quant {
+        /// The tensor.
+        name: String,
+        /// What the quant crate reported.
+        source: quant::Error,
+    },
+    /// A layer failed while running (shape or dtype the layer cannot take).
+    #[error("{0}")]
+    Layer(#[from] quant::Error),
+    /// Input the model cannot run on.
+    #[error("bad model input: {0}")]
+    BadInput(String),
+    /// A libtorch failure.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
 }

@@ -4,7 +4,7 @@
 //! (a 4-bit weight that is dequantized on the fly in forward and again in backward, so no
 //! dequantized copy stays alive between the two).
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::Error;
 use crate::ops::{self, Absmax4, QuantizeOptions, Quantized4bit};
@@ -17,6 +17,8 @@ pub trait Linear {
     fn in_features(&self) -> i64;
     /// Output features (W's rows).
     fn out_features(&self) -> i64;
+    /// Where the weight lives, so wrappers (LoRA adapters) can put their own tensors beside it.
+    fn device(&self) -> Device;
 }
 
 fn weight_dims(weight_shape: &[i64]) -> Result<(i64, i64), Error> {
@@ -67,10 +69,14 @@ impl Linear for Dense {
     fn out_features(&self) -> i64 {
         self.weight.size()[0]
     }
+    fn device(&self) -> Device {
+        self.weight.device()
+    }
 }
 
 /// A linear layer with a 4-bit weight (bitsandbytes' `Linear4bit`): computes in `compute_dtype`,
-/// gives exact input gradients, and never grads the weight.
+/// returns the input's dtype (as bitsandbytes does), gives exact input gradients, and never grads
+/// the weight.
 #[derive(Debug)]
 pub struct Linear4bit {
     weight: Quantized4bit,
@@ -132,6 +138,7 @@ impl Linear for Linear4bit {
             });
         }
         // Casts are tracked by autograd, so gradients flow back in the caller's dtype.
+        let input_kind = x.f_kind()?;
         let x = x.f_to_kind(self.compute_dtype)?;
         let bias = self.bias.as_ref().map(|b| b.f_to_kind(self.compute_dtype)).transpose()?;
         // With double quantization the f32 absmax (1/16 of the packed bytes at blocksize 64) is
@@ -140,7 +147,7 @@ impl Linear for Linear4bit {
             Absmax4::Plain(a) => a.shallow_clone(),
             Absmax4::Nested { .. } => self.weight.absmax_f32()?,
         };
-        ops::linear4bit_forward(
+        let y = ops::linear4bit_forward(
             &x,
             &self.weight.packed,
             &absmax,
@@ -149,12 +156,16 @@ impl Linear for Linear4bit {
             self.in_features,
             self.weight.blocksize,
             self.weight.quant_type,
-        )
+        )?;
+        Ok(y.f_to_kind(input_kind)?)
     }
     fn in_features(&self) -> i64 {
         self.in_features
     }
     fn out_features(&self) -> i64 {
         self.out_features
+    }
+    fn device(&self) -> Device {
+        self.weight.packed.device()
     }
 }

@@ -1,0 +1,218 @@
+//! The decoder pieces every supported family shares: RMSNorm, rotary embeddings, grouped-query
+//! attention, the SwiGLU MLP and the pre-norm decoder layer. Each computes what transformers'
+//! Llama modules compute, in the same order and dtypes, so logits agree within rounding.
+
+use quant::linear::Linear;
+use tch::{Kind, Tensor};
+
+use crate::Error;
+use crate::hf_config::RopeScaling;
+
+/// Root-mean-square norm, computed in f32 and cast back before the weight multiplies.
+pub(crate) struct RmsNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let kind = x.f_kind()?;
+        let h = x.f_to_kind(Kind::Float)?;
+        let var = h.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let h = h.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&h.f_to_kind(kind)?)?)
+    }
+}
+
+/// Rotary position embedding frequencies (f32, as transformers computes them).
+pub(crate) struct Rope {
+    inv_freq: Tensor,
+}
+
+impl Rope {
+    pub(crate) fn new(head_dim: i64, theta: f64, scaling: RopeScaling) -> Result<Self, Error> {
+        let exps = Tensor::f_arange_start_step(0, head_dim, 2, (Kind::Int64, tch::Device::Cpu))?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(head_dim as f64)?;
+        let inv_freq = Tensor::f_pow_scalar(theta, &exps)?.f_reciprocal()?;
+        let inv_freq = match scaling {
+            RopeScaling::Default => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq.f_div_scalar(factor)?,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = original_max_position_embeddings;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
+                let scaled = inv_freq.f_where_self(&wavelen.f_le(low_wavelen)?, &inv_freq.f_div_scalar(factor)?)?;
+                let smooth = wavelen
+                    .f_reciprocal()?
+                    .f_mul_scalar(old)?
+                    .f_sub_scalar(low_freq_factor)?
+                    .f_div_scalar(high_freq_factor - low_freq_factor)?;
+                let smoothed = smooth
+                    .f_neg()?
+                    .f_add_scalar(1.0)?
+                    .f_mul(&scaled)?
+                    .f_div_scalar(factor)?
+                    .f_add(&smooth.f_mul(&scaled)?)?;
+                let medium = wavelen.f_ge(high_wavelen)?.f_logical_and(&wavelen.f_le(low_wavelen)?)?;
+                smoothed.f_where_self(&medium, &scaled)?
+            }
+        };
+        Ok(Rope { inv_freq })
+    }
+
+    /// `(cos, sin)`, each `[B, T, head_dim]` in `kind`, for integer `positions [B, T]`.
+    pub(crate) fn cos_sin(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor), Error> {
+        let inv = self.inv_freq.f_to_device(positions.device())?;
+        let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&inv)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor, Error> {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.f_narrow(-1, 0, half)?;
+    let x2 = x.f_narrow(-1, half, half)?;
+    Ok(Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?)
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x [B, H, T, D]` and `cos, sin [B, T, D]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, Error> {
+    let cos = cos.f_unsqueeze(1)?;
+    let sin = sin.f_unsqueeze(1)?;
+    Ok(x.f_mul(&cos)?.f_add(&rotate_half(x)?.f_mul(&sin)?)?)
+}
+
+/// What every layer of one forward pass shares: rotary tables and the attention mask.
+pub struct LayerContext {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// Boolean `[B, 1, T, T]` (true = may attend); `None` means plain causal.
+    pub(crate) mask: Option<Tensor>,
+}
+
+/// Causal attention, restricted to the same segment (packed sequences) and to the sliding window.
+pub(crate) fn attention_mask(
+    segment_ids: Option<&Tensor>,
+    seq: i64,
+    window: Option<u64>,
+    device: tch::Device,
+) -> Result<Option<Tensor>, Error> {
+    let window = window.filter(|&w| (w as i64) < seq);
+    if segment_ids.is_none() && window.is_none() {
+        return Ok(None);
+    }
+    let idx = Tensor::f_arange(seq, (Kind::Int64, device))?;
+    let q = idx.f_unsqueeze(1)?;
+    let k = idx.f_unsqueeze(0)?;
+    let mut allowed = k.f_le_tensor(&q)?;
+    if let Some(w) = window {
+        allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w as i64)?)?;
+    }
+    let mut allowed = allowed.f_unsqueeze(0)?;
+    if let Some(seg) = segment_ids {
+        let same = seg.f_unsqueeze(2)?.f_eq_tensor(&seg.f_unsqueeze(1)?)?;
+        allowed = allowed.f_logical_and(&same)?;
+    }
+    Ok(Some(allowed.f_unsqueeze(1)?))
+}
+
+/// Grouped-query self-attention with rotary embeddings and, for Qwen3, RMSNorm on q and k.
+pub(crate) struct Attention {
+    pub(crate) q_proj: Box<dyn Linear>,
+    pub(crate) k_proj: Box<dyn Linear>,
+    pub(crate) v_proj: Box<dyn Linear>,
+    pub(crate) o_proj: Box<dyn Linear>,
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
+    pub(crate) heads: i64,
+    pub(crate) kv_heads: i64,
+    pub(crate) head_dim: i64,
+}
+
+impl Attention {
+    fn project(
+        &self,
+        proj: &dyn Linear,
+        norm: Option<&RmsNorm>,
+        x: &Tensor,
+        heads: i64,
+    ) -> Result<Tensor, Error> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let mut h = proj.forward(x)?.f_view([b, t, heads, self.head_dim])?;
+        if let Some(n) = norm {
+            h = n.forward(&h)?;
+        }
+        Ok(h.f_transpose(1, 2)?)
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let q = self.project(self.q_proj.as_ref(), self.q_norm.as_ref(), x, self.heads)?;
+        let k = self.project(self.k_proj.as_ref(), self.k_norm.as_ref(), x, self.kv_heads)?;
+        let v = self.project(self.v_proj.as_ref(), None, x, self.kv_heads)?;
+        let kind = q.f_kind()?;
+        let (cos, sin) = (ctx.cos.f_to_kind(kind)?, ctx.sin.f_to_kind(kind)?);
+        let q = apply_rope(&q, &cos, &sin)?;
+        let k = apply_rope(&k, &cos, &sin)?;
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            ctx.mask.as_ref(),
+            0.0,
+            ctx.mask.is_none() && t > 1,
+            None,
+            self.heads != self.kv_heads,
+        )?;
+        let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))`.
+pub(crate) struct Mlp {
+    pub(crate) gate_proj: Box<dyn Linear>,
+    pub(crate) up_proj: Box<dyn Linear>,
+    pub(crate) down_proj: Box<dyn Linear>,
+}
+
+impl Mlp {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let g = self.gate_proj.forward(x)?.f_silu()?;
+        let u = self.up_proj.forward(x)?;
+        Ok(self.down_proj.forward(&g.f_mul(&u)?)?)
+    }
+}
+
+/// A pre-norm decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+pub(crate) struct DecoderLayer {
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
+        let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+
+    /// The layer's linears by their transformers names relative to the layer.
+    pub(crate) fn linears_mut(&mut self) -> [(&'static str, &mut Box<dyn Linear>); 7] {
+        let a = &mut self.self_attn;
+        let m = &mut self.mlp;
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+}

@@ -1,0 +1,386 @@
+//! The causal language model: built from a checkpoint tensor by tensor (each decoder linear
+//! quantized to 4 bits as it is read, or taken pre-quantized), run as transformers runs it.
+//!
+//! The forward pass is exposed in steps ([`CausalLm::embed`], [`CausalLm::context`],
+//! [`CausalLm::layer`], [`CausalLm::head`]) so a training loop can recompute one layer at a time
+//! (gradient checkpointing) without this crate knowing about training.
+
+mod blocks;
+mod llama;
+mod mistral;
+mod qwen2;
+mod qwen3;
+
+use std::path::Path;
+
+use quant::linear::{Dense, Linear, Linear4bit};
+use quant::ops::{CodecAbsmax, QuantizeOptions, Quantized4bit};
+use quant::state::{Absmax, QuantState, RawTensor};
+use safetensors::Dtype;
+use tch::{Device, Kind, Tensor};
+
+pub use blocks::LayerContext;
+use blocks::{Attention, DecoderLayer, Mlp, RmsNorm, Rope};
+
+use crate::checkpoint::Checkpoint;
+use crate::hf_config::{Architecture, HfConfig, RopeScaling};
+use crate::Error;
+
+/// What distinguishes a family's decoder from the shared Llama one.
+pub(crate) struct DecoderSpec {
+    qk_norm: bool,
+    sliding_window: Option<u64>,
+    rope_scaling: RopeScaling,
+}
+
+/// How to materialise a checkpoint: dtypes, 4-bit quantization, device.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// dtype of every unquantized tensor (embeddings, norms, biases, head) and of dense linears.
+    pub dtype: Kind,
+    /// Quantize decoder linears to 4 bits while loading (`load_in_4bit`); ignored for a
+    /// checkpoint that is already quantized.
+    pub quantize: Option<QuantizeOptions>,
+    /// dtype the 4-bit linears compute in (`bnb_4bit_compute_dtype`).
+    pub compute_dtype: Kind,
+    /// Where the model lives.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: Kind::Float, quantize: None, compute_dtype: Kind::Float, device: Device::Cpu }
+    }
+}
+
+/// A decoder-only language model of one of the supported families.
+pub struct CausalLm {
+    config: HfConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Dense,
+    rope: Rope,
+    sliding_window: Option<u64>,
+    dtype: Kind,
+    device: Device,
+}
+
+impl std::fmt::Debug for CausalLm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CausalLm")
+            .field("architecture", &self.config.architecture)
+            .field("layers", &self.layers.len())
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+fn torch_kind(view_dtype: Dtype) -> Option<Kind> {
+    match view_dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+fn kind_from_torch_name(name: &str) -> Option<Kind> {
+    match name {
+        "float32" => Some(Kind::Float),
+        "float16" => Some(Kind::Half),
+        "bfloat16" => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// Reads tensors out of a checkpoint into libtorch, naming the tensor in every error.
+struct Reader<'a> {
+    ck: &'a Checkpoint,
+    opts: &'a LoadOptions,
+    prequantized: bool,
+}
+
+impl Reader<'_> {
+    fn dense(&self, name: &str, kind: Kind) -> Result<Tensor, Error> {
+        let v = self.ck.tensor(name)?;
+        let mismatch = |message: String| Error::TensorMismatch {
+            name: name.to_owned(),
+            path: v.file.to_owned(),
+            message,
+        };
+        let src = torch_kind(v.dtype)
+            .ok_or_else(|| mismatch(format!("dtype {:?} is not a floating type (F32, F16 or BF16)", v.dtype)))?;
+        let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(v.data, &shape, src).map_err(|e| mismatch(e.to_string()))?;
+        Ok(t.f_to_kind(kind)?.f_to_device(self.opts.device)?)
+    }
+
+    fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm, Error> {
+        Ok(RmsNorm { weight: self.dense(name, self.opts.dtype)?, eps })
+    }
+
+    /// A decoder linear: pre-quantized, quantized now, or dense.
+    fn linear(&self, prefix: &str, bias: bool) -> Result<Box<dyn Linear>, Error> {
+        let quant_err = |source| Error::Quant { name: format!("{prefix}.weight"), source };
+        let bias = if bias { Some(self.dense(&format!("{prefix}.bias"), self.opts.dtype)?) } else { None };
+        if self.prequantized {
+            let q = self.prequantized_weight(prefix)?;
+            return Ok(Box::new(Linear4bit::new(q, bias, self.opts.compute_dtype).map_err(quant_err)?));
+        }
+        let name = format!("{prefix}.weight");
+        match self.opts.quantize {
+            Some(q) => {
+                // Quantize on the CPU from the load dtype, as transformers does after casting.
+                let v = self.ck.tensor(&name)?;
+                let src = torch_kind(v.dtype).ok_or_else(|| Error::TensorMismatch {
+                    name: name.clone(),
+                    path: v.file.to_owned(),
+                    message: format!("dtype {:?} is not a floating type (F32, F16 or BF16)", v.dtype),
+                })?;
+                let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
+                let w = Tensor::f_from_data_size(v.data, &shape, src)?.f_to_kind(self.opts.dtype)?;
+                let layer = Linear4bit::quantize(&w, bias, q, self.opts.compute_dtype).map_err(quant_err)?;
+                Ok(Box::new(layer))
+            }
+            None => Ok(Box::new(Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?)),
+        }
+    }
+
+    /// A weight saved by bitsandbytes: packed bytes plus its `weight.*` state tensors.
+    fn prequantized_weight(&self, prefix: &str) -> Result<Quantized4bit, Error> {
+        let weight = format!("{prefix}.weight");
+        let mut raw = Vec::new();
+        for name in self.ck.names().filter(|n| *n == weight || n.starts_with(&format!("{weight}."))) {
+            let v = self.ck.tensor(name)?;
+            raw.push(RawTensor {
+                name: name.to_owned(),
+                dtype: format!("{:?}", v.dtype),
+                shape: v.shape.to_vec(),
+                data: v.data.to_vec(),
+            });
+        }
+        let quant_err = |source| Error::Quant { name: weight.clone(), source };
+        let state = QuantState::from_tensors(prefix, &raw).map_err(quant_err)?;
+        let shape: Vec<i64> = state.shape.iter().map(|&d| d as i64).collect();
+        let dtype = kind_from_torch_name(&state.dtype).unwrap_or(Kind::BFloat16);
+        let q = match &state.absmax {
+            Absmax::Plain(a) => Quantized4bit::from_codec(
+                &state.packed,
+                CodecAbsmax::Plain(a),
+                &shape,
+                dtype,
+                state.blocksize,
+                state.quant_type,
+            ),
+            Absmax::Nested { codes, nested_absmax, offset, .. } => {
+                let nested = quant::NestedAbsmax {
+                    codes: codes.clone(),
+                    nested_absmax: nested_absmax.clone(),
+                    offset: *offset,
+                };
+                Quantized4bit::from_codec(
+                    &state.packed,
+                    CodecAbsmax::Nested(&nested),
+                    &shape,
+                    dtype,
+                    state.blocksize,
+                    state.quant_type,
+                )
+            }
+        };
+        q.map_err(quant_err)
+    }
+}
+
+impl CausalLm {
+    /// Load the model in `dir` (config.json + safetensors), calling `progress(done, total)` after
+    /// each decoder layer so a caller can show progress.
+    pub fn load(dir: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, Error> {
+        let config = HfConfig::from_dir(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        ck.check_against(&config)?;
+        Self::from_checkpoint(config, &ck, opts, progress)
+    }
+
+    /// Build the model from an opened checkpoint whose tensors were checked against `config`.
+    pub fn from_checkpoint(
+        config: HfConfig,
+        ck: &Checkpoint,
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, Error> {
+        let spec = match config.architecture {
+            Architecture::Llama => llama::spec(&config),
+            Architecture::Mistral => mistral::spec(&config),
+            Architecture::Qwen2 => qwen2::spec(&config),
+            Architecture::Qwen3 => qwen3::spec(&config),
+        };
+        let r = Reader { ck, opts, prequantized: config.prequantized };
+        let s = &config.shape;
+        let eps = config.rms_norm_eps;
+        let embed_tokens = r.dense("model.embed_tokens.weight", opts.dtype)?;
+        let total = s.layers as usize;
+        let mut layers = Vec::with_capacity(total);
+        for l in 0..total {
+            let p = format!("model.layers.{l}");
+            let head_norm = |which: &str| -> Result<Option<RmsNorm>, Error> {
+                if spec.qk_norm { Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps)?)) } else { Ok(None) }
+            };
+            let self_attn = Attention {
+                q_proj: r.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
+                k_proj: r.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
+                v_proj: r.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                o_proj: r.linear(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
+                q_norm: head_norm("q_norm")?,
+                k_norm: head_norm("k_norm")?,
+                heads: s.heads as i64,
+                kv_heads: s.kv_heads as i64,
+                head_dim: s.head_dim as i64,
+            };
+            let mlp = Mlp {
+                gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: r.norm(&format!("{p}.input_layernorm.weight"), eps)?,
+                self_attn,
+                post_attention_layernorm: r.norm(&format!("{p}.post_attention_layernorm.weight"), eps)?,
+                mlp,
+            });
+            tracing::debug!(layer = l, "loaded decoder layer");
+            progress(l + 1, total);
+        }
+        let norm = r.norm("model.norm.weight", eps)?;
+        let head_weight = if s.tied_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            r.dense("lm_head.weight", opts.dtype)?
+        };
+        let lm_head =
+            Dense::new(head_weight, None).map_err(|source| Error::Quant { name: "lm_head.weight".into(), source })?;
+        let rope = Rope::new(s.head_dim as i64, config.rope_theta, spec.rope_scaling)?;
+        Ok(CausalLm {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            sliding_window: spec.sliding_window,
+            dtype: opts.dtype,
+            device: opts.device,
+        })
+    }
+
+    /// What config.json said.
+    pub fn config(&self) -> &HfConfig {
+        &self.config
+    }
+
+    /// dtype of the unquantized tensors (and of the hidden states between layers).
+    pub fn dtype(&self) -> Kind {
+        self.dtype
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor, Error> {
+        Ok(Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?)
+    }
+
+    /// Rotary tables and attention mask for a batch: `position_ids [B, T]` (per-sequence
+    /// positions when packed) and `segment_ids [B, T]` (attention stays within equal ids).
+    pub fn context(&self, position_ids: &Tensor, segment_ids: Option<&Tensor>) -> Result<LayerContext, Error> {
+        let seq = position_ids.size().last().copied().unwrap_or(0);
+        let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
+        let mask = blocks::attention_mask(segment_ids, seq, self.sliding_window, position_ids.device())?;
+        Ok(LayerContext { cos, sin, mask })
+    }
+
+    /// Run decoder layer `index` on hidden states `h`.
+    pub fn layer(&self, index: usize, h: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
+        let layer = self.layers.get(index).ok_or_else(|| Error::BadInput(format!("no decoder layer {index}")))?;
+        layer.forward(h, ctx)
+    }
+
+    /// Final norm and output head: logits `[B, T, vocab]` in the model dtype.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor, Error> {
+        let h = self.norm.forward(h)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+
+    /// Logits for `input_ids [B, T]`; positions default to `0..T` in every row.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: Option<&Tensor>,
+        segment_ids: Option<&Tensor>,
+    ) -> Result<Tensor, Error> {
+        let size = input_ids.size();
+        let [b, t] = size[..] else {
+            return Err(Error::BadInput(format!("input_ids must be [batch, seq], got {size:?}")));
+        };
+        let default_pos;
+        let pos = match position_ids {
+            Some(p) => p,
+            None => {
+                default_pos = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?.f_expand([b, t], false)?;
+                &default_pos
+            }
+        };
+        let ctx = self.context(pos, segment_ids)?;
+        let mut h = self.embed(input_ids)?;
+        for i in 0..self.layers.len() {
+            h = self.layer(i, &h, &ctx)?;
+        }
+        self.head(&h)
+    }
+
+    /// Every decoder linear by its transformers module name (`model.layers.0.self_attn.q_proj`),
+    /// so adapters can wrap them; the output head is not offered.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (name, lin) in layer.linears_mut() {
+                out.push((format!("model.layers.{l}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Parameter count as PEFT reports it: 4-bit weights at their unpacked element count, a
+    /// tied head counted once.
+    pub fn num_parameters(&self) -> u64 {
+        let s = &self.config.shape;
+        let mut n = s.vocab * s.hidden * if s.tied_embeddings { 1 } else { 2 } + s.hidden;
+        let q = s.heads * s.head_dim;
+        let kv = s.kv_heads * s.head_dim;
+        let per_layer_weights = s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate;
+        let mut per_layer = per_layer_weights + 2 * s.hidden;
+        if self.config.qkv_bias {
+            per_layer += q + 2 * kv;
+        }
+        if self.config.o_bias {
+            per_layer += s.hidden;
+        }
+        if self.config.mlp_bias {
+            per_layer += 2 * s.intermediate + s.hidden;
+        }
+        if self.config.architecture == Architecture::Qwen3 {
+            per_layer += 2 * s.head_dim;
+        }
+        n += per_layer * s.layers;
+        n
+    }
+}
