@@ -1,0 +1,118 @@
+//! The adapted layer: any base linear plus a low-rank update, computed as PEFT's bitsandbytes
+//! `Linear4bit` LoRA layer does, so outputs match PEFT's for every base kind.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use quant::linear::Linear;
+use tch::{Device, Tensor};
+
+/// `y = base(x) + B(A(dropout(x))) * scaling`, with A `[r, in]` and B `[out, r]` trainable.
+///
+/// The update is computed in A's dtype (x is cast to it) and cast back to the base output's
+/// dtype before the sum; dropout applies only while the shared training flag is set.
+pub struct LoraLinear {
+    base: Box<dyn Linear>,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: f64,
+    dropout: f64,
+    training: Arc<AtomicBool>,
+}
+
+impl LoraLinear {
+    /// Wrap `base`; the caller has checked that A and B fit it (see [`crate::inject`]).
+    pub(crate) fn new(
+        base: Box<dyn Linear>,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scaling: f64,
+        dropout: f64,
+        training: Arc<AtomicBool>,
+    ) -> Self {
+        LoraLinear { base, lora_a, lora_b, scaling, dropout, training }
+    }
+
+    /// The wrapped layer, for code that needs to reach the frozen weight.
+    pub fn base(&self) -> &dyn Linear {
+        self.base.as_ref()
+    }
+
+    /// Unwrap, dropping the adapter (the caller keeps A and B through [`crate::Adapters`]).
+    pub fn into_base(self) -> Box<dyn Linear> {
+        self.base
+    }
+
+    /// A, `[r, in_features]` (shares storage and gradient with [`crate::Adapters`]' copy).
+    pub fn lora_a(&self) -> &Tensor {
+        &self.lora_a
+    }
+
+    /// B, `[out_features, r]` (shares storage and gradient with [`crate::Adapters`]' copy).
+    pub fn lora_b(&self) -> &Tensor {
+        &self.lora_b
+    }
+
+    /// The factor on the update (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+}
+
+impl Linear for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, quant::Error> {
+        let result = self.base.forward(x)?;
+        let kind = self.lora_a.kind();
+        let x = if x.kind() == kind { x.shallow_clone() } else { x.f_to_kind(kind)? };
+        let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            x.f_dropout(self.dropout, true)?
+        } else {
+            x
+        };
+        let update = x
+            .f_linear(&self.lora_a, None::<Tensor>)?
+            .f_linear(&self.lora_b, None::<Tensor>)?
+            .f_mul_scalar(self.scaling)?;
+        let update = if update.kind() == result.kind() { update } else { update.f_to_kind(result.kind())? };
+        Ok(result.f_add(&update)?)
+    }
+    fn in_features(&self) -> i64 {
+        self.base.in_features()
+    }
+    fn out_features(&self) -> i64 {
+        self.base.out_features()
+    }
+    fn device(&self) -> Device {
+        self.base.device()
+    }
+}
+
+impl std::fmt::Debug for LoraLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraLinear")
+            .field("in_features", &self.base.in_features())
+            .field("out_features", &self.base.out_features())
+            .field("r", &self.lora_a.size().first())
+            .field("scaling", &self.scaling)
+            .field("dropout", &self.dropout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a slot holds for the instant between taking its base out and putting the adapter in.
+pub(crate) struct Taken;
+
+impl Linear for Taken {
+    fn forward(&self, _: &Tensor) -> Result<Tensor, quant::Error> {
+        Err(quant::Error::Torch("layer is being wrapped by a LoRA adapter".into()))
+    }
+    fn in_features(&self) -> i64 {
+        0
+    }
+    fn out_features(&self) -> i64 {
+        0
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}

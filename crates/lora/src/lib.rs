@@ -1,0 +1,113 @@
+//! LoRA adapters around any linear layer behind [`quant::linear::Linear`] (dense or 4-bit), read
+//! and written in Python PEFT's adapter format, so an adapter trained here loads in PEFT and one
+//! trained with PEFT loads here.
+//!
+//! - [`LoraConfig`]: the settings, and `adapter_config.json` both ways (PEFT 0.21.2's fields).
+//! - [`inject`]: wrap the targeted linears in [`LoraLinear`]s, returning the [`Adapters`] (the
+//!   trainable tensors, the train/eval switch, save and load).
+//! - [`inject_from`]: the same from a PEFT adapter directory.
+
+#![deny(missing_docs)]
+
+mod adapters;
+mod config;
+mod init;
+mod layer;
+mod target;
+
+use std::path::PathBuf;
+
+pub use adapters::{AdapterModule, Adapters, inject, inject_from};
+pub use config::{CONFIG_FILE, LoraConfig, LoraInit, PEFT_VERSION, TargetModules, WEIGHTS_FILE};
+pub use layer::LoraLinear;
+pub use target::select as select_targets;
+
+/// Everything that can go wrong configuring, injecting, saving or loading adapters; messages name
+/// the file, key or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting nibble does not implement yet (DoRA, bias training, rank patterns, ...).
+    #[error("{0} is not supported yet")]
+    Unsupported(String),
+    /// A config value out of range.
+    #[error("invalid LoRA config: {0}")]
+    InvalidConfig(String),
+    /// A target (list entry, regex or all-linear) that matches none of the offered linears.
+    #[error("target_modules {target} matches none of the {} linear layers offered: {}", .offered.len(), offered_list(.offered))]
+    NoMatch {
+        /// The target, as written in the config.
+        target: String,
+        /// Every module name offered.
+        offered: Vec<String>,
+    },
+    /// A target regex (or a `modules_to_save` name, which PEFT uses as a regex) that does not compile.
+    #[error("{field} regex `{pattern}` does not compile: {source}")]
+    Regex {
+        /// The config key it comes from.
+        field: &'static str,
+        /// The pattern.
+        pattern: String,
+        /// What the regex parser said.
+        source: Box<regex::Error>,
+    },
+    /// I/O on an adapter file or directory.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An unreadable safetensors file.
+    #[error(transparent)]
+    File(#[from] quant::file::FileError),
+    /// A malformed `adapter_config.json`, or one that does not fit the adapters it is loaded into.
+    #[error("{}: {problem}", .path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A tensor in the adapter file that no targeted module takes.
+    #[error("{}: unexpected tensor `{key}` ({why})", .path.display())]
+    UnexpectedTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        key: String,
+        /// Why it does not fit.
+        why: String,
+    },
+    /// A targeted module whose A or B is not in the adapter file.
+    #[error("{}: missing tensor `{key}`", .path.display())]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The key PEFT writes for it.
+        key: String,
+    },
+    /// A tensor in the adapter file with the wrong shape or dtype.
+    #[error("{}: tensor `{key}`: {problem}", .path.display())]
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A libtorch failure, with its message.
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::Torch(e.to_string())
+    }
+}
+
+fn offered_list(offered: &[String]) -> String {
+    if offered.is_empty() { "(none)".to_owned() } else { offered.join(", ") }
+}
