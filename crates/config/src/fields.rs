@@ -113,45 +113,45 @@ section! {
     /// TRL's `ModelConfig`: what to load, how to quantize it, and the LoRA adapter.
     ModelArgs {
         /// Local directory or hub id of the base model (required).
-        model_name_or_path: Option<String> = None, Planned;
+        model_name_or_path: Option<String> = None, Acted;
         /// Hub revision (branch, tag or commit).
-        model_revision: String = s("main"), Planned;
+        model_revision: String = s("main"), Acted;
         /// Weight dtype; with 4-bit loading also the compute dtype.
-        dtype: Dtype = Dtype::Float32, Planned;
+        dtype: Dtype = Dtype::Float32, Acted;
         /// Attention kernel name (`eager`, `sdpa`, `flash_attention_2`, ...).
         attn_implementation: Option<String> = None, Ignored;
         /// Train a LoRA adapter instead of the full model.
-        use_peft: bool = false, Planned;
+        use_peft: bool = false, Acted;
         /// LoRA rank.
-        lora_r: i64 = 16, Planned;
+        lora_r: i64 = 16, Acted;
         /// LoRA alpha (scaling = alpha / r).
-        lora_alpha: i64 = 32, Planned;
+        lora_alpha: i64 = 32, Acted;
         /// Dropout on the adapter input.
-        lora_dropout: f64 = 0.05, Planned;
+        lora_dropout: f64 = 0.05, Acted;
         /// Which linear modules get adapters.
-        lora_target_modules: Option<TargetModules> = None, Planned;
+        lora_target_modules: Option<TargetModules> = None, Acted;
         /// Parameters (not modules) to adapt, for MoE experts.
         lora_target_parameters: Option<Vec<String>> = None, Ignored;
         /// Modules trained in full and saved with the adapter.
         lora_modules_to_save: Option<Vec<String>> = None, Planned;
         /// PEFT task type written to adapter_config.json.
-        lora_task_type: String = s("CAUSAL_LM"), Planned;
+        lora_task_type: String = s("CAUSAL_LM"), Acted;
         /// rsLoRA scaling (alpha / sqrt(r)).
-        use_rslora: bool = false, Planned;
+        use_rslora: bool = false, Acted;
         /// Weight-decomposed LoRA.
         use_dora: bool = false, Planned;
         /// LLM.int8 base weights.
         load_in_8bit: bool = false, Planned;
         /// 4-bit base weights (QLoRA).
-        load_in_4bit: bool = false, Planned;
+        load_in_4bit: bool = false, Acted;
         /// 4-bit code book.
-        bnb_4bit_quant_type: QuantType = QuantType::Nf4, Planned;
+        bnb_4bit_quant_type: QuantType = QuantType::Nf4, Acted;
         /// Double quantization of the block scales.
-        use_bnb_nested_quant: bool = false, Planned;
+        use_bnb_nested_quant: bool = false, Acted;
         /// Storage dtype of the packed 4-bit bytes.
         bnb_4bit_quant_storage: Option<QuantStorage> = None, Planned;
         /// Tokenizer location when it differs from the model (older handbook key).
-        tokenizer_name_or_path: Option<String> = None, Planned;
+        tokenizer_name_or_path: Option<String> = None, Acted;
     }
 }
 
@@ -159,7 +159,7 @@ section! {
     /// TRL's `ScriptArguments` plus the handbook's `dataset_mixture`: which data to train on.
     DataArgs {
         /// One dataset: hub id or local file/directory.
-        dataset_name: Option<String> = None, Planned;
+        dataset_name: Option<String> = None, Acted;
         /// Configuration name of `dataset_name`.
         dataset_config: Option<String> = None, Planned;
         /// Split used for training.
@@ -180,39 +180,39 @@ section! {
     /// `chat_template`.
     TrainingArgs {
         /// Where checkpoints and the final adapter go.
-        output_dir: Option<String> = None, Planned;
+        output_dir: Option<String> = None, Acted;
         /// Allow writing into a non-empty `output_dir` (older transformers key, kept by nibble).
         overwrite_output_dir: bool = false, Planned;
         /// Sequences per device per micro-batch.
-        per_device_train_batch_size: i64 = 8, Planned;
+        per_device_train_batch_size: i64 = 8, Acted;
         /// Sequences per device per eval batch.
         per_device_eval_batch_size: i64 = 8, Planned;
         /// Micro-batches per optimizer step.
-        gradient_accumulation_steps: i64 = 1, Planned;
+        gradient_accumulation_steps: i64 = 1, Acted;
         /// Epochs (fractions allowed) when `max_steps` is -1.
-        num_train_epochs: f64 = 3.0, Planned;
+        num_train_epochs: f64 = 3.0, Acted;
         /// Total optimizer steps; -1 means use `num_train_epochs`.
-        max_steps: i64 = -1, Planned;
+        max_steps: i64 = -1, Acted;
         /// Peak learning rate.
-        learning_rate: f64 = 2e-5, Planned;
+        learning_rate: f64 = 2e-5, Acted;
         /// Learning-rate schedule.
-        lr_scheduler_type: Scheduler = Scheduler::Linear, Planned;
+        lr_scheduler_type: Scheduler = Scheduler::Linear, Acted;
         /// Extra schedule parameters (`min_lr`, `num_cycles`, ...).
-        lr_scheduler_kwargs: Option<KwArgs> = None, Planned;
+        lr_scheduler_kwargs: Option<KwArgs> = None, Acted;
         /// Warmup steps; a value below 1 is a fraction of the total steps (transformers 5).
-        warmup_steps: f64 = 0.0, Planned;
+        warmup_steps: f64 = 0.0, Acted;
         /// Optimizer name.
-        optim: String = s("adamw_torch_fused"), Planned;
+        optim: String = s("adamw_torch_fused"), Acted;
         /// Decoupled weight decay.
-        weight_decay: f64 = 0.0, Planned;
+        weight_decay: f64 = 0.0, Acted;
         /// AdamW beta1.
-        adam_beta1: f64 = 0.9, Planned;
+        adam_beta1: f64 = 0.9, Acted;
         /// AdamW beta2.
-        adam_beta2: f64 = 0.999, Planned;
+        adam_beta2: f64 = 0.999, Acted;
         /// AdamW epsilon.
-        adam_epsilon: f64 = 1e-8, Planned;
+        adam_epsilon: f64 = 1e-8, Acted;
         /// Gradient clipping norm (0 disables).
-        max_grad_norm: f64 = 1.0, Planned;
+        max_grad_norm: f64 = 1.0, Acted;
         /// Normalise the loss by the token count across devices.
         average_tokens_across_devices: bool = true, Planned;
         /// bf16 compute; unset means true unless fp16 is set (TRL's rule).
@@ -222,7 +222,7 @@ section! {
         /// TF32 matmuls on Ampere+ GPUs.
         tf32: Option<bool> = None, Planned;
         /// Recompute each decoder layer in backward to save memory.
-        gradient_checkpointing: bool = true, Planned;
+        gradient_checkpointing: bool = true, Acted;
         /// Checkpointing options (`use_reentrant`).
         gradient_checkpointing_kwargs: Option<KwArgs> = None, Planned;
         /// Offload activations to CPU.
@@ -236,9 +236,9 @@ section! {
         /// Log by steps or epochs.
         logging_strategy: Interval = Interval::Steps, Planned;
         /// Log every N steps (below 1: a fraction of total steps).
-        logging_steps: f64 = 10.0, Planned;
+        logging_steps: f64 = 10.0, Acted;
         /// Log the first step too.
-        logging_first_step: bool = false, Planned;
+        logging_first_step: bool = false, Acted;
         /// Verbosity.
         log_level: LogLevel = LogLevel::Passive, Planned;
         /// Experiment trackers.
@@ -252,15 +252,15 @@ section! {
         /// Evaluate before the first step.
         eval_on_start: bool = false, Planned;
         /// When to checkpoint.
-        save_strategy: SaveStrategy = SaveStrategy::Steps, Planned;
+        save_strategy: SaveStrategy = SaveStrategy::Steps, Acted;
         /// Checkpoint every N steps (below 1: a fraction of total steps).
-        save_steps: f64 = 500.0, Planned;
+        save_steps: f64 = 500.0, Acted;
         /// Keep at most this many checkpoints.
-        save_total_limit: Option<i64> = None, Planned;
+        save_total_limit: Option<i64> = None, Acted;
         /// Save only the adapter, not optimizer and scheduler state.
         save_only_model: bool = false, Planned;
         /// Resume from this checkpoint directory.
-        resume_from_checkpoint: Option<String> = None, Planned;
+        resume_from_checkpoint: Option<String> = None, Acted;
         /// Push to the hub.
         push_to_hub: bool = false, Ignored;
         /// Hub repository to push to.
@@ -272,13 +272,13 @@ section! {
         /// Evaluate (informational in TRL scripts).
         do_eval: bool = false, Ignored;
         /// Seed of initialisation, dropout and data order.
-        seed: u64 = 42, Planned;
+        seed: u64 = 42, Acted;
         /// Separate seed for data order.
         data_seed: Option<u64> = None, Planned;
         /// Train on CPU even if a GPU is present.
         use_cpu: bool = false, Planned;
         /// Drop the last incomplete batch.
-        dataloader_drop_last: bool = false, Planned;
+        dataloader_drop_last: bool = false, Acted;
         /// Process-group timeout in seconds.
         ddp_timeout: i64 = 1800, Planned;
         /// Run model code from the hub (never: nibble has no Python).
@@ -286,39 +286,39 @@ section! {
         /// Extra model-loading arguments.
         model_init_kwargs: Option<KwArgs> = None, Ignored;
         /// Chat template (jinja) overriding the tokenizer's (handbook key).
-        chat_template: Option<String> = None, Planned;
+        chat_template: Option<String> = None, Acted;
         /// File or directory holding a chat template.
-        chat_template_path: Option<String> = None, Planned;
+        chat_template_path: Option<String> = None, Acted;
         /// Text column of plain-text datasets.
-        dataset_text_field: String = s("text"), Planned;
+        dataset_text_field: String = s("text"), Acted;
         /// Extra dataset-preparation options (`skip_prepare_dataset`, ...).
         dataset_kwargs: Option<KwArgs> = None, Planned;
         /// Worker count for tokenization.
-        dataset_num_proc: Option<i64> = None, Planned;
+        dataset_num_proc: Option<i64> = None, Acted;
         /// End-of-sequence token override.
-        eos_token: Option<String> = None, Planned;
+        eos_token: Option<String> = None, Acted;
         /// Padding token override.
-        pad_token: Option<String> = None, Planned;
+        pad_token: Option<String> = None, Acted;
         /// Truncate (or pack) sequences to this many tokens.
-        max_length: Option<i64> = Some(1024), Planned;
+        max_length: Option<i64> = Some(1024), Acted;
         /// Which end of a long sequence is kept.
-        truncation_mode: TruncationMode = TruncationMode::KeepStart, Planned;
+        truncation_mode: TruncationMode = TruncationMode::KeepStart, Acted;
         /// Shuffle the dataset before packing.
         shuffle_dataset: bool = false, Planned;
         /// Pack several sequences into each row.
-        packing: bool = false, Planned;
+        packing: bool = false, Acted;
         /// How to pack.
-        packing_strategy: PackingStrategy = PackingStrategy::Bfd, Planned;
+        packing_strategy: PackingStrategy = PackingStrategy::Bfd, Acted;
         /// Batches without padding (flattened sequences).
-        padding_free: bool = false, Planned;
+        padding_free: bool = false, Acted;
         /// Pad lengths to a multiple of this.
-        pad_to_multiple_of: Option<PadTo> = Some(PadTo::Word(s("auto"))), Planned;
+        pad_to_multiple_of: Option<PadTo> = Some(PadTo::Word(s("auto"))), Acted;
         /// Pack the eval set too (default: as `packing`).
         eval_packing: Option<bool> = None, Planned;
         /// Loss on completion tokens only (default: when the data has prompt/completion).
-        completion_only_loss: Option<bool> = None, Planned;
+        completion_only_loss: Option<bool> = None, Acted;
         /// Loss on assistant tokens only (needs `{% generation %}` in the template).
-        assistant_only_loss: bool = false, Planned;
+        assistant_only_loss: bool = false, Acted;
         /// Loss function.
         loss_type: LossType = LossType::Nll, Planned;
         /// Liger kernels (Triton; no equivalent in nibble).

@@ -202,7 +202,8 @@ fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
             None => return Ok(RopeScaling::Default),
         },
     };
-    let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind =
+        params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64, String> {
         params
             .get(key)

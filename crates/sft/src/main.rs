@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 
 mod estimate;
 mod prepare;
+mod run;
 
 /// Exit code of a recipe error (bad key, type, value), as argparse-style tools use.
 const EXIT_RECIPE: u8 = 2;
@@ -145,15 +146,7 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
         device,
         "recipe resolved"
     );
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{}", serde_json::to_string_pretty(&recipe.to_json())?);
-    }
-    prepare::prepare(&recipe)?;
-    tracing::warn!(
-        "the training loop has not landed yet (issue 6): this run stops after resolving the plan \
-         and checking the model and data"
-    );
+    run::train(&recipe)?;
     Ok(ExitCode::SUCCESS)
 }
 

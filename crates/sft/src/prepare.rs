@@ -1,20 +1,30 @@
-//! The parts of a run that exist so far, done for real on the recipe's inputs: find the model,
-//! check its checkpoint against config.json, read the training rows and render the first one
-//! with the chat template. The training loop (issue 6) continues from here.
+//! Everything a run needs before training: the model directory, its chat template and tokenizer,
+//! and the training set tokenized (through the on-disk cache) and ready to batch.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use config::Recipe;
-use model_loader::{Checkpoint, HfConfig, HubCache, resolve_model};
-use sft::data::{Example, read_rows};
-use sft::template::ChatTemplate;
+use model_loader::{HfConfig, HubCache, resolve_model};
+use sft::data::{Batch, Dataset, TokenizeOptions, Tokenizer, load_or_prepare};
+use sft::train::{DeviceBatch, EpochBatches};
+use tch::Tensor;
 
 /// The template to use: the recipe's, else the model's `chat_template.jinja`, else the one in
 /// its `tokenizer_config.json`.
 fn chat_template(recipe: &Recipe, model_dir: &Path) -> Result<Option<String>> {
     if let Some(t) = &recipe.training.chat_template {
         return Ok(Some(t.clone()));
+    }
+    if let Some(p) = &recipe.training.chat_template_path {
+        let path = Path::new(p);
+        if !(path.is_file() && (p.ends_with(".jinja") || p.ends_with(".j2"))) {
+            anyhow::bail!(
+                "chat_template_path `{p}`: nibble reads a local .jinja/.j2 file (cloning another \
+                 tokenizer's template is not supported)"
+            );
+        }
+        return Ok(Some(std::fs::read_to_string(path).with_context(|| format!("reading {p}"))?));
     }
     let jinja = model_dir.join("chat_template.jinja");
     if jinja.is_file() {
@@ -40,39 +50,89 @@ pub fn model(recipe: &Recipe) -> Result<(PathBuf, HfConfig)> {
     Ok((dir, cfg))
 }
 
-/// Check the model and data a recipe names; logs what it found.
-pub fn prepare(recipe: &Recipe) -> Result<()> {
-    let (dir, cfg) = model(recipe)?;
-    let ckpt = Checkpoint::open(&dir)?;
-    ckpt.check_against(&cfg)?;
-    tracing::info!(
-        "model {}: {:?}, {} layers, {} tensors in {} shard(s), shapes match config.json",
-        dir.display(),
-        cfg.architecture,
-        cfg.shape.layers,
-        ckpt.names().count(),
-        ckpt.shard_count()
-    );
-    let Some(data) = recipe.data.dataset_name.as_deref().filter(|d| Path::new(d).is_file()) else {
-        tracing::warn!("only local JSON/JSONL dataset files are read so far; skipping the data check");
-        return Ok(());
-    };
-    let rows = read_rows(Path::new(data), &recipe.training.dataset_text_field)?;
-    tracing::info!("data {data}: {} rows", rows.len());
-    if let Some(Example::Conversation { messages, tools, kwargs }) = rows.first() {
-        let source = chat_template(recipe, &dir)?.context("conversational data needs a chat template")?;
-        let template = ChatTemplate::new(&source)?;
-        let mut ctx =
-            serde_json::json!({"messages": messages, "tools": tools, "add_generation_prompt": false});
-        if let (Some(obj), Some(kw)) = (ctx.as_object_mut(), kwargs) {
-            obj.extend(kw.clone());
-        }
-        let first = template.render(&ctx)?;
-        tracing::info!(
-            "first row rendered with the chat template ({} chars): {:?}",
-            first.text.len(),
-            first.text
+/// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else
+/// `~/.cache/nibble/tokenized`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(c) = std::env::var_os("NIBBLE_CACHE") {
+        return Some(PathBuf::from(c).join("tokenized"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nibble/tokenized"))
+}
+
+/// The recipe's training file: `dataset_name` naming a local JSON/JSONL file.
+fn data_file(recipe: &Recipe) -> Result<PathBuf> {
+    if recipe.data.dataset_mixture.is_some() {
+        anyhow::bail!(
+            "dataset_mixture is not supported yet (issue 6): name one local JSON/JSONL file in dataset_name"
         );
     }
-    Ok(())
+    let name = recipe.data.dataset_name.as_deref().context("dataset_name is not set")?;
+    let path = PathBuf::from(name);
+    if !path.is_file() {
+        anyhow::bail!(
+            "dataset_name `{name}` is not a local file; hub datasets and Parquet are not supported yet (issue 6)"
+        );
+    }
+    Ok(path)
+}
+
+/// The tokenized training set and how the recipe batches it.
+pub struct TrainData {
+    dataset: Dataset,
+    batch_size: usize,
+    drop_last: bool,
+}
+
+impl TrainData {
+    /// Samples (rows, or packed bins).
+    pub fn len(&self) -> usize {
+        self.dataset.len()
+    }
+
+    /// Samples per micro-batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Micro-batches per epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.dataset.batches_per_epoch(self.batch_size, self.drop_last)
+    }
+
+    /// Epoch `epoch`'s micro-batches as tensors, with their loss-token counts.
+    pub fn epoch(&self, epoch: u64, seed: u64) -> EpochBatches {
+        self.dataset.batches(self.batch_size, seed, epoch, self.drop_last).map(|b| to_device(&b)).collect()
+    }
+}
+
+fn to_device(b: &Batch) -> (DeviceBatch, u64) {
+    let shape = [b.rows as i64, b.cols as i64];
+    let t = |v: &[i64]| Tensor::from_slice(v).view(shape);
+    // Unpacked rows need only the causal mask (pads come last); packed rows need segments.
+    let packed = b.segment_ids.iter().any(|&s| s > 0);
+    let batch = DeviceBatch {
+        input_ids: t(&b.input_ids),
+        labels: t(&b.labels),
+        position_ids: t(&b.position_ids),
+        segment_ids: packed.then(|| t(&b.segment_ids)),
+    };
+    (batch, b.num_loss_tokens() as u64)
+}
+
+/// Read, tokenize (or load from the cache) and prepare the recipe's training set.
+pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
+    let file = data_file(recipe)?;
+    let tok_dir = recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from);
+    let tok_dir = tok_dir.as_deref().unwrap_or(model_dir);
+    let tok = Tokenizer::from_recipe(tok_dir, recipe)?;
+    let template = chat_template(recipe, tok_dir)?;
+    let opts = TokenizeOptions::from_recipe(recipe);
+    let (dataset, outcome) = load_or_prepare(&file, &tok, template.as_deref(), &opts, cache_dir().as_deref())
+        .with_context(|| format!("preparing {}", file.display()))?;
+    tracing::debug!("tokenization cache: {outcome:?}");
+    let batch_size = usize::try_from(recipe.training.per_device_train_batch_size)
+        .ok()
+        .filter(|&b| b > 0)
+        .context("per_device_train_batch_size must be >= 1")?;
+    Ok(TrainData { dataset, batch_size, drop_last: recipe.training.dataloader_drop_last })
 }

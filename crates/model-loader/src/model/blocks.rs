@@ -38,12 +38,18 @@ impl Rope {
         let inv_freq = match scaling {
             RopeScaling::Default => inv_freq,
             RopeScaling::Linear { factor } => inv_freq.f_div_scalar(factor)?,
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = original_max_position_embeddings;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
-                let scaled = inv_freq.f_where_self(&wavelen.f_le(low_wavelen)?, &inv_freq.f_div_scalar(factor)?)?;
+                let scaled =
+                    inv_freq.f_where_self(&wavelen.f_le(low_wavelen)?, &inv_freq.f_div_scalar(factor)?)?;
                 let smooth = wavelen
                     .f_reciprocal()?
                     .f_mul_scalar(old)?

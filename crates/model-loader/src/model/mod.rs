@@ -22,9 +22,9 @@ use tch::{Device, Kind, Tensor};
 pub use blocks::LayerContext;
 use blocks::{Attention, DecoderLayer, Mlp, RmsNorm, Rope};
 
+use crate::Error;
 use crate::checkpoint::Checkpoint;
 use crate::hf_config::{Architecture, HfConfig, RopeScaling};
-use crate::Error;
 
 /// What distinguishes a family's decoder from the shared Llama one.
 pub(crate) struct DecoderSpec {
@@ -109,8 +109,9 @@ impl Reader<'_> {
             path: v.file.to_owned(),
             message,
         };
-        let src = torch_kind(v.dtype)
-            .ok_or_else(|| mismatch(format!("dtype {:?} is not a floating type (F32, F16 or BF16)", v.dtype)))?;
+        let src = torch_kind(v.dtype).ok_or_else(|| {
+            mismatch(format!("dtype {:?} is not a floating type (F32, F16 or BF16)", v.dtype))
+        })?;
         let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(v.data, &shape, src).map_err(|e| mismatch(e.to_string()))?;
         Ok(t.f_to_kind(kind)?.f_to_device(self.opts.device)?)
@@ -196,7 +197,11 @@ impl Reader<'_> {
 impl CausalLm {
     /// Load the model in `dir` (config.json + safetensors), calling `progress(done, total)` after
     /// each decoder layer so a caller can show progress.
-    pub fn load(dir: &Path, opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, Error> {
+    pub fn load(
+        dir: &Path,
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, Error> {
         let config = HfConfig::from_dir(dir)?;
         let ck = Checkpoint::open(dir)?;
         ck.check_against(&config)?;
@@ -225,7 +230,11 @@ impl CausalLm {
         for l in 0..total {
             let p = format!("model.layers.{l}");
             let head_norm = |which: &str| -> Result<Option<RmsNorm>, Error> {
-                if spec.qk_norm { Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps)?)) } else { Ok(None) }
+                if spec.qk_norm {
+                    Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps)?))
+                } else {
+                    Ok(None)
+                }
             };
             let self_attn = Attention {
                 q_proj: r.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
@@ -258,8 +267,8 @@ impl CausalLm {
         } else {
             r.dense("lm_head.weight", opts.dtype)?
         };
-        let lm_head =
-            Dense::new(head_weight, None).map_err(|source| Error::Quant { name: "lm_head.weight".into(), source })?;
+        let lm_head = Dense::new(head_weight, None)
+            .map_err(|source| Error::Quant { name: "lm_head.weight".into(), source })?;
         let rope = Rope::new(s.head_dim as i64, config.rope_theta, spec.rope_scaling)?;
         Ok(CausalLm {
             config,
@@ -301,7 +310,11 @@ impl CausalLm {
 
     /// Rotary tables and attention mask for a batch: `position_ids [B, T]` (per-sequence
     /// positions when packed) and `segment_ids [B, T]` (attention stays within equal ids).
-    pub fn context(&self, position_ids: &Tensor, segment_ids: Option<&Tensor>) -> Result<LayerContext, Error> {
+    pub fn context(
+        &self,
+        position_ids: &Tensor,
+        segment_ids: Option<&Tensor>,
+    ) -> Result<LayerContext, Error> {
         let seq = position_ids.size().last().copied().unwrap_or(0);
         let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
         let mask = blocks::attention_mask(segment_ids, seq, self.sliding_window, position_ids.device())?;
@@ -310,7 +323,8 @@ impl CausalLm {
 
     /// Run decoder layer `index` on hidden states `h`.
     pub fn layer(&self, index: usize, h: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
-        let layer = self.layers.get(index).ok_or_else(|| Error::BadInput(format!("no decoder layer {index}")))?;
+        let layer =
+            self.layers.get(index).ok_or_else(|| Error::BadInput(format!("no decoder layer {index}")))?;
         layer.forward(h, ctx)
     }
 
@@ -335,7 +349,8 @@ impl CausalLm {
         let pos = match position_ids {
             Some(p) => p,
             None => {
-                default_pos = Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?.f_expand([b, t], false)?;
+                default_pos =
+                    Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?.f_expand([b, t], false)?;
                 &default_pos
             }
         };

@@ -1,6 +1,33 @@
-//! Training rows from local files (JSONL, JSON): each row recognised as one of TRL's dataset
-//! formats, or an error naming the file and row.
+//! The SFT data pipeline: training rows from local files (JSONL, JSON), each recognised as one of
+//! TRL's dataset formats, then tokenized, labelled, truncated or packed and batched exactly as
+//! TRL 1.16's `SFTTrainer` does, with an on-disk cache of the tokenized result.
+//!
+//! The entry points: [`Tokenizer::from_recipe`], [`TokenizeOptions::from_recipe`], then
+//! [`load_or_prepare`] (a data file, through the cache) or [`prepare_dataset`] (rows in memory),
+//! and [`Dataset::batches`] per epoch.
 
+mod batch;
+mod cache;
+mod dataset;
+mod error;
+pub mod nprandom;
+mod pack;
 mod rows;
+mod tokenize;
+mod tokenizer;
 
+pub use batch::{
+    Batch, CollateOptions, batches, batches_per_epoch, collate, epoch_order, sequential_batches,
+    update_steps_per_epoch,
+};
+pub use cache::{
+    CacheOutcome, PIPELINE_VERSION, cache_key, cache_path, load_or_prepare, read_cache, write_cache,
+};
+pub use dataset::{Dataset, Sample, prepare_dataset};
+pub use error::PrepareError;
+pub use pack::{MAP_BATCH_SIZE, pack, pack_bfd, pack_wrapped, shard_bounds};
 pub use rows::{DataError, Example, Message, read_rows};
+pub use tokenize::{
+    Encoded, IGNORE_INDEX, RowKind, TokenizeOptions, build_labels, tokenize_example, truncate,
+};
+pub use tokenizer::{EncodedText, SPECIAL_TOKEN_NAMES, Tokenizer};

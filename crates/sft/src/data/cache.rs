@@ -1,0 +1,322 @@
+//! The tokenized dataset cached on disk, so a second run with the same inputs loads it instead of
+//! tokenizing again.
+//!
+//! The key is a SHA-256 of everything that changes the samples: the data file's bytes, the
+//! tokenizer's files and resolved special tokens, the chat template source, every preparation
+//! option, and [`PIPELINE_VERSION`]. The file, `<cache_dir>/tokenized-<key>.bin`, is written to a
+//! temporary name and renamed into place. Layout (little-endian): magic, key, sample count, a
+//! flag for `seq_lengths`, then per sample its length, ids (u32), labels (i32) and, if flagged,
+//! its sequence lengths; last, a SHA-256 of all preceding bytes. A file that fails any check is
+//! ignored with a warning and rebuilt.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::dataset::{Dataset, Sample, collate_options, prepare_dataset};
+use super::error::PrepareError;
+use super::rows::{DataError, read_rows};
+use super::tokenize::TokenizeOptions;
+use super::tokenizer::Tokenizer;
+use crate::template::ChatTemplate;
+
+/// Bumped whenever nibble's tokenization changes, so stale caches are not read.
+pub const PIPELINE_VERSION: &str = "nibble-tokenize-1 (trl 1.16.0)";
+
+const MAGIC: &[u8; 8] = b"NIBTOK\x00\x01";
+
+/// What happened to the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Loaded from this file.
+    Hit(PathBuf),
+    /// Tokenized and written to this file.
+    Written(PathBuf),
+    /// Tokenized; the cache could not be written (warned) or no cache directory was given.
+    NotCached,
+}
+
+/// The cache key of a dataset.
+pub fn cache_key(
+    data: &[u8],
+    tok: &Tokenizer,
+    template_source: Option<&str>,
+    opts: &TokenizeOptions,
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: &[u8]| {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((value.len() as u64).to_le_bytes());
+        h.update(value);
+    };
+    field("version", PIPELINE_VERSION.as_bytes());
+    field("data", &Sha256::digest(data));
+    field("tokenizer", &tok.fingerprint());
+    field("template", template_source.map_or(b"<none>".as_slice(), str::as_bytes));
+    // Batching settings (padding_free, pad_to_multiple_of) do not change the samples.
+    let o = opts;
+    let settings = format!(
+        "text_field={:?} max_length={:?} truncation={:?} packing={} strategy={:?} completion_only={:?} \
+         assistant_only={} shuffle={} seed={} num_proc={:?}",
+        o.dataset_text_field,
+        o.max_length,
+        o.truncation_mode,
+        o.packing,
+        o.packing_strategy,
+        o.completion_only_loss,
+        o.assistant_only_loss,
+        o.shuffle_dataset,
+        o.seed,
+        o.num_proc
+    );
+    field("options", settings.as_bytes());
+    h.finalize().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cache file of a key.
+pub fn cache_path(cache_dir: &Path, key: &[u8; 32]) -> PathBuf {
+    cache_dir.join(format!("tokenized-{}.bin", hex(&key[..16])))
+}
+
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Write samples under a key, atomically (temporary file, then rename).
+pub fn write_cache(path: &Path, key: &[u8; 32], samples: &[Sample]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("tokenized");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = Hashing { inner: BufWriter::new(file), hash: Sha256::new() };
+        let packed = samples.first().is_some_and(|s| s.seq_lengths.is_some());
+        w.write_all(MAGIC)?;
+        w.write_all(key)?;
+        w.write_all(&(samples.len() as u64).to_le_bytes())?;
+        w.write_all(&[u8::from(packed)])?;
+        for s in samples {
+            w.write_all(&(s.input_ids.len() as u32).to_le_bytes())?;
+            for &id in &s.input_ids {
+                w.write_all(&id.to_le_bytes())?;
+            }
+            for &l in &s.labels {
+                w.write_all(&l.to_le_bytes())?;
+            }
+            if packed {
+                let lens = s.seq_lengths.as_deref().unwrap_or(&[]);
+                w.write_all(&(lens.len() as u32).to_le_bytes())?;
+                for &l in lens {
+                    w.write_all(&l.to_le_bytes())?;
+                }
+            }
+        }
+        let digest = w.hash.clone().finalize();
+        let mut inner = w.inner;
+        inner.write_all(&digest)?;
+        let file = inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Read samples written under `key`; any mismatch or damage is an error message.
+pub fn read_cache(path: &Path, key: &[u8; 32]) -> Result<Vec<Sample>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut r = Hashing { inner: BufReader::new(file), hash: Sha256::new() };
+    let mut buf4 = [0u8; 4];
+    let mut u32_at = |r: &mut Hashing<BufReader<std::fs::File>>| -> Result<u32, String> {
+        r.read_exact(&mut buf4).map_err(|e| format!("truncated: {e}"))?;
+        Ok(u32::from_le_bytes(buf4))
+    };
+    let mut head = [0u8; 8 + 32 + 8 + 1];
+    r.read_exact(&mut head).map_err(|e| format!("truncated header: {e}"))?;
+    if &head[..8] != MAGIC {
+        return Err("not a nibble tokenization cache".into());
+    }
+    if &head[8..40] != key {
+        return Err("written for other inputs".into());
+    }
+    let count = u64::from_le_bytes(head[40..48].try_into().expect("8 bytes"));
+    let packed = match head[48] {
+        0 => false,
+        1 => true,
+        b => return Err(format!("bad flag {b}")),
+    };
+    // Every sample takes at least 4 bytes: a count beyond that is damage, not a reason to allocate.
+    if count > size / 4 {
+        return Err(format!("sample count {count} does not fit a {size}-byte file"));
+    }
+    let mut samples = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let n = u32_at(&mut r)? as usize;
+        if n as u64 * 8 > size {
+            return Err(format!("sample length {n} does not fit a {size}-byte file"));
+        }
+        let mut raw = vec![0u8; n * 8];
+        r.read_exact(&mut raw).map_err(|e| format!("truncated: {e}"))?;
+        let (ids, labels) = raw.split_at(n * 4);
+        let input_ids = ids.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+        let labels = labels.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4"))).collect();
+        let seq_lengths = if packed {
+            let k = u32_at(&mut r)? as usize;
+            if k > n {
+                return Err(format!("{k} sequences in a {n}-token sample"));
+            }
+            let lens: Vec<u32> = (0..k).map(|_| u32_at(&mut r)).collect::<Result<_, _>>()?;
+            if lens.iter().map(|&l| l as usize).sum::<usize>() != n {
+                return Err("sequence lengths do not add up".into());
+            }
+            Some(lens)
+        } else {
+            None
+        };
+        samples.push(Sample { input_ids, labels, seq_lengths });
+    }
+    let want = r.hash.clone().finalize();
+    let mut digest = [0u8; 32];
+    r.inner.read_exact(&mut digest).map_err(|e| format!("truncated checksum: {e}"))?;
+    if digest[..] != want[..] {
+        return Err("checksum mismatch".into());
+    }
+    let mut rest = [0u8; 1];
+    if r.inner.read(&mut rest).map_err(|e| e.to_string())? != 0 {
+        return Err("trailing bytes".into());
+    }
+    Ok(samples)
+}
+
+/// Read a data file's rows and prepare them (see [`prepare_dataset`]), through the cache in
+/// `cache_dir` when one is given. `template_source` is the chat template's Jinja source.
+pub fn load_or_prepare(
+    data_file: &Path,
+    tok: &Tokenizer,
+    template_source: Option<&str>,
+    opts: &TokenizeOptions,
+    cache_dir: Option<&Path>,
+) -> Result<(Dataset, CacheOutcome), PrepareError> {
+    let bytes =
+        std::fs::read(data_file).map_err(|source| DataError::Read { path: data_file.to_owned(), source })?;
+    let key = cache_key(&bytes, tok, template_source, opts);
+    let path = cache_dir.map(|d| cache_path(d, &key));
+    let template = template_source.map(ChatTemplate::new).transpose()?;
+    if let Some(path) = &path
+        && path.is_file()
+    {
+        match read_cache(path, &key) {
+            Ok(samples) => {
+                tracing::info!("loaded {} tokenized samples from {}", samples.len(), path.display());
+                // The batching settings are not part of the key: check and apply them.
+                let collate = collate_options(tok, opts)?;
+                return Ok((Dataset { samples, collate }, CacheOutcome::Hit(path.clone())));
+            }
+            Err(why) => {
+                tracing::warn!("ignoring tokenization cache {}: {why}; rebuilding it", path.display())
+            }
+        }
+    }
+    let rows = read_rows(data_file, &opts.dataset_text_field)?;
+    let dataset = prepare_dataset(&rows, tok, template.as_ref(), opts).map_err(|e| e.in_file(data_file))?;
+    let outcome = match &path {
+        None => CacheOutcome::NotCached,
+        Some(path) => match write_cache(path, &key, &dataset.samples) {
+            Ok(()) => {
+                tracing::info!("cached {} tokenized samples in {}", dataset.len(), path.display());
+                CacheOutcome::Written(path.clone())
+            }
+            Err(e) => {
+                tracing::warn!("could not write the tokenization cache {}: {e}", path.display());
+                CacheOutcome::NotCached
+            }
+        },
+    };
+    Ok((dataset, outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nibble-cache-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("dir");
+        d
+    }
+
+    fn samples() -> Vec<Sample> {
+        vec![
+            Sample { input_ids: vec![1, 2, 3], labels: vec![-100, 2, 3], seq_lengths: Some(vec![1, 2]) },
+            Sample { input_ids: vec![], labels: vec![], seq_lengths: Some(vec![]) },
+            Sample { input_ids: vec![u32::MAX], labels: vec![i32::MIN], seq_lengths: Some(vec![1]) },
+        ]
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = scratch("rt");
+        let p = d.join("x.bin");
+        let key = [7u8; 32];
+        write_cache(&p, &key, &samples()).expect("write");
+        assert_eq!(read_cache(&p, &key).expect("read"), samples());
+        assert!(read_cache(&p, &[8u8; 32]).expect_err("other key").contains("other inputs"));
+        // No temporary files left behind.
+        assert_eq!(std::fs::read_dir(&d).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let d = scratch("damage");
+        let p = d.join("x.bin");
+        let key = [1u8; 32];
+        write_cache(&p, &key, &samples()).expect("write");
+        let good = std::fs::read(&p).expect("read");
+        for at in [0, 45, 52, good.len() - 40, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x55;
+            std::fs::write(&p, &bad).expect("write");
+            assert!(read_cache(&p, &key).is_err(), "flipping byte {at} went unnoticed");
+        }
+        for cut in [0, 10, 49, good.len() - 1] {
+            std::fs::write(&p, &good[..cut]).expect("write");
+            assert!(read_cache(&p, &key).is_err(), "cutting at {cut} went unnoticed");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        std::fs::write(&p, &long).expect("write");
+        assert!(read_cache(&p, &key).is_err());
+    }
+}

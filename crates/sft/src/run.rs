@@ -1,0 +1,263 @@
+//! The main job: load the model (4-bit while loading), wrap its linears with LoRA, tokenize the
+//! data, train, and leave a PEFT adapter in `output_dir`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use config::Recipe;
+use config::types::{Dtype, TargetModules};
+use indicatif::{ProgressBar, ProgressStyle};
+use model_loader::{Architecture, CausalLm, HfConfig, LoadOptions};
+use quant::ops::QuantizeOptions;
+use sft::train::{AdamWConfig, Checkpoint, LogEntry, Schedule, TrainOptions, Trainer, checkpoint};
+use tch::{Device, Kind};
+
+use crate::prepare;
+
+/// The dtype the recipe asks for (`auto` = config.json's, else float32).
+fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
+    let name = match recipe.model.dtype {
+        Dtype::Auto => cfg.dtype.clone().unwrap_or_else(|| "float32".into()),
+        Dtype::Bfloat16 => "bfloat16".into(),
+        Dtype::Float16 => "float16".into(),
+        Dtype::Float32 => "float32".into(),
+    };
+    match name.as_str() {
+        "bfloat16" => Kind::BFloat16,
+        "float16" => Kind::Half,
+        _ => Kind::Float,
+    }
+}
+
+fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
+    let m = &recipe.model;
+    if m.load_in_8bit {
+        bail!(
+            "load_in_8bit is not supported yet (8-bit linears are still open in the quant issue); use load_in_4bit"
+        );
+    }
+    let dtype = model_kind(recipe, cfg);
+    let quantize = m.load_in_4bit.then_some(QuantizeOptions {
+        quant_type: match m.bnb_4bit_quant_type {
+            config::types::QuantType::Fp4 => quant::QuantType::Fp4,
+            config::types::QuantType::Nf4 => quant::QuantType::Nf4,
+        },
+        blocksize: 64,
+        double_quant: m.use_bnb_nested_quant,
+    });
+    // TRL computes 4-bit layers in the model dtype (`bnb_4bit_compute_dtype = dtype`).
+    Ok(LoadOptions { dtype, quantize, compute_dtype: dtype, device: Device::Cpu })
+}
+
+/// PEFT's default targets for the families nibble runs, when the recipe names none.
+fn default_targets(arch: Architecture) -> Vec<String> {
+    match arch {
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
+            vec!["q_proj".into(), "v_proj".into()]
+        }
+    }
+}
+
+fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str) -> Result<lora::LoraConfig> {
+    let m = &recipe.model;
+    let targets = match &m.lora_target_modules {
+        None => lora::TargetModules::List(default_targets(cfg.architecture)),
+        Some(TargetModules::List(l)) => lora::TargetModules::List(l.clone()),
+        Some(TargetModules::Pattern(p)) if p == "all-linear" => lora::TargetModules::AllLinear,
+        Some(TargetModules::Pattern(p)) => lora::TargetModules::Regex(p.clone()),
+    };
+    let r = usize::try_from(m.lora_r).ok().filter(|&r| r > 0).context("lora_r must be a positive integer")?;
+    let mut c = lora::LoraConfig::new(r, m.lora_alpha as f64, targets);
+    c.dropout = m.lora_dropout;
+    c.use_rslora = m.use_rslora;
+    c.use_dora = m.use_dora;
+    c.modules_to_save = m.lora_modules_to_save.clone().unwrap_or_default();
+    c.base_model_name_or_path = Some(model_id.to_owned());
+    c.task_type = Some(m.lora_task_type.clone());
+    Ok(c)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_owned());
+    pb
+}
+
+/// The output directory, refusing to mix a fresh run into an old run's checkpoints.
+fn output_dir(recipe: &Recipe) -> Result<PathBuf> {
+    let dir = PathBuf::from(recipe.training.output_dir.as_deref().unwrap_or("trainer_output"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating output_dir {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Which checkpoint to resume from: `resume_from_checkpoint` is a path, or `true`/`last` for the
+/// newest one in output_dir.
+fn resume_dir(recipe: &Recipe, out: &Path) -> Result<Option<PathBuf>> {
+    match recipe.training.resume_from_checkpoint.as_deref() {
+        None | Some("" | "false" | "False") => Ok(None),
+        Some("true" | "True" | "last") => Ok(checkpoint::latest(out)?),
+        Some(path) => Ok(Some(PathBuf::from(path))),
+    }
+}
+
+/// Write a file via a temporary name and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// The main job.
+pub fn train(recipe: &Recipe) -> Result<()> {
+    let (dir, cfg) = prepare::model(recipe)?;
+    let model_id = recipe.model.model_name_or_path.clone().unwrap_or_default();
+    if !recipe.model.use_peft {
+        bail!("full fine-tuning is not supported: set `use_peft: true` (nibble trains LoRA adapters)");
+    }
+    if !recipe.training.optim.contains("adamw") {
+        bail!(
+            "optim `{}` is not supported: nibble trains with AdamW (every `adamw_*` choice, paged or fused, \
+             runs the same AdamW update)",
+            recipe.training.optim
+        );
+    }
+    let opts = load_options(recipe, &cfg)?;
+    tch::manual_seed(recipe.training.seed as i64);
+
+    // Data first: a bad row should fail before minutes of loading.
+    let data = prepare::dataset(recipe, &dir)?;
+
+    let pb = bar(cfg.shape.layers, "loading");
+    let mut model = CausalLm::load(&dir, &opts, &mut |done, _| pb.set_position(done as u64))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    pb.finish_and_clear();
+    tracing::info!(
+        "loaded {:?} from {} ({} layers, {}, dtype {:?})",
+        cfg.architecture,
+        dir.display(),
+        cfg.shape.layers,
+        if opts.quantize.is_some() || cfg.prequantized { "4-bit linears" } else { "dense linears" },
+        opts.dtype
+    );
+    let lcfg = lora_config(recipe, &cfg, &model_id)?;
+    let mut adapters = lora::inject(model.linears_mut(), &lcfg, recipe.training.seed)?;
+    tracing::info!("{}", adapters.trainable_report(model.num_parameters()));
+
+    let out = output_dir(recipe)?;
+    let t = &recipe.training;
+    let ga = usize::try_from(t.gradient_accumulation_steps)
+        .ok()
+        .filter(|&g| g > 0)
+        .context("gradient_accumulation_steps must be >= 1")?;
+    let per_epoch = data.batches_per_epoch();
+    if per_epoch == 0 {
+        bail!("the training set ({} rows) gives no batch of {}", data.len(), data.batch_size());
+    }
+    let steps_per_epoch = per_epoch.div_ceil(ga) as u64;
+    let total_steps = if t.max_steps > 0 {
+        t.max_steps as u64
+    } else {
+        (t.num_train_epochs * steps_per_epoch as f64).ceil() as u64
+    };
+    let schedule = Schedule::new(
+        &t.lr_scheduler_type,
+        t.lr_scheduler_kwargs.as_ref(),
+        t.learning_rate,
+        t.warmup_steps,
+        total_steps,
+    )?;
+    let save_steps = match t.save_strategy {
+        config::types::SaveStrategy::Steps => Some(if t.save_steps < 1.0 {
+            (t.save_steps * total_steps as f64).ceil() as u64
+        } else {
+            t.save_steps as u64
+        }),
+        _ => None,
+    };
+    let logging_steps = if t.logging_steps < 1.0 {
+        (t.logging_steps * total_steps as f64).ceil() as u64
+    } else {
+        t.logging_steps as u64
+    };
+    let topts = TrainOptions {
+        total_steps,
+        grad_accum: ga,
+        learning_rate: t.learning_rate,
+        schedule,
+        adam: AdamWConfig {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
+        },
+        max_grad_norm: t.max_grad_norm,
+        logging_steps,
+        logging_first_step: t.logging_first_step,
+        save_steps,
+        save_total_limit: t.save_total_limit.map(|l| l.max(1) as usize),
+        output_dir: out.clone(),
+        gradient_checkpointing: t.gradient_checkpointing,
+        seed: t.seed,
+    };
+    let resume = resume_dir(recipe, &out)?;
+    if let Some(ck) = &resume {
+        // Copied into the same tensors the optimizer holds.
+        adapters.load_into(ck).with_context(|| format!("loading the adapter of {}", ck.display()))?;
+    }
+    let mut trainer = Trainer::new(&model, adapters.parameters(), topts)?;
+    if let Some(ck) = resume {
+        let c = Checkpoint::load(&ck)?;
+        trainer.optimizer.load_state(&c.optimizer, c.optimizer_step).map_err(anyhow::Error::msg)?;
+        trainer.progress = c.progress;
+        tracing::info!("resumed from {} at step {}", ck.display(), trainer.progress.global_step);
+    }
+    tracing::info!(
+        "training: {} rows, {} micro-batches of {} per epoch, {} accumulation -> {} steps ({} warmup)",
+        data.len(),
+        per_epoch,
+        data.batch_size(),
+        ga,
+        total_steps,
+        trainer.opts.schedule.warmup()
+    );
+    let pb = bar(total_steps, "training");
+    pb.set_position(trainer.progress.global_step);
+    let save = |d: &Path| adapters.save(d).map_err(|e| e.to_string());
+    let mut epoch_batches = |epoch: u64| data.epoch(epoch, recipe.training.seed);
+    let mut on_log = |e: &LogEntry| {
+        pb.set_position(e.step);
+        tracing::info!(
+            "step {}/{} loss {:.4} grad_norm {:.4} lr {:.3e} epoch {:.2} tokens {}",
+            e.step,
+            total_steps,
+            e.loss,
+            e.grad_norm,
+            e.learning_rate,
+            e.epoch,
+            e.num_tokens
+        );
+    };
+    adapters.set_training(true);
+    trainer.train(&mut epoch_batches, &save, &mut on_log)?;
+    pb.finish_and_clear();
+    adapters.set_training(false);
+    adapters.save(&out).with_context(|| format!("saving the adapter to {}", out.display()))?;
+    let state = serde_json::json!({
+        "global_step": trainer.progress.global_step,
+        "num_tokens": trainer.progress.num_tokens,
+        "log_history": trainer.progress.log_history,
+    });
+    write_atomic(&out.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    tracing::info!("adapter written to {}", out.display());
+    Ok(())
+}

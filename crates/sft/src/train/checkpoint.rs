@@ -1,0 +1,137 @@
+//! Checkpoints as transformers lays them out (`<output_dir>/checkpoint-<step>/` with the adapter
+//! files, optimizer state and `trainer_state.json`), written into a temporary directory and
+//! renamed into place, so an interrupted save never leaves a half-written checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use super::{AdamW, Progress};
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A filesystem failure.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A checkpoint that cannot be used.
+    #[error("{}: {message}", .path.display())]
+    Bad {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_owned(), source }
+}
+
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "trainer_state.json";
+
+/// A checkpoint directory's contents.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Where the run stood.
+    pub progress: Progress,
+    /// Optimizer moments by name.
+    pub optimizer: Vec<(String, Tensor)>,
+    /// Optimizer steps taken.
+    pub optimizer_step: u64,
+}
+
+impl Checkpoint {
+    /// Write `checkpoint-<step>` under `output_dir`; `save_adapter(dir)` writes the adapter files.
+    pub fn save(
+        output_dir: &Path,
+        progress: &Progress,
+        optimizer: &AdamW,
+        save_adapter: &dyn Fn(&Path) -> Result<(), String>,
+    ) -> Result<PathBuf, CheckpointError> {
+        let name = format!("checkpoint-{}", progress.global_step);
+        let dest = output_dir.join(&name);
+        let tmp = output_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        save_adapter(&tmp).map_err(|message| CheckpointError::Bad { path: tmp.clone(), message })?;
+        let (tensors, step) = optimizer.state();
+        let opt_path = tmp.join(OPTIMIZER);
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&named, &opt_path)
+            .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+        let mut state = serde_json::to_value(progress)
+            .map_err(|e| CheckpointError::Bad { path: tmp.join(STATE), message: e.to_string() })?;
+        state["optimizer_step"] = serde_json::json!(step);
+        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+        std::fs::write(tmp.join(STATE), text).map_err(io(&tmp.join(STATE)))?;
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        tracing::info!(checkpoint = %dest.display(), "saved checkpoint");
+        Ok(dest)
+    }
+
+    /// Read a checkpoint directory written by [`Checkpoint::save`].
+    pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
+        let state_path = dir.join(STATE);
+        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+        let bad = |message: String| CheckpointError::Bad { path: state_path.clone(), message };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let optimizer_step = value
+            .get("optimizer_step")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| bad("no `optimizer_step`".into()))?;
+        let progress: Progress = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let opt_path = dir.join(OPTIMIZER);
+        let optimizer = Tensor::read_safetensors(&opt_path)
+            .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+        Ok(Checkpoint { dir: dir.to_owned(), progress, optimizer, optimizer_step })
+    }
+}
+
+/// Checkpoint directories under `output_dir`, oldest step first.
+pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(io(output_dir))?;
+        let name = e.file_name();
+        if let Some(step) =
+            name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse().ok())
+            && e.path().join(STATE).is_file()
+        {
+            out.push((step, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint under `output_dir`, if any.
+pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    Ok(list(output_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Delete the oldest checkpoints beyond `limit`.
+pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<(), CheckpointError> {
+    let Some(limit) = limit else { return Ok(()) };
+    let all = list(output_dir)?;
+    let excess = all.len().saturating_sub(limit.max(1));
+    for (_, dir) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        tracing::info!(checkpoint = %dir.display(), "removed old checkpoint (save_total_limit)");
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! One micro-batch: forward, causal-LM loss (summed, divided by the label tokens of the whole
+//! accumulation window, as transformers does when it knows `num_items_in_batch`), backward —
+//! optionally recomputing each decoder layer in backward (gradient checkpointing).
+
+use model_loader::CausalLm;
+use tch::{Kind, Reduction, Tensor};
+
+/// A batch as tensors on the model's device.
+#[derive(Debug)]
+pub struct DeviceBatch {
+    /// `[B, T]` token ids.
+    pub input_ids: Tensor,
+    /// `[B, T]` targets, -100 where ignored; not shifted (the loss shifts).
+    pub labels: Tensor,
+    /// `[B, T]` position of each token in its own sequence.
+    pub position_ids: Tensor,
+    /// `[B, T]` sequence index within the row (attention stays inside it), when packed.
+    pub segment_ids: Option<Tensor>,
+}
+
+/// Sum of next-token cross-entropy over the labelled positions, in f32.
+pub fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor, tch::TchError> {
+    let t = logits.size()[1];
+    let v = logits.size()[2];
+    let pred = logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?.f_reshape([-1, v])?;
+    let target = labels.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
+    pred.f_cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, -100, 0.0)
+}
+
+/// Forward and backward of one micro-batch, gradients accumulating into the trainable tensors;
+/// returns this micro-batch's share of the window loss (`sum / num_items`).
+///
+/// `seed` reseeds torch's generator before each layer (`seed + layer`), so dropout draws the same
+/// masks in a checkpointed recompute as in its first forward, and a resumed run the same as an
+/// uninterrupted one.
+pub fn forward_backward(
+    model: &CausalLm,
+    batch: &DeviceBatch,
+    num_items: f64,
+    checkpointing: bool,
+    seed: i64,
+) -> Result<f64, model_loader::Error> {
+    let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
+    let layer = |i: usize, h: &Tensor| {
+        tch::manual_seed(seed.wrapping_add(i as i64));
+        model.layer(i, h, &ctx)
+    };
+    if !checkpointing {
+        let mut h = model.embed(&batch.input_ids)?;
+        for i in 0..model.num_layers() {
+            h = layer(i, &h)?;
+        }
+        let logits = model.head(&h)?;
+        let loss = loss_sum(&logits, &batch.labels)?.f_div_scalar(num_items)?;
+        loss.f_backward()?;
+        return Ok(loss.f_double_value(&[])?);
+    }
+    // Forward without a graph, keeping only each layer's input.
+    let mut inputs = Vec::with_capacity(model.num_layers());
+    let mut h = tch::no_grad(|| model.embed(&batch.input_ids))?;
+    for i in 0..model.num_layers() {
+        let next = tch::no_grad(|| layer(i, &h))?;
+        inputs.push(h);
+        h = next;
+    }
+    // Head and loss with a graph, giving the gradient at the last hidden state.
+    let last = h.f_detach()?.set_requires_grad(true);
+    let logits = model.head(&last)?;
+    let loss = loss_sum(&logits, &batch.labels)?.f_div_scalar(num_items)?;
+    loss.f_backward()?;
+    let value = loss.f_double_value(&[])?;
+    drop(logits);
+    let mut grad = last.grad();
+    // Then layer by layer, last first: recompute with a graph and push the gradient through.
+    for i in (0..model.num_layers()).rev() {
+        let x = inputs[i].f_detach()?.set_requires_grad(true);
+        let y = layer(i, &x)?;
+        y.f_mul(&grad)?.f_sum(y.f_kind()?)?.f_backward()?;
+        grad = x.grad();
+        inputs.truncate(i);
+    }
+    Ok(value)
+}

@@ -1,0 +1,124 @@
+//! The main job end to end: `sft recipes/tiny/config_qlora.yaml` trains a QLoRA adapter on the
+//! shipped tiny model, a second run reuses the tokenization cache, and Python PEFT loads the
+//! adapter on transformers + bitsandbytes' 4-bit model with the same logits as nibble's.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use model_loader::{CausalLm, LoadOptions};
+use quant::QuantType;
+use quant::ops::QuantizeOptions;
+use tch::{Kind, Tensor};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nibble-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn train(out: &Path, cache: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "recipes/tiny/config_qlora.yaml".to_owned(),
+        "--output_dir".into(),
+        out.to_str().unwrap().into(),
+        "--max_steps".into(),
+        "6".into(),
+        "--logging_steps".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let o = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(&args)
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", cache)
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "sft failed:\n{log}");
+    log
+}
+
+const PEFT_LOGITS: &str = r#"
+import os, sys
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+model_dir, adapter, inputs, out = sys.argv[1:5]
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.float32)
+base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+model = PeftModel.from_pretrained(base, adapter).eval()
+ids = load_file(inputs)["input_ids"]
+with torch.no_grad():
+    logits = model(input_ids=ids).logits.float().contiguous()
+save_file({"logits": logits}, out)
+"#;
+
+#[test]
+fn the_tiny_default_trains_an_adapter_that_peft_loads() {
+    let out = scratch("run");
+    let cache = scratch("cache");
+    let log = train(&out, &cache, &[]);
+    assert!(log.contains("trainable params: 17,920 || all params:"), "{log}");
+    assert!(log.contains("cached 240 tokenized samples"), "{log}");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    let history = state["log_history"].as_array().unwrap();
+    assert_eq!(history.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4, 6]);
+    assert!(history.iter().all(|e| e["loss"].as_f64().unwrap().is_finite()));
+
+    // A second run reads the tokenized data from the cache and, same seed, trains the same adapter.
+    let out2 = scratch("run2");
+    let log2 = train(&out2, &cache, &[]);
+    assert!(log2.contains("loaded 240 tokenized samples from"), "{log2}");
+    let a1 = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let a2 = std::fs::read(out2.join("adapter_model.safetensors")).unwrap();
+    assert!(a1 == a2, "same recipe and seed gave a different adapter");
+
+    // nibble's logits with the trained adapter.
+    let opts = LoadOptions {
+        quantize: Some(QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true }),
+        ..LoadOptions::default()
+    };
+    let mut model = CausalLm::load(&repo().join("models/tiny-llama"), &opts, &mut |_, _| {}).unwrap();
+    let adapters = lora::inject_from(model.linears_mut(), &out).unwrap();
+    let b_norm: f64 =
+        adapters.modules().iter().map(|m| m.lora_b().abs().sum(Kind::Double).double_value(&[])).sum();
+    assert!(b_norm > 0.0, "training left every B at zero");
+    let ids = Tensor::from_slice(&[4i64, 17, 93, 120, 5, 4, 60, 61, 62, 200, 11, 5]).view([1, 12]);
+    let ours = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+
+    let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+        eprintln!("skipped the PEFT half: NIBBLE_PYTHON is not set (run `cargo xtask setup`)");
+        return;
+    };
+    let inputs = out.join("inputs.safetensors");
+    Tensor::write_safetensors(&[("input_ids", &ids)], &inputs).unwrap();
+    let theirs_path = out.join("peft_logits.safetensors");
+    let o = Command::new(python)
+        .env("HF_HUB_OFFLINE", "1")
+        .arg("-c")
+        .arg(PEFT_LOGITS)
+        .arg(repo().join("models/tiny-llama"))
+        .arg(&out)
+        .arg(&inputs)
+        .arg(&theirs_path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "PEFT failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let theirs = Tensor::read_safetensors(&theirs_path).unwrap().remove(0).1;
+    let err = (&ours - &theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
+    assert!(err <= 1e-4, "PEFT's logits with nibble's adapter differ by {err:e}");
+}
