@@ -61,26 +61,25 @@ GEN_TEMPLATE = (
     "{% if note is defined %}{{ '# ' + note + ' ' + eos_token + ' ' + pad_token }}{% endif %}"
 )
 
-# Post-processors swapped into tokenizer.json: the shipped one adds nothing.
-POST_PROCESSORS = {
-    "base": None,
-    "bos": {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
-    },
-    "bos_eos": {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                   {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {
-            "<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
-            "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]},
-        },
-    },
+# Tokenizer variants: a post-processor swapped into tokenizer.json (the shipped one adds
+# nothing), and keys merged into tokenizer_config.json.
+BOS = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+EOS = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+A = {"Sequence": {"id": "A", "type_id": 0}}
+B = {"Sequence": {"id": "B", "type_id": 1}}
+SPECIALS = {
+    "<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+    "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]},
+}
+TOKENIZERS = {
+    "base": {},
+    "bos": {"post_processor": {"type": "TemplateProcessing", "single": [BOS, A], "pair": [BOS, A, B],
+                               "special_tokens": {"<s>": SPECIALS["<s>"]}}},
+    "bos_eos": {"post_processor": {"type": "TemplateProcessing", "single": [BOS, A, EOS], "pair": [A, B],
+                                   "special_tokens": SPECIALS}},
+    # With a tokenizer.json, transformers drops these flags: no bos/eos is added.
+    "flags": {"config": {"add_bos_token": True, "add_eos_token": True}},
+    "flags_no_post_processor": {"post_processor": None, "config": {"add_bos_token": True, "add_eos_token": True}},
 }
 
 TEXT = [
@@ -167,7 +166,7 @@ def load_rows(source):
     return source
 
 
-# name, tokenizer post-processor, chat template (None: the tokenizer's), rows, SFTConfig overrides,
+# name, tokenizer variant, chat template (None: the tokenizer's), rows, SFTConfig overrides,
 # collator batch size, whether to store the prepared rows in full (else a digest).
 CASES = [
     ("chat_default", "base", None, chat(8), {}, 3),
@@ -181,6 +180,8 @@ CASES = [
     ("text_default", "base", None, TEXT, {}, 2),
     ("text_bos_eos_override", "bos", None, TEXT, {"eos_token": "</s>", "pad_token": "<unk>"}, 3),
     ("text_pad_multiple", "base", None, TEXT, {"pad_to_multiple_of": 8}, 2),
+    ("text_config_flags_ignored", "flags", None, TEXT, {}, 5),
+    ("text_no_post_processor", "flags_no_post_processor", None, TEXT, {}, 5),
     ("pc_default", "base", None, PROMPT_COMPLETION, {}, 2),
     ("pc_full_loss", "base", None, PROMPT_COMPLETION, {"completion_only_loss": False}, 2),
     ("pc_bos_eos", "bos_eos", None, PROMPT_COMPLETION, {}, 5),
@@ -226,12 +227,15 @@ def tokenizer_dir(kind, tmp):
     if d.exists():
         return d
     d.mkdir()
+    variant = TOKENIZERS[kind]
     tj = json.loads((MODEL / "tokenizer.json").read_text())
-    if POST_PROCESSORS[kind] is not None:
-        tj["post_processor"] = POST_PROCESSORS[kind]
+    if "post_processor" in variant:
+        tj["post_processor"] = variant["post_processor"]
     (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        (d / name).write_text((MODEL / name).read_text())
+    cfg = json.loads((MODEL / "tokenizer_config.json").read_text())
+    cfg.update(variant.get("config", {}))
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").write_text((MODEL / "chat_template.jinja").read_text())
     return d
 
 
@@ -250,7 +254,7 @@ def run_case(name, tok_kind, template, source, overrides, batch, tmp):
     args = SFTConfig(output_dir=str(Path(tmp) / "out"), report_to="none", use_cpu=True, bf16=False, **kwargs)
     case = {
         "name": name,
-        "post_processor": tok_kind,
+        "tokenizer": tok_kind,
         "template": template,
         "rows": source,
         "config": overrides,
@@ -301,7 +305,7 @@ def main():
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
                      "numpy": np.__version__},
         "gen_template": GEN_TEMPLATE,
-        "post_processors": POST_PROCESSORS,
+        "tokenizers": TOKENIZERS,
         "permutations": permutations(),
         "cases": [],
     }

@@ -152,6 +152,9 @@ section! {
         bnb_4bit_quant_storage: Option<QuantStorage> = None, Planned;
         /// Tokenizer location when it differs from the model (older handbook key).
         tokenizer_name_or_path: Option<String> = None, Acted;
+        /// nibble extension: start the LoRA adapter from this PEFT adapter directory instead of a
+        /// fresh init (to compare runs from one init, or to continue training an adapter).
+        lora_init_adapter: Option<String> = None, Acted;
     }
 }
 
@@ -279,6 +282,8 @@ section! {
         use_cpu: bool = false, Planned;
         /// Drop the last incomplete batch.
         dataloader_drop_last: bool = false, Acted;
+        /// Sample order: `random` (seeded shuffle each epoch) or `sequential` (dataset order).
+        train_sampling_strategy: String = s("random"), Acted;
         /// Process-group timeout in seconds.
         ddp_timeout: i64 = 1800, Planned;
         /// Run model code from the hub (never: nibble has no Python).

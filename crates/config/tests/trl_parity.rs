@@ -11,8 +11,13 @@ use config::{DataArgs, ModelArgs, TrainingArgs, trl_fields};
 const DIFFERENT_ON_PURPOSE: &[(&str, &str)] = &[];
 
 /// Typed keys that are not TRL fields (handbook, older transformers, nibble extensions).
-const NOT_IN_TRL: &[&str] =
-    &["tokenizer_name_or_path", "dataset_mixture", "overwrite_output_dir", "chat_template"];
+const NOT_IN_TRL: &[&str] = &[
+    "tokenizer_name_or_path",
+    "dataset_mixture",
+    "overwrite_output_dir",
+    "chat_template",
+    "lora_init_adapter",
+];
 
 fn typed_defaults() -> serde_json::Map<String, serde_json::Value> {
     let mut all = serde_json::Map::new();

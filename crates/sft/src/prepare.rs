@@ -81,6 +81,7 @@ pub struct TrainData {
     dataset: Dataset,
     batch_size: usize,
     drop_last: bool,
+    sequential: bool,
 }
 
 impl TrainData {
@@ -101,6 +102,10 @@ impl TrainData {
 
     /// Epoch `epoch`'s micro-batches as tensors, with their loss-token counts.
     pub fn epoch(&self, epoch: u64, seed: u64) -> EpochBatches {
+        if self.sequential {
+            let all = self.dataset.sequential_batches(self.batch_size).map(|b| to_device(&b));
+            return all.take(self.batches_per_epoch()).collect();
+        }
         self.dataset.batches(self.batch_size, seed, epoch, self.drop_last).map(|b| to_device(&b)).collect()
     }
 }
@@ -121,6 +126,13 @@ fn to_device(b: &Batch) -> (DeviceBatch, u64) {
 
 /// Read, tokenize (or load from the cache) and prepare the recipe's training set.
 pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
+    let sequential = match recipe.training.train_sampling_strategy.as_str() {
+        "random" => false,
+        "sequential" => true,
+        other => anyhow::bail!(
+            "train_sampling_strategy `{other}` is not supported yet (supported: random, sequential)"
+        ),
+    };
     let file = data_file(recipe)?;
     let tok_dir = recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from);
     let tok_dir = tok_dir.as_deref().unwrap_or(model_dir);
@@ -134,5 +146,5 @@ pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
         .ok()
         .filter(|&b| b > 0)
         .context("per_device_train_batch_size must be >= 1")?;
-    Ok(TrainData { dataset, batch_size, drop_last: recipe.training.dataloader_drop_last })
+    Ok(TrainData { dataset, batch_size, drop_last: recipe.training.dataloader_drop_last, sequential })
 }

@@ -151,6 +151,12 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     );
     let lcfg = lora_config(recipe, &cfg, &model_id)?;
     let mut adapters = lora::inject(model.linears_mut(), &lcfg, recipe.training.seed)?;
+    if let Some(init) = &recipe.model.lora_init_adapter {
+        adapters
+            .load_into(Path::new(init))
+            .with_context(|| format!("lora_init_adapter: starting from {init}"))?;
+        tracing::info!("adapter initialised from {init}");
+    }
     tracing::info!("{}", adapters.trainable_report(model.num_parameters()));
 
     let out = output_dir(recipe)?;

@@ -51,11 +51,18 @@ fn tokenizer(g: &Value, case: &Value) -> Result<Tokenizer, PrepareError> {
     let mut json: Value =
         serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).expect("tokenizer.json"))
             .expect("json");
-    let pp = &g["post_processors"][case["post_processor"].as_str().expect("post_processor")];
-    if !pp.is_null() {
+    let variant = &g["tokenizers"][case["tokenizer"].as_str().expect("tokenizer variant")];
+    if let Some(pp) = variant.get("post_processor") {
         json["post_processor"] = pp.clone();
     }
-    let cfg = std::fs::read(dir.join("tokenizer_config.json")).expect("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("tokenizer_config.json")).expect("tokenizer_config.json"),
+    )
+    .expect("json");
+    if let Some(Value::Object(patch)) = variant.get("config") {
+        cfg.as_object_mut().expect("object").extend(patch.clone());
+    }
+    let cfg = serde_json::to_vec(&cfg).expect("serialize");
     let bytes = serde_json::to_vec(&json).expect("serialize");
     let c = &case["config"];
     Tokenizer::from_bytes(&bytes, Some(&cfg), &dir)?

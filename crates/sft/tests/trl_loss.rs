@@ -1,0 +1,61 @@
+//! Loss-curve parity with TRL: the same recipe (`tests/golden/trl_loss/recipe.yaml`) trained by
+//! `sft` and by TRL 1.16's SFTTrainer (`scripts/golden_trl_loss.py`), from the same initial
+//! adapter and in dataset order, gives the same loss, gradient norm and learning rate at every
+//! step.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn every_step_matches_trl() {
+    let golden = repo().join("crates/sft/tests/golden/trl_loss");
+    let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .arg(golden.join("recipe.yaml"))
+        .args(["--output_dir", out.to_str().unwrap()])
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", out.join("cache"))
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden.join("trl_log.json")).unwrap()).unwrap();
+    let ours = ours["log_history"].as_array().unwrap();
+    let theirs = theirs.as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len(), "logged steps");
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    let mut report = String::new();
+    let mut worst = 0.0f64;
+    for (a, b) in ours.iter().zip(theirs) {
+        assert_eq!(a["step"], b["step"]);
+        let lr = (f(a, "learning_rate") - f(b, "learning_rate")).abs();
+        assert!(
+            lr <= 1e-12 + 1e-9 * f(b, "learning_rate"),
+            "learning rate at step {}: {a} vs {b}",
+            b["step"]
+        );
+        let dl = (f(a, "loss") - f(b, "loss")).abs() / f(b, "loss");
+        let dg = (f(a, "grad_norm") - f(b, "grad_norm")).abs() / f(b, "grad_norm");
+        worst = worst.max(dl).max(dg);
+        report += &format!(
+            "step {:>2}: loss {:.6} vs TRL {:.6} ({dl:.1e}), grad_norm {:.5} vs {:.5} ({dg:.1e})\n",
+            b["step"],
+            f(a, "loss"),
+            f(b, "loss"),
+            f(a, "grad_norm"),
+            f(b, "grad_norm")
+        );
+    }
+    eprintln!("{report}");
+    assert!(worst <= 1e-4, "nibble's curve departs from TRL's by {worst:e}:\n{report}");
+    let _ = std::fs::remove_dir_all(&out);
+}
