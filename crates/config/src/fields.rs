@@ -164,17 +164,17 @@ section! {
         /// One dataset: hub id or local file/directory.
         dataset_name: Option<String> = None, Acted;
         /// Configuration name of `dataset_name`.
-        dataset_config: Option<String> = None, Planned;
+        dataset_config: Option<String> = None, Acted;
         /// Split used for training.
-        dataset_train_split: String = s("train"), Planned;
+        dataset_train_split: String = s("train"), Acted;
         /// Split used for evaluation.
-        dataset_test_split: String = s("test"), Planned;
+        dataset_test_split: String = s("test"), Acted;
         /// Stream the dataset instead of loading it.
         dataset_streaming: bool = false, Ignored;
         /// Ignore bias buffers (a distributed-training workaround).
         ignore_bias_buffers: bool = false, Ignored;
         /// Several datasets mixed by weight (alignment-handbook).
-        dataset_mixture: Option<DatasetMixture> = None, Planned;
+        dataset_mixture: Option<DatasetMixture> = None, Acted;
     }
 }
 
@@ -185,11 +185,11 @@ section! {
         /// Where checkpoints and the final adapter go.
         output_dir: Option<String> = None, Acted;
         /// Allow writing into a non-empty `output_dir` (older transformers key, kept by nibble).
-        overwrite_output_dir: bool = false, Planned;
+        overwrite_output_dir: bool = false, Acted;
         /// Sequences per device per micro-batch.
         per_device_train_batch_size: i64 = 8, Acted;
         /// Sequences per device per eval batch.
-        per_device_eval_batch_size: i64 = 8, Planned;
+        per_device_eval_batch_size: i64 = 8, Acted;
         /// Micro-batches per optimizer step.
         gradient_accumulation_steps: i64 = 1, Acted;
         /// Epochs (fractions allowed) when `max_steps` is -1.
@@ -245,15 +245,15 @@ section! {
         /// Verbosity.
         log_level: LogLevel = LogLevel::Passive, Planned;
         /// Experiment trackers.
-        report_to: ReportTo = ReportTo::One(s("none")), Ignored;
+        report_to: ReportTo = ReportTo::One(s("none")), Acted;
         /// Run name for trackers and logs.
-        run_name: Option<String> = None, Planned;
+        run_name: Option<String> = None, Acted;
         /// When to evaluate.
-        eval_strategy: Interval = Interval::No, Planned;
+        eval_strategy: Interval = Interval::No, Acted;
         /// Evaluate every N steps (below 1: a fraction of total steps).
-        eval_steps: Option<f64> = None, Planned;
+        eval_steps: Option<f64> = None, Acted;
         /// Evaluate before the first step.
-        eval_on_start: bool = false, Planned;
+        eval_on_start: bool = false, Acted;
         /// When to checkpoint.
         save_strategy: SaveStrategy = SaveStrategy::Steps, Acted;
         /// Checkpoint every N steps (below 1: a fraction of total steps).
@@ -309,7 +309,7 @@ section! {
         /// Which end of a long sequence is kept.
         truncation_mode: TruncationMode = TruncationMode::KeepStart, Acted;
         /// Shuffle the dataset before packing.
-        shuffle_dataset: bool = false, Planned;
+        shuffle_dataset: bool = false, Acted;
         /// Pack several sequences into each row.
         packing: bool = false, Acted;
         /// How to pack.
@@ -319,7 +319,7 @@ section! {
         /// Pad lengths to a multiple of this.
         pad_to_multiple_of: Option<PadTo> = Some(PadTo::Word(s("auto"))), Acted;
         /// Pack the eval set too (default: as `packing`).
-        eval_packing: Option<bool> = None, Planned;
+        eval_packing: Option<bool> = None, Acted;
         /// Loss on completion tokens only (default: when the data has prompt/completion).
         completion_only_loss: Option<bool> = None, Acted;
         /// Loss on assistant tokens only (needs `{% generation %}` in the template).

@@ -7,7 +7,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use quant::ops::{CodecAbsmax, Quantized4bit};
+use quant::state::{Absmax, QuantState, RawTensor};
 use safetensors::{Dtype, SafeTensors};
+use tch::{Kind, Tensor};
 
 use crate::Error;
 use crate::hf_config::{Architecture, HfConfig};
@@ -41,6 +44,58 @@ pub struct TensorView<'a> {
     pub data: &'a [u8],
     /// The file it lives in.
     pub file: &'a Path,
+}
+
+impl TensorView<'_> {
+    /// The libtorch kind of a floating tensor (F32, F16, BF16); `None` for any other dtype.
+    pub fn kind(&self) -> Option<Kind> {
+        kind_of(self.dtype)
+    }
+
+    /// The tensor in libtorch (a CPU copy in its stored dtype), for F32, F16 and BF16 tensors;
+    /// any other dtype is an error naming the tensor and file.
+    pub fn to_tensor(&self) -> Result<Tensor, Error> {
+        let mismatch = |message: String| Error::TensorMismatch {
+            name: self.name.to_owned(),
+            path: self.file.to_owned(),
+            message,
+        };
+        let kind = kind_of(self.dtype).ok_or_else(|| {
+            mismatch(format!("dtype {:?} is not a floating type (F32, F16 or BF16)", self.dtype))
+        })?;
+        let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        Tensor::f_from_data_size(self.data, &shape, kind).map_err(|e| mismatch(e.to_string()))
+    }
+}
+
+/// The libtorch kind of a floating safetensors dtype.
+pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// The libtorch kind of a torch dtype name as config.json and bitsandbytes write it.
+pub fn kind_from_torch_name(name: &str) -> Option<Kind> {
+    match name {
+        "float32" => Some(Kind::Float),
+        "float16" => Some(Kind::Half),
+        "bfloat16" => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// The torch dtype name (`float32`, `float16`, `bfloat16`) transformers writes for a kind.
+pub fn torch_name(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Float => Some("float32"),
+        Kind::Half => Some("float16"),
+        Kind::BFloat16 => Some("bfloat16"),
+        _ => None,
+    }
 }
 
 /// All tensors of a checkpoint directory, memory-mapped.
@@ -171,6 +226,71 @@ impl Checkpoint {
             data: &shard.map[e.start..e.end],
             file: &shard.path,
         })
+    }
+
+    /// The module prefixes whose weight bitsandbytes saved in 4 bits (those with a
+    /// `<prefix>.weight.quant_state.bitsandbytes__nf4` or `__fp4` tensor), sorted.
+    pub fn quantized_prefixes(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .names()
+            .filter_map(|n| {
+                n.strip_suffix(".weight.quant_state.bitsandbytes__nf4")
+                    .or_else(|| n.strip_suffix(".weight.quant_state.bitsandbytes__fp4"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// The 4-bit weight of module `prefix` as bitsandbytes saved it (`<prefix>.weight` packed
+    /// bytes plus its `weight.*` state tensors), every tensor checked; errors name the tensor.
+    pub fn quantized_weight(&self, prefix: &str) -> Result<Quantized4bit, Error> {
+        let weight = format!("{prefix}.weight");
+        let companions = format!("{weight}.");
+        let mut raw = Vec::new();
+        for (name, _) in self.entries.range(weight.clone()..).take_while(|(n, _)| n.starts_with(&weight)) {
+            if *name != weight && !name.starts_with(&companions) {
+                continue;
+            }
+            let v = self.tensor(name)?;
+            raw.push(RawTensor {
+                name: name.clone(),
+                dtype: format!("{:?}", v.dtype),
+                shape: v.shape.to_vec(),
+                data: v.data.to_vec(),
+            });
+        }
+        let quant_err = |source| Error::Quant { name: weight.clone(), source };
+        let state = QuantState::from_tensors(prefix, &raw).map_err(quant_err)?;
+        let shape: Vec<i64> = state.shape.iter().map(|&d| d as i64).collect();
+        let dtype = kind_from_torch_name(&state.dtype).unwrap_or(Kind::BFloat16);
+        let q = match &state.absmax {
+            Absmax::Plain(a) => Quantized4bit::from_codec(
+                &state.packed,
+                CodecAbsmax::Plain(a),
+                &shape,
+                dtype,
+                state.blocksize,
+                state.quant_type,
+            ),
+            Absmax::Nested { codes, nested_absmax, offset, .. } => {
+                let nested = quant::NestedAbsmax {
+                    codes: codes.clone(),
+                    nested_absmax: nested_absmax.clone(),
+                    offset: *offset,
+                };
+                Quantized4bit::from_codec(
+                    &state.packed,
+                    CodecAbsmax::Nested(&nested),
+                    &shape,
+                    dtype,
+                    state.blocksize,
+                    state.quant_type,
+                )
+            }
+        };
+        q.map_err(quant_err)
     }
 
     fn location(&self) -> PathBuf {

@@ -1,15 +1,17 @@
 //! Hugging Face models for nibble: where a model lives (a local directory or the hub cache,
 //! offline), what its `config.json` says (architecture and shape), its memory-mapped safetensors,
-//! and the model itself ([`CausalLm`]), quantized to 4 bits tensor by tensor as it loads.
+//! and the model itself ([`CausalLm`]), quantized to 4 bits tensor by tensor as it loads; and
+//! models written back as transformers saves them ([`export`]: `sft quantize`, merged models).
 
 #![deny(missing_docs)]
 
 mod checkpoint;
+pub mod export;
 mod hf_config;
 mod model;
 mod resolve;
 
-pub use checkpoint::{Checkpoint, TensorView, expected_shapes};
+pub use checkpoint::{Checkpoint, TensorView, expected_shapes, kind_from_torch_name, torch_name};
 pub use hf_config::{Architecture, HfConfig, RopeScaling};
 pub use model::{CausalLm, LayerContext, LoadOptions};
 pub use resolve::{HubCache, resolve_model};
@@ -32,6 +34,31 @@ pub enum Error {
         revision: String,
         /// The cache folder of that repository.
         searched: PathBuf,
+    },
+    /// An output directory that exists and is not empty (pass `overwrite` to replace it).
+    #[error("{} exists and is not empty (use --overwrite to replace it)", .path.display())]
+    OutputExists {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// An output that cannot be written where or as asked.
+    #[error("{}: {message}", .path.display())]
+    BadOutput {
+        /// The output path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An option out of range (blocksize, dtype, ...).
+    #[error("invalid option: {0}")]
+    BadOption(String),
+    /// A file that could not be written.
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
     },
     /// A file that could not be read.
     #[error("cannot read {}: {source}", .path.display())]

@@ -134,3 +134,25 @@ fn bf16_model_stays_close() {
     let err = max_rel_err(&got.to_kind(Kind::Float), &want);
     assert!(err < 5e-2, "bf16 logits off by {err:e}");
 }
+
+#[test]
+fn greedy_generation_follows_the_argmax_and_stops() {
+    let model = load(&golden("qwen2"), LoadOptions::default());
+    let prompt = [5i64, 9, 14];
+    let out = model.generate_greedy(&prompt, 6, &[]).unwrap();
+    assert_eq!(out.len(), 6);
+    // Each token is the argmax of the logits of the sequence so far.
+    let mut ids = prompt.to_vec();
+    for &t in &out {
+        let x = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
+        let logits = tch::no_grad(|| model.forward(&x, None, None)).unwrap();
+        assert_eq!(logits.get(0).get(ids.len() as i64 - 1).argmax(-1, false).int64_value(&[]), t);
+        ids.push(t);
+    }
+    // A stop id ends it at its first occurrence, and is returned.
+    let stop = out[out.len() - 1];
+    let first = out.iter().position(|&t| t == stop).unwrap();
+    let stopped = model.generate_greedy(&prompt, 6, &[stop]).unwrap();
+    assert_eq!(stopped, out[..=first].to_vec());
+    assert!(model.generate_greedy(&[], 3, &[]).is_err());
+}

@@ -4,5 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod data;
+pub mod merge;
+pub mod report;
 pub mod template;
 pub mod train;

@@ -1,22 +1,48 @@
 //! `sft`: nibble's user entry point. `sft RECIPE.yaml [--key value ...]` fine-tunes a model as
-//! the recipe says; `--print-config` prints the resolved plan instead.
+//! the recipe says; `--print-config` prints the resolved plan instead; `sft quantize` writes a
+//! model pre-quantized to 4 bits; `sft merge` merges a trained adapter into its base model.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 mod estimate;
 mod prepare;
+mod quantize;
 mod run;
 
 /// Exit code of a recipe error (bad key, type, value), as argparse-style tools use.
 const EXIT_RECIPE: u8 = 2;
 
+/// Exit code of a command-line error (unknown flag, missing or bad value), as argparse uses.
+const EXIT_USAGE: u8 = 2;
+
+/// A problem with the command line itself: exit code 2 and the usage text.
+#[derive(Debug, PartialEq)]
+pub(crate) struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 const USAGE: &str = "\
 usage: sft RECIPE.yaml [--key value | --key=value]... [--print-config | --estimate-memory]
        sft --config RECIPE.yaml [...]
        sft env                      show the libtorch build and devices nibble sees
+       sft quantize MODEL OUT_DIR [--quant-type nf4|fp4] [--double-quant] [--blocksize 64]
+                    [--compute-dtype fp32|bf16|fp16] [--max-shard-size 50GB] [--revision REV]
+                    [--overwrite]
+                                    write MODEL (a directory or hub id) pre-quantized to 4 bits
+                                    as transformers + bitsandbytes save it
+       sft merge --model BASE --adapter DIR --out DIR [--dtype bf16|fp16|fp32]
+                 [--max-shard-size 50GB] [--revision REV] [--overwrite]
+                                    merge a PEFT LoRA adapter into BASE (dense or 4-bit) and
+                                    write a plain transformers model (default dtype: BASE's)
 
 Recipe keys follow TRL (ModelConfig, ScriptArguments, SFTConfig) and the alignment-handbook.
 Precedence: defaults < RECIPE.yaml < NIBBLE_<KEY> environment variables < --key flags.";
@@ -38,12 +64,57 @@ enum Command {
     Help,
     Env,
     Run { recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String> },
+    Quantize(quantize::QuantizeArgs),
+    Merge(MergeArgs),
 }
 
-fn parse_args(args: Vec<String>) -> Result<Command> {
+/// `sft merge`'s arguments.
+#[derive(Debug, PartialEq)]
+struct MergeArgs {
+    model: String,
+    revision: String,
+    adapter: PathBuf,
+    out: PathBuf,
+    opts: sft::merge::MergeOptions,
+}
+
+fn parse_merge(args: Vec<String>) -> Result<MergeArgs, UsageError> {
+    use quantize::{flag_value, parse_dtype, parse_size, split_flag};
+    let (mut model, mut adapter, mut out) = (None, None, None);
+    let mut revision = "main".to_owned();
+    let mut opts = sft::merge::MergeOptions::default();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = split_flag(&arg);
+        match flag {
+            "--model" | "--base" => model = Some(flag_value(flag, inline, &mut it)?),
+            "--adapter" => adapter = Some(flag_value(flag, inline, &mut it)?),
+            "--out" | "--output" => out = Some(flag_value(flag, inline, &mut it)?),
+            "--dtype" => opts.dtype = Some(parse_dtype(flag, &flag_value(flag, inline, &mut it)?)?),
+            "--max-shard-size" | "--max_shard_size" => {
+                opts.max_shard_size = parse_size(flag, &flag_value(flag, inline, &mut it)?)?;
+            }
+            "--revision" => revision = flag_value(flag, inline, &mut it)?,
+            "--overwrite" => opts.overwrite = true,
+            _ => return Err(UsageError(format!("merge: unexpected argument `{arg}`"))),
+        }
+    }
+    let need = |v: Option<_>, flag: &str| v.ok_or_else(|| UsageError(format!("merge needs {flag}")));
+    Ok(MergeArgs {
+        model: need(model, "--model BASE")?,
+        adapter: need(adapter, "--adapter DIR")?.into(),
+        out: need(out, "--out DIR")?.into(),
+        revision,
+        opts,
+    })
+}
+
+fn parse_args(mut args: Vec<String>) -> Result<Command, UsageError> {
     match args.first().map(String::as_str) {
         None | Some("-h" | "--help" | "help") => return Ok(Command::Help),
         Some("env") => return Ok(Command::Env),
+        Some("quantize") => return quantize::parse(args.split_off(1)).map(Command::Quantize),
+        Some("merge") => return parse_merge(args.split_off(1)).map(Command::Merge),
         _ => {}
     }
     let mut recipe = None;
@@ -54,7 +125,10 @@ fn parse_args(args: Vec<String>) -> Result<Command> {
         match a.as_str() {
             "--print-config" | "--print_config" => mode = Mode::PrintConfig,
             "--estimate-memory" | "--estimate_memory" => mode = Mode::EstimateMemory,
-            "--config" => recipe = Some(PathBuf::from(it.next().context("--config needs a file")?)),
+            "--config" => {
+                recipe =
+                    Some(PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?))
+            }
             _ if a.starts_with("--config=") => recipe = Some(PathBuf::from(&a["--config=".len()..])),
             _ if a.starts_with("--") => {
                 overrides.push(a);
@@ -63,7 +137,7 @@ fn parse_args(args: Vec<String>) -> Result<Command> {
                 }
             }
             _ if recipe.is_none() => recipe = Some(PathBuf::from(a)),
-            _ => anyhow::bail!("unexpected argument `{a}` (a recipe was already given)\n\n{USAGE}"),
+            _ => return Err(UsageError(format!("unexpected argument `{a}` (a recipe was already given)"))),
         }
     }
     Ok(Command::Run { recipe, mode, overrides })
@@ -150,9 +224,55 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether a failed command is the user's to fix by changing the arguments (exit code 2): an
+/// output directory that is not empty without `--overwrite`.
+fn is_usage_error(e: &anyhow::Error) -> bool {
+    use model_loader::Error::OutputExists;
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<model_loader::Error>(), Some(OutputExists { .. }))
+            || matches!(
+                c.downcast_ref::<sft::merge::MergeError>(),
+                Some(sft::merge::MergeError::Model(OutputExists { .. }))
+            )
+    })
+}
+
+/// Exit 0, 2 for an error in the arguments, or hand the error to `main` (exit 1).
+fn finish(result: Result<()>) -> Result<ExitCode> {
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if is_usage_error(&e) => {
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let cache = model_loader::HubCache::from_env(|k| std::env::var(k).ok());
+    let base = model_loader::resolve_model(&a.model, &a.revision, &cache)?;
+    tracing::info!(base = %base.display(), adapter = %a.adapter.display(), out = %a.out.display(), "merging");
+    let pb = quantize::progress_bar("merge");
+    let result = sft::merge::merge(&base, &a.adapter, &a.out, &a.opts, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    });
+    pb.finish_and_clear();
+    result?;
+    Ok(())
+}
+
 fn main() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse_args(args)? {
+    let command = match parse_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    match command {
         Command::Help => {
             #[allow(clippy::print_stdout)]
             {
@@ -165,6 +285,14 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { recipe, mode, overrides } => run(recipe, mode, overrides),
+        Command::Quantize(a) => {
+            init_logging();
+            finish(quantize::run(a))
+        }
+        Command::Merge(a) => {
+            init_logging();
+            finish(merge(a))
+        }
     }
 }
 
@@ -205,6 +333,34 @@ mod tests {
     #[test]
     fn second_positional_is_an_error() {
         assert!(parse_args(args("a.yaml b.yaml")).is_err());
+    }
+
+    #[test]
+    fn quantize_and_merge_parse_their_flags() {
+        let c =
+            parse_args(args("quantize m out --quant-type fp4 --double-quant --blocksize=128 --overwrite"));
+        let Ok(Command::Quantize(q)) = c else { panic!("{c:?}") };
+        assert_eq!((q.model.as_str(), q.out.as_path()), ("m", std::path::Path::new("out")));
+        assert_eq!(q.quant.quant_type, quant::QuantType::Fp4);
+        assert_eq!((q.quant.blocksize, q.quant.double_quant, q.overwrite), (128, true, true));
+        let c = parse_args(args("merge --model b --adapter a --out o --dtype bf16 --max-shard-size 2GB"));
+        let Ok(Command::Merge(m)) = c else { panic!("{c:?}") };
+        assert_eq!(m.opts.dtype, Some(tch::Kind::BFloat16));
+        assert_eq!(m.opts.max_shard_size, 2_000_000_000);
+        assert!(!m.opts.overwrite);
+        for bad in [
+            "quantize m",
+            "quantize m o extra",
+            "quantize m o --quant-type int4",
+            "quantize m o --blocksize 100",
+            "quantize m o --bogus",
+            "merge --model b --adapter a",
+            "merge --model b --adapter a --out o --dtype fp8",
+            "merge --model b --adapter a --out o --max-shard-size",
+            "merge b",
+        ] {
+            assert!(parse_args(args(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use config::Recipe;
 use model_loader::{HfConfig, HubCache, resolve_model};
-use sft::data::{Batch, Dataset, TokenizeOptions, Tokenizer, load_or_prepare};
+use sft::data::{
+    Batch, DataPlan, Dataset, Example, LoadedData, PrepareError, TokenizeOptions, Tokenizer,
+    load_or_prepare_rows,
+};
+use sft::template::ChatTemplate;
 use sft::train::{DeviceBatch, EpochBatches};
 use tch::Tensor;
 
@@ -59,26 +63,16 @@ fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nibble/tokenized"))
 }
 
-/// The recipe's training file: `dataset_name` naming a local JSON/JSONL file.
-fn data_file(recipe: &Recipe) -> Result<PathBuf> {
-    if recipe.data.dataset_mixture.is_some() {
-        anyhow::bail!(
-            "dataset_mixture is not supported yet (issue 6): name one local JSON/JSONL file in dataset_name"
-        );
-    }
-    let name = recipe.data.dataset_name.as_deref().context("dataset_name is not set")?;
-    let path = PathBuf::from(name);
-    if !path.is_file() {
-        anyhow::bail!(
-            "dataset_name `{name}` is not a local file; hub datasets and Parquet are not supported yet (issue 6)"
-        );
-    }
-    Ok(path)
-}
-
 /// The tokenized training set and how the recipe batches it.
 pub struct TrainData {
+    /// The tokenizer the data was prepared with.
+    pub tokenizer: Tokenizer,
+    /// A prompt from the first training row (rendered for generation), to sample the trained
+    /// adapter with.
+    pub sample_prompt: Option<String>,
     dataset: Dataset,
+    eval: Option<Dataset>,
+    eval_batch_size: usize,
     batch_size: usize,
     drop_last: bool,
     sequential: bool,
@@ -98,6 +92,14 @@ impl TrainData {
     /// Micro-batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.dataset.batches_per_epoch(self.batch_size, self.drop_last)
+    }
+
+    /// The eval set's batches (in order), empty when the data has no eval split.
+    pub fn eval_batches(&self) -> EpochBatches {
+        match &self.eval {
+            Some(ds) => ds.sequential_batches(self.eval_batch_size).map(|b| to_device(&b)).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// Epoch `epoch`'s micro-batches as tensors, with their loss-token counts.
@@ -120,11 +122,13 @@ fn to_device(b: &Batch) -> (DeviceBatch, u64) {
         labels: t(&b.labels),
         position_ids: t(&b.position_ids),
         segment_ids: packed.then(|| t(&b.segment_ids)),
+        num_tokens: b.num_tokens() as u64,
     };
     (batch, b.num_loss_tokens() as u64)
 }
 
-/// Read, tokenize (or load from the cache) and prepare the recipe's training set.
+/// Find, read, tokenize (or load from the cache) and prepare the recipe's training set and, when
+/// the data has one, its eval set.
 pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
     let sequential = match recipe.training.train_sampling_strategy.as_str() {
         "random" => false,
@@ -133,18 +137,83 @@ pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
             "train_sampling_strategy `{other}` is not supported yet (supported: random, sequential)"
         ),
     };
-    let file = data_file(recipe)?;
+    let hub = HubCache::from_env(|k| std::env::var(k).ok());
+    let plan = DataPlan::from_recipe(recipe, &hub)?;
     let tok_dir = recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from);
     let tok_dir = tok_dir.as_deref().unwrap_or(model_dir);
     let tok = Tokenizer::from_recipe(tok_dir, recipe)?;
     let template = chat_template(recipe, tok_dir)?;
     let opts = TokenizeOptions::from_recipe(recipe);
-    let (dataset, outcome) = load_or_prepare(&file, &tok, template.as_deref(), &opts, cache_dir().as_deref())
-        .with_context(|| format!("preparing {}", file.display()))?;
-    tracing::debug!("tokenization cache: {outcome:?}");
+    // Rows are read at most once, and only when a cache misses.
+    let loaded = std::cell::OnceCell::new();
+    let load = || -> Result<&LoadedData, PrepareError> {
+        if let Some(l) = loaded.get() {
+            return Ok(l);
+        }
+        let l = plan.load(&recipe.training.dataset_text_field)?;
+        Ok(loaded.get_or_init(|| l))
+    };
+    let cache = cache_dir();
+    let (dataset, outcome) = load_or_prepare_rows(
+        &plan.train_fingerprint(),
+        &tok,
+        template.as_deref(),
+        &opts,
+        cache.as_deref(),
+        || Ok((load()?.train.clone(), None)),
+    )
+    .context("preparing the training set")?;
+    tracing::debug!("tokenization cache (train): {outcome:?}");
+    let eval = match plan.eval_fingerprint() {
+        Some(fp) => {
+            let eval_opts = TokenizeOptions::for_eval(recipe);
+            let (ds, outcome) =
+                load_or_prepare_rows(&fp, &tok, template.as_deref(), &eval_opts, cache.as_deref(), || {
+                    Ok((load()?.eval.clone().unwrap_or_default(), None))
+                })
+                .context("preparing the eval set")?;
+            tracing::debug!("tokenization cache (eval): {outcome:?}");
+            Some(ds)
+        }
+        None => None,
+    };
     let batch_size = usize::try_from(recipe.training.per_device_train_batch_size)
         .ok()
         .filter(|&b| b > 0)
         .context("per_device_train_batch_size must be >= 1")?;
-    Ok(TrainData { dataset, batch_size, drop_last: recipe.training.dataloader_drop_last, sequential })
+    let eval_batch_size = usize::try_from(recipe.training.per_device_eval_batch_size).unwrap_or(1).max(1);
+    let first = match loaded.get() {
+        Some(l) => l.train.first().cloned(),
+        None => plan.load(&recipe.training.dataset_text_field).ok().and_then(|l| l.train.into_iter().next()),
+    };
+    let sample_prompt = first.and_then(|row| sample_prompt(row, template.as_deref()));
+    Ok(TrainData {
+        tokenizer: tok,
+        sample_prompt,
+        dataset,
+        eval,
+        eval_batch_size,
+        batch_size,
+        drop_last: recipe.training.dataloader_drop_last,
+        sequential,
+    })
+}
+
+/// The first row's prompt as the model sees it before its answer: a conversation up to its last
+/// assistant turn rendered with `add_generation_prompt`, or a prompt/completion row's prompt.
+fn sample_prompt(row: Example, template: Option<&str>) -> Option<String> {
+    let render = |messages: &[sft::data::Message]| -> Option<String> {
+        let t = ChatTemplate::new(template?).ok()?;
+        let ctx = serde_json::json!({"messages": messages, "add_generation_prompt": true});
+        Some(t.render(&ctx).ok()?.text)
+    };
+    match row {
+        Example::Conversation { messages, .. } => {
+            let last_assistant = messages.iter().rposition(|m| m.role == "assistant")?;
+            render(&messages[..last_assistant])
+        }
+        Example::ConversationalPromptCompletion { prompt, .. } => render(&prompt),
+        Example::PromptCompletion { prompt, .. } => Some(prompt),
+        Example::Text(_) => None,
+    }
 }

@@ -9,7 +9,8 @@ use config::types::{Dtype, TargetModules};
 use indicatif::{ProgressBar, ProgressStyle};
 use model_loader::{Architecture, CausalLm, HfConfig, LoadOptions};
 use quant::ops::QuantizeOptions;
-use sft::train::{AdamWConfig, Checkpoint, LogEntry, Schedule, TrainOptions, Trainer, checkpoint};
+use sft::report::{self, EvalLog, ReportOptions, Reporter, RunSummary, TrainLog};
+use sft::train::{AdamWConfig, Checkpoint, Event, Outcome, Schedule, TrainOptions, Trainer, checkpoint};
 use tch::{Device, Kind};
 
 use crate::prepare;
@@ -92,20 +93,59 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// The output directory, refusing to mix a fresh run into an old run's checkpoints.
-fn output_dir(recipe: &Recipe) -> Result<PathBuf> {
+/// The output directory; a fresh run refuses one that holds a previous run's adapter or
+/// checkpoints unless `overwrite_output_dir` (resuming is what that folder is for).
+fn output_dir(recipe: &Recipe, resuming: bool) -> Result<PathBuf> {
     let dir = PathBuf::from(recipe.training.output_dir.as_deref().unwrap_or("trainer_output"));
+    let previous = dir.join(lora::WEIGHTS_FILE).is_file() || !checkpoint::list(&dir)?.is_empty();
+    if previous && !resuming && !recipe.training.overwrite_output_dir {
+        bail!(
+            "output_dir {} already holds a previous run (adapter or checkpoints); set \
+             `overwrite_output_dir: true` to replace it, `resume_from_checkpoint: true` to continue it, \
+             or choose another output_dir",
+            dir.display()
+        );
+    }
+    if previous && !resuming {
+        for (_, ck) in checkpoint::list(&dir)? {
+            std::fs::remove_dir_all(&ck).with_context(|| format!("removing {}", ck.display()))?;
+        }
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating output_dir {}", dir.display()))?;
     Ok(dir)
 }
 
 /// Which checkpoint to resume from: `resume_from_checkpoint` is a path, or `true`/`last` for the
-/// newest one in output_dir.
-fn resume_dir(recipe: &Recipe, out: &Path) -> Result<Option<PathBuf>> {
+/// newest one in output_dir (an error when there is none, as transformers does).
+fn resume_dir(recipe: &Recipe) -> Result<Option<PathBuf>> {
+    let out = PathBuf::from(recipe.training.output_dir.as_deref().unwrap_or("trainer_output"));
     match recipe.training.resume_from_checkpoint.as_deref() {
         None | Some("" | "false" | "False") => Ok(None),
-        Some("true" | "True" | "last") => Ok(checkpoint::latest(out)?),
-        Some(path) => Ok(Some(PathBuf::from(path))),
+        Some("true" | "True" | "last") => match checkpoint::latest(&out)? {
+            Some(dir) => Ok(Some(dir)),
+            None => bail!("resume_from_checkpoint: no checkpoint-* folder in {}", out.display()),
+        },
+        Some(path) => {
+            let p = PathBuf::from(path);
+            if !p.is_dir() {
+                bail!("resume_from_checkpoint: {} is not a checkpoint folder", p.display());
+            }
+            Ok(Some(p))
+        }
+    }
+}
+
+/// Eval cadence from `eval_strategy` / `eval_steps` (which defaults to `logging_steps`).
+fn eval_steps(recipe: &Recipe, logging_steps: u64, steps_per_epoch: u64, total: u64) -> Option<u64> {
+    let t = &recipe.training;
+    match t.eval_strategy {
+        config::types::Interval::No => None,
+        config::types::Interval::Epoch => Some(steps_per_epoch),
+        config::types::Interval::Steps => Some(match t.eval_steps {
+            Some(f) if f < 1.0 => (f * total as f64).ceil() as u64,
+            Some(f) => f as u64,
+            None => logging_steps,
+        }),
     }
 }
 
@@ -159,7 +199,8 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     }
     tracing::info!("{}", adapters.trainable_report(model.num_parameters()));
 
-    let out = output_dir(recipe)?;
+    let resume = resume_dir(recipe)?;
+    let out = output_dir(recipe, resume.is_some())?;
     let t = &recipe.training;
     let ga = usize::try_from(t.gradient_accumulation_steps)
         .ok()
@@ -214,15 +255,16 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         output_dir: out.clone(),
         gradient_checkpointing: t.gradient_checkpointing,
         seed: t.seed,
+        eval_steps: eval_steps(recipe, logging_steps, steps_per_epoch, total_steps),
+        eval_on_start: t.eval_on_start,
     };
-    let resume = resume_dir(recipe, &out)?;
     if let Some(ck) = &resume {
         // Copied into the same tensors the optimizer holds.
         adapters.load_into(ck).with_context(|| format!("loading the adapter of {}", ck.display()))?;
     }
     let mut trainer = Trainer::new(&model, adapters.parameters(), topts)?;
-    if let Some(ck) = resume {
-        let c = Checkpoint::load(&ck)?;
+    if let Some(ck) = &resume {
+        let c = Checkpoint::load(ck)?;
         trainer.optimizer.load_state(&c.optimizer, c.optimizer_step).map_err(anyhow::Error::msg)?;
         trainer.progress = c.progress;
         tracing::info!("resumed from {} at step {}", ck.display(), trainer.progress.global_step);
@@ -240,30 +282,105 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     pb.set_position(trainer.progress.global_step);
     let save = |d: &Path| adapters.save(d).map_err(|e| e.to_string());
     let mut epoch_batches = |epoch: u64| data.epoch(epoch, recipe.training.seed);
-    let mut on_log = |e: &LogEntry| {
-        pb.set_position(e.step);
-        tracing::info!(
-            "step {}/{} loss {:.4} grad_norm {:.4} lr {:.3e} epoch {:.2} tokens {}",
-            e.step,
-            total_steps,
-            e.loss,
-            e.grad_norm,
-            e.learning_rate,
-            e.epoch,
-            e.num_tokens
-        );
+    let eval = data.eval_batches();
+    if trainer.opts.eval_steps.is_some() && eval.is_empty() {
+        tracing::warn!("eval_strategy is set but the data has no eval split; not evaluating");
+    }
+    let mut ro = ReportOptions::from_recipe(recipe);
+    ro.logging_dir = std::env::var_os("TENSORBOARD_LOGGING_DIR").map(PathBuf::from);
+    ro.resume_from_step = resume.is_some().then_some(trainer.progress.global_step);
+    let mut reporter = Reporter::new(&out, ro)?;
+    if let Some(d) = reporter.logging_dir() {
+        tracing::info!("TensorBoard: tensorboard --logdir {}", d.display());
+    }
+    let mut on_event = |e: Event<'_>| match e {
+        Event::Train(e) => {
+            pb.set_position(e.step);
+            let line = TrainLog::from(e);
+            pb.suspend(|| tracing::info!("{}", report::format_log_line(&line, total_steps)));
+            if let Err(err) = reporter.log_train(&line) {
+                tracing::warn!("{err}");
+            }
+        }
+        Event::Eval(e) => {
+            pb.suspend(|| {
+                tracing::info!(
+                    "eval at step {}: loss {:.4} acc {:.3} ({:.1}s)",
+                    e.step,
+                    e.eval_loss,
+                    e.eval_mean_token_accuracy,
+                    e.eval_runtime
+                )
+            });
+            if let Err(err) = reporter.log_eval(&EvalLog::from(e)) {
+                tracing::warn!("{err}");
+            }
+        }
+        Event::Saved(dir) => pb.suspend(|| tracing::info!("checkpoint saved: {}", dir.display())),
     };
+    // Ctrl-C: finish the current step, save a checkpoint, exit cleanly.
+    let stop = trainer.stop.clone();
+    if let Err(e) = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)) {
+        tracing::debug!("no Ctrl-C handler: {e}");
+    }
     adapters.set_training(true);
-    trainer.train(&mut epoch_batches, &save, &mut on_log)?;
+    let outcome = trainer.train(&mut epoch_batches, &eval, &save, &mut on_event)?;
     pb.finish_and_clear();
+    if let Outcome::Interrupted(dir) = outcome {
+        tracing::warn!(
+            "interrupted at step {}: checkpoint saved in {}; continue with --resume_from_checkpoint {}",
+            trainer.progress.global_step,
+            dir.display(),
+            dir.display()
+        );
+        return Ok(());
+    }
     adapters.set_training(false);
     adapters.save(&out).with_context(|| format!("saving the adapter to {}", out.display()))?;
     let state = serde_json::json!({
         "global_step": trainer.progress.global_step,
         "num_tokens": trainer.progress.num_tokens,
         "log_history": trainer.progress.log_history,
+        "eval_history": trainer.progress.eval_history,
     });
     write_atomic(&out.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-    tracing::info!("adapter written to {}", out.display());
+    let tok_dir =
+        recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from).unwrap_or_else(|| dir.clone());
+    report::copy_tokenizer_files(&tok_dir, &out)?;
+    if let Some(t) = &recipe.training.chat_template {
+        // TRL saves the tokenizer with the recipe's template.
+        report::write_atomic(&out.join("chat_template.jinja"), t.as_bytes())?;
+    }
+    let done = reporter.finish(&RunSummary::from_recipe(recipe, total_steps, data.len() as u64))?;
+    tracing::info!(
+        "adapter written to {} (train_loss {:.4}; {} files: adapter, tokenizer, recipe.yaml, metrics, loss.png, README.md)",
+        out.display(),
+        done.metrics.get("train_loss").copied().unwrap_or(f64::NAN),
+        done.files.len()
+    );
+    if let Some(prompt) = &data.sample_prompt {
+        adapters.set_training(false);
+        sample(&model, &data.tokenizer, prompt)?;
+    }
+    Ok(())
+}
+
+/// Print a short greedy generation from the trained model, so a run ends showing what it learned.
+fn sample(model: &CausalLm, tok: &sft::data::Tokenizer, prompt: &str) -> Result<()> {
+    let ids: Vec<i64> =
+        tok.encode(prompt, false).map_err(anyhow::Error::msg)?.into_iter().map(i64::from).collect();
+    let mut stop: Vec<i64> = tok.eos_token_id().map(i64::from).into_iter().collect();
+    stop.extend(tok.token_to_id("<|im_end|>").map(i64::from));
+    let new = model.generate_greedy(&ids, 48, &stop)?;
+    let new_u32: Vec<u32> = new.iter().map(|&t| t as u32).collect();
+    let text = tok.inner().decode(&new_u32, true).map_err(|e| anyhow::anyhow!("decoding the sample: {e}"))?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "sample from the trained adapter:\n--- prompt ---\n{}\n--- generated ---\n{}",
+            prompt.trim_end(),
+            text.trim()
+        );
+    }
     Ok(())
 }

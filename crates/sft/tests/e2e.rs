@@ -1,6 +1,11 @@
 //! The main job end to end: `sft recipes/tiny/config_qlora.yaml` trains a QLoRA adapter on the
 //! shipped tiny model, a second run reuses the tokenization cache, and Python PEFT loads the
 //! adapter on transformers + bitsandbytes' 4-bit model with the same logits as nibble's.
+//!
+//! The comparison quantizes without double quantization: bitsandbytes' CPU encoder of the 8-bit
+//! absmax codes departs from its CUDA kernel by up to one bin (see the quant crate's docs), and
+//! nibble follows the kernel, so with nested quantization the two 4-bit models differ slightly
+//! before any adapter is involved.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::path::{Path, PathBuf};
@@ -31,6 +36,8 @@ fn train(out: &Path, cache: &Path, extra: &[&str]) -> String {
         "6".into(),
         "--logging_steps".into(),
         "2".into(),
+        "--use_bnb_nested_quant".into(),
+        "false".into(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let o = Command::new(env!("CARGO_BIN_EXE_sft"))
@@ -53,7 +60,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 model_dir, adapter, inputs, out = sys.argv[1:5]
-bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
                          bnb_4bit_compute_dtype=torch.float32)
 base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
 model = PeftModel.from_pretrained(base, adapter).eval()
@@ -89,7 +96,7 @@ fn the_tiny_default_trains_an_adapter_that_peft_loads() {
 
     // nibble's logits with the trained adapter.
     let opts = LoadOptions {
-        quantize: Some(QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true }),
+        quantize: Some(QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: false }),
         ..LoadOptions::default()
     };
     let mut model = CausalLm::load(&repo().join("models/tiny-llama"), &opts, &mut |_, _| {}).unwrap();

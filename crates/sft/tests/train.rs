@@ -10,7 +10,8 @@ use model_loader::{CausalLm, LoadOptions};
 use quant::QuantType;
 use quant::ops::QuantizeOptions;
 use sft::train::{
-    AdamWConfig, Checkpoint, DeviceBatch, EpochBatches, Schedule, TrainOptions, Trainer, forward_backward,
+    AdamWConfig, Checkpoint, DeviceBatch, EpochBatches, Event, Schedule, TrainOptions, Trainer,
+    forward_backward,
 };
 use tch::{Kind, Tensor};
 
@@ -55,7 +56,8 @@ fn batch(seed: i64, rows: i64, cols: i64) -> (DeviceBatch, u64) {
     let _ = labels.narrow(1, cols - 2, 2).fill_(-100);
     let count = labels.narrow(1, 1, cols - 1).ne(-100).sum(Kind::Int64).int64_value(&[]) as u64;
     let pos = Tensor::arange(cols, (Kind::Int64, tch::Device::Cpu)).expand([rows, cols], false).contiguous();
-    (DeviceBatch { input_ids: ids, labels, position_ids: pos, segment_ids: None }, count)
+    let num_tokens = (rows * cols) as u64;
+    (DeviceBatch { input_ids: ids, labels, position_ids: pos, segment_ids: None, num_tokens }, count)
 }
 
 fn grads(a: &lora::Adapters) -> Vec<Tensor> {
@@ -68,12 +70,12 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let mut model = model_4bit();
     let a = adapters(&mut model, 0.1);
     let (b, n) = batch(1, 2, 24);
-    let l1 = forward_backward(&model, &b, n as f64, false, 99).unwrap();
+    let l1 = forward_backward(&model, &b, n as f64, false, 99).unwrap().loss;
     let g1 = grads(&a);
     for p in a.parameters() {
         let _ = p.grad().zero_();
     }
-    let l2 = forward_backward(&model, &b, n as f64, true, 99).unwrap();
+    let l2 = forward_backward(&model, &b, n as f64, true, 99).unwrap().loss;
     let g2 = grads(&a);
     assert!((l1 - l2).abs() < 1e-6, "loss {l1} vs {l2}");
     assert_eq!(g1.len(), 2 * 14);
@@ -92,8 +94,8 @@ fn loss_is_normalised_over_the_window_tokens() {
     let _a = adapters(&mut model, 0.0);
     let (b, n) = batch(2, 3, 16);
     // Half the count doubles the reported share.
-    let l1 = forward_backward(&model, &b, n as f64, false, 1).unwrap();
-    let l2 = forward_backward(&model, &b, n as f64 / 2.0, false, 1).unwrap();
+    let l1 = forward_backward(&model, &b, n as f64, false, 1).unwrap().loss;
+    let l2 = forward_backward(&model, &b, n as f64 / 2.0, false, 1).unwrap().loss;
     assert!((l2 - 2.0 * l1).abs() < 1e-5 * l1.abs());
     // And the per-token mean is near ln(vocab) for an untrained tiny model on random tokens.
     assert!(l1 > 3.0 && l1 < 8.0, "{l1}");
@@ -114,6 +116,8 @@ fn options(out: &Path, total: u64, save_steps: Option<u64>) -> TrainOptions {
         output_dir: out.to_owned(),
         gradient_checkpointing: false,
         seed: 5,
+        eval_steps: None,
+        eval_on_start: false,
     }
 }
 
@@ -135,7 +139,13 @@ fn run(out: &Path, total: u64, save_steps: Option<u64>, resume: Option<&Path>) -
     }
     let save = |d: &Path| a.save(d).map_err(|e| e.to_string());
     let mut losses = Vec::new();
-    trainer.train(&mut epoch_data, &save, &mut |e| losses.push(e.loss)).unwrap();
+    trainer
+        .train(&mut epoch_data, &[], &save, &mut |e| {
+            if let Event::Train(e) = e {
+                losses.push(e.loss);
+            }
+        })
+        .unwrap();
     (losses, a.parameters().iter().map(Tensor::copy).collect())
 }
 
@@ -173,8 +183,14 @@ fn repeated_batches_are_learned() {
     let mut trainer = Trainer::new(&model, a.parameters(), opts).unwrap();
     let mut same = |_e: u64| -> EpochBatches { vec![batch(7, 2, 20), batch(8, 2, 20)] };
     let mut losses = Vec::new();
-    trainer.train(&mut same, &|_d: &Path| Ok(()), &mut |e| losses.push(e.loss)).unwrap();
-    // Random tokens are hard for a 115k-parameter model; the loss must still fall at every step.
-    assert!(losses.windows(2).all(|w| w[1] < w[0]), "loss did not fall steadily: {losses:?}");
-    assert!(losses[11] < 0.97 * losses[0], "loss did not fall: {losses:?}");
+    trainer
+        .train(&mut same, &[], &|_d: &Path| Ok(()), &mut |e| {
+            if let Event::Train(e) = e {
+                losses.push(e.loss);
+            }
+        })
+        .unwrap();
+    // Two repeated batches of random tokens: the loss must fall well below where it started.
+    assert!(losses[11] < 0.8 * losses[0], "loss did not fall: {losses:?}");
+    assert!(losses[8..].iter().all(|l| *l < losses[0]), "loss came back up: {losses:?}");
 }

@@ -14,9 +14,7 @@ mod qwen3;
 use std::path::Path;
 
 use quant::linear::{Dense, Linear, Linear4bit};
-use quant::ops::{CodecAbsmax, QuantizeOptions, Quantized4bit};
-use quant::state::{Absmax, QuantState, RawTensor};
-use safetensors::Dtype;
+use quant::ops::QuantizeOptions;
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
@@ -76,24 +74,6 @@ impl std::fmt::Debug for CausalLm {
     }
 }
 
-fn torch_kind(view_dtype: Dtype) -> Option<Kind> {
-    match view_dtype {
-        Dtype::F32 => Some(Kind::Float),
-        Dtype::F16 => Some(Kind::Half),
-        Dtype::BF16 => Some(Kind::BFloat16),
-        _ => None,
-    }
-}
-
-fn kind_from_torch_name(name: &str) -> Option<Kind> {
-    match name {
-        "float32" => Some(Kind::Float),
-        "float16" => Some(Kind::Half),
-        "bfloat16" => Some(Kind::BFloat16),
-        _ => None,
-    }
-}
-
 /// Reads tensors out of a checkpoint into libtorch, naming the tensor in every error.
 struct Reader<'a> {
     ck: &'a Checkpoint,
@@ -103,17 +83,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn dense(&self, name: &str, kind: Kind) -> Result<Tensor, Error> {
-        let v = self.ck.tensor(name)?;
-        let mismatch = |message: String| Error::TensorMismatch {
-            name: name.to_owned(),
-            path: v.file.to_owned(),
-            message,
-        };
-        let src = torch_kind(v.dtype).ok_or_else(|| {
-            mismatch(format!("dtype {:?} is not a floating type (F32, F16 or BF16)", v.dtype))
-        })?;
-        let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(v.data, &shape, src).map_err(|e| mismatch(e.to_string()))?;
+        let t = self.ck.tensor(name)?.to_tensor()?;
         Ok(t.f_to_kind(kind)?.f_to_device(self.opts.device)?)
     }
 
@@ -126,71 +96,19 @@ impl Reader<'_> {
         let quant_err = |source| Error::Quant { name: format!("{prefix}.weight"), source };
         let bias = if bias { Some(self.dense(&format!("{prefix}.bias"), self.opts.dtype)?) } else { None };
         if self.prequantized {
-            let q = self.prequantized_weight(prefix)?;
+            let q = self.ck.quantized_weight(prefix)?;
             return Ok(Box::new(Linear4bit::new(q, bias, self.opts.compute_dtype).map_err(quant_err)?));
         }
         let name = format!("{prefix}.weight");
         match self.opts.quantize {
             Some(q) => {
                 // Quantize on the CPU from the load dtype, as transformers does after casting.
-                let v = self.ck.tensor(&name)?;
-                let src = torch_kind(v.dtype).ok_or_else(|| Error::TensorMismatch {
-                    name: name.clone(),
-                    path: v.file.to_owned(),
-                    message: format!("dtype {:?} is not a floating type (F32, F16 or BF16)", v.dtype),
-                })?;
-                let shape: Vec<i64> = v.shape.iter().map(|&d| d as i64).collect();
-                let w = Tensor::f_from_data_size(v.data, &shape, src)?.f_to_kind(self.opts.dtype)?;
+                let w = self.ck.tensor(&name)?.to_tensor()?.f_to_kind(self.opts.dtype)?;
                 let layer = Linear4bit::quantize(&w, bias, q, self.opts.compute_dtype).map_err(quant_err)?;
                 Ok(Box::new(layer))
             }
             None => Ok(Box::new(Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?)),
         }
-    }
-
-    /// A weight saved by bitsandbytes: packed bytes plus its `weight.*` state tensors.
-    fn prequantized_weight(&self, prefix: &str) -> Result<Quantized4bit, Error> {
-        let weight = format!("{prefix}.weight");
-        let mut raw = Vec::new();
-        for name in self.ck.names().filter(|n| *n == weight || n.starts_with(&format!("{weight}."))) {
-            let v = self.ck.tensor(name)?;
-            raw.push(RawTensor {
-                name: name.to_owned(),
-                dtype: format!("{:?}", v.dtype),
-                shape: v.shape.to_vec(),
-                data: v.data.to_vec(),
-            });
-        }
-        let quant_err = |source| Error::Quant { name: weight.clone(), source };
-        let state = QuantState::from_tensors(prefix, &raw).map_err(quant_err)?;
-        let shape: Vec<i64> = state.shape.iter().map(|&d| d as i64).collect();
-        let dtype = kind_from_torch_name(&state.dtype).unwrap_or(Kind::BFloat16);
-        let q = match &state.absmax {
-            Absmax::Plain(a) => Quantized4bit::from_codec(
-                &state.packed,
-                CodecAbsmax::Plain(a),
-                &shape,
-                dtype,
-                state.blocksize,
-                state.quant_type,
-            ),
-            Absmax::Nested { codes, nested_absmax, offset, .. } => {
-                let nested = quant::NestedAbsmax {
-                    codes: codes.clone(),
-                    nested_absmax: nested_absmax.clone(),
-                    offset: *offset,
-                };
-                Quantized4bit::from_codec(
-                    &state.packed,
-                    CodecAbsmax::Nested(&nested),
-                    &shape,
-                    dtype,
-                    state.blocksize,
-                    state.quant_type,
-                )
-            }
-        };
-        q.map_err(quant_err)
     }
 }
 
@@ -360,6 +278,38 @@ impl CausalLm {
             h = self.layer(i, &h, &ctx)?;
         }
         self.head(&h)
+    }
+
+    /// Greedy decoding of up to `max_new_tokens` after `prompt` (a batch of one), stopping at any
+    /// of `stop_ids`; returns only the new tokens. Recomputes the whole sequence each step (no
+    /// KV cache): meant for short samples after training, not for serving.
+    pub fn generate_greedy(
+        &self,
+        prompt: &[i64],
+        max_new_tokens: usize,
+        stop_ids: &[i64],
+    ) -> Result<Vec<i64>, Error> {
+        if prompt.is_empty() {
+            return Err(Error::BadInput("generation needs a non-empty prompt".into()));
+        }
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        tch::no_grad(|| -> Result<(), Error> {
+            for _ in 0..max_new_tokens {
+                let input =
+                    Tensor::from_slice(&ids).f_to_device(self.device)?.f_view([1, ids.len() as i64])?;
+                let logits = self.forward(&input, None, None)?;
+                let next =
+                    logits.f_select(1, ids.len() as i64 - 1)?.f_argmax(-1, false)?.f_int64_value(&[0])?;
+                out.push(next);
+                if stop_ids.contains(&next) {
+                    break;
+                }
+                ids.push(next);
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Every decoder linear by its transformers module name (`model.layers.0.self_attn.q_proj`),

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::dataset::{Dataset, Sample, collate_options, prepare_dataset};
 use super::error::PrepareError;
-use super::rows::{DataError, read_rows};
+use super::rows::{DataError, Example, read_rows};
 use super::tokenize::TokenizeOptions;
 use super::tokenizer::Tokenizer;
 use crate::template::ChatTemplate;
@@ -230,7 +230,24 @@ pub fn load_or_prepare(
 ) -> Result<(Dataset, CacheOutcome), PrepareError> {
     let bytes =
         std::fs::read(data_file).map_err(|source| DataError::Read { path: data_file.to_owned(), source })?;
-    let key = cache_key(&bytes, tok, template_source, opts);
+    load_or_prepare_rows(&bytes, tok, template_source, opts, cache_dir, || {
+        let rows = read_rows(data_file, &opts.dataset_text_field)?;
+        Ok((rows, Some(data_file.to_owned())))
+    })
+}
+
+/// Prepare rows that `rows()` loads (only on a cache miss), keyed by `fingerprint` (the bytes of
+/// every source and the settings that selected the rows, e.g. a data plan's fingerprint).
+/// `rows()` may name the file its rows came from, for errors.
+pub fn load_or_prepare_rows(
+    fingerprint: &[u8],
+    tok: &Tokenizer,
+    template_source: Option<&str>,
+    opts: &TokenizeOptions,
+    cache_dir: Option<&Path>,
+    rows: impl FnOnce() -> Result<(Vec<Example>, Option<PathBuf>), PrepareError>,
+) -> Result<(Dataset, CacheOutcome), PrepareError> {
+    let key = cache_key(fingerprint, tok, template_source, opts);
     let path = cache_dir.map(|d| cache_path(d, &key));
     let template = template_source.map(ChatTemplate::new).transpose()?;
     if let Some(path) = &path
@@ -248,8 +265,11 @@ pub fn load_or_prepare(
             }
         }
     }
-    let rows = read_rows(data_file, &opts.dataset_text_field)?;
-    let dataset = prepare_dataset(&rows, tok, template.as_ref(), opts).map_err(|e| e.in_file(data_file))?;
+    let (rows, file) = rows()?;
+    let dataset = prepare_dataset(&rows, tok, template.as_ref(), opts).map_err(|e| match &file {
+        Some(f) => e.in_file(f),
+        None => e,
+    })?;
     let outcome = match &path {
         None => CacheOutcome::NotCached,
         Some(path) => match write_cache(path, &key, &dataset.samples) {

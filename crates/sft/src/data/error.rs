@@ -11,6 +11,9 @@ pub enum PrepareError {
     /// Reading the rows failed.
     #[error(transparent)]
     Rows(#[from] DataError),
+    /// Finding or reading a dataset source failed.
+    #[error(transparent)]
+    Sources(#[from] crate::data::SourceError),
     /// A tokenizer file is missing or malformed.
     #[error("{}: {message}", .path.display())]
     Tokenizer {

@@ -1,18 +1,23 @@
-//! The SFT data pipeline: training rows from local files (JSONL, JSON), each recognised as one of
-//! TRL's dataset formats, then tokenized, labelled, truncated or packed and batched exactly as
-//! TRL 1.16's `SFTTrainer` does, with an on-disk cache of the tokenized result.
+//! The SFT data pipeline: training rows from local files (JSONL, JSON, Parquet), local dataset
+//! folders and datasets in the Hugging Face hub cache (never downloaded), alone or mixed as the
+//! alignment-handbook mixes them; each row recognised as one of TRL's dataset formats, then
+//! tokenized, labelled, truncated or packed and batched exactly as TRL 1.16's `SFTTrainer` does,
+//! with an on-disk cache of the tokenized result.
 //!
-//! The entry points: [`Tokenizer::from_recipe`], [`TokenizeOptions::from_recipe`], then
-//! [`load_or_prepare`] (a data file, through the cache) or [`prepare_dataset`] (rows in memory),
-//! and [`Dataset::batches`] per epoch.
+//! The entry points: [`DataPlan::from_recipe`] (which files, fingerprinted), [`Tokenizer::from_recipe`],
+//! [`TokenizeOptions::from_recipe`], then [`load_or_prepare_rows`] (through the cache) or
+//! [`prepare_dataset`] (rows in memory), and [`Dataset::batches`] per epoch.
 
 mod batch;
 mod cache;
 mod dataset;
 mod error;
+mod mixture;
 pub mod nprandom;
 mod pack;
+mod parquet;
 mod rows;
+pub mod source;
 mod tokenize;
 mod tokenizer;
 
@@ -21,12 +26,19 @@ pub use batch::{
     update_steps_per_epoch,
 };
 pub use cache::{
-    CacheOutcome, PIPELINE_VERSION, cache_key, cache_path, load_or_prepare, read_cache, write_cache,
+    CacheOutcome, PIPELINE_VERSION, cache_key, cache_path, load_or_prepare, load_or_prepare_rows, read_cache,
+    write_cache,
 };
 pub use dataset::{Dataset, Sample, prepare_dataset};
 pub use error::PrepareError;
+pub use mixture::{
+    DataPlan, LoadedData, MixtureRows, Origin, Rows, SOURCES_VERSION, load_mixture, load_rows, load_split,
+    load_training_data, read_json, train_test_split_indices,
+};
 pub use pack::{MAP_BATCH_SIZE, pack, pack_bfd, pack_wrapped, shard_bounds};
+pub use parquet::read_parquet;
 pub use rows::{DataError, Example, Message, read_rows};
+pub use source::{DatasetFiles, Format, SourceError, resolve_dataset};
 pub use tokenize::{
     Encoded, IGNORE_INDEX, RowKind, TokenizeOptions, build_labels, tokenize_example, truncate,
 };

@@ -8,6 +8,8 @@ pub mod schedule;
 pub mod step;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use model_loader::CausalLm;
@@ -17,7 +19,7 @@ use tch::Tensor;
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
 pub use schedule::{Schedule, ScheduleError};
-pub use step::{DeviceBatch, forward_backward, loss_sum};
+pub use step::{DeviceBatch, MicroStats, evaluate_batch, forward_backward, loss_sum, token_accuracy};
 
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,10 @@ pub struct TrainOptions {
     pub gradient_checkpointing: bool,
     /// Seeds data order and dropout.
     pub seed: u64,
+    /// Evaluate every this many steps (and at the end) when an eval set is given.
+    pub eval_steps: Option<u64>,
+    /// Also evaluate before the first step.
+    pub eval_on_start: bool,
 }
 
 /// One line of the log history (the fields transformers logs for training).
@@ -100,10 +106,51 @@ pub struct LogEntry {
     pub grad_norm: f64,
     /// Learning rate used at this step.
     pub learning_rate: f64,
-    /// Label tokens trained on so far.
+    /// Input tokens (pads excluded) trained on so far, as TRL counts `num_tokens`.
     pub num_tokens: u64,
+    /// Mean over the window's micro-batches of next-token accuracy (TRL's `mean_token_accuracy`).
+    pub mean_token_accuracy: f64,
+    /// Input tokens per second since the previous log.
+    pub tokens_per_second: f64,
     /// Seconds since training started (this process).
     pub elapsed_s: f64,
+    /// Estimated seconds to the end.
+    pub eta_s: f64,
+}
+
+/// One evaluation over the eval set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalEntry {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Mean token loss over the eval set, each batch weighted by its rows (as transformers does).
+    pub eval_loss: f64,
+    /// Next-token accuracy over the eval set.
+    pub eval_mean_token_accuracy: f64,
+    /// Seconds the evaluation took.
+    pub eval_runtime: f64,
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'e> {
+    /// A training log line.
+    Train(&'e LogEntry),
+    /// An evaluation.
+    Eval(&'e EvalEntry),
+    /// A checkpoint was written.
+    Saved(&'e std::path::Path),
+}
+
+/// How a call to [`Trainer::train`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `total_steps` reached.
+    Finished,
+    /// Stopped on request (Ctrl-C) after saving this checkpoint.
+    Interrupted(PathBuf),
 }
 
 /// One epoch's micro-batches, each with its count of loss-bearing label tokens.
@@ -122,6 +169,9 @@ pub struct Progress {
     pub num_tokens: u64,
     /// Everything logged so far.
     pub log_history: Vec<LogEntry>,
+    /// Every evaluation so far.
+    #[serde(default)]
+    pub eval_history: Vec<EvalEntry>,
 }
 
 /// Drives training of `params` in `model`; `epoch_batches(e)` gives epoch `e`'s micro-batches in
@@ -135,6 +185,8 @@ pub struct Trainer<'a> {
     pub optimizer: AdamW,
     /// Where the run stands.
     pub progress: Progress,
+    /// Set (e.g. by a Ctrl-C handler) to save a checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl<'a> Trainer<'a> {
@@ -142,22 +194,63 @@ impl<'a> Trainer<'a> {
     pub fn new(model: &'a CausalLm, params: Vec<Tensor>, opts: TrainOptions) -> Result<Self, TrainError> {
         let optimizer =
             AdamW::new(params, opts.adam).map_err(|source| TrainError::Optim { step: 0, source })?;
-        Ok(Trainer { model, opts, optimizer, progress: Progress::default() })
+        Ok(Trainer {
+            model,
+            opts,
+            optimizer,
+            progress: Progress::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
     }
 
-    /// Run until `total_steps`, saving checkpoints as configured.
+    /// Loss and accuracy over `eval` (no gradients).
+    pub fn evaluate(&self, eval: &[(DeviceBatch, u64)], epoch: f64) -> Result<EvalEntry, TrainError> {
+        let start = Instant::now();
+        let step = self.progress.global_step;
+        let (mut weighted, mut rows, mut correct, mut total) = (0.0, 0u64, 0u64, 0u64);
+        for (batch, _) in eval {
+            let (sum, c, t) = evaluate_batch(self.model, batch)
+                .map_err(|source| TrainError::Model { step, source: Box::new(source) })?;
+            let n = batch.input_ids.size()[0] as u64;
+            weighted += if t > 0 { sum / t as f64 } else { 0.0 } * n as f64;
+            rows += n;
+            correct += c;
+            total += t;
+        }
+        Ok(EvalEntry {
+            step,
+            epoch,
+            eval_loss: weighted / rows.max(1) as f64,
+            eval_mean_token_accuracy: correct as f64 / total.max(1) as f64,
+            eval_runtime: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Run until `total_steps` (or a stop request), evaluating on `eval` and saving
+    /// checkpoints as configured.
     pub fn train(
         &mut self,
         epoch_batches: &mut dyn FnMut(u64) -> EpochBatches,
+        eval: &[(DeviceBatch, u64)],
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
-        on_log: &mut dyn FnMut(&LogEntry),
-    ) -> Result<(), TrainError> {
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Outcome, TrainError> {
         let start = Instant::now();
+        let start_step = self.progress.global_step;
         let ga = self.opts.grad_accum.max(1);
         let (mut window_loss_sum, mut steps_since_log) = (0.0f64, 0u64);
+        let (mut acc_sum, mut acc_n) = (0.0f64, 0u64);
+        let (mut tokens_at_log, mut time_at_log) = (self.progress.num_tokens, 0.0f64);
         let mut batches = epoch_batches(self.progress.epoch);
         if batches.is_empty() {
             return Err(TrainError::NoData);
+        }
+        let epoch_now =
+            |p: &Progress, len: usize| p.epoch as f64 + p.batch_in_epoch as f64 / len.max(1) as f64;
+        if self.opts.eval_on_start && !eval.is_empty() && self.progress.global_step == 0 {
+            let e = self.evaluate(eval, 0.0)?;
+            on_event(Event::Eval(&e));
+            self.progress.eval_history.push(e);
         }
         while self.progress.global_step < self.opts.total_steps {
             if self.progress.batch_in_epoch >= batches.len() {
@@ -175,7 +268,7 @@ impl<'a> Trainer<'a> {
                 let seed = (self.opts.seed as i64)
                     .wrapping_mul(1_000_003)
                     .wrapping_add((step * ga as u64 + i as u64) as i64 * 1009);
-                step_loss += forward_backward(
+                let m = forward_backward(
                     self.model,
                     batch,
                     num_items.max(1) as f64,
@@ -183,6 +276,12 @@ impl<'a> Trainer<'a> {
                     seed,
                 )
                 .map_err(|source| TrainError::Model { step: step + 1, source: Box::new(source) })?;
+                step_loss += m.loss;
+                if m.total > 0 {
+                    acc_sum += m.correct as f64 / m.total as f64;
+                    acc_n += 1;
+                }
+                self.progress.num_tokens += batch.num_tokens;
             }
             if !step_loss.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
@@ -195,37 +294,55 @@ impl<'a> Trainer<'a> {
             self.optimizer.zero_grad();
             self.progress.global_step += 1;
             self.progress.batch_in_epoch = to;
-            self.progress.num_tokens += num_items;
             window_loss_sum += step_loss;
             steps_since_log += 1;
 
             let gs = self.progress.global_step;
+            let last = gs == self.opts.total_steps;
             let log_now = (self.opts.logging_steps > 0 && gs.is_multiple_of(self.opts.logging_steps))
                 || (gs == 1 && self.opts.logging_first_step)
-                || gs == self.opts.total_steps;
+                || last;
             if log_now {
+                let elapsed = start.elapsed().as_secs_f64();
+                let done = (gs - start_step) as f64;
                 let entry = LogEntry {
                     step: gs,
-                    epoch: self.progress.epoch as f64 + to as f64 / batches.len() as f64,
+                    epoch: epoch_now(&self.progress, batches.len()),
                     loss: window_loss_sum / steps_since_log as f64,
                     grad_norm,
                     learning_rate: lr,
                     num_tokens: self.progress.num_tokens,
-                    elapsed_s: start.elapsed().as_secs_f64(),
+                    mean_token_accuracy: if acc_n > 0 { acc_sum / acc_n as f64 } else { 0.0 },
+                    tokens_per_second: (self.progress.num_tokens - tokens_at_log) as f64
+                        / (elapsed - time_at_log).max(1e-9),
+                    elapsed_s: elapsed,
+                    eta_s: elapsed / done.max(1.0) * (self.opts.total_steps - gs) as f64,
                 };
-                on_log(&entry);
+                on_event(Event::Train(&entry));
                 self.progress.log_history.push(entry);
-                (window_loss_sum, steps_since_log) = (0.0, 0);
+                (window_loss_sum, steps_since_log, acc_sum, acc_n) = (0.0, 0, 0.0, 0);
+                (tokens_at_log, time_at_log) = (self.progress.num_tokens, elapsed);
             }
-            if let Some(every) = self.opts.save_steps
-                && every > 0
-                && gs.is_multiple_of(every)
-                && gs < self.opts.total_steps
+            if !eval.is_empty()
+                && let Some(every) = self.opts.eval_steps
+                && ((every > 0 && gs.is_multiple_of(every)) || last)
             {
-                Checkpoint::save(&self.opts.output_dir, &self.progress, &self.optimizer, save_adapter)?;
+                let e = self.evaluate(eval, epoch_now(&self.progress, batches.len()))?;
+                on_event(Event::Eval(&e));
+                self.progress.eval_history.push(e);
+            }
+            let stop = self.stop.load(Ordering::SeqCst) && !last;
+            let scheduled = self.opts.save_steps.is_some_and(|every| every > 0 && gs.is_multiple_of(every));
+            if (scheduled && !last) || stop {
+                let dir =
+                    Checkpoint::save(&self.opts.output_dir, &self.progress, &self.optimizer, save_adapter)?;
+                on_event(Event::Saved(&dir));
                 checkpoint::rotate(&self.opts.output_dir, self.opts.save_total_limit)?;
+                if stop {
+                    return Ok(Outcome::Interrupted(dir));
+                }
             }
         }
-        Ok(())
+        Ok(Outcome::Finished)
     }
 }

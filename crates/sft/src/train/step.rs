@@ -16,6 +16,30 @@ pub struct DeviceBatch {
     pub position_ids: Tensor,
     /// `[B, T]` sequence index within the row (attention stays inside it), when packed.
     pub segment_ids: Option<Tensor>,
+    /// Input tokens, pads excluded.
+    pub num_tokens: u64,
+}
+
+/// What one micro-batch gave: its share of the window loss and its next-token accuracy counts.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MicroStats {
+    /// `sum of token losses / window tokens`.
+    pub loss: f64,
+    /// Labelled positions whose argmax prediction is the label.
+    pub correct: u64,
+    /// Labelled positions.
+    pub total: u64,
+}
+
+/// Argmax hits and labelled positions of next-token predictions (TRL's `mean_token_accuracy`).
+pub fn token_accuracy(logits: &Tensor, labels: &Tensor) -> Result<(u64, u64), tch::TchError> {
+    let t = logits.size()[1];
+    let pred = logits.f_narrow(1, 0, t - 1)?.f_argmax(-1, false)?;
+    let target = labels.f_narrow(1, 1, t - 1)?;
+    let mask = target.f_ne(-100)?;
+    let correct = pred.f_eq_tensor(&target)?.f_logical_and(&mask)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    let total = mask.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    Ok((correct as u64, total as u64))
 }
 
 /// Sum of next-token cross-entropy over the labelled positions, in f32.
@@ -28,7 +52,7 @@ pub fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor, tch::TchErro
 }
 
 /// Forward and backward of one micro-batch, gradients accumulating into the trainable tensors;
-/// returns this micro-batch's share of the window loss (`sum / num_items`).
+/// returns this micro-batch's share of the window loss (`sum / num_items`) and its accuracy.
 ///
 /// `seed` reseeds torch's generator before each layer (`seed + layer`), so dropout draws the same
 /// masks in a checkpointed recompute as in its first forward, and a resumed run the same as an
@@ -39,7 +63,7 @@ pub fn forward_backward(
     num_items: f64,
     checkpointing: bool,
     seed: i64,
-) -> Result<f64, model_loader::Error> {
+) -> Result<MicroStats, model_loader::Error> {
     let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
     let layer = |i: usize, h: &Tensor| {
         tch::manual_seed(seed.wrapping_add(i as i64));
@@ -51,9 +75,10 @@ pub fn forward_backward(
             h = layer(i, &h)?;
         }
         let logits = model.head(&h)?;
+        let (correct, total) = token_accuracy(&logits, &batch.labels)?;
         let loss = loss_sum(&logits, &batch.labels)?.f_div_scalar(num_items)?;
         loss.f_backward()?;
-        return Ok(loss.f_double_value(&[])?);
+        return Ok(MicroStats { loss: loss.f_double_value(&[])?, correct, total });
     }
     // Forward without a graph, keeping only each layer's input.
     let mut inputs = Vec::with_capacity(model.num_layers());
@@ -66,6 +91,7 @@ pub fn forward_backward(
     // Head and loss with a graph, giving the gradient at the last hidden state.
     let last = h.f_detach()?.set_requires_grad(true);
     let logits = model.head(&last)?;
+    let (correct, total) = token_accuracy(&logits, &batch.labels)?;
     let loss = loss_sum(&logits, &batch.labels)?.f_div_scalar(num_items)?;
     loss.f_backward()?;
     let value = loss.f_double_value(&[])?;
@@ -79,5 +105,16 @@ pub fn forward_backward(
         grad = x.grad();
         inputs.truncate(i);
     }
-    Ok(value)
+    Ok(MicroStats { loss: value, correct, total })
+}
+
+/// Evaluation of one batch without a graph: summed token loss and accuracy counts.
+pub fn evaluate_batch(model: &CausalLm, batch: &DeviceBatch) -> Result<(f64, u64, u64), model_loader::Error> {
+    tch::no_grad(|| {
+        let logits =
+            model.forward(&batch.input_ids, Some(&batch.position_ids), batch.segment_ids.as_ref())?;
+        let (correct, total) = token_accuracy(&logits, &batch.labels)?;
+        let sum = loss_sum(&logits, &batch.labels)?.f_double_value(&[])?;
+        Ok((sum, correct, total))
+    })
 }

@@ -1,0 +1,288 @@
+//! Merging a trained LoRA adapter into its base model (`sft merge`), so the result is a plain
+//! transformers checkpoint that needs neither PEFT nor bitsandbytes: each adapted weight becomes
+//! `W + B A * scaling`, computed in f32 tensor by tensor (a 4-bit base dequantized exactly first),
+//! then cast to the output dtype; everything else is cast and copied.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use model_loader::export::{
+    self, DEFAULT_MAX_SHARD_SIZE, ExportSummary, OutputDir, ShardWriter, TensorRef, python_json,
+};
+use model_loader::{Checkpoint, HfConfig, expected_shapes, kind_from_torch_name, torch_name};
+use quant::linear::Linear;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+/// How [`merge`] writes the merged model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MergeOptions {
+    /// dtype of every floating tensor written; `None`: the base's dtype (for a 4-bit base, its
+    /// `bnb_4bit_compute_dtype`, else bfloat16).
+    pub dtype: Option<Kind>,
+    /// Largest shard in bytes.
+    pub max_shard_size: u64,
+    /// Replace a non-empty output directory instead of refusing.
+    pub overwrite: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions { dtype: None, max_shard_size: DEFAULT_MAX_SHARD_SIZE, overwrite: false }
+    }
+}
+
+/// Why a merge failed; names the file, key or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// The base model (config, checkpoint, output directory).
+    #[error(transparent)]
+    Model(#[from] model_loader::Error),
+    /// The adapter directory (config, tensors, targets).
+    #[error("adapter: {0}")]
+    Adapter(#[from] lora::Error),
+    /// A config.json value merge cannot use.
+    #[error("{}: {message}", .path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor that could not be computed or written.
+    #[error("tensor `{name}`: {message}")]
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A linear offered to the adapter only for its shape, so the adapter's targets and tensors are
+/// checked exactly as when training, without loading the model.
+struct ShapeOnly {
+    in_features: i64,
+    out_features: i64,
+}
+
+impl Linear for ShapeOnly {
+    fn forward(&self, _x: &Tensor) -> Result<Tensor, quant::Error> {
+        Err(quant::Error::BadTensor { what: "merge", problem: "a shape-only layer does not compute".into() })
+    }
+    fn in_features(&self) -> i64 {
+        self.in_features
+    }
+    fn out_features(&self) -> i64 {
+        self.out_features
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}
+
+/// One adapted module's `B A * scaling` inputs: A `[r, in]`, B `[out, r]` (Float).
+struct Delta {
+    a: Tensor,
+    b: Tensor,
+}
+
+/// Read the adapter in `dir` for the decoder linears `cfg` implies: A and B by module name, and
+/// the scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
+fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f64), MergeError> {
+    let mut stubs: Vec<(String, Box<dyn Linear>)> = expected_shapes(cfg)
+        .into_iter()
+        .filter_map(|(name, shape)| {
+            let prefix = export::decoder_linear_prefix(&name)?.to_owned();
+            let layer: Box<dyn Linear> =
+                Box::new(ShapeOnly { in_features: shape[1] as i64, out_features: shape[0] as i64 });
+            Some((prefix, layer))
+        })
+        .collect();
+    let adapters = lora::inject_from(stubs.iter_mut().map(|(n, l)| (n.clone(), l)), dir)?;
+    let scaling = adapters.config().scaling();
+    let deltas = adapters
+        .modules()
+        .iter()
+        .map(|m| {
+            let d = Delta { a: m.lora_a().detach(), b: m.lora_b().detach() };
+            (m.name().to_owned(), d)
+        })
+        .collect();
+    Ok((deltas, scaling))
+}
+
+/// The dtype to write when none is asked for.
+fn default_dtype(
+    cfg: &HfConfig,
+    config: &serde_json::Map<String, Value>,
+    ck: &Checkpoint,
+    path: &Path,
+) -> Result<Kind, MergeError> {
+    let unknown = |what: &str, name: &str| MergeError::Config {
+        path: path.to_owned(),
+        message: format!("{what} `{name}` is not float32, float16 or bfloat16; pass --dtype"),
+    };
+    if cfg.prequantized {
+        let compute = config.get("quantization_config").and_then(|q| q.get("bnb_4bit_compute_dtype"));
+        return match compute.and_then(Value::as_str) {
+            Some(name) => kind_from_torch_name(name).ok_or_else(|| unknown("bnb_4bit_compute_dtype", name)),
+            None => Ok(Kind::BFloat16),
+        };
+    }
+    if let Some(name) = &cfg.dtype {
+        return kind_from_torch_name(name).ok_or_else(|| unknown("dtype", name));
+    }
+    let embed = ck.tensor("model.embed_tokens.weight")?;
+    Ok(embed.to_tensor()?.kind())
+}
+
+/// A contiguous CPU tensor's bytes.
+fn bytes_of(t: &Tensor) -> Result<Vec<u8>, tch::TchError> {
+    let t = t.f_contiguous()?;
+    let n = t.numel();
+    let mut out = vec![0u8; n * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut out, n)?;
+    Ok(out)
+}
+
+fn st_dtype(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        _ => "F32",
+    }
+}
+
+/// Base tensor `name` in f32: dequantized exactly if it is a 4-bit weight (`quantized` holds
+/// the 4-bit module prefixes); `None` for a tensor that is not floating.
+fn base_weight(
+    ck: &Checkpoint,
+    name: &str,
+    quantized: &HashSet<String>,
+) -> Result<Option<Tensor>, MergeError> {
+    let quant_err = |source| model_loader::Error::Quant { name: name.to_owned(), source };
+    if let Some(p) = name.strip_suffix(".weight").filter(|p| quantized.contains(*p)) {
+        return Ok(Some(ck.quantized_weight(p)?.dequantize(Kind::Float).map_err(quant_err)?));
+    }
+    let view = ck.tensor(name)?;
+    if view.kind().is_none() {
+        return Ok(None);
+    }
+    let w = view.to_tensor()?;
+    Ok(Some(w.f_to_kind(Kind::Float).map_err(|e| tensor_error(name, e))?))
+}
+
+fn tensor_error(name: &str, e: tch::TchError) -> MergeError {
+    MergeError::Tensor { name: name.to_owned(), message: e.to_string() }
+}
+
+/// `w + B A * scaling`, all f32, in PEFT's order (`(B @ A) * scaling`, then added).
+fn add_delta(name: &str, w: Tensor, d: &Delta, scaling: f64) -> Result<Tensor, MergeError> {
+    let delta =
+        d.b.f_matmul(&d.a).and_then(|ba| ba.f_mul_scalar(scaling)).map_err(|e| tensor_error(name, e))?;
+    if delta.size() != w.size() {
+        return Err(MergeError::Tensor {
+            name: name.to_owned(),
+            message: format!("shape {:?}, but the adapter's B A is {:?}", w.size(), delta.size()),
+        });
+    }
+    w.f_add(&delta).map_err(|e| tensor_error(name, e))
+}
+
+/// Merge the PEFT adapter in `adapter` into the base model in `base` and write the result to
+/// `out` as transformers saves a model (sharded safetensors, config.json without
+/// `quantization_config` and with the written `dtype`, tokenizer and generation files copied).
+/// The output appears only once complete; `progress(done, total)` is called after each base
+/// tensor.
+pub fn merge(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportSummary, MergeError> {
+    let cfg = HfConfig::from_dir(base)?;
+    let mut config = export::read_config_json(base)?;
+    let ck = Checkpoint::open(base)?;
+    ck.check_against(&cfg)?;
+    let (deltas, scaling) = read_adapter(&cfg, adapter)?;
+    let config_path = base.join("config.json");
+    let dtype = match opts.dtype {
+        Some(k) => k,
+        None => default_dtype(&cfg, &config, &ck, &config_path)?,
+    };
+    let dtype_name = torch_name(dtype).ok_or_else(|| MergeError::Config {
+        path: config_path.clone(),
+        message: format!("output dtype {dtype:?} is not float32, float16 or bfloat16"),
+    })?;
+    export::check_distinct(base, out)?;
+    export::check_distinct(adapter, out)?;
+
+    let quantized: HashSet<String> =
+        if cfg.prequantized { ck.quantized_prefixes().into_iter().collect() } else { HashSet::new() };
+    let output = OutputDir::create(out, opts.overwrite)?;
+    let mut writer = ShardWriter::new(output.path(), opts.max_shard_size);
+    let mut names: Vec<&str> = ck.names().collect();
+    names.sort_by(|a, b| export::natural_cmp(a, b));
+    let total = names.len();
+    let mut merged = 0usize;
+    for (i, name) in names.iter().enumerate() {
+        let tensor_err = |e| tensor_error(name, e);
+        // A 4-bit weight's state tensors go with it.
+        let is_state = name.find(".weight.").is_some_and(|at| quantized.contains(&name[..at]));
+        if is_state {
+            progress(i + 1, total);
+            continue;
+        }
+        let w = match base_weight(&ck, name, &quantized)? {
+            Some(w) => w,
+            None => {
+                // Not a floating tensor: copied as it is.
+                let view = ck.tensor(name)?;
+                let dtype = format!("{:?}", view.dtype);
+                let t = TensorRef { name, dtype: &dtype, shape: view.shape, data: view.data };
+                writer.add_group(&[t], view.shape.iter().product::<usize>() as u64)?;
+                progress(i + 1, total);
+                continue;
+            }
+        };
+        let w = match name.strip_suffix(".weight").and_then(|p| deltas.get(p)) {
+            Some(d) => {
+                merged += 1;
+                add_delta(name, w, d, scaling)?
+            }
+            None => w,
+        };
+        let w = w.f_to_kind(dtype).map_err(tensor_err)?;
+        let shape: Vec<usize> = w.size().iter().map(|&d| d as usize).collect();
+        let data = bytes_of(&w).map_err(tensor_err)?;
+        let t = TensorRef { name, dtype: st_dtype(dtype), shape: &shape, data: &data };
+        writer.add_group(&[t], w.numel() as u64)?;
+        progress(i + 1, total);
+    }
+    if merged != deltas.len() {
+        return Err(MergeError::Config {
+            path: adapter.to_owned(),
+            message: format!("merged {merged} of the adapter's {} modules", deltas.len()),
+        });
+    }
+    let written = writer.finish()?;
+    config.remove("quantization_config");
+    config.remove("torch_dtype");
+    config.insert("dtype".into(), Value::from(dtype_name));
+    let text = python_json(&Value::Object(config)) + "\n";
+    export::write_file(&output.path().join("config.json"), text.as_bytes())?;
+    let copied = export::copy_model_files(base, output.path())?;
+    let dir = output.commit()?;
+    tracing::info!(
+        dir = %dir.display(),
+        merged,
+        scaling,
+        dtype = dtype_name,
+        size = %device_map::format_bytes(written.total_size),
+        files = written.shards.len(),
+        "adapter merged into the base model"
+    );
+    Ok(ExportSummary::new(dir, written, copied))
+}

@@ -1,0 +1,93 @@
+//! Writing a run's files so that a crash never leaves half a file: each goes to a temporary name
+//! in the same folder and is renamed into place. Also the tokenizer copy and transformers'
+//! `*_results.json` layout.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::ReportError;
+
+/// Tokenizer files `trainer.save_model` leaves next to an adapter (through the tokenizer's
+/// `save_pretrained`), copied when the model folder has them.
+pub const TOKENIZER_FILES: [&str; 4] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+/// The temporary name `path` is written under before the rename (hidden, per process).
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Write `bytes` to `path` atomically (temporary file + rename); the temporary file is removed
+/// if anything fails.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(ReportError::io("creating", &tmp))?;
+        f.write_all(bytes).map_err(ReportError::io("writing", &tmp))?;
+        f.sync_all().map_err(ReportError::io("syncing", &tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(ReportError::io("renaming into", path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Copy the tokenizer files of `model_dir` that exist into `output_dir` (atomically), as
+/// `trainer.save_model` saves the tokenizer with the adapter so the folder loads on its own.
+/// Returns the files written.
+pub fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+    std::fs::create_dir_all(output_dir).map_err(ReportError::io("creating", output_dir))?;
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let src = model_dir.join(name);
+        if !src.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&src).map_err(ReportError::io("reading", &src))?;
+        let dst = output_dir.join(name);
+        write_atomic(&dst, &bytes)?;
+        copied.push(dst);
+    }
+    Ok(copied)
+}
+
+/// JSON with 4-space indents and sorted keys, as Python's `json.dump(indent=4, sort_keys=True)`.
+pub fn json_sorted(value: &BTreeMap<String, serde_json::Value>, path: &Path) -> Result<Vec<u8>, ReportError> {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    serde::Serialize::serialize(value, &mut ser).map_err(|source| ReportError::Json {
+        path: path.to_owned(),
+        line: None,
+        source,
+    })?;
+    Ok(out)
+}
+
+/// `Trainer.save_metrics(split, metrics)`: `<split>_results.json`, and the same keys merged into
+/// `all_results.json` (keeping what an earlier call put there).
+pub fn save_metrics(
+    output_dir: &Path,
+    split: &str,
+    metrics: &BTreeMap<String, serde_json::Value>,
+) -> Result<Vec<PathBuf>, ReportError> {
+    let path = output_dir.join(format!("{split}_results.json"));
+    write_atomic(&path, &json_sorted(metrics, &path)?)?;
+    let all = output_dir.join("all_results.json");
+    let mut merged: BTreeMap<String, serde_json::Value> = match std::fs::read(&all) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ReportError::Json {
+            path: all.clone(),
+            line: None,
+            source,
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => return Err(ReportError::io("reading", &all)(e)),
+    };
+    merged.extend(metrics.iter().map(|(k, v)| (k.clone(), v.clone())));
+    write_atomic(&all, &json_sorted(&merged, &all)?)?;
+    Ok(vec![path, all])
+}
