@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tch::Kind;
 
 use crate::Error;
@@ -186,13 +186,9 @@ impl LoraConfig {
         set("use_dora", Value::Bool(self.use_dora));
         set("use_rslora", Value::Bool(self.use_rslora));
         fields.sort_by(|a, b| a.0.cmp(b.0));
-        let mut out = String::new();
-        python_json(
-            &Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
-            0,
-            &mut out,
-        );
-        out
+        quant::pyjson::dumps_sorted(&Value::Object(
+            fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        ))
     }
 
     /// Read `dir/adapter_config.json`.
@@ -369,102 +365,6 @@ fn is_unset(v: &Value) -> bool {
     }
 }
 
-/// `json.dumps(value, indent=2, sort_keys=True)` as Python writes it (ASCII only, Python's float
-/// repr); object keys are written in the map's order, which the caller sorts.
-fn python_json(v: &Value, depth: usize, out: &mut String) {
-    let pad = |n: usize, out: &mut String| out.extend(std::iter::repeat_n("  ", n));
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => out.push_str(&i.to_string()),
-            (_, Some(u), _) => out.push_str(&u.to_string()),
-            (_, _, Some(f)) => out.push_str(&python_float(f)),
-            _ => out.push_str(&n.to_string()),
-        },
-        Value::String(s) => python_string(s, out),
-        Value::Array(a) if a.is_empty() => out.push_str("[]"),
-        Value::Object(o) if o.is_empty() => out.push_str("{}"),
-        Value::Array(a) => {
-            out.push_str("[\n");
-            for (i, x) in a.iter().enumerate() {
-                pad(depth + 1, out);
-                python_json(x, depth + 1, out);
-                out.push_str(if i + 1 < a.len() { ",\n" } else { "\n" });
-            }
-            pad(depth, out);
-            out.push(']');
-        }
-        Value::Object(o) => {
-            let o: &Map<String, Value> = o;
-            out.push_str("{\n");
-            for (i, (k, x)) in o.iter().enumerate() {
-                pad(depth + 1, out);
-                python_string(k, out);
-                out.push_str(": ");
-                python_json(x, depth + 1, out);
-                out.push_str(if i + 1 < o.len() { ",\n" } else { "\n" });
-            }
-            pad(depth, out);
-            out.push('}');
-        }
-    }
-}
-
-fn python_string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{u:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
-}
-
-/// Python's `repr(float)`: the shortest round-trip digits, positional for exponents -4..16,
-/// otherwise `d.ddde-XX`.
-fn python_float(f: f64) -> String {
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
-    }
-    // `{:e}` gives the shortest round-trip digits: `-1.2345e-7`.
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    if (-4..16).contains(&exp) {
-        let n = digits.len() as i32;
-        let body = if exp < 0 {
-            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
-        } else if exp + 1 >= n {
-            format!("{digits}{}.0", "0".repeat((exp + 1 - n) as usize))
-        } else {
-            format!("{}.{}", &digits[..(exp + 1) as usize], &digits[(exp + 1) as usize..])
-        };
-        format!("{sign}{body}")
-    } else {
-        let e_sign = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{mantissa}e{e_sign}{:02}", exp.abs())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,15 +385,8 @@ mod tests {
             (-2.5, "-2.5"),
             (0.3333333333333333, "0.3333333333333333"),
         ] {
-            assert_eq!(python_float(f), want, "{f}");
+            assert_eq!(quant::pyjson::py_float_repr(f), want, "{f}");
         }
-    }
-
-    #[test]
-    fn strings_escape_as_python_ensure_ascii() {
-        let mut s = String::new();
-        python_string("a\"b\\c\nd\u{7f}é😀", &mut s);
-        assert_eq!(s, r#""a\"b\\c\nd\u007f\u00e9\ud83d\ude00""#);
     }
 
     #[test]

@@ -463,77 +463,7 @@ pub fn copy_model_files(src: &Path, dst: &Path) -> Result<Vec<String>, Error> {
     Ok(copied)
 }
 
-/// `json.dumps(value, indent=2, sort_keys=True)` as Python writes it (transformers' config.json
-/// and index files): ASCII only, Python's float repr, keys sorted.
-pub fn python_json(v: &Value) -> String {
-    let mut out = String::new();
-    write_python_json(v, 0, &mut out);
-    out
-}
-
-fn write_python_json(v: &Value, depth: usize, out: &mut String) {
-    let pad = |n: usize, out: &mut String| out.extend(std::iter::repeat_n("  ", n));
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => out.push_str(&i.to_string()),
-            (_, Some(u), _) => out.push_str(&u.to_string()),
-            (_, _, Some(f)) => out.push_str(&quant::state::py_float_repr(f)),
-            _ => out.push_str(&n.to_string()),
-        },
-        Value::String(s) => python_string(s, out),
-        Value::Array(a) if a.is_empty() => out.push_str("[]"),
-        Value::Object(o) if o.is_empty() => out.push_str("{}"),
-        Value::Array(a) => {
-            out.push_str("[\n");
-            for (i, x) in a.iter().enumerate() {
-                pad(depth + 1, out);
-                write_python_json(x, depth + 1, out);
-                out.push_str(if i + 1 < a.len() { ",\n" } else { "\n" });
-            }
-            pad(depth, out);
-            out.push(']');
-        }
-        Value::Object(o) => {
-            let mut keys: Vec<&String> = o.keys().collect();
-            keys.sort();
-            out.push_str("{\n");
-            for (i, k) in keys.iter().enumerate() {
-                pad(depth + 1, out);
-                python_string(k, out);
-                out.push_str(": ");
-                write_python_json(&o[k.as_str()], depth + 1, out);
-                out.push_str(if i + 1 < keys.len() { ",\n" } else { "\n" });
-            }
-            pad(depth, out);
-            out.push('}');
-        }
-    }
-}
-
-fn python_string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{u:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
-}
+pub use quant::pyjson::dumps_sorted as python_json;
 
 /// Compare tensor names with digit runs as numbers, so `layers.2` comes before `layers.10`: the
 /// order of a model's modules, which transformers shards in.
