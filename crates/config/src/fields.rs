@@ -282,6 +282,8 @@ section! {
         use_cpu: bool = false, Planned;
         /// Drop the last incomplete batch.
         dataloader_drop_last: bool = false, Acted;
+        /// nibble extension: drop (and count) rows that fit no TRL format instead of failing.
+        skip_invalid_rows: bool = false, Acted;
         /// Sample order: `random` (seeded shuffle each epoch) or `sequential` (dataset order).
         train_sampling_strategy: String = s("random"), Acted;
         /// Process-group timeout in seconds.

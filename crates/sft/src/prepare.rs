@@ -139,6 +139,9 @@ pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
     };
     let hub = HubCache::from_env(|k| std::env::var(k).ok());
     let plan = DataPlan::from_recipe(recipe, &hub)?;
+    let skip = recipe.training.skip_invalid_rows;
+    // Skipping changes which rows are trained on, so it is part of the cache key.
+    let keyed = |fp: [u8; 32]| [&fp[..], &[u8::from(skip)]].concat();
     let tok_dir = recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from);
     let tok_dir = tok_dir.as_deref().unwrap_or(model_dir);
     let tok = Tokenizer::from_recipe(tok_dir, recipe)?;
@@ -150,12 +153,12 @@ pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
         if let Some(l) = loaded.get() {
             return Ok(l);
         }
-        let l = plan.load(&recipe.training.dataset_text_field)?;
+        let l = plan.load_with(&recipe.training.dataset_text_field, skip)?;
         Ok(loaded.get_or_init(|| l))
     };
     let cache = cache_dir();
     let (dataset, outcome) = load_or_prepare_rows(
-        &plan.train_fingerprint(),
+        &keyed(plan.train_fingerprint()),
         &tok,
         template.as_deref(),
         &opts,
@@ -167,11 +170,15 @@ pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
     let eval = match plan.eval_fingerprint() {
         Some(fp) => {
             let eval_opts = TokenizeOptions::for_eval(recipe);
-            let (ds, outcome) =
-                load_or_prepare_rows(&fp, &tok, template.as_deref(), &eval_opts, cache.as_deref(), || {
-                    Ok((load()?.eval.clone().unwrap_or_default(), None))
-                })
-                .context("preparing the eval set")?;
+            let (ds, outcome) = load_or_prepare_rows(
+                &keyed(fp),
+                &tok,
+                template.as_deref(),
+                &eval_opts,
+                cache.as_deref(),
+                || Ok((load()?.eval.clone().unwrap_or_default(), None)),
+            )
+            .context("preparing the eval set")?;
             tracing::debug!("tokenization cache (eval): {outcome:?}");
             Some(ds)
         }
@@ -184,7 +191,10 @@ pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
     let eval_batch_size = usize::try_from(recipe.training.per_device_eval_batch_size).unwrap_or(1).max(1);
     let first = match loaded.get() {
         Some(l) => l.train.first().cloned(),
-        None => plan.load(&recipe.training.dataset_text_field).ok().and_then(|l| l.train.into_iter().next()),
+        None => plan
+            .load_with(&recipe.training.dataset_text_field, skip)
+            .ok()
+            .and_then(|l| l.train.into_iter().next()),
     };
     let sample_prompt = first.and_then(|row| sample_prompt(row, template.as_deref()));
     Ok(TrainData {

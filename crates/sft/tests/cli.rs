@@ -125,3 +125,47 @@ fn estimate_memory_for_a_model_not_in_the_cache_names_it() {
     assert!(stderr.contains("org/absent-model") && stderr.contains("models--org--absent-model"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_row_that_fits_no_format_is_named_or_skipped_when_asked() {
+    let dir = scratch("badrow");
+    let good: Vec<String> = std::fs::read_to_string(repo().join("data/tiny-chat.jsonl"))
+        .expect("data")
+        .lines()
+        .take(8)
+        .map(str::to_owned)
+        .collect();
+    let mut rows = good.clone();
+    rows.insert(3, r#"{"question": "no known column"}"#.to_owned());
+    std::fs::write(dir.join("rows.jsonl"), rows.join("\n") + "\n").expect("write");
+    let model = repo().join("models/tiny-llama");
+    let recipe = format!(
+        "model_name_or_path: {}\nload_in_4bit: true\nuse_peft: true\nlora_target_modules: all-linear\n\
+         dataset_name: rows.jsonl\nper_device_train_batch_size: 2\nmax_steps: 2\nsave_strategy: \"no\"\n\
+         output_dir: out\n",
+        model.display()
+    );
+    std::fs::write(dir.join("r.yaml"), recipe).expect("write");
+    let cache = dir.join("cache");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["r.yaml"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_sft"))
+            .args(&args)
+            .current_dir(&dir)
+            .env("NIBBLE_CACHE", &cache)
+            .env_remove("NIBBLE_LOG")
+            .output()
+            .expect("run sft")
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rows.jsonl") && err.contains("row 4"), "{err}");
+    let out = run(&["--skip_invalid_rows"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("skipped 1 of 9 rows"), "{log}");
+    assert!(dir.join("out/adapter_model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}

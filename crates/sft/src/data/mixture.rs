@@ -177,15 +177,40 @@ impl Rows {
 
     /// Each row as one of TRL's formats; an error names the row's file and row.
     pub fn into_examples(self, text_field: &str) -> Result<Vec<Example>, SourceError> {
-        self.values
-            .iter()
-            .zip(&self.origins)
-            .map(|(v, o)| {
-                classify(v, text_field).map_err(|message| {
-                    SourceError::Rows(DataError::Row { path: o.file.as_ref().clone(), row: o.row, message })
-                })
-            })
-            .collect()
+        self.into_examples_with(text_field, false)
+    }
+
+    /// As [`Rows::into_examples`], or with `skip_invalid` dropping rows that fit no format,
+    /// counted and named in a warning, instead of failing.
+    pub fn into_examples_with(
+        self,
+        text_field: &str,
+        skip_invalid: bool,
+    ) -> Result<Vec<Example>, SourceError> {
+        let mut out = Vec::with_capacity(self.values.len());
+        let mut skipped: Vec<DataError> = Vec::new();
+        for (v, o) in self.values.iter().zip(&self.origins) {
+            match classify(v, text_field) {
+                Ok(e) => out.push(e),
+                Err(message) => {
+                    let err = DataError::Row { path: o.file.as_ref().clone(), row: o.row, message };
+                    if !skip_invalid {
+                        return Err(SourceError::Rows(err));
+                    }
+                    skipped.push(err);
+                }
+            }
+        }
+        if !skipped.is_empty() {
+            let first: Vec<String> = skipped.iter().take(3).map(ToString::to_string).collect();
+            tracing::warn!(
+                "skipped {} of {} rows that fit no TRL format (skip_invalid_rows), e.g. {}",
+                skipped.len(),
+                self.values.len(),
+                first.join("; ")
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -597,10 +622,15 @@ impl DataPlan {
 
     /// Read every row and recognise its format (`text_field` is `dataset_text_field`).
     pub fn load(&self, text_field: &str) -> Result<LoadedData, SourceError> {
+        self.load_with(text_field, false)
+    }
+
+    /// As [`DataPlan::load`], skipping (and counting) rows that fit no format when `skip_invalid`.
+    pub fn load_with(&self, text_field: &str, skip_invalid: bool) -> Result<LoadedData, SourceError> {
         let (train, eval) = self.load_rows()?;
         Ok(LoadedData {
-            train: train.into_examples(text_field)?,
-            eval: eval.map(|e| e.into_examples(text_field)).transpose()?,
+            train: train.into_examples_with(text_field, skip_invalid)?,
+            eval: eval.map(|e| e.into_examples_with(text_field, skip_invalid)).transpose()?,
             train_fingerprint: self.train_fingerprint,
             eval_fingerprint: self.eval_fingerprint,
         })
