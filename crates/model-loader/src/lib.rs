@@ -136,7 +136,13 @@ pub enum Error {
     /// Input the model cannot run on.
     #[error("bad model input: {0}")]
     BadInput(String),
-    /// A libtorch failure.
+    /// A libtorch failure (its message, without libtorch's C++ stack trace).
     #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    Torch(String),
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::Torch(quant::ops::torch_message(&e))
+    }
 }

@@ -78,7 +78,17 @@ mod ffi {
 
 impl From<tch::TchError> for Error {
     fn from(e: tch::TchError) -> Self {
-        Error::Torch(e.to_string())
+        Error::Torch(torch_message(&e))
+    }
+}
+
+/// A libtorch error's message without the C++ stack trace libtorch appends ("Exception raised
+/// from ..., frame #0 ..."), which tells a user nothing and buries the one line that matters.
+pub fn torch_message(e: &tch::TchError) -> String {
+    let full = e.to_string();
+    match full.find("\nException raised from") {
+        Some(i) => full[..i].to_owned(),
+        None => full,
     }
 }
 

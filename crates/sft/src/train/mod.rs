@@ -33,12 +33,12 @@ pub enum TrainError {
         source: Box<model_loader::Error>,
     },
     /// A libtorch failure in the optimizer.
-    #[error("step {step}: optimizer: {source}")]
+    #[error("step {step}: optimizer: {message}")]
     Optim {
         /// Optimizer step being computed.
         step: u64,
-        /// What failed.
-        source: tch::TchError,
+        /// What failed (libtorch's message).
+        message: String,
     },
     /// The loss became NaN or infinite.
     #[error("step {step}: the loss is {loss} (diverged); lower the learning rate or check the data")]
@@ -192,8 +192,8 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     /// A fresh run.
     pub fn new(model: &'a CausalLm, params: Vec<Tensor>, opts: TrainOptions) -> Result<Self, TrainError> {
-        let optimizer =
-            AdamW::new(params, opts.adam).map_err(|source| TrainError::Optim { step: 0, source })?;
+        let optimizer = AdamW::new(params, opts.adam)
+            .map_err(|e| TrainError::Optim { step: 0, message: quant::ops::torch_message(&e) })?;
         Ok(Trainer {
             model,
             opts,
@@ -286,7 +286,10 @@ impl<'a> Trainer<'a> {
             if !step_loss.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
             }
-            let optim = |source| TrainError::Optim { step: step + 1, source };
+            let optim = |e: tch::TchError| TrainError::Optim {
+                step: step + 1,
+                message: quant::ops::torch_message(&e),
+            };
             let grad_norm =
                 clip_grad_norm(self.optimizer.params(), self.opts.max_grad_norm).map_err(optim)?;
             let lr = self.opts.learning_rate * self.opts.schedule.factor(step);
