@@ -235,9 +235,9 @@ section! {
         /// Label smoothing of the loss.
         label_smoothing_factor: f64 = 0.0, Planned;
         /// NEFTune embedding noise.
-        neftune_noise_alpha: Option<f64> = None, Planned;
+        neftune_noise_alpha: Option<f64> = None, Acted;
         /// Log by steps or epochs.
-        logging_strategy: Interval = Interval::Steps, Planned;
+        logging_strategy: Interval = Interval::Steps, Acted;
         /// Log every N steps (below 1: a fraction of total steps).
         logging_steps: f64 = 10.0, Acted;
         /// Log the first step too.
@@ -277,9 +277,9 @@ section! {
         /// Seed of initialisation, dropout and data order.
         seed: u64 = 42, Acted;
         /// Separate seed for data order.
-        data_seed: Option<u64> = None, Planned;
+        data_seed: Option<u64> = None, Acted;
         /// Train on CPU even if a GPU is present.
-        use_cpu: bool = false, Planned;
+        use_cpu: bool = false, Acted;
         /// Drop the last incomplete batch.
         dataloader_drop_last: bool = false, Acted;
         /// nibble extension: drop (and count) rows that fit no TRL format instead of failing.

@@ -229,12 +229,21 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         } else {
             t.save_steps as u64
         }),
-        _ => None,
+        config::types::SaveStrategy::Epoch => Some(steps_per_epoch),
+        config::types::SaveStrategy::No => None,
+        config::types::SaveStrategy::Best => {
+            bail!(
+                "save_strategy `best` is not supported yet (it needs metric_for_best_model); use steps or epoch"
+            )
+        }
     };
-    let logging_steps = if t.logging_steps < 1.0 {
-        (t.logging_steps * total_steps as f64).ceil() as u64
-    } else {
-        t.logging_steps as u64
+    let logging_steps = match t.logging_strategy {
+        config::types::Interval::No => 0,
+        config::types::Interval::Epoch => steps_per_epoch,
+        config::types::Interval::Steps if t.logging_steps < 1.0 => {
+            (t.logging_steps * total_steps as f64).ceil() as u64
+        }
+        config::types::Interval::Steps => t.logging_steps as u64,
     };
     let topts = TrainOptions {
         total_steps,
@@ -257,6 +266,7 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         seed: t.seed,
         eval_steps: eval_steps(recipe, logging_steps, steps_per_epoch, total_steps),
         eval_on_start: t.eval_on_start,
+        neftune_noise_alpha: t.neftune_noise_alpha.filter(|a| *a > 0.0),
     };
     if let Some(ck) = &resume {
         // Copied into the same tensors the optimizer holds.
@@ -281,7 +291,9 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     let pb = bar(total_steps, "training");
     pb.set_position(trainer.progress.global_step);
     let save = |d: &Path| adapters.save(d).map_err(|e| e.to_string());
-    let mut epoch_batches = |epoch: u64| data.epoch(epoch, recipe.training.seed);
+    // transformers seeds the sampler with data_seed when set.
+    let data_seed = recipe.training.data_seed.unwrap_or(recipe.training.seed);
+    let mut epoch_batches = |epoch: u64| data.epoch(epoch, data_seed);
     let eval = data.eval_batches();
     if trainer.opts.eval_steps.is_some() && eval.is_empty() {
         tracing::warn!("eval_strategy is set but the data has no eval split; not evaluating");

@@ -19,7 +19,10 @@ use tch::Tensor;
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
 pub use schedule::{Schedule, ScheduleError};
-pub use step::{DeviceBatch, MicroStats, evaluate_batch, forward_backward, loss_sum, token_accuracy};
+pub use step::{
+    DeviceBatch, MicroStats, evaluate_batch, forward_backward, forward_backward_with, loss_sum,
+    token_accuracy,
+};
 
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +94,8 @@ pub struct TrainOptions {
     pub eval_steps: Option<u64>,
     /// Also evaluate before the first step.
     pub eval_on_start: bool,
+    /// NEFTune noise on the embeddings while training (`neftune_noise_alpha`).
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 /// One line of the log history (the fields transformers logs for training).
@@ -268,12 +273,13 @@ impl<'a> Trainer<'a> {
                 let seed = (self.opts.seed as i64)
                     .wrapping_mul(1_000_003)
                     .wrapping_add((step * ga as u64 + i as u64) as i64 * 1009);
-                let m = forward_backward(
+                let m = forward_backward_with(
                     self.model,
                     batch,
                     num_items.max(1) as f64,
                     self.opts.gradient_checkpointing,
                     seed,
+                    self.opts.neftune_noise_alpha,
                 )
                 .map_err(|source| TrainError::Model { step: step + 1, source: Box::new(source) })?;
                 step_loss += m.loss;

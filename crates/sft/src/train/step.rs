@@ -64,13 +64,39 @@ pub fn forward_backward(
     checkpointing: bool,
     seed: i64,
 ) -> Result<MicroStats, model_loader::Error> {
+    forward_backward_with(model, batch, num_items, checkpointing, seed, None)
+}
+
+/// NEFTune: uniform noise of magnitude `alpha / sqrt(T * hidden)` added to the token embeddings
+/// while training, as transformers' `neftune_noise_alpha` does.
+fn neftune(h: Tensor, alpha: Option<f64>) -> Result<Tensor, tch::TchError> {
+    let Some(alpha) = alpha else { return Ok(h) };
+    let size = h.size();
+    let mag = alpha / ((size[1] * size[2]) as f64).sqrt();
+    h.f_add(&h.f_zeros_like()?.f_uniform_(-mag, mag)?)
+}
+
+/// [`forward_backward`] with NEFTune embedding noise (`neftune_alpha`), drawn from the same
+/// per-step seed so checkpointed recomputes and resumed runs see the same noise.
+pub fn forward_backward_with(
+    model: &CausalLm,
+    batch: &DeviceBatch,
+    num_items: f64,
+    checkpointing: bool,
+    seed: i64,
+    neftune_alpha: Option<f64>,
+) -> Result<MicroStats, model_loader::Error> {
     let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
+    let embed = || -> Result<Tensor, model_loader::Error> {
+        tch::manual_seed(seed.wrapping_sub(1));
+        Ok(neftune(model.embed(&batch.input_ids)?, neftune_alpha)?)
+    };
     let layer = |i: usize, h: &Tensor| {
         tch::manual_seed(seed.wrapping_add(i as i64));
         model.layer(i, h, &ctx)
     };
     if !checkpointing {
-        let mut h = model.embed(&batch.input_ids)?;
+        let mut h = embed()?;
         for i in 0..model.num_layers() {
             h = layer(i, &h)?;
         }
@@ -82,7 +108,7 @@ pub fn forward_backward(
     }
     // Forward without a graph, keeping only each layer's input.
     let mut inputs = Vec::with_capacity(model.num_layers());
-    let mut h = tch::no_grad(|| model.embed(&batch.input_ids))?;
+    let mut h = tch::no_grad(embed)?;
     for i in 0..model.num_layers() {
         let next = tch::no_grad(|| layer(i, &h))?;
         inputs.push(h);
