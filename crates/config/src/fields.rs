@@ -219,9 +219,9 @@ section! {
         /// Normalise the loss by the token count across devices.
         average_tokens_across_devices: bool = true, Planned;
         /// bf16 compute; unset means true unless fp16 is set (TRL's rule).
-        bf16: Option<bool> = None, Planned;
+        bf16: Option<bool> = None, Acted;
         /// fp16 compute.
-        fp16: bool = false, Planned;
+        fp16: bool = false, Acted;
         /// TF32 matmuls on Ampere+ GPUs.
         tf32: Option<bool> = None, Planned;
         /// Recompute each decoder layer in backward to save memory.

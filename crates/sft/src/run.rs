@@ -46,8 +46,20 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
         blocksize: 64,
         double_quant: m.use_bnb_nested_quant,
     });
-    // TRL computes 4-bit layers in the model dtype (`bnb_4bit_compute_dtype = dtype`).
-    Ok(LoadOptions { dtype, quantize, compute_dtype: dtype, device: Device::Cpu })
+    // TRL computes 4-bit layers in the model dtype (`bnb_4bit_compute_dtype = dtype`). With
+    // `bf16: true` / `fp16: true` on an fp32 model, transformers autocasts: the big matmuls run in
+    // 16 bits, norms and softmax in fp32. nibble does the same for the 4-bit linears (compute dtype
+    // 16-bit, output back in the input's dtype); LoRA adapters and the output head stay fp32.
+    let t = &recipe.training;
+    let compute_dtype = match (dtype, t.bf16 == Some(true), t.fp16) {
+        (Kind::Float, true, _) if quantize.is_some() => Kind::BFloat16,
+        (Kind::Float, _, true) if quantize.is_some() => Kind::Half,
+        _ => dtype,
+    };
+    if compute_dtype != dtype {
+        tracing::info!("mixed precision: 4-bit linears compute in {compute_dtype:?}, the rest in {dtype:?}");
+    }
+    Ok(LoadOptions { dtype, quantize, compute_dtype, device: Device::Cpu })
 }
 
 /// PEFT's default targets for the families nibble runs, when the recipe names none.

@@ -131,3 +131,48 @@ fn the_tiny_default_trains_an_adapter_that_peft_loads() {
     let err = (&ours - &theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[]);
     assert!(err <= 1e-4, "PEFT's logits with nibble's adapter differ by {err:e}");
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes() {
+    let out = scratch("sigint");
+    let cache = scratch("sigint-cache");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
+        .args(["--max_steps", "100000", "--logging_steps", "1", "--save_strategy", "no"])
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", &cache)
+        .env_remove("NIBBLE_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training has logged a step, then interrupt as a terminal's Ctrl-C would.
+    let log = out.join("log.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+        assert!(start.elapsed().as_secs() < 120, "no training step logged in 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "sft did not exit cleanly after Ctrl-C:\n{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let saved = sft::train::checkpoint::latest(&out).unwrap().expect("a checkpoint after Ctrl-C");
+    let step: u64 = saved.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..].parse().unwrap();
+    assert!(step >= 2 && step < 100_000);
+    // Resuming continues from there (to a nearer end).
+    let resumed = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
+        .args(["--max_steps", &(step + 2).to_string(), "--resume_from_checkpoint", "true"])
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", &cache)
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{log}");
+    assert!(log.contains(&format!("resumed from {} at step {step}", saved.display())), "{log}");
+    assert!(out.join("adapter_model.safetensors").is_file());
+}
