@@ -161,7 +161,7 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert!(stderr.contains("interrupted at step"), "{stderr}");
     let saved = sft::train::checkpoint::latest(&out).unwrap().expect("a checkpoint after Ctrl-C");
     let step: u64 = saved.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..].parse().unwrap();
-    assert!(step >= 2 && step < 100_000);
+    assert!((2..100_000).contains(&step));
     // Resuming continues from there (to a nearer end).
     let resumed = Command::new(env!("CARGO_BIN_EXE_sft"))
         .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
