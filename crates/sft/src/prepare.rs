@@ -54,11 +54,13 @@ pub fn model(recipe: &Recipe) -> Result<(PathBuf, HfConfig)> {
     Ok((dir, cfg))
 }
 
-/// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else
-/// `~/.cache/nibble/tokenized`.
+/// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else `$NIBBLE_HOME/tokenized`,
+/// else `~/.cache/nibble/tokenized` (beside the venv `cargo xtask setup` makes).
 fn cache_dir() -> Option<PathBuf> {
-    if let Some(c) = std::env::var_os("NIBBLE_CACHE") {
-        return Some(PathBuf::from(c).join("tokenized"));
+    for var in ["NIBBLE_CACHE", "NIBBLE_HOME"] {
+        if let Some(c) = std::env::var_os(var).filter(|c| !c.is_empty()) {
+            return Some(PathBuf::from(c).join("tokenized"));
+        }
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nibble/tokenized"))
 }
