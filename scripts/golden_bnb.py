@@ -34,6 +34,8 @@ ST_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int64: "I64",
 }
 
 

@@ -13,8 +13,18 @@ shorter than the sequence; Qwen2's q/k/v bias; Qwen3's q/k norms; and a Llama lo
 bitsandbytes (NF4 with double quantization, fp32 compute), whose 4-bit checkpoint is saved too
 (`llama-4bit-saved`) so the pre-quantized load path is tested on a file transformers wrote.
 
+The 8-bit (LLM.int8) cases: `llama-int8` is a Llama whose norms give a few hidden features large
+values (the outlier features LLM.int8 computes in floating point; a small random model has none),
+with its fp32 logits; `llama-int8-saved` is that model loaded with `load_in_8bit=True` on the CPU
+and saved, with bitsandbytes' logits in eval mode (`logits`, its int8 decomposition), in train mode
+(`logits_train`, its CPU training path: dequantize, then linear), and in eval mode with its torch
+backend's int8 product scale replaced by the CUDA kernel's (`logits_kernel_scale`, the constant
+nibble uses; see crates/quant/src/int8.rs).
+
 Deterministic (fixed seeds). Regenerate (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_models.py crates/model-loader/tests/golden
+or only the 8-bit cases:
+    "$NIBBLE_PYTHON" scripts/golden_models.py crates/model-loader/tests/golden --int8
 """
 
 import os
@@ -82,18 +92,83 @@ def logits_of(model, ids, pos):
         return model(input_ids=ids, position_ids=pos).logits.float().contiguous()
 
 
+def random_model(cfg):
+    torch.manual_seed(0)
+    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # from_config leaves norms at one and biases at zero; make them count.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight") or pname.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def int8_cases(out: Path):
+    import logging
+
+    import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    ids, pos = inputs()
+    cfg = next(c for name, c in cases() if name == "llama")
+    model = random_model(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[3] = 12.0
+            layer.input_layernorm.weight[17] = -9.0
+            layer.post_attention_layernorm.weight[5] = 10.0
+    model.eval()
+    d = out / "llama-int8"
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d)
+    save_file({"input_ids": ids, "position_ids": pos, "logits": logits_of(model, ids, pos)}, d / "expected.safetensors")
+
+    q = AutoModelForCausalLM.from_pretrained(
+        d, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32, device_map="cpu"
+    )
+    q.eval()
+    logits = logits_of(q, ids, pos)
+    outliers = {n: m.state.idx.tolist() for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert any(outliers.values()), "no outlier features: the decomposition is not exercised"
+    q.train()
+    logits_train = logits_of(q, ids, pos)
+    q.eval()
+    s = out / "llama-int8-saved"
+    shutil.rmtree(s, ignore_errors=True)
+    q.save_pretrained(s)
+
+    # The same eval forward with the CUDA kernel's scale of the int8 product (the f32 nearest
+    # 1/127^2) in bitsandbytes' torch backend, which otherwise has 6.200124e-05.
+    @torch.library.register_kernel("bitsandbytes::int8_mm_dequant", "cpu")
+    def _(A, row_stats, col_stats, dtype=None, bias=None):
+        out = A.view(-1, A.shape[-1]) * (row_stats.reshape(-1).unsqueeze(-1) * col_stats.reshape(-1).unsqueeze(0)) * 6.200012e-05
+        if bias is not None:
+            out += bias
+        return out.to(dtype or torch.float16)
+
+    logits_kernel = logits_of(q, ids, pos)
+    assert not torch.equal(logits_kernel, logits)
+    save_file(
+        {
+            "input_ids": ids,
+            "position_ids": pos,
+            "logits": logits,
+            "logits_train": logits_train,
+            "logits_kernel_scale": logits_kernel,
+        },
+        s / "expected.safetensors",
+    )
+    for f in out.rglob("generation_config.json"):
+        f.unlink()
+    print("outlier columns per layer:", {k: v for k, v in outliers.items() if v})
+
+
 def main(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     ids, pos = inputs()
     for name, cfg in cases():
-        torch.manual_seed(0)
-        cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        # from_config leaves norms at one and biases at zero; make them count.
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if pname.endswith("norm.weight") or pname.endswith(".bias"):
-                    p.add_(torch.randn_like(p) * 0.2)
+        model = random_model(cfg)
         model.eval()
         d = out / name
         shutil.rmtree(d, ignore_errors=True)
@@ -115,8 +190,14 @@ def main(out: Path):
     save_file({"input_ids": ids, "position_ids": pos, "logits": logits_of(q, ids, pos)}, d / "expected.safetensors")
     for f in out.rglob("generation_config.json"):
         f.unlink()
+    int8_cases(out)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "crates/model-loader/tests/golden"))
+    args = [a for a in sys.argv[1:] if a != "--int8"]
+    target = Path(args[0] if args else "crates/model-loader/tests/golden")
+    if "--int8" in sys.argv[1:]:
+        int8_cases(target)
+    else:
+        main(target)

@@ -1,10 +1,15 @@
-//! Compiles the C++ fast path (`csrc/*.cpp`: the codec ops and the 4-bit linear's autograd
-//! Function) against libtorch when the `torch` feature is on; does nothing without it.
+//! Compiles the C++ fast path (`csrc/*.cpp`: the codec ops and the quantized linears' autograd
+//! Functions) against libtorch when the `torch` feature is on; does nothing without it. With the
+//! `cuda` feature it also builds the CUDA kernels of `csrc/cuda/` with nvcc (`build/cuda.rs`).
 
 use std::path::{Path, PathBuf};
 
+#[path = "build/cuda.rs"]
+mod cuda;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build/cuda.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     if std::env::var_os("CARGO_FEATURE_TORCH").is_none() {
         return;
@@ -48,4 +53,9 @@ fn main() {
         .flag("-fno-fast-math")
         .files(&sources)
         .compile("quant_ops");
+
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let libtorch = libtorch.expect("checked above");
+        cuda::build(&libtorch, &include);
+    }
 }

@@ -1,9 +1,12 @@
-//! `cargo xtask`: nibble's developer commands (Python/libtorch setup, tests, CI), written in Rust
+//! `cargo xtask`: nibble's developer commands (Python/libtorch setup, tests, CI, benchmarks), written in Rust
 //! so that a fresh clone needs nothing but cargo and python3 to get going.
 #![allow(clippy::print_stdout, reason = "a command-line tool reports to its user on stdout")]
 
+mod bench;
 mod ci;
+mod cuda;
 mod fnv;
+mod json;
 mod setup;
 
 use std::ffi::OsString;
@@ -23,6 +26,16 @@ commands:
   ci                 setup, then fmt, clippy, test, doc, and the check that `config`,
                      `device-map` and `quant` without its torch feature never link libtorch
                      (what CI runs, through .ci/run)
+  bench [--quick] [--only codec,load,train] [--repeats N] [--env KEY=VALUE]... [--write|--no-write]
+                     setup, build sft in release, then measure nibble against the Python
+                     reference stack on the same inputs (4-bit codec, loading + quantizing a
+                     generated ~1B model, QLoRA SFT steps on the tiny and a ~150M model) and
+                     print a markdown report of the ratios (also target/bench/report.md).
+                     A full run adds it to docs/benchmarks.md as a dated section (--write /
+                     --no-write decide). --quick (a few minutes): one codec shape, a ~150M
+                     model to load, training on the tiny model only. --env sets a variable
+                     for every measured process of both stacks. Generated models are kept in
+                     $NIBBLE_HOME/bench.
   help               print this text
 
 environment:
@@ -74,6 +87,20 @@ fn run(args: Vec<OsString>) -> Result<()> {
             }
             let env = setup::setup(&root, false)?;
             ci::ci(&root, &env)?;
+        }
+        "bench" => {
+            let opts = bench::parse_args(rest)?;
+            let env = setup::setup(&root, false)?;
+            bench::bench(&root, &env, &opts)?;
+        }
+        "cuda" => {
+            let check = match rest {
+                [] => false,
+                [flag] if flag == "--check" => true,
+                _ => bail!("`cuda` takes only `--check`, got {rest:?}\n\n{USAGE}"),
+            };
+            let env = setup::setup(&root, false)?;
+            cuda::cuda(&root, &env, check)?;
         }
         "help" | "-h" | "--help" => println!("{USAGE}"),
         other => bail!("unknown command `{other}`\n\n{USAGE}"),

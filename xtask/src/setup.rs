@@ -95,7 +95,7 @@ pub fn setup(root: &Path, force: bool) -> Result<Setup> {
 }
 
 /// The cache folder: `$NIBBLE_HOME`, else `$XDG_CACHE_HOME/nibble`, else `$HOME/.cache/nibble`.
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(home) = var("NIBBLE_HOME") {
         return std::path::absolute(&home)

@@ -133,15 +133,15 @@ section! {
         /// Parameters (not modules) to adapt, for MoE experts.
         lora_target_parameters: Option<Vec<String>> = None, Ignored;
         /// Modules trained in full and saved with the adapter.
-        lora_modules_to_save: Option<Vec<String>> = None, Planned;
+        lora_modules_to_save: Option<Vec<String>> = None, Acted;
         /// PEFT task type written to adapter_config.json.
         lora_task_type: String = s("CAUSAL_LM"), Acted;
         /// rsLoRA scaling (alpha / sqrt(r)).
         use_rslora: bool = false, Acted;
         /// Weight-decomposed LoRA.
-        use_dora: bool = false, Planned;
+        use_dora: bool = false, Acted;
         /// LLM.int8 base weights.
-        load_in_8bit: bool = false, Planned;
+        load_in_8bit: bool = false, Acted;
         /// 4-bit base weights (QLoRA).
         load_in_4bit: bool = false, Acted;
         /// 4-bit code book.

@@ -17,6 +17,7 @@ const NOT_IN_TRL: &[&str] = &[
     "overwrite_output_dir",
     "chat_template",
     "lora_init_adapter",
+    "skip_invalid_rows",
 ];
 
 fn typed_defaults() -> serde_json::Map<String, serde_json::Value> {

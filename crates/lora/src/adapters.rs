@@ -1,5 +1,6 @@
-//! Putting adapters on a model's linears and keeping hold of them: the trainable tensors for the
-//! optimizer, the train/eval switch, and PEFT's adapter directory (`adapter_config.json` +
+//! Putting adapters on a model and keeping hold of them: the trainable tensors for the optimizer
+//! (A, B and DoRA's magnitude per adapted linear, the full copies of `modules_to_save`), the
+//! train/eval switch, and PEFT's adapter directory (`adapter_config.json` +
 //! `adapter_model.safetensors`) written and read.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +12,7 @@ use quant::linear::Linear;
 use quant::state::RawTensor;
 use tch::{Device, Kind, Tensor};
 
+use crate::dora::{BaseStats, Dora};
 use crate::layer::{LoraLinear, Taken};
 use crate::{CONFIG_FILE, Error, LoraConfig, TargetModules, WEIGHTS_FILE, init, target};
 
@@ -24,6 +26,7 @@ pub struct AdapterModule {
     name: String,
     lora_a: Tensor,
     lora_b: Tensor,
+    magnitude: Option<Tensor>,
 }
 
 impl AdapterModule {
@@ -39,6 +42,10 @@ impl AdapterModule {
     pub fn lora_b(&self) -> &Tensor {
         &self.lora_b
     }
+    /// DoRA's magnitude, `[out_features]`; `None` without DoRA.
+    pub fn magnitude(&self) -> Option<&Tensor> {
+        self.magnitude.as_ref()
+    }
     /// The key PEFT saves A under (`base_model.model.<name>.lora_A.weight`).
     pub fn key_a(&self) -> String {
         format!("{KEY_PREFIX}{}.lora_A.weight", self.name)
@@ -47,72 +54,163 @@ impl AdapterModule {
     pub fn key_b(&self) -> String {
         format!("{KEY_PREFIX}{}.lora_B.weight", self.name)
     }
+    /// The key PEFT saves DoRA's magnitude under (`base_model.model.<name>.lora_magnitude_vector`,
+    /// without `.weight`).
+    pub fn key_magnitude(&self) -> String {
+        format!("{KEY_PREFIX}{}.lora_magnitude_vector", self.name)
+    }
 }
 
-/// The adapters [`inject`] put on a model: their config, their tensors in module order, and the
-/// train/eval flag every [`LoraLinear`] reads.
+/// One tensor of a module trained in full (PEFT's `modules_to_save`): the frozen original, kept
+/// as PEFT's `ModulesToSaveWrapper` keeps its `original_module`, and the trainable copy the model
+/// now computes with (the same storage and gradient as the model's slot).
+#[derive(Debug)]
+pub struct SavedTensor {
+    name: String,
+    original: Tensor,
+    trainable: Tensor,
+}
+
+impl SavedTensor {
+    /// The parameter's name in the model (`lm_head.weight`, `model.embed_tokens.weight`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The frozen original (no gradient).
+    pub fn original(&self) -> &Tensor {
+        &self.original
+    }
+    /// The trainable copy.
+    pub fn trainable(&self) -> &Tensor {
+        &self.trainable
+    }
+    /// The key PEFT saves the copy under: `base_model.model.<name>` (PEFT drops its
+    /// `modules_to_save.default.` infix when saving).
+    pub fn key(&self) -> String {
+        format!("{KEY_PREFIX}{}", self.name)
+    }
+}
+
+/// The adapters [`inject`] put on a model: their config, their tensors in module order, the full
+/// copies of `modules_to_save`, and the train/eval flag every [`LoraLinear`] reads.
 #[derive(Debug)]
 pub struct Adapters {
     config: LoraConfig,
     modules: Vec<AdapterModule>,
+    saved: Vec<SavedTensor>,
     training: Arc<AtomicBool>,
 }
 
 /// Wrap each linear `cfg` targets in a [`LoraLinear`] with fresh A and B drawn from `seed` (per
-/// module: the values depend only on the seed and the module's name), in training mode.
+/// module: the values depend only on the seed and the module's name), in training mode; with
+/// `use_dora`, each also gets DoRA's magnitude, `||W + scaling * B A||` per output row as PEFT
+/// initialises it.
 ///
 /// `linears` are the model's linears by module name (transformers' names); an untargeted one is
-/// left as it is. Nothing is changed if an error is returned.
+/// left as it is. `cfg.modules_to_save` must be empty: modules trained in full are offered
+/// through [`inject_with_modules`]. Nothing is changed if an error is returned.
 pub fn inject<'a>(
     linears: impl IntoIterator<Item = (String, &'a mut Box<dyn Linear>)>,
     cfg: &LoraConfig,
     seed: u64,
 ) -> Result<Adapters, Error> {
-    inject_with(linears, cfg, Some(seed), true)
+    inject_with(linears.into_iter().collect(), Vec::new(), cfg, Some(seed), true)
+}
+
+/// [`inject`], and PEFT's `modules_to_save`: `tensors` are the model's other parameters by
+/// transformers name (`lm_head.weight`, `model.embed_tokens.weight`; a module's name is the
+/// parameter's without its last part). Every parameter of a module whose name ends with a
+/// `modules_to_save` entry (PEFT's rule) is replaced in its slot by a trainable copy, the original
+/// kept frozen; an entry that matches no offered module, or that names a linear, is an error.
+///
+/// Tied tensors (the same storage in two slots, as a tied output head and embedding) are untied
+/// as PEFT 0.21.2 unties them without `ensure_weight_tying`: each saved slot gets its own copy,
+/// and a slot not saved keeps the frozen original (a warning says so).
+pub fn inject_with_modules<'a>(
+    linears: impl IntoIterator<Item = (String, &'a mut Box<dyn Linear>)>,
+    tensors: impl IntoIterator<Item = (String, &'a mut Tensor)>,
+    cfg: &LoraConfig,
+    seed: u64,
+) -> Result<Adapters, Error> {
+    inject_with(linears.into_iter().collect(), tensors.into_iter().collect(), cfg, Some(seed), true)
 }
 
 /// Wrap the linears a PEFT adapter directory targets and load its tensors, in eval mode, with
 /// Float adapters (PEFT's default); for another dtype, [`LoraConfig::read`] the directory, set
-/// `dtype`, [`inject`], then [`Adapters::load_into`].
+/// `dtype`, [`inject`], then [`Adapters::load_into`]. An adapter with `modules_to_save` needs
+/// [`inject_from_with_modules`].
 pub fn inject_from<'a>(
     linears: impl IntoIterator<Item = (String, &'a mut Box<dyn Linear>)>,
     dir: &Path,
 ) -> Result<Adapters, Error> {
+    inject_from_with_modules(linears, Vec::new(), dir)
+}
+
+/// [`inject_from`] with the model's other parameters offered for `modules_to_save`, as in
+/// [`inject_with_modules`]; the saved copies are loaded from the file.
+pub fn inject_from_with_modules<'a>(
+    linears: impl IntoIterator<Item = (String, &'a mut Box<dyn Linear>)>,
+    tensors: impl IntoIterator<Item = (String, &'a mut Tensor)>,
+    dir: &Path,
+) -> Result<Adapters, Error> {
     let cfg = LoraConfig::read(dir)?;
-    let mut linears: Vec<(String, &'a mut Box<dyn Linear>)> = linears.into_iter().collect();
+    let linears: Vec<(String, &'a mut Box<dyn Linear>)> = linears.into_iter().collect();
+    let tensors: Vec<(String, &'a mut Tensor)> = tensors.into_iter().collect();
     // Check the file against the targets before touching the model.
     let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
     let selected = target::select(&names, &cfg)?;
+    let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let saved = target::select_saved(&names, &tensor_names, &cfg)?;
     let shapes: Vec<(String, i64, i64)> = linears
         .iter()
         .zip(&selected)
         .filter(|(_, s)| **s)
         .map(|((n, l), _)| (n.clone(), l.in_features(), l.out_features()))
         .collect();
-    let tensors = read_weights(dir, &cfg, &shapes)?;
-    let mut adapters = inject_with(linears.drain(..), &cfg, None, false)?;
-    adapters.copy_in(&tensors)?;
+    let saved_shapes: Vec<(String, Vec<i64>)> =
+        tensors.iter().zip(&saved).filter(|(_, s)| **s).map(|((n, t), _)| (n.clone(), t.size())).collect();
+    let weights = read_weights(dir, &cfg, &shapes, &saved_shapes)?;
+    let mut adapters = inject_with(linears, tensors, &cfg, None, false)?;
+    adapters.copy_in(&weights)?;
     Ok(adapters)
 }
 
+/// The other offered tensors that share storage with tensor `i` (tied weights), by name.
+fn tied_with(tensors: &[(String, &mut Tensor)], i: usize) -> Vec<String> {
+    let ptr = tensors[i].1.data_ptr() as usize;
+    tensors
+        .iter()
+        .enumerate()
+        .filter(|(j, (_, t))| *j != i && t.data_ptr() as usize == ptr && ptr != 0)
+        .map(|(_, (n, _))| n.clone())
+        .collect()
+}
+
 fn inject_with<'a>(
-    linears: impl IntoIterator<Item = (String, &'a mut Box<dyn Linear>)>,
+    linears: Vec<(String, &'a mut Box<dyn Linear>)>,
+    tensors: Vec<(String, &'a mut Tensor)>,
     cfg: &LoraConfig,
     seed: Option<u64>,
     training: bool,
 ) -> Result<Adapters, Error> {
     cfg.validate()?;
-    if !cfg.modules_to_save.is_empty() {
-        tracing::warn!(
-            modules = ?cfg.modules_to_save,
-            "modules_to_save is recorded in adapter_config.json, but those modules are not trained or saved yet"
-        );
-    }
-    let linears: Vec<(String, &'a mut Box<dyn Linear>)> = linears.into_iter().collect();
     let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
     let selected = target::select(&names, cfg)?;
+    let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let saved = target::select_saved(&names, &tensor_names, cfg)?;
+    for (i, _) in saved.iter().enumerate().filter(|(_, s)| **s) {
+        let tied = tied_with(&tensors, i);
+        if !tied.is_empty() {
+            tracing::warn!(
+                saved = %tensors[i].0,
+                tied_to = ?tied,
+                "modules_to_save unties tied weights as PEFT does without ensure_weight_tying: the trained copy \
+                 is used only here, the tied slots keep the frozen original (or their own copy)"
+            );
+        }
+    }
     let training = Arc::new(AtomicBool::new(training));
-    let r = cfg.r;
+    let (r, scaling) = (cfg.r, cfg.scaling());
     // Make every tensor first, so an error leaves the model untouched.
     let mut made = Vec::new();
     for ((name, slot), _) in linears.into_iter().zip(&selected).filter(|(_, s)| **s) {
@@ -127,21 +225,53 @@ fn inject_with<'a>(
         };
         let lora_a = param(a, [r as i64, inp])?;
         let lora_b = param(b, [out, r as i64])?;
-        made.push((name, slot, lora_a, lora_b));
+        let dora = if cfg.use_dora {
+            let stats = BaseStats::measure(&name, slot.as_ref())?;
+            let magnitude = stats
+                .weight_norm(slot.as_ref(), &lora_a, &lora_b, scaling)
+                .map_err(|source| Error::Base { module: name.clone(), source })?;
+            Some(Dora { magnitude: magnitude.set_requires_grad(true), stats })
+        } else {
+            None
+        };
+        made.push((name, slot, lora_a, lora_b, dora));
+    }
+    let mut copies = Vec::new();
+    for ((name, slot), _) in tensors.into_iter().zip(&saved).filter(|(_, s)| **s) {
+        let copy = tch::no_grad(|| -> Result<Tensor, Error> {
+            let mut c = slot.f_empty_like()?;
+            c.f_copy_(slot)?;
+            Ok(c)
+        })?;
+        copies.push((name, slot, copy.set_requires_grad(true)));
     }
     let mut modules = Vec::with_capacity(made.len());
-    for (name, slot, lora_a, lora_b) in made {
-        let module = AdapterModule { name, lora_a: lora_a.shallow_clone(), lora_b: lora_b.shallow_clone() };
+    for (name, slot, lora_a, lora_b, dora) in made {
+        let module = AdapterModule {
+            name,
+            lora_a: lora_a.shallow_clone(),
+            lora_b: lora_b.shallow_clone(),
+            magnitude: dora.as_ref().map(|d| d.magnitude.shallow_clone()),
+        };
         let base = std::mem::replace(slot, Box::new(Taken));
-        *slot = Box::new(LoraLinear::new(base, lora_a, lora_b, cfg.scaling(), cfg.dropout, training.clone()));
+        *slot = Box::new(LoraLinear::new(base, lora_a, lora_b, scaling, cfg.dropout, training.clone(), dora));
         modules.push(module);
     }
-    let adapters = Adapters { config: cfg.clone(), modules, training };
+    let saved: Vec<SavedTensor> = copies
+        .into_iter()
+        .map(|(name, slot, copy)| {
+            let original = std::mem::replace(slot, copy.shallow_clone());
+            SavedTensor { name, original, trainable: copy }
+        })
+        .collect();
+    let adapters = Adapters { config: cfg.clone(), modules, saved, training };
     tracing::info!(
         modules = adapters.modules.len(),
         r = cfg.r,
         alpha = cfg.alpha,
-        scaling = cfg.scaling(),
+        scaling,
+        dora = cfg.use_dora,
+        saved = ?adapters.saved.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         trainable = adapters.num_trainable(),
         "LoRA adapters injected"
     );
@@ -159,18 +289,29 @@ impl Adapters {
         &self.modules
     }
 
-    /// The tensors to optimize (A then B per module), sharing storage and gradients with the
-    /// model's layers.
+    /// The tensors trained in full (`modules_to_save`), in the order the model offered them.
+    pub fn saved(&self) -> &[SavedTensor] {
+        &self.saved
+    }
+
+    /// The tensors to optimize, sharing storage and gradients with the model: per adapted module
+    /// A, B (and DoRA's magnitude), then the `modules_to_save` copies.
     pub fn parameters(&self) -> Vec<Tensor> {
-        self.modules.iter().flat_map(|m| [m.lora_a.shallow_clone(), m.lora_b.shallow_clone()]).collect()
+        self.named_parameters().into_iter().map(|(_, t)| t).collect()
     }
 
     /// [`Adapters::parameters`] with the keys PEFT saves them under, for checkpoints.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.modules
-            .iter()
-            .flat_map(|m| [(m.key_a(), m.lora_a.shallow_clone()), (m.key_b(), m.lora_b.shallow_clone())])
-            .collect()
+        let mut out = Vec::with_capacity(3 * self.modules.len() + self.saved.len());
+        for m in &self.modules {
+            out.push((m.key_a(), m.lora_a.shallow_clone()));
+            out.push((m.key_b(), m.lora_b.shallow_clone()));
+            if let Some(mag) = &m.magnitude {
+                out.push((m.key_magnitude(), mag.shallow_clone()));
+            }
+        }
+        out.extend(self.saved.iter().map(|s| (s.key(), s.trainable.shallow_clone())));
+        out
     }
 
     /// Turn dropout on (training) or off (evaluation) in every adapted layer.
@@ -183,9 +324,9 @@ impl Adapters {
         self.training.load(Ordering::Relaxed)
     }
 
-    /// The number of trainable elements (A and B of every module).
+    /// The number of trainable elements (A, B and magnitude of every module, and the full copies).
     pub fn num_trainable(&self) -> u64 {
-        self.modules.iter().map(|m| (m.lora_a.numel() + m.lora_b.numel()) as u64).sum()
+        self.named_parameters().iter().map(|(_, t)| t.numel() as u64).sum()
     }
 
     /// PEFT's `print_trainable_parameters` line:
@@ -193,7 +334,8 @@ impl Adapters {
     ///
     /// `base_params` is the model's own parameter count, without adapters, counted as PEFT
     /// counts it: a 4-bit weight (bitsandbytes `Params4bit`) at its unpacked element count
-    /// (packed bytes x 2), its quantization state not at all. The adapters are added to it.
+    /// (packed bytes x 2), its quantization state not at all, tied weights once. The trainable
+    /// tensors are added to it: PEFT counts a `modules_to_save` copy beside its frozen original.
     pub fn trainable_report(&self, base_params: u64) -> String {
         let trainable = self.num_trainable();
         let all = base_params + trainable;
@@ -217,12 +359,12 @@ impl Adapters {
     }
 
     /// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors` as
-    /// `PeftModel.save_pretrained` does (keys without the adapter name, tensors in the adapter
-    /// dtype, `inference_mode: true`); each file atomically, with the same bytes for the same
-    /// adapters. Creates `dir` if needed.
+    /// `PeftModel.save_pretrained` does (keys without the adapter name, tensors in their dtype,
+    /// `inference_mode: true`); each file atomically, with the same bytes for the same adapters.
+    /// Creates `dir` if needed.
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
-        let mut tensors = Vec::with_capacity(2 * self.modules.len());
+        let mut tensors = Vec::with_capacity(3 * self.modules.len() + self.saved.len());
         for (key, t) in self.named_parameters() {
             tensors.push(raw_tensor(key, &t)?);
         }
@@ -230,14 +372,15 @@ impl Adapters {
         quant::file::write(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
         let text = self.config.to_json_with(&self.written_targets(), true);
         write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
-        tracing::info!(dir = %dir.display(), modules = self.modules.len(), "LoRA adapter saved");
+        tracing::info!(dir = %dir.display(), modules = self.modules.len(), saved = self.saved.len(), "LoRA adapter saved");
         Ok(())
     }
 
-    /// Load A and B from a PEFT adapter directory into these adapters (e.g. to resume). The
-    /// directory's r, alpha and rsLoRA must equal this config's; its tensors must be exactly
-    /// this set's (with or without the `.default` adapter name), in F32, F16 or BF16, each of
-    /// its module's shape. Nothing is changed if an error is returned.
+    /// Load A and B (DoRA's magnitudes, the `modules_to_save` copies) from a PEFT adapter
+    /// directory into these adapters (e.g. to resume). The directory's r, alpha, rsLoRA and DoRA
+    /// settings must equal this config's; its tensors must be exactly this set's (with or without
+    /// the `.default` adapter name), in F32, F16 or BF16, each of its module's shape. Nothing is
+    /// changed if an error is returned.
     pub fn load_into(&mut self, dir: &Path) -> Result<(), Error> {
         let file_cfg = LoraConfig::read(dir)?;
         let path = dir.join(CONFIG_FILE);
@@ -251,43 +394,103 @@ impl Adapters {
         if file_cfg.alpha != self.config.alpha {
             return Err(mismatch("lora_alpha", file_cfg.alpha.to_string(), self.config.alpha.to_string()));
         }
-        if file_cfg.use_rslora != self.config.use_rslora {
-            return Err(mismatch(
-                "use_rslora",
-                file_cfg.use_rslora.to_string(),
-                self.config.use_rslora.to_string(),
-            ));
+        for (what, file, ours) in [
+            ("use_rslora", file_cfg.use_rslora, self.config.use_rslora),
+            ("use_dora", file_cfg.use_dora, self.config.use_dora),
+        ] {
+            if file != ours {
+                return Err(mismatch(what, file.to_string(), ours.to_string()));
+            }
         }
         let shapes: Vec<(String, i64, i64)> =
             self.modules.iter().map(|m| (m.name.clone(), m.lora_a.size()[1], m.lora_b.size()[0])).collect();
-        let tensors = read_weights(dir, &self.config, &shapes)?;
-        self.copy_in(&tensors)
+        let saved: Vec<(String, Vec<i64>)> =
+            self.saved.iter().map(|s| (s.name.clone(), s.trainable.size())).collect();
+        let weights = read_weights(dir, &self.config, &shapes, &saved)?;
+        self.copy_in(&weights)
     }
 
-    /// Copy checked tensors (A, B per module, in module order) into the parameters.
-    fn copy_in(&mut self, tensors: &[(Tensor, Tensor)]) -> Result<(), Error> {
+    /// Copy checked tensors (in module order, then saved order) into the parameters.
+    fn copy_in(&mut self, w: &Weights) -> Result<(), Error> {
         tch::no_grad(|| -> Result<(), Error> {
-            for (m, (a, b)) in self.modules.iter_mut().zip(tensors) {
-                m.lora_a.f_copy_(a)?;
-                m.lora_b.f_copy_(b)?;
+            for (m, t) in self.modules.iter_mut().zip(&w.modules) {
+                m.lora_a.f_copy_(&t.a)?;
+                m.lora_b.f_copy_(&t.b)?;
+                if let (Some(mag), Some(from)) = (m.magnitude.as_mut(), t.magnitude.as_ref()) {
+                    mag.f_copy_(from)?;
+                }
+            }
+            for (s, t) in self.saved.iter_mut().zip(&w.saved) {
+                s.trainable.f_copy_(t)?;
             }
             Ok(())
         })
     }
 }
 
-/// Read `dir/adapter_model.safetensors` for modules `(name, in, out)`: every tensor taken, shapes
-/// and dtypes checked; returned as Float CPU tensors in module order.
+/// One adapted module's tensors as read from a file (Float/Half/BFloat16, CPU).
+struct ModuleWeights {
+    a: Tensor,
+    b: Tensor,
+    magnitude: Option<Tensor>,
+}
+
+/// An adapter file's tensors, checked, in module order and saved order.
+struct Weights {
+    modules: Vec<ModuleWeights>,
+    saved: Vec<Tensor>,
+}
+
+/// Which tensor of an adapted module a key holds.
+#[derive(Clone, Copy)]
+enum Part {
+    A,
+    B,
+    Magnitude,
+}
+
+/// The key endings PEFT writes (and, with the adapter name, holds in memory) for each part.
+const PARTS: [(&str, Part); 6] = [
+    (".lora_A.weight", Part::A),
+    (".lora_A.default.weight", Part::A),
+    (".lora_B.weight", Part::B),
+    (".lora_B.default.weight", Part::B),
+    (".lora_magnitude_vector", Part::Magnitude),
+    (".lora_magnitude_vector.default.weight", Part::Magnitude),
+];
+
+/// A safetensors entry as a tensor, its dtype (F32, F16, BF16) and shape checked.
+fn checked(path: &Path, t: &RawTensor, expected: &[i64], dims: &str) -> Result<Tensor, Error> {
+    let bad = |problem: String| Error::BadTensor { path: path.to_owned(), key: t.name.clone(), problem };
+    let kind = match t.dtype.as_str() {
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        other => return Err(bad(format!("dtype {other} (expected F32, F16 or BF16)"))),
+    };
+    let shape: Vec<i64> = t.shape.iter().map(|d| *d as i64).collect();
+    if shape != expected {
+        return Err(bad(format!("shape {shape:?}, expected {dims}")));
+    }
+    Ok(Tensor::f_from_data_size(&t.data, &shape, kind)?)
+}
+
+/// Read `dir/adapter_model.safetensors` for modules `(name, in, out)` and saved tensors `(name,
+/// shape)`: every tensor taken, none missing, shapes and dtypes checked.
 fn read_weights(
     dir: &Path,
     cfg: &LoraConfig,
     modules: &[(String, i64, i64)],
-) -> Result<Vec<(Tensor, Tensor)>, Error> {
+    saved: &[(String, Vec<i64>)],
+) -> Result<Weights, Error> {
     let path = dir.join(WEIGHTS_FILE);
     let (raw, _) = quant::file::read(&path)?;
     let index: HashMap<&str, usize> =
         modules.iter().enumerate().map(|(i, (n, _, _))| (n.as_str(), i)).collect();
-    let mut found: Vec<[Option<&RawTensor>; 2]> = vec![[None, None]; modules.len()];
+    let saved_index: HashMap<&str, usize> =
+        saved.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
+    let mut found: Vec<[Option<&RawTensor>; 3]> = vec![[None, None, None]; modules.len()];
+    let mut found_saved: Vec<Option<&RawTensor>> = vec![None; saved.len()];
     for t in &raw {
         let unexpected =
             |why: &str| Error::UnexpectedTensor { path: path.clone(), key: t.name.clone(), why: why.into() };
@@ -295,49 +498,52 @@ fn read_weights(
             .name
             .strip_prefix(KEY_PREFIX)
             .ok_or_else(|| unexpected("PEFT's keys start with `base_model.model.`"))?;
-        let parsed = [(".lora_A", 0), (".lora_B", 1)].into_iter().find_map(|(part, which)| {
-            let stem = rest.strip_suffix(".weight")?;
-            let stem = stem.strip_suffix(".default").unwrap_or(stem);
-            stem.strip_suffix(part).map(|module| (module, which))
-        });
-        let (module, which) =
-            parsed.ok_or_else(|| unexpected("not a LoRA A or B weight (`<module>.lora_A.weight`)"))?;
+        if let Some(&i) = saved_index.get(rest) {
+            found_saved[i] = Some(t);
+            continue;
+        }
+        let (module, part) = PARTS
+            .iter()
+            .find_map(|(end, part)| rest.strip_suffix(end).map(|m| (m, *part)))
+            .ok_or_else(|| {
+                unexpected(
+                    "not a LoRA A or B weight (`<module>.lora_A.weight`), a DoRA magnitude \
+                     (`<module>.lora_magnitude_vector`) or a tensor of the modules_to_save offered",
+                )
+            })?;
+        if matches!(part, Part::Magnitude) && !cfg.use_dora {
+            return Err(unexpected("a DoRA magnitude, but use_dora is false"));
+        }
         let i =
             *index.get(module).ok_or_else(|| unexpected("its module is not among the targeted linears"))?;
-        if found[i][which].replace(t).is_some() {
+        if found[i][part as usize].replace(t).is_some() {
             return Err(unexpected("the same weight appears twice (with and without `.default`)"));
         }
     }
     let r = cfg.r as i64;
+    let missing = |key: String| Error::MissingTensor { path: path.clone(), key };
     let mut out = Vec::with_capacity(modules.len());
-    for ((name, inp, outf), pair) in modules.iter().zip(&found) {
-        let mut two = Vec::with_capacity(2);
-        let wanted = [
-            ("A", [r, *inp], format!("[r, in_features] = [{r}, {inp}]")),
-            ("B", [*outf, r], format!("[out_features, r] = [{outf}, {r}]")),
-        ];
-        for (which, (ab, expected, dims)) in wanted.into_iter().enumerate() {
-            let key = format!("{KEY_PREFIX}{name}.lora_{ab}.weight");
-            let t = pair[which].ok_or_else(|| Error::MissingTensor { path: path.clone(), key })?;
-            let bad = |problem: String| Error::BadTensor { path: path.clone(), key: t.name.clone(), problem };
-            let kind = match t.dtype.as_str() {
-                "F32" => Kind::Float,
-                "F16" => Kind::Half,
-                "BF16" => Kind::BFloat16,
-                other => return Err(bad(format!("dtype {other} (expected F32, F16 or BF16)"))),
-            };
-            let shape: Vec<i64> = t.shape.iter().map(|d| *d as i64).collect();
-            if shape != expected {
-                return Err(bad(format!("shape {shape:?}, expected {dims}")));
-            }
-            two.push(Tensor::f_from_data_size(&t.data, &shape, kind)?);
-        }
-        let b = two.pop().ok_or_else(|| Error::Torch("B not read".into()))?;
-        let a = two.pop().ok_or_else(|| Error::Torch("A not read".into()))?;
-        out.push((a, b));
+    for ((name, inp, outf), parts) in modules.iter().zip(&found) {
+        let get = |part: Part, key: String| parts[part as usize].ok_or_else(|| missing(key));
+        let a = get(Part::A, format!("{KEY_PREFIX}{name}.lora_A.weight"))?;
+        let b = get(Part::B, format!("{KEY_PREFIX}{name}.lora_B.weight"))?;
+        let a = checked(&path, a, &[r, *inp], &format!("[r, in_features] = [{r}, {inp}]"))?;
+        let b = checked(&path, b, &[*outf, r], &format!("[out_features, r] = [{outf}, {r}]"))?;
+        let magnitude = if cfg.use_dora {
+            let m = get(Part::Magnitude, format!("{KEY_PREFIX}{name}.lora_magnitude_vector"))?;
+            Some(checked(&path, m, &[*outf], &format!("[out_features] = [{outf}]"))?)
+        } else {
+            None
+        };
+        out.push(ModuleWeights { a, b, magnitude });
+    }
+    let mut copies = Vec::with_capacity(saved.len());
+    for ((name, shape), t) in saved.iter().zip(&found_saved) {
+        let t = t.ok_or_else(|| missing(format!("{KEY_PREFIX}{name}")))?;
+        copies.push(checked(&path, t, shape, &format!("{shape:?}, the shape of the model's `{name}`"))?);
     }
     tracing::debug!(file = %path.display(), tensors = raw.len(), "LoRA adapter weights read");
-    Ok(out)
+    Ok(Weights { modules: out, saved: copies })
 }
 
 /// A tensor's bytes as a safetensors entry (moved to the CPU, made contiguous).
@@ -535,18 +741,222 @@ mod tests {
         assert_eq!(a.modules()[0].lora_b().grad().kind(), Kind::BFloat16);
     }
 
+    /// A base that cannot run (like `sft merge`'s shape-only stand-ins).
+    struct Blind;
+
+    impl Linear for Blind {
+        fn forward(&self, _: &Tensor) -> Result<Tensor, quant::Error> {
+            Err(quant::Error::Torch("cannot run".into()))
+        }
+        fn in_features(&self) -> i64 {
+            8
+        }
+        fn out_features(&self) -> i64 {
+            8
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+    }
+
     #[test]
-    fn dora_is_refused_before_anything_changes() {
+    fn errors_leave_the_model_unchanged() {
         let mut m = model();
-        let mut cfg = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
-        cfg.use_dora = true;
-        let err = inject(offer(&mut m), &cfg, 0).expect_err("dora");
-        assert_eq!(err.to_string(), "use_dora = true (DoRA) is not supported yet");
         let err =
             inject(offer(&mut m), &LoraConfig::new(4, 8.0, list(&["o_proj"])), 0).expect_err("no o_proj");
         assert!(err.to_string().contains("entry `o_proj` matches none of the 6 linear layers"), "{err}");
+        // DoRA runs the base to measure it; a base that cannot run is named.
+        m.push(("model.layers.2.self_attn.q_proj".into(), Box::new(Blind)));
+        let mut cfg = LoraConfig::new(4, 8.0, list(&["q_proj"]));
+        cfg.use_dora = true;
+        let err = inject(offer(&mut m), &cfg, 0).expect_err("blind base").to_string();
+        assert_eq!(
+            err,
+            "module `model.layers.2.self_attn.q_proj`: DoRA could not run the base layer: libtorch: cannot run"
+        );
         // The model still computes with its plain layers.
-        assert!(m[0].1.forward(&input(1, 8)).is_ok());
+        let x = input(1, 8);
+        assert!(m[0].1.forward(&x).expect("plain").equal(&dense(8, 8, 1).forward(&x).expect("base")));
+    }
+
+    /// `W + scaling * B A` and its row norms, computed directly.
+    fn dora_reference(w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Tensor {
+        let full = w + b.matmul(a) * scaling;
+        full.square().sum_dim_intlist(1, false, Kind::Float).sqrt()
+    }
+
+    #[test]
+    fn dora_starts_as_lora_and_follows_peft_formula() {
+        for (bias, dropout) in [(true, 0.0), (false, 0.0), (true, 0.3)] {
+            let w =
+                Tensor::arange(8 * 12, (Kind::Float, Device::Cpu)).view([8, 12]).f_sin().expect("w") * 0.5;
+            let bvec = bias.then(|| Tensor::arange(8, (Kind::Float, Device::Cpu)) * 0.1 - 0.3);
+            let base: Box<dyn Linear> =
+                Box::new(Dense::new(w.copy(), bvec.as_ref().map(Tensor::copy)).expect("d"));
+            let mut one = vec![("model.layers.0.mlp.down_proj".to_owned(), base)];
+            let mut cfg = LoraConfig::new(4, 6.0, TargetModules::AllLinear);
+            cfg.init = LoraInit::False;
+            cfg.use_dora = true;
+            cfg.dropout = dropout;
+            let a = inject(offer(&mut one), &cfg, 11).expect("inject");
+            let md = &a.modules()[0];
+            let (la, lb, mag) = (md.lora_a(), md.lora_b(), md.magnitude().expect("dora"));
+            let s = cfg.scaling();
+            // PEFT's init: the magnitude is the norm of W + s B A, so the layer starts as plain LoRA.
+            let n = dora_reference(&w, la, lb, s);
+            assert!(max_rel(mag, &n) < 1e-6, "magnitude at init");
+            let x = input(5, 12);
+            let plain = |x: &Tensor| {
+                let y = x.matmul(&w.tr());
+                match &bvec {
+                    Some(b) => y + b,
+                    None => y,
+                }
+            };
+            a.set_training(false);
+            let lora = plain(&x) + x.matmul(&la.tr()).matmul(&lb.tr()) * s;
+            assert!(max_rel(&one[0].1.forward(&x).expect("dora"), &lora) < 1e-6, "starts as LoRA");
+            // Another magnitude: base + (m/n - 1) * W x + (m/n) * s * B A x.
+            tch::no_grad(|| {
+                let mut m2 = mag.shallow_clone();
+                m2.copy_(&(mag * (Tensor::arange(8, (Kind::Float, Device::Cpu)) * 0.1 + 0.7)));
+            });
+            let ratio = (mag / &n).view([1, -1]);
+            let expect = |x: &Tensor, xd: &Tensor| {
+                plain(x)
+                    + (&ratio - 1.0) * xd.matmul(&w.tr())
+                    + &ratio * xd.matmul(&la.tr()).matmul(&lb.tr()) * s
+            };
+            let got = one[0].1.forward(&x).expect("eval");
+            assert!(max_rel(&got, &expect(&x, &x)) < 1e-6, "eval, bias {bias}");
+            a.set_training(true);
+            tch::manual_seed(5);
+            let got = one[0].1.forward(&x).expect("train");
+            tch::manual_seed(5);
+            let xd = if dropout > 0.0 { x.dropout(dropout, true) } else { x.shallow_clone() };
+            assert!(max_rel(&got, &expect(&x, &xd)) < 1e-6, "train, bias {bias}, dropout {dropout}");
+            // The norm is detached: the magnitude's gradient is (base(x) - b + s B A x) / n, summed.
+            got.sum(Kind::Float).backward();
+            let per_row = (xd.matmul(&w.tr()) + xd.matmul(&la.tr()).matmul(&lb.tr()) * s).sum_dim_intlist(
+                0,
+                false,
+                Kind::Float,
+            ) / &n;
+            assert!(max_rel(&mag.grad(), &per_row) < 1e-5, "magnitude grad");
+            assert!(la.grad().defined() && lb.grad().defined());
+        }
+    }
+
+    #[test]
+    fn dora_measures_a_4bit_base_as_its_dequantized_weight() {
+        let w = Tensor::arange(24 * 128, (Kind::Float, Device::Cpu)).view([24, 128]).f_cos().expect("w");
+        let bias = Tensor::arange(24, (Kind::Float, Device::Cpu)) * 0.05;
+        let q = quant::linear::Linear4bit::quantize(&w, Some(bias.copy()), Default::default(), Kind::Float)
+            .expect("4bit");
+        let deq = q.weight().dequantize(Kind::Float).expect("dequantize");
+        let mut one: Vec<(String, Box<dyn Linear>)> =
+            vec![("model.layers.0.mlp.up_proj".into(), Box::new(q))];
+        let mut cfg = LoraConfig::new(3, 5.0, TargetModules::AllLinear);
+        cfg.init = LoraInit::False;
+        cfg.use_dora = true;
+        let a = inject(offer(&mut one), &cfg, 2).expect("inject");
+        let md = &a.modules()[0];
+        let n = dora_reference(&deq, md.lora_a(), md.lora_b(), cfg.scaling());
+        assert!(max_rel(md.magnitude().expect("dora"), &n) < 1e-6);
+    }
+
+    /// A toy model's embedding and head as named tensor slots, tied or not.
+    fn head_and_embedding(tied: bool) -> Vec<(String, Tensor)> {
+        let e = Tensor::arange(6 * 4, (Kind::Float, Device::Cpu)).view([6, 4]) * 0.01;
+        let head = if tied { e.shallow_clone() } else { e.copy() + 1.0 };
+        vec![("model.embed_tokens.weight".into(), e), ("lm_head.weight".into(), head)]
+    }
+
+    fn offer_tensors(t: &mut [(String, Tensor)]) -> Vec<(String, &mut Tensor)> {
+        t.iter_mut().map(|(n, t)| (n.clone(), t)).collect()
+    }
+
+    #[test]
+    fn modules_to_save_get_trainable_copies_and_round_trip() {
+        let dir = temp("mts");
+        let mut m = model();
+        let mut t = head_and_embedding(true);
+        let mut cfg = LoraConfig::new(2, 4.0, list(&["q_proj"]));
+        cfg.modules_to_save = vec!["lm_head".into()];
+        let err = inject(offer(&mut m), &cfg, 1).expect_err("no tensors offered").to_string();
+        assert_eq!(
+            err,
+            "modules_to_save entry `lm_head` matches none of the modules offered for full training: (none)"
+        );
+        let a = inject_with_modules(offer(&mut m), offer_tensors(&mut t), &cfg, 1).expect("inject");
+        assert_eq!(a.saved().len(), 1);
+        let s = &a.saved()[0];
+        assert_eq!((s.name(), s.key().as_str()), ("lm_head.weight", "base_model.model.lm_head.weight"));
+        // The head slot holds the trainable copy; the tied embedding keeps the frozen original.
+        assert!(t[1].1.requires_grad() && !t[0].1.requires_grad() && !s.original().requires_grad());
+        assert_ne!(t[1].1.data_ptr(), t[0].1.data_ptr());
+        assert_eq!(t[1].1.data_ptr(), s.trainable().data_ptr());
+        assert_eq!(s.original().data_ptr(), t[0].1.data_ptr());
+        assert!(t[1].1.equal(&t[0].1));
+        // PEFT counts the copy as trainable and beside the original: 2 * 2 * (8 + 8) + 24.
+        assert_eq!(a.num_trainable(), 64 + 24);
+        assert_eq!(a.parameters().len(), 5);
+        tch::no_grad(|| {
+            let mut h = t[1].1.shallow_clone();
+            let _ = h.f_add_scalar_(0.5);
+        });
+        a.save(&dir).expect("save");
+        let keys: Vec<String> =
+            quant::file::read(&dir.join(WEIGHTS_FILE)).expect("read").0.into_iter().map(|t| t.name).collect();
+        assert!(keys.contains(&"base_model.model.lm_head.weight".to_owned()) && keys.len() == 5, "{keys:?}");
+        // Back in, through a fresh untied model.
+        let mut m2 = model();
+        let mut t2 = head_and_embedding(false);
+        let b = inject_from_with_modules(offer(&mut m2), offer_tensors(&mut t2), &dir).expect("load");
+        assert!(t2[1].1.equal(&t[1].1), "the saved head is the model's head");
+        assert!(b.saved()[0].original().equal(&(t2[0].1.copy() + 1.0)), "the original is kept");
+        // Without the tensors offered, or with another shape, loading is refused.
+        let mut m3 = model();
+        assert!(inject_from(offer(&mut m3), &dir).is_err());
+        let mut t3 = vec![("lm_head.weight".to_owned(), Tensor::zeros([5, 4], (Kind::Float, Device::Cpu)))];
+        let err = inject_from_with_modules(offer(&mut m3), offer_tensors(&mut t3), &dir).expect_err("shape");
+        assert!(
+            err.to_string()
+                .ends_with("shape [6, 4], expected [5, 4], the shape of the model's `lm_head.weight`"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dora_adapters_save_and_load_their_magnitude() {
+        let dir = temp("dora-rt");
+        let mut m = model();
+        let mut cfg = LoraConfig::new(2, 4.0, list(&["v_proj", "down_proj"]));
+        cfg.init = LoraInit::False;
+        cfg.use_dora = true;
+        let a = inject(offer(&mut m), &cfg, 3).expect("inject");
+        assert_eq!(a.num_trainable(), 2 * (2 * (8 + 4) + 4 + 2 * (12 + 8) + 8));
+        a.save(&dir).expect("save");
+        let (raw, _) = quant::file::read(&dir.join(WEIGHTS_FILE)).expect("read");
+        let key = "base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector";
+        assert_eq!(raw.iter().find(|t| t.name == key).expect("magnitude key").shape, [4]);
+        let mut m2 = model();
+        let b = inject_from(offer(&mut m2), &dir).expect("load");
+        for (x, y) in a.parameters().iter().zip(b.parameters()) {
+            assert!(x.equal(&y));
+        }
+        let x = input(3, 12);
+        a.set_training(false);
+        assert!(m[2].1.forward(&x).expect("a").allclose(&m2[2].1.forward(&x).expect("b"), 1e-6, 1e-6, false));
+        // A plain LoRA adapter does not load DoRA tensors, and the other way round.
+        let mut plain = cfg.clone();
+        plain.use_dora = false;
+        let mut m3 = model();
+        let mut c = inject(offer(&mut m3), &plain, 3).expect("inject");
+        let err = c.load_into(&dir).expect_err("dora file").to_string();
+        assert!(err.ends_with("use_dora is true, but these adapters have false"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -53,12 +53,13 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Which linears get an adapter.
     pub target_modules: TargetModules,
-    /// Modules PEFT trains and saves in full; recorded in the config only for now (they are
-    /// also excluded from the targets, as PEFT does).
+    /// Modules trained and saved in full (PEFT's `modules_to_save`): each module whose name ends
+    /// with an entry gets a trainable copy (see [`crate::inject_with_modules`]); they are never
+    /// LoRA targets.
     pub modules_to_save: Vec<String>,
     /// Rank-stabilized LoRA: scale by `alpha / sqrt(r)`.
     pub use_rslora: bool,
-    /// Weight-decomposed LoRA; not supported yet (refused by [`crate::inject`]).
+    /// Weight-decomposed LoRA (DoRA): a trainable magnitude per output row on top of A and B.
     pub use_dora: bool,
     /// How A and B start.
     pub init: LoraInit,
@@ -100,9 +101,6 @@ impl LoraConfig {
 
     /// Refuse values nibble cannot honour, before any layer is touched.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.use_dora {
-            return Err(Error::Unsupported("use_dora = true (DoRA)".into()));
-        }
         if self.bias != "none" {
             return Err(Error::Unsupported(format!("bias = {:?} (only \"none\")", self.bias)));
         }
@@ -128,6 +126,9 @@ impl LoraConfig {
             && l.is_empty()
         {
             return Err(Error::InvalidConfig("target_modules is an empty list".into()));
+        }
+        if self.modules_to_save.iter().any(String::is_empty) {
+            return Err(Error::InvalidConfig("modules_to_save has an empty entry".into()));
         }
         Ok(())
     }
@@ -200,8 +201,8 @@ impl LoraConfig {
     }
 
     /// Parse an `adapter_config.json` text (`path` names it in errors). Missing keys take PEFT's
-    /// defaults; a key that changes the computation in a way nibble does not implement (DoRA
-    /// aside, which [`LoraConfig::validate`] refuses) is an error; unknown keys are logged.
+    /// defaults; a key that changes the computation in a way nibble does not implement is an
+    /// error; unknown keys are logged.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, Error> {
         let bad = |problem: String| Error::Config { path: path.to_owned(), problem };
         let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
@@ -275,12 +276,21 @@ impl LoraConfig {
                 return Err(Error::Unsupported(format!("{}: init_lora_weights = {other}", path.display())));
             }
         };
+        let modules_to_save = strings("modules_to_save")?.unwrap_or_default();
+        // With tied embeddings in modules_to_save, PEFT then shares one trainable copy between
+        // the tied modules; nibble unties them as PEFT does without it.
+        if flag("ensure_weight_tying")? && !modules_to_save.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "{}: `ensure_weight_tying` = true with modules_to_save",
+                path.display()
+            )));
+        }
         Ok(LoraConfig {
             r,
             alpha: number("lora_alpha", 8.0)?,
             dropout: number("lora_dropout", 0.0)?,
             target_modules,
-            modules_to_save: strings("modules_to_save")?.unwrap_or_default(),
+            modules_to_save,
             use_rslora: flag("use_rslora")?,
             use_dora: flag("use_dora")?,
             init,
@@ -446,6 +456,13 @@ mod tests {
                 "{key}: {err}"
             );
         }
+        // Weight tying of modules_to_save copies is refused only where it would act.
+        let mut v: Value = serde_json::from_str(&base).expect("JSON");
+        v["ensure_weight_tying"] = true.into();
+        assert!(LoraConfig::from_json(&v.to_string(), Path::new("c.json")).is_ok());
+        v["modules_to_save"] = serde_json::json!(["lm_head"]);
+        let err = LoraConfig::from_json(&v.to_string(), Path::new("c.json")).expect_err("tying").to_string();
+        assert_eq!(err, "c.json: `ensure_weight_tying` = true with modules_to_save is not supported yet");
         let mut v: Value = serde_json::from_str(&base).expect("JSON");
         v["r"] = "eight".into();
         let err = LoraConfig::from_json(&v.to_string(), Path::new("c.json")).expect_err("bad r").to_string();
@@ -458,11 +475,11 @@ mod tests {
     }
 
     #[test]
-    fn validate_refuses_dora_and_bad_values() {
+    fn validate_refuses_bad_values() {
         let ok = LoraConfig::new(8, 16.0, TargetModules::AllLinear);
         assert!(ok.validate().is_ok());
-        let err = LoraConfig { use_dora: true, ..ok.clone() }.validate().expect_err("dora").to_string();
-        assert_eq!(err, "use_dora = true (DoRA) is not supported yet");
+        assert!(LoraConfig { use_dora: true, ..ok.clone() }.validate().is_ok());
+        assert!(LoraConfig { modules_to_save: vec![String::new()], ..ok.clone() }.validate().is_err());
         assert!(LoraConfig { r: 0, ..ok.clone() }.validate().is_err());
         assert!(LoraConfig { dropout: 1.0, ..ok.clone() }.validate().is_err());
         assert!(LoraConfig { dtype: Kind::Int64, ..ok.clone() }.validate().is_err());

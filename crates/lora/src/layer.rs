@@ -1,5 +1,6 @@
 //! The adapted layer: any base linear plus a low-rank update, computed as PEFT's bitsandbytes
-//! `Linear4bit` LoRA layer does, so outputs match PEFT's for every base kind.
+//! `Linear4bit` LoRA layer does, so outputs match PEFT's for every base kind; with DoRA, the
+//! update PEFT's `DoraLinearLayer` computes (see `dora.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,10 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use quant::linear::Linear;
 use tch::{Device, Tensor};
 
+use crate::dora::{Dora, Step};
+
 /// `y = base(x) + B(A(dropout(x))) * scaling`, with A `[r, in]` and B `[out, r]` trainable.
 ///
 /// The update is computed in A's dtype (x is cast to it) and cast back to the base output's
 /// dtype before the sum; dropout applies only while the shared training flag is set.
+///
+/// With DoRA the output is `base(x) + (m / n - 1) * (base(x) - bias) + (m / n) * B(A(x)) *
+/// scaling`, `m` the trainable magnitude and `n = ||W + scaling * B A||` per output row, detached
+/// (with dropout, `base(x) - bias` is taken on the dropped input), as PEFT 0.21.2 computes it.
 pub struct LoraLinear {
     base: Box<dyn Linear>,
     lora_a: Tensor,
@@ -18,6 +25,7 @@ pub struct LoraLinear {
     scaling: f64,
     dropout: f64,
     training: Arc<AtomicBool>,
+    dora: Option<Dora>,
 }
 
 impl LoraLinear {
@@ -29,8 +37,9 @@ impl LoraLinear {
         scaling: f64,
         dropout: f64,
         training: Arc<AtomicBool>,
+        dora: Option<Dora>,
     ) -> Self {
-        LoraLinear { base, lora_a, lora_b, scaling, dropout, training }
+        LoraLinear { base, lora_a, lora_b, scaling, dropout, training, dora }
     }
 
     /// The wrapped layer, for code that needs to reach the frozen weight.
@@ -57,17 +66,37 @@ impl LoraLinear {
     pub fn scaling(&self) -> f64 {
         self.scaling
     }
+
+    /// DoRA's magnitude `[out_features]` (shares storage and gradient with [`crate::Adapters`]'
+    /// copy); `None` for plain LoRA.
+    pub fn magnitude(&self) -> Option<&Tensor> {
+        self.dora.as_ref().map(|d| &d.magnitude)
+    }
+
+    /// Whether dropout applies to the next forward.
+    fn active_dropout(&self) -> Option<f64> {
+        (self.dropout > 0.0 && self.training.load(Ordering::Relaxed)).then_some(self.dropout)
+    }
 }
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, quant::Error> {
+        if let Some(dora) = &self.dora {
+            let step = Step {
+                base: self.base.as_ref(),
+                lora_a: &self.lora_a,
+                lora_b: &self.lora_b,
+                scaling: self.scaling,
+                dropout: self.active_dropout(),
+            };
+            return dora.forward(&step, x);
+        }
         let result = self.base.forward(x)?;
         let kind = self.lora_a.kind();
         let x = if x.kind() == kind { x.shallow_clone() } else { x.f_to_kind(kind)? };
-        let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            x.f_dropout(self.dropout, true)?
-        } else {
-            x
+        let x = match self.active_dropout() {
+            Some(p) => x.f_dropout(p, true)?,
+            None => x,
         };
         let update = x
             .f_linear(&self.lora_a, None::<Tensor>)?
@@ -95,6 +124,7 @@ impl std::fmt::Debug for LoraLinear {
             .field("r", &self.lora_a.size().first())
             .field("scaling", &self.scaling)
             .field("dropout", &self.dropout)
+            .field("dora", &self.dora.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -3,21 +3,26 @@
 //! trained with PEFT loads here.
 //!
 //! - [`LoraConfig`]: the settings, and `adapter_config.json` both ways (PEFT 0.21.2's fields).
-//! - [`inject`]: wrap the targeted linears in [`LoraLinear`]s, returning the [`Adapters`] (the
-//!   trainable tensors, the train/eval switch, save and load).
-//! - [`inject_from`]: the same from a PEFT adapter directory.
+//! - [`inject`]: wrap the targeted linears in [`LoraLinear`]s (plain LoRA or DoRA), returning the
+//!   [`Adapters`] (the trainable tensors, the train/eval switch, save and load).
+//! - [`inject_with_modules`]: the same, and PEFT's `modules_to_save` (trainable full copies of
+//!   other modules, such as the output head or the embedding, offered as named tensors).
+//! - [`inject_from`] / [`inject_from_with_modules`]: the same from a PEFT adapter directory.
 
 #![deny(missing_docs)]
 
 mod adapters;
 mod config;
+mod dora;
 mod init;
 mod layer;
 mod target;
 
 use std::path::PathBuf;
 
-pub use adapters::{AdapterModule, Adapters, inject, inject_from};
+pub use adapters::{
+    AdapterModule, Adapters, SavedTensor, inject, inject_from, inject_from_with_modules, inject_with_modules,
+};
 pub use config::{CONFIG_FILE, LoraConfig, LoraInit, PEFT_VERSION, TargetModules, WEIGHTS_FILE};
 pub use layer::LoraLinear;
 pub use target::select as select_targets;
@@ -26,7 +31,7 @@ pub use target::select as select_targets;
 /// the file, key or tensor at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A setting nibble does not implement yet (DoRA, bias training, rank patterns, ...).
+    /// A setting nibble does not implement yet (bias training, rank patterns, ...).
     #[error("{0} is not supported yet")]
     Unsupported(String),
     /// A config value out of range.
@@ -39,6 +44,22 @@ pub enum Error {
         target: String,
         /// Every module name offered.
         offered: Vec<String>,
+    },
+    /// A `modules_to_save` entry that ends no offered module's name (PEFT's matching rule).
+    #[error("modules_to_save entry `{entry}` matches none of the modules offered for full training: {}", offered_list(.offered))]
+    NoModuleToSave {
+        /// The entry, as written in the config.
+        entry: String,
+        /// The names of the modules offered (parameter names without their last part).
+        offered: Vec<String>,
+    },
+    /// The base layer under a DoRA adapter failed when run to measure its weight.
+    #[error("module `{module}`: DoRA could not run the base layer: {source}")]
+    Base {
+        /// The module's name.
+        module: String,
+        /// What the layer said.
+        source: quant::Error,
     },
     /// A target regex (or a `modules_to_save` name, which PEFT uses as a regex) that does not compile.
     #[error("{field} regex `{pattern}` does not compile: {source}")]

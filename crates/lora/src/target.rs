@@ -1,6 +1,8 @@
-//! Which offered linears a config targets, by PEFT's rules (`check_target_module_exists`), so a
-//! recipe written for PEFT adapts the same modules here; stricter in one way: every list entry or
-//! regex must match something, so a typo is an error instead of a silently smaller adapter.
+//! Which offered linears a config targets, by PEFT's rules (`check_target_module_exists`), and
+//! which offered tensors `modules_to_save` trains in full (`_set_trainable`), so a recipe written
+//! for PEFT adapts the same modules here; stricter in one way: every list entry, regex or
+//! `modules_to_save` entry must match something, so a typo is an error instead of a silently
+//! smaller adapter.
 
 use regex::Regex;
 
@@ -62,6 +64,53 @@ pub fn select(names: &[String], cfg: &LoraConfig) -> Result<Vec<bool>, Error> {
             Ok(selected)
         }
     }
+}
+
+/// The module a parameter belongs to: its name without the last `.`-part (`lm_head.weight` ->
+/// `lm_head`).
+pub(crate) fn module_of(parameter: &str) -> &str {
+    parameter.rsplit_once('.').map_or(parameter, |(m, _)| m)
+}
+
+/// For each offered tensor (by parameter name), whether `cfg.modules_to_save` trains it in full:
+/// its module's name ends with an entry, PEFT's plain `str.endswith` (`embed_tokens` matches
+/// `model.embed_tokens`). An entry that matches no tensor's module is
+/// [`Error::NoModuleToSave`]; one that matches a linear is [`Error::Unsupported`] (a linear,
+/// 4-bit perhaps, has no trainable full copy here).
+pub(crate) fn select_saved(
+    linears: &[String],
+    tensors: &[String],
+    cfg: &LoraConfig,
+) -> Result<Vec<bool>, Error> {
+    let mut selected = vec![false; tensors.len()];
+    for entry in &cfg.modules_to_save {
+        let on_linears: Vec<&str> =
+            linears.iter().filter(|n| n.ends_with(entry.as_str())).map(String::as_str).collect();
+        if !on_linears.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "modules_to_save entry `{entry}` on linear layers ({}): training a linear in full",
+                on_linears.join(", ")
+            )));
+        }
+        let mut hit = false;
+        for (sel, name) in selected.iter_mut().zip(tensors) {
+            if module_of(name).ends_with(entry.as_str()) {
+                *sel = true;
+                hit = true;
+            }
+        }
+        if !hit {
+            let mut offered: Vec<String> = Vec::new();
+            for name in tensors {
+                let m = module_of(name).to_owned();
+                if !offered.contains(&m) {
+                    offered.push(m);
+                }
+            }
+            return Err(Error::NoModuleToSave { entry: entry.clone(), offered });
+        }
+    }
+    Ok(selected)
 }
 
 #[cfg(test)]
@@ -153,6 +202,29 @@ mod tests {
         );
         let err = picked(TargetModules::Regex("(".into())).expect_err("bad regex").to_string();
         assert!(err.starts_with("target_modules regex `(` does not compile"), "{err}");
+    }
+
+    #[test]
+    fn modules_to_save_select_whole_modules_by_suffix() {
+        let linears = names();
+        let tensors: Vec<String> =
+            ["model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"].map(String::from).to_vec();
+        let mut cfg = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+        assert_eq!(select_saved(&linears, &tensors, &cfg).expect("none"), [false, false, false]);
+        cfg.modules_to_save = vec!["lm_head".into()];
+        assert_eq!(select_saved(&linears, &tensors, &cfg).expect("head"), [false, true, true]);
+        cfg.modules_to_save = vec!["embed_tokens".into(), "lm_head".into()];
+        assert_eq!(select_saved(&linears, &tensors, &cfg).expect("both"), [true, true, true]);
+        cfg.modules_to_save = vec!["norm".into()];
+        let err = select_saved(&linears, &tensors, &cfg).expect_err("no norm offered").to_string();
+        assert_eq!(
+            err,
+            "modules_to_save entry `norm` matches none of the modules offered for full training: model.embed_tokens, lm_head"
+        );
+        cfg.modules_to_save = vec!["down_proj".into()];
+        let err = select_saved(&linears, &tensors, &cfg).expect_err("a linear").to_string();
+        assert!(err.starts_with("modules_to_save entry `down_proj` on linear layers (model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj)"), "{err}");
+        assert!(err.ends_with("is not supported yet"), "{err}");
     }
 
     #[test]

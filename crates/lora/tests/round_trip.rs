@@ -1,5 +1,5 @@
 //! Save then load gives back every adapter tensor exactly, for random layer shapes, ranks,
-//! scalings, target forms and adapter dtypes; and the saved files are a fixed point (loading and
+//! scalings, target forms, adapter dtypes and DoRA or not; and the saved files are a fixed point (loading and
 //! saving again writes the same bytes).
 
 use std::path::PathBuf;
@@ -42,10 +42,12 @@ fn arb_case() -> impl Strategy<Value = (Vec<(i64, i64)>, LoraConfig, u64)> {
         prop_oneof![Just(Kind::Float), Just(Kind::BFloat16), Just(Kind::Half)],
         arb_targets(),
         any::<u64>(),
+        any::<bool>(),
     )
-        .prop_map(|(shapes, r, alpha, use_rslora, dtype, targets, seed)| {
+        .prop_map(|(shapes, r, alpha, use_rslora, dtype, targets, seed, use_dora)| {
             let mut cfg = LoraConfig::new(r, alpha, targets);
             cfg.use_rslora = use_rslora;
+            cfg.use_dora = use_dora;
             cfg.dtype = dtype;
             cfg.init = LoraInit::False;
             (shapes, cfg, seed)

@@ -7,8 +7,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use quant::ops::{CodecAbsmax, Quantized4bit};
-use quant::state::{Absmax, QuantState, RawTensor};
+use quant::ops::{CodecAbsmax, Quantized4bit, Quantized8bit};
+use quant::state::{Absmax, Int8State, QuantState, RawTensor};
 use safetensors::{Dtype, SafeTensors};
 use tch::{Kind, Tensor};
 
@@ -293,18 +293,59 @@ impl Checkpoint {
         q.map_err(quant_err)
     }
 
+    /// The module prefixes whose weight bitsandbytes saved in 8 bits (those with a
+    /// `<prefix>.SCB` tensor), sorted.
+    pub fn int8_prefixes(&self) -> Vec<String> {
+        self.names().filter_map(|n| n.strip_suffix(".SCB").map(str::to_owned)).collect()
+    }
+
+    /// The 8-bit weight of module `prefix` as bitsandbytes saved it (`<prefix>.weight` int8,
+    /// `<prefix>.SCB`, `<prefix>.weight_format`), every tensor checked; errors name the tensor.
+    pub fn int8_weight(&self, prefix: &str) -> Result<Quantized8bit, Error> {
+        let mut raw = Vec::new();
+        for suffix in ["weight", "SCB", "weight_format"] {
+            let name = format!("{prefix}.{suffix}");
+            if suffix == "weight_format" && !self.entries.contains_key(&name) {
+                continue;
+            }
+            let v = self.tensor(&name)?;
+            raw.push(RawTensor {
+                name,
+                dtype: format!("{:?}", v.dtype),
+                shape: v.shape.to_vec(),
+                data: v.data.to_vec(),
+            });
+        }
+        let quant_err = |source| Error::Quant { name: format!("{prefix}.weight"), source };
+        let state = Int8State::from_tensors(prefix, &raw).map_err(quant_err)?;
+        Quantized8bit::from_codec(&state.codes, &state.scb, state.shape).map_err(quant_err)
+    }
+
     fn location(&self) -> PathBuf {
         self.shards.first().and_then(|s| s.path.parent()).map(Path::to_path_buf).unwrap_or_default()
     }
 
     /// Check that every tensor the architecture needs is present with the shape config.json
-    /// implies and a floating dtype (or, for a pre-quantized checkpoint, skip the linears).
+    /// implies and a floating dtype (for a pre-quantized checkpoint, an int8 linear weight is
+    /// checked for its shape, a packed 4-bit one not at all).
     pub fn check_against(&self, cfg: &HfConfig) -> Result<(), Error> {
         for (name, shape) in expected_shapes(cfg) {
-            if cfg.prequantized && name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
+            let quantized_linear =
+                cfg.prequantized && name.starts_with("model.layers.") && name.ends_with("_proj.weight");
+            let t = self.tensor(&name)?;
+            if quantized_linear && t.dtype != Dtype::I8 {
                 continue;
             }
-            let t = self.tensor(&name)?;
+            if quantized_linear && t.shape != shape.as_slice() {
+                return Err(Error::TensorMismatch {
+                    name,
+                    path: t.file.to_owned(),
+                    message: format!("int8 shape {:?}, but config.json implies {shape:?}", t.shape),
+                });
+            }
+            if quantized_linear {
+                continue;
+            }
             if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
                 return Err(Error::TensorMismatch {
                     name,

@@ -52,6 +52,8 @@ pub struct HfConfig {
     pub dtype: Option<String>,
     /// The checkpoint is already quantized (`quantization_config` present).
     pub prequantized: bool,
+    /// How it was quantized, when it was (`quantization_config.load_in_8bit` or not).
+    pub quantization: Option<Prequantized>,
     /// How RoPE frequencies are scaled (`rope_parameters.rope_type` or the older `rope_scaling`).
     pub rope_scaling: RopeScaling,
     /// Bias on q/k/v (`attention_bias` for Llama/Mistral/Qwen3; always for Qwen2).
@@ -62,6 +64,19 @@ pub struct HfConfig {
     pub mlp_bias: bool,
     /// Mistral's sliding attention window, when set and the sequence is longer.
     pub sliding_window: Option<u64>,
+}
+
+/// How a pre-quantized checkpoint's linears are stored (its `quantization_config`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Prequantized {
+    /// bitsandbytes 4-bit (`load_in_4bit`): packed nibbles with a `quant_state`.
+    FourBit,
+    /// bitsandbytes LLM.int8 (`load_in_8bit`): int8 `weight` with `SCB`.
+    EightBit {
+        /// `llm_int8_threshold` (6.0 when absent): input columns with a value at least this
+        /// large are computed in floating point.
+        threshold: f32,
+    },
 }
 
 /// RoPE frequency scaling, as transformers' `rope_type`s compute it.
@@ -177,6 +192,10 @@ impl HfConfig {
             Architecture::Mistral => opt_int("sliding_window")?,
             _ => None,
         };
+        let quantization = match v.get("quantization_config").filter(|q| !q.is_null()) {
+            None => None,
+            Some(q) => Some(parse_quantization(q).map_err(bad)?),
+        };
         Ok(HfConfig {
             rope_scaling,
             qkv_bias,
@@ -188,9 +207,32 @@ impl HfConfig {
             rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
             rope_theta: float(rope, "rope_theta", 10000.0)?,
             dtype: v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(Value::as_str).map(str::to_owned),
-            prequantized: v.get("quantization_config").is_some_and(|q| !q.is_null()),
+            prequantized: quantization.is_some(),
+            quantization,
         })
     }
+}
+
+/// Read a `quantization_config`: 8-bit when `load_in_8bit` is true, else 4-bit.
+fn parse_quantization(q: &Value) -> Result<Prequantized, String> {
+    if !q.get("load_in_8bit").and_then(Value::as_bool).unwrap_or(false) {
+        return Ok(Prequantized::FourBit);
+    }
+    if q.get("llm_int8_has_fp16_weight").and_then(Value::as_bool).unwrap_or(false) {
+        return Err("`quantization_config.llm_int8_has_fp16_weight: true` (16-bit weights quantized on the fly) is not supported".into());
+    }
+    let threshold = match q.get("llm_int8_threshold") {
+        None | Some(Value::Null) => 6.0,
+        Some(t) => match t.as_f64() {
+            Some(t) if t.is_finite() && t >= 0.0 => t as f32,
+            _ => {
+                return Err(format!(
+                    "`quantization_config.llm_int8_threshold` must be a number >= 0, found {t}"
+                ));
+            }
+        },
+    };
+    Ok(Prequantized::EightBit { threshold })
 }
 
 /// Read `rope_parameters` (transformers 5) or `rope_scaling` (older configs).

@@ -1,6 +1,6 @@
 //! Hugging Face models for nibble: where a model lives (a local directory or the hub cache,
 //! offline), what its `config.json` says (architecture and shape), its memory-mapped safetensors,
-//! and the model itself ([`CausalLm`]), quantized to 4 bits tensor by tensor as it loads; and
+//! and the model itself ([`CausalLm`]), quantized to 4 or 8 bits tensor by tensor as it loads; and
 //! models written back as transformers saves them ([`export`]: `sft quantize`, merged models).
 
 #![deny(missing_docs)]
@@ -12,8 +12,8 @@ mod model;
 mod resolve;
 
 pub use checkpoint::{Checkpoint, TensorView, expected_shapes, kind_from_torch_name, torch_name};
-pub use hf_config::{Architecture, HfConfig, RopeScaling};
-pub use model::{CausalLm, LayerContext, LoadOptions};
+pub use hf_config::{Architecture, HfConfig, Prequantized, RopeScaling};
+pub use model::{CausalLm, LayerContext, LinearSlot, LoadOptions, TensorSlot};
 pub use resolve::{HubCache, resolve_model};
 
 use std::path::PathBuf;

@@ -15,6 +15,8 @@
 #include <c10/util/Half.h>
 #include <torch/torch.h>
 
+#include "ffi.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define NIBBLE_X86 1
@@ -32,6 +34,8 @@
 #include <string>
 
 namespace {
+
+using nibble::guarded;
 
 // Quant types, as passed from Rust.
 constexpr int32_t kNf4 = 0;
@@ -101,28 +105,6 @@ inline uint8_t encode_fp4(float x) {
     k += a > kFp4Thresholds[t] ? 1 : 0;
   }
   return static_cast<uint8_t>(kFp4ByRank[k] + sign);
-}
-
-char* error_message(const std::string& msg) {
-  char* out = static_cast<char*>(std::malloc(msg.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, msg.c_str(), msg.size() + 1);
-  }
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return error_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return error_message(e.what());
-  } catch (...) {
-    return error_message("unknown C++ exception");
-  }
 }
 
 void check_blocksize(int64_t blocksize) {

@@ -1,15 +1,25 @@
 //! 4-bit quantization bit-exact with bitsandbytes (NF4/FP4, blocksize 32..4096, double
-//! quantization of the block scales), usable alone: quantize a tensor, store it in bitsandbytes'
-//! layout, dequantize it, or run a quantized linear layer.
+//! quantization of the block scales) and its 8-bit LLM.int8() (row-wise int8 with outlier
+//! columns), usable alone: quantize a tensor, store it in bitsandbytes' layout, dequantize it, or
+//! run a quantized linear layer.
 //!
-//! - [`codec`]: the reference implementation on slices (no native dependency); it defines every
-//!   bit and documents each edge case and each place where bitsandbytes' own paths disagree.
+//! - [`codec`] (4-bit) and [`int8`] (8-bit): the reference implementations on slices (no native
+//!   dependency); they define every bit and document each edge case and each place where
+//!   bitsandbytes' own paths disagree.
+//! - `cuda` (feature `cuda`, off by default): CUDA kernels (`csrc/cuda/`, built with the nvcc
+//!   that `cargo xtask cuda` installs) for 4-bit quantize, double quant, dequantize and a fused
+//!   4-bit gemv, with one API for tensors on any device (CPU tensors fall back to `ops`). Compiled
+//!   and linked without a GPU; `scripts/gpu_check.sh` runs the comparisons on a GPU machine.
 
 #![deny(missing_docs)]
 
 pub mod codec;
+/// The codec and a fused 4-bit gemv on CUDA tensors, falling back to [`ops`] on the CPU.
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod file;
-/// Linear layers (dense and 4-bit) behind one small trait, so adapters can wrap any of them.
+pub mod int8;
+/// Linear layers (dense, 4-bit and 8-bit) behind one small trait, so adapters can wrap any of them.
 #[cfg(feature = "torch")]
 pub mod linear;
 /// The fast path: the codec as libtorch ops on `tch` tensors (C++ in `csrc/`, bit-identical to [`codec`]).
@@ -17,7 +27,7 @@ pub mod linear;
 pub mod ops;
 /// JSON text as Python's `json.dumps` writes it, for files Python tools read byte for byte.
 pub mod pyjson;
-/// bitsandbytes' serialized layout (`weight`, `weight.absmax`, ..., `quant_state` JSON) on plain buffers.
+/// bitsandbytes' serialized layout (`weight`, `weight.absmax`, ..., `quant_state` JSON; the 8-bit `SCB`) on plain buffers.
 pub mod state;
 
 pub use codec::{NestedAbsmax, QuantType};
@@ -28,6 +38,16 @@ pub enum Error {
     /// A NaN or infinite input value (bitsandbytes would silently corrupt its block).
     #[error("cannot quantize a non-finite value: element {index} is {value}")]
     NonFinite {
+        /// Flat index of the first offending element.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A weight value float16 cannot hold; bitsandbytes makes int8 weights from float16.
+    #[error(
+        "cannot quantize to int8: element {index} is {value}, beyond float16's range (±65504), which bitsandbytes quantizes from"
+    )]
+    Float16Range {
         /// Flat index of the first offending element.
         index: usize,
         /// The value.

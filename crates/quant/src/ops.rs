@@ -6,6 +6,11 @@
 //! exactly to f32 first), dequantization writes f32, f16 or bf16 (`code * absmax` in f32, then
 //! rounded to nearest even). Double quantization takes its offset from torch's own
 //! `absmax.mean()`, as bitsandbytes does, so the bytes match bitsandbytes on long inputs too.
+//!
+//! The int8 (LLM.int8) half, [`crate::ops::quantize_int8_rowwise`] and [`crate::ops::Quantized8bit`] (C++ in
+//! `csrc/int8_ops.cpp`), is built from ATen ops in the order bitsandbytes' torch backend runs
+//! them, so it takes tensors on any device and rounds as bitsandbytes' CPU path does; it gives
+//! the same codes as [`crate::int8`].
 
 use std::ffi::{CStr, c_char, c_void};
 
@@ -71,6 +76,29 @@ mod ffi {
             in_features: i64,
             blocksize: i64,
             qt: i32,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn nibble_int8_quantize_rowwise(
+            x: *const c_void,
+            threshold: f64,
+            codes: *mut *mut c_void,
+            scb: *mut *mut c_void,
+            cols: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn nibble_int8_dequantize(
+            codes: *const c_void,
+            scb: *const c_void,
+            matmul: i32,
+            out: i32,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn nibble_linear8bit_forward(
+            x: *const c_void,
+            codes: *const c_void,
+            scb: *const c_void,
+            bias: *const c_void,
+            threshold: f64,
+            mode: i32,
             result: *mut *mut c_void,
         ) -> *mut c_char;
     }
@@ -531,6 +559,142 @@ pub(crate) fn linear4bit_forward(
             in_features,
             bs,
             qt_code(qt),
+            &mut result,
+        )
+    };
+    check(err)?;
+    take(result, "output")
+}
+
+/// Row-wise int8 quantization (LLM.int8) of a 2-D float tensor `[rows, cols]` (Float, Half or
+/// BFloat16, on any device; `threshold` is compared in the tensor's dtype, as torch compares):
+/// int8 codes `[rows, cols]`, f32 absmax per row, and the outlier columns (Int64, ascending;
+/// empty when `threshold <= 0`). The same codes as [`crate::int8::quantize_rowwise`] on the same values.
+pub fn quantize_int8_rowwise(x: &Tensor, threshold: f64) -> Result<(Tensor, Tensor, Tensor), Error> {
+    check_float_matrix(x, "input")?;
+    let (mut codes, mut scb, mut cols) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: `x` lives for the call; the out-pointers are valid locals.
+    let err =
+        unsafe { ffi::nibble_int8_quantize_rowwise(ptr(x), threshold, &mut codes, &mut scb, &mut cols) };
+    check(err)?;
+    Ok((take(codes, "codes")?, take(scb, "SCB")?, take(cols, "outlier columns")?))
+}
+
+fn check_float_matrix(x: &Tensor, what: &'static str) -> Result<(), Error> {
+    let bad = |problem: String| Err(Error::BadTensor { what, problem });
+    if !x.defined() {
+        return bad("undefined tensor".into());
+    }
+    let kind = x.f_kind()?;
+    if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+        return bad(format!("dtype {kind:?} is not supported (use Float, Half or BFloat16)"));
+    }
+    if x.dim() != 2 {
+        return bad(format!("must be 2-D [rows, cols], got shape {:?}", x.size()));
+    }
+    Ok(())
+}
+
+/// bitsandbytes' `int8_vectorwise_dequant` of int8 codes `[rows, cols]` with f32 `scb [rows]`:
+/// f32 `(code * SCB) * (1/127)`, as [`crate::int8::dequantize_rowwise`].
+pub fn dequantize_int8_rowwise(codes: &Tensor, scb: &Tensor) -> Result<Tensor, Error> {
+    int8_dequantize(codes, scb, 0, Kind::Float)
+}
+
+fn int8_dequantize(codes: &Tensor, scb: &Tensor, matmul: i32, kind: Kind) -> Result<Tensor, Error> {
+    let out = out_code(kind)?;
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call (the C++ side checks their dtypes and shapes).
+    let err = unsafe { ffi::nibble_int8_dequantize(ptr(codes), ptr(scb), matmul, out, &mut result) };
+    check(err)?;
+    take(result, "dequantized")
+}
+
+/// A weight quantized row-wise to int8 (bitsandbytes' `Int8Params` once quantized): what an
+/// 8-bit linear layer holds.
+#[derive(Debug)]
+pub struct Quantized8bit {
+    /// int8 `[out, in]` (bitsandbytes' `CB`, the checkpoint's `weight`).
+    pub codes: Tensor,
+    /// f32 `[out]`, the absmax of each row (bitsandbytes' `SCB`).
+    pub scb: Tensor,
+}
+
+impl Quantized8bit {
+    /// Quantize a 2-D float weight as bitsandbytes does: cast to float16, then row-wise int8
+    /// without outliers. A value beyond float16's range is an error (bitsandbytes would zero
+    /// its row).
+    pub fn quantize(w: &Tensor) -> Result<Self, Error> {
+        check_float_matrix(w, "weight")?;
+        let h = w.f_to_kind(Kind::Half)?;
+        let bad = h.f_isfinite()?.f_logical_not()?;
+        if bad.f_any()?.f_int64_value(&[])? != 0 {
+            let index = bad.f_view([-1])?.f_to_kind(Kind::Uint8)?.f_argmax(0, false)?.f_int64_value(&[])?;
+            let value = w.f_view([-1])?.f_double_value(&[index])? as f32;
+            return Err(Error::Float16Range { index: index as usize, value });
+        }
+        let (codes, scb, _) = quantize_int8_rowwise(&h, 0.0)?;
+        Ok(Quantized8bit { codes, scb })
+    }
+
+    /// Build from plain buffers: `codes` row-major `[shape[0], shape[1]]`, one SCB per row.
+    pub fn from_codec(codes: &[i8], scb: &[f32], shape: [usize; 2]) -> Result<Self, Error> {
+        let [rows, cols] = shape;
+        if codes.len() != rows * cols {
+            return Err(Error::Length { what: "int8 codes", expected: rows * cols, got: codes.len() });
+        }
+        if scb.len() != rows {
+            return Err(Error::Length { what: "SCB", expected: rows, got: scb.len() });
+        }
+        let codes = Tensor::from_slice(codes).f_view([rows as i64, cols as i64])?;
+        Ok(Quantized8bit { codes, scb: Tensor::from_slice(scb) })
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> [i64; 2] {
+        let s = self.codes.size();
+        [s[0], s[1]]
+    }
+
+    /// The weight the layer multiplies with, in `kind` (Float, Half or BFloat16):
+    /// `code * (SCB * (1/127))` as [`crate::int8::matmul_weight`], rounded once into `kind`.
+    pub fn dequantize(&self, kind: Kind) -> Result<Tensor, Error> {
+        int8_dequantize(&self.codes, &self.scb, 1, kind)
+    }
+
+    /// The codes as a row-major buffer.
+    pub fn codes_vec(&self) -> Result<Vec<i8>, Error> {
+        Ok(Vec::<i8>::try_from(&self.codes.f_reshape([-1])?)?)
+    }
+
+    /// The row scales as a buffer.
+    pub fn scb_vec(&self) -> Result<Vec<f32>, Error> {
+        Ok(Vec::<f32>::try_from(&self.scb)?)
+    }
+}
+
+/// Linear8bit's forward through the C++ autograd Function: `x [..., in]` in its own dtype,
+/// the int8 weight, optional bias `[out]` in x's dtype; `mode` 0 is LLM.int8's decomposition,
+/// 1 the dequantizing path.
+pub(crate) fn linear8bit_forward(
+    x: &Tensor,
+    weight: &Quantized8bit,
+    bias: Option<&Tensor>,
+    threshold: f64,
+    mode: i32,
+) -> Result<Tensor, Error> {
+    let bias_ptr = bias.map_or(std::ptr::null(), ptr);
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call (bias may be null, which the C++ side checks); the
+    // Function keeps its own references to what it saves.
+    let err = unsafe {
+        ffi::nibble_linear8bit_forward(
+            ptr(x),
+            ptr(&weight.codes),
+            ptr(&weight.scb),
+            bias_ptr,
+            threshold,
+            mode,
             &mut result,
         )
     };

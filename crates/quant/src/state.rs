@@ -17,11 +17,24 @@
 //! `nested_blocksize`, `nested_dtype`, `nested_offset`, written as bitsandbytes'
 //! `QuantState.as_dict(packed=True)` does (Python's `json.dumps`, so the bytes match).
 //! Only U8 storage is read (`bnb_4bit_quant_storage` other than uint8 is not supported yet).
+//!
+//! An 8-bit weight (`Linear8bitLt`, `load_in_8bit`) is saved as:
+//!
+//! | key | dtype | shape |
+//! |---|---|---|
+//! | `P.weight` | I8 | `[out, in]` (row-wise codes) |
+//! | `P.SCB` | F32 | `[out]` (absmax of each row) |
+//! | `P.weight_format` | U8 | `[]`: 0, row-major |
+//!
+//! `weight_format` names the layout of older bitsandbytes releases (0 row, 1 col32, 2
+//! col_turing, 3 col_ampere); only row-major exists now, bitsandbytes refuses the others, and so
+//! does nibble. A checkpoint without it is row-major.
 
 use serde_json::Value;
 
 use crate::Error;
 use crate::codec::{self, QuantType};
+use crate::int8;
 
 /// One tensor as a safetensors file holds it: name, dtype (`"U8"`, `"F32"`, ...), shape, bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +370,119 @@ fn f32s(t: &RawTensor, len: usize, why: impl FnOnce() -> String) -> Result<Vec<f
 
 pub use crate::pyjson::py_float_repr;
 
+/// A row-wise int8 weight with its scales, as bitsandbytes' `Linear8bitLt` saves it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8State {
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Row-major codes in `[-127, 127]` (bitsandbytes' `CB`).
+    pub codes: Vec<i8>,
+    /// f32 absmax of each row (bitsandbytes' `SCB`).
+    pub scb: Vec<f32>,
+}
+
+/// `weight_format` of a row-major 8-bit weight, the only layout bitsandbytes still has.
+pub const WEIGHT_FORMAT_ROW: u8 = 0;
+
+impl Int8State {
+    /// Quantize a `[out, in]` weight (f32 values) as bitsandbytes does: through float16, then
+    /// row-wise int8 without outliers. A value float16 cannot hold is [`Error::Float16Range`].
+    pub fn quantize(x: &[f32], shape: [usize; 2]) -> Result<Self, Error> {
+        let n = shape[0] * shape[1];
+        if x.len() != n {
+            return Err(Error::Length { what: "weight", expected: n, got: x.len() });
+        }
+        let h = int8::round_to_f16(x);
+        if let Some(index) = h.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Float16Range { index, value: x[index] });
+        }
+        let q = int8::quantize_rowwise(&h, shape[1], 0.0)?;
+        // quantize_rowwise infers the rows from the columns; with no columns, keep the given rows.
+        let scb = if shape[1] == 0 { vec![0.0; shape[0]] } else { q.scb };
+        Ok(Int8State { shape, codes: q.codes, scb })
+    }
+
+    /// The weight an 8-bit layer multiplies with: `code * (SCB / 127)` ([`int8::matmul_weight`]).
+    pub fn dequantize(&self) -> Result<Vec<f32>, Error> {
+        if self.shape[1] == 0 {
+            return Ok(Vec::new());
+        }
+        int8::matmul_weight(&self.codes, &self.scb, self.shape[1])
+    }
+
+    /// The tensors transformers writes for this weight under module prefix `prefix`.
+    pub fn to_tensors(&self, prefix: &str) -> Vec<RawTensor> {
+        let codes = self.codes.iter().map(|&c| c as u8).collect();
+        vec![
+            RawTensor {
+                name: format!("{prefix}.weight"),
+                dtype: "I8".into(),
+                shape: self.shape.to_vec(),
+                data: codes,
+            },
+            RawTensor::f32(format!("{prefix}.SCB"), &self.scb),
+            RawTensor::u8(format!("{prefix}.weight_format"), Vec::new(), vec![WEIGHT_FORMAT_ROW]),
+        ]
+    }
+
+    /// Whether module prefix `prefix` holds an 8-bit weight in `tensors` (a `P.SCB` tensor).
+    pub fn is_present<'a>(prefix: &str, tensors: impl IntoIterator<Item = &'a RawTensor>) -> bool {
+        let key = format!("{prefix}.SCB");
+        tensors.into_iter().any(|t| t.name == key)
+    }
+
+    /// Read the 8-bit weight of module prefix `prefix` from its tensors (looked up by full key).
+    pub fn from_tensors<'a>(
+        prefix: &str,
+        tensors: impl IntoIterator<Item = &'a RawTensor>,
+    ) -> Result<Self, Error> {
+        let tensors: Vec<&RawTensor> = tensors.into_iter().collect();
+        let find = |suffix: &str| {
+            let key = format!("{prefix}.{suffix}");
+            tensors.iter().copied().find(|t| t.name == key).ok_or(Error::MissingTensor { key })
+        };
+        let weight = find("weight")?;
+        check_dtype(weight, "I8")?;
+        let shape: [usize; 2] = weight.shape.as_slice().try_into().map_err(|_| Error::MalformedState {
+            key: weight.name.clone(),
+            problem: format!("an 8-bit weight must be 2-D [out, in], got shape {:?}", weight.shape),
+        })?;
+        check_shape(weight, &shape, || "an 8-bit weight is 2-D [out, in]".into())?;
+        let scb = f32s(find("SCB")?, shape[0], || format!("one scale per row of `{}`", weight.name))?;
+        match find("weight_format") {
+            Err(_) => {}
+            Ok(f) => {
+                check_dtype(f, "U8")?;
+                let format = match (f.shape.iter().product::<usize>(), f.data.as_slice()) {
+                    (1, [v]) => *v,
+                    _ => {
+                        return Err(Error::MalformedState {
+                            key: f.name.clone(),
+                            problem: format!("expected one value, got shape {:?}", f.shape),
+                        });
+                    }
+                };
+                if format != WEIGHT_FORMAT_ROW {
+                    let name = match format {
+                        1 => "col32",
+                        2 => "col_turing",
+                        3 => "col_ampere",
+                        _ => "unknown",
+                    };
+                    return Err(Error::MalformedState {
+                        key: f.name.clone(),
+                        problem: format!(
+                            "weight format {format} ({name}) is not supported: only row-major (0) 8-bit weights are"
+                        ),
+                    });
+                }
+            }
+        }
+        let codes = weight.data.iter().map(|&b| b as i8).collect();
+        Ok(Int8State { shape, codes, scb })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +594,58 @@ mod tests {
         assert!(matches!(&e, Error::MissingTensor { key } if key == "p.weight.nested_quant_map"), "{e}");
         let e = corrupt(true, |t| t[1].dtype = "F32".into());
         assert!(matches!(&e, Error::TensorDtype { key, .. } if key == "p.weight.absmax"), "{e}");
+    }
+
+    fn int8_sample() -> Int8State {
+        let x: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 - 50.0) / 170.0).collect();
+        Int8State::quantize(&x, [3, 100]).expect("quantize")
+    }
+
+    #[test]
+    fn int8_keys_round_trip_and_errors_name_the_tensor() {
+        let s = int8_sample();
+        let t = s.to_tensors("m.q");
+        let names: Vec<&str> = t.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["m.q.weight", "m.q.SCB", "m.q.weight_format"]);
+        assert_eq!((t[0].dtype.as_str(), t[0].shape.as_slice()), ("I8", &[3, 100][..]));
+        assert_eq!((t[2].shape.len(), t[2].data.as_slice()), (0, &[0u8][..]));
+        assert!(Int8State::is_present("m.q", &t) && !Int8State::is_present("m", &t));
+        assert_eq!(Int8State::from_tensors("m.q", &t).expect("read back"), s);
+        // Without weight_format (older files): row-major.
+        assert_eq!(Int8State::from_tensors("m.q", &t[..2]).expect("no format"), s);
+
+        let corrupt = |f: &dyn Fn(&mut Vec<RawTensor>)| {
+            let mut t = int8_sample().to_tensors("p");
+            f(&mut t);
+            Int8State::from_tensors("p", &t).expect_err("malformed state must be an error")
+        };
+        let e = corrupt(&|t| t.retain(|t| t.name != "p.SCB"));
+        assert!(matches!(&e, Error::MissingTensor { key } if key == "p.SCB"), "{e}");
+        let e = corrupt(&|t| t[0].dtype = "U8".into());
+        assert!(matches!(&e, Error::TensorDtype { key, .. } if key == "p.weight"), "{e}");
+        let e = corrupt(&|t| t[1].data.truncate(8));
+        assert!(matches!(&e, Error::MalformedState { key, .. } if key == "p.SCB"), "{e}");
+        let e = corrupt(&|t| t[1].shape = vec![4]);
+        assert!(matches!(&e, Error::TensorShape { key, .. } if key == "p.SCB"), "{e}");
+        let e = corrupt(&|t| t[0].shape = vec![300]);
+        assert!(matches!(&e, Error::MalformedState { key, .. } if key == "p.weight"), "{e}");
+        let e = corrupt(&|t| t[2].data = vec![2]);
+        assert!(
+            matches!(&e, Error::MalformedState { key, problem } if key == "p.weight_format" && problem.contains("col_turing")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn int8_weights_go_through_float16() {
+        let mut x = vec![0.25f32; 8];
+        x[5] = 1e5;
+        assert!(matches!(Int8State::quantize(&x, [2, 4]), Err(Error::Float16Range { index: 5, .. })));
+        // 0.1 is not a float16: the codes are those of its float16 value.
+        let s = Int8State::quantize(&[0.1, 0.03], [1, 2]).expect("quantize");
+        assert_eq!(s.scb, vec![half::f16::from_f32(0.1).to_f32()]);
+        assert_eq!(s.codes, vec![127, 38]);
+        assert_eq!(s.dequantize().expect("dequantize").len(), 2);
     }
 
     #[test]

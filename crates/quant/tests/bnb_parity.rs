@@ -20,12 +20,17 @@
 //! - 4-bit dequantize: exact, except that its torch fallback (odd last dimension) gives FP4
 //!   nibble 8 as +0.0 (its quant_map table) where the kernels give -0.0; and on AVX-512, where rows that are a multiple
 //!   of 16 but not of the blocksize (e.g. 688 at blocksize 64) come out wrong.
+//!
+//! The int8 row-wise codec (`quant::int8`, goldens in `tests/golden/int8` made by
+//! `scripts/golden_int8.py`) follows bitsandbytes' CPU rules, so its codes, scales, outlier
+//! columns and dequantized values are compared bit for bit with no exception.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use quant::codec::{self, QuantType};
+use quant::int8;
 use safetensors::{Dtype, SafeTensors};
 
 /// One tensor of a golden file.
@@ -61,7 +66,11 @@ fn load(path: &Path) -> Golden {
 }
 
 fn goldens(kind: &str) -> Vec<Golden> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+    goldens_in(&golden_dir(), kind)
+}
+
+fn goldens_in(dir: &Path, kind: &str) -> Vec<Golden> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("tests/golden (regenerate with scripts/golden_bnb.py)")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -78,6 +87,16 @@ impl Golden {
     }
     fn f32s(&self, key: &str) -> Vec<f32> {
         to_f32(self.raw(key))
+    }
+    fn i8s(&self, key: &str) -> Vec<i8> {
+        let r = self.raw(key);
+        assert_eq!(r.dtype, Dtype::I8, "{}: {key}", self.name);
+        r.bytes.iter().map(|&b| b as i8).collect()
+    }
+    fn i64s(&self, key: &str) -> Vec<i64> {
+        let r = self.raw(key);
+        assert_eq!(r.dtype, Dtype::I64, "{}: {key}", self.name);
+        r.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
     }
     fn u8s(&self, key: &str) -> Vec<u8> {
         let r = self.raw(key);
@@ -438,4 +457,70 @@ fn dequantization_is_exact_and_matches_bnb_where_bnb_is_correct() {
     eprintln!(
         "dequantize: {equal} cases equal to bnb (but {signed_zeros} FP4 -0.0 vs +0.0), {wrong} cases where bnb CPU is known wrong"
     );
+}
+
+/// A threshold as torch compares it with data of `dtype`: rounded into that dtype.
+fn threshold_in(threshold: f32, dtype: Dtype) -> f32 {
+    match dtype {
+        Dtype::F16 => f16::from_f32(threshold).to_f32(),
+        Dtype::BF16 => bf16::from_f32(threshold).to_f32(),
+        _ => threshold,
+    }
+}
+
+#[test]
+fn int8_rowwise_quantization_is_bnb_bit_for_bit() {
+    let cases = goldens_in(&golden_dir().join("int8"), "int8");
+    let mut outliers = 0;
+    for g in &cases {
+        let x = g.f32s("input");
+        let shape: Vec<usize> = serde_json::from_str(&g.meta["shape"]).expect("shape");
+        let cols = shape[1];
+        let threshold: f32 = g.meta["threshold"].parse().expect("threshold");
+        let t = threshold_in(threshold, g.raw("input").dtype);
+        let q = int8::quantize_rowwise(&x, cols, t).expect("quantize");
+        assert_eq!(q.codes, g.i8s("codes"), "{}: codes", g.name);
+        assert_eq!(bits(&q.scb), bits(&g.f32s("scb")), "{}: SCB", g.name);
+        let cols_bnb: Vec<usize> = g.i64s("outlier_cols").iter().map(|&c| c as usize).collect();
+        assert_eq!(q.outlier_cols, cols_bnb, "{}: outlier columns", g.name);
+        outliers += cols_bnb.len();
+        let back = int8::dequantize_rowwise(&q.codes, &q.scb, cols).expect("dequantize");
+        assert_eq!(bits(&back), bits(&g.f32s("dequantized")), "{}: dequantized", g.name);
+        if t != threshold {
+            // The float16 rounding of the threshold matters for this case.
+            let unrounded = int8::quantize_rowwise(&x, cols, threshold).expect("quantize");
+            assert_ne!(
+                unrounded.outlier_cols, q.outlier_cols,
+                "{}: threshold rounding not exercised",
+                g.name
+            );
+        }
+    }
+    assert!(cases.len() >= 6 && outliers > 0, "{} cases, {outliers} outlier columns", cases.len());
+}
+
+#[test]
+fn int8_scale_is_the_reciprocal_times_127() {
+    // The edge case's rows 1.. have absmax values where `(1/m) * 127` and `127/m` differ, and
+    // values where that changes the code: the correctly rounded division would not match.
+    let g = &goldens_in(&golden_dir().join("int8"), "int8")
+        .into_iter()
+        .find(|g| g.name == "edges_f32")
+        .expect("edges");
+    let x = g.f32s("input");
+    let codes = g.i8s("codes");
+    let mut differing = 0;
+    for (r, row) in x.chunks(16).enumerate() {
+        let m = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (c, v) in row.iter().enumerate() {
+            if (v * (127.0 / m)).round_ties_even() as i8 != codes[r * 16 + c] && m > 1e-30 {
+                differing += 1;
+            }
+        }
+    }
+    assert!(differing > 0, "no value distinguishes the two scales");
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }

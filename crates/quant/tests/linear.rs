@@ -1,12 +1,17 @@
 //! The 4-bit linear layer against a dense layer on its dequantized weight: exact outputs and
-//! input gradients (the memory measurement is in `linear_memory.rs`).
+//! input gradients; the 8-bit layer against bitsandbytes' `Linear8bitLt` (goldens made by
+//! `scripts/golden_int8.py`) and against a dense layer (the memory measurement is in
+//! `linear_memory.rs`).
 #![cfg(feature = "torch")]
 #![allow(clippy::unwrap_used, clippy::print_stdout, reason = "tests")]
 
 use quant::Error;
 use quant::QuantType;
-use quant::linear::{Dense, Linear, Linear4bit};
-use quant::ops::QuantizeOptions;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use quant::linear::{Dense, Int8Matmul, Int8Options, Linear, Linear4bit, Linear8bit};
+use quant::ops::{QuantizeOptions, Quantized8bit};
 use tch::{Kind, Tensor};
 
 fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
@@ -84,4 +89,151 @@ fn bad_shapes_are_errors() {
     assert!(matches!(r, Err(Error::BadTensor { what: "bias", .. })), "{r:?}");
     let r = Linear4bit::quantize(&w, None, QuantizeOptions::default(), Kind::Int);
     assert!(matches!(r, Err(Error::BadTensor { what: "compute dtype", .. })), "{r:?}");
+}
+
+/// The tensors of a golden file as libtorch tensors, and its metadata.
+fn golden(path: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<String, String>) {
+    let (raw, meta) = quant::file::read(path).unwrap();
+    let tensors = raw
+        .into_iter()
+        .map(|t| {
+            let kind = match t.dtype.as_str() {
+                "F32" => Kind::Float,
+                "F16" => Kind::Half,
+                "BF16" => Kind::BFloat16,
+                "I8" => Kind::Int8,
+                "I64" => Kind::Int64,
+                other => panic!("{}: dtype {other}", t.name),
+            };
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            (t.name, Tensor::f_from_data_size(&t.data, &shape, kind).unwrap())
+        })
+        .collect();
+    (tensors, meta)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Double).abs().max().double_value(&[])
+}
+
+/// bitsandbytes' `Linear8bitLt(has_fp16_weights=False)` on the CPU, output and input gradient:
+/// eval mode (LLM.int8) bit for bit once its product scale is the kernel's, and within the
+/// 1.8e-5 that its torch backend's constant adds; train mode (dequantize + linear) bit for bit.
+#[test]
+fn linear8bit_matches_bitsandbytes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/int8");
+    let mut cases = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (t, meta) = golden(&path);
+        if meta["kind"] != "int8_linear" {
+            continue;
+        }
+        cases += 1;
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let threshold: f32 = meta["threshold"].parse().unwrap();
+        // The weight as bitsandbytes' Int8Params quantized it.
+        let q = Quantized8bit::quantize(&t["weight"]).unwrap();
+        assert!(q.codes.equal(&t["codes"]) && q.scb.equal(&t["scb"]), "{name}: weight quantization");
+        let x = &t["x"];
+        let g = &t["grad_y"];
+        for (matmul, y_want, grad_want) in [
+            (Int8Matmul::Decomposed, "y_eval_kernel_scale", "grad_x_eval"),
+            (Int8Matmul::Dequantized, "y_train", "grad_x_train"),
+        ] {
+            let what = format!("{name} {matmul:?}");
+            let q = Quantized8bit { codes: t["codes"].shallow_clone(), scb: t["scb"].shallow_clone() };
+            let layer =
+                Linear8bit::new(q, Some(t["bias"].shallow_clone()), Int8Options { threshold, matmul })
+                    .unwrap();
+            let xi = x.detach().set_requires_grad(true);
+            let y = layer.forward(&xi).unwrap();
+            assert_same(&y, &t[y_want], &format!("{what}: output"));
+            (&y * g).sum(Kind::Float).backward();
+            assert_same(&xi.grad(), &t[grad_want], &format!("{what}: input gradient"));
+            if matmul == Int8Matmul::Decomposed {
+                // bitsandbytes' own CPU output: its int8 part 1.8e-5 larger, which may also move
+                // a 16-bit output by one ulp.
+                let diff = max_abs(&(y.to_kind(Kind::Double) - t["y_eval"].to_kind(Kind::Double)));
+                let rel = diff / max_abs(&t["y_eval"]);
+                let ulp = match x.kind() {
+                    Kind::BFloat16 => 2f64.powi(-7),
+                    Kind::Half => 2f64.powi(-10),
+                    _ => 0.0,
+                };
+                println!("{what}: max |nibble - bnb CPU| = {rel:.2e} of max |y|");
+                assert!(rel <= 2.5e-5 + ulp, "{what}: {rel:e}");
+            }
+        }
+    }
+    assert_eq!(cases, 4, "int8_linear goldens (regenerate with scripts/golden_int8.py)");
+}
+
+#[test]
+fn linear8bit_dequantized_path_equals_dense_and_grads_only_the_input() {
+    tch::manual_seed(3);
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        let w = Tensor::randn([24, 40], (Kind::Float, tch::Device::Cpu)) * 0.1;
+        let b = Tensor::randn([24], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let opts = Int8Options { threshold: 6.0, matmul: Int8Matmul::Dequantized };
+        let layer = Linear8bit::quantize(&w, Some(b.shallow_clone()), opts).unwrap();
+        assert_eq!((layer.in_features(), layer.out_features()), (40, 24));
+        let b2 = b.detach().set_requires_grad(true);
+        let dense = Dense::new(layer.weight().dequantize(kind).unwrap(), Some(b2.to_kind(kind))).unwrap();
+        let x = Tensor::randn([3, 5, 40], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+        let g = Tensor::randn([3, 5, 24], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+        let (x1, x2) = (x.detach().set_requires_grad(true), x.detach().set_requires_grad(true));
+        let y1 = layer.forward(&x1).unwrap();
+        let y2 = dense.forward(&x2).unwrap();
+        assert_same(&y1, &y2, &format!("{kind:?}: output"));
+        (&y1 * &g).sum(Kind::Float).backward();
+        (&y2 * &g).sum(Kind::Float).backward();
+        assert_same(&x1.grad(), &x2.grad(), &format!("{kind:?}: input gradient"));
+        assert_same(&b.grad(), &b2.grad(), &format!("{kind:?}: bias gradient"));
+        assert!(!layer.weight().codes.requires_grad() && !layer.weight().scb.requires_grad());
+    }
+}
+
+#[test]
+fn linear8bit_decomposed_is_close_to_dense_and_its_gradient_is_straight_through() {
+    tch::manual_seed(4);
+    let w = Tensor::randn([32, 64], (Kind::Float, tch::Device::Cpu)) * 0.1;
+    let layer = Linear8bit::quantize(&w, None, Int8Options::default()).unwrap();
+    let dense = Dense::new(layer.weight().dequantize(Kind::Float).unwrap(), None).unwrap();
+    let x = Tensor::randn([7, 64], (Kind::Float, tch::Device::Cpu));
+    let _ = x.narrow(1, 9, 1).g_mul_scalar_(20.0); // an outlier column, computed in f32
+    let x1 = x.detach().set_requires_grad(true);
+    let y = layer.forward(&x1).unwrap();
+    let want = dense.forward(&x).unwrap();
+    let rel = max_abs(&(&y - &want)) / max_abs(&want);
+    assert!(rel > 0.0 && rel < 2e-2, "int8 activations: {rel:e}");
+    let g = Tensor::randn([7, 32], (Kind::Float, tch::Device::Cpu));
+    (&y * &g).sum(Kind::Float).backward();
+    assert_same(&x1.grad(), &g.mm(&dense.weight), "input gradient through the dequantized weight");
+    // Zero rows and an empty batch.
+    let zeros = Tensor::zeros([2, 64], (Kind::Float, tch::Device::Cpu));
+    assert_eq!(max_abs(&layer.forward(&zeros).unwrap()), 0.0);
+    let empty = layer.forward(&Tensor::zeros([0, 64], (Kind::Float, tch::Device::Cpu))).unwrap();
+    assert_eq!(empty.size(), vec![0, 32]);
+}
+
+#[test]
+fn linear8bit_bad_inputs_are_errors() {
+    let w = Tensor::randn([8, 16], (Kind::Float, tch::Device::Cpu));
+    let layer = Linear8bit::quantize(&w, None, Int8Options::default()).unwrap();
+    let r = layer.forward(&Tensor::zeros([2, 15], (Kind::Float, tch::Device::Cpu)));
+    assert!(matches!(r, Err(Error::BadTensor { what: "input", .. })), "{r:?}");
+    let r = layer.forward(&Tensor::zeros([2, 16], (Kind::Int64, tch::Device::Cpu)));
+    assert!(matches!(r, Err(Error::BadTensor { what: "input", .. })), "{r:?}");
+    let bias = Tensor::zeros([7], (Kind::Float, tch::Device::Cpu));
+    let r = Linear8bit::quantize(&w, Some(bias), Int8Options::default());
+    assert!(matches!(r, Err(Error::BadTensor { what: "bias", .. })), "{r:?}");
+    let r = Linear8bit::quantize(&w, None, Int8Options { threshold: -1.0, ..Int8Options::default() });
+    assert!(matches!(r, Err(Error::BadTensor { what: "threshold", .. })), "{r:?}");
+    let q = Quantized8bit {
+        codes: Tensor::zeros([8, 16], (Kind::Int8, tch::Device::Cpu)),
+        scb: Tensor::zeros([7], (Kind::Float, tch::Device::Cpu)),
+    };
+    let r = Linear8bit::new(q, None, Int8Options::default());
+    assert!(matches!(r, Err(Error::BadTensor { what: "SCB", .. })), "{r:?}");
 }

@@ -1,11 +1,11 @@
-//! Linear4bit keeps no dequantized weight alive between forward and backward: measured as the
-//! resident memory the autograd graph holds, against dequantize-then-linear. Its own test binary,
-//! so no other test allocates while it measures.
+//! Linear4bit and Linear8bit keep no dequantized weight alive between forward and backward:
+//! measured as the resident memory the autograd graph holds, against dequantize-then-linear. Its
+//! own test binary with one test, so no other test allocates while it measures.
 
 #![cfg(feature = "torch")]
 #![allow(clippy::unwrap_used, clippy::print_stdout, reason = "tests")]
 
-use quant::linear::{Linear, Linear4bit};
+use quant::linear::{Int8Matmul, Int8Options, Linear, Linear4bit, Linear8bit};
 use quant::ops::QuantizeOptions;
 use tch::{Kind, Tensor};
 
@@ -30,7 +30,7 @@ fn retained_by_graph(forward: &dyn Fn(&Tensor) -> Tensor) -> i64 {
 }
 
 #[test]
-fn linear4bit_keeps_no_dequantized_weight_between_forward_and_backward() {
+fn quantized_linears_keep_no_dequantized_weight_between_forward_and_backward() {
     // Large tensors come from mmap and go back to the OS when freed, so RSS tracks live tensors
     // (glibc would otherwise raise its mmap threshold after the first free and keep freed
     // weights in the heap).
@@ -44,18 +44,41 @@ fn linear4bit_keeps_no_dequantized_weight_between_forward_and_backward() {
         assert_eq!(unsafe { mallopt(M_MMAP_THRESHOLD, 64 * 1024) }, 1);
     }
     tch::manual_seed(1);
-    let layers: Vec<Linear4bit> = (0..8)
-        .map(|_| {
-            let w = Tensor::randn([1024, 1024], (Kind::Float, tch::Device::Cpu)) * 0.03;
-            Linear4bit::quantize(&w, None, QuantizeOptions::default(), Kind::BFloat16).unwrap()
+    let weights: Vec<Tensor> =
+        (0..8).map(|_| Tensor::randn([1024, 1024], (Kind::Float, tch::Device::Cpu)) * 0.03).collect();
+    let four: Vec<Box<dyn Linear>> = weights
+        .iter()
+        .map(|w| {
+            Box::new(Linear4bit::quantize(w, None, QuantizeOptions::default(), Kind::BFloat16).unwrap())
+                as Box<dyn Linear>
         })
         .collect();
-    let fused = |x: &Tensor| layers.iter().fold(x.shallow_clone(), |h, l| l.forward(&h).unwrap());
-    // Dequantize, then a plain linear: autograd saves the dequantized weight for grad_x.
+    let eight = |matmul| -> Vec<Box<dyn Linear>> {
+        let opts = Int8Options { matmul, ..Int8Options::default() };
+        weights
+            .iter()
+            .map(|w| Box::new(Linear8bit::quantize(w, None, opts).unwrap()) as Box<dyn Linear>)
+            .collect()
+    };
+    for (name, layers, kind) in [
+        ("Linear4bit", four, Kind::BFloat16),
+        ("Linear8bit (LLM.int8)", eight(Int8Matmul::Decomposed), Kind::BFloat16),
+        ("Linear8bit (dequantized)", eight(Int8Matmul::Dequantized), Kind::BFloat16),
+    ] {
+        measure(name, &layers, kind);
+    }
+}
+
+fn measure(name: &str, layers: &[Box<dyn Linear>], kind: Kind) {
+    let fused = |x: &Tensor| layers.iter().fold(x.to_kind(kind), |h, l| l.forward(&h).unwrap());
+    // A dense layer per weight, as dequantize-then-linear would run: autograd saves its weight
+    // for grad_x.
+    let dense: Vec<Tensor> =
+        (0..layers.len()).map(|_| Tensor::randn([1024, 1024], (kind, tch::Device::Cpu))).collect();
     let naive = |x: &Tensor| {
-        layers.iter().fold(x.shallow_clone(), |h, l| {
-            let w = l.weight().dequantize(Kind::BFloat16).unwrap();
-            h.to_kind(Kind::BFloat16).linear::<Tensor>(&w, None)
+        dense.iter().fold(x.to_kind(kind), |h, w| {
+            let w = w.copy();
+            h.linear::<Tensor>(&w, None)
         })
     };
     // Warm up (thread pools, BLAS buffers), then measure each path twice and keep the smaller.
@@ -65,7 +88,7 @@ fn linear4bit_keeps_no_dequantized_weight_between_forward_and_backward() {
     let naive_bytes = retained_by_graph(&naive).min(retained_by_graph(&naive));
     let weight_bytes = 8 * 1024 * 1024 * 2;
     println!(
-        "retained between forward and backward, 8 layers 1024x1024 bf16: Linear4bit {:.2} MiB, \
+        "retained between forward and backward, 8 layers 1024x1024 bf16: {name} {:.2} MiB, \
          dequantize+linear {:.2} MiB (dequantized weights: {:.2} MiB)",
         fused_bytes as f64 / 1048576.0,
         naive_bytes as f64 / 1048576.0,
@@ -75,5 +98,5 @@ fn linear4bit_keeps_no_dequantized_weight_between_forward_and_backward() {
         naive_bytes >= weight_bytes * 3 / 4,
         "naive path should keep ~{weight_bytes} B, kept {naive_bytes}"
     );
-    assert!(fused_bytes.max(0) * 4 <= naive_bytes, "Linear4bit kept {fused_bytes} B vs {naive_bytes} B");
+    assert!(fused_bytes.max(0) * 4 <= naive_bytes, "{name} kept {fused_bytes} B vs {naive_bytes} B");
 }

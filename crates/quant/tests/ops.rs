@@ -1,6 +1,7 @@
-//! The libtorch fast path (`quant::ops`) against the reference codec: byte-identical packed
+//! The libtorch fast path (`quant::ops`) against the reference codecs: byte-identical packed
 //! nibbles, absmax and nested codes on random shapes, dtypes, block sizes and quant types, exact
-//! dequantization, and typed errors for what it refuses.
+//! dequantization, the same int8 codes, scales and outlier columns as `quant::int8`, and typed
+//! errors for what it refuses.
 #![cfg(feature = "torch")]
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -8,7 +9,8 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use quant::Error;
 use quant::codec::{self, BLOCKSIZES, NESTED_BLOCKSIZE, QuantType};
-use quant::ops::{self, Absmax4, CodecAbsmaxOwned, Offset, QuantizeOptions, Quantized4bit};
+use quant::int8;
+use quant::ops::{self, Absmax4, CodecAbsmaxOwned, Offset, QuantizeOptions, Quantized4bit, Quantized8bit};
 use tch::{Kind, Tensor};
 
 fn f32s(t: &Tensor) -> Vec<f32> {
@@ -351,4 +353,111 @@ fn dequantize_into_an_existing_tensor_equals_dequantize() {
     let mut short = Tensor::empty([10], (Kind::Float, tch::Device::Cpu));
     let r = ops::dequantize_4bit_into(&q.packed, &absmax, 64, QuantType::Nf4, &mut short);
     assert!(matches!(&r, Err(Error::Torch(m)) if m.contains("packed bytes")), "{r:?}");
+}
+
+fn i8s(t: &Tensor) -> Vec<i8> {
+    Vec::<i8>::try_from(&t.reshape([-1])).unwrap()
+}
+
+/// A row-major matrix for the int8 codec: activations-like values with rare large outliers,
+/// some rows zero or tiny (subnormal absmax), a threshold (0 turns outliers off) and a dtype.
+fn int8_case() -> impl Strategy<Value = (i64, i64, Vec<f32>, f32, Kind)> {
+    (
+        0i64..12,
+        1i64..48,
+        prop_oneof![Just(0.0f32), Just(6.0f32), Just(1.5f32), Just(3.3f32), 0.5f32..8.0],
+        prop_oneof![Just(Kind::Float), Just(Kind::Half), Just(Kind::BFloat16)],
+    )
+        .prop_flat_map(|(rows, cols, threshold, kind)| {
+            let n = (rows * cols) as usize;
+            let v = prop_oneof![
+                20 => -3.0f32..3.0,
+                2 => -30.0f32..30.0,
+                1 => Just(0.0f32),
+                1 => Just(-0.0f32),
+                1 => -1e-39f32..1e-39,
+            ];
+            (
+                Just(rows),
+                Just(cols),
+                proptest::collection::vec(v, n),
+                proptest::collection::vec(
+                    prop_oneof![8 => Just(1.0f32), 1 => Just(0.0f32), 1 => Just(1e-38)],
+                    rows as usize,
+                ),
+                Just(threshold),
+                Just(kind),
+            )
+        })
+        .prop_map(|(rows, cols, mut values, row_scale, threshold, kind)| {
+            for (r, s) in row_scale.iter().enumerate() {
+                values[r * cols as usize..(r + 1) * cols as usize].iter_mut().for_each(|v| *v *= s);
+            }
+            (rows, cols, values, threshold, kind)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn int8_rowwise_matches_the_reference((rows, cols, values, threshold, kind) in int8_case()) {
+        let x = tensor(&values, &[rows, cols], kind);
+        let (codes, scb, outlier_cols) = ops::quantize_int8_rowwise(&x, f64::from(threshold)).unwrap();
+        // torch compares the threshold in the tensor's dtype.
+        let t = stored(&[threshold], kind)[0];
+        let want = int8::quantize_rowwise(&stored(&values, kind), cols as usize, t).unwrap();
+        prop_assert_eq!(codes.size(), vec![rows, cols]);
+        prop_assert_eq!(i8s(&codes), want.codes.clone());
+        prop_assert_eq!(bits(&f32s(&scb)), bits(&want.scb));
+        let cols_got: Vec<usize> =
+            Vec::<i64>::try_from(&outlier_cols).unwrap().into_iter().map(|c| c as usize).collect();
+        prop_assert_eq!(cols_got, want.outlier_cols);
+
+        let deq = ops::dequantize_int8_rowwise(&codes, &scb).unwrap();
+        let want_deq = int8::dequantize_rowwise(&want.codes, &want.scb, cols as usize).unwrap();
+        prop_assert_eq!(bits(&f32s(&deq)), bits(&want_deq));
+        let q = Quantized8bit { codes, scb };
+        let w = int8::matmul_weight(&want.codes, &want.scb, cols as usize).unwrap();
+        prop_assert_eq!(bits(&f32s(&q.dequantize(Kind::Float).unwrap())), bits(&w));
+        prop_assert_eq!(bits16(&q.dequantize(Kind::BFloat16).unwrap()), want_bf16(&w));
+        prop_assert_eq!(bits16(&q.dequantize(Kind::Half).unwrap()), want_f16(&w));
+    }
+}
+
+#[test]
+fn int8_weights_are_quantized_through_float16() {
+    let w = Tensor::randn([24, 40], (Kind::Float, tch::Device::Cpu)) * 0.05;
+    let q = Quantized8bit::quantize(&w).unwrap();
+    assert_eq!(q.shape(), [24, 40]);
+    let want = int8::quantize_rowwise(&int8::round_to_f16(&f32s(&w)), 40, 0.0).unwrap();
+    assert_eq!(q.codes_vec().unwrap(), want.codes);
+    assert_eq!(bits(&q.scb_vec().unwrap()), bits(&want.scb));
+    let back = Quantized8bit::from_codec(&want.codes, &want.scb, [24, 40]).unwrap();
+    assert!(back.codes.equal(&q.codes) && back.scb.equal(&q.scb));
+    for kind in [Kind::Half, Kind::BFloat16] {
+        let q16 = Quantized8bit::quantize(&w.to_kind(kind)).unwrap();
+        let want = int8::quantize_rowwise(&int8::round_to_f16(&stored(&f32s(&w), kind)), 40, 0.0).unwrap();
+        assert_eq!(q16.codes_vec().unwrap(), want.codes, "{kind:?}");
+    }
+}
+
+#[test]
+fn int8_bad_inputs_are_typed_errors() {
+    let mut v = vec![0.5f32; 60];
+    v[17] = 70000.0;
+    let r = Quantized8bit::quantize(&Tensor::from_slice(&v).view([6, 10]));
+    assert!(matches!(r, Err(Error::Float16Range { index: 17, value }) if value == 70000.0), "{r:?}");
+    let r = Quantized8bit::quantize(&Tensor::from_slice(&v[..10]));
+    assert!(matches!(r, Err(Error::BadTensor { what: "weight", .. })), "{r:?}");
+    let r = ops::quantize_int8_rowwise(&Tensor::from_slice(&[1i64, 2]).view([1, 2]), 0.0);
+    assert!(matches!(r, Err(Error::BadTensor { what: "input", .. })), "{r:?}");
+    let r = Quantized8bit::from_codec(&[1, 2, 3], &[1.0], [1, 2]);
+    assert!(matches!(r, Err(Error::Length { what: "int8 codes", .. })), "{r:?}");
+    let q = Quantized8bit {
+        codes: Tensor::from_slice(&[1i8, 2]).view([1, 2]),
+        scb: Tensor::from_slice(&[1.0f32, 2.0]),
+    };
+    let r = q.dequantize(Kind::Float);
+    assert!(matches!(&r, Err(Error::Torch(m)) if m.contains("SCB")), "{r:?}");
 }

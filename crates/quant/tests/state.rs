@@ -7,7 +7,7 @@ use std::process::Command;
 
 use proptest::prelude::*;
 use quant::QuantType;
-use quant::state::{QuantState, RawTensor};
+use quant::state::{Int8State, QuantState, RawTensor};
 
 fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
     quant::file::write(path, tensors, &BTreeMap::new()).expect("write safetensors");
@@ -167,6 +167,58 @@ fn nibble_reads_what_bitsandbytes_writes() {
             assert!(t.data == orig.data, "{}: bytes differ", t.name);
         }
     }
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+const BNB_INT8: &str = r#"
+import sys, torch, logging
+from safetensors.torch import load_file
+import bitsandbytes as bnb
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+sd = load_file(sys.argv[1])
+prefixes = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".SCB")})
+assert len(prefixes) == 3, prefixes
+for prefix in prefixes:
+    w = sd[prefix + ".source"]
+    m = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False)
+    m.load_state_dict({"weight": w})
+    m = m.to("cpu")  # Int8Params quantizes here
+    ours = {k: sd[prefix + "." + k] for k in ("weight", "SCB", "weight_format")}
+    theirs = m.state_dict()
+    assert sorted(theirs) == sorted(ours), (prefix, sorted(theirs))
+    for k, v in theirs.items():
+        assert v.dtype == ours[k].dtype and v.shape == ours[k].shape, (prefix, k, v.dtype, v.shape, ours[k].dtype, ours[k].shape)
+        assert torch.equal(v.view(torch.uint8), ours[k].view(torch.uint8)), (prefix, k)
+    # And the module runs on what nibble wrote, loaded back into a quantized layer.
+    m.load_state_dict(ours)
+    m.eval()
+    m(torch.randn(3, w.shape[1]))
+"#;
+
+/// nibble quantizes and writes 8-bit weights; bitsandbytes' `Linear8bitLt` quantizes the same
+/// weights and its state dict (what transformers saves) is byte-identical, keys and dtypes too.
+#[test]
+fn bitsandbytes_saves_the_int8_bytes_nibble_writes() {
+    let dir = temp_dir("int8");
+    let mut tensors = Vec::new();
+    for (i, shape) in [[24usize, 96], [7, 33], [64, 16]].iter().enumerate() {
+        let prefix = format!("m.layers.{i}.proj");
+        let mut x: Vec<f32> = weights(shape[0] * shape[1], 100 + i as u64).iter().map(|v| v * 0.1).collect();
+        // A zero row and a large value, so row scales differ widely.
+        x[..shape[1]].iter_mut().for_each(|v| *v = 0.0);
+        x[shape[1] + 3] = 40.0;
+        let s = Int8State::quantize(&x, *shape).expect("quantize");
+        tensors.extend(s.to_tensors(&prefix));
+        tensors.push(RawTensor {
+            name: format!("{prefix}.source"),
+            dtype: "F32".into(),
+            shape: shape.to_vec(),
+            data: f32_bytes(&x),
+        });
+    }
+    let file = dir.join("int8.safetensors");
+    write_safetensors(&file, &tensors);
+    run_python(BNB_INT8, &[&file]);
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 

@@ -99,6 +99,14 @@ fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f
             Some((prefix, layer))
         })
         .collect();
+    let lcfg = lora::LoraConfig::read(dir)?;
+    if lcfg.use_dora || !lcfg.modules_to_save.is_empty() {
+        return Err(MergeError::Config {
+            path: dir.join(lora::CONFIG_FILE),
+            message: "merging DoRA adapters or modules_to_save copies is not supported yet (plain LoRA only)"
+                .into(),
+        });
+    }
     let adapters = lora::inject_from(stubs.iter_mut().map(|(n, l)| (n.clone(), l)), dir)?;
     let scaling = adapters.config().scaling();
     let deltas = adapters

@@ -32,10 +32,8 @@ fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
 
 fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
     let m = &recipe.model;
-    if m.load_in_8bit {
-        bail!(
-            "load_in_8bit is not supported yet (8-bit linears are still open in the quant issue); use load_in_4bit"
-        );
+    if m.load_in_8bit && m.load_in_4bit {
+        bail!("load_in_8bit and load_in_4bit are exclusive: choose one");
     }
     let dtype = model_kind(recipe, cfg);
     let quantize = m.load_in_4bit.then_some(QuantizeOptions {
@@ -59,7 +57,14 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
     if compute_dtype != dtype {
         tracing::info!("mixed precision: 4-bit linears compute in {compute_dtype:?}, the rest in {dtype:?}");
     }
-    Ok(LoadOptions { dtype, quantize, compute_dtype, device: Device::Cpu })
+    // LLM.int8 with bitsandbytes' default threshold (TRL's `BitsAndBytesConfig(load_in_8bit=True)`).
+    // On the CPU bitsandbytes trains through the dequantized weight (`MatMul8bitFp`); nibble does
+    // the same so losses match TRL's there.
+    let quantize_8bit = m.load_in_8bit.then(|| quant::linear::Int8Options {
+        matmul: quant::linear::Int8Matmul::Dequantized,
+        ..quant::linear::Int8Options::default()
+    });
+    Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device: Device::Cpu })
 }
 
 /// PEFT's default targets for the families nibble runs, when the recipe names none.
@@ -198,11 +203,18 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         cfg.architecture,
         dir.display(),
         cfg.shape.layers,
-        if opts.quantize.is_some() || cfg.prequantized { "4-bit linears" } else { "dense linears" },
+        if opts.quantize_8bit.is_some() {
+            "8-bit linears"
+        } else if opts.quantize.is_some() || cfg.prequantized {
+            "quantized linears"
+        } else {
+            "dense linears"
+        },
         opts.dtype
     );
     let lcfg = lora_config(recipe, &cfg, &model_id)?;
-    let mut adapters = lora::inject(model.linears_mut(), &lcfg, recipe.training.seed)?;
+    let (linears, tensors) = model.adaptable_mut();
+    let mut adapters = lora::inject_with_modules(linears, tensors, &lcfg, recipe.training.seed)?;
     if let Some(init) = &recipe.model.lora_init_adapter {
         adapters
             .load_into(Path::new(init))

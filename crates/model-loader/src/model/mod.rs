@@ -1,5 +1,5 @@
 //! The causal language model: built from a checkpoint tensor by tensor (each decoder linear
-//! quantized to 4 bits as it is read, or taken pre-quantized), run as transformers runs it.
+//! quantized to 4 or 8 bits as it is read, or taken pre-quantized), run as transformers runs it.
 //!
 //! The forward pass is exposed in steps ([`CausalLm::embed`], [`CausalLm::context`],
 //! [`CausalLm::layer`], [`CausalLm::head`]) so a training loop can recompute one layer at a time
@@ -13,8 +13,8 @@ mod qwen3;
 
 use std::path::Path;
 
-use quant::linear::{Dense, Linear, Linear4bit};
-use quant::ops::QuantizeOptions;
+use quant::linear::{Dense, Int8Options, Linear, Linear4bit, Linear8bit};
+use quant::ops::{QuantizeOptions, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
@@ -22,7 +22,7 @@ use blocks::{Attention, DecoderLayer, Mlp, RmsNorm, Rope};
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
-use crate::hf_config::{Architecture, HfConfig, RopeScaling};
+use crate::hf_config::{Architecture, HfConfig, Prequantized, RopeScaling};
 
 /// What distinguishes a family's decoder from the shared Llama one.
 pub(crate) struct DecoderSpec {
@@ -31,7 +31,7 @@ pub(crate) struct DecoderSpec {
     rope_scaling: RopeScaling,
 }
 
-/// How to materialise a checkpoint: dtypes, 4-bit quantization, device.
+/// How to materialise a checkpoint: dtypes, 4- or 8-bit quantization, device.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// dtype of every unquantized tensor (embeddings, norms, biases, head) and of dense linears.
@@ -39,7 +39,12 @@ pub struct LoadOptions {
     /// Quantize decoder linears to 4 bits while loading (`load_in_4bit`); ignored for a
     /// checkpoint that is already quantized.
     pub quantize: Option<QuantizeOptions>,
-    /// dtype the 4-bit linears compute in (`bnb_4bit_compute_dtype`).
+    /// Quantize decoder linears to 8 bits while loading (`load_in_8bit`, LLM.int8); exclusive
+    /// with `quantize`. For a checkpoint already in 8 bits, its config.json's threshold is kept
+    /// and only `matmul` is taken from here.
+    pub quantize_8bit: Option<Int8Options>,
+    /// dtype the 4-bit linears compute in (`bnb_4bit_compute_dtype`); 8-bit linears compute in
+    /// their input's dtype, as bitsandbytes' do.
     pub compute_dtype: Kind,
     /// Where the model lives.
     pub device: Device,
@@ -47,7 +52,13 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: Kind::Float, quantize: None, compute_dtype: Kind::Float, device: Device::Cpu }
+        LoadOptions {
+            dtype: Kind::Float,
+            quantize: None,
+            quantize_8bit: None,
+            compute_dtype: Kind::Float,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -74,11 +85,27 @@ impl std::fmt::Debug for CausalLm {
     }
 }
 
+/// A linear offered to adapters: its transformers module name and its slot.
+pub type LinearSlot<'a> = (String, &'a mut Box<dyn Linear>);
+/// A tensor offered to adapters: its transformers parameter name and its slot.
+pub type TensorSlot<'a> = (String, &'a mut Tensor);
+
+/// The decoder linears of `layers` by transformers module name.
+fn decoder_linears(layers: &mut [DecoderLayer]) -> Vec<LinearSlot<'_>> {
+    let mut out = Vec::with_capacity(layers.len() * 7);
+    for (l, layer) in layers.iter_mut().enumerate() {
+        for (name, lin) in layer.linears_mut() {
+            out.push((format!("model.layers.{l}.{name}"), lin));
+        }
+    }
+    out
+}
+
 /// Reads tensors out of a checkpoint into libtorch, naming the tensor in every error.
 struct Reader<'a> {
     ck: &'a Checkpoint,
     opts: &'a LoadOptions,
-    prequantized: bool,
+    prequantized: Option<Prequantized>,
 }
 
 impl Reader<'_> {
@@ -95,20 +122,55 @@ impl Reader<'_> {
     fn linear(&self, prefix: &str, bias: bool) -> Result<Box<dyn Linear>, Error> {
         let quant_err = |source| Error::Quant { name: format!("{prefix}.weight"), source };
         let bias = if bias { Some(self.dense(&format!("{prefix}.bias"), self.opts.dtype)?) } else { None };
-        if self.prequantized {
-            let q = self.ck.quantized_weight(prefix)?;
-            return Ok(Box::new(Linear4bit::new(q, bias, self.opts.compute_dtype).map_err(quant_err)?));
-        }
         let name = format!("{prefix}.weight");
-        match self.opts.quantize {
-            Some(q) => {
+        match self.prequantized {
+            Some(Prequantized::FourBit) => {
+                let q = self.ck.quantized_weight(prefix)?;
+                return Ok(Box::new(Linear4bit::new(q, bias, self.opts.compute_dtype).map_err(quant_err)?));
+            }
+            // A float weight in an 8-bit checkpoint is a module bitsandbytes skipped
+            // (`llm_int8_skip_modules`): it stays dense.
+            Some(Prequantized::EightBit { threshold }) if self.ck.tensor(&name)?.kind().is_none() => {
+                let q = self.to_device(self.ck.int8_weight(prefix)?)?;
+                let matmul = self.opts.quantize_8bit.unwrap_or_default().matmul;
+                let layer = Linear8bit::new(q, bias, Int8Options { threshold, matmul }).map_err(quant_err)?;
+                return Ok(Box::new(layer));
+            }
+            Some(Prequantized::EightBit { .. }) => {
+                return Ok(Box::new(
+                    Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?,
+                ));
+            }
+            None => {}
+        }
+        match (self.opts.quantize, self.opts.quantize_8bit) {
+            (Some(q), _) => {
                 // Quantize on the CPU from the load dtype, as transformers does after casting.
                 let w = self.ck.tensor(&name)?.to_tensor()?.f_to_kind(self.opts.dtype)?;
                 let layer = Linear4bit::quantize(&w, bias, q, self.opts.compute_dtype).map_err(quant_err)?;
                 Ok(Box::new(layer))
             }
-            None => Ok(Box::new(Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?)),
+            (None, Some(o)) => {
+                // From the load dtype, through float16, as bitsandbytes' Int8Params does.
+                let w = self.ck.tensor(&name)?.to_tensor()?.f_to_kind(self.opts.dtype)?;
+                let q = self.to_device(Quantized8bit::quantize(&w).map_err(quant_err)?)?;
+                Ok(Box::new(Linear8bit::new(q, bias, o).map_err(quant_err)?))
+            }
+            (None, None) => {
+                Ok(Box::new(Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?))
+            }
         }
+    }
+
+    /// An int8 weight on the model's device (its ops run on any device).
+    fn to_device(&self, q: Quantized8bit) -> Result<Quantized8bit, Error> {
+        if self.opts.device == Device::Cpu {
+            return Ok(q);
+        }
+        Ok(Quantized8bit {
+            codes: q.codes.f_to_device(self.opts.device)?,
+            scb: q.scb.f_to_device(self.opts.device)?,
+        })
     }
 }
 
@@ -139,7 +201,13 @@ impl CausalLm {
             Architecture::Qwen2 => qwen2::spec(&config),
             Architecture::Qwen3 => qwen3::spec(&config),
         };
-        let r = Reader { ck, opts, prequantized: config.prequantized };
+        if opts.quantize.is_some() && opts.quantize_8bit.is_some() {
+            return Err(Error::BadOption(
+                "4-bit (`quantize`) and 8-bit (`quantize_8bit`) quantization cannot both be set; pick one"
+                    .into(),
+            ));
+        }
+        let r = Reader { ck, opts, prequantized: config.quantization };
         let s = &config.shape;
         let eps = config.rms_norm_eps;
         let embed_tokens = r.dense("model.embed_tokens.weight", opts.dtype)?;
@@ -315,13 +383,23 @@ impl CausalLm {
     /// Every decoder linear by its transformers module name (`model.layers.0.self_attn.q_proj`),
     /// so adapters can wrap them; the output head is not offered.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        let mut out = Vec::with_capacity(self.layers.len() * 7);
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            for (name, lin) in layer.linears_mut() {
-                out.push((format!("model.layers.{l}.{name}"), lin));
-            }
+        decoder_linears(&mut self.layers)
+    }
+
+    /// [`CausalLm::linears_mut`] together with the embedding's and output head's tensors by
+    /// transformers parameter name (`model.embed_tokens.weight`, `lm_head.weight`), borrowed at
+    /// once, for adapters that also train whole modules (PEFT's `modules_to_save`). A tensor slot
+    /// replaced by another of the same shape and dtype is what the forward uses from then on.
+    /// With tied embeddings both slots start as the same tensor; replacing one unties them.
+    pub fn adaptable_mut(&mut self) -> (Vec<LinearSlot<'_>>, Vec<TensorSlot<'_>>) {
+        let mut tensors = vec![
+            ("model.embed_tokens.weight".to_owned(), &mut self.embed_tokens),
+            ("lm_head.weight".to_owned(), &mut self.lm_head.weight),
+        ];
+        if let Some(b) = self.lm_head.bias.as_mut() {
+            tensors.push(("lm_head.bias".to_owned(), b));
         }
-        out
+        (decoder_linears(&mut self.layers), tensors)
     }
 
     /// Parameter count as PEFT reports it: 4-bit weights at their unpacked element count, a

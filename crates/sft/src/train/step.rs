@@ -131,6 +131,14 @@ pub fn forward_backward_with(
         grad = x.grad();
         inputs.truncate(i);
     }
+    // A trainable embedding (`modules_to_save: [embed_tokens]`) gets its gradient from a
+    // recomputed embedding lookup (same seed, so the same NEFTune noise).
+    if grad.defined() {
+        let h0 = embed()?;
+        if h0.requires_grad() {
+            h0.f_mul(&grad)?.f_sum(h0.f_kind()?)?.f_backward()?;
+        }
+    }
     Ok(MicroStats { loss: value, correct, total })
 }
 
