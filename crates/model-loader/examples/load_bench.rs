@@ -7,6 +7,7 @@
 //! cargo run --release -p model-loader --example load_bench -- MODEL_DIR [bf16|fp32]
 //! ```
 #![allow(clippy::print_stdout, reason = "the report is the output")]
+#![allow(clippy::field_reassign_with_default, reason = "robust to options added to LoadOptions")]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,13 +45,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(other) => return Err(format!("unknown dtype {other} (bf16 or fp32)").into()),
     };
     let quantize = QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true };
-    let opts = LoadOptions {
-        dtype,
-        quantize: Some(quantize),
-        quantize_8bit: None,
-        compute_dtype: dtype,
-        device: Device::Cpu,
-    };
+    // Field by field from the defaults, so that options added later keep their default here.
+    let mut opts = LoadOptions::default();
+    opts.dtype = dtype;
+    opts.quantize = Some(quantize);
+    opts.compute_dtype = dtype;
+    opts.device = Device::Cpu;
     let before = memory_kib();
     let start = Instant::now();
     let model = CausalLm::load(&dir, &opts, &mut |_, _| {})?;

@@ -285,3 +285,39 @@ fn greedy_generation_follows_the_argmax_and_stops() {
     assert_eq!(stopped, out[..=first].to_vec());
     assert!(model.generate_greedy(&[], 3, &[]).is_err());
 }
+
+#[test]
+fn kv_cached_generation_equals_recomputing() {
+    // Mistral's window (5) is shorter than prompt + new tokens, so the cache must apply it too.
+    for name in ["mistral", "qwen3", "llama"] {
+        let model = load(&golden(name), LoadOptions::default());
+        let prompt = [5i64, 9, 14, 30, 2, 41];
+        let s = model_loader::Sampling { max_new_tokens: 8, ..Default::default() };
+        let cached = model.generate(&prompt, &s).unwrap();
+        assert_eq!(cached.tokens, model.generate_greedy(&prompt, 8, &[]).unwrap(), "{name}");
+        let x = Tensor::from_slice(&prompt).view([1, 6]);
+        let full = tch::no_grad(|| model.forward(&x, None, None)).unwrap().get(0);
+        assert!(max_rel_err(&cached.prompt_logits, &full) < 1e-6, "{name}: prompt logits");
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_top_p_narrows_it() {
+    let model = load(&golden("qwen2"), LoadOptions::default());
+    let prompt = [5i64, 9, 14];
+    let s = model_loader::Sampling {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 3,
+        stop_ids: vec![],
+    };
+    let a = model.generate(&prompt, &s).unwrap().tokens;
+    let b = model.generate(&prompt, &s).unwrap().tokens;
+    assert_eq!(a, b, "same seed, same sample");
+    let other = model.generate(&prompt, &model_loader::Sampling { seed: 4, ..s.clone() }).unwrap().tokens;
+    assert_ne!(a, other, "another seed, another sample");
+    // A tiny nucleus keeps only the most probable token: greedy.
+    let narrow = model.generate(&prompt, &model_loader::Sampling { top_p: 1e-6, ..s }).unwrap().tokens;
+    assert_eq!(narrow, model.generate_greedy(&prompt, 12, &[]).unwrap());
+}

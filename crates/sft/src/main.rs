@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 mod estimate;
+mod generate;
 mod prepare;
 mod quantize;
 mod run;
@@ -39,6 +40,10 @@ usage: sft RECIPE.yaml [--key value | --key=value]... [--print-config | --estima
                     [--overwrite]
                                     write MODEL (a directory or hub id) pre-quantized to 4 bits
                                     as transformers + bitsandbytes save it
+       sft generate --model DIR [--adapter DIR] [--load-in-4bit] --prompt TEXT [--chat]
+                    [--max-new-tokens N] [--temperature T --top-p P --seed S] [--logits-out FILE]
+                                    KV-cached generation (greedy at temperature 0), optionally
+                                    with a trained adapter; --logits-out writes the prompt's logits
        sft merge --model BASE --adapter DIR --out DIR [--dtype bf16|fp16|fp32]
                  [--max-shard-size 50GB] [--revision REV] [--overwrite]
                                     merge a PEFT LoRA adapter into BASE (dense or 4-bit) and
@@ -65,6 +70,7 @@ enum Command {
     Env,
     Run { recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String> },
     Quantize(quantize::QuantizeArgs),
+    Generate(generate::GenerateArgs),
     Merge(MergeArgs),
 }
 
@@ -115,6 +121,7 @@ fn parse_args(mut args: Vec<String>) -> Result<Command, UsageError> {
         Some("env") => return Ok(Command::Env),
         Some("quantize") => return quantize::parse(args.split_off(1)).map(Command::Quantize),
         Some("merge") => return parse_merge(args.split_off(1)).map(Command::Merge),
+        Some("generate") => return generate::parse(args.split_off(1)).map(Command::Generate),
         _ => {}
     }
     let mut recipe = None;
@@ -292,6 +299,10 @@ fn main() -> Result<ExitCode> {
         Command::Merge(a) => {
             init_logging();
             finish(merge(a))
+        }
+        Command::Generate(a) => {
+            init_logging();
+            finish(generate::run(a))
         }
     }
 }

@@ -169,3 +169,35 @@ fn a_row_that_fits_no_format_is_named_or_skipped_when_asked() {
     assert!(dir.join("out/adapter_model.safetensors").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn generate_samples_and_writes_prompt_logits() {
+    let dir = scratch("generate");
+    let logits = dir.join("logits.safetensors");
+    let args = [
+        "generate",
+        "--model",
+        "models/tiny-llama",
+        "--load-in-4bit",
+        "--chat",
+        "--prompt",
+        "What is 2 plus 3?",
+        "--max-new-tokens",
+        "6",
+        "--logits-out",
+        logits.to_str().expect("utf-8"),
+    ];
+    let a = sft(&args, &repo());
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let b = sft(&args, &repo());
+    assert_eq!(a.stdout, b.stdout, "greedy generation is deterministic");
+    let t = tch::Tensor::read_safetensors(&logits).expect("logits file");
+    assert_eq!(t[0].0, "logits");
+    let size = t[0].1.size();
+    assert_eq!(size.len(), 2);
+    assert_eq!(size[1], 226, "[prompt tokens, vocab]");
+    assert!(size[0] > 5);
+    let bad = sft(&["generate", "--model", "models/tiny-llama"], &repo());
+    assert_eq!(bad.status.code(), Some(2), "a missing --prompt is a usage error");
+    let _ = std::fs::remove_dir_all(&dir);
+}

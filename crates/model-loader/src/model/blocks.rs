@@ -154,7 +154,14 @@ impl Attention {
         Ok(h.f_transpose(1, 2)?)
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
+    /// Attention over the cached keys/values (if any) plus this call's; the new ones are appended
+    /// to the cache. With a cache, `ctx`'s mask must cover `[new, cached + new]` positions.
+    pub(crate) fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, Error> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let q = self.project(self.q_proj.as_ref(), self.q_norm.as_ref(), x, self.heads)?;
         let k = self.project(self.k_proj.as_ref(), self.k_norm.as_ref(), x, self.kv_heads)?;
@@ -162,20 +169,40 @@ impl Attention {
         let kind = q.f_kind()?;
         let (cos, sin) = (ctx.cos.f_to_kind(kind)?, ctx.sin.f_to_kind(kind)?);
         let q = apply_rope(&q, &cos, &sin)?;
-        let k = apply_rope(&k, &cos, &sin)?;
+        let mut k = apply_rope(&k, &cos, &sin)?;
+        let mut v = v;
+        let mut past = 0;
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                past = pk.size()[2];
+                k = Tensor::f_cat(&[pk, &k], 2)?;
+                v = Tensor::f_cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.shallow_clone());
+            c.v = Some(v.shallow_clone());
+        }
+        // Without a mask, new queries see all cached keys and are causal among themselves; the
+        // plain causal flag says exactly that only when nothing is cached.
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,
             &v,
             ctx.mask.as_ref(),
             0.0,
-            ctx.mask.is_none() && t > 1,
+            ctx.mask.is_none() && t > 1 && past == 0,
             None,
             self.heads != self.kv_heads,
         )?;
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
         Ok(self.o_proj.forward(&out)?)
     }
+}
+
+/// One layer's keys and values so far (`[B, kv_heads, T, head_dim]`), for incremental decoding.
+#[derive(Default)]
+pub(crate) struct KvCache {
+    pub(crate) k: Option<Tensor>,
+    pub(crate) v: Option<Tensor>,
 }
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -203,7 +230,17 @@ pub(crate) struct DecoderLayer {
 
 impl DecoderLayer {
     pub(crate) fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
-        let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        self.forward_cached(x, ctx, None)
+    }
+
+    pub(crate) fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, Error> {
+        let a = self.self_attn.forward_cached(&self.input_layernorm.forward(x)?, ctx, cache)?;
+        let h = x.f_add(&a)?;
         Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 

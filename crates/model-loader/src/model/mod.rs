@@ -18,7 +18,7 @@ use quant::ops::{QuantizeOptions, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
-use blocks::{Attention, DecoderLayer, Mlp, RmsNorm, Rope};
+use blocks::{Attention, DecoderLayer, KvCache, Mlp, RmsNorm, Rope};
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
@@ -60,6 +60,56 @@ impl Default for LoadOptions {
             device: Device::Cpu,
         }
     }
+}
+
+/// How [`CausalLm::generate`] picks tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// New tokens at most.
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1 = all).
+    pub top_p: f64,
+    /// Seeds torch's generator for sampling.
+    pub seed: u64,
+    /// Tokens that end generation (returned as the last token).
+    pub stop_ids: Vec<i64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: Vec::new() }
+    }
+}
+
+/// What [`CausalLm::generate`] gives back.
+#[derive(Debug)]
+pub struct Generation {
+    /// The new tokens.
+    pub tokens: Vec<i64>,
+    /// The prompt's logits `[T, vocab]`, f32 (for parity checks).
+    pub prompt_logits: Tensor,
+}
+
+/// Pick the next token from `logits [vocab]` (f32).
+fn sample(logits: &Tensor, s: &Sampling) -> Result<i64, Error> {
+    if s.temperature <= 0.0 {
+        return Ok(logits.f_argmax(-1, false)?.f_int64_value(&[])?);
+    }
+    let probs = logits.f_div_scalar(s.temperature)?.f_softmax(-1, Kind::Float)?;
+    let probs = if s.top_p < 1.0 {
+        // Keep the most probable tokens up to mass top_p (at least one), as transformers' TopP.
+        let (sorted, idx) = probs.f_sort(-1, true)?;
+        let cum = sorted.f_cumsum(-1, Kind::Float)?;
+        let before = cum.f_sub(&sorted)?;
+        let keep = before.f_lt(s.top_p)?;
+        let kept = sorted.f_mul(&keep.f_to_kind(Kind::Float)?)?;
+        probs.f_zeros_like()?.f_scatter(-1, &idx, &kept)?
+    } else {
+        probs
+    };
+    Ok(probs.f_multinomial(1, false)?.f_int64_value(&[0])?)
 }
 
 /// A decoder-only language model of one of the supported families.
@@ -344,6 +394,65 @@ impl CausalLm {
         let mut h = self.embed(input_ids)?;
         for i in 0..self.layers.len() {
             h = self.layer(i, &h, &ctx)?;
+        }
+        self.head(&h)
+    }
+
+    /// KV-cached decoding after `prompt` (a batch of one): greedy at temperature 0, else sampled
+    /// with temperature and nucleus (top-p) filtering from torch's generator seeded with
+    /// `sampling.seed`. Also returns the prompt's logits `[T, vocab]` in f32.
+    pub fn generate(&self, prompt: &[i64], sampling: &Sampling) -> Result<Generation, Error> {
+        if prompt.is_empty() {
+            return Err(Error::BadInput("generation needs a non-empty prompt".into()));
+        }
+        tch::manual_seed(sampling.seed as i64);
+        tch::no_grad(|| {
+            let mut caches: Vec<KvCache> = (0..self.layers.len()).map(|_| KvCache::default()).collect();
+            let t = prompt.len() as i64;
+            let ids = Tensor::from_slice(prompt).f_to_device(self.device)?.f_view([1, t])?;
+            let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?.f_view([1, t])?;
+            let logits = self.step_cached(&ids, &pos, &mut caches)?;
+            let prompt_logits = logits.f_get(0)?.f_to_kind(Kind::Float)?;
+            let mut next = sample(&prompt_logits.f_get(t - 1)?, sampling)?;
+            let mut tokens = Vec::new();
+            for i in 0..sampling.max_new_tokens {
+                tokens.push(next);
+                if sampling.stop_ids.contains(&next) || i + 1 == sampling.max_new_tokens {
+                    break;
+                }
+                let ids = Tensor::from_slice(&[next]).f_to_device(self.device)?.f_view([1, 1])?;
+                let pos = Tensor::from_slice(&[t + i as i64]).f_to_device(self.device)?.f_view([1, 1])?;
+                let logits = self.step_cached(&ids, &pos, &mut caches)?;
+                next = sample(&logits.f_get(0)?.f_get(0)?.f_to_kind(Kind::Float)?, sampling)?;
+            }
+            Ok(Generation { tokens, prompt_logits })
+        })
+    }
+
+    /// One forward over new tokens `ids [1, n]` at positions `pos [1, n]`, through and into the
+    /// per-layer caches.
+    fn step_cached(&self, ids: &Tensor, pos: &Tensor, caches: &mut [KvCache]) -> Result<Tensor, Error> {
+        let n = ids.size()[1];
+        let past = caches.first().and_then(|c| c.k.as_ref()).map_or(0, |k| k.size()[2]);
+        let (cos, sin) = self.rope.cos_sin(pos, self.dtype)?;
+        // Queries see every cached key, causally among the new ones, within the sliding window.
+        let mask = match self.sliding_window.filter(|&w| (w as i64) < past + n) {
+            None if past == 0 => None,
+            None if n == 1 => None,
+            window => {
+                let q = Tensor::f_arange_start(past, past + n, (Kind::Int64, self.device))?.f_unsqueeze(1)?;
+                let k = Tensor::f_arange(past + n, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
+                let mut allowed = k.f_le_tensor(&q)?;
+                if let Some(w) = window {
+                    allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w as i64)?)?;
+                }
+                Some(allowed.f_view([1, 1, n, past + n])?)
+            }
+        };
+        let ctx = LayerContext { cos, sin, mask };
+        let mut h = self.embed(ids)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = layer.forward_cached(&h, &ctx, Some(cache))?;
         }
         self.head(&h)
     }

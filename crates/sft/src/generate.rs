@@ -1,0 +1,145 @@
+//! `sft generate`: sample from a model (optionally 4-bit, optionally with a trained adapter) to
+//! see what training did, and write the prompt's logits for parity checks against Python.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use model_loader::{CausalLm, HubCache, LoadOptions, Sampling, resolve_model};
+use quant::ops::QuantizeOptions;
+use sft::data::Tokenizer;
+use sft::template::ChatTemplate;
+use tch::Tensor;
+
+use crate::UsageError;
+use crate::quantize::{flag_value, split_flag};
+
+/// `sft generate`'s arguments.
+#[derive(Debug, PartialEq)]
+pub(crate) struct GenerateArgs {
+    model: String,
+    adapter: Option<PathBuf>,
+    load_in_4bit: bool,
+    prompt: String,
+    chat: bool,
+    sampling: Sampling,
+    logits_out: Option<PathBuf>,
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, UsageError> {
+    v.parse().map_err(|_| UsageError(format!("{flag}: `{v}` is not a valid number")))
+}
+
+/// Parse `generate`'s flags.
+pub(crate) fn parse(args: Vec<String>) -> Result<GenerateArgs, UsageError> {
+    let (mut model, mut prompt) = (None, None);
+    let mut a = GenerateArgs {
+        model: String::new(),
+        adapter: None,
+        load_in_4bit: false,
+        prompt: String::new(),
+        chat: false,
+        sampling: Sampling::default(),
+        logits_out: None,
+    };
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = split_flag(&arg);
+        let flag = flag.replace('_', "-");
+        match flag.as_str() {
+            "--model" => model = Some(flag_value(&flag, inline, &mut it)?),
+            "--adapter" => a.adapter = Some(flag_value(&flag, inline, &mut it)?.into()),
+            "--load-in-4bit" => a.load_in_4bit = true,
+            "--prompt" => prompt = Some(flag_value(&flag, inline, &mut it)?),
+            "--chat" => a.chat = true,
+            "--max-new-tokens" => {
+                a.sampling.max_new_tokens = number(&flag, &flag_value(&flag, inline, &mut it)?)?
+            }
+            "--temperature" => a.sampling.temperature = number(&flag, &flag_value(&flag, inline, &mut it)?)?,
+            "--top-p" => a.sampling.top_p = number(&flag, &flag_value(&flag, inline, &mut it)?)?,
+            "--seed" => a.sampling.seed = number(&flag, &flag_value(&flag, inline, &mut it)?)?,
+            "--logits-out" => a.logits_out = Some(flag_value(&flag, inline, &mut it)?.into()),
+            _ => return Err(UsageError(format!("generate: unexpected argument `{arg}`"))),
+        }
+    }
+    a.model = model.ok_or_else(|| UsageError("generate needs --model DIR".into()))?;
+    a.prompt = prompt.ok_or_else(|| UsageError("generate needs --prompt TEXT".into()))?;
+    if !(a.sampling.top_p > 0.0 && a.sampling.top_p <= 1.0) || a.sampling.temperature < 0.0 {
+        return Err(UsageError("generate: --top-p must be in (0, 1] and --temperature >= 0".into()));
+    }
+    Ok(a)
+}
+
+/// The chat template: the adapter's (as TRL saves it), else the model's.
+fn chat_template(dirs: &[&Path]) -> Result<Option<String>> {
+    for dir in dirs {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            return Ok(Some(
+                std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?,
+            ));
+        }
+        let cfg = dir.join("tokenizer_config.json");
+        if cfg.is_file() {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)
+                .with_context(|| format!("{}: not valid JSON", cfg.display()))?;
+            if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                return Ok(Some(t.to_owned()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Run `sft generate`.
+pub(crate) fn run(a: GenerateArgs) -> Result<()> {
+    let dir = resolve_model(&a.model, "main", &HubCache::from_env(|k| std::env::var(k).ok()))?;
+    let opts = LoadOptions {
+        quantize: a
+            .load_in_4bit
+            .then(|| QuantizeOptions { double_quant: true, ..QuantizeOptions::default() }),
+        ..LoadOptions::default()
+    };
+    let mut model =
+        CausalLm::load(&dir, &opts, &mut |_, _| {}).with_context(|| format!("loading {}", dir.display()))?;
+    let mut dirs: Vec<&Path> = Vec::new();
+    if let Some(ad) = &a.adapter {
+        let (linears, tensors) = model.adaptable_mut();
+        let adapters = lora::inject_from_with_modules(linears, tensors, ad)
+            .with_context(|| format!("loading the adapter in {}", ad.display()))?;
+        adapters.set_training(false);
+        dirs.push(ad);
+    }
+    dirs.push(&dir);
+    let tok_dir = dirs.iter().find(|d| d.join("tokenizer.json").is_file()).copied().unwrap_or(&dir);
+    let tok = Tokenizer::from_dir(tok_dir)?;
+    let text = if a.chat {
+        let source =
+            chat_template(&dirs)?.context("--chat: neither the adapter nor the model has a chat template")?;
+        let ctx = serde_json::json!({
+            "messages": [{"role": "user", "content": a.prompt}],
+            "add_generation_prompt": true,
+        });
+        ChatTemplate::new(&source)?.render(&ctx)?.text
+    } else {
+        a.prompt.clone()
+    };
+    // Chat-templated text carries its own special tokens (as transformers tokenizes it).
+    let ids: Vec<i64> =
+        tok.encode(&text, !a.chat).map_err(anyhow::Error::msg)?.into_iter().map(i64::from).collect();
+    let mut sampling = a.sampling.clone();
+    sampling.stop_ids.extend(tok.eos_token_id().map(i64::from));
+    let out = model.generate(&ids, &sampling)?;
+    if let Some(path) = &a.logits_out {
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        Tensor::write_safetensors(&[("logits", &out.prompt_logits)], &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let new: Vec<u32> = out.tokens.iter().map(|&t| t as u32).collect();
+    let decoded = tok.inner().decode(&new, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", decoded.trim_end());
+    }
+    Ok(())
+}
