@@ -6,13 +6,13 @@
 //! the CPU it falls back to [`crate::ops`] (the same bytes, by the same rules of
 //! [`crate::codec`]). Results stay on the input's device.
 
-use std::ffi::{CStr, c_char, c_void};
-
 use tch::{Device, Kind, Tensor};
 
 use crate::Error;
-use crate::codec::{self, NESTED_BLOCKSIZE, QuantType};
-use crate::ops::{self, Absmax4, Offset, QuantizeOptions, Quantized4bit};
+use crate::codec::{NESTED_BLOCKSIZE, QuantType};
+use crate::ops::{
+    self, Absmax4, Offset, QuantizeOptions, Quantized4bit, blocksize_i64, check, out_code, ptr, qt_code, take,
+};
 
 mod ffi {
     use std::ffi::{c_char, c_void};
@@ -20,7 +20,6 @@ mod ffi {
     // Same conventions as `ops`: tensors cross as `torch::Tensor*`, outputs are owned by the
     // caller, errors are malloc'd strings freed by `nibble_quant_free_error`.
     unsafe extern "C" {
-        pub fn nibble_quant_free_error(err: *mut c_char);
         pub fn nibble_cuda_quantize_4bit(
             input: *const c_void,
             blocksize: i64,
@@ -83,56 +82,6 @@ pub fn is_available() -> bool {
 
 fn on_cuda(t: &Tensor) -> bool {
     t.defined() && t.device().is_cuda()
-}
-
-/// Turn a C error string into `Err(Error::Torch)`, freeing it.
-fn check(err: *mut c_char) -> Result<(), Error> {
-    if err.is_null() {
-        return Ok(());
-    }
-    // SAFETY: a non-null error is a NUL-terminated string malloc'd by the C++ side; it is read
-    // once and freed once.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    // SAFETY: see above; `err` is not used after this.
-    unsafe { ffi::nibble_quant_free_error(err) };
-    Err(Error::Torch(msg))
-}
-
-/// Take ownership of a tensor the C++ side allocated with `new`.
-fn take(ptr: *mut c_void, what: &'static str) -> Result<Tensor, Error> {
-    if ptr.is_null() {
-        return Err(Error::Torch(format!("{what}: the CUDA op returned no tensor")));
-    }
-    // SAFETY: a non-null output pointer is a fresh `new torch::Tensor` that nothing else owns.
-    Ok(unsafe { Tensor::from_ptr(ptr.cast()) })
-}
-
-fn ptr(t: &Tensor) -> *const c_void {
-    t.as_ptr().cast()
-}
-
-fn qt_code(qt: QuantType) -> i32 {
-    match qt {
-        QuantType::Nf4 => 0,
-        QuantType::Fp4 => 1,
-    }
-}
-
-fn out_code(kind: Kind) -> Result<i32, Error> {
-    match kind {
-        Kind::Float => Ok(0),
-        Kind::Half => Ok(1),
-        Kind::BFloat16 => Ok(2),
-        other => Err(Error::BadTensor {
-            what: "output dtype",
-            problem: format!("cannot dequantize to {other:?} (use Float, Half or BFloat16)"),
-        }),
-    }
-}
-
-fn blocksize_i64(blocksize: usize) -> Result<i64, Error> {
-    codec::check_blocksize(blocksize)?;
-    Ok(blocksize as i64)
 }
 
 fn non_finite(x: &Tensor, index: i64, offset: f32) -> Error {

@@ -121,7 +121,7 @@ pub fn torch_message(e: &tch::TchError) -> String {
 }
 
 /// Turn a C error string into `Err(Error::Torch)`, freeing it.
-fn check(err: *mut c_char) -> Result<(), Error> {
+pub(crate) fn check(err: *mut c_char) -> Result<(), Error> {
     if err.is_null() {
         return Ok(());
     }
@@ -134,7 +134,7 @@ fn check(err: *mut c_char) -> Result<(), Error> {
 }
 
 /// Take ownership of a tensor the C++ side allocated with `new`.
-fn take(ptr: *mut c_void, what: &'static str) -> Result<Tensor, Error> {
+pub(crate) fn take(ptr: *mut c_void, what: &'static str) -> Result<Tensor, Error> {
     if ptr.is_null() {
         return Err(Error::Torch(format!("{what}: the C++ op returned no tensor")));
     }
@@ -143,18 +143,18 @@ fn take(ptr: *mut c_void, what: &'static str) -> Result<Tensor, Error> {
     Ok(unsafe { Tensor::from_ptr(ptr.cast()) })
 }
 
-fn ptr(t: &Tensor) -> *const c_void {
+pub(crate) fn ptr(t: &Tensor) -> *const c_void {
     t.as_ptr().cast()
 }
 
-fn qt_code(qt: QuantType) -> i32 {
+pub(crate) fn qt_code(qt: QuantType) -> i32 {
     match qt {
         QuantType::Nf4 => 0,
         QuantType::Fp4 => 1,
     }
 }
 
-fn out_code(kind: Kind) -> Result<i32, Error> {
+pub(crate) fn out_code(kind: Kind) -> Result<i32, Error> {
     match kind {
         Kind::Float => Ok(0),
         Kind::Half => Ok(1),
@@ -166,7 +166,7 @@ fn out_code(kind: Kind) -> Result<i32, Error> {
     }
 }
 
-fn blocksize_i64(blocksize: usize) -> Result<i64, Error> {
+pub(crate) fn blocksize_i64(blocksize: usize) -> Result<i64, Error> {
     codec::check_blocksize(blocksize)?;
     // The supported block sizes are at most 4096.
     Ok(blocksize as i64)
