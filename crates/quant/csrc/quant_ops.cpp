@@ -32,6 +32,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace {
 
@@ -191,12 +192,184 @@ __attribute__((target("avx2"))) bool quantize_block_avx2(const T* x, int64_t len
 }
 #endif
 
+#ifdef NIBBLE_X86
+// Hand-vectorized AVX2 blocks (the compiler's own vectorization of the loops above leaves the
+// per-element threshold count and the nibble packing scalar-ish). Same arithmetic as
+// `quantize_block`: the integer absmax of |x|'s bits, one f32 division `1 / absmax`, one f32
+// product per element, and the code found by comparing that product with the same sorted f32
+// thresholds (a 4-level binary search with in-register table lookups instead of a count).
+#define NIBBLE_AVX2 __attribute__((target("avx2,f16c"), always_inline)) inline
+
+template <typename T>
+NIBBLE_AVX2 __m256 load8_f32(const T* x);
+template <>
+NIBBLE_AVX2 __m256 load8_f32<float>(const float* x) {
+  return _mm256_loadu_ps(x);
+}
+template <>
+NIBBLE_AVX2 __m256 load8_f32<c10::BFloat16>(const c10::BFloat16* x) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <>
+NIBBLE_AVX2 __m256 load8_f32<c10::Half>(const c10::Half* x) {
+  // f16 -> f32 is exact, so F16C's conversion equals c10::Half's.
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+NIBBLE_AVX2 uint32_t hmax_epu32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+NIBBLE_AVX2 uint16_t hmax_epu16(__m256i v) {
+  const __m128i m = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  // max(v) = 0xffff - min(0xffff - v), and SSE4.1 has a horizontal unsigned 16-bit min.
+  const __m128i ones = _mm_set1_epi16(-1);
+  const __m128i mn = _mm_minpos_epu16(_mm_sub_epi16(ones, m));
+  return static_cast<uint16_t>(0xffff - (_mm_cvtsi128_si32(mn) & 0xffff));
+}
+
+// The bits of max |x| over a block of `len` (a multiple of 16) elements, as f32 bits; NaN and
+// inf give >= 0x7f800000 like the scalar loop.
+template <typename T>
+NIBBLE_AVX2 uint32_t absmax_bits_avx2(const T* x, int64_t len) {
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff);
+    __m256i m = _mm256_setzero_si256();
+    for (int64_t i = 0; i < len; i += 8) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      m = _mm256_max_epu32(m, _mm256_and_si256(v, mask));
+    }
+    return hmax_epu32(m);
+  } else {
+    // 16-bit floats: |x|'s bits order like |x| too, so the max is taken on 16 lanes at once.
+    const __m256i mask = _mm256_set1_epi16(0x7fff);
+    __m256i m = _mm256_setzero_si256();
+    for (int64_t i = 0; i < len; i += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      m = _mm256_max_epu16(m, _mm256_and_si256(v, mask));
+    }
+    const uint16_t h = hmax_epu16(m);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return static_cast<uint32_t>(h) << 16;
+    } else {
+      if (h >= 0x7c00) {
+        return 0x7f800000u;
+      }
+      return float_bits(_cvtsh_ss(h));
+    }
+  }
+}
+
+// -1 in each lane where a > b (false for NaN), else 0.
+NIBBLE_AVX2 __m256i gt(__m256 a, __m256 b) {
+  return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GT_OQ));
+}
+
+// Codes (0..15, one per 32-bit lane) of 8 scaled values. The first two levels of the search
+// are one count of three thresholds (fewer dependent steps than two levels of lookups); the
+// last two look the threshold up by the bits decided so far.
+template <int32_t QT>
+NIBBLE_AVX2 __m256i encode8_avx2(__m256 v) {
+  if constexpr (QT == kNf4) {
+    const float* t = kNf4Thresholds;
+    const __m256 t3 = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);
+    const __m256 t4 = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);
+    const __m256i q = _mm256_sub_epi32(
+        _mm256_setzero_si256(),
+        _mm256_add_epi32(_mm256_add_epi32(gt(v, _mm256_set1_ps(t[3])), gt(v, _mm256_set1_ps(t[7]))),
+                         gt(v, _mm256_set1_ps(t[11]))));
+    const __m256i k = _mm256_sub_epi32(_mm256_slli_epi32(q, 1), gt(v, _mm256_permutevar8x32_ps(t3, q)));
+    return _mm256_sub_epi32(_mm256_slli_epi32(k, 1), gt(v, _mm256_permutevar8x32_ps(t4, k)));
+  } else {
+    const float* t = kFp4Thresholds;
+    const __m256 a = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+    const __m256i sign = _mm256_and_si256(
+        _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ)), _mm256_set1_epi32(8));
+    const __m256 t2 = _mm256_setr_ps(t[0], t[2], t[4], t[6], 0, 0, 0, 0);
+    const __m256i q = _mm256_sub_epi32(
+        _mm256_setzero_si256(),
+        _mm256_add_epi32(_mm256_add_epi32(gt(a, _mm256_set1_ps(t[1])), gt(a, _mm256_set1_ps(t[3]))),
+                         gt(a, _mm256_set1_ps(t[5]))));
+    const __m256i rank = _mm256_sub_epi32(_mm256_slli_epi32(q, 1), gt(a, _mm256_permutevar8x32_ps(t2, q)));
+    const __m256i by_rank = _mm256_setr_epi32(kFp4ByRank[0], kFp4ByRank[1], kFp4ByRank[2],
+                                              kFp4ByRank[3], kFp4ByRank[4], kFp4ByRank[5],
+                                              kFp4ByRank[6], kFp4ByRank[7]);
+    return _mm256_add_epi32(_mm256_permutevar8x32_epi32(by_rank, rank), sign);
+  }
+}
+
+// 16 consecutive elements as f32, split into the 8 even ones and the 8 odd ones (in order):
+// an even element goes to a byte's high nibble, the next odd one to its low nibble.
+template <typename T>
+NIBBLE_AVX2 void load16_even_odd(const T* x, __m256& even, __m256& odd) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // A bf16 is the high half of its f32: each 32-bit lane holds (even, odd) already.
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else {
+    const __m256 a = load8_f32<T>(x);
+    const __m256 b = load8_f32<T>(x + 8);
+    // shuffle_ps works per 128-bit lane; the 64-bit permute puts the halves back in order.
+    even = _mm256_castpd_ps(
+        _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+    odd = _mm256_castpd_ps(
+        _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+  }
+}
+
+// A whole block of a length divisible by 32 with AVX2; other lengths (a short last block) take
+// the compiler-vectorized loop.
+template <typename T, int32_t QT>
+__attribute__((target("avx2,f16c"))) bool quantize_block_avx2_wide(const T* x, int64_t len,
+                                                                   uint8_t* out,
+                                                                   float* absmax_out) {
+  if (len % 32 != 0) {
+    return quantize_block<T, QT>(x, len, out, absmax_out);
+  }
+  const uint32_t m_bits = absmax_bits_avx2<T>(x, len);
+  if (m_bits >= 0x7f800000u) {
+    return false;
+  }
+  float m;
+  std::memcpy(&m, &m_bits, sizeof m);
+  *absmax_out = m;
+  const __m256 scale = _mm256_set1_ps(1.0f / m);
+  // packus works per 128-bit lane; this puts the 32-bit groups back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t i = 0; i < len; i += 32) {
+    __m256i pairs[2];
+    for (int q = 0; q < 2; ++q) {
+      __m256 even;
+      __m256 odd;
+      load16_even_odd<T>(x + i + 16 * q, even, odd);
+      const __m256i hi = encode8_avx2<QT>(_mm256_mul_ps(even, scale));
+      const __m256i lo = encode8_avx2<QT>(_mm256_mul_ps(odd, scale));
+      pairs[q] = _mm256_or_si256(_mm256_slli_epi32(hi, 4), lo);  // one output byte per lane
+    }
+    // 16 bytes: [pairs0 0-3, pairs1 0-3, ... | pairs0 4-7, pairs1 4-7, ...] after the packs.
+    const __m256i words = _mm256_packus_epi32(pairs[0], pairs[1]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(bytes));
+  }
+  return true;
+}
+#undef NIBBLE_AVX2
+#endif
+
 template <typename T, int32_t QT>
 using BlockFn = bool (*)(const T*, int64_t, uint8_t*, float*);
 
 template <typename T, int32_t QT>
 BlockFn<T, QT> pick_quantize_block() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    return &quantize_block_avx2_wide<T, QT>;
+  }
   if (__builtin_cpu_supports("avx2")) {
     return &quantize_block_avx2<T, QT>;
   }
@@ -225,6 +398,53 @@ void quantize_4bit_impl(const T* x, int64_t n, int64_t blocksize, uint8_t* packe
       }
     }
   });
+}
+
+// Quantize `x` into preallocated outputs; on a non-finite input, *bad_index is its flat index.
+void quantize_4bit_into(const at::Tensor& x, int64_t blocksize, int32_t qt, at::Tensor& packed,
+                        at::Tensor& absmax, int64_t* bad_index) {
+  check_blocksize(blocksize);
+  TORCH_CHECK(qt == kNf4 || qt == kFp4, "unknown quant type ", qt);
+  check_cpu_contiguous(x, "input");
+  check_cpu_contiguous(packed, "packed");
+  check_cpu_contiguous(absmax, "absmax");
+  const int64_t n = x.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2,
+              "packed must be uint8 with ", (n + 1) / 2, " elements, got ", packed.scalar_type(),
+              " with ", packed.numel());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == nblocks,
+              "absmax must be float32 with ", nblocks, " elements, got ", absmax.scalar_type(),
+              " with ", absmax.numel());
+  FirstBad bad;
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  float* a = absmax.data_ptr<float>();
+  auto run = [&](auto* data) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
+    if (qt == kNf4) {
+      quantize_4bit_impl<T, kNf4>(data, n, blocksize, p, a, bad);
+    } else {
+      quantize_4bit_impl<T, kFp4>(data, n, blocksize, p, a, bad);
+    }
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      run(x.const_data_ptr<float>());
+      break;
+    case at::kHalf:
+      run(x.const_data_ptr<c10::Half>());
+      break;
+    case at::kBFloat16:
+      run(x.const_data_ptr<c10::BFloat16>());
+      break;
+    default:
+      TORCH_CHECK(false, "cannot quantize ", x.scalar_type(),
+                  " (use float32, float16 or bfloat16)");
+  }
+  const int64_t first = bad.index.load();
+  if (first != std::numeric_limits<int64_t>::max()) {
+    *bad_index = first;
+  }
 }
 
 inline uint16_t to_bf16_bits(float f) {
@@ -286,6 +506,87 @@ bool have_ssse3() {
   static const bool yes = __builtin_cpu_supports("ssse3");
   return yes;
 }
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+
+// One whole block (len a multiple of 32) with AVX2, table included: the 16 products
+// `code[k] * absmax` are formed and rounded in two vectors (the per-block scalar table cost as
+// much as the lookups themselves at blocksize 64), then every 16 packed bytes become 32 outputs.
+template <int32_t OUT>
+__attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* p, int64_t len,
+                                                                const float* code, float am,
+                                                                void* out) {
+  const __m256 scale = _mm256_set1_ps(am);
+  const __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(code), scale);
+  const __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), scale);
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  if constexpr (OUT == kOutF32) {
+    float* o = static_cast<float*>(out);
+    for (int64_t j = 0; j < len / 2; j += 8) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+      const __m256i hi = _mm256_srli_epi32(b, 4);
+      const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi32(15));
+      // Element 2j is the high nibble of byte j.
+      const __m256i a = _mm256_unpacklo_epi32(hi, lo);
+      const __m256i c = _mm256_unpackhi_epi32(hi, lo);
+      const __m256i idx[2] = {_mm256_permute2x128_si256(a, c, 0x20),
+                              _mm256_permute2x128_si256(a, c, 0x31)};
+      for (int h = 0; h < 2; ++h) {
+        const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(idx[h], 28));
+        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c0, idx[h]),
+                                          _mm256_permutevar8x32_ps(c1, idx[h]), pick);
+        _mm256_storeu_ps(o + 2 * j + 8 * h, v);
+      }
+    }
+    return;
+  } else {
+    __m256i r[2];
+    const __m256 c[2] = {c0, c1};
+    for (int h = 0; h < 2; ++h) {
+      const __m256 nan = _mm256_cmp_ps(c[h], c[h], _CMP_UNORD_Q);
+      if constexpr (OUT == kOutBf16) {
+        // Round to nearest even on the bits, as to_bf16_bits; NaN becomes 0x7fc0.
+        const __m256i bits = _mm256_castps_si256(c[h]);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_srli_epi32(
+            _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+        r[h] = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+      } else {
+        // F16C rounds to nearest even like c10::Half; NaN is made c10's 0x7e00.
+        const __m256i half = _mm256_cvtepu16_epi32(
+            _mm256_cvtps_ph(c[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        r[h] = _mm256_blendv_epi8(half, _mm256_set1_epi32(0x7e00), _mm256_castps_si256(nan));
+      }
+    }
+    // 16 words in order, then their low and high bytes as two pshufb tables in both lanes.
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
+    const __m256i split = _mm256_shuffle_epi8(
+        words, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6,
+                                8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    const __m128i s0 = _mm256_castsi256_si128(split);
+    const __m128i s1 = _mm256_extracti128_si256(split, 1);
+    const __m256i lo_tbl = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(s0, s1));
+    const __m256i hi_tbl = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(s0, s1));
+    uint16_t* o = static_cast<uint16_t*>(out);
+    for (int64_t j = 0; j < len / 2; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+      const __m128i hn = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+      const __m128i ln = _mm_and_si128(v, nib);
+      const __m256i idx =
+          _mm256_set_m128i(_mm_unpackhi_epi8(hn, ln), _mm_unpacklo_epi8(hn, ln));
+      const __m256i l = _mm256_shuffle_epi8(lo_tbl, idx);
+      const __m256i u = _mm256_shuffle_epi8(hi_tbl, idx);
+      const __m256i a = _mm256_unpacklo_epi8(l, u);  // elements 0..7 | 16..23
+      const __m256i b = _mm256_unpackhi_epi8(l, u);  // elements 8..15 | 24..31
+      __m256i* dst = reinterpret_cast<__m256i*>(o + 2 * j);
+      _mm256_storeu_si256(dst, _mm256_permute2x128_si256(a, b, 0x20));
+      _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(a, b, 0x31));
+    }
+  }
+}
 #endif
 
 template <int32_t OUT>
@@ -297,6 +598,7 @@ void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n,
   const int64_t grain = std::max<int64_t>(1, 32768 / blocksize);
 #ifdef NIBBLE_X86
   const bool ssse3 = have_ssse3();
+  const bool avx2 = have_avx2();
 #endif
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     O table[16];
@@ -304,6 +606,13 @@ void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n,
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       const float am = absmax[b];
+#ifdef NIBBLE_X86
+      if (avx2 && len % 32 == 0) {
+        dequantize_block_avx2<OUT>(packed + start / 2, len, code, am,
+                                   static_cast<O*>(out_ptr) + start);
+        continue;
+      }
+#endif
       for (int k = 0; k < 16; ++k) {
         table[k] = convert_out<OUT>(code[k] * am);
       }
@@ -494,45 +803,26 @@ char* nibble_quantize_4bit(const at::Tensor* input, int64_t blocksize, int32_t q
     *absmax_out = nullptr;
     *bad_index = -1;
     check_blocksize(blocksize);
-    TORCH_CHECK(qt == kNf4 || qt == kFp4, "unknown quant type ", qt);
-    const at::Tensor& x = *input;
-    check_cpu_contiguous(x, "input");
-    const int64_t n = x.numel();
+    const int64_t n = input->numel();
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     at::Tensor packed = at::empty({(n + 1) / 2, 1}, at::TensorOptions().dtype(at::kByte));
     at::Tensor absmax = at::empty({nblocks}, at::TensorOptions().dtype(at::kFloat));
-    FirstBad bad;
-    uint8_t* p = packed.data_ptr<uint8_t>();
-    float* a = absmax.data_ptr<float>();
-    auto run = [&](auto* data) {
-      using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
-      if (qt == kNf4) {
-        quantize_4bit_impl<T, kNf4>(data, n, blocksize, p, a, bad);
-      } else {
-        quantize_4bit_impl<T, kFp4>(data, n, blocksize, p, a, bad);
-      }
-    };
-    switch (x.scalar_type()) {
-      case at::kFloat:
-        run(x.const_data_ptr<float>());
-        break;
-      case at::kHalf:
-        run(x.const_data_ptr<c10::Half>());
-        break;
-      case at::kBFloat16:
-        run(x.const_data_ptr<c10::BFloat16>());
-        break;
-      default:
-        TORCH_CHECK(false, "cannot quantize ", x.scalar_type(),
-                    " (use float32, float16 or bfloat16)");
+    quantize_4bit_into(*input, blocksize, qt, packed, absmax, bad_index);
+    if (*bad_index < 0) {
+      *packed_out = new at::Tensor(std::move(packed));
+      *absmax_out = new at::Tensor(std::move(absmax));
     }
-    const int64_t first = bad.index.load();
-    if (first != std::numeric_limits<int64_t>::max()) {
-      *bad_index = first;
-      return;
-    }
-    *packed_out = new at::Tensor(std::move(packed));
-    *absmax_out = new at::Tensor(std::move(absmax));
+  });
+}
+
+// Same, into existing contiguous CPU tensors: `packed` uint8 of (n + 1) / 2 elements, `absmax`
+// float32 of one per block (their shapes are kept). On a non-finite input their contents are
+// unspecified.
+char* nibble_quantize_4bit_into(const at::Tensor* input, int64_t blocksize, int32_t qt,
+                                at::Tensor* packed, at::Tensor* absmax, int64_t* bad_index) {
+  return guarded([&] {
+    *bad_index = -1;
+    quantize_4bit_into(*input, blocksize, qt, *packed, *absmax, bad_index);
   });
 }
 

@@ -42,6 +42,14 @@ mod ffi {
             out: i32,
             result: *mut *mut c_void,
         ) -> *mut c_char;
+        pub fn nibble_quantize_4bit_into(
+            input: *const c_void,
+            blocksize: i64,
+            qt: i32,
+            packed: *mut c_void,
+            absmax: *mut c_void,
+            bad_index: *mut i64,
+        ) -> *mut c_char;
         pub fn nibble_dequantize_4bit_into(
             packed: *const c_void,
             absmax: *const c_void,
@@ -217,6 +225,40 @@ pub fn quantize_4bit(x: &Tensor, blocksize: usize, qt: QuantType) -> Result<(Ten
         return Err(non_finite(x, bad, 0.0));
     }
     Ok((take(packed, "packed")?, take(absmax, "absmax")?))
+}
+
+/// Quantize into existing contiguous CPU tensors (`packed`: Uint8 with `(n + 1) / 2` elements,
+/// `absmax`: Float with one per block; shapes kept), so that a caller reusing buffers pays no
+/// allocation or page faults. On an error their contents are unspecified.
+pub fn quantize_4bit_into(
+    x: &Tensor,
+    blocksize: usize,
+    qt: QuantType,
+    packed: &mut Tensor,
+    absmax: &mut Tensor,
+) -> Result<(), Error> {
+    let bs = blocksize_i64(blocksize)?;
+    check_input(x, "input", &[Kind::Float, Kind::Half, Kind::BFloat16])?;
+    check_input(packed, "packed", &[Kind::Uint8])?;
+    check_input(absmax, "absmax", &[Kind::Float])?;
+    let mut bad = -1i64;
+    // SAFETY: the tensors live for the call and the outputs are borrowed mutably, so nothing else
+    // reads them while the op writes; `bad` is a valid local.
+    let err = unsafe {
+        ffi::nibble_quantize_4bit_into(
+            ptr(x),
+            bs,
+            qt_code(qt),
+            packed.as_mut_ptr().cast(),
+            absmax.as_mut_ptr().cast(),
+            &mut bad,
+        )
+    };
+    check(err)?;
+    if bad >= 0 {
+        return Err(non_finite(x, bad, 0.0));
+    }
+    Ok(())
 }
 
 /// Dequantize `n` 4-bit values into a 1-D tensor of `kind` (Float, Half or BFloat16): exactly

@@ -355,6 +355,29 @@ fn dequantize_into_an_existing_tensor_equals_dequantize() {
     assert!(matches!(&r, Err(Error::Torch(m)) if m.contains("packed bytes")), "{r:?}");
 }
 
+#[test]
+fn quantize_into_existing_tensors_equals_quantize() {
+    let x = Tensor::randn([33, 70], (Kind::Float, tch::Device::Cpu)).to_kind(Kind::BFloat16);
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let (want_p, want_a) = ops::quantize_4bit(&x, 64, qt).unwrap();
+        let mut p = Tensor::full([33 * 35], 0x55, (Kind::Uint8, tch::Device::Cpu));
+        let mut a = Tensor::full([37], -1.0, (Kind::Float, tch::Device::Cpu));
+        ops::quantize_4bit_into(&x, 64, qt, &mut p, &mut a).unwrap();
+        assert_eq!((u8s(&p), f32s(&a)), (u8s(&want_p), f32s(&want_a)), "{qt:?}");
+    }
+    let mut p = Tensor::empty([33 * 35], (Kind::Uint8, tch::Device::Cpu));
+    let mut short = Tensor::empty([36], (Kind::Float, tch::Device::Cpu));
+    let r = ops::quantize_4bit_into(&x, 64, QuantType::Nf4, &mut p, &mut short);
+    assert!(matches!(&r, Err(Error::Torch(m)) if m.contains("absmax must be float32 with 37")), "{r:?}");
+    let bad = Tensor::from_slice(&[1.0f32, f32::NAN, 2.0, 3.0]);
+    let (mut p, mut a) = (
+        Tensor::empty([2], (Kind::Uint8, tch::Device::Cpu)),
+        Tensor::empty([1], (Kind::Float, tch::Device::Cpu)),
+    );
+    let r = ops::quantize_4bit_into(&bad, 64, QuantType::Nf4, &mut p, &mut a);
+    assert!(matches!(r, Err(Error::NonFinite { index: 1, .. })), "{r:?}");
+}
+
 fn i8s(t: &Tensor) -> Vec<i8> {
     Vec::<i8>::try_from(&t.reshape([-1])).unwrap()
 }
