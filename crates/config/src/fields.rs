@@ -287,7 +287,7 @@ section! {
         /// Sample order: `random` (seeded shuffle each epoch) or `sequential` (dataset order).
         train_sampling_strategy: String = s("random"), Acted;
         /// Process-group timeout in seconds.
-        ddp_timeout: i64 = 1800, Planned;
+        ddp_timeout: i64 = 1800, Acted;
         /// Run model code from the hub (never: nibble has no Python).
         trust_remote_code: bool = false, Ignored;
         /// Extra model-loading arguments.

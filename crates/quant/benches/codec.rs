@@ -64,5 +64,40 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Forward + backward of one 4-bit linear for a short batch, against dequantizing to a new
+/// tensor and running a plain linear (what a stack without a fused layer does): the difference
+/// is the reused dequantization buffer and the weight autograd does not keep.
+fn bench_linear(c: &mut Criterion) {
+    use quant::linear::{Linear, Linear4bit};
+    tch::manual_seed(0);
+    let (rows, cols, tokens) = (11008i64, 4096i64, 64i64);
+    let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu)) * 0.02;
+    let layer = Linear4bit::quantize(&w, None, QuantizeOptions::default(), Kind::BFloat16).unwrap();
+    let q = Quantized4bit::quantize(&w, QuantizeOptions::default()).unwrap();
+    let absmax = q.absmax_f32().unwrap();
+    let x = Tensor::randn([tokens, cols], (Kind::BFloat16, tch::Device::Cpu)).set_requires_grad(true);
+    let mut g = c.benchmark_group(format!("linear4bit/{rows}x{cols}x{tokens}"));
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    g.bench_function("fused_fwd_bwd", |b| {
+        b.iter(|| layer.forward(&x).unwrap().sum(Kind::Float).backward());
+    });
+    g.bench_function("dequantize_then_linear_fwd_bwd", |b| {
+        b.iter(|| {
+            let wd = ops::dequantize_4bit(
+                &q.packed,
+                &absmax,
+                (rows * cols) as usize,
+                64,
+                QuantType::Nf4,
+                Kind::BFloat16,
+            )
+            .unwrap()
+            .view([rows, cols]);
+            x.linear::<Tensor>(&wd, None).sum(Kind::Float).backward();
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_linear);
 criterion_main!(benches);

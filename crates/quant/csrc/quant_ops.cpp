@@ -739,6 +739,32 @@ inline uint8_t encode_8bit(const float* code, float x) {
   return static_cast<uint8_t>(idx);
 }
 
+// The weight of a Linear4bit for one matmul, dequantized into a per-thread buffer that grows
+// to the largest layer and is reused by every call: a fresh tensor per call would be fresh
+// memory, and on Linux a large one comes from mmap, whose page faults cost several times the
+// dequantization itself (docs/benchmarks.md). The result is only valid until the same thread
+// dequantizes again, which is fine for the synchronous CPU matmuls below: nothing keeps it.
+at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& absmax,
+                                   int64_t out_features, int64_t in_features, int64_t blocksize,
+                                   int32_t qt, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "cannot dequantize to ", dtype, " (use float32, float16 or bfloat16)");
+  if (!packed.device().is_cpu()) {
+    return dequantize_4bit_tensor(packed, absmax, out_features * in_features, blocksize, qt,
+                                  dtype)
+        .view({out_features, in_features});
+  }
+  thread_local at::Tensor buffer;
+  const int64_t bytes = out_features * in_features * static_cast<int64_t>(c10::elementSize(dtype));
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = at::Tensor();  // free the old one first
+    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  }
+  at::Tensor w = buffer.narrow(0, 0, bytes).view(dtype).view({out_features, in_features});
+  dequantize_4bit_into(packed, absmax, blocksize, qt, w);
+  return w;
+}
+
 // Linear4bit: y = x W^T (+ b) with W dequantized on the fly; only the packed weight and its
 // absmax (tensors the layer holds anyway) are saved, and backward dequantizes again.
 struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
@@ -747,9 +773,8 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
                             const std::optional<at::Tensor>& bias, int64_t out_features,
                             int64_t in_features,
                             int64_t blocksize, int64_t qt) {
-    at::Tensor w = dequantize_4bit_tensor(packed, absmax, out_features * in_features, blocksize,
-                                          static_cast<int32_t>(qt), x.scalar_type())
-                       .view({out_features, in_features});
+    at::Tensor w = dequantize_4bit_scratch(packed, absmax, out_features, in_features, blocksize,
+                                           static_cast<int32_t>(qt), x.scalar_type());
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor y = has_bias ? at::linear(x, w, *bias) : at::linear(x, w);
     ctx->save_for_backward({packed, absmax});
@@ -769,11 +794,9 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
     const at::Tensor& g = grads[0];
     at::Tensor grad_x;
     if (ctx->needs_input_grad(0)) {
-      at::Tensor w = dequantize_4bit_tensor(saved[0], saved[1], out_features * in_features,
-                                            ctx->saved_data["blocksize"].toInt(),
-                                            static_cast<int32_t>(ctx->saved_data["qt"].toInt()),
-                                            g.scalar_type())
-                         .view({out_features, in_features});
+      at::Tensor w = dequantize_4bit_scratch(
+          saved[0], saved[1], out_features, in_features, ctx->saved_data["blocksize"].toInt(),
+          static_cast<int32_t>(ctx->saved_data["qt"].toInt()), g.scalar_type());
       // Same ops as autograd through at::linear: a 2-D matmul on the flattened batch.
       auto sizes = g.sizes().vec();
       sizes.back() = in_features;

@@ -1,6 +1,7 @@
 //! `sft`: nibble's user entry point. `sft RECIPE.yaml [--key value ...]` fine-tunes a model as
 //! the recipe says; `--print-config` prints the resolved plan instead; `sft quantize` writes a
-//! model pre-quantized to 4 bits; `sft merge` merges a trained adapter into its base model.
+//! model pre-quantized to 4 bits; `sft merge` merges a trained adapter into its base model;
+//! `sft launch --nproc N` runs N data-parallel ranks of the job (as torchrun does).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use anyhow::Result;
 
 mod estimate;
 mod generate;
+mod launch;
 mod prepare;
 mod quantize;
 mod run;
@@ -35,6 +37,10 @@ const USAGE: &str = "\
 usage: sft RECIPE.yaml [--key value | --key=value]... [--print-config | --estimate-memory]
        sft --config RECIPE.yaml [...]
        sft env                      show the libtorch build and devices nibble sees
+       sft launch --nproc N RECIPE.yaml [--key value]...
+                                    train with N data-parallel ranks on this machine (Gloo on
+                                    CPU); `torchrun --nproc-per-node N --no-python sft RECIPE.yaml`
+                                    works too
        sft quantize MODEL OUT_DIR [--quant-type nf4|fp4] [--double-quant] [--blocksize 64]
                     [--compute-dtype fp32|bf16|fp16] [--max-shard-size 50GB] [--revision REV]
                     [--overwrite]
@@ -72,6 +78,7 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     Generate(generate::GenerateArgs),
     Merge(MergeArgs),
+    Launch(launch::LaunchArgs),
 }
 
 /// `sft merge`'s arguments.
@@ -122,6 +129,7 @@ fn parse_args(mut args: Vec<String>) -> Result<Command, UsageError> {
         Some("quantize") => return quantize::parse(args.split_off(1)).map(Command::Quantize),
         Some("merge") => return parse_merge(args.split_off(1)).map(Command::Merge),
         Some("generate") => return generate::parse(args.split_off(1)).map(Command::Generate),
+        Some("launch") => return launch::parse(args.split_off(1)).map(Command::Launch),
         _ => {}
     }
     let mut recipe = None;
@@ -151,8 +159,11 @@ fn parse_args(mut args: Vec<String>) -> Result<Command, UsageError> {
 }
 
 fn init_logging() {
+    // Under torchrun or `sft launch`, rank 0 speaks for the group: the others warn only.
+    let quiet = std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1")
+        && std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIBBLE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" }));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -303,6 +314,10 @@ fn main() -> Result<ExitCode> {
         Command::Generate(a) => {
             init_logging();
             finish(generate::run(a))
+        }
+        Command::Launch(a) => {
+            init_logging();
+            launch::run(a)
         }
     }
 }

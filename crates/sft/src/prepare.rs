@@ -8,7 +8,7 @@ use config::Recipe;
 use model_loader::{HfConfig, HubCache, resolve_model};
 use sft::data::{
     Batch, DataPlan, Dataset, Example, LoadedData, PrepareError, TokenizeOptions, Tokenizer,
-    load_or_prepare_rows,
+    load_or_prepare_rows, shard_indices,
 };
 use sft::template::ChatTemplate;
 use sft::train::{DeviceBatch, EpochBatches};
@@ -104,13 +104,20 @@ impl TrainData {
         }
     }
 
-    /// Epoch `epoch`'s micro-batches as tensors, with their loss-token counts.
-    pub fn epoch(&self, epoch: u64, seed: u64) -> EpochBatches {
-        if self.sequential {
-            let all = self.dataset.sequential_batches(self.batch_size).map(|b| to_device(&b));
-            return all.take(self.batches_per_epoch()).collect();
-        }
-        self.dataset.batches(self.batch_size, seed, epoch, self.drop_last).map(|b| to_device(&b)).collect()
+    /// Micro-batches per epoch that each of `world` ranks trains on (see [`shard_indices`]).
+    pub fn batches_per_rank(&self, world: usize) -> usize {
+        self.batches_per_epoch().div_ceil(world.max(1))
+    }
+
+    /// Rank `rank` of `world`'s share of epoch `epoch`'s micro-batches (all of them for `world`
+    /// 1; see [`shard_indices`]) as tensors, with their loss-token counts.
+    pub fn epoch_shard(&self, epoch: u64, seed: u64, rank: usize, world: usize) -> EpochBatches {
+        let all: Vec<Batch> = if self.sequential {
+            self.dataset.sequential_batches(self.batch_size).take(self.batches_per_epoch()).collect()
+        } else {
+            self.dataset.batches(self.batch_size, seed, epoch, self.drop_last).collect()
+        };
+        shard_indices(all.len(), world, rank).into_iter().map(|i| to_device(&all[i])).collect()
     }
 }
 

@@ -1,7 +1,9 @@
 //! The main job: load the model (4-bit while loading), wrap its linears with LoRA, tokenize the
-//! data, train, and leave a PEFT adapter in `output_dir`.
+//! data, train, and leave a PEFT adapter in `output_dir`. Under torchrun's variables (or `sft
+//! launch`) the job runs as one rank of a data-parallel group (`dist`): rank 0 alone writes.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use config::Recipe;
@@ -112,7 +114,9 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 
 /// The output directory; a fresh run refuses one that holds a previous run's adapter or
 /// checkpoints unless `overwrite_output_dir` (resuming is what that folder is for).
-fn output_dir(recipe: &Recipe, resuming: bool) -> Result<PathBuf> {
+///
+/// Only rank 0 (`main`) removes or creates anything; the other ranks just agree on the path.
+fn output_dir(recipe: &Recipe, resuming: bool, main: bool) -> Result<PathBuf> {
     let dir = PathBuf::from(recipe.training.output_dir.as_deref().unwrap_or("trainer_output"));
     let previous = dir.join(lora::WEIGHTS_FILE).is_file() || !checkpoint::list(&dir)?.is_empty();
     if previous && !resuming && !recipe.training.overwrite_output_dir {
@@ -122,6 +126,9 @@ fn output_dir(recipe: &Recipe, resuming: bool) -> Result<PathBuf> {
              or choose another output_dir",
             dir.display()
         );
+    }
+    if !main {
+        return Ok(dir);
     }
     if previous && !resuming {
         for (_, ck) in checkpoint::list(&dir)? {
@@ -191,8 +198,25 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     let opts = load_options(recipe, &cfg)?;
     tch::manual_seed(recipe.training.seed as i64);
 
+    // Several ranks (torchrun's variables): meet the others first; `ddp_timeout` bounds the
+    // rendezvous and every collective, so a dead or hung peer is an error, not a hang.
+    let timeout = Duration::from_secs(u64::try_from(recipe.training.ddp_timeout).unwrap_or(0).max(1));
+    let group = dist::ProcessGroup::from_env(timeout).context("joining the other ranks")?;
+    let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let main = rank == 0;
+    if let Some(g) = &group {
+        tracing::info!("rank {rank} of {world} (gloo, timeout {timeout:?})");
+        // Rank 0 tokenizes (and fills the cache) first; the others then read the cache.
+        if !main {
+            g.barrier().context("waiting for rank 0 to prepare the data")?;
+        }
+    }
+
     // Data first: a bad row should fail before minutes of loading.
     let data = prepare::dataset(recipe, &dir)?;
+    if let Some(g) = group.as_ref().filter(|_| main) {
+        g.barrier().context("waiting for the other ranks")?;
+    }
 
     let pb = bar(cfg.shape.layers, "loading");
     let mut model = CausalLm::load(&dir, &opts, &mut |done, _| pb.set_position(done as u64))
@@ -224,16 +248,17 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     tracing::info!("{}", adapters.trainable_report(model.num_parameters()));
 
     let resume = resume_dir(recipe)?;
-    let out = output_dir(recipe, resume.is_some())?;
+    let out = output_dir(recipe, resume.is_some(), main)?;
     let t = &recipe.training;
     let ga = usize::try_from(t.gradient_accumulation_steps)
         .ok()
         .filter(|&g| g > 0)
         .context("gradient_accumulation_steps must be >= 1")?;
-    let per_epoch = data.batches_per_epoch();
-    if per_epoch == 0 {
+    if data.batches_per_epoch() == 0 {
         bail!("the training set ({} rows) gives no batch of {}", data.len(), data.batch_size());
     }
+    // Micro-batches this rank trains on per epoch (all of them in one process).
+    let per_epoch = data.batches_per_rank(world);
     let steps_per_epoch = per_epoch.div_ceil(ga) as u64;
     let total_steps = if t.max_steps > 0 {
         t.max_steps as u64
@@ -296,7 +321,17 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         // Copied into the same tensors the optimizer holds.
         adapters.load_into(ck).with_context(|| format!("loading the adapter of {}", ck.display()))?;
     }
+    if let Some(g) = &group {
+        // Every rank starts from rank 0's adapter (as DDP broadcasts its parameters).
+        tch::no_grad(|| -> Result<()> {
+            for mut p in adapters.parameters() {
+                g.broadcast(&mut p, 0).context("sharing rank 0's initial adapter")?;
+            }
+            Ok(())
+        })?;
+    }
     let mut trainer = Trainer::new(&model, adapters.parameters(), topts)?;
+    trainer.group = group.as_ref();
     if let Some(ck) = &resume {
         let c = Checkpoint::load(ck)?;
         trainer.optimizer.load_state(&c.optimizer, c.optimizer_step).map_err(anyhow::Error::msg)?;
@@ -304,10 +339,11 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         tracing::info!("resumed from {} at step {}", ck.display(), trainer.progress.global_step);
     }
     tracing::info!(
-        "training: {} rows, {} micro-batches of {} per epoch, {} accumulation -> {} steps ({} warmup)",
+        "training: {} rows, {} micro-batches of {} per epoch{}, {} accumulation -> {} steps ({} warmup)",
         data.len(),
         per_epoch,
         data.batch_size(),
+        if world > 1 { format!(" on each of {world} ranks") } else { String::new() },
         ga,
         total_steps,
         trainer.opts.schedule.warmup()
@@ -317,16 +353,17 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     let save = |d: &Path| adapters.save(d).map_err(|e| e.to_string());
     // transformers seeds the sampler with data_seed when set.
     let data_seed = recipe.training.data_seed.unwrap_or(recipe.training.seed);
-    let mut epoch_batches = |epoch: u64| data.epoch(epoch, data_seed);
-    let eval = data.eval_batches();
-    if trainer.opts.eval_steps.is_some() && eval.is_empty() {
+    let mut epoch_batches = |epoch: u64| data.epoch_shard(epoch, data_seed, rank, world);
+    // Rank 0 alone evaluates (over the whole eval set).
+    let eval = if main { data.eval_batches() } else { Vec::new() };
+    if main && trainer.opts.eval_steps.is_some() && eval.is_empty() {
         tracing::warn!("eval_strategy is set but the data has no eval split; not evaluating");
     }
     let mut ro = ReportOptions::from_recipe(recipe);
     ro.logging_dir = std::env::var_os("TENSORBOARD_LOGGING_DIR").map(PathBuf::from);
     ro.resume_from_step = resume.is_some().then_some(trainer.progress.global_step);
-    let mut reporter = Reporter::new(&out, ro)?;
-    if let Some(d) = reporter.logging_dir() {
+    let mut reporter = if main { Some(Reporter::new(&out, ro)?) } else { None };
+    if let Some(d) = reporter.as_ref().and_then(Reporter::logging_dir) {
         tracing::info!("TensorBoard: tensorboard --logdir {}", d.display());
     }
     let mut on_event = |e: Event<'_>| match e {
@@ -334,7 +371,7 @@ pub fn train(recipe: &Recipe) -> Result<()> {
             pb.set_position(e.step);
             let line = TrainLog::from(e);
             pb.suspend(|| tracing::info!("{}", report::format_log_line(&line, total_steps)));
-            if let Err(err) = reporter.log_train(&line) {
+            if let Some(Err(err)) = reporter.as_mut().map(|r| r.log_train(&line)) {
                 tracing::warn!("{err}");
             }
         }
@@ -348,7 +385,7 @@ pub fn train(recipe: &Recipe) -> Result<()> {
                     e.eval_runtime
                 )
             });
-            if let Err(err) = reporter.log_eval(&EvalLog::from(e)) {
+            if let Some(Err(err)) = reporter.as_mut().map(|r| r.log_eval(&EvalLog::from(e))) {
                 tracing::warn!("{err}");
             }
         }
@@ -372,6 +409,13 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         return Ok(());
     }
     adapters.set_training(false);
+    let Some(reporter) = reporter else {
+        // Not rank 0: wait until rank 0 has written the outputs, then leave.
+        if let Some(g) = &group {
+            g.barrier().context("waiting for rank 0 to write the adapter")?;
+        }
+        return Ok(());
+    };
     adapters.save(&out).with_context(|| format!("saving the adapter to {}", out.display()))?;
     let state = serde_json::json!({
         "global_step": trainer.progress.global_step,
@@ -394,6 +438,9 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         done.metrics.get("train_loss").copied().unwrap_or(f64::NAN),
         done.files.len()
     );
+    if let Some(g) = &group {
+        g.barrier().context("waiting for the other ranks to finish")?;
+    }
     if let Some(prompt) = &data.sample_prompt {
         adapters.set_training(false);
         sample(&model, &data.tokenizer, prompt)?;

@@ -157,6 +157,19 @@ pub fn update_steps_per_epoch(batches: usize, gradient_accumulation_steps: usize
     batches.div_ceil(gradient_accumulation_steps.max(1)).max(1)
 }
 
+/// The per-device batches that rank `rank` of `world` trains on in an epoch of `num_batches`,
+/// in order, as accelerate's `BatchSamplerShard` (with `even_batches`) deals them: global batch
+/// `k` is per-device batches `k*world .. k*world + world`, rank `r` takes `k*world + r`, and an
+/// incomplete last global batch is completed from the epoch's first batches, so every rank gets
+/// `ceil(num_batches / world)` and all ranks step together. One rank (`world` 1) takes them all.
+pub fn shard_indices(num_batches: usize, world: usize, rank: usize) -> Vec<usize> {
+    let world = world.max(1);
+    if num_batches == 0 || rank >= world {
+        return Vec::new();
+    }
+    (0..num_batches.div_ceil(world)).map(|k| (k * world + rank) % num_batches).collect()
+}
+
 /// The order of samples in an epoch: a permutation from numpy's default generator seeded with
 /// `[seed, epoch]` (`np.random.default_rng([seed, epoch]).permutation(len)`), the same on every
 /// run and machine. It is not the order of transformers' `RandomSampler` (a torch generator).
@@ -249,6 +262,48 @@ mod tests {
         assert_eq!(update_steps_per_epoch(0, 4), 1);
         assert_eq!(epoch_order(20, 1, 0), epoch_order(20, 1, 0));
         assert_ne!(epoch_order(20, 1, 0), epoch_order(20, 1, 1));
+    }
+
+    #[test]
+    fn shards_deal_each_global_batch_across_the_ranks() {
+        assert_eq!(shard_indices(5, 1, 0), [0, 1, 2, 3, 4]);
+        assert_eq!(shard_indices(6, 2, 0), [0, 2, 4]);
+        assert_eq!(shard_indices(6, 2, 1), [1, 3, 5]);
+        // 7 batches on 3 ranks: the last global batch (6, 7, 8) is completed with 0 and 1.
+        assert_eq!(shard_indices(7, 3, 0), [0, 3, 6]);
+        assert_eq!(shard_indices(7, 3, 1), [1, 4, 0]);
+        assert_eq!(shard_indices(7, 3, 2), [2, 5, 1]);
+        assert!(shard_indices(0, 2, 0).is_empty());
+        assert!(shard_indices(4, 2, 2).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn shards_are_disjoint_and_cover_every_batch(n in 0usize..60, world in 1usize..9) {
+            let shards: Vec<Vec<usize>> = (0..world).map(|r| shard_indices(n, world, r)).collect();
+            for s in &shards {
+                prop_assert_eq!(s.len(), n.div_ceil(world));
+            }
+            // Step k of rank r is global position k*world + r: interleaving the shards gives the
+            // one-process order (then the wrap-around that completes the last global batch).
+            let mut all = Vec::new();
+            for k in 0..n.div_ceil(world) {
+                for s in &shards {
+                    all.push(s[k]);
+                }
+            }
+            let expect: Vec<usize> = (0..all.len()).map(|i| i % n.max(1)).collect();
+            prop_assert_eq!(&all, &expect);
+            // Within one global batch no batch is taken twice unless the epoch has fewer batches than ranks.
+            if n >= world {
+                for k in 0..n.div_ceil(world) {
+                    let mut g: Vec<usize> = shards.iter().map(|s| s[k]).collect();
+                    g.sort_unstable();
+                    g.dedup();
+                    prop_assert_eq!(g.len(), world);
+                }
+            }
+        }
     }
 
     fn samples_strategy() -> impl Strategy<Value = Vec<(Vec<u32>, bool)>> {

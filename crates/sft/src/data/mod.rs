@@ -23,7 +23,7 @@ mod tokenizer;
 
 pub use batch::{
     Batch, CollateOptions, batches, batches_per_epoch, collate, epoch_order, sequential_batches,
-    update_steps_per_epoch,
+    shard_indices, update_steps_per_epoch,
 };
 pub use cache::{
     CacheOutcome, PIPELINE_VERSION, cache_key, cache_path, load_or_prepare, load_or_prepare_rows, read_cache,

@@ -1,6 +1,9 @@
 //! The SFT training loop, as transformers' Trainer runs it for TRL's SFTTrainer: windows of
 //! `gradient_accumulation_steps` micro-batches, loss normalised over the window's label tokens,
 //! global-norm clipping, AdamW, a per-step schedule, logging, atomic checkpoints and resume.
+//! With a process group (`Trainer::group`), every rank trains on its shard of each global batch,
+//! the window's token count and the adapter gradients are summed over the ranks before the loss
+//! is normalised and the (identical) optimizer step; rank 0 alone logs, evaluates and saves.
 
 pub mod checkpoint;
 pub mod optim;
@@ -12,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use dist::ProcessGroup;
 use model_loader::CausalLm;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -54,6 +58,25 @@ pub enum TrainError {
     /// Writing or reading a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A collective over the process group failed (a peer died or hung).
+    #[error("step {step}: {source}")]
+    Dist {
+        /// Optimizer step being computed.
+        step: u64,
+        /// What failed.
+        source: dist::DistError,
+    },
+    /// Resuming with another number of processes than the checkpoint was written with.
+    #[error(
+        "the checkpoint was written by a run of {checkpoint} process(es) and this run has {now}: resume \
+         with the same number of processes (the data shards and the step count depend on it)"
+    )]
+    WorldSize {
+        /// Processes of the run that wrote the checkpoint.
+        checkpoint: u64,
+        /// Processes of this run.
+        now: u64,
+    },
     /// No batch to train on.
     #[error(
         "the training set gives no batch (is it empty, or smaller than one batch with dataloader_drop_last?)"
@@ -177,6 +200,14 @@ pub struct Progress {
     /// Every evaluation so far.
     #[serde(default)]
     pub eval_history: Vec<EvalEntry>,
+    /// Processes the run trains on (a resumed run must have as many); 0 in a fresh `Progress`
+    /// means not yet set, 1 in checkpoints written before it was recorded.
+    #[serde(default = "one")]
+    pub world_size: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Drives training of `params` in `model`; `epoch_batches(e)` gives epoch `e`'s micro-batches in
@@ -192,6 +223,9 @@ pub struct Trainer<'a> {
     pub progress: Progress,
     /// Set (e.g. by a Ctrl-C handler) to save a checkpoint and stop after the current step.
     pub stop: Arc<AtomicBool>,
+    /// The ranks training together, when there are several; `epoch_batches` then gives this
+    /// rank's shard of each epoch.
+    pub group: Option<&'a ProcessGroup>,
 }
 
 impl<'a> Trainer<'a> {
@@ -205,6 +239,7 @@ impl<'a> Trainer<'a> {
             optimizer,
             progress: Progress::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            group: None,
         })
     }
 
@@ -243,6 +278,17 @@ impl<'a> Trainer<'a> {
         let start = Instant::now();
         let start_step = self.progress.global_step;
         let ga = self.opts.grad_accum.max(1);
+        let (rank, world) = self.group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+        let main = rank == 0;
+        if start_step > 0 && self.progress.world_size.max(1) != world as u64 {
+            return Err(TrainError::WorldSize {
+                checkpoint: self.progress.world_size.max(1),
+                now: world as u64,
+            });
+        }
+        self.progress.world_size = world as u64;
+        let group = self.group;
+        let dist_err = |step: u64| move |source: dist::DistError| TrainError::Dist { step, source };
         let (mut window_loss_sum, mut steps_since_log) = (0.0f64, 0u64);
         let (mut acc_sum, mut acc_n) = (0.0f64, 0u64);
         let (mut tokens_at_log, mut time_at_log) = (self.progress.num_tokens, 0.0f64);
@@ -252,7 +298,7 @@ impl<'a> Trainer<'a> {
         }
         let epoch_now =
             |p: &Progress, len: usize| p.epoch as f64 + p.batch_in_epoch as f64 / len.max(1) as f64;
-        if self.opts.eval_on_start && !eval.is_empty() && self.progress.global_step == 0 {
+        if main && self.opts.eval_on_start && !eval.is_empty() && self.progress.global_step == 0 {
             let e = self.evaluate(eval, 0.0)?;
             on_event(Event::Eval(&e));
             self.progress.eval_history.push(e);
@@ -267,12 +313,18 @@ impl<'a> Trainer<'a> {
             let from = self.progress.batch_in_epoch;
             let to = (from + ga).min(batches.len());
             let window = &batches[from..to];
-            let num_items: u64 = window.iter().map(|(_, n)| n).sum();
+            let mut num_items: u64 = window.iter().map(|(_, n)| n).sum();
+            if let Some(g) = group {
+                // TRL's `average_tokens_across_devices`: normalise by the global window's tokens.
+                num_items = g.all_reduce_scalar(num_items as f64).map_err(dist_err(step + 1))?.round() as u64;
+            }
             let mut step_loss = 0.0;
+            let (mut step_acc, mut step_acc_n, mut step_tokens) = (0.0f64, 0u64, 0u64);
             for (i, (batch, _)) in window.iter().enumerate() {
-                let seed = (self.opts.seed as i64)
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add((step * ga as u64 + i as u64) as i64 * 1009);
+                // Micro-batch i of rank r is the global window's micro-batch i * world + r: the
+                // same dropout seed as in one process with `world` times the accumulation.
+                let micro = (step * ga as u64 + i as u64) * world as u64 + rank as u64;
+                let seed = (self.opts.seed as i64).wrapping_mul(1_000_003).wrapping_add(micro as i64 * 1009);
                 let m = forward_backward_with(
                     self.model,
                     batch,
@@ -284,11 +336,36 @@ impl<'a> Trainer<'a> {
                 .map_err(|source| TrainError::Model { step: step + 1, source: Box::new(source) })?;
                 step_loss += m.loss;
                 if m.total > 0 {
-                    acc_sum += m.correct as f64 / m.total as f64;
-                    acc_n += 1;
+                    step_acc += m.correct as f64 / m.total as f64;
+                    step_acc_n += 1;
                 }
-                self.progress.num_tokens += batch.num_tokens;
+                step_tokens += batch.num_tokens;
             }
+            let mut stop_now = self.stop.load(Ordering::SeqCst);
+            if let Some(g) = group {
+                let mut grads: Vec<Tensor> = self.optimizer.params().iter().map(Tensor::grad).collect();
+                g.all_reduce_sum(&mut grads).map_err(dist_err(step + 1))?;
+                // The window loss, accuracy, tokens and stop requests of all ranks, in one message.
+                let local = [
+                    step_loss,
+                    step_acc,
+                    step_acc_n as f64,
+                    step_tokens as f64,
+                    f64::from(u8::from(stop_now)),
+                ];
+                let mut stats = vec![Tensor::from_slice(&local)];
+                g.all_reduce_sum(&mut stats).map_err(dist_err(step + 1))?;
+                let sum = Vec::<f64>::try_from(&stats[0]).map_err(|e| TrainError::Optim {
+                    step: step + 1,
+                    message: quant::ops::torch_message(&e),
+                })?;
+                step_loss = sum[0];
+                (step_acc, step_acc_n, step_tokens) = (sum[1], sum[2].round() as u64, sum[3].round() as u64);
+                stop_now = sum[4] > 0.0;
+            }
+            acc_sum += step_acc;
+            acc_n += step_acc_n;
+            self.progress.num_tokens += step_tokens;
             if !step_loss.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
             }
@@ -327,12 +404,15 @@ impl<'a> Trainer<'a> {
                     elapsed_s: elapsed,
                     eta_s: elapsed / done.max(1.0) * (self.opts.total_steps - gs) as f64,
                 };
-                on_event(Event::Train(&entry));
+                if main {
+                    on_event(Event::Train(&entry));
+                }
                 self.progress.log_history.push(entry);
                 (window_loss_sum, steps_since_log, acc_sum, acc_n) = (0.0, 0, 0.0, 0);
                 (tokens_at_log, time_at_log) = (self.progress.num_tokens, elapsed);
             }
-            if !eval.is_empty()
+            if main
+                && !eval.is_empty()
                 && let Some(every) = self.opts.eval_steps
                 && ((every > 0 && gs.is_multiple_of(every)) || last)
             {
@@ -340,13 +420,26 @@ impl<'a> Trainer<'a> {
                 on_event(Event::Eval(&e));
                 self.progress.eval_history.push(e);
             }
-            let stop = self.stop.load(Ordering::SeqCst) && !last;
+            let stop = stop_now && !last;
             let scheduled = self.opts.save_steps.is_some_and(|every| every > 0 && gs.is_multiple_of(every));
             if (scheduled && !last) || stop {
-                let dir =
-                    Checkpoint::save(&self.opts.output_dir, &self.progress, &self.optimizer, save_adapter)?;
-                on_event(Event::Saved(&dir));
-                checkpoint::rotate(&self.opts.output_dir, self.opts.save_total_limit)?;
+                let dir = if main {
+                    let dir = Checkpoint::save(
+                        &self.opts.output_dir,
+                        &self.progress,
+                        &self.optimizer,
+                        save_adapter,
+                    )?;
+                    on_event(Event::Saved(&dir));
+                    checkpoint::rotate(&self.opts.output_dir, self.opts.save_total_limit)?;
+                    dir
+                } else {
+                    self.opts.output_dir.join(format!("checkpoint-{gs}"))
+                };
+                if let Some(g) = group {
+                    // Nobody moves on (or exits) before rank 0's checkpoint is in place.
+                    g.barrier().map_err(dist_err(gs))?;
+                }
                 if stop {
                     return Ok(Outcome::Interrupted(dir));
                 }

@@ -1,0 +1,2 @@
+// nibble: nothing from gloo/common/error.h is named by ProcessGroupGloo.hpp (see ../../README.md).
+#pragma once
