@@ -673,6 +673,24 @@ struct VariantResult {
     case: Case,
     nibble: Vec<Run>,
     trl: Vec<Run>,
+    /// `sft --estimate-memory`'s total for this variant, MiB.
+    estimate_mib: Option<f64>,
+}
+
+/// The `total` line of `sft RECIPE --estimate-memory` ("  total   447.46 MiB"), in MiB.
+fn parse_estimate(out: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with("total"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let value: f64 = words.next()?.parse().ok()?;
+    let scale = match words.next()? {
+        "B" => 1.0 / 1048576.0,
+        "KiB" => 1.0 / 1024.0,
+        "MiB" => 1.0,
+        "GiB" => 1024.0,
+        "TiB" => 1048576.0,
+        _ => return None,
+    };
+    Some(value * scale)
 }
 
 #[derive(Debug, Clone)]
@@ -713,9 +731,24 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
     let mut result = TrainResult {
         model,
         tokens_per_step: format!("{batch} x {length} tokens"),
-        variants: cases.iter().map(|&case| VariantResult { case, nibble: vec![], trl: vec![] }).collect(),
+        variants: cases
+            .iter()
+            .map(|&case| VariantResult { case, nibble: vec![], trl: vec![], estimate_mib: None })
+            .collect(),
     };
     let sft = ctx.target.join("release/sft");
+    // What `--estimate-memory` predicts for each variant, to set beside the measured peak.
+    for vr in &mut result.variants {
+        let out = ctx
+            .command(&sft)
+            .arg(&recipe)
+            .args(vr.case.variant.overrides())
+            .args(["--model_name_or_path", &model_arg, "--estimate-memory"])
+            .stderr(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} --estimate-memory", sft.display()))?;
+        vr.estimate_mib = parse_estimate(&String::from_utf8_lossy(&out.stdout));
+    }
     let most = cases.iter().map(|c| c.repeats).max().unwrap_or(0);
     for rep in 0..most {
         for vr in result.variants.iter_mut().filter(|vr| rep < vr.case.repeats) {
@@ -1188,14 +1221,17 @@ fn render_train(b: &mut String, t: &TrainResult) {
          computing in bf16, `fp32` an f32 one. Step times from each stack's per-step log, the first \
          step(s) left out (warmup), pooled over the repeats: median (25th-75th percentile); \
          per-repeat medians in brackets. Tokens/s: input tokens (no padding) over those steps. Peak \
-         RSS: whole process (load included), median over repeats.\n",
+         RSS: whole process (load included), median over repeats; `--estimate-memory` is nibble's \
+         estimate before loading for the same recipe (model, adapters, optimizer, activations; not \
+         the runtime: libtorch, tokenizer, allocator slack). On CPUs without native bf16 GEMMs \
+         nibble runs `bf16` matmuls in f32 (`cpu_matmul: auto`); TRL runs torch's bf16 kernels.\n",
         t.model.recipe()
     );
     let _ = writeln!(
         b,
-        "| variant | steps (warmup) x repeats | nibble step | TRL step | ratio | nibble tok/s | TRL tok/s | nibble peak RSS | TRL peak RSS | ratio | loss max rel. diff |"
+        "| variant | steps (warmup) x repeats | nibble step | TRL step | ratio | nibble tok/s | TRL tok/s | nibble peak RSS | TRL peak RSS | ratio | nibble `--estimate-memory` | loss max rel. diff |"
     );
-    let _ = writeln!(b, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(b, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let fmt = |s: &StepStats| {
         let reps: Vec<String> = s.per_repeat.iter().map(|&x| secs(x)).collect();
         format!("{} ({}-{}) [{}]", secs(s.median), secs(s.p25), secs(s.p75), reps.join(", "))
@@ -1207,7 +1243,7 @@ fn render_train(b: &mut String, t: &TrainResult) {
             v.nibble.first().zip(v.trl.first()).map_or(f64::NAN, |(a, b)| max_rel_diff(&a.steps, &b.steps));
         let _ = writeln!(
             b,
-            "| {} | {} ({w}) x {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1e} |",
+            "| {} | {} ({w}) x {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {:.1e} |",
             v.case.variant.label(),
             v.case.steps,
             v.nibble.len(),
@@ -1219,6 +1255,7 @@ fn render_train(b: &mut String, t: &TrainResult) {
             mib(n.peak_kib),
             mib(p.peak_kib),
             ratio(n.peak_kib, p.peak_kib),
+            v.estimate_mib.map_or_else(|| "?".to_owned(), |e| mib(e * 1024.0)),
             loss
         );
     }
@@ -1318,6 +1355,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn estimate_total_is_read_in_mib() {
+        let out = "estimated peak memory on cpu:\n  LoRA weights  10.69 MiB\n  total  1.50 GiB\n";
+        assert_eq!(super::parse_estimate(out), Some(1536.0));
+        assert_eq!(super::parse_estimate("  total  447.46 MiB\n"), Some(447.46));
+        assert_eq!(super::parse_estimate("nothing here"), None);
+    }
+
     use super::*;
 
     fn args(s: &str) -> Vec<String> {

@@ -286,6 +286,9 @@ section! {
         skip_invalid_rows: bool = false, Acted;
         /// Sample order: `random` (seeded shuffle each epoch) or `sequential` (dataset order).
         train_sampling_strategy: String = s("random"), Acted;
+        /// nibble extension: 16-bit matmuls on the CPU: `auto` (f32 where the CPU lacks native
+        /// bf16/f16 GEMMs, which run there 4-100x slower), `native` (torch's 16-bit kernels) or `f32`.
+        cpu_matmul: String = s("auto"), Acted;
         /// Process-group timeout in seconds.
         ddp_timeout: i64 = 1800, Acted;
         /// Run model code from the hub (never: nibble has no Python).

@@ -18,6 +18,7 @@ const NOT_IN_TRL: &[&str] = &[
     "chat_template",
     "lora_init_adapter",
     "skip_invalid_rows",
+    "cpu_matmul",
 ];
 
 fn typed_defaults() -> serde_json::Map<String, serde_json::Value> {

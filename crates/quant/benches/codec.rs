@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
 fn bench_linear(c: &mut Criterion) {
     use quant::linear::{Linear, Linear4bit};
     tch::manual_seed(0);
-    let (rows, cols, tokens) = (11008i64, 4096i64, 64i64);
+    let (rows, cols, tokens) = (11008i64, 4096i64, 256i64);
     let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu)) * 0.02;
     let layer = Linear4bit::quantize(&w, None, QuantizeOptions::default(), Kind::BFloat16).unwrap();
     let q = Quantized4bit::quantize(&w, QuantizeOptions::default()).unwrap();
@@ -81,19 +81,17 @@ fn bench_linear(c: &mut Criterion) {
     g.bench_function("fused_fwd_bwd", |b| {
         b.iter(|| layer.forward(&x).unwrap().sum(Kind::Float).backward());
     });
+    // The same f32 matmuls (the fused layer runs its bf16 matmuls in f32 on CPUs without native
+    // bf16 GEMMs, see ops::matmul_in_f32), on a fresh dequantized tensor that autograd keeps.
+    let kind =
+        if ops::matmul_in_f32(Kind::BFloat16, tch::Device::Cpu) { Kind::Float } else { Kind::BFloat16 };
     g.bench_function("dequantize_then_linear_fwd_bwd", |b| {
         b.iter(|| {
-            let wd = ops::dequantize_4bit(
-                &q.packed,
-                &absmax,
-                (rows * cols) as usize,
-                64,
-                QuantType::Nf4,
-                Kind::BFloat16,
-            )
-            .unwrap()
-            .view([rows, cols]);
-            x.linear::<Tensor>(&wd, None).sum(Kind::Float).backward();
+            let n = (rows * cols) as usize;
+            let wd = ops::dequantize_4bit(&q.packed, &absmax, n, 64, QuantType::Nf4, kind)
+                .unwrap()
+                .view([rows, cols]);
+            x.to_kind(kind).linear::<Tensor>(&wd, None).to_kind(Kind::BFloat16).sum(Kind::Float).backward();
         });
     });
     g.finish();

@@ -93,15 +93,19 @@ struct Linear8bitFn : public torch::autograd::Function<Linear8bitFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& codes, const at::Tensor& scb,
                             const std::optional<at::Tensor>& bias, double threshold,
-                            int64_t mode) {
+                            int64_t mode, bool upcast) {
     const int64_t out_features = codes.size(0);
     const int64_t in_features = codes.size(1);
     const bool has_bias = bias.has_value() && bias->defined();
+    // upcast: x is 16-bit on a CPU without native 16-bit GEMMs; the float matmuls run in f32 on
+    // the same 16-bit values and round once to x's dtype.
+    const auto mm_dtype = upcast ? at::kFloat : x.scalar_type();
     at::Tensor y;
     if (mode == kDequantized) {
       // MatMul8bitFp: a plain linear on the dequantized weight, which dies with this call.
-      const at::Tensor w = matmul_weight(codes, scb, x.scalar_type());
-      y = has_bias ? at::linear(x, w, *bias) : at::linear(x, w);
+      const at::Tensor w = matmul_weight(codes, scb, x.scalar_type()).to(mm_dtype);
+      const at::Tensor xm = x.to(mm_dtype);
+      y = (has_bias ? at::linear(xm, w, bias->to(mm_dtype)) : at::linear(xm, w)).to(x.scalar_type());
     } else {
       const at::Tensor a = x.reshape({-1, in_features});
       // MatMul8bitLt: activations quantized row-wise in float16, outlier columns set aside.
@@ -114,14 +118,17 @@ struct Linear8bitFn : public torch::autograd::Function<Linear8bitFn> {
       y = y.to(x.scalar_type());
       if (cols.numel() > 0) {
         // The outlier columns in x's own dtype against the dequantized weight columns.
-        const at::Tensor sub_a = a.index_select(1, cols);
-        const at::Tensor sub_b =
-            dequantize_rowwise(codes.index_select(1, cols), scb).to(x.scalar_type()).t();
-        y = y.addmm(sub_a, sub_b);
+        const at::Tensor sub_a = a.index_select(1, cols).to(mm_dtype);
+        const at::Tensor sub_b = dequantize_rowwise(codes.index_select(1, cols), scb)
+                                     .to(x.scalar_type())
+                                     .to(mm_dtype)
+                                     .t();
+        y = y.to(mm_dtype).addmm(sub_a, sub_b).to(x.scalar_type());
       }
     }
     ctx->save_for_backward({codes, scb});
     ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["upcast"] = upcast;
     auto sizes = x.sizes().vec();
     sizes.back() = out_features;
     return y.view(sizes);
@@ -136,19 +143,20 @@ struct Linear8bitFn : public torch::autograd::Function<Linear8bitFn> {
     const int64_t in_features = codes.size(1);
     const at::Tensor& g = grads[0];
     const at::Tensor g2 = g.reshape({-1, out_features});
+    const auto mm_dtype = ctx->saved_data["upcast"].toBool() ? at::kFloat : g.scalar_type();
     at::Tensor grad_x;
     if (ctx->needs_input_grad(0)) {
       // bitsandbytes' formula: grad_y @ (CB * (SCB / 127)), in the input's dtype (the output's).
-      const at::Tensor w = matmul_weight(codes, scb, g.scalar_type());
+      const at::Tensor w = matmul_weight(codes, scb, g.scalar_type()).to(mm_dtype);
       auto sizes = g.sizes().vec();
       sizes.back() = in_features;
-      grad_x = at::mm(g2, w).view(sizes);
+      grad_x = at::mm(g2.to(mm_dtype), w).to(g.scalar_type()).view(sizes);
     }
     at::Tensor grad_b;
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
-      grad_b = g2.sum(0);
+      grad_b = g2.to(mm_dtype).sum(0).to(g.scalar_type());
     }
-    return {grad_x, at::Tensor(), at::Tensor(), grad_b, at::Tensor(), at::Tensor()};
+    return {grad_x, at::Tensor(), at::Tensor(), grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -202,6 +210,9 @@ char* nibble_linear8bit_forward(const at::Tensor* x, const at::Tensor* codes, co
   return guarded([&] {
     *result = nullptr;
     check_weight(*codes, *scb);
+    // Bit 1 of `mode` asks for f32 matmuls on a 16-bit input (see Linear8bitFn).
+    const bool upcast = (mode & 2) != 0;
+    mode &= 1;
     TORCH_CHECK(mode == kDecomposed || mode == kDequantized, "unknown int8 matmul mode ", mode);
     TORCH_CHECK(x->dim() >= 1 && x->size(-1) == codes->size(1), "input has ",
                 x->dim() == 0 ? 0 : x->size(-1),
@@ -210,7 +221,8 @@ char* nibble_linear8bit_forward(const at::Tensor* x, const at::Tensor* codes, co
     if (bias != nullptr) {
       b = *bias;
     }
-    at::Tensor y = Linear8bitFn::apply(*x, *codes, *scb, b, threshold, static_cast<int64_t>(mode));
+    at::Tensor y =
+        Linear8bitFn::apply(*x, *codes, *scb, b, threshold, static_cast<int64_t>(mode), upcast);
     *result = new at::Tensor(std::move(y));
   });
 }

@@ -46,6 +46,10 @@ constexpr int32_t kFp4 = 1;
 constexpr int32_t kOutF32 = 0;
 constexpr int32_t kOutF16 = 1;
 constexpr int32_t kOutBf16 = 2;
+// Internal only: float32 outputs holding the values rounded to bfloat16 / float16 (a 16-bit
+// compute dtype's weight, for matmuls that run in f32).
+constexpr int32_t kOutF32Bf16 = 3;
+constexpr int32_t kOutF32F16 = 4;
 
 // NF4 code values by nibble (bitsandbytes' table; same digits as codec.rs).
 constexpr float kNf4Code[16] = {
@@ -460,6 +464,10 @@ template <int32_t OUT>
 inline auto convert_out(float v) {
   if constexpr (OUT == kOutF32) {
     return v;
+  } else if constexpr (OUT == kOutF32Bf16) {
+    return static_cast<float>(c10::BFloat16(v));
+  } else if constexpr (OUT == kOutF32F16) {
+    return static_cast<float>(c10::Half(v));
   } else if constexpr (OUT == kOutBf16) {
     return to_bf16_bits(v);
   } else {
@@ -520,10 +528,26 @@ __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* p
                                                                 const float* code, float am,
                                                                 void* out) {
   const __m256 scale = _mm256_set1_ps(am);
-  const __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(code), scale);
-  const __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), scale);
+  __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(code), scale);
+  __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), scale);
   const __m128i nib = _mm_set1_epi8(0x0f);
-  if constexpr (OUT == kOutF32) {
+  if constexpr (OUT == kOutF32F16) {
+    c0 = _mm256_cvtph_ps(_mm256_cvtps_ph(c0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    c1 = _mm256_cvtph_ps(_mm256_cvtps_ph(c1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  if constexpr (OUT == kOutF32Bf16) {
+    // Round to nearest even on the bits (as to_bf16_bits), NaN stays NaN.
+    for (__m256* c : {&c0, &c1}) {
+      const __m256i bits = _mm256_castps_si256(*c);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      const __m256i rounded = _mm256_slli_epi32(
+          _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16),
+          16);
+      const __m256 nan = _mm256_cmp_ps(*c, *c, _CMP_UNORD_Q);
+      *c = _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), nan);
+    }
+  }
+  if constexpr (OUT == kOutF32 || OUT == kOutF32Bf16 || OUT == kOutF32F16) {
     float* o = static_cast<float*>(out);
     for (int64_t j = 0; j < len / 2; j += 8) {
       const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
@@ -621,7 +645,7 @@ void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n,
       const int64_t pairs = len / 2;
       int64_t done = 0;
 #ifdef NIBBLE_X86
-      if constexpr (OUT != kOutF32) {
+      if constexpr (OUT == kOutBf16 || OUT == kOutF16) {
         if (ssse3) {
           done = dequantize_16bit_ssse3(p, pairs, table, o) / 2;
         }
@@ -640,8 +664,10 @@ void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n,
 }
 
 // Dequantize into `out` (contiguous CPU, f32/f16/bf16, out.numel() elements).
+// With a float32 `out`, `round_to` (bfloat16 or float16) makes the values those of that dtype.
 void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                          int32_t qt, at::Tensor& out) {
+                          int32_t qt, at::Tensor& out,
+                          at::ScalarType round_to = at::ScalarType::Undefined) {
   check_blocksize(blocksize);
   TORCH_CHECK(qt == kNf4 || qt == kFp4, "unknown quant type ", qt);
   check_cpu_contiguous(packed, "packed");
@@ -664,7 +690,13 @@ void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax, in
   const float* a = absmax.const_data_ptr<float>();
   switch (out.scalar_type()) {
     case at::kFloat:
-      dequantize_4bit_impl<kOutF32>(p, a, n, blocksize, qt, out.data_ptr());
+      if (round_to == at::kBFloat16) {
+        dequantize_4bit_impl<kOutF32Bf16>(p, a, n, blocksize, qt, out.data_ptr());
+      } else if (round_to == at::kHalf) {
+        dequantize_4bit_impl<kOutF32F16>(p, a, n, blocksize, qt, out.data_ptr());
+      } else {
+        dequantize_4bit_impl<kOutF32>(p, a, n, blocksize, qt, out.data_ptr());
+      }
       break;
     case at::kBFloat16:
       dequantize_4bit_impl<kOutBf16>(p, a, n, blocksize, qt, out.data_ptr());
@@ -746,7 +778,7 @@ inline uint8_t encode_8bit(const float* code, float x) {
 // dequantizes again, which is fine for the synchronous CPU matmuls below: nothing keeps it.
 at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& absmax,
                                    int64_t out_features, int64_t in_features, int64_t blocksize,
-                                   int32_t qt, at::ScalarType dtype) {
+                                   int32_t qt, at::ScalarType dtype, at::ScalarType round_to) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "cannot dequantize to ", dtype, " (use float32, float16 or bfloat16)");
   if (!packed.device().is_cpu()) {
@@ -761,7 +793,7 @@ at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& a
     buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
   }
   at::Tensor w = buffer.narrow(0, 0, bytes).view(dtype).view({out_features, in_features});
-  dequantize_4bit_into(packed, absmax, blocksize, qt, w);
+  dequantize_4bit_into(packed, absmax, blocksize, qt, w, round_to);
   return w;
 }
 
@@ -772,9 +804,12 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
                             const at::Tensor& packed, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& bias, int64_t out_features,
                             int64_t in_features,
-                            int64_t blocksize, int64_t qt) {
+                            int64_t blocksize, int64_t qt, int64_t round_to) {
+    // round_to >= 0: x is float32 standing in for a 16-bit compute dtype, whose weight values
+    // the f32 matmul then uses.
+    const auto rt = round_to < 0 ? at::ScalarType::Undefined : static_cast<at::ScalarType>(round_to);
     at::Tensor w = dequantize_4bit_scratch(packed, absmax, out_features, in_features, blocksize,
-                                           static_cast<int32_t>(qt), x.scalar_type());
+                                           static_cast<int32_t>(qt), x.scalar_type(), rt);
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor y = has_bias ? at::linear(x, w, *bias) : at::linear(x, w);
     ctx->save_for_backward({packed, absmax});
@@ -782,6 +817,7 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
     ctx->saved_data["in_features"] = in_features;
     ctx->saved_data["blocksize"] = blocksize;
     ctx->saved_data["qt"] = qt;
+    ctx->saved_data["round_to"] = round_to;
     ctx->saved_data["has_bias"] = has_bias;
     return y;
   }
@@ -796,7 +832,10 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
     if (ctx->needs_input_grad(0)) {
       at::Tensor w = dequantize_4bit_scratch(
           saved[0], saved[1], out_features, in_features, ctx->saved_data["blocksize"].toInt(),
-          static_cast<int32_t>(ctx->saved_data["qt"].toInt()), g.scalar_type());
+          static_cast<int32_t>(ctx->saved_data["qt"].toInt()), g.scalar_type(),
+          ctx->saved_data["round_to"].toInt() < 0
+              ? at::ScalarType::Undefined
+              : static_cast<at::ScalarType>(ctx->saved_data["round_to"].toInt()));
       // Same ops as autograd through at::linear: a 2-D matmul on the flattened batch.
       auto sizes = g.sizes().vec();
       sizes.back() = in_features;
@@ -806,8 +845,46 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       grad_b = g.reshape({-1, out_features}).sum(0);
     }
-    return {grad_x, at::Tensor(), at::Tensor(), grad_b,
+    return {grad_x,       at::Tensor(), at::Tensor(), grad_b, at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// A frozen dense linear whose 16-bit matmuls run in f32 (x and W upcast, one rounding of the
+// result back): on CPUs without native bf16/f16 GEMMs torch's 16-bit products run one to two
+// orders of magnitude slower than f32 ones (docs/benchmarks.md). Saves only the 16-bit weight
+// (alive anyway), not its f32 copy; backward upcasts it again.
+struct DenseUpcastFn : public torch::autograd::Function<DenseUpcastFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::Tensor xf = x.to(at::kFloat);
+    const at::Tensor wf = weight.to(at::kFloat);
+    at::Tensor y = has_bias ? at::linear(xf, wf, bias->to(at::kFloat)) : at::linear(xf, wf);
+    ctx->save_for_backward({weight});
+    ctx->saved_data["has_bias"] = has_bias;
+    return y.to(x.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& w = saved[0];
+    const at::Tensor& g = grads[0];
+    const int64_t out_features = w.size(0);
+    at::Tensor grad_x;
+    if (ctx->needs_input_grad(0)) {
+      auto sizes = g.sizes().vec();
+      sizes.back() = w.size(1);
+      grad_x = at::mm(g.reshape({-1, out_features}).to(at::kFloat), w.to(at::kFloat))
+                   .to(g.scalar_type())
+                   .view(sizes);
+    }
+    at::Tensor grad_b;
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
+      grad_b = g.reshape({-1, out_features}).to(at::kFloat).sum(0).to(g.scalar_type());
+    }
+    return {grad_x, at::Tensor(), grad_b};
   }
 };
 
@@ -965,23 +1042,61 @@ char* nibble_dequantize_8bit(const at::Tensor* codes, const at::Tensor* absmax,
   });
 }
 
-// Linear4bit forward through the autograd Function above: x [..., in] in the compute dtype,
+// Linear4bit forward through the autograd Function above: x [..., in] in the compute dtype (or
+// float32 with round_to = 1 / 2 when the compute dtype is float16 / bfloat16 but the matmuls run
+// in f32 on the weight's values in that dtype; -1 otherwise),
 // packed/absmax the 4-bit weight [out, in], bias [out] or null. The result carries a grad_fn
 // whenever x (or bias) requires grad.
 char* nibble_linear4bit_forward(const at::Tensor* x, const at::Tensor* packed,
                                 const at::Tensor* absmax, const at::Tensor* bias,
                                 int64_t out_features, int64_t in_features, int64_t blocksize,
-                                int32_t qt, at::Tensor** result) {
+                                int32_t qt, int32_t round_to, at::Tensor** result) {
   return guarded([&] {
     *result = nullptr;
     TORCH_CHECK(x->size(-1) == in_features, "input has ", x->size(-1),
                 " features in its last dimension, the layer expects ", in_features);
+    TORCH_CHECK(round_to < 0 || x->scalar_type() == at::kFloat,
+                "rounding the weight to a 16-bit dtype needs a float32 input");
     std::optional<at::Tensor> b;
     if (bias != nullptr) {
       b = *bias;
     }
+    const int64_t rt = round_to < 0 ? -1 : static_cast<int64_t>(out_type_of(round_to));
     at::Tensor y = Linear4bitFn::apply(*x, *packed, *absmax, b, out_features, in_features,
-                                       blocksize, static_cast<int64_t>(qt));
+                                       blocksize, static_cast<int64_t>(qt), rt);
+    *result = new at::Tensor(std::move(y));
+  });
+}
+
+// Whether this CPU has native 16-bit GEMMs for `out` (1: f16, 2: bf16): AVX512-BF16/AMX-BF16,
+// AVX512-FP16/AMX-FP16. Anything else (AVX2 machines, non-x86) answers 0.
+int32_t nibble_cpu_native_16bit_matmul(int32_t out) {
+#ifdef NIBBLE_X86
+  if (out == kOutBf16) {
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16") ? 1 : 0;
+  }
+  if (out == kOutF16) {
+    return __builtin_cpu_supports("avx512fp16") ? 1 : 0;
+  }
+#endif
+  (void)out;
+  return 0;
+}
+
+// DenseUpcastFn: y = (x W^T + b) computed in f32 and returned in x's dtype; the weight must not
+// require grad (the caller uses plain ops for trainable weights).
+char* nibble_dense_upcast_forward(const at::Tensor* x, const at::Tensor* weight,
+                                  const at::Tensor* bias, at::Tensor** result) {
+  return guarded([&] {
+    *result = nullptr;
+    TORCH_CHECK(!weight->requires_grad(), "weight must be frozen for the upcast linear");
+    TORCH_CHECK(x->size(-1) == weight->size(1), "input has ", x->size(-1),
+                " features in its last dimension, the layer expects ", weight->size(1));
+    std::optional<at::Tensor> b;
+    if (bias != nullptr) {
+      b = *bias;
+    }
+    at::Tensor y = DenseUpcastFn::apply(*x, *weight, b);
     *result = new at::Tensor(std::move(y));
   });
 }

@@ -92,6 +92,19 @@ impl Dense {
 
 impl Linear for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let kind = self.weight.f_kind()?;
+        if x.f_kind()? == kind && ops::matmul_in_f32(kind, self.weight.device()) {
+            if self.weight.requires_grad() || self.bias.as_ref().is_some_and(Tensor::requires_grad) {
+                // Trainable (modules_to_save): plain ops, so autograd grads the weight too.
+                let f = Kind::Float;
+                let b = self.bias.as_ref().map(|b| b.f_to_kind(f)).transpose()?;
+                return Ok(x
+                    .f_to_kind(f)?
+                    .f_linear(&self.weight.f_to_kind(f)?, b.as_ref())?
+                    .f_to_kind(kind)?);
+            }
+            return ops::dense_upcast_linear(x, &self.weight, self.bias.as_ref());
+        }
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
     fn in_features(&self) -> i64 {
@@ -170,8 +183,14 @@ impl Linear for Linear4bit {
         }
         // Casts are tracked by autograd, so gradients flow back in the caller's dtype.
         let input_kind = x.f_kind()?;
-        let x = x.f_to_kind(self.compute_dtype)?;
-        let bias = self.bias.as_ref().map(|b| b.f_to_kind(self.compute_dtype)).transpose()?;
+        // 16-bit compute on a CPU without native 16-bit GEMMs: the matmuls run in f32 on the
+        // weight's 16-bit values (dequantized straight into f32) and the result is rounded to the
+        // compute dtype, so only the summation order differs from torch's 16-bit GEMMs.
+        let upcast = ops::matmul_in_f32(self.compute_dtype, self.weight.packed.device());
+        let run_kind = if upcast { Kind::Float } else { self.compute_dtype };
+        let x = x.f_to_kind(self.compute_dtype)?.f_to_kind(run_kind)?;
+        let bias =
+            self.bias.as_ref().map(|b| b.f_to_kind(self.compute_dtype)?.f_to_kind(run_kind)).transpose()?;
         // With double quantization the f32 absmax (1/16 of the packed bytes at blocksize 64) is
         // rebuilt per call; the Function saves it, never the dequantized weight.
         let absmax = match &self.weight.absmax {
@@ -187,8 +206,9 @@ impl Linear for Linear4bit {
             self.in_features,
             self.weight.blocksize,
             self.weight.quant_type,
+            upcast.then_some(self.compute_dtype),
         )?;
-        Ok(y.f_to_kind(input_kind)?)
+        Ok(y.f_to_kind(self.compute_dtype)?.f_to_kind(input_kind)?)
     }
     fn in_features(&self) -> i64 {
         self.in_features
@@ -317,6 +337,8 @@ impl Linear for Linear8bit {
             Int8Matmul::Decomposed => 0,
             Int8Matmul::Dequantized => 1,
         };
+        // Float matmuls of a 16-bit input in f32 where the CPU has no native 16-bit GEMMs.
+        let mode = mode | if ops::matmul_in_f32(kind, x.device()) { 2 } else { 0 };
         ops::linear8bit_forward(x, &self.weight, bias.as_ref(), threshold, mode)
     }
     fn in_features(&self) -> i64 {

@@ -75,6 +75,13 @@ mod ffi {
             offset: f32,
             result: *mut *mut c_void,
         ) -> *mut c_char;
+        pub fn nibble_cpu_native_16bit_matmul(out: i32) -> i32;
+        pub fn nibble_dense_upcast_forward(
+            x: *const c_void,
+            weight: *const c_void,
+            bias: *const c_void,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
         pub fn nibble_linear4bit_forward(
             x: *const c_void,
             packed: *const c_void,
@@ -84,6 +91,7 @@ mod ffi {
             in_features: i64,
             blocksize: i64,
             qt: i32,
+            round_to: i32,
             result: *mut *mut c_void,
         ) -> *mut c_char;
         pub fn nibble_int8_quantize_rowwise(
@@ -567,8 +575,82 @@ pub enum CodecAbsmaxOwned {
     Nested(codec::NestedAbsmax),
 }
 
+/// How 16-bit (bf16/f16) matmuls run on the CPU; a process-wide choice (`CpuMatmul::set`),
+/// made by the application (sft takes it from the recipe's `cpu_matmul`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMatmul {
+    /// f32 where the CPU has no native GEMM for the dtype (the default).
+    Auto,
+    /// Always torch's own 16-bit kernels, e.g. to match another stack bit for bit.
+    Native,
+    /// Always f32.
+    F32,
+}
+
+static CPU_MATMUL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+impl CpuMatmul {
+    /// The policy by name: `auto`, `native` or `f32`.
+    pub fn parse(name: &str) -> Option<CpuMatmul> {
+        match name {
+            "auto" => Some(CpuMatmul::Auto),
+            "native" => Some(CpuMatmul::Native),
+            "f32" => Some(CpuMatmul::F32),
+            _ => None,
+        }
+    }
+
+    /// Make this the policy of the process.
+    pub fn set(self) {
+        CPU_MATMUL.store(self as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The policy of the process.
+    pub fn current() -> CpuMatmul {
+        match CPU_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => CpuMatmul::Native,
+            2 => CpuMatmul::F32,
+            _ => CpuMatmul::Auto,
+        }
+    }
+}
+
+/// Whether matmuls in `kind` on `device` should run in f32 (inputs upcast, result rounded back):
+/// on CPUs without native bf16/f16 GEMMs (AVX2 machines), torch's 16-bit products run 4x to 100x
+/// slower than f32 ones (`scripts/bench_matmul.py`), so nibble computes them in f32 unless the
+/// policy is [`CpuMatmul::Native`]. The f32 accumulation is what a 16-bit GEMM does internally; only
+/// the operands' (exact) upcast and the summation order differ.
+pub fn matmul_in_f32(kind: Kind, device: Device) -> bool {
+    let code = match kind {
+        Kind::BFloat16 => 2,
+        Kind::Half => 1,
+        _ => return false,
+    };
+    if device != Device::Cpu {
+        return false;
+    }
+    match CpuMatmul::current() {
+        CpuMatmul::Native => false,
+        CpuMatmul::F32 => true,
+        // SAFETY: a pure query of CPU features.
+        CpuMatmul::Auto => unsafe { ffi::nibble_cpu_native_16bit_matmul(code) == 0 },
+    }
+}
+
+/// `x W^T + b` for a frozen 16-bit CPU weight, computed in f32 and returned in `x`'s dtype,
+/// through a C++ autograd Function that keeps only the 16-bit weight for backward.
+pub fn dense_upcast_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, Error> {
+    let mut result = std::ptr::null_mut();
+    let bias_ptr = bias.map_or(std::ptr::null(), ptr);
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err = unsafe { ffi::nibble_dense_upcast_forward(ptr(x), ptr(weight), bias_ptr, &mut result) };
+    check(err)?;
+    take(result, "output")
+}
+
 /// Linear4bit's forward through the C++ autograd Function: `x [..., in]` (already in the compute
-/// dtype), weight `[out, in]` as packed bytes and f32 absmax, optional bias `[out]`.
+/// dtype, or f32 with `round_to` the 16-bit compute dtype whose weight values the f32 matmuls
+/// use), weight `[out, in]` as packed bytes and f32 absmax, optional bias `[out]`.
 #[allow(clippy::too_many_arguments, reason = "a thin FFI wrapper; the layer is the API")]
 pub(crate) fn linear4bit_forward(
     x: &Tensor,
@@ -579,8 +661,13 @@ pub(crate) fn linear4bit_forward(
     in_features: i64,
     blocksize: usize,
     qt: QuantType,
+    round_to: Option<Kind>,
 ) -> Result<Tensor, Error> {
     let bs = blocksize_i64(blocksize)?;
+    let round_to = match round_to {
+        None => -1,
+        Some(k) => out_code(k)?,
+    };
     if x.device() != Device::Cpu {
         return Err(Error::BadTensor {
             what: "input",
@@ -601,6 +688,7 @@ pub(crate) fn linear4bit_forward(
             in_features,
             bs,
             qt_code(qt),
+            round_to,
             &mut result,
         )
     };

@@ -38,6 +38,11 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
         bail!("load_in_8bit and load_in_4bit are exclusive: choose one");
     }
     let dtype = model_kind(recipe, cfg);
+    let policy = &recipe.training.cpu_matmul;
+    let Some(policy) = quant::ops::CpuMatmul::parse(policy) else {
+        bail!("cpu_matmul `{policy}` is not one of auto, native, f32");
+    };
+    policy.set();
     let quantize = m.load_in_4bit.then_some(QuantizeOptions {
         quant_type: match m.bnb_4bit_quant_type {
             config::types::QuantType::Fp4 => quant::QuantType::Fp4,
@@ -66,6 +71,16 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
         matmul: quant::linear::Int8Matmul::Dequantized,
         ..quant::linear::Int8Options::default()
     });
+    for kind in [dtype, compute_dtype] {
+        if quant::ops::matmul_in_f32(kind, Device::Cpu) {
+            tracing::info!(
+                "this CPU has no native {kind:?} GEMMs: matmuls and attention run in f32 and are rounded to \
+                 {kind:?} (cpu_matmul: {}; `native` keeps torch's 16-bit kernels)",
+                recipe.training.cpu_matmul
+            );
+            break;
+        }
+    }
     Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device: Device::Cpu })
 }
 

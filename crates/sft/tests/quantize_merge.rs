@@ -51,6 +51,9 @@ fn s(p: &Path) -> &std::ffi::OsStr {
 }
 
 fn load(dir: &Path, opts: LoadOptions) -> CausalLm {
+    // These are comparisons with transformers' logits on the same bytes: bf16 models compute with
+    // torch's own bf16 kernels in both stacks (every test here loads through this function).
+    quant::ops::CpuMatmul::Native.set();
     CausalLm::load(dir, &opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 

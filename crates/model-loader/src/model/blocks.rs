@@ -183,16 +183,21 @@ impl Attention {
         }
         // Without a mask, new queries see all cached keys and are causal among themselves; the
         // plain causal flag says exactly that only when nothing is cached.
+        // 16-bit attention on a CPU without native 16-bit GEMMs runs in f32 (as the linears do,
+        // see `quant::ops::matmul_in_f32`) and is rounded back.
+        let upcast = quant::ops::matmul_in_f32(kind, q.device());
+        let f32_of = |t: &Tensor| if upcast { t.f_to_kind(Kind::Float) } else { Ok(t.shallow_clone()) };
         let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.mask.as_ref(),
+            &f32_of(&q)?,
+            &f32_of(&k)?,
+            &f32_of(&v)?,
+            ctx.mask.as_ref(), // boolean
             0.0,
             ctx.mask.is_none() && t > 1 && past == 0,
             None,
             self.heads != self.kv_heads,
-        )?;
+        )?
+        .f_to_kind(kind)?;
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
         Ok(self.o_proj.forward(&out)?)
     }
