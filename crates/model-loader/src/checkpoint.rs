@@ -228,6 +228,35 @@ impl Checkpoint {
         })
     }
 
+    /// Drop tensor `name`'s pages from this process's resident set once it has been copied out
+    /// (they stay in the page cache): without it, reading a whole checkpoint through the map
+    /// leaves every byte of it counted in RSS until the map closes. Only whole pages inside the
+    /// tensor's bytes are released; a later read faults them back in with the same contents
+    /// (the map is a read-only view of a file). Best effort: errors are ignored.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            const PAGE: usize = 4096;
+            let start = e.start.div_ceil(PAGE) * PAGE;
+            let end = e.end / PAGE * PAGE;
+            if end > start {
+                // SAFETY: MADV_DONTNEED on a shared read-only file mapping only evicts pages from
+                // this mapping; any access refaults them from the file, so borrowed slices keep
+                // reading the same bytes (the data-zeroing hazard applies to private and
+                // anonymous mappings only).
+                let _ = unsafe {
+                    self.shards[e.shard].map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// The module prefixes whose weight bitsandbytes saved in 4 bits (those with a
     /// `<prefix>.weight.quant_state.bitsandbytes__nf4` or `__fp4` tensor), sorted.
     pub fn quantized_prefixes(&self) -> Vec<String> {

@@ -92,8 +92,25 @@ pub struct Generation {
     pub prompt_logits: Tensor,
 }
 
+/// A generation's own random stream (SplitMix64 seeded by `Sampling::seed`): torch's global
+/// generator is shared by the whole process, so another thread drawing from it (dropout, other
+/// generations) would change a seeded sample.
+struct SampleRng(u64);
+
+impl SampleRng {
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// Pick the next token from `logits [vocab]` (f32).
-fn sample(logits: &Tensor, s: &Sampling) -> Result<i64, Error> {
+fn sample(logits: &Tensor, s: &Sampling, rng: &mut SampleRng) -> Result<i64, Error> {
     if s.temperature <= 0.0 {
         return Ok(logits.f_argmax(-1, false)?.f_int64_value(&[])?);
     }
@@ -109,7 +126,22 @@ fn sample(logits: &Tensor, s: &Sampling) -> Result<i64, Error> {
     } else {
         probs
     };
-    Ok(probs.f_multinomial(1, false)?.f_int64_value(&[0])?)
+    // Inverse CDF over the (unnormalised) kept probabilities.
+    let probs = Vec::<f32>::try_from(&probs.f_to_device(tch::Device::Cpu)?)?;
+    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+    let u = rng.next_f64() * total;
+    let mut cum = 0.0f64;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cum += f64::from(p);
+            last = i;
+            if cum > u {
+                return Ok(i as i64);
+            }
+        }
+    }
+    Ok(last as i64)
 }
 
 /// A decoder-only language model of one of the supported families.
@@ -152,6 +184,21 @@ fn decoder_linears(layers: &mut [DecoderLayer]) -> Vec<LinearSlot<'_>> {
 }
 
 /// Reads tensors out of a checkpoint into libtorch, naming the tensor in every error.
+/// Return free heap memory to the OS (glibc's `malloc_trim`, which also releases free pages in
+/// the middle of the heap); elsewhere a no-op.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns unused heap pages to the kernel.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 struct Reader<'a> {
     ck: &'a Checkpoint,
     opts: &'a LoadOptions,
@@ -159,9 +206,15 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn dense(&self, name: &str, kind: Kind) -> Result<Tensor, Error> {
+    /// A float tensor copied out of the checkpoint, whose mapped pages are then released.
+    fn read(&self, name: &str) -> Result<Tensor, Error> {
         let t = self.ck.tensor(name)?.to_tensor()?;
-        Ok(t.f_to_kind(kind)?.f_to_device(self.opts.device)?)
+        self.ck.release(name);
+        Ok(t)
+    }
+
+    fn dense(&self, name: &str, kind: Kind) -> Result<Tensor, Error> {
+        Ok(self.read(name)?.f_to_kind(kind)?.f_to_device(self.opts.device)?)
     }
 
     fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm, Error> {
@@ -196,13 +249,13 @@ impl Reader<'_> {
         match (self.opts.quantize, self.opts.quantize_8bit) {
             (Some(q), _) => {
                 // Quantize on the CPU from the load dtype, as transformers does after casting.
-                let w = self.ck.tensor(&name)?.to_tensor()?.f_to_kind(self.opts.dtype)?;
+                let w = self.read(&name)?.f_to_kind(self.opts.dtype)?;
                 let layer = Linear4bit::quantize(&w, bias, q, self.opts.compute_dtype).map_err(quant_err)?;
                 Ok(Box::new(layer))
             }
             (None, Some(o)) => {
                 // From the load dtype, through float16, as bitsandbytes' Int8Params does.
-                let w = self.ck.tensor(&name)?.to_tensor()?.f_to_kind(self.opts.dtype)?;
+                let w = self.read(&name)?.f_to_kind(self.opts.dtype)?;
                 let q = self.to_device(Quantized8bit::quantize(&w).map_err(quant_err)?)?;
                 Ok(Box::new(Linear8bit::new(q, bias, o).map_err(quant_err)?))
             }
@@ -294,6 +347,9 @@ impl CausalLm {
                 post_attention_layernorm: r.norm(&format!("{p}.post_attention_layernorm.weight"), eps)?,
                 mlp,
             });
+            // The layer's temporaries (a float copy of each weight) were freed between the
+            // quantized tensors it keeps; give those holes back so RSS tracks the model.
+            trim_heap();
             tracing::debug!(layer = l, "loaded decoder layer");
             progress(l + 1, total);
         }
@@ -399,13 +455,13 @@ impl CausalLm {
     }
 
     /// KV-cached decoding after `prompt` (a batch of one): greedy at temperature 0, else sampled
-    /// with temperature and nucleus (top-p) filtering from torch's generator seeded with
-    /// `sampling.seed`. Also returns the prompt's logits `[T, vocab]` in f32.
+    /// with temperature and nucleus (top-p) filtering from the generation's own random stream
+    /// seeded with `sampling.seed` (independent of torch's global generator). Also returns the prompt's logits `[T, vocab]` in f32.
     pub fn generate(&self, prompt: &[i64], sampling: &Sampling) -> Result<Generation, Error> {
         if prompt.is_empty() {
             return Err(Error::BadInput("generation needs a non-empty prompt".into()));
         }
-        tch::manual_seed(sampling.seed as i64);
+        let mut rng = SampleRng(sampling.seed);
         tch::no_grad(|| {
             let mut caches: Vec<KvCache> = (0..self.layers.len()).map(|_| KvCache::default()).collect();
             let t = prompt.len() as i64;
@@ -413,7 +469,7 @@ impl CausalLm {
             let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?.f_view([1, t])?;
             let logits = self.step_cached(&ids, &pos, &mut caches)?;
             let prompt_logits = logits.f_get(0)?.f_to_kind(Kind::Float)?;
-            let mut next = sample(&prompt_logits.f_get(t - 1)?, sampling)?;
+            let mut next = sample(&prompt_logits.f_get(t - 1)?, sampling, &mut rng)?;
             let mut tokens = Vec::new();
             for i in 0..sampling.max_new_tokens {
                 tokens.push(next);
@@ -423,7 +479,7 @@ impl CausalLm {
                 let ids = Tensor::from_slice(&[next]).f_to_device(self.device)?.f_view([1, 1])?;
                 let pos = Tensor::from_slice(&[t + i as i64]).f_to_device(self.device)?.f_view([1, 1])?;
                 let logits = self.step_cached(&ids, &pos, &mut caches)?;
-                next = sample(&logits.f_get(0)?.f_get(0)?.f_to_kind(Kind::Float)?, sampling)?;
+                next = sample(&logits.f_get(0)?.f_get(0)?.f_to_kind(Kind::Float)?, sampling, &mut rng)?;
             }
             Ok(Generation { tokens, prompt_logits })
         })
