@@ -8,6 +8,13 @@
 //! the inputs of both norms and of every linear, q/k/v, the attention output and log-sum-exp,
 //! the MLP's gate, up and their product. With checkpointing, only each layer's input is kept,
 //! plus one layer's full set while it is recomputed. The loss keeps fp32 logits and their grad.
+//!
+//! On top of that block, what nibble's CPU path keeps (measured against the RSS of runs in
+//! docs/benchmarks.md): each adapted linear's input in the adapter dtype (PEFT casts the input to
+//! the adapters' fp32 for every adapter, so q/k/v keep three copies) and the `r`-wide
+//! intermediate; the attention probabilities `[batch, heads, seq, seq]` when attention runs
+//! with an explicit mask (packed sequences); f32 copies of q/k/v (and f32 probabilities) when
+//! 16-bit matmuls run in f32; and the process's own footprint before loading.
 
 use std::fmt;
 
@@ -110,6 +117,12 @@ pub struct RunShape {
     pub seq: u64,
     /// Recompute each decoder layer in backward.
     pub gradient_checkpointing: bool,
+    /// Attention keeps its `seq x seq` probabilities (an explicit mask, as for packed sequences).
+    pub attention_scores: bool,
+    /// 16-bit matmuls run in f32 (nibble's `cpu_matmul` on CPUs without 16-bit GEMMs).
+    pub matmul_in_f32: bool,
+    /// The process before loading anything (runtime libraries, tokenizer), bytes.
+    pub runtime: u64,
 }
 
 /// The estimate, by component, in bytes.
@@ -127,8 +140,11 @@ pub struct Estimate {
     pub optimizer: u64,
     /// What autograd keeps across all decoder layers at the end of the forward pass.
     pub activations: u64,
-    /// fp32 logits and their gradient for the loss.
+    /// fp32 logits and their gradient for the loss (and the head's f32 weight copy when 16-bit
+    /// matmuls run in f32).
     pub logits: u64,
+    /// The process before loading (runtime libraries).
+    pub runtime: u64,
 }
 
 impl Estimate {
@@ -141,10 +157,11 @@ impl Estimate {
             + self.optimizer
             + self.activations
             + self.logits
+            + self.runtime
     }
 
     /// Each component with a name, for display.
-    pub fn parts(&self) -> [(&'static str, u64); 7] {
+    pub fn parts(&self) -> [(&'static str, u64); 8] {
         [
             ("base weights (decoder linears)", self.base_linears),
             ("embeddings, head, norms", self.unquantized),
@@ -153,6 +170,7 @@ impl Estimate {
             ("AdamW states", self.optimizer),
             ("activations", self.activations),
             ("logits (fp32) and their grad", self.logits),
+            ("runtime (process before loading)", self.runtime),
         ]
     }
 }
@@ -191,7 +209,26 @@ pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
                 .sum::<u64>()
     };
     let tokens = run.batch * run.seq;
-    let per_layer = tokens * saved_per_token(model) * run.dtype_bytes;
+    // Each adapted linear keeps its input in the adapter dtype and its r-wide intermediate.
+    let lora_saved: u64 = if run.lora_r == 0 {
+        0
+    } else {
+        block_linears(model)
+            .iter()
+            .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
+            .map(|(_, i, _)| tokens * (i + run.lora_r) * run.adapter_bytes)
+            .sum()
+    };
+    let upcast = run.matmul_in_f32 && run.dtype_bytes < 4;
+    let score_bytes = if upcast { 4 } else { run.dtype_bytes };
+    let scores =
+        if run.attention_scores { run.batch * model.heads * run.seq * run.seq * score_bytes } else { 0 };
+    let qkv_f32 = if upcast {
+        tokens * (model.heads * model.head_dim + 2 * model.kv_heads * model.head_dim) * 4
+    } else {
+        0
+    };
+    let per_layer = tokens * saved_per_token(model) * run.dtype_bytes + lora_saved + scores + qkv_f32;
     let activations = if run.gradient_checkpointing {
         model.layers * tokens * model.hidden * run.dtype_bytes + per_layer
     } else {
@@ -204,7 +241,9 @@ pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
         lora_grads: lora_params * run.adapter_bytes,
         optimizer: lora_params * 8,
         activations,
-        logits: 2 * tokens * model.vocab * 4,
+        // With f32 matmuls the output head's weight is also upcast for its forward and backward.
+        logits: 2 * tokens * model.vocab * 4 + if upcast { model.vocab * model.hidden * 4 } else { 0 },
+        runtime: run.runtime,
     }
 }
 
@@ -237,6 +276,9 @@ mod tests {
             batch: 4,
             seq: 2048,
             gradient_checkpointing: checkpointing,
+            attention_scores: false,
+            matmul_in_f32: false,
+            runtime: 0,
         }
     }
 
@@ -257,6 +299,54 @@ mod tests {
         // r=16 on all seven linears: 39,976,960 adapter parameters (PEFT reports the same).
         assert_eq!(e.lora_weights, 39_976_960 * 4);
         assert_eq!(e.optimizer, 39_976_960 * 8);
+    }
+
+    #[test]
+    fn adapter_inputs_scores_and_f32_copies_are_counted() {
+        let m = ModelShape {
+            vocab: 100,
+            hidden: 8,
+            intermediate: 16,
+            layers: 2,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            tied_embeddings: true,
+        };
+        let plain = RunShape {
+            base: BaseWeights::FourBit { double_quant: true },
+            dtype_bytes: 2,
+            lora_r: 0,
+            lora_targets: vec![],
+            adapter_bytes: 4,
+            batch: 3,
+            seq: 5,
+            gradient_checkpointing: false,
+            attention_scores: false,
+            matmul_in_f32: false,
+            runtime: 7,
+        };
+        let base = estimate(&m, &plain);
+        assert_eq!(base.runtime, 7);
+        assert_eq!(base.total(), estimate(&m, &RunShape { runtime: 0, ..plain.clone() }).total() + 7);
+        let tokens = 15;
+        // r=2 on q_proj (in 8) and down_proj (in 16): input + r-wide intermediate, fp32, per layer.
+        let lora =
+            RunShape { lora_r: 2, lora_targets: vec!["q_proj".into(), "down_proj".into()], ..plain.clone() };
+        let lora_saved = tokens * ((8 + 2) + (16 + 2)) * 4;
+        assert_eq!(estimate(&m, &lora).activations - base.activations, 2 * lora_saved);
+        // Probabilities [3, 2, 5, 5] per layer in the compute dtype, f32 when upcast.
+        let scores = RunShape { attention_scores: true, ..plain.clone() };
+        assert_eq!(estimate(&m, &scores).activations - base.activations, 2 * 3 * 2 * 25 * 2);
+        // Upcast: f32 q (2 x 4) and k, v (1 x 4 each) per token, plus f32 probabilities, and an
+        // f32 copy of the head.
+        let up = RunShape { attention_scores: true, matmul_in_f32: true, ..plain.clone() };
+        assert_eq!(estimate(&m, &up).activations - base.activations, 2 * (3 * 2 * 25 * 4 + tokens * 16 * 4));
+        assert_eq!(estimate(&m, &up).logits - base.logits, 100 * 8 * 4);
+        // An fp32 run is not upcast.
+        let f32_run = RunShape { dtype_bytes: 4, matmul_in_f32: true, ..plain };
+        let f32_plain = RunShape { matmul_in_f32: false, ..f32_run.clone() };
+        assert_eq!(estimate(&m, &f32_run), estimate(&m, &f32_plain));
     }
 
     #[test]

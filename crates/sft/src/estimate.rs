@@ -20,6 +20,23 @@ fn dtype_bytes(recipe: &Recipe, cfg: &HfConfig) -> u64 {
     }
 }
 
+/// sft's resident memory when loading starts (libtorch, tokenizer, the process), measured on the
+/// bench machine (docs/benchmarks.md).
+const RUNTIME_BYTES: u64 = 170 << 20;
+
+/// Whether the run's 16-bit matmuls will run in f32 (the recipe's `cpu_matmul` on this CPU).
+fn matmul_in_f32(recipe: &Recipe, device: Device) -> Result<bool> {
+    let policy = quant::ops::CpuMatmul::parse(&recipe.training.cpu_matmul).with_context(|| {
+        format!("cpu_matmul `{}` is not one of auto, native, f32", recipe.training.cpu_matmul)
+    })?;
+    policy.set();
+    let kind = match recipe.model.dtype {
+        Dtype::Float16 => tch::Kind::Half,
+        _ => tch::Kind::BFloat16,
+    };
+    Ok(device == Device::Cpu && quant::ops::matmul_in_f32(kind, tch::Device::Cpu))
+}
+
 /// Which of a decoder block's linears the recipe's `lora_target_modules` selects, judged on the
 /// module paths of layer 0 (PEFT's rules: exact name or `.suffix` for lists, full-match regex
 /// for a string, every linear but the head for `all-linear`).
@@ -70,6 +87,10 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
         batch: u64::try_from(recipe.training.per_device_train_batch_size).unwrap_or(1),
         seq: recipe.training.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
         gradient_checkpointing: recipe.training.gradient_checkpointing,
+        // Packed rows attend through an explicit mask, which keeps the probabilities.
+        attention_scores: recipe.training.packing,
+        matmul_in_f32: matmul_in_f32(recipe, device)?,
+        runtime: if device == Device::Cpu { RUNTIME_BYTES } else { 0 },
     };
     let e = estimate(&cfg.shape, &run);
     let s = &cfg.shape;
