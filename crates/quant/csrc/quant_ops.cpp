@@ -520,6 +520,17 @@ bool have_avx2() {
   return yes;
 }
 
+// The bf16 bits of 8 floats, one per 32-bit lane (low half): round to nearest even on the bits,
+// as to_bf16_bits, and NaN becomes 0x7fc0.
+__attribute__((target("avx2"), always_inline)) inline __m256i bf16_bits_avx2(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+}
+
 // One whole block (len a multiple of 32) with AVX2, table included: the 16 products
 // `code[k] * absmax` are formed and rounded in two vectors (the per-block scalar table cost as
 // much as the lookups themselves at blocksize 64), then every 16 packed bytes become 32 outputs.
@@ -536,16 +547,9 @@ __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* p
     c1 = _mm256_cvtph_ps(_mm256_cvtps_ph(c1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   if constexpr (OUT == kOutF32Bf16) {
-    // Round to nearest even on the bits (as to_bf16_bits), NaN stays NaN.
-    for (__m256* c : {&c0, &c1}) {
-      const __m256i bits = _mm256_castps_si256(*c);
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-      const __m256i rounded = _mm256_slli_epi32(
-          _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16),
-          16);
-      const __m256 nan = _mm256_cmp_ps(*c, *c, _CMP_UNORD_Q);
-      *c = _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), nan);
-    }
+    // The bf16 values as f32 (NaN stays NaN: 0x7fc0 becomes 0x7fc00000).
+    c0 = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_avx2(c0), 16));
+    c1 = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_avx2(c1), 16));
   }
   if constexpr (OUT == kOutF32 || OUT == kOutF32Bf16 || OUT == kOutF32F16) {
     float* o = static_cast<float*>(out);
@@ -570,16 +574,11 @@ __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* p
     __m256i r[2];
     const __m256 c[2] = {c0, c1};
     for (int h = 0; h < 2; ++h) {
-      const __m256 nan = _mm256_cmp_ps(c[h], c[h], _CMP_UNORD_Q);
       if constexpr (OUT == kOutBf16) {
-        // Round to nearest even on the bits, as to_bf16_bits; NaN becomes 0x7fc0.
-        const __m256i bits = _mm256_castps_si256(c[h]);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        const __m256i rounded = _mm256_srli_epi32(
-            _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-        r[h] = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+        r[h] = bf16_bits_avx2(c[h]);
       } else {
         // F16C rounds to nearest even like c10::Half; NaN is made c10's 0x7e00.
+        const __m256 nan = _mm256_cmp_ps(c[h], c[h], _CMP_UNORD_Q);
         const __m256i half = _mm256_cvtepu16_epi32(
             _mm256_cvtps_ph(c[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         r[h] = _mm256_blendv_epi8(half, _mm256_set1_epi32(0x7e00), _mm256_castps_si256(nan));

@@ -62,6 +62,17 @@ fn weight_dims(weight_shape: &[i64]) -> Result<(i64, i64), Error> {
     }
 }
 
+/// An input's last dimension must be the layer's input features.
+fn check_in_features(x: &Tensor, in_features: i64) -> Result<(), Error> {
+    if x.size().last().copied() != Some(in_features) {
+        return Err(Error::BadTensor {
+            what: "input",
+            problem: format!("last dimension must be {in_features}, got shape {:?}", x.size()),
+        });
+    }
+    Ok(())
+}
+
 fn check_bias(bias: Option<&Tensor>, out_features: i64) -> Result<(), Error> {
     match bias {
         Some(b) if b.size() != [out_features] => Err(Error::BadTensor {
@@ -174,13 +185,7 @@ impl Linear4bit {
 
 impl Linear for Linear4bit {
     fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
-        let last = x.size().last().copied();
-        if last != Some(self.in_features) {
-            return Err(Error::BadTensor {
-                what: "input",
-                problem: format!("last dimension must be {}, got shape {:?}", self.in_features, x.size()),
-            });
-        }
+        check_in_features(x, self.in_features)?;
         // Casts are tracked by autograd, so gradients flow back in the caller's dtype.
         let input_kind = x.f_kind()?;
         // 16-bit compute on a CPU without native 16-bit GEMMs: the matmuls run in f32 on the
@@ -315,13 +320,7 @@ impl Linear8bit {
 
 impl Linear for Linear8bit {
     fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
-        let last = x.size().last().copied();
-        if last != Some(self.in_features) {
-            return Err(Error::BadTensor {
-                what: "input",
-                problem: format!("last dimension must be {}, got shape {:?}", self.in_features, x.size()),
-            });
-        }
+        check_in_features(x, self.in_features)?;
         let kind = x.f_kind()?;
         if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
             return Err(Error::BadTensor {

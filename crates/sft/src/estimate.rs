@@ -26,10 +26,7 @@ const RUNTIME_BYTES: u64 = 170 << 20;
 
 /// Whether the run's 16-bit matmuls will run in f32 (the recipe's `cpu_matmul` on this CPU).
 fn matmul_in_f32(recipe: &Recipe, device: Device) -> Result<bool> {
-    let policy = quant::ops::CpuMatmul::parse(&recipe.training.cpu_matmul).with_context(|| {
-        format!("cpu_matmul `{}` is not one of auto, native, f32", recipe.training.cpu_matmul)
-    })?;
-    policy.set();
+    crate::run::apply_cpu_matmul(recipe)?;
     let kind = match recipe.model.dtype {
         Dtype::Float16 => tch::Kind::Half,
         _ => tch::Kind::BFloat16,

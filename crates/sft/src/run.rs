@@ -32,17 +32,23 @@ fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
     }
 }
 
+/// Make the recipe's `cpu_matmul` the process's policy (before any model runs or is estimated).
+pub(crate) fn apply_cpu_matmul(recipe: &Recipe) -> Result<()> {
+    let policy = &recipe.training.cpu_matmul;
+    let Some(policy) = quant::ops::CpuMatmul::parse(policy) else {
+        bail!("cpu_matmul `{policy}` is not one of auto, native, f32");
+    };
+    policy.set();
+    Ok(())
+}
+
 fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
     let m = &recipe.model;
     if m.load_in_8bit && m.load_in_4bit {
         bail!("load_in_8bit and load_in_4bit are exclusive: choose one");
     }
     let dtype = model_kind(recipe, cfg);
-    let policy = &recipe.training.cpu_matmul;
-    let Some(policy) = quant::ops::CpuMatmul::parse(policy) else {
-        bail!("cpu_matmul `{policy}` is not one of auto, native, f32");
-    };
-    policy.set();
+    apply_cpu_matmul(recipe)?;
     let quantize = m.load_in_4bit.then_some(QuantizeOptions {
         quant_type: match m.bnb_4bit_quant_type {
             config::types::QuantType::Fp4 => quant::QuantType::Fp4,
