@@ -10,11 +10,13 @@
 //! plus one layer's full set while it is recomputed. The loss keeps fp32 logits and their grad.
 //!
 //! On top of that block, what nibble's CPU path keeps (measured against the RSS of runs in
-//! docs/benchmarks.md): each adapted linear's input in the adapter dtype (PEFT casts the input to
-//! the adapters' fp32 for every adapter, so q/k/v keep three copies) and the `r`-wide
-//! intermediate; the attention probabilities `[batch, heads, seq, seq]` when attention runs
-//! with an explicit mask (packed sequences); f32 copies of q/k/v (and f32 probabilities) when
-//! 16-bit matmuls run in f32; and the process's own footprint before loading.
+//! docs/benchmarks.md): each adapter's `r`-wide intermediate, and with LoRA dropout its dropped
+//! input in the adapter dtype (without dropout an adapter keeps the 16-bit input the block
+//! already keeps, not PEFT's fp32 copy); the attention probabilities `[batch, heads, seq, seq]`
+//! when attention runs with an explicit mask (packed sequences); f32 copies of q/k/v (and f32
+//! probabilities) when 16-bit matmuls run in f32; and the process's own footprint before
+//! loading. The loss runs over chunks of positions (`logits_chunk_bytes` of f32 logits at a
+//! time), so logits cost a few chunks, not `tokens x vocab`.
 
 use std::fmt;
 
@@ -111,6 +113,8 @@ pub struct RunShape {
     pub lora_targets: Vec<String>,
     /// Bytes per adapter parameter (4 for fp32 adapters).
     pub adapter_bytes: u64,
+    /// LoRA dropout is on (each adapter then keeps its own dropped copy of its input).
+    pub lora_dropout: bool,
     /// Sequences per micro-batch.
     pub batch: u64,
     /// Tokens per sequence.
@@ -121,6 +125,8 @@ pub struct RunShape {
     pub attention_scores: bool,
     /// 16-bit matmuls run in f32 (nibble's `cpu_matmul` on CPUs without 16-bit GEMMs).
     pub matmul_in_f32: bool,
+    /// Most bytes of f32 logits the loss materialises at once (0: all `tokens x vocab`).
+    pub logits_chunk_bytes: u64,
     /// The process before loading anything (runtime libraries, tokenizer), bytes.
     pub runtime: u64,
 }
@@ -140,8 +146,8 @@ pub struct Estimate {
     pub optimizer: u64,
     /// What autograd keeps across all decoder layers at the end of the forward pass.
     pub activations: u64,
-    /// fp32 logits and their gradient for the loss (and the head's f32 weight copy when 16-bit
-    /// matmuls run in f32).
+    /// One chunk's fp32 logits, log-probabilities and their gradients for the loss (and a slab
+    /// of the head's f32 weight when 16-bit matmuls run in f32).
     pub logits: u64,
     /// The process before loading (runtime libraries).
     pub runtime: u64,
@@ -184,6 +190,10 @@ impl fmt::Display for Estimate {
     }
 }
 
+/// Bytes of f32 head weight nibble's frozen 16-bit linears upcast at once (quant's
+/// `DenseUpcastFn` slab).
+const HEAD_SLAB_BYTES: u64 = 8 << 20;
+
 /// Elements autograd keeps per token in one decoder layer (see the module docs).
 fn saved_per_token(s: &ModelShape) -> u64 {
     let q = s.heads * s.head_dim;
@@ -209,14 +219,16 @@ pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
                 .sum::<u64>()
     };
     let tokens = run.batch * run.seq;
-    // Each adapted linear keeps its input in the adapter dtype and its r-wide intermediate.
+    // Each adapted linear keeps its r-wide intermediate, and with dropout its dropped input.
     let lora_saved: u64 = if run.lora_r == 0 {
         0
     } else {
         block_linears(model)
             .iter()
             .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
-            .map(|(_, i, _)| tokens * (i + run.lora_r) * run.adapter_bytes)
+            .map(|(_, i, _)| {
+                tokens * (if run.lora_dropout { *i } else { 0 } + run.lora_r) * run.adapter_bytes
+            })
             .sum()
     };
     let upcast = run.matmul_in_f32 && run.dtype_bytes < 4;
@@ -241,8 +253,13 @@ pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
         lora_grads: lora_params * run.adapter_bytes,
         optimizer: lora_params * 8,
         activations,
-        // With f32 matmuls the output head's weight is also upcast for its forward and backward.
-        logits: 2 * tokens * model.vocab * 4 + if upcast { model.vocab * model.hidden * 4 } else { 0 },
+        logits: {
+            let all = tokens * model.vocab * 4;
+            let chunk = if run.logits_chunk_bytes == 0 { all } else { all.min(run.logits_chunk_bytes) };
+            // f32 logits, log-probabilities, their gradient and the 16-bit logits' gradient;
+            // with f32 matmuls the head's weight is upcast one slab at a time.
+            4 * chunk + if upcast { (model.vocab * model.hidden * 4).min(HEAD_SLAB_BYTES) } else { 0 }
+        },
         runtime: run.runtime,
     }
 }
@@ -273,11 +290,13 @@ mod tests {
                 .map(String::from)
                 .to_vec(),
             adapter_bytes: 4,
+            lora_dropout: false,
             batch: 4,
             seq: 2048,
             gradient_checkpointing: checkpointing,
             attention_scores: false,
             matmul_in_f32: false,
+            logits_chunk_bytes: 0,
             runtime: 0,
         }
     }
@@ -319,22 +338,27 @@ mod tests {
             lora_r: 0,
             lora_targets: vec![],
             adapter_bytes: 4,
+            lora_dropout: false,
             batch: 3,
             seq: 5,
             gradient_checkpointing: false,
             attention_scores: false,
             matmul_in_f32: false,
+            logits_chunk_bytes: 0,
             runtime: 7,
         };
         let base = estimate(&m, &plain);
         assert_eq!(base.runtime, 7);
         assert_eq!(base.total(), estimate(&m, &RunShape { runtime: 0, ..plain.clone() }).total() + 7);
         let tokens = 15;
-        // r=2 on q_proj (in 8) and down_proj (in 16): input + r-wide intermediate, fp32, per layer.
+        // r=2 on q_proj (in 8) and down_proj (in 16): the r-wide intermediate, fp32, per layer
+        // (the 16-bit inputs are the block's own); with dropout also each dropped fp32 input.
         let lora =
             RunShape { lora_r: 2, lora_targets: vec!["q_proj".into(), "down_proj".into()], ..plain.clone() };
+        assert_eq!(estimate(&m, &lora).activations - base.activations, 2 * tokens * (2 + 2) * 4);
+        let dropout = RunShape { lora_dropout: true, ..lora.clone() };
         let lora_saved = tokens * ((8 + 2) + (16 + 2)) * 4;
-        assert_eq!(estimate(&m, &lora).activations - base.activations, 2 * lora_saved);
+        assert_eq!(estimate(&m, &dropout).activations - base.activations, 2 * lora_saved);
         // Probabilities [3, 2, 5, 5] per layer in the compute dtype, f32 when upcast.
         let scores = RunShape { attention_scores: true, ..plain.clone() };
         assert_eq!(estimate(&m, &scores).activations - base.activations, 2 * 3 * 2 * 25 * 2);
@@ -343,6 +367,10 @@ mod tests {
         let up = RunShape { attention_scores: true, matmul_in_f32: true, ..plain.clone() };
         assert_eq!(estimate(&m, &up).activations - base.activations, 2 * (3 * 2 * 25 * 4 + tokens * 16 * 4));
         assert_eq!(estimate(&m, &up).logits - base.logits, 100 * 8 * 4);
+        // Whole logits: four f32 [tokens, vocab] buffers; chunked: four chunks.
+        assert_eq!(base.logits, 4 * tokens * 100 * 4);
+        let chunked = RunShape { logits_chunk_bytes: 1000, ..plain.clone() };
+        assert_eq!(estimate(&m, &chunked).logits, 4 * 1000);
         // An fp32 run is not upcast.
         let f32_run = RunShape { dtype_bytes: 4, matmul_in_f32: true, ..plain };
         let f32_plain = RunShape { matmul_in_f32: false, ..f32_run.clone() };

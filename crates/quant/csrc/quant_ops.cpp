@@ -849,20 +849,42 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
   }
 };
 
+// Bytes of f32 weight a frozen dense upcast linear converts at once: the output head of a 32k
+// vocabulary is 98 MiB in f32 at hidden 768 (1 GiB at 128k x 4096), so the weight is upcast and
+// multiplied in slabs of output rows instead of as one f32 copy.
+constexpr int64_t kUpcastSlabBytes = 8 << 20;
+
+// Rows of `weight` per slab of at most kUpcastSlabBytes in f32.
+int64_t upcast_slab_rows(const at::Tensor& weight) {
+  return std::max<int64_t>(1, kUpcastSlabBytes / (4 * std::max<int64_t>(1, weight.size(1))));
+}
+
 // A frozen dense linear whose 16-bit matmuls run in f32 (x and W upcast, one rounding of the
 // result back): on CPUs without native bf16/f16 GEMMs torch's 16-bit products run one to two
 // orders of magnitude slower than f32 ones (docs/benchmarks.md). Saves only the 16-bit weight
-// (alive anyway), not its f32 copy; backward upcasts it again.
+// (alive anyway), not its f32 copy; forward and backward upcast it again slab by slab, so no
+// f32 copy of the whole weight ever exists.
 struct DenseUpcastFn : public torch::autograd::Function<DenseUpcastFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
     const bool has_bias = bias.has_value() && bias->defined();
-    const at::Tensor xf = x.to(at::kFloat);
-    const at::Tensor wf = weight.to(at::kFloat);
-    at::Tensor y = has_bias ? at::linear(xf, wf, bias->to(at::kFloat)) : at::linear(xf, wf);
+    const int64_t out_features = weight.size(0);
+    const at::Tensor xf = x.reshape({-1, weight.size(1)}).to(at::kFloat);
+    auto sizes = x.sizes().vec();
+    sizes.back() = out_features;
+    at::Tensor y = at::empty({xf.size(0), out_features}, x.options());
+    const int64_t rows = upcast_slab_rows(weight);
+    for (int64_t start = 0; start < out_features; start += rows) {
+      const int64_t len = std::min(rows, out_features - start);
+      const at::Tensor wf = weight.narrow(0, start, len).to(at::kFloat);
+      at::Tensor part = has_bias ? at::addmm(bias->narrow(0, start, len).to(at::kFloat), xf, wf.t())
+                                 : at::mm(xf, wf.t());
+      // One rounding of each f32 result to x's dtype, as `.to(dtype)` of the whole product.
+      y.narrow(1, start, len).copy_(part);
+    }
     ctx->save_for_backward({weight});
     ctx->saved_data["has_bias"] = has_bias;
-    return y.to(x.scalar_type());
+    return y.view(sizes);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -875,15 +897,59 @@ struct DenseUpcastFn : public torch::autograd::Function<DenseUpcastFn> {
     if (ctx->needs_input_grad(0)) {
       auto sizes = g.sizes().vec();
       sizes.back() = w.size(1);
-      grad_x = at::mm(g.reshape({-1, out_features}).to(at::kFloat), w.to(at::kFloat))
-                   .to(g.scalar_type())
-                   .view(sizes);
+      const at::Tensor gf = g.reshape({-1, out_features}).to(at::kFloat);
+      const int64_t rows = upcast_slab_rows(w);
+      at::Tensor acc;
+      for (int64_t start = 0; start < out_features; start += rows) {
+        const int64_t len = std::min(rows, out_features - start);
+        const at::Tensor wf = w.narrow(0, start, len).to(at::kFloat);
+        const at::Tensor gs = gf.narrow(1, start, len);
+        if (!acc.defined()) {
+          acc = at::mm(gs, wf);
+        } else {
+          acc.addmm_(gs, wf);
+        }
+      }
+      grad_x = acc.to(g.scalar_type()).view(sizes);
     }
     at::Tensor grad_b;
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_b = g.reshape({-1, out_features}).to(at::kFloat).sum(0).to(g.scalar_type());
     }
     return {grad_x, at::Tensor(), grad_b};
+  }
+};
+
+// A linear whose weight is wider than its input (a LoRA factor in f32 on bf16 activations, as
+// PEFT computes it): y = x.to(w) W^T. Plain autograd would save the f32 copy of x for the
+// weight's gradient; this saves x itself (often alive anyway: the base layer's input) and
+// upcasts it again in backward. Same matmuls as autograd through at::linear.
+struct UpcastInputLinearFn : public torch::autograd::Function<UpcastInputLinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = weight.size(0);
+    const at::Tensor xf = x.reshape({-1, weight.size(1)}).to(weight.scalar_type());
+    at::Tensor y = at::mm(xf, weight.t());
+    ctx->save_for_backward({x, weight});
+    return y.view(sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor g = grads[0].reshape({-1, w.size(0)});
+    at::Tensor grad_x;
+    at::Tensor grad_w;
+    if (ctx->needs_input_grad(0)) {
+      grad_x = at::mm(g, w).to(x.scalar_type()).view(x.sizes());
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_w = at::mm(g.t(), x.reshape({-1, w.size(1)}).to(w.scalar_type()));
+    }
+    return {grad_x, grad_w};
   }
 };
 
@@ -1096,6 +1162,19 @@ char* nibble_dense_upcast_forward(const at::Tensor* x, const at::Tensor* weight,
       b = *bias;
     }
     at::Tensor y = DenseUpcastFn::apply(*x, *weight, b);
+    *result = new at::Tensor(std::move(y));
+  });
+}
+
+// UpcastInputLinearFn: x.to(w.dtype) W^T, saving x (not its upcast copy) for backward.
+char* nibble_upcast_input_linear(const at::Tensor* x, const at::Tensor* weight,
+                                 at::Tensor** result) {
+  return guarded([&] {
+    *result = nullptr;
+    TORCH_CHECK(weight->dim() == 2, "weight must be 2-D, got ", weight->dim(), " dimensions");
+    TORCH_CHECK(x->size(-1) == weight->size(1), "input has ", x->size(-1),
+                " features in its last dimension, the layer expects ", weight->size(1));
+    at::Tensor y = UpcastInputLinearFn::apply(*x, *weight);
     *result = new at::Tensor(std::move(y));
   });
 }

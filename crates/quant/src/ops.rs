@@ -82,6 +82,11 @@ mod ffi {
             bias: *const c_void,
             result: *mut *mut c_void,
         ) -> *mut c_char;
+        pub fn nibble_upcast_input_linear(
+            x: *const c_void,
+            weight: *const c_void,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
         pub fn nibble_linear4bit_forward(
             x: *const c_void,
             packed: *const c_void,
@@ -644,6 +649,17 @@ pub fn dense_upcast_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
     let bias_ptr = bias.map_or(std::ptr::null(), ptr);
     // SAFETY: the tensors live for the call; `result` is a valid local.
     let err = unsafe { ffi::nibble_dense_upcast_forward(ptr(x), ptr(weight), bias_ptr, &mut result) };
+    check(err)?;
+    take(result, "output")
+}
+
+/// `x.to(w.kind()) W^T` for a weight wider than its input (PEFT's f32 LoRA factors on 16-bit
+/// activations), keeping `x` itself for backward instead of its upcast copy: half the saved
+/// activation bytes of every adapter, and one copy where several adapters share an input.
+pub fn upcast_input_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor, Error> {
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err = unsafe { ffi::nibble_upcast_input_linear(ptr(x), ptr(weight), &mut result) };
     check(err)?;
     take(result, "output")
 }

@@ -81,12 +81,14 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
         lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
         lora_targets: lora_targets(recipe.model.lora_target_modules.as_ref())?,
         adapter_bytes: 4,
+        lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
         batch: u64::try_from(recipe.training.per_device_train_batch_size).unwrap_or(1),
         seq: recipe.training.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
         gradient_checkpointing: recipe.training.gradient_checkpointing,
         // Packed rows attend through an explicit mask, which keeps the probabilities.
         attention_scores: recipe.training.packing,
         matmul_in_f32: matmul_in_f32(recipe, device)?,
+        logits_chunk_bytes: sft::train::HEAD_CHUNK_BYTES as u64,
         runtime: if device == Device::Cpu { RUNTIME_BYTES } else { 0 },
     };
     let e = estimate(&cfg.shape, &run);

@@ -420,6 +420,11 @@ impl CausalLm {
         layer.forward(h, ctx)
     }
 
+    /// Logits per position (the output head's width), for callers that size work by it.
+    pub fn vocab_size(&self) -> i64 {
+        self.lm_head.out_features()
+    }
+
     /// Final norm and output head: logits `[B, T, vocab]` in the model dtype.
     pub fn head(&self, h: &Tensor) -> Result<Tensor, Error> {
         let h = self.norm.forward(h)?;

@@ -24,8 +24,7 @@ pub use checkpoint::{Checkpoint, CheckpointError};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
 pub use schedule::{Schedule, ScheduleError};
 pub use step::{
-    DeviceBatch, MicroStats, evaluate_batch, forward_backward, forward_backward_with, loss_sum,
-    token_accuracy,
+    DeviceBatch, HEAD_CHUNK_BYTES, MicroStats, evaluate_batch, forward_backward, forward_backward_with,
 };
 
 /// Why training stopped early.

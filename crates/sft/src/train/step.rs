@@ -31,26 +31,6 @@ pub struct MicroStats {
     pub total: u64,
 }
 
-/// Argmax hits and labelled positions of next-token predictions (TRL's `mean_token_accuracy`).
-pub fn token_accuracy(logits: &Tensor, labels: &Tensor) -> Result<(u64, u64), tch::TchError> {
-    let t = logits.size()[1];
-    let pred = logits.f_narrow(1, 0, t - 1)?.f_argmax(-1, false)?;
-    let target = labels.f_narrow(1, 1, t - 1)?;
-    let mask = target.f_ne(-100)?;
-    let correct = pred.f_eq_tensor(&target)?.f_logical_and(&mask)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    let total = mask.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    Ok((correct as u64, total as u64))
-}
-
-/// Sum of next-token cross-entropy over the labelled positions, in f32.
-pub fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor, tch::TchError> {
-    let t = logits.size()[1];
-    let v = logits.size()[2];
-    let pred = logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?.f_reshape([-1, v])?;
-    let target = labels.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
-    pred.f_cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, -100, 0.0)
-}
-
 /// Forward and backward of one micro-batch, gradients accumulating into the trainable tensors;
 /// returns this micro-batch's share of the window loss (`sum / num_items`) and its accuracy.
 ///
@@ -74,6 +54,80 @@ fn neftune(h: Tensor, alpha: Option<f64>) -> Result<Tensor, tch::TchError> {
     let size = h.size();
     let mag = alpha / ((size[1] * size[2]) as f64).sqrt();
     h.f_add(&h.f_zeros_like()?.f_uniform_(-mag, mag)?)
+}
+
+/// Bytes of f32 logits [`head_loss`] materialises at once: a full `[B*T, vocab]` f32 copy is
+/// the largest tensor of a step (8 x 2048 tokens of a 128k vocabulary: 8 GiB), so the head and
+/// the loss run over chunks of labelled positions instead.
+pub const HEAD_CHUNK_BYTES: i64 = 32 << 20;
+
+/// What [`head_loss`] gave: the micro-batch's stats and, when asked, the gradient at `h`.
+struct HeadLoss {
+    stats: MicroStats,
+    grad: Tensor,
+}
+
+/// Final norm, output head and next-token cross-entropy (summed, divided by `num_items`) over the
+/// labelled positions of `h [B, T, hidden]` only, in chunks of at most `chunk_bytes` of f32
+/// logits ([`HEAD_CHUNK_BYTES`] in training); with `backward`, each chunk's loss is back-propagated at once (into trainable head
+/// parameters and the returned gradient at `h`), so no more than one chunk of logits is ever
+/// alive. Same per-position values and gradients as the whole-tensor loss; unlabelled positions
+/// get exactly zero gradient, as there.
+fn head_loss(
+    model: &CausalLm,
+    h: &Tensor,
+    labels: &Tensor,
+    num_items: f64,
+    backward: bool,
+    chunk_bytes: i64,
+) -> Result<HeadLoss, model_loader::Error> {
+    let size = h.size();
+    let [b, t, hidden] = size[..] else {
+        return Err(model_loader::Error::BadInput(format!(
+            "hidden states must be [batch, seq, hidden], got {size:?}"
+        )));
+    };
+    let leaf = h.f_detach()?.set_requires_grad(backward);
+    let flat = leaf.f_reshape([b * t, hidden])?;
+    // Position (r, j) predicts labels[r, j + 1]; the last position of a row predicts nothing.
+    let ignore = Tensor::f_full([b, 1], -100, (Kind::Int64, labels.device()))?;
+    let target = Tensor::f_cat(&[labels.f_narrow(1, 1, t - 1)?.f_to_kind(Kind::Int64)?, ignore], 1)?
+        .f_reshape([-1])?;
+    let rows = target.f_ne(-100)?.f_nonzero()?.f_reshape([-1])?;
+    let n = rows.size()[0];
+    let vocab = model.vocab_size().max(1);
+    let max_rows = (chunk_bytes / (4 * vocab)).max(1);
+    let chunks = (n + max_rows - 1) / max_rows;
+    let per = if chunks > 0 { (n + chunks - 1) / chunks } else { 0 };
+    let (mut loss, mut correct) = (0.0f64, 0u64);
+    let mut start = 0;
+    while start < n {
+        let len = per.min(n - start);
+        let idx = rows.f_narrow(0, start, len)?;
+        let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
+        let tgt = target.f_index_select(0, &idx)?;
+        correct +=
+            logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
+        let sum = logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
+            &tgt,
+            None,
+            Reduction::Sum,
+            -100,
+            0.0,
+        )?;
+        loss += sum.f_double_value(&[])?;
+        if backward {
+            sum.f_div_scalar(num_items)?.f_backward()?;
+        }
+        start += len;
+    }
+    let grad = if backward {
+        let g = leaf.grad();
+        if g.defined() { g } else { leaf.f_zeros_like()? }
+    } else {
+        Tensor::new()
+    };
+    Ok(HeadLoss { stats: MicroStats { loss: loss / num_items, correct, total: n as u64 }, grad })
 }
 
 /// [`forward_backward`] with NEFTune embedding noise (`neftune_alpha`), drawn from the same
@@ -100,11 +154,10 @@ pub fn forward_backward_with(
         for i in 0..model.num_layers() {
             h = layer(i, &h)?;
         }
-        let logits = model.head(&h)?;
-        let (correct, total) = token_accuracy(&logits, &batch.labels)?;
-        let loss = loss_sum(&logits, &batch.labels)?.f_div_scalar(num_items)?;
-        loss.f_backward()?;
-        return Ok(MicroStats { loss: loss.f_double_value(&[])?, correct, total });
+        let head = head_loss(model, &h, &batch.labels, num_items, true, HEAD_CHUNK_BYTES)?;
+        // Push the head's gradient at the last hidden state through the layers' graph.
+        h.f_mul(&head.grad)?.f_sum(h.f_kind()?)?.f_backward()?;
+        return Ok(head.stats);
     }
     // Forward without a graph, keeping only each layer's input.
     let mut inputs = Vec::with_capacity(model.num_layers());
@@ -114,15 +167,12 @@ pub fn forward_backward_with(
         inputs.push(h);
         h = next;
     }
-    // Head and loss with a graph, giving the gradient at the last hidden state.
-    let last = h.f_detach()?.set_requires_grad(true);
-    let logits = model.head(&last)?;
-    let (correct, total) = token_accuracy(&logits, &batch.labels)?;
-    let loss = loss_sum(&logits, &batch.labels)?.f_div_scalar(num_items)?;
-    loss.f_backward()?;
-    let value = loss.f_double_value(&[])?;
-    drop(logits);
-    let mut grad = last.grad();
+    // Head and loss, giving the gradient at the last hidden state.
+    let head = head_loss(model, &h, &batch.labels, num_items, true, HEAD_CHUNK_BYTES)?;
+    drop(h);
+    let value = head.stats.loss;
+    let (correct, total) = (head.stats.correct, head.stats.total);
+    let mut grad = head.grad;
     // Then layer by layer, last first: recompute with a graph and push the gradient through.
     for i in (0..model.num_layers()).rev() {
         let x = inputs[i].f_detach()?.set_requires_grad(true);
@@ -145,10 +195,67 @@ pub fn forward_backward_with(
 /// Evaluation of one batch without a graph: summed token loss and accuracy counts.
 pub fn evaluate_batch(model: &CausalLm, batch: &DeviceBatch) -> Result<(f64, u64, u64), model_loader::Error> {
     tch::no_grad(|| {
-        let logits =
-            model.forward(&batch.input_ids, Some(&batch.position_ids), batch.segment_ids.as_ref())?;
-        let (correct, total) = token_accuracy(&logits, &batch.labels)?;
-        let sum = loss_sum(&logits, &batch.labels)?.f_double_value(&[])?;
-        Ok((sum, correct, total))
+        let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
+        let mut h = model.embed(&batch.input_ids)?;
+        for i in 0..model.num_layers() {
+            h = model.layer(i, &h, &ctx)?;
+        }
+        let head = head_loss(model, &h, &batch.labels, 1.0, false, HEAD_CHUNK_BYTES)?;
+        Ok((head.stats.loss, head.stats.correct, head.stats.total))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use model_loader::LoadOptions;
+
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        d / b.to_kind(Kind::Double).abs().max().double_value(&[]).max(1e-30)
+    }
+
+    /// Chunks of a few positions give the loss, accuracy and gradient at the hidden states of
+    /// the whole-logits computation (`head(h)[:, :-1]` against `labels[:, 1:]`, summed).
+    #[test]
+    fn chunked_head_loss_matches_the_whole_logits_loss() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let model = CausalLm::load(&dir, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+        let (b, t) = (3, 11);
+        // Hidden states of the model's width and dtype.
+        let probe = model.embed(&Tensor::zeros([1, 1], (Kind::Int64, tch::Device::Cpu))).unwrap();
+        let h = Tensor::randn([b, t, probe.size()[2]], (probe.kind(), tch::Device::Cpu));
+        let labels = Tensor::randint_low(0, model.vocab_size(), [b, t], (Kind::Int64, tch::Device::Cpu));
+        // Masked positions: a prompt, and a whole row with nothing to learn.
+        let _ = labels.narrow(1, 0, 4).fill_(-100);
+        let _ = labels.get(2).fill_(-100);
+        let num_items = 7.0;
+
+        let x = h.detach().set_requires_grad(true);
+        let logits = model.head(&x).unwrap();
+        let pred = logits.narrow(1, 0, t - 1).to_kind(Kind::Float).reshape([-1, model.vocab_size()]);
+        let target = labels.narrow(1, 1, t - 1).reshape([-1]);
+        let want = pred.cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, -100, 0.0) / num_items;
+        want.backward();
+        let mask = target.ne(-100);
+        let want_correct = pred.argmax(-1, false).eq_tensor(&target).logical_and(&mask).sum(Kind::Int64);
+
+        for rows in [1, 3, 1000] {
+            let got = head_loss(&model, &h, &labels, num_items, true, 4 * model.vocab_size() * rows).unwrap();
+            assert!(
+                (got.stats.loss - want.double_value(&[])).abs() < 1e-5 * want.double_value(&[]).abs(),
+                "{rows} rows"
+            );
+            assert_eq!(got.stats.correct, want_correct.int64_value(&[]) as u64, "{rows} rows");
+            assert_eq!(got.stats.total, mask.sum(Kind::Int64).int64_value(&[]) as u64, "{rows} rows");
+            assert!(rel(&got.grad, &x.grad()) < 1e-5, "{rows} rows: gradient at h");
+            // Positions that predict nothing get exactly no gradient.
+            assert_eq!(got.grad.get(2).abs().max().double_value(&[]), 0.0, "{rows} rows");
+        }
+        let eval = head_loss(&model, &h, &labels, 1.0, false, 4 * model.vocab_size()).unwrap();
+        assert!((eval.stats.loss - want.double_value(&[]) * num_items).abs() < 1e-4);
+        assert!(!eval.grad.defined());
+    }
 }
