@@ -20,7 +20,9 @@ Two commands:
         step, measured by a callback). Prints a JSON summary (phase times, peak RSS) on stdout.
 
 `--key value` pairs override recipe keys as `sft`'s flags do (values read as YAML), e.g.
-`--dtype bfloat16 --gradient_checkpointing true --lora_init_adapter DIR`.
+`--dtype bfloat16 --gradient_checkpointing true --lora_init_adapter DIR`. It trains on the CPU
+unless the recipe says `use_cpu: false` and CUDA is there (recipes/bench/gpu-1b.yaml, run by
+scripts/gpu_check.sh on a GPU machine): then on GPU 0.
 
 Deliberate choices, the same as scripts/golden_trl_loss.py so that both stacks run the same
 maths: the model is given to SFTTrainer as a PeftModel loaded from the initial adapter (no
@@ -68,6 +70,11 @@ def recipe(path, overrides):
     return r
 
 
+def on_gpu(r):
+    """The recipe's `use_cpu: false` on a machine with CUDA (scripts/gpu_check.sh); else the CPU."""
+    return not r.get("use_cpu", True) and torch.cuda.is_available()
+
+
 def base_model(r):
     dtype = DTYPES[r.get("dtype", "float32")]
     bnb = BitsAndBytesConfig(
@@ -77,7 +84,7 @@ def base_model(r):
         bnb_4bit_compute_dtype=dtype,
     )
     return AutoModelForCausalLM.from_pretrained(
-        r["model_name_or_path"], quantization_config=bnb, dtype=dtype, device_map="cpu"
+        r["model_name_or_path"], quantization_config=bnb, dtype=dtype, device_map={"": 0} if on_gpu(r) else "cpu"
     )
 
 
@@ -135,7 +142,7 @@ def train(r, log_path):
         train_sampling_strategy=r.get("train_sampling_strategy", "random"),
         seed=r["seed"],
         bf16=r.get("bf16", False),
-        use_cpu=True,
+        use_cpu=not on_gpu(r),
         report_to="none",
         dataset_num_proc=None,
         dataloader_num_workers=0,
@@ -170,6 +177,7 @@ def train(r, log_path):
         "prepare_s": round(t_prepare, 3),
         "train_s": round(t_train, 3),
         "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "max_cuda_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu(r) else None,
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(summary))

@@ -770,6 +770,33 @@ inline uint8_t encode_8bit(const float* code, float x) {
   return static_cast<uint8_t>(idx);
 }
 
+// The CUDA dequantize of csrc/cuda/ (quant's `cuda` feature). This file is built without CUDA,
+// so the kernels' entry point is handed over at run time by the Rust side
+// (`nibble_register_cuda_dequantize`, called before the first 4-bit layer runs on a GPU).
+using CudaDequantize4bit = char* (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
+                                     const at::Tensor*, float, int64_t, int64_t, int32_t, int32_t,
+                                     at::Tensor**);
+std::atomic<CudaDequantize4bit> g_cuda_dequantize_4bit{nullptr};
+
+// A new CUDA tensor of `n` dequantized values (plain f32 absmax), through the registered kernels.
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t n,
+                                int64_t blocksize, int32_t qt, at::ScalarType dtype) {
+  const CudaDequantize4bit f = g_cuda_dequantize_4bit.load();
+  TORCH_CHECK(f != nullptr, "4-bit weight on ", packed.device(),
+              ", but nibble's quant crate was built without its `cuda` feature (CUDA kernels)");
+  const int32_t out = dtype == at::kFloat ? kOutF32 : dtype == at::kHalf ? kOutF16 : kOutBf16;
+  at::Tensor* result = nullptr;
+  char* err = f(&packed, &absmax, nullptr, nullptr, 0.0f, n, blocksize, qt, out, &result);
+  if (err != nullptr) {
+    const std::string msg(err);
+    std::free(err);
+    TORCH_CHECK(false, msg);
+  }
+  at::Tensor w = std::move(*result);
+  delete result;
+  return w;
+}
+
 // The weight of a Linear4bit for one matmul, dequantized into a per-thread buffer that grows
 // to the largest layer and is reused by every call: a fresh tensor per call would be fresh
 // memory, and on Linux a large one comes from mmap, whose page faults cost several times the
@@ -780,11 +807,12 @@ at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& a
                                    int32_t qt, at::ScalarType dtype, at::ScalarType round_to) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "cannot dequantize to ", dtype, " (use float32, float16 or bfloat16)");
-  if (!packed.device().is_cpu()) {
-    return dequantize_4bit_tensor(packed, absmax, out_features * in_features, blocksize, qt,
-                                  dtype)
+  if (packed.is_cuda()) {
+    return dequantize_4bit_cuda(packed, absmax, out_features * in_features, blocksize, qt, dtype)
         .view({out_features, in_features});
   }
+  TORCH_CHECK(packed.device().is_cpu(), "4-bit weight on ", packed.device(),
+              ": only CPU and CUDA are supported");
   thread_local at::Tensor buffer;
   const int64_t bytes = out_features * in_features * static_cast<int64_t>(c10::elementSize(dtype));
   if (!buffer.defined() || buffer.numel() < bytes) {
@@ -958,6 +986,9 @@ struct UpcastInputLinearFn : public torch::autograd::Function<UpcastInputLinearF
 extern "C" {
 
 void nibble_quant_free_error(char* err) { std::free(err); }
+
+// Hands the CUDA kernels' 4-bit dequantize to the quantized linears (see CudaDequantize4bit).
+void nibble_register_cuda_dequantize(CudaDequantize4bit f) { g_cuda_dequantize_4bit.store(f); }
 
 // 4-bit quantization of any contiguous f32/f16/bf16 CPU tensor, flattened. On a non-finite
 // input, returns no error but sets *bad_index to its flat index (else -1) and no tensors.

@@ -242,6 +242,52 @@ fn gemv_checks(r: &mut Report, dev: Device) -> Result<()> {
     Ok(())
 }
 
+/// `Linear4bit` with its weight on `dev` (the C++ autograd Function dequantizing through the
+/// registered CUDA kernels, forward and again in backward) against the same layer on the CPU:
+/// output and input gradient, compute dtype f32 (tight) and bf16 (16-bit rounding).
+fn linear4bit_checks(r: &mut Report, dev: Device) -> Result<()> {
+    use quant::linear::{Linear, Linear4bit};
+    for (out_f, in_f, rows) in [(96usize, 64usize, 5i64), (4096, 4096, 16), (7, 129, 3)] {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for dq in [false, true] {
+                let w = Tensor::from_slice(&input(out_f * in_f, 64, 17)).view([out_f as i64, in_f as i64]);
+                let opts = QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq };
+                let q = quant::ops::Quantized4bit::quantize(&w, opts)?;
+                let on_dev = Linear4bit::new(cuda::to_device(&q, dev)?, None, kind)?;
+                let on_cpu = Linear4bit::new(q, None, kind)?;
+                let x = Tensor::from_slice(&input(rows as usize * in_f, 64, 23))
+                    .view([rows, in_f as i64])
+                    .to_kind(kind);
+                let g = Tensor::from_slice(&input(rows as usize * out_f, 64, 29))
+                    .view([rows, out_f as i64])
+                    .to_kind(kind);
+                let run = |layer: &Linear4bit, d: Device| -> Result<(Tensor, Tensor)> {
+                    let xi = x.to_device(d).detach().set_requires_grad(true);
+                    let y = layer.forward(&xi)?;
+                    (&y * g.to_device(d)).sum(kind).backward();
+                    Ok((
+                        y.to_device(Device::Cpu).to_kind(Kind::Float),
+                        xi.grad().to_device(Device::Cpu).to_kind(Kind::Float),
+                    ))
+                };
+                let (want_y, want_gx) = run(&on_cpu, Device::Cpu)?;
+                let (got_y, got_gx) = run(&on_dev, dev)?;
+                let rel = |a: &Tensor, b: &Tensor| {
+                    (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-6)
+                };
+                let (ey, eg) = (rel(&got_y, &want_y), rel(&got_gx, &want_gx));
+                let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+                r.check(
+                    &format!("Linear4bit {out_f}x{in_f} x{rows} {kind:?} dq={dq}: output and input gradient"),
+                    ey <= tol && eg <= tol,
+                    &format!("max rel err {ey:.2e} / {eg:.2e}"),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Median seconds of `f` over `iters` runs after warm-up, synchronised.
 fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..3 {
@@ -378,12 +424,15 @@ fn main() -> Result<()> {
         let (p, _) = cuda::quantize_4bit(&x, 64, QuantType::Nf4)?;
         let (rp, _) = codec::quantize_4bit(&input(1000, 64, 3), 64, QuantType::Nf4)?;
         r.check("CPU fallback quantize", bytes(&p)? == rp, "");
+        // The layer checks' CPU-against-CPU run exercises the harness itself.
+        linear4bit_checks(&mut r, Device::Cpu)?;
         return if r.failures == 0 { Ok(()) } else { Err("CPU fallback failed".into()) };
     }
     let dev = Device::Cuda(0);
     let started = Instant::now();
     codec_checks(&mut r, dev)?;
     gemv_checks(&mut r, dev)?;
+    linear4bit_checks(&mut r, dev)?;
     if let Some(file) = arg("--bnb") {
         bnb_checks(&mut r, dev, &file)?;
     }

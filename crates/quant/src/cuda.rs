@@ -40,6 +40,20 @@ mod ffi {
             out: i32,
             result: *mut *mut c_void,
         ) -> *mut c_char;
+        pub fn nibble_register_cuda_dequantize(
+            f: unsafe extern "C" fn(
+                *const c_void,
+                *const c_void,
+                *const c_void,
+                *const c_void,
+                f32,
+                i64,
+                i64,
+                i32,
+                i32,
+                *mut *mut c_void,
+            ) -> *mut c_char,
+        );
         pub fn nibble_cuda_quantize_8bit(
             input: *const c_void,
             code: *const c_void,
@@ -315,22 +329,15 @@ pub fn gemv_4bit(x: &Tensor, w: &Quantized4bit) -> Result<Tensor, Error> {
 }
 
 /// Move a quantized tensor's codes and scales to `device` (for example to run the CUDA kernels
-/// on a weight quantized on the CPU).
+/// on a weight quantized on the CPU); [`Quantized4bit::to_device`].
 pub fn to_device(q: &Quantized4bit, device: Device) -> Result<Quantized4bit, Error> {
-    let absmax = match &q.absmax {
-        Absmax4::Plain(a) => Absmax4::Plain(a.f_to_device(device)?),
-        Absmax4::Nested { codes, nested_absmax, offset } => Absmax4::Nested {
-            codes: codes.f_to_device(device)?,
-            nested_absmax: nested_absmax.f_to_device(device)?,
-            offset: *offset,
-        },
-    };
-    Ok(Quantized4bit {
-        packed: q.packed.f_to_device(device)?,
-        absmax,
-        shape: q.shape.clone(),
-        dtype: q.dtype,
-        blocksize: q.blocksize,
-        quant_type: q.quant_type,
-    })
+    q.to_device(device)
+}
+
+/// Hands the kernels' 4-bit dequantize to the quantized linears' C++ autograd Functions (built
+/// without CUDA), once per process; [`crate::linear::Linear4bit`] calls it before running on a GPU.
+pub(crate) fn register_kernels() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a function pointer with the signature the C++ side declares.
+    ONCE.call_once(|| unsafe { ffi::nibble_register_cuda_dequantize(ffi::nibble_cuda_dequantize_4bit) });
 }

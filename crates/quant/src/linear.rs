@@ -191,6 +191,10 @@ impl Linear for Linear4bit {
         // 16-bit compute on a CPU without native 16-bit GEMMs: the matmuls run in f32 on the
         // weight's 16-bit values (dequantized straight into f32) and the result is rounded to the
         // compute dtype, so only the summation order differs from torch's 16-bit GEMMs.
+        #[cfg(feature = "cuda")]
+        if self.weight.packed.device().is_cuda() {
+            crate::cuda::register_kernels();
+        }
         let upcast = ops::matmul_in_f32(self.compute_dtype, self.weight.packed.device());
         let run_kind = if upcast { Kind::Float } else { self.compute_dtype };
         let x = x.f_to_kind(self.compute_dtype)?.f_to_kind(run_kind)?;

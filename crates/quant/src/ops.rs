@@ -200,7 +200,10 @@ fn check_input(t: &Tensor, what: &'static str, kinds: &[Kind]) -> Result<(), Err
         return bad("undefined tensor".into());
     }
     if t.device() != Device::Cpu {
-        return bad(format!("must be on the CPU for now, got {:?}", t.device()));
+        return bad(format!(
+            "must be on the CPU (CUDA tensors go through `quant::cuda`, feature `cuda`), got {:?}",
+            t.device()
+        ));
     }
     let kind = t.f_kind()?;
     if !kinds.contains(&kind) {
@@ -475,6 +478,16 @@ impl Quantized4bit {
     pub fn absmax_f32(&self) -> Result<Tensor, Error> {
         match &self.absmax {
             Absmax4::Plain(a) => Ok(a.shallow_clone()),
+            #[cfg(feature = "cuda")]
+            Absmax4::Nested { codes, nested_absmax, offset } if codes.device().is_cuda() => {
+                crate::cuda::dequantize_blockwise_8bit(
+                    codes,
+                    nested_absmax,
+                    &crate::cuda::dynamic_map_on(codes.device())?,
+                    NESTED_BLOCKSIZE,
+                    *offset,
+                )
+            }
             Absmax4::Nested { codes, nested_absmax, offset } => dequantize_blockwise_8bit(
                 codes,
                 nested_absmax,
@@ -483,6 +496,27 @@ impl Quantized4bit {
                 *offset,
             ),
         }
+    }
+
+    /// The same tensor with its codes and scales on `device` (a model quantized while loading
+    /// on the CPU, then placed by the device map).
+    pub fn to_device(&self, device: Device) -> Result<Quantized4bit, Error> {
+        let absmax = match &self.absmax {
+            Absmax4::Plain(a) => Absmax4::Plain(a.f_to_device(device)?),
+            Absmax4::Nested { codes, nested_absmax, offset } => Absmax4::Nested {
+                codes: codes.f_to_device(device)?,
+                nested_absmax: nested_absmax.f_to_device(device)?,
+                offset: *offset,
+            },
+        };
+        Ok(Quantized4bit {
+            packed: self.packed.f_to_device(device)?,
+            absmax,
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            blocksize: self.blocksize,
+            quant_type: self.quant_type,
+        })
     }
 
     /// Dequantize to `kind` (Float, Half or BFloat16) in the original shape.
@@ -684,10 +718,17 @@ pub(crate) fn linear4bit_forward(
         None => -1,
         Some(k) => out_code(k)?,
     };
-    if x.device() != Device::Cpu {
+    // CPU weights dequantize in C++ here; CUDA ones through the kernels `quant::cuda` registers
+    // (feature `cuda`; without it the C++ side says so).
+    if x.device() != packed.device() || absmax.device() != packed.device() {
         return Err(Error::BadTensor {
             what: "input",
-            problem: format!("must be on the CPU for now, got {:?}", x.device()),
+            problem: format!(
+                "input on {:?}, weight on {:?}, absmax on {:?}: all must be on one device",
+                x.device(),
+                packed.device(),
+                absmax.device()
+            ),
         });
     }
     let bias_ptr = bias.map_or(std::ptr::null(), ptr);

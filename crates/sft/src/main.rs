@@ -232,10 +232,9 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
         tracing::warn!("{w}");
     }
     if mode == Mode::EstimateMemory {
-        let device = if recipe.training.use_cpu || !tch::Cuda::is_available() {
-            device_map::Device::Cpu
-        } else {
-            device_map::Device::Cuda(0)
+        let device = match run::train_device(&recipe, 0) {
+            tch::Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
+            _ => device_map::Device::Cpu,
         };
         estimate::print(&recipe, device)?;
         return Ok(ExitCode::SUCCESS);
@@ -247,10 +246,9 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let device = if recipe.training.use_cpu || !tch::Cuda::is_available() { "cpu" } else { "cuda:0" };
     tracing::info!(
         model = recipe.model.model_name_or_path.as_deref().unwrap_or(""),
-        device,
+        device = ?run::train_device(&recipe, 0),
         "recipe resolved"
     );
     run::train(&recipe)?;

@@ -42,7 +42,14 @@ pub(crate) fn apply_cpu_matmul(recipe: &Recipe) -> Result<()> {
     Ok(())
 }
 
-fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
+/// Where this process trains, as the seed's device map for k-bit models says (`{"": local_rank}`):
+/// CUDA device `local_rank` when libtorch sees a GPU (an `sft` built with the `cuda` feature) and
+/// the recipe does not set `use_cpu`, else the CPU.
+pub(crate) fn train_device(recipe: &Recipe, local_rank: usize) -> Device {
+    if recipe.training.use_cpu || !tch::Cuda::is_available() { Device::Cpu } else { Device::Cuda(local_rank) }
+}
+
+fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> Result<LoadOptions> {
     let m = &recipe.model;
     if m.load_in_8bit && m.load_in_4bit {
         bail!("load_in_8bit and load_in_4bit are exclusive: choose one");
@@ -78,7 +85,7 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
         ..quant::linear::Int8Options::default()
     });
     for kind in [dtype, compute_dtype] {
-        if quant::ops::matmul_in_f32(kind, Device::Cpu) {
+        if quant::ops::matmul_in_f32(kind, device) {
             tracing::info!(
                 "this CPU has no native {kind:?} GEMMs: matmuls and attention run in f32 and are rounded to \
                  {kind:?} (cpu_matmul: {}; `native` keeps torch's 16-bit kernels)",
@@ -87,7 +94,7 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig) -> Result<LoadOptions> {
             break;
         }
     }
-    Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device: Device::Cpu })
+    Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device })
 }
 
 /// PEFT's default targets for the families nibble runs, when the recipe names none.
@@ -216,17 +223,23 @@ pub fn train(recipe: &Recipe) -> Result<()> {
             recipe.training.optim
         );
     }
-    let opts = load_options(recipe, &cfg)?;
-    tch::manual_seed(recipe.training.seed as i64);
-
     // Several ranks (torchrun's variables): meet the others first; `ddp_timeout` bounds the
-    // rendezvous and every collective, so a dead or hung peer is an error, not a hang.
+    // rendezvous and every collective, so a dead or hung peer is an error, not a hang. Ranks on
+    // GPUs sum over NCCL, CPU ranks over Gloo.
+    let dist_env = dist::DistEnv::from_env().context("reading torchrun's variables")?;
+    let device = train_device(recipe, dist_env.as_ref().map_or(0, |e| e.local_rank));
+    let opts = load_options(recipe, &cfg, device)?;
+    tch::manual_seed(recipe.training.seed as i64);
     let timeout = Duration::from_secs(u64::try_from(recipe.training.ddp_timeout).unwrap_or(0).max(1));
-    let group = dist::ProcessGroup::from_env(timeout).context("joining the other ranks")?;
+    let backend = if device.is_cuda() { dist::Backend::Nccl } else { dist::Backend::Gloo };
+    let group = dist_env
+        .map(|env| dist::ProcessGroup::with_backend(env, timeout, backend))
+        .transpose()
+        .context("joining the other ranks")?;
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
     let main = rank == 0;
     if let Some(g) = &group {
-        tracing::info!("rank {rank} of {world} (gloo, timeout {timeout:?})");
+        tracing::info!("rank {rank} of {world} ({backend:?} on {device:?}, timeout {timeout:?})");
         // Rank 0 tokenizes (and fills the cache) first; the others then read the cache.
         if !main {
             g.barrier().context("waiting for rank 0 to prepare the data")?;

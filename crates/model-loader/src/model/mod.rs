@@ -14,7 +14,7 @@ mod qwen3;
 use std::path::Path;
 
 use quant::linear::{Dense, Int8Options, Linear, Linear4bit, Linear8bit};
-use quant::ops::{QuantizeOptions, Quantized8bit};
+use quant::ops::{QuantizeOptions, Quantized4bit, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
@@ -228,7 +228,7 @@ impl Reader<'_> {
         let name = format!("{prefix}.weight");
         match self.prequantized {
             Some(Prequantized::FourBit) => {
-                let q = self.ck.quantized_weight(prefix)?;
+                let q = self.ck.quantized_weight(prefix)?.to_device(self.opts.device).map_err(quant_err)?;
                 return Ok(Box::new(Linear4bit::new(q, bias, self.opts.compute_dtype).map_err(quant_err)?));
             }
             // A float weight in an 8-bit checkpoint is a module bitsandbytes skipped
@@ -249,9 +249,13 @@ impl Reader<'_> {
         match (self.opts.quantize, self.opts.quantize_8bit) {
             (Some(q), _) => {
                 // Quantize on the CPU from the load dtype, as transformers does after casting.
+                // The codes and scales then move to the layer's device (a no-op on the CPU).
                 let w = self.read(&name)?.f_to_kind(self.opts.dtype)?;
-                let layer = Linear4bit::quantize(&w, bias, q, self.opts.compute_dtype).map_err(quant_err)?;
-                Ok(Box::new(layer))
+                let q = Quantized4bit::quantize(&w, q).and_then(|q| q.to_device(self.opts.device));
+                Ok(Box::new(
+                    Linear4bit::new(q.map_err(quant_err)?, bias, self.opts.compute_dtype)
+                        .map_err(quant_err)?,
+                ))
             }
             (None, Some(o)) => {
                 // From the load dtype, through float16, as bitsandbytes' Int8Params does.

@@ -67,7 +67,13 @@ impl Checkpoint {
         save_adapter(&tmp).map_err(|message| CheckpointError::Bad { path: tmp.clone(), message })?;
         let (tensors, step) = optimizer.state();
         let opt_path = tmp.join(OPTIMIZER);
-        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        // Written from host memory (the moments live on the model's device).
+        let host: Vec<(&str, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| Ok((n.as_str(), t.f_to_device(tch::Device::Cpu)?)))
+            .collect::<Result<_, tch::TchError>>()
+            .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+        let named: Vec<(&str, &Tensor)> = host.iter().map(|(n, t)| (*n, t)).collect();
         Tensor::write_safetensors(&named, &opt_path)
             .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
         let mut state = serde_json::to_value(progress)

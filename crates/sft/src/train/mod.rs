@@ -352,11 +352,13 @@ impl<'a> Trainer<'a> {
                     step_tokens as f64,
                     f64::from(u8::from(stop_now)),
                 ];
-                let mut stats = vec![Tensor::from_slice(&local)];
+                // On the group's device (NCCL sums CUDA tensors only).
+                let mut stats = vec![Tensor::from_slice(&local).f_to_device(g.device()).map_err(|e| {
+                    TrainError::Optim { step: step + 1, message: quant::ops::torch_message(&e) }
+                })?];
                 g.all_reduce_sum(&mut stats).map_err(dist_err(step + 1))?;
-                let sum = Vec::<f64>::try_from(&stats[0]).map_err(|e| TrainError::Optim {
-                    step: step + 1,
-                    message: quant::ops::torch_message(&e),
+                let sum = Vec::<f64>::try_from(&stats[0].to_device(tch::Device::Cpu)).map_err(|e| {
+                    TrainError::Optim { step: step + 1, message: quant::ops::torch_message(&e) }
                 })?;
                 step_loss = sum[0];
                 (step_acc, step_acc_n, step_tokens) = (sum[1], sum[2].round() as u64, sum[3].round() as u64);

@@ -20,6 +20,19 @@ pub struct DeviceBatch {
     pub num_tokens: u64,
 }
 
+impl DeviceBatch {
+    /// The batch on `device` (the model's), sharing the tensors when they are there already.
+    pub fn to_device(&self, device: tch::Device) -> Result<DeviceBatch, tch::TchError> {
+        Ok(DeviceBatch {
+            input_ids: self.input_ids.f_to_device(device)?,
+            labels: self.labels.f_to_device(device)?,
+            position_ids: self.position_ids.f_to_device(device)?,
+            segment_ids: self.segment_ids.as_ref().map(|s| s.f_to_device(device)).transpose()?,
+            num_tokens: self.num_tokens,
+        })
+    }
+}
+
 /// What one micro-batch gave: its share of the window loss and its next-token accuracy counts.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct MicroStats {
@@ -140,6 +153,7 @@ pub fn forward_backward_with(
     seed: i64,
     neftune_alpha: Option<f64>,
 ) -> Result<MicroStats, model_loader::Error> {
+    let batch = &batch.to_device(model.device())?;
     let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
     let embed = || -> Result<Tensor, model_loader::Error> {
         tch::manual_seed(seed.wrapping_sub(1));
@@ -195,6 +209,7 @@ pub fn forward_backward_with(
 /// Evaluation of one batch without a graph: summed token loss and accuracy counts.
 pub fn evaluate_batch(model: &CausalLm, batch: &DeviceBatch) -> Result<(f64, u64, u64), model_loader::Error> {
     tch::no_grad(|| {
+        let batch = &batch.to_device(model.device())?;
         let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
         let mut h = model.embed(&batch.input_ids)?;
         for i in 0..model.num_layers() {
