@@ -69,7 +69,7 @@ fn neftune(h: Tensor, alpha: Option<f64>) -> Result<Tensor, tch::TchError> {
     h.f_add(&h.f_zeros_like()?.f_uniform_(-mag, mag)?)
 }
 
-/// Bytes of f32 logits [`head_loss`] materialises at once: a full `[B*T, vocab]` f32 copy is
+/// Bytes of f32 logits `head_loss` materialises at once: a full `[B*T, vocab]` f32 copy is
 /// the largest tensor of a step (8 x 2048 tokens of a 128k vocabulary: 8 GiB), so the head and
 /// the loss run over chunks of labelled positions instead.
 pub const HEAD_CHUNK_BYTES: i64 = 32 << 20;
