@@ -93,16 +93,18 @@ impl Linear for LoraLinear {
         }
         let result = self.base.forward(x)?;
         let kind = self.lora_a.kind();
-        let down = match self.active_dropout() {
-            Some(p) => {
-                let x = if x.kind() == kind { x.shallow_clone() } else { x.f_to_kind(kind)? };
-                x.f_dropout(p, true)?.f_linear(&self.lora_a, None::<Tensor>)?
-            }
-            None if x.kind() == kind => x.f_linear(&self.lora_a, None::<Tensor>)?,
+        let dropout = self.active_dropout();
+        let down = if dropout.is_none() && kind == Kind::Float && x.kind() != kind {
             // PEFT casts the input to the factor's dtype; autograd would then keep that f32
             // copy for lora_A's gradient, where the 16-bit input itself suffices.
-            None if kind == Kind::Float => quant::ops::upcast_input_linear(x, &self.lora_a)?,
-            None => x.f_to_kind(kind)?.f_linear(&self.lora_a, None::<Tensor>)?,
+            quant::ops::upcast_input_linear(x, &self.lora_a)?
+        } else {
+            let x = if x.kind() == kind { x.shallow_clone() } else { x.f_to_kind(kind)? };
+            let x = match dropout {
+                Some(p) => x.f_dropout(p, true)?,
+                None => x,
+            };
+            x.f_linear(&self.lora_a, None::<Tensor>)?
         };
         let update = down.f_linear(&self.lora_b, None::<Tensor>)?.f_mul_scalar(self.scaling)?;
         let update = if update.kind() == result.kind() { update } else { update.f_to_kind(result.kind())? };

@@ -165,7 +165,7 @@ fn codec_checks(r: &mut Report, dev: Device) -> Result<()> {
                     }
                 }
                 // Dequantize, plain and nested, to each kind: bit-identical to the CPU path.
-                let qcpu = cuda::to_device(&q, Device::Cpu)?;
+                let qcpu = q.to_device(Device::Cpu)?;
                 for kind in kinds {
                     let g = cuda::dequantize(&q, kind)?;
                     let c = cuda::dequantize(&qcpu, kind)?;
@@ -220,7 +220,7 @@ fn gemv_checks(r: &mut Report, dev: Device) -> Result<()> {
                 let reference = x
                     .to_kind(Kind::Float)
                     .linear::<&Tensor>(&cuda::dequantize(&q, kind)?.to_kind(Kind::Float), None);
-                let got = cuda::gemv_4bit(&x.to_device(dev), &cuda::to_device(&q, dev)?)?;
+                let got = cuda::gemv_4bit(&x.to_device(dev), &q.to_device(dev)?)?;
                 let err = (got.to_device(Device::Cpu).to_kind(Kind::Float) - &reference)
                     .abs()
                     .max()
@@ -253,7 +253,7 @@ fn linear4bit_checks(r: &mut Report, dev: Device) -> Result<()> {
                 let w = Tensor::from_slice(&input(out_f * in_f, 64, 17)).view([out_f as i64, in_f as i64]);
                 let opts = QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq };
                 let q = quant::ops::Quantized4bit::quantize(&w, opts)?;
-                let on_dev = Linear4bit::new(cuda::to_device(&q, dev)?, None, kind)?;
+                let on_dev = Linear4bit::new(q.to_device(dev)?, None, kind)?;
                 let on_cpu = Linear4bit::new(q, None, kind)?;
                 let x = Tensor::from_slice(&input(rows as usize * in_f, 64, 23))
                     .view([rows, in_f as i64])

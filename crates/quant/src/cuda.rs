@@ -328,12 +328,6 @@ pub fn gemv_4bit(x: &Tensor, w: &Quantized4bit) -> Result<Tensor, Error> {
     take(result, "gemv output")
 }
 
-/// Move a quantized tensor's codes and scales to `device` (for example to run the CUDA kernels
-/// on a weight quantized on the CPU); [`Quantized4bit::to_device`].
-pub fn to_device(q: &Quantized4bit, device: Device) -> Result<Quantized4bit, Error> {
-    q.to_device(device)
-}
-
 /// Hands the kernels' 4-bit dequantize to the quantized linears' C++ autograd Functions (built
 /// without CUDA), once per process; [`crate::linear::Linear4bit`] calls it before running on a GPU.
 pub(crate) fn register_kernels() {

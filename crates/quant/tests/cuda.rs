@@ -51,7 +51,7 @@ fn nested_dequantize_and_gemv_match_the_cpu_path() -> Result<(), quant::Error> {
     let x = Tensor::from_slice(&input(in_f as usize)).to_kind(Kind::BFloat16).view([1, in_f]);
     let y_ref = x.to_kind(Kind::Float).linear::<&Tensor>(&reference.to_kind(Kind::Float), None);
     for dev in devices() {
-        let qd = cuda::to_device(&q, dev)?;
+        let qd = q.to_device(dev)?;
         let d = cuda::dequantize(&qd, Kind::BFloat16)?;
         assert_eq!(d.device(), dev);
         assert!(d.to_device(Device::Cpu).equal(&reference), "{dev:?}: dequantize differs");

@@ -246,11 +246,7 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
         }
         return Ok(ExitCode::SUCCESS);
     }
-    tracing::info!(
-        model = recipe.model.model_name_or_path.as_deref().unwrap_or(""),
-        device = ?run::train_device(&recipe, 0),
-        "recipe resolved"
-    );
+    tracing::info!(model = recipe.model.model_name_or_path.as_deref().unwrap_or(""), "recipe resolved");
     run::train(&recipe)?;
     Ok(ExitCode::SUCCESS)
 }

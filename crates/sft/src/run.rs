@@ -228,6 +228,7 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     // GPUs sum over NCCL, CPU ranks over Gloo.
     let dist_env = dist::DistEnv::from_env().context("reading torchrun's variables")?;
     let device = train_device(recipe, dist_env.as_ref().map_or(0, |e| e.local_rank));
+    tracing::info!(?device, "training device");
     let opts = load_options(recipe, &cfg, device)?;
     tch::manual_seed(recipe.training.seed as i64);
     let timeout = Duration::from_secs(u64::try_from(recipe.training.ddp_timeout).unwrap_or(0).max(1));

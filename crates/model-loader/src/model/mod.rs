@@ -442,6 +442,17 @@ impl CausalLm {
         position_ids: Option<&Tensor>,
         segment_ids: Option<&Tensor>,
     ) -> Result<Tensor, Error> {
+        self.head(&self.hidden_states(input_ids, position_ids, segment_ids)?)
+    }
+
+    /// The last decoder layer's output `[B, T, hidden]` (before the final norm), for callers that
+    /// run the head themselves (a chunked loss); positions default to `0..T` in every row.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        position_ids: Option<&Tensor>,
+        segment_ids: Option<&Tensor>,
+    ) -> Result<Tensor, Error> {
         let size = input_ids.size();
         let [b, t] = size[..] else {
             return Err(Error::BadInput(format!("input_ids must be [batch, seq], got {size:?}")));
@@ -460,7 +471,7 @@ impl CausalLm {
         for i in 0..self.layers.len() {
             h = self.layer(i, &h, &ctx)?;
         }
-        self.head(&h)
+        Ok(h)
     }
 
     /// KV-cached decoding after `prompt` (a batch of one): greedy at temperature 0, else sampled

@@ -82,9 +82,9 @@ struct HeadLoss {
 
 /// Final norm, output head and next-token cross-entropy (summed, divided by `num_items`) over the
 /// labelled positions of `h [B, T, hidden]` only, in chunks of at most `chunk_bytes` of f32
-/// logits ([`HEAD_CHUNK_BYTES`] in training); with `backward`, each chunk's loss is back-propagated at once (into trainable head
-/// parameters and the returned gradient at `h`), so no more than one chunk of logits is ever
-/// alive. Same per-position values and gradients as the whole-tensor loss; unlabelled positions
+/// logits ([`HEAD_CHUNK_BYTES`] in training); with `backward`, each chunk's loss is
+/// back-propagated at once (into trainable head parameters and the returned gradient at `h`), so
+/// no more than one chunk of logits is ever alive. Same per-position values and gradients as the whole-tensor loss; unlabelled positions
 /// get exactly zero gradient, as there.
 fn head_loss(
     model: &CausalLm,
@@ -143,6 +143,12 @@ fn head_loss(
     Ok(HeadLoss { stats: MicroStats { loss: loss / num_items, correct, total: n as u64 }, grad })
 }
 
+/// Back-propagate `grad`, the gradient at `y`, through `y`'s graph (autograd's `backward(grad)`:
+/// the gradient of `sum(y * grad)` with respect to `y` is exactly `grad`).
+fn backward_from(y: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
+    y.f_mul(grad)?.f_sum(y.f_kind()?)?.f_backward()
+}
+
 /// [`forward_backward`] with NEFTune embedding noise (`neftune_alpha`), drawn from the same
 /// per-step seed so checkpointed recomputes and resumed runs see the same noise.
 pub fn forward_backward_with(
@@ -170,7 +176,7 @@ pub fn forward_backward_with(
         }
         let head = head_loss(model, &h, &batch.labels, num_items, true, HEAD_CHUNK_BYTES)?;
         // Push the head's gradient at the last hidden state through the layers' graph.
-        h.f_mul(&head.grad)?.f_sum(h.f_kind()?)?.f_backward()?;
+        backward_from(&h, &head.grad)?;
         return Ok(head.stats);
     }
     // Forward without a graph, keeping only each layer's input.
@@ -184,14 +190,13 @@ pub fn forward_backward_with(
     // Head and loss, giving the gradient at the last hidden state.
     let head = head_loss(model, &h, &batch.labels, num_items, true, HEAD_CHUNK_BYTES)?;
     drop(h);
-    let value = head.stats.loss;
-    let (correct, total) = (head.stats.correct, head.stats.total);
+    let stats = head.stats;
     let mut grad = head.grad;
     // Then layer by layer, last first: recompute with a graph and push the gradient through.
     for i in (0..model.num_layers()).rev() {
         let x = inputs[i].f_detach()?.set_requires_grad(true);
         let y = layer(i, &x)?;
-        y.f_mul(&grad)?.f_sum(y.f_kind()?)?.f_backward()?;
+        backward_from(&y, &grad)?;
         grad = x.grad();
         inputs.truncate(i);
     }
@@ -200,21 +205,18 @@ pub fn forward_backward_with(
     if grad.defined() {
         let h0 = embed()?;
         if h0.requires_grad() {
-            h0.f_mul(&grad)?.f_sum(h0.f_kind()?)?.f_backward()?;
+            backward_from(&h0, &grad)?;
         }
     }
-    Ok(MicroStats { loss: value, correct, total })
+    Ok(stats)
 }
 
 /// Evaluation of one batch without a graph: summed token loss and accuracy counts.
 pub fn evaluate_batch(model: &CausalLm, batch: &DeviceBatch) -> Result<(f64, u64, u64), model_loader::Error> {
     tch::no_grad(|| {
         let batch = &batch.to_device(model.device())?;
-        let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
-        let mut h = model.embed(&batch.input_ids)?;
-        for i in 0..model.num_layers() {
-            h = model.layer(i, &h, &ctx)?;
-        }
+        let h =
+            model.hidden_states(&batch.input_ids, Some(&batch.position_ids), batch.segment_ids.as_ref())?;
         let head = head_loss(model, &h, &batch.labels, 1.0, false, HEAD_CHUNK_BYTES)?;
         Ok((head.stats.loss, head.stats.correct, head.stats.total))
     })
