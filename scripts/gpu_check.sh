@@ -3,7 +3,9 @@
 # the CPU reference byte for byte, against bitsandbytes' CUDA kernels, and timed (dequantize vs a
 # device-to-device copy of the same bytes, gemv vs bitsandbytes' gemv_4bit); the 4-bit layer on
 # the GPU against the CPU; then QLoRA SFT on a generated 1.1B Llama by `sft` and by TRL's
-# SFTTrainer (peft + bitsandbytes) on the same GPU, tokens/s and losses side by side.
+# SFTTrainer (peft + bitsandbytes) on the same GPU, tokens/s and losses side by side, and by `sft`
+# again with half the layers offloaded to host memory by a device map (offload_compare.json:
+# "nibble" = offloaded, "trl" = the single-device nibble run).
 #
 # Two halves, because the GPU machine has no cargo and no network:
 #
@@ -121,6 +123,20 @@ sft_compare() {
   (cd "$root" && "$stage/sft" "$recipe" --model_name_or_path "$model" --lora_init_adapter "$run/init" \
     --max_steps "$steps" --output_dir "$run/nibble") || return 1
   "$py" "$root/scripts/gpu_sft_compare.py" "$run/nibble/log.jsonl" "$run/trl.jsonl" "$out/sft_compare.json"
+  # The same nibble run with the second half of the decoder layers offloaded to host memory by a
+  # device map (4-bit codes streamed to the GPU per product; in the dry run all on the CPU):
+  # losses must equal the single-device run's; tokens/s shows the streaming cost.
+  local layers map dev
+  layers=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' "$model/config.json")
+  dev=$([[ "$gpu" == 1 ]] && echo 0 || echo '"cpu"')
+  map="{\"device_map\": {\"\": $dev"
+  for ((l = layers / 2; l < layers; l++)); do map+=", \"model.layers.$l\": \"cpu\""; done
+  map+="}}"
+  echo "gpu_check: SFT on $model, $steps steps: nibble, layers $((layers / 2))-$((layers - 1)) offloaded"
+  (cd "$root" && "$stage/sft" "$recipe" --model_name_or_path "$model" --lora_init_adapter "$run/init" \
+    --max_steps "$steps" --output_dir "$run/nibble-offload" --model_init_kwargs "$map") || return 1
+  "$py" "$root/scripts/gpu_sft_compare.py" "$run/nibble-offload/log.jsonl" "$run/nibble/log.jsonl" \
+    "$out/offload_compare.json"
 }
 
 gpu=1

@@ -293,8 +293,9 @@ section! {
         ddp_timeout: i64 = 1800, Acted;
         /// Run model code from the hub (never: nibble has no Python).
         trust_remote_code: bool = false, Ignored;
-        /// Extra model-loading arguments.
-        model_init_kwargs: Option<KwArgs> = None, Ignored;
+        /// Extra model-loading arguments: nibble acts on `device_map` and `max_memory` (and warns
+        /// about the others).
+        model_init_kwargs: Option<KwArgs> = None, Acted;
         /// Chat template (jinja) overriding the tokenizer's (handbook key).
         chat_template: Option<String> = None, Acted;
         /// File or directory holding a chat template.

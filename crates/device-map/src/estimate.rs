@@ -190,6 +190,38 @@ impl fmt::Display for Estimate {
     }
 }
 
+/// The model as the planner places it, in forward order, with each module's bytes on its device
+/// for a training run: the embedding, each decoder layer (its linears as stored, its norms in the
+/// compute dtype, and its adapters with their gradients and AdamW states), the final norm and the
+/// head (none of its own when tied: it shares the embedding's matrix). Names are transformers'
+/// module paths (`model.embed_tokens`, `model.layers.N`, `model.norm`, `lm_head`).
+pub fn modules(model: &ModelShape, run: &RunShape) -> Vec<crate::Module> {
+    let linears = block_linears(model);
+    let stored: f64 = linears.iter().map(|(_, i, o)| (i * o) as f64).sum::<f64>()
+        * run.base.bits_per_param(run.dtype_bytes)
+        / 8.0;
+    let adapter_params: u64 = if run.lora_r == 0 {
+        0
+    } else {
+        linears
+            .iter()
+            .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
+            .map(|(_, i, o)| run.lora_r * (i + o))
+            .sum()
+    };
+    let layer = stored.ceil() as u64
+        + 2 * model.hidden * run.dtype_bytes
+        + adapter_params * (2 * run.adapter_bytes + 8);
+    let module = |name: String, bytes: u64| crate::Module { name, bytes };
+    let embed = model.vocab * model.hidden * run.dtype_bytes;
+    let mut out = Vec::with_capacity(model.layers as usize + 3);
+    out.push(module("model.embed_tokens".into(), embed));
+    out.extend((0..model.layers).map(|i| module(format!("model.layers.{i}"), layer)));
+    out.push(module("model.norm".into(), model.hidden * run.dtype_bytes));
+    out.push(module("lm_head".into(), if model.tied_embeddings { 0 } else { embed }));
+    out
+}
+
 /// Bytes of f32 head weight nibble's frozen 16-bit linears upcast at once (quant's
 /// `DenseUpcastFn` slab).
 const HEAD_SLAB_BYTES: u64 = 8 << 20;
@@ -279,6 +311,26 @@ mod tests {
             head_dim: 128,
             tied_embeddings: false,
         }
+    }
+
+    #[test]
+    fn modules_add_up_to_the_weight_parts_of_the_estimate() {
+        let m = llama2_7b();
+        let run = qlora(true);
+        let ms = modules(&m, &run);
+        assert_eq!(ms.len(), 32 + 3);
+        assert_eq!(ms[0].name, "model.embed_tokens");
+        assert_eq!(ms[1].name, "model.layers.0");
+        assert_eq!(ms[33].name, "model.norm");
+        assert_eq!(ms[34].name, "lm_head");
+        let e = estimate(&m, &run);
+        let total: u64 = ms.iter().map(|x| x.bytes).sum();
+        let weights = e.base_linears + e.unquantized + e.lora_weights + e.lora_grads + e.optimizer;
+        // Rounding: each layer's 4-bit bytes are rounded up on their own.
+        assert!(total >= weights && total - weights <= 32, "{total} vs {weights}");
+        let mut tied = m;
+        tied.tied_embeddings = true;
+        assert_eq!(modules(&tied, &run)[34].bytes, 0);
     }
 
     fn qlora(checkpointing: bool) -> RunShape {

@@ -13,7 +13,10 @@ mod resolve;
 
 pub use checkpoint::{Checkpoint, TensorView, expected_shapes, kind_from_torch_name, torch_name};
 pub use hf_config::{Architecture, HfConfig, Prequantized, RopeScaling};
-pub use model::{CausalLm, Generation, LayerContext, LinearSlot, LoadOptions, Sampling, TensorSlot};
+pub use model::{
+    CausalLm, Generation, LayerContext, LayerPlacement, LinearSlot, LoadOptions, Placement, Sampling,
+    TensorSlot,
+};
 pub use resolve::{HubCache, resolve_model};
 
 use std::path::PathBuf;

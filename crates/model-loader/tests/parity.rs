@@ -321,3 +321,42 @@ fn sampling_is_seeded_and_top_p_narrows_it() {
     let narrow = model.generate(&prompt, &model_loader::Sampling { top_p: 1e-6, ..s }).unwrap().tokens;
     assert_eq!(narrow, model.generate_greedy(&prompt, 12, &[]).unwrap());
 }
+
+/// A placement (a device map applied) that keeps everything on the CPU gives the same logits as
+/// the plain load; a layer whose weights would be stored away from where it computes is refused
+/// for non-4-bit weights, naming the layer; a placement of the wrong length is refused.
+#[test]
+fn placements_apply_and_bad_ones_are_errors() {
+    use model_loader::{LayerPlacement, Placement};
+    let dir = golden("llama");
+    let (ids, pos, want) = expected(&dir);
+    let layers = load(&dir, LoadOptions::default()).num_layers();
+    let plan = device_map::Plan {
+        placements: std::iter::once(("model.embed_tokens".to_owned(), device_map::Device::Cpu))
+            .chain((0..layers).map(|i| (format!("model.layers.{i}"), device_map::Device::Cpu)))
+            .chain([
+                ("model.norm".to_owned(), device_map::Device::Cpu),
+                ("lm_head".to_owned(), device_map::Device::Cpu),
+            ])
+            .collect(),
+    };
+    let placement = Placement::from_plan(&plan, layers, 0, true).unwrap();
+    let placed = load(&dir, LoadOptions { placement: Some(placement.clone()), ..LoadOptions::default() });
+    assert_eq!(placed.placement(), &placement);
+    let got = tch::no_grad(|| placed.forward(&ids, Some(&pos), None)).unwrap();
+    assert!(max_rel_err(&got, &want) < 1e-5);
+
+    let refused = |p: Placement| {
+        let opts = LoadOptions { placement: Some(p), ..LoadOptions::default() };
+        CausalLm::load(&dir, &opts, &mut |_, _| {}).unwrap_err().to_string()
+    };
+    let mut split = placement.clone();
+    split.layers[1] = LayerPlacement { weights: tch::Device::Cuda(0), compute: tch::Device::Cpu };
+    let e = refused(split);
+    assert!(e.contains("model.layers.1.self_attn.q_proj") && e.contains("only 4-bit"), "{e}");
+
+    let mut short = placement;
+    short.layers.pop();
+    let e = refused(short);
+    assert!(e.contains(&format!("covers {} decoder layers", layers - 1)), "{e}");
+}

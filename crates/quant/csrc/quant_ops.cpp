@@ -824,8 +824,17 @@ at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& a
   return w;
 }
 
+// `t` on `device`: itself when it is there already, else a copy (asynchronous from pinned host
+// memory, ordered before the kernels that follow on the current stream).
+at::Tensor on_device(const at::Tensor& t, const at::Device& device) {
+  return t.device() == device ? t : t.to(device, /*non_blocking=*/true);
+}
+
 // Linear4bit: y = x W^T (+ b) with W dequantized on the fly; only the packed weight and its
-// absmax (tensors the layer holds anyway) are saved, and backward dequantizes again.
+// absmax (tensors the layer holds anyway) are saved, and backward dequantizes again. A weight
+// stored on another device than x (CPU offload: codes in host memory, compute on the GPU) is
+// copied to x's device for each product and only the stored tensors are saved, so between
+// forward and backward the GPU holds none of it.
 struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& packed, const at::Tensor& absmax,
@@ -835,7 +844,8 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
     // round_to >= 0: x is float32 standing in for a 16-bit compute dtype, whose weight values
     // the f32 matmul then uses.
     const auto rt = round_to < 0 ? at::ScalarType::Undefined : static_cast<at::ScalarType>(round_to);
-    at::Tensor w = dequantize_4bit_scratch(packed, absmax, out_features, in_features, blocksize,
+    at::Tensor w = dequantize_4bit_scratch(on_device(packed, x.device()), on_device(absmax, x.device()),
+                                           out_features, in_features, blocksize,
                                            static_cast<int32_t>(qt), x.scalar_type(), rt);
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor y = has_bias ? at::linear(x, w, *bias) : at::linear(x, w);
@@ -858,7 +868,7 @@ struct Linear4bitFn : public torch::autograd::Function<Linear4bitFn> {
     at::Tensor grad_x;
     if (ctx->needs_input_grad(0)) {
       at::Tensor w = dequantize_4bit_scratch(
-          saved[0], saved[1], out_features, in_features, ctx->saved_data["blocksize"].toInt(),
+          on_device(saved[0], g.device()), on_device(saved[1], g.device()), out_features, in_features, ctx->saved_data["blocksize"].toInt(),
           static_cast<int32_t>(ctx->saved_data["qt"].toInt()), g.scalar_type(),
           ctx->saved_data["round_to"].toInt() < 0
               ? at::ScalarType::Undefined

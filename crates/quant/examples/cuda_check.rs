@@ -254,6 +254,9 @@ fn linear4bit_checks(r: &mut Report, dev: Device) -> Result<()> {
                 let opts = QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq };
                 let q = quant::ops::Quantized4bit::quantize(&w, opts)?;
                 let on_dev = Linear4bit::new(q.to_device(dev)?, None, kind)?;
+                // CPU offload: codes in (pinned) host memory, products on `dev`.
+                let host = if dev.is_cuda() { q.pin_memory(dev)? } else { q.to_device(Device::Cpu)? };
+                let offloaded = Linear4bit::new(host, None, kind)?.with_exec_device(dev)?;
                 let on_cpu = Linear4bit::new(q, None, kind)?;
                 let x = Tensor::from_slice(&input(rows as usize * in_f, 64, 23))
                     .view([rows, in_f as i64])
@@ -275,6 +278,12 @@ fn linear4bit_checks(r: &mut Report, dev: Device) -> Result<()> {
                 let rel = |a: &Tensor, b: &Tensor| {
                     (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-6)
                 };
+                let (off_y, off_gx) = run(&offloaded, dev)?;
+                r.check(
+                    &format!("Linear4bit {out_f}x{in_f} x{rows} {kind:?} dq={dq}: offloaded = on device"),
+                    off_y.equal(&got_y) && off_gx.equal(&got_gx) && offloaded.device() == dev,
+                    "weights in host memory, computed on the device, bit for bit",
+                );
                 let (ey, eg) = (rel(&got_y, &want_y), rel(&got_gx, &want_gx));
                 let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
                 r.check(

@@ -139,6 +139,8 @@ pub struct Linear4bit {
     compute_dtype: Kind,
     out_features: i64,
     in_features: i64,
+    /// Where the layer computes when that is not where its weight is stored (CPU offload).
+    exec_device: Option<Device>,
 }
 
 impl Linear4bit {
@@ -153,7 +155,17 @@ impl Linear4bit {
                 problem: format!("{compute_dtype:?} is not supported (use Float, Half or BFloat16)"),
             });
         }
-        Ok(Linear4bit { weight, bias, compute_dtype, out_features, in_features })
+        Ok(Linear4bit { weight, bias, compute_dtype, out_features, in_features, exec_device: None })
+    }
+
+    /// Compute on `device` while the 4-bit weight stays where it is (CPU offload of a layer that
+    /// runs on a GPU): the bias moves to `device`, adapters built beside the layer go there
+    /// ([`Linear::device`]), and each product copies the packed codes and scales to the input's
+    /// device (a quarter of the bf16 bytes), keeping no copy between forward and backward.
+    pub fn with_exec_device(mut self, device: Device) -> Result<Self, Error> {
+        self.bias = self.bias.map(|b| b.f_to_device(device)).transpose()?;
+        self.exec_device = (device != self.weight.packed.device()).then_some(device);
+        Ok(self)
     }
 
     /// Quantize a dense `[out, in]` weight and build the layer.
@@ -191,11 +203,13 @@ impl Linear for Linear4bit {
         // 16-bit compute on a CPU without native 16-bit GEMMs: the matmuls run in f32 on the
         // weight's 16-bit values (dequantized straight into f32) and the result is rounded to the
         // compute dtype, so only the summation order differs from torch's 16-bit GEMMs.
+        // The product runs on x's device; a weight stored elsewhere is streamed there.
+        let device = x.device();
         #[cfg(feature = "cuda")]
-        if self.weight.packed.device().is_cuda() {
+        if device.is_cuda() {
             crate::cuda::register_kernels();
         }
-        let upcast = ops::matmul_in_f32(self.compute_dtype, self.weight.packed.device());
+        let upcast = ops::matmul_in_f32(self.compute_dtype, device);
         let run_kind = if upcast { Kind::Float } else { self.compute_dtype };
         let x = x.f_to_kind(self.compute_dtype)?.f_to_kind(run_kind)?;
         let bias =
@@ -226,7 +240,7 @@ impl Linear for Linear4bit {
         self.out_features
     }
     fn device(&self) -> Device {
-        self.weight.packed.device()
+        self.exec_device.unwrap_or_else(|| self.weight.packed.device())
     }
 }
 

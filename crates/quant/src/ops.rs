@@ -501,16 +501,28 @@ impl Quantized4bit {
     /// The same tensor with its codes and scales on `device` (a model quantized while loading
     /// on the CPU, then placed by the device map).
     pub fn to_device(&self, device: Device) -> Result<Quantized4bit, Error> {
+        self.map_tensors(|t| t.f_to_device(device))
+    }
+
+    /// The same tensor in page-locked host memory, so copies to the GPU `device` run
+    /// asynchronously (a CPU-offloaded layer streams its codes to the GPU on every product).
+    pub fn pin_memory(&self, device: Device) -> Result<Quantized4bit, Error> {
+        self.map_tensors(|t| t.f_pin_memory(device))
+    }
+
+    /// The same tensor with `f` applied to each of its tensors.
+    fn map_tensors(
+        &self,
+        f: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>,
+    ) -> Result<Quantized4bit, Error> {
         let absmax = match &self.absmax {
-            Absmax4::Plain(a) => Absmax4::Plain(a.f_to_device(device)?),
-            Absmax4::Nested { codes, nested_absmax, offset } => Absmax4::Nested {
-                codes: codes.f_to_device(device)?,
-                nested_absmax: nested_absmax.f_to_device(device)?,
-                offset: *offset,
-            },
+            Absmax4::Plain(a) => Absmax4::Plain(f(a)?),
+            Absmax4::Nested { codes, nested_absmax, offset } => {
+                Absmax4::Nested { codes: f(codes)?, nested_absmax: f(nested_absmax)?, offset: *offset }
+            }
         };
         Ok(Quantized4bit {
-            packed: self.packed.f_to_device(device)?,
+            packed: f(&self.packed)?,
             absmax,
             shape: self.shape.clone(),
             dtype: self.dtype,

@@ -64,20 +64,18 @@ pub fn lora_targets(targets: Option<&TargetModules>) -> Result<Vec<String>> {
     Ok(chosen.into_iter().map(str::to_owned).collect())
 }
 
-/// Print the estimate for a resolved recipe; the whole model goes on `device` (the default
-/// k-bit device map, `{"": local device}`).
-pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
-    let (dir, cfg) = crate::prepare::model(recipe)?;
-    let base = if recipe.model.load_in_4bit {
+/// The run's memory-driving settings from the recipe, for training on `device`.
+pub(crate) fn run_shape(recipe: &Recipe, cfg: &HfConfig, device: Device) -> Result<RunShape> {
+    let base = if recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit) {
         BaseWeights::FourBit { double_quant: recipe.model.use_bnb_nested_quant }
     } else if recipe.model.load_in_8bit {
         BaseWeights::EightBit
     } else {
         BaseWeights::Dense
     };
-    let run = RunShape {
+    Ok(RunShape {
         base,
-        dtype_bytes: dtype_bytes(recipe, &cfg),
+        dtype_bytes: dtype_bytes(recipe, cfg),
         lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
         lora_targets: lora_targets(recipe.model.lora_target_modules.as_ref())?,
         adapter_bytes: 4,
@@ -90,7 +88,45 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
         matmul_in_f32: matmul_in_f32(recipe, device)?,
         logits_chunk_bytes: sft::train::HEAD_CHUNK_BYTES as u64,
         runtime: if device == Device::Cpu { RUNTIME_BYTES } else { 0 },
-    };
+    })
+}
+
+/// The estimate split over a plan's devices: each module's bytes (weights, and a layer's adapter
+/// with its gradients and AdamW states) where the plan puts it; activations where each layer
+/// computes, in proportion (a 4-bit layer offloaded to the CPU computes on the plan's first GPU);
+/// the loss's logits on the head's device; the process itself on the host.
+pub(crate) fn per_device(
+    e: &device_map::estimate::Estimate,
+    plan: &device_map::Plan,
+    modules: &[device_map::Module],
+    four_bit: bool,
+) -> std::collections::BTreeMap<Device, u64> {
+    let mut out = plan.usage(modules);
+    let first_gpu = plan.placements.iter().map(|(_, d)| *d).find(|d| *d != Device::Cpu);
+    let layers: Vec<Device> = plan
+        .placements
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers."))
+        .map(|(_, d)| match (d, first_gpu) {
+            (Device::Cpu, Some(gpu)) if four_bit => gpu,
+            _ => *d,
+        })
+        .collect();
+    for d in &layers {
+        *out.entry(*d).or_insert(0) += e.activations / layers.len().max(1) as u64;
+    }
+    if let Some(head) = plan.device_of("lm_head") {
+        *out.entry(head).or_insert(0) += e.logits;
+    }
+    *out.entry(Device::Cpu).or_insert(0) += e.runtime;
+    out
+}
+
+/// Print the estimate for a resolved recipe on `device` (the default k-bit device map,
+/// `{"": local device}`), and per device when the recipe's device map spreads the model.
+pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
+    let (dir, cfg) = crate::prepare::model(recipe)?;
+    let run = run_shape(recipe, &cfg, device)?;
     let e = estimate(&cfg.shape, &run);
     let s = &cfg.shape;
     let params = s.linear_params() + s.other_params();
@@ -116,6 +152,15 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
         );
         println!("estimated peak memory on {device}:");
         println!("{e}");
+        // A device map: the same total, split by where each part lives (GPUs may be absent here:
+        // the plan is made for the recipe's budgets).
+        let cuda = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        if let Some((plan, modules)) = crate::place::plan(recipe, &cfg, cuda)? {
+            println!("per device (model_init_kwargs.device_map):");
+            for (d, b) in per_device(&e, &plan, &modules, matches!(run.base, BaseWeights::FourBit { .. })) {
+                println!("  {:<32} {:>12}", d.to_string(), format_bytes(b));
+            }
+        }
         let other = RunShape { gradient_checkpointing: !run.gradient_checkpointing, ..run.clone() };
         println!(
             "  (with gradient checkpointing {}: {})",

@@ -26,6 +26,7 @@ pub static MALLOC_CONF: &u8 = &b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0"[0];
 mod estimate;
 mod generate;
 mod launch;
+mod place;
 mod prepare;
 mod quantize;
 mod run;

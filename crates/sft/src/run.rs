@@ -94,7 +94,7 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> Result<LoadO
             break;
         }
     }
-    Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device })
+    Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device, placement: None })
 }
 
 /// PEFT's default targets for the families nibble runs, when the recipe names none.
@@ -229,7 +229,9 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     let dist_env = dist::DistEnv::from_env().context("reading torchrun's variables")?;
     let device = train_device(recipe, dist_env.as_ref().map_or(0, |e| e.local_rank));
     tracing::info!(?device, "training device");
-    let opts = load_options(recipe, &cfg, device)?;
+    let mut opts = load_options(recipe, &cfg, device)?;
+    opts.placement =
+        Some(crate::place::placement(recipe, &cfg, device, dist_env.as_ref().map_or(1, |e| e.world_size))?);
     tch::manual_seed(recipe.training.seed as i64);
     let timeout = Duration::from_secs(u64::try_from(recipe.training.ddp_timeout).unwrap_or(0).max(1));
     let backend = if device.is_cuda() { dist::Backend::Nccl } else { dist::Backend::Gloo };

@@ -201,3 +201,61 @@ fn generate_samples_and_writes_prompt_logits() {
     assert_eq!(bad.status.code(), Some(2), "a missing --prompt is a usage error");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_device_map_is_planned_and_estimated_per_device() {
+    // GPUs need not be present to plan for them: the budgets come from max_memory.
+    let kw = r#"{"device_map": "sequential", "max_memory": {"0": "150KiB", "cpu": "1GiB"}}"#;
+    let out =
+        sft(&["recipes/tiny/config_qlora.yaml", "--estimate-memory", "--model_init_kwargs", kw], &repo());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let per_device =
+        text.split("per device").nth(1).unwrap_or_else(|| panic!("no per-device part in:\n{text}"));
+    for want in ["cuda:0", "cpu"] {
+        assert!(per_device.contains(want), "`{want}` missing from:\n{text}");
+    }
+    // A budget that cannot hold the model names the shortfall in bytes.
+    let kw = r#"{"device_map": "auto", "max_memory": {"cpu": "100KiB"}}"#;
+    let out =
+        sft(&["recipes/tiny/config_qlora.yaml", "--estimate-memory", "--model_init_kwargs", kw], &repo());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("model_init_kwargs.device_map") && stderr.contains("short by"), "{stderr}");
+}
+
+#[test]
+fn a_device_map_trains_like_the_default_and_gpus_it_names_must_exist() {
+    let dir = scratch("device-map");
+    let recipe = repo().join("recipes/tiny/config_qlora.yaml");
+    let run = |name: &str, extra: &[&str]| -> (Output, PathBuf) {
+        let out_dir = dir.join(name);
+        let mut args = vec![recipe.to_str().expect("utf-8"), "--max_steps", "3", "--logging_steps", "1"];
+        args.push("--output_dir");
+        args.push(out_dir.to_str().expect("utf-8"));
+        args.extend_from_slice(extra);
+        (sft(&args, &repo()), out_dir)
+    };
+    let losses = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("log.jsonl"))
+            .expect("log.jsonl")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+            .collect()
+    };
+    let (plain, plain_dir) = run("plain", &[]);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let (mapped, mapped_dir) = run("mapped", &["--model_init_kwargs", r#"{"device_map": "auto"}"#]);
+    assert!(mapped.status.success(), "{}", String::from_utf8_lossy(&mapped.stderr));
+    assert!(String::from_utf8_lossy(&mapped.stderr).contains("placement: embed cpu"));
+    let (a, b) = (losses(&plain_dir), losses(&mapped_dir));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "the same run placed by a device map");
+    if !tch::Cuda::is_available() {
+        let (gpu, _) = run("gpu", &["--model_init_kwargs", r#"{"device_map": {"": 0}}"#]);
+        assert!(!gpu.status.success());
+        let stderr = String::from_utf8_lossy(&gpu.stderr);
+        assert!(stderr.contains("cuda:0") && stderr.contains("0 GPU"), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -92,11 +92,47 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, Error> {
 }
 
 /// What every layer of one forward pass shares: rotary tables and the attention mask.
-pub struct LayerContext {
+pub(crate) struct DeviceContext {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     /// Boolean `[B, 1, T, T]` (true = may attend); `None` means plain causal.
     pub(crate) mask: Option<Tensor>,
+}
+
+impl DeviceContext {
+    /// The same tables on `device` (shared, not copied, where they are already there).
+    fn to_device(&self, device: tch::Device) -> Result<DeviceContext, Error> {
+        Ok(DeviceContext {
+            cos: self.cos.f_to_device(device)?,
+            sin: self.sin.f_to_device(device)?,
+            mask: self.mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
+        })
+    }
+}
+
+/// Rotary tables and attention mask of one batch, on every device a decoder layer computes on.
+pub struct LayerContext {
+    by_device: Vec<(tch::Device, DeviceContext)>,
+}
+
+impl LayerContext {
+    /// `base` copied to each of `devices`.
+    pub(crate) fn spread(base: DeviceContext, devices: &[tch::Device]) -> Result<Self, Error> {
+        let mut by_device = Vec::with_capacity(devices.len());
+        for &d in devices {
+            by_device.push((d, base.to_device(d)?));
+        }
+        Ok(LayerContext { by_device })
+    }
+
+    /// The tables for a layer computing on `device`.
+    pub(crate) fn on(&self, device: tch::Device) -> Result<&DeviceContext, Error> {
+        self.by_device.iter().find(|(d, _)| *d == device).map(|(_, c)| c).ok_or_else(|| {
+            Error::BadInput(format!(
+                "this batch context was not built for {device:?} (built by another model?)"
+            ))
+        })
+    }
 }
 
 /// Causal attention, restricted to the same segment (packed sequences) and to the sliding window.
@@ -159,7 +195,7 @@ impl Attention {
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
-        ctx: &LayerContext,
+        ctx: &DeviceContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, Error> {
         let (b, t) = (x.size()[0], x.size()[1]);
@@ -234,14 +270,14 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(crate) fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &DeviceContext) -> Result<Tensor, Error> {
         self.forward_cached(x, ctx, None)
     }
 
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
-        ctx: &LayerContext,
+        ctx: &DeviceContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, Error> {
         let a = self.self_attn.forward_cached(&self.input_layernorm.forward(x)?, ctx, cache)?;

@@ -8,6 +8,7 @@
 mod blocks;
 mod llama;
 mod mistral;
+mod placement;
 mod qwen2;
 mod qwen3;
 
@@ -18,7 +19,8 @@ use quant::ops::{QuantizeOptions, Quantized4bit, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
-use blocks::{Attention, DecoderLayer, KvCache, Mlp, RmsNorm, Rope};
+use blocks::{Attention, DecoderLayer, DeviceContext, KvCache, Mlp, RmsNorm, Rope};
+pub use placement::{LayerPlacement, Placement};
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
@@ -31,8 +33,8 @@ pub(crate) struct DecoderSpec {
     rope_scaling: RopeScaling,
 }
 
-/// How to materialise a checkpoint: dtypes, 4- or 8-bit quantization, device.
-#[derive(Debug, Clone, Copy)]
+/// How to materialise a checkpoint: dtypes, 4- or 8-bit quantization, devices.
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// dtype of every unquantized tensor (embeddings, norms, biases, head) and of dense linears.
     pub dtype: Kind,
@@ -46,8 +48,10 @@ pub struct LoadOptions {
     /// dtype the 4-bit linears compute in (`bnb_4bit_compute_dtype`); 8-bit linears compute in
     /// their input's dtype, as bitsandbytes' do.
     pub compute_dtype: Kind,
-    /// Where the model lives.
+    /// Where the model lives (when `placement` is not set).
     pub device: Device,
+    /// Where each module lives and computes (a device map applied); `None`: all on `device`.
+    pub placement: Option<Placement>,
 }
 
 impl Default for LoadOptions {
@@ -58,6 +62,7 @@ impl Default for LoadOptions {
             quantize_8bit: None,
             compute_dtype: Kind::Float,
             device: Device::Cpu,
+            placement: None,
         }
     }
 }
@@ -154,7 +159,7 @@ pub struct CausalLm {
     rope: Rope,
     sliding_window: Option<u64>,
     dtype: Kind,
-    device: Device,
+    placement: Placement,
 }
 
 impl std::fmt::Debug for CausalLm {
@@ -213,35 +218,61 @@ impl Reader<'_> {
         Ok(t)
     }
 
-    fn dense(&self, name: &str, kind: Kind) -> Result<Tensor, Error> {
-        Ok(self.read(name)?.f_to_kind(kind)?.f_to_device(self.opts.device)?)
+    fn dense(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor, Error> {
+        Ok(self.read(name)?.f_to_kind(kind)?.f_to_device(device)?)
     }
 
-    fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm, Error> {
-        Ok(RmsNorm { weight: self.dense(name, self.opts.dtype)?, eps })
+    fn norm(&self, name: &str, eps: f64, device: Device) -> Result<RmsNorm, Error> {
+        Ok(RmsNorm { weight: self.dense(name, self.opts.dtype, device)?, eps })
     }
 
-    /// A decoder linear: pre-quantized, quantized now, or dense.
-    fn linear(&self, prefix: &str, bias: bool) -> Result<Box<dyn Linear>, Error> {
+    /// A decoder linear: pre-quantized, quantized now, or dense; stored and computing where
+    /// `place` says (only 4-bit weights can be stored away from where they compute).
+    fn linear(&self, prefix: &str, bias: bool, place: LayerPlacement) -> Result<Box<dyn Linear>, Error> {
         let quant_err = |source| Error::Quant { name: format!("{prefix}.weight"), source };
-        let bias = if bias { Some(self.dense(&format!("{prefix}.bias"), self.opts.dtype)?) } else { None };
+        let bias = if bias {
+            Some(self.dense(&format!("{prefix}.bias"), self.opts.dtype, place.compute)?)
+        } else {
+            None
+        };
         let name = format!("{prefix}.weight");
+        let four_bit = |q: Result<Quantized4bit, quant::Error>| -> Result<Box<dyn Linear>, Error> {
+            let q = q.and_then(|q| {
+                if place.weights == Device::Cpu && place.compute.is_cuda() {
+                    // Offloaded: page-locked host memory, so each copy to the GPU is async.
+                    q.pin_memory(place.compute)
+                } else {
+                    q.to_device(place.weights)
+                }
+            });
+            let bias = bias.as_ref().map(Tensor::shallow_clone);
+            let layer =
+                Linear4bit::new(q.map_err(quant_err)?, bias, self.opts.compute_dtype).map_err(quant_err)?;
+            Ok(Box::new(layer.with_exec_device(place.compute).map_err(quant_err)?))
+        };
+        let is_4bit = self.prequantized == Some(Prequantized::FourBit)
+            || (self.prequantized.is_none() && self.opts.quantize.is_some());
+        if !is_4bit && place.weights != place.compute {
+            return Err(Error::BadOption(format!(
+                "{prefix}: only 4-bit layers can be stored on {:?} and computed on {:?} (CPU offload streams \
+                 4-bit codes); place this layer's weights where it computes",
+                place.weights, place.compute
+            )));
+        }
+        let device = place.weights;
         match self.prequantized {
-            Some(Prequantized::FourBit) => {
-                let q = self.ck.quantized_weight(prefix)?.to_device(self.opts.device).map_err(quant_err)?;
-                return Ok(Box::new(Linear4bit::new(q, bias, self.opts.compute_dtype).map_err(quant_err)?));
-            }
+            Some(Prequantized::FourBit) => return four_bit(Ok(self.ck.quantized_weight(prefix)?)),
             // A float weight in an 8-bit checkpoint is a module bitsandbytes skipped
             // (`llm_int8_skip_modules`): it stays dense.
             Some(Prequantized::EightBit { threshold }) if self.ck.tensor(&name)?.kind().is_none() => {
-                let q = self.to_device(self.ck.int8_weight(prefix)?)?;
+                let q = to_device_8bit(self.ck.int8_weight(prefix)?, device)?;
                 let matmul = self.opts.quantize_8bit.unwrap_or_default().matmul;
                 let layer = Linear8bit::new(q, bias, Int8Options { threshold, matmul }).map_err(quant_err)?;
                 return Ok(Box::new(layer));
             }
             Some(Prequantized::EightBit { .. }) => {
                 return Ok(Box::new(
-                    Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?,
+                    Dense::new(self.dense(&name, self.opts.dtype, device)?, bias).map_err(quant_err)?,
                 ));
             }
             None => {}
@@ -251,34 +282,27 @@ impl Reader<'_> {
                 // Quantize on the CPU from the load dtype, as transformers does after casting.
                 // The codes and scales then move to the layer's device (a no-op on the CPU).
                 let w = self.read(&name)?.f_to_kind(self.opts.dtype)?;
-                let q = Quantized4bit::quantize(&w, q).and_then(|q| q.to_device(self.opts.device));
-                Ok(Box::new(
-                    Linear4bit::new(q.map_err(quant_err)?, bias, self.opts.compute_dtype)
-                        .map_err(quant_err)?,
-                ))
+                four_bit(Quantized4bit::quantize(&w, q))
             }
             (None, Some(o)) => {
                 // From the load dtype, through float16, as bitsandbytes' Int8Params does.
                 let w = self.read(&name)?.f_to_kind(self.opts.dtype)?;
-                let q = self.to_device(Quantized8bit::quantize(&w).map_err(quant_err)?)?;
+                let q = to_device_8bit(Quantized8bit::quantize(&w).map_err(quant_err)?, device)?;
                 Ok(Box::new(Linear8bit::new(q, bias, o).map_err(quant_err)?))
             }
-            (None, None) => {
-                Ok(Box::new(Dense::new(self.dense(&name, self.opts.dtype)?, bias).map_err(quant_err)?))
-            }
+            (None, None) => Ok(Box::new(
+                Dense::new(self.dense(&name, self.opts.dtype, device)?, bias).map_err(quant_err)?,
+            )),
         }
     }
+}
 
-    /// An int8 weight on the model's device (its ops run on any device).
-    fn to_device(&self, q: Quantized8bit) -> Result<Quantized8bit, Error> {
-        if self.opts.device == Device::Cpu {
-            return Ok(q);
-        }
-        Ok(Quantized8bit {
-            codes: q.codes.f_to_device(self.opts.device)?,
-            scb: q.scb.f_to_device(self.opts.device)?,
-        })
+/// An int8 weight on `device` (its ops run on any device).
+fn to_device_8bit(q: Quantized8bit, device: Device) -> Result<Quantized8bit, Error> {
+    if device == Device::Cpu {
+        return Ok(q);
     }
+    Ok(Quantized8bit { codes: q.codes.f_to_device(device)?, scb: q.scb.f_to_device(device)? })
 }
 
 impl CausalLm {
@@ -317,23 +341,30 @@ impl CausalLm {
         let r = Reader { ck, opts, prequantized: config.quantization };
         let s = &config.shape;
         let eps = config.rms_norm_eps;
-        let embed_tokens = r.dense("model.embed_tokens.weight", opts.dtype)?;
         let total = s.layers as usize;
+        let placement = opts.placement.clone().unwrap_or_else(|| Placement::single(opts.device, total));
+        if placement.layers.len() != total {
+            return Err(Error::BadOption(format!(
+                "the placement covers {} decoder layers, the model has {total}",
+                placement.layers.len()
+            )));
+        }
+        let embed_tokens = r.dense("model.embed_tokens.weight", opts.dtype, placement.embed)?;
         let mut layers = Vec::with_capacity(total);
-        for l in 0..total {
+        for (l, &place) in placement.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             let head_norm = |which: &str| -> Result<Option<RmsNorm>, Error> {
                 if spec.qk_norm {
-                    Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps)?))
+                    Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps, place.compute)?))
                 } else {
                     Ok(None)
                 }
             };
             let self_attn = Attention {
-                q_proj: r.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
-                k_proj: r.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
-                v_proj: r.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
-                o_proj: r.linear(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
+                q_proj: r.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias, place)?,
+                k_proj: r.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias, place)?,
+                v_proj: r.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias, place)?,
+                o_proj: r.linear(&format!("{p}.self_attn.o_proj"), config.o_bias, place)?,
                 q_norm: head_norm("q_norm")?,
                 k_norm: head_norm("k_norm")?,
                 heads: s.heads as i64,
@@ -341,14 +372,18 @@ impl CausalLm {
                 head_dim: s.head_dim as i64,
             };
             let mlp = Mlp {
-                gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
-                up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
-                down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias, place)?,
+                up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias, place)?,
+                down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias, place)?,
             };
             layers.push(DecoderLayer {
-                input_layernorm: r.norm(&format!("{p}.input_layernorm.weight"), eps)?,
+                input_layernorm: r.norm(&format!("{p}.input_layernorm.weight"), eps, place.compute)?,
                 self_attn,
-                post_attention_layernorm: r.norm(&format!("{p}.post_attention_layernorm.weight"), eps)?,
+                post_attention_layernorm: r.norm(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    eps,
+                    place.compute,
+                )?,
                 mlp,
             });
             // The layer's temporaries (a float copy of each weight) were freed between the
@@ -357,11 +392,12 @@ impl CausalLm {
             tracing::debug!(layer = l, "loaded decoder layer");
             progress(l + 1, total);
         }
-        let norm = r.norm("model.norm.weight", eps)?;
+        let norm = r.norm("model.norm.weight", eps, placement.norm)?;
         let head_weight = if s.tied_embeddings {
-            embed_tokens.shallow_clone()
+            // Tied: the same tensor, or its copy where the head computes.
+            embed_tokens.f_to_device(placement.head)?
         } else {
-            r.dense("lm_head.weight", opts.dtype)?
+            r.dense("lm_head.weight", opts.dtype, placement.head)?
         };
         let lm_head = Dense::new(head_weight, None)
             .map_err(|source| Error::Quant { name: "lm_head.weight".into(), source })?;
@@ -375,7 +411,7 @@ impl CausalLm {
             rope,
             sliding_window: spec.sliding_window,
             dtype: opts.dtype,
-            device: opts.device,
+            placement,
         })
     }
 
@@ -389,9 +425,19 @@ impl CausalLm {
         self.dtype
     }
 
-    /// The device the model lives on.
+    /// Where inputs go: the embedding's device (the whole model's, unless a device map spreads it).
     pub fn device(&self) -> Device {
-        self.device
+        self.placement.embed
+    }
+
+    /// Where logits come out: the output head's device.
+    pub fn head_device(&self) -> Device {
+        self.placement.head
+    }
+
+    /// Where each module lives and computes.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// Number of decoder layers.
@@ -401,7 +447,8 @@ impl CausalLm {
 
     /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor, Error> {
-        Ok(Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?)
+        let ids = input_ids.f_to_device(self.placement.embed)?;
+        Ok(Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?)
     }
 
     /// Rotary tables and attention mask for a batch: `position_ids [B, T]` (per-sequence
@@ -414,14 +461,16 @@ impl CausalLm {
         let seq = position_ids.size().last().copied().unwrap_or(0);
         let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
         let mask = blocks::attention_mask(segment_ids, seq, self.sliding_window, position_ids.device())?;
-        Ok(LayerContext { cos, sin, mask })
+        LayerContext::spread(DeviceContext { cos, sin, mask }, &self.placement.compute_devices())
     }
 
-    /// Run decoder layer `index` on hidden states `h`.
+    /// Run decoder layer `index` on hidden states `h`, moved first to where the layer computes
+    /// (autograd carries the gradient back to `h`'s device).
     pub fn layer(&self, index: usize, h: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
         let layer =
             self.layers.get(index).ok_or_else(|| Error::BadInput(format!("no decoder layer {index}")))?;
-        layer.forward(h, ctx)
+        let device = self.placement.layers[index].compute;
+        layer.forward(&h.f_to_device(device)?, ctx.on(device)?)
     }
 
     /// Logits per position (the output head's width), for callers that size work by it.
@@ -431,8 +480,8 @@ impl CausalLm {
 
     /// Final norm and output head: logits `[B, T, vocab]` in the model dtype.
     pub fn head(&self, h: &Tensor) -> Result<Tensor, Error> {
-        let h = self.norm.forward(h)?;
-        Ok(self.lm_head.forward(&h)?)
+        let h = self.norm.forward(&h.f_to_device(self.placement.norm)?)?;
+        Ok(self.lm_head.forward(&h.f_to_device(self.placement.head)?)?)
     }
 
     /// Logits for `input_ids [B, T]`; positions default to `0..T` in every row.
@@ -485,8 +534,9 @@ impl CausalLm {
         tch::no_grad(|| {
             let mut caches: Vec<KvCache> = (0..self.layers.len()).map(|_| KvCache::default()).collect();
             let t = prompt.len() as i64;
-            let ids = Tensor::from_slice(prompt).f_to_device(self.device)?.f_view([1, t])?;
-            let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?.f_view([1, t])?;
+            let device = self.device();
+            let ids = Tensor::from_slice(prompt).f_to_device(device)?.f_view([1, t])?;
+            let pos = Tensor::f_arange(t, (Kind::Int64, device))?.f_view([1, t])?;
             let logits = self.step_cached(&ids, &pos, &mut caches)?;
             let prompt_logits = logits.f_get(0)?.f_to_kind(Kind::Float)?;
             let mut next = sample(&prompt_logits.f_get(t - 1)?, sampling, &mut rng)?;
@@ -496,8 +546,8 @@ impl CausalLm {
                 if sampling.stop_ids.contains(&next) || i + 1 == sampling.max_new_tokens {
                     break;
                 }
-                let ids = Tensor::from_slice(&[next]).f_to_device(self.device)?.f_view([1, 1])?;
-                let pos = Tensor::from_slice(&[t + i as i64]).f_to_device(self.device)?.f_view([1, 1])?;
+                let ids = Tensor::from_slice(&[next]).f_to_device(device)?.f_view([1, 1])?;
+                let pos = Tensor::from_slice(&[t + i as i64]).f_to_device(device)?.f_view([1, 1])?;
                 let logits = self.step_cached(&ids, &pos, &mut caches)?;
                 next = sample(&logits.f_get(0)?.f_get(0)?.f_to_kind(Kind::Float)?, sampling, &mut rng)?;
             }
@@ -510,14 +560,15 @@ impl CausalLm {
     fn step_cached(&self, ids: &Tensor, pos: &Tensor, caches: &mut [KvCache]) -> Result<Tensor, Error> {
         let n = ids.size()[1];
         let past = caches.first().and_then(|c| c.k.as_ref()).map_or(0, |k| k.size()[2]);
+        let device = pos.device();
         let (cos, sin) = self.rope.cos_sin(pos, self.dtype)?;
         // Queries see every cached key, causally among the new ones, within the sliding window.
         let mask = match self.sliding_window.filter(|&w| (w as i64) < past + n) {
             None if past == 0 => None,
             None if n == 1 => None,
             window => {
-                let q = Tensor::f_arange_start(past, past + n, (Kind::Int64, self.device))?.f_unsqueeze(1)?;
-                let k = Tensor::f_arange(past + n, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
+                let q = Tensor::f_arange_start(past, past + n, (Kind::Int64, device))?.f_unsqueeze(1)?;
+                let k = Tensor::f_arange(past + n, (Kind::Int64, device))?.f_unsqueeze(0)?;
                 let mut allowed = k.f_le_tensor(&q)?;
                 if let Some(w) = window {
                     allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w as i64)?)?;
@@ -525,10 +576,10 @@ impl CausalLm {
                 Some(allowed.f_view([1, 1, n, past + n])?)
             }
         };
-        let ctx = LayerContext { cos, sin, mask };
+        let ctx = LayerContext::spread(DeviceContext { cos, sin, mask }, &self.placement.compute_devices())?;
         let mut h = self.embed(ids)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            h = layer.forward_cached(&h, &ctx, Some(cache))?;
+        for ((layer, cache), place) in self.layers.iter().zip(caches.iter_mut()).zip(&self.placement.layers) {
+            h = layer.forward_cached(&h.f_to_device(place.compute)?, ctx.on(place.compute)?, Some(cache))?;
         }
         self.head(&h)
     }
@@ -550,7 +601,7 @@ impl CausalLm {
         tch::no_grad(|| -> Result<(), Error> {
             for _ in 0..max_new_tokens {
                 let input =
-                    Tensor::from_slice(&ids).f_to_device(self.device)?.f_view([1, ids.len() as i64])?;
+                    Tensor::from_slice(&ids).f_to_device(self.device())?.f_view([1, ids.len() as i64])?;
                 let logits = self.forward(&input, None, None)?;
                 let next =
                     logits.f_select(1, ids.len() as i64 - 1)?.f_argmax(-1, false)?.f_int64_value(&[0])?;

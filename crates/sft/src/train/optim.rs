@@ -119,7 +119,12 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, tch::TchE
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let norms = grads.iter().map(|g| g.f_to_kind(Kind::Float)?.f_norm()).collect::<Result<Vec<_>, _>>()?;
+    // Parameters may sit on several devices (a device map): the norms meet on the first one's.
+    let device = grads.first().map_or(tch::Device::Cpu, Tensor::device);
+    let norms = grads
+        .iter()
+        .map(|g| g.f_to_kind(Kind::Float)?.f_norm()?.f_to_device(device))
+        .collect::<Result<Vec<_>, _>>()?;
     let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
     let total_f = total.f_double_value(&[])?;
     if max_norm > 0.0 {

@@ -103,6 +103,8 @@ fn head_loss(
     let leaf = h.f_detach()?.set_requires_grad(backward);
     let flat = leaf.f_reshape([b * t, hidden])?;
     // Position (r, j) predicts labels[r, j + 1]; the last position of a row predicts nothing.
+    // Positions are picked on h's device; targets meet the logits on the head's.
+    let labels = labels.f_to_device(h.device())?;
     let ignore = Tensor::f_full([b, 1], -100, (Kind::Int64, labels.device()))?;
     let target = Tensor::f_cat(&[labels.f_narrow(1, 1, t - 1)?.f_to_kind(Kind::Int64)?, ignore], 1)?
         .f_reshape([-1])?;
@@ -118,7 +120,7 @@ fn head_loss(
         let len = per.min(n - start);
         let idx = rows.f_narrow(0, start, len)?;
         let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
-        let tgt = target.f_index_select(0, &idx)?;
+        let tgt = target.f_index_select(0, &idx)?.f_to_device(logits.device())?;
         correct +=
             logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
         let sum = logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
