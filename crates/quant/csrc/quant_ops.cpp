@@ -7,8 +7,9 @@
 // caller owns (tch frees them with `at_free`). No C++ exception crosses this boundary.
 //
 // Speed: parallel over blocks with at::parallel_for (OpenMP); on x86-64 the quantize block loop
-// is also compiled for AVX2 and the 16-bit dequantize uses SSSE3 pshufb lookups, both chosen at
-// run time (no FMA: -ffp-contract=off keeps every rounding identical to codec.rs).
+// is also compiled for AVX2 (bf16 NF4 on 16-bit integer keys, see Nf4KeyTable) and the 16-bit
+// dequantize uses SSSE3 pshufb lookups, all chosen at run time (no FMA: -ffp-contract=off keeps
+// every rounding identical to codec.rs).
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -365,6 +366,197 @@ __attribute__((target("avx2,f16c"))) bool quantize_block_avx2_wide(const T* x, i
 #undef NIBBLE_AVX2
 #endif
 
+// NF4 from bf16 without a multiply or an f32 compare: for a block's scale s = 1/absmax, the code
+// of x is #{i : fl(x * s) > t_i}, a step function of x that only rises with x, so it is also the
+// number of 15 per-block bf16 "keys" K_i below x's key (its magnitude bits, negated for negative
+// x: a signed 16-bit integer that orders like the value, both zeros alike), with K_i the largest
+// key whose value v still has fl(v * s) <= t_i. Two absmax values that differ by a power of two give scales that
+// differ by its inverse exactly, and the same products, so the keys only depend on the absmax's 7
+// mantissa bits: they are found once per mantissa (binary searches with the kernel's own f32
+// arithmetic) and moved by the exponent difference (`delta << 7` on the magnitude) per block.
+// This holds while the values involved stay normal: exponents within kMinDelta..kMaxDelta of
+// [1, 2); other blocks (and all-zero ones) take the f32 path. The count then runs on 16 lanes
+// at once: a 4-level binary search with the thresholds looked up by `pshufb`.
+bool have_avx2();  // AVX2 and F16C (below, with the dequantize kernels)
+
+struct Nf4KeyTable {
+  // For absmax 1.m (bf16 mantissa m, exponent 127), the keys K_i as the kernel reads them:
+  // levels[m][0]: K7 everywhere; [1], [2], [3]: the pshufb tables of levels 2-4 (8 keys per
+  // 128-bit lane, both lanes alike), by the entry index j that the bits decided so far select:
+  // level 2 reads j = 4*b3, level 3 j = 4*b3 + 2*b2, level 4 j = 4*b3 + 2*b2 + b1.
+  alignas(32) int16_t levels[128][4][16];
+};
+
+// Which K_i each table slot holds (-1: unused), and the sign of that key (moving a block's keys
+// by its exponent adds `delta << 7` to positive keys and subtracts it from negative ones).
+constexpr int8_t kNf4LevelSlots[4][8] = {
+    {7, 7, 7, 7, 7, 7, 7, 7},
+    {3, -1, -1, -1, 11, -1, -1, -1},
+    {1, -1, 5, -1, 9, -1, 13, -1},
+    {0, 2, 4, 6, 8, 10, 12, 14},
+};
+
+constexpr int kMinDelta = -120;
+constexpr int kMaxDelta = 125;
+
+inline float bf16_key_value(int32_t key) {
+  const uint32_t bits = key >= 0 ? static_cast<uint32_t>(key)
+                                 : (static_cast<uint32_t>(-1 - key) | 0x8000u);
+  float f;
+  const uint32_t b = bits << 16;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+const Nf4KeyTable& nf4_key_table() {
+  static const Nf4KeyTable table = [] {
+    Nf4KeyTable t{};
+    for (int m = 0; m < 128; ++m) {
+      const float absmax = bf16_key_value((127 << 7) | m);
+      const float scale = 1.0f / absmax;
+      int16_t keys[15];
+      for (int i = 0; i < 15; ++i) {
+        // Largest finite key k with fl(value(k) * scale) <= t_i: the predicate holds for every
+        // key up to it and for none after (the product only rises with the key).
+        int32_t lo = -0x7f80;  // -max finite bf16: holds
+        int32_t hi = 0x7f7f;   // +max finite bf16: fails
+        while (hi - lo > 1) {
+          const int32_t mid = lo + (hi - lo) / 2;
+          const float v = bf16_key_value(mid) * scale;
+          if (v <= kNf4Thresholds[i]) {
+            lo = mid;
+          } else {
+            hi = mid;
+          }
+        }
+        // As the kernel's keys: -magnitude for negatives, one above the search's -1 - magnitude.
+        keys[i] = static_cast<int16_t>(lo < 0 ? lo + 1 : lo);
+      }
+      for (int level = 0; level < 4; ++level) {
+        for (int slot = 0; slot < 16; ++slot) {
+          const int8_t i = kNf4LevelSlots[level][slot % 8];
+          t.levels[m][level][slot] = i < 0 ? 0 : keys[i];
+        }
+      }
+    }
+    return t;
+  }();
+  return table;
+}
+
+#ifdef NIBBLE_X86
+// Codes of 16 bf16 values against a block's keys (t1: K7 everywhere; t2, t3, t4: the pshufb
+// tables of levels 2-4, by the entry index j the bits decided so far select: level 2 reads
+// j = 4*b3, level 3 j = 4*b3 + 2*b2, level 4 j = 4*b3 + 2*b2 + b1), as one output byte
+// (even code * 16 + odd code) per 32-bit lane.
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256i encode16_bf16_nf4(
+    const c10::BFloat16* p, __m256i t1, __m256i t2, __m256i t3, __m256i t4) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  // +magnitude or -magnitude: orders like the value (both zeros alike).
+  const __m256i key = _mm256_sign_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7fff)), v);
+  // The shuffle control of entry j in a 16-bit lane: bytes 2j and 2j + 1.
+  __m256i c = _mm256_blendv_epi8(_mm256_set1_epi16(0x0100), _mm256_set1_epi16(0x0908),
+                                 _mm256_cmpgt_epi16(key, t1));
+  c = _mm256_add_epi16(c, _mm256_and_si256(_mm256_cmpgt_epi16(key, _mm256_shuffle_epi8(t2, c)),
+                                           _mm256_set1_epi16(0x0404)));
+  c = _mm256_add_epi16(c, _mm256_and_si256(_mm256_cmpgt_epi16(key, _mm256_shuffle_epi8(t3, c)),
+                                           _mm256_set1_epi16(0x0202)));
+  // code = 2j + b0.
+  const __m256i code = _mm256_sub_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x00ff)),
+                                        _mm256_cmpgt_epi16(key, _mm256_shuffle_epi8(t4, c)));
+  return _mm256_madd_epi16(code, _mm256_set1_epi32(0x00010010));
+}
+
+// One level's keys for a block: the table's, moved by the block's exponent (`shift`, added to
+// positive keys and subtracted from negative ones as `sign` says).
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256i block_keys(const int16_t* level,
+                                                                              __m256i shift,
+                                                                              __m256i sign) {
+  return _mm256_add_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(level)),
+                          _mm256_sign_epi16(shift, sign));
+}
+
+// Blocks b0..b1 of bf16 NF4 (see Nf4KeyTable); a block it cannot take (a short last block, an
+// exponent out of range, all zeros) goes to `quantize_block_avx2_wide`. Returns the first block
+// with a non-finite value, or -1.
+__attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
+    const c10::BFloat16* x, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
+    float* absmax) {
+  const Nf4KeyTable& table = nf4_key_table();
+  // Per level, -1/+1 where a slot holds a negative/positive key (0: unused).
+  __m256i sign[4];
+  for (int level = 0; level < 4; ++level) {
+    alignas(32) int16_t sg[16];
+    for (int slot = 0; slot < 16; ++slot) {
+      const int8_t i = kNf4LevelSlots[level][slot % 8];
+      sg[slot] = static_cast<int16_t>(i < 0 ? 0 : (i < 7 ? -1 : 1));
+    }
+    sign[level] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sg));
+  }
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // Chunks of blocks in two passes: first every block's absmax and keys, then the codes. A block's
+  // keys wait on its absmax (a reduction, a table load); done for many blocks apart from the
+  // encoding, those waits overlap instead of stalling each block (30% of the time at blocksize 64).
+  constexpr int64_t kChunk = 16;
+  __m256i keys[kChunk][4];
+  bool fast[kChunk];
+  for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+    int64_t c1 = std::min(b1, c0 + kChunk);
+    int64_t bad = -1;
+    for (int64_t b = c0; b < c1; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = std::min(blocksize, n - start);
+      fast[b - c0] = false;
+      if (len % 32 != 0) {
+        continue;  // a short last block: the f32 path checks it
+      }
+      const uint32_t m_bits = absmax_bits_avx2<c10::BFloat16>(x + start, len);
+      if (m_bits >= 0x7f800000u) {
+        bad = b;  // encode the blocks before it, then report it
+        c1 = b;
+        break;
+      }
+      const int32_t h = static_cast<int32_t>(m_bits >> 16);
+      const int32_t delta = (h >> 7) - 127;
+      if (h == 0 || delta < kMinDelta || delta > kMaxDelta) {
+        continue;
+      }
+      fast[b - c0] = true;
+      std::memcpy(absmax + b, &m_bits, sizeof m_bits);
+      // The block's keys: the table's for its mantissa, magnitudes moved by its exponent.
+      const __m256i shift = _mm256_set1_epi16(static_cast<int16_t>(delta * 128));
+      const auto& lv = table.levels[h & 0x7f];
+      for (int level = 0; level < 4; ++level) {
+        keys[b - c0][level] = block_keys(lv[level], shift, sign[level]);
+      }
+    }
+    for (int64_t b = c0; b < c1; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = std::min(blocksize, n - start);
+      const c10::BFloat16* xb = x + start;
+      uint8_t* out = packed + start / 2;
+      if (!fast[b - c0]) {
+        if (!quantize_block_avx2_wide<c10::BFloat16, kNf4>(xb, len, out, absmax + b)) {
+          return b;
+        }
+        continue;
+      }
+      const __m256i* k = keys[b - c0];
+      for (int64_t i = 0; i < len; i += 32) {
+        const __m256i words = _mm256_packus_epi32(encode16_bf16_nf4(xb + i, k[0], k[1], k[2], k[3]),
+                                                  encode16_bf16_nf4(xb + i + 16, k[0], k[1], k[2], k[3]));
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(bytes));
+      }
+    }
+    if (bad >= 0) {
+      return bad;
+    }
+  }
+  return -1;
+}
+#endif
+
 template <typename T, int32_t QT>
 using BlockFn = bool (*)(const T*, int64_t, uint8_t*, float*);
 
@@ -388,17 +580,45 @@ void quantize_4bit_impl(const T* x, int64_t n, int64_t blocksize, uint8_t* packe
   static const BlockFn<T, QT> quantize_block_fn = pick_quantize_block<T, QT>();
   // Grain: enough blocks per task to amortise scheduling (about 16k elements).
   const int64_t grain = std::max<int64_t>(1, 16384 / blocksize);
+  // The first non-finite element of block b, offered to `bad`.
+  const auto report = [&](int64_t b) {
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min(blocksize, n - start);
+    for (int64_t i = 0; i < len; ++i) {
+      if (!std::isfinite(static_cast<float>(x[start + i]))) {
+        bad.offer(start + i);
+        return;
+      }
+    }
+  };
+#ifdef NIBBLE_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16> && QT == kNf4) {
+    // NIBBLE_QUANT_F32_SEARCH=1 keeps the f32-compare kernel (for comparisons).
+    static const bool keys = [] {
+      const char* off = std::getenv("NIBBLE_QUANT_F32_SEARCH");
+      return have_avx2() && (off == nullptr || *off == '\0' || std::strcmp(off, "0") == 0);
+    }();
+    if (keys) {
+      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+        while (b0 < b1) {
+          const int64_t failed = quantize_blocks_bf16_nf4_avx2(x, n, blocksize, b0, b1, packed, absmax);
+          if (failed < 0) {
+            break;
+          }
+          report(failed);
+          b0 = failed + 1;
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       if (!quantize_block_fn(x + start, len, packed + start / 2, absmax + b)) {
-        for (int64_t i = 0; i < len; ++i) {
-          if (!std::isfinite(static_cast<float>(x[start + i]))) {
-            bad.offer(start + i);
-            break;
-          }
-        }
+        report(b);
       }
     }
   });

@@ -250,6 +250,90 @@ proptest! {
     }
 }
 
+/// bf16 NF4 takes a path without f32 compares (per-block thresholds in bf16 order, see
+/// `quantize_block_bf16_nf4_avx2`): every absmax mantissa, exponents at and past the ends of its
+/// range, and values on and next to every threshold (and -0.0, subnormals, -absmax) quantize as
+/// the reference codec does, byte for byte.
+#[test]
+fn bf16_nf4_at_every_threshold_matches_the_codec() {
+    // bf16 values in the order of their value, as integers (-1 - magnitude for negatives).
+    let key = |v: f32| -> i32 {
+        let b = i32::from(bf16::from_f32(v).to_bits());
+        if b & 0x8000 == 0 { b } else { -1 - (b & 0x7fff) }
+    };
+    let value = |k: i32| -> f32 {
+        let b = if k >= 0 { k as u16 } else { ((-1 - k) as u16) | 0x8000 };
+        bf16::from_bits(b).to_f32()
+    };
+    let thresholds = [
+        -0.8480964f32,
+        -0.6106329,
+        -0.45999527,
+        -0.33967943,
+        -0.2346074,
+        -0.13791173,
+        -0.045525018,
+        0.03979015,
+        0.12025525,
+        0.20352125,
+        0.29201377,
+        0.38931254,
+        0.5016634,
+        0.6427869,
+        0.8614784,
+    ];
+    let mut values = Vec::new();
+    for mantissa in 0..128u16 {
+        for delta in [-127i32, -126, -122, -121, -120, -60, -1, 0, 1, 60, 125, 126, 127] {
+            let absmax = bf16::from_bits((((127 + delta) as u16) << 7) | mantissa).to_f32();
+            let mut block = vec![absmax, -0.0, 0.0, f32::from_bits(1 << 16), -absmax];
+            for t in thresholds {
+                let k = key(t * absmax);
+                block.extend((k - 2..=k + 2).map(value).filter(|v| v.abs() <= absmax));
+            }
+            block.resize(64, absmax / 3.0);
+            values.extend(block);
+        }
+    }
+    for bs in [64, 128] {
+        assert_bf16_nf4_matches_the_codec(&values, bs);
+    }
+}
+
+/// bf16 NF4 of `values` by the fast path equals the reference codec's, byte for byte (the first
+/// differing byte named with its two elements), absmax too.
+fn assert_bf16_nf4_matches_the_codec(values: &[f32], bs: usize) {
+    let exact = stored(values, Kind::BFloat16);
+    let (want_packed, want_absmax) = codec::quantize_4bit(&exact, bs, QuantType::Nf4).unwrap();
+    let x = tensor(values, &[values.len() as i64], Kind::BFloat16);
+    let (packed, absmax) = ops::quantize_4bit(&x, bs, QuantType::Nf4).unwrap();
+    let got = u8s(&packed);
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want_packed[i]) {
+        let (a, b) = (exact[2 * i], exact[2 * i + 1]);
+        panic!(
+            "blocksize {bs}: byte {i} (elements {a} {b}) is {:#04x}, the codec gives {:#04x}",
+            got[i], want_packed[i]
+        );
+    }
+    assert_eq!(bits(&f32s(&absmax)), bits(&want_absmax));
+}
+
+/// The same path on every finite bf16 value up to the absmax, for a few absmax values.
+#[test]
+fn bf16_nf4_on_every_bf16_value_matches_the_codec() {
+    let mut values = Vec::new();
+    for (mantissa, delta) in [(0u16, 0i32), (1, 125), (64, -120), (127, 0), (93, 7)] {
+        let absmax = bf16::from_bits((((127 + delta) as u16) << 7) | mantissa).to_f32();
+        let all = (0..=0xffffu16).map(|b| bf16::from_bits(b).to_f32()).filter(|v| v.abs() <= absmax);
+        for chunk in all.collect::<Vec<_>>().chunks(63) {
+            values.push(absmax);
+            values.extend_from_slice(chunk);
+            values.resize(values.len().div_ceil(64) * 64, 0.0);
+        }
+    }
+    assert_bf16_nf4_matches_the_codec(&values, 64);
+}
+
 #[test]
 fn non_finite_input_is_an_error_naming_the_element() {
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
