@@ -187,6 +187,17 @@ impl Plan {
         self.placements.iter().find(|(n, _)| n == name).map(|(_, d)| *d)
     }
 
+    /// Where a module placed on `device` computes: a module on the CPU while the plan also uses
+    /// GPUs computes on the plan's first GPU when it is `streamed` (its weights kept in host
+    /// memory and copied over for each use, as accelerate offloads), else where it is placed.
+    pub fn compute_device(&self, device: Device, streamed: bool) -> Device {
+        let first_gpu = self.placements.iter().map(|(_, d)| *d).find(|d| matches!(d, Device::Cuda(_)));
+        match (device, first_gpu) {
+            (Device::Cpu, Some(gpu)) if streamed => gpu,
+            _ => device,
+        }
+    }
+
     /// The map in transformers' JSON form (`{"model.embed_tokens": 0, "model.layers.31": "cpu"}`).
     pub fn to_json(&self) -> serde_json::Value {
         let m = self

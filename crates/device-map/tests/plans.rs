@@ -49,6 +49,12 @@ fn sequential_fills_gpu_0_first_then_offloads_whole_layers() {
     assert_eq!(usage[&Device::Cuda(1)], 2 * GIB, "layers 3-4");
     assert_eq!(p.device_of("lm_head"), Some(Device::Cpu));
     assert_eq!(p.device_of("model.layers.5"), Some(Device::Cpu), "offloaded whole");
+    // Streamed, the offloaded layer computes on the plan's first GPU; otherwise where it is.
+    assert_eq!(p.compute_device(Device::Cpu, true), Device::Cuda(0));
+    assert_eq!(p.compute_device(Device::Cpu, false), Device::Cpu);
+    assert_eq!(p.compute_device(Device::Cuda(1), true), Device::Cuda(1));
+    let all_cpu = plan(&m, &Strategy::Single(Device::Cpu), &Budget::default()).expect("plan");
+    assert_eq!(all_cpu.compute_device(Device::Cpu, true), Device::Cpu);
 }
 
 #[test]

@@ -64,9 +64,14 @@ pub fn lora_targets(targets: Option<&TargetModules>) -> Result<Vec<String>> {
     Ok(chosen.into_iter().map(str::to_owned).collect())
 }
 
+/// Whether the run's decoder linears are 4-bit: quantized while loading, or read pre-quantized.
+pub(crate) fn loads_4bit(recipe: &Recipe, cfg: &HfConfig) -> bool {
+    recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit)
+}
+
 /// The run's memory-driving settings from the recipe, for training on `device`.
 pub(crate) fn run_shape(recipe: &Recipe, cfg: &HfConfig, device: Device) -> Result<RunShape> {
-    let base = if recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit) {
+    let base = if loads_4bit(recipe, cfg) {
         BaseWeights::FourBit { double_quant: recipe.model.use_bnb_nested_quant }
     } else if recipe.model.load_in_8bit {
         BaseWeights::EightBit
@@ -102,15 +107,11 @@ pub(crate) fn per_device(
     four_bit: bool,
 ) -> std::collections::BTreeMap<Device, u64> {
     let mut out = plan.usage(modules);
-    let first_gpu = plan.placements.iter().map(|(_, d)| *d).find(|d| *d != Device::Cpu);
     let layers: Vec<Device> = plan
         .placements
         .iter()
         .filter(|(n, _)| n.starts_with("model.layers."))
-        .map(|(_, d)| match (d, first_gpu) {
-            (Device::Cpu, Some(gpu)) if four_bit => gpu,
-            _ => *d,
-        })
+        .map(|(_, d)| plan.compute_device(*d, four_bit))
         .collect();
     for d in &layers {
         *out.entry(*d).or_insert(0) += e.activations / layers.len().max(1) as u64;

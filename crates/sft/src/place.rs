@@ -136,7 +136,7 @@ pub(crate) fn placement(recipe: &Recipe, cfg: &HfConfig, device: Device, world: 
     let Some((plan, _)) = plan(recipe, cfg, cuda_devices)? else {
         return Ok(Placement::single(device, layers));
     };
-    let four_bit = recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit);
+    let four_bit = crate::estimate::loads_4bit(recipe, cfg);
     let placement = Placement::from_plan(&plan, layers, cuda_devices, four_bit)
         .context("applying model_init_kwargs.device_map")?;
     if placement.spans_devices() && world > 1 {

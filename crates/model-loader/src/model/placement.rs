@@ -55,10 +55,7 @@ impl Placement {
         cuda_devices: usize,
         stream_offloaded: bool,
     ) -> Result<Self, Error> {
-        let device = |name: &str| -> Result<Device, Error> {
-            let d = plan.device_of(name).ok_or_else(|| {
-                Error::BadOption(format!("the device map places no device for module `{name}`"))
-            })?;
+        let on = |name: &str, d: device_map::Device| -> Result<Device, Error> {
             match d {
                 device_map::Device::Cpu => Ok(Device::Cpu),
                 device_map::Device::Cuda(i) if (i as usize) < cuda_devices => Ok(Device::Cuda(i as usize)),
@@ -67,18 +64,20 @@ impl Placement {
                 ))),
             }
         };
-        let main_gpu = plan.placements.iter().find_map(|(_, d)| match d {
-            device_map::Device::Cuda(i) => Some(Device::Cuda(*i as usize)),
-            device_map::Device::Cpu => None,
-        });
+        let placed = |name: &str| -> Result<device_map::Device, Error> {
+            plan.device_of(name).ok_or_else(|| {
+                Error::BadOption(format!("the device map places no device for module `{name}`"))
+            })
+        };
+        let device = |name: &str| on(name, placed(name)?);
         let layers = (0..layers)
             .map(|l| {
-                let weights = device(&format!("model.layers.{l}"))?;
-                let compute = match (weights, main_gpu) {
-                    (Device::Cpu, Some(gpu)) if stream_offloaded => gpu,
-                    _ => weights,
-                };
-                Ok(LayerPlacement { weights, compute })
+                let name = format!("model.layers.{l}");
+                let d = placed(&name)?;
+                Ok(LayerPlacement {
+                    weights: on(&name, d)?,
+                    compute: on(&name, plan.compute_device(d, stream_offloaded))?,
+                })
             })
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Placement {
