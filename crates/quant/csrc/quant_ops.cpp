@@ -7,7 +7,7 @@
 // caller owns (tch frees them with `at_free`). No C++ exception crosses this boundary.
 //
 // Speed: parallel over blocks with at::parallel_for (OpenMP); on x86-64 the quantize block loop
-// is also compiled for AVX2 (bf16 NF4 on 16-bit integer keys, see Nf4KeyTable) and the 16-bit
+// is also compiled for AVX2 (bf16 NF4 by octave tables of byte keys, see Nf4OctaveTable) and the 16-bit
 // dequantize uses SSSE3 pshufb lookups, all chosen at run time (no FMA: -ffp-contract=off keeps
 // every rounding identical to codec.rs).
 
@@ -366,41 +366,36 @@ __attribute__((target("avx2,f16c"))) bool quantize_block_avx2_wide(const T* x, i
 #undef NIBBLE_AVX2
 #endif
 
-// NF4 from bf16 without a multiply or an f32 compare: for a block's scale s = 1/absmax, the code
-// of x is #{i : fl(x * s) > t_i}, a step function of x that only rises with x, so it is also the
-// number of 15 per-block bf16 "keys" K_i below x's key (its magnitude bits, negated for negative
-// x: a signed 16-bit integer that orders like the value, both zeros alike), with K_i the largest
-// key whose value v still has fl(v * s) <= t_i. Two absmax values that differ by a power of two
-// give scales that differ by its inverse exactly, and the same products, so the keys only depend
-// on the absmax's 7 mantissa bits: they are found once per mantissa (binary searches with the
-// kernel's own f32 arithmetic) and moved by the exponent difference (`delta << 7` on the
-// magnitude) per block.
-// This holds while the values involved stay normal: exponents within kMinDelta..kMaxDelta of
-// [1, 2); other blocks (and all-zero ones) take the f32 path. The count then runs on 16 lanes
-// at once: a 4-level binary search with the thresholds looked up by `pshufb`.
+// NF4 from bf16 without a multiply or an f32 compare. For a block's scale s = 1/absmax the code
+// of x is #{i : fl(x * s) > t_i}, a step function of x that only rises with x, so it is also
+// the number of 15 per-block bf16 values K_i below x, K_i the largest bf16 whose product with s
+// is still <= t_i. Two absmax values that differ by a power of two give scales that differ by
+// its inverse exactly, and the same products, so the K_i of absmax 1.m * 2^E are those of 1.m
+// moved by E's exponent: they are found once per 7-bit mantissa m (binary searches with the
+// kernel's own f32 arithmetic). This holds while the values involved stay normal: exponents
+// within kMinDelta..kMaxDelta of [1, 2); other blocks (and all-zero ones) take the f32 path.
+// Every K_i lies in one of the octaves E-5..E, at most 3 per octave and sign, so the kernel
+// splits each value into bytes (32 lanes per vector): an index sign * 8 + octave (0: E-6 and
+// below) and the low byte (the exponent's last bit and the mantissa) as a key that orders like
+// the magnitude for positive values and against it for negative ones. The code is then the
+// octave's base code minus the count of its thresholds beyond the key: four pshufb lookups and
+// three byte compares per 32 values.
 bool have_avx2();  // AVX2 and F16C (below, with the dequantize kernels)
 
-struct Nf4KeyTable {
-  // For absmax 1.m (bf16 mantissa m, exponent 127), the keys K_i as the kernel reads them:
-  // levels[m][0]: K7 everywhere; [1], [2], [3]: the pshufb tables of levels 2-4 (8 keys per
-  // 128-bit lane, both lanes alike), by the entry index j that the bits decided so far select:
-  // level 2 reads j = 4*b3, level 3 j = 4*b3 + 2*b2, level 4 j = 4*b3 + 2*b2 + b1.
-  alignas(32) int16_t levels[128][4][16];
-  // Per level and slot, -1/+1 where it holds a negative/positive key (0: unused): moving a
-  // block's keys by its exponent adds `delta << 7` to positive keys, subtracts it from negative.
-  alignas(32) int16_t sign[4][16];
-};
-
-// Which K_i each table slot holds (-1: unused); K_0..K_6 are negative, K_7..K_14 positive.
-constexpr int8_t kNf4LevelSlots[4][8] = {
-    {7, 7, 7, 7, 7, 7, 7, 7},
-    {3, -1, -1, -1, 11, -1, -1, -1},
-    {1, -1, 5, -1, 9, -1, 13, -1},
-    {0, 2, 4, 6, 8, 10, 12, 14},
+struct Nf4OctaveTable {
+  // For absmax 1.m * 2^E (bf16 mantissa m), pshufb tables by index sign * 8 + octave (octave o:
+  // exponent E - 6 + o, o = 0 also every smaller exponent): t[p][m][0] the code of the octave's
+  // smallest magnitude, t[p][m][1..3] its thresholds as keys, kNoThreshold where unused. The
+  // keys hold the exponent's last bit, so they depend on E's parity p (0: odd, 1: even).
+  alignas(16) int8_t t[2][128][4][16];
+  // False if some octave held more than 3 thresholds or one lay outside E-5..E (never for NF4:
+  // then the f32 path takes every block).
+  bool ok;
 };
 
 constexpr int kMinDelta = -120;
 constexpr int kMaxDelta = 125;
+constexpr int8_t kNoThreshold = 127;  // no key is greater
 
 inline float bf16_key_value(int32_t key) {
   const uint32_t bits = key >= 0 ? static_cast<uint32_t>(key)
@@ -411,41 +406,71 @@ inline float bf16_key_value(int32_t key) {
   return f;
 }
 
-const Nf4KeyTable& nf4_key_table() {
-  static const Nf4KeyTable table = [] {
-    Nf4KeyTable t{};
+// The bits of K_i for absmax 1.m (exponent 127): the largest bf16 v with fl(v * (1 / absmax)) <= t_i.
+inline uint16_t nf4_threshold_bits(int m, int i) {
+  const float absmax = bf16_key_value((127 << 7) | m);
+  const float scale = 1.0f / absmax;
+  // Search over signed keys (magnitude bits, -1 - magnitude for negatives) that order like the
+  // values: the predicate holds for every key up to the answer and for none after.
+  int32_t lo = -0x7f80;  // -max finite bf16: holds
+  int32_t hi = 0x7f7f;   // +max finite bf16: fails
+  while (hi - lo > 1) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (bf16_key_value(mid) * scale <= kNf4Thresholds[i]) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return static_cast<uint16_t>(lo >= 0 ? lo : ((-1 - lo) | 0x8000));
+}
+
+const Nf4OctaveTable& nf4_octave_table() {
+  static const Nf4OctaveTable table = [] {
+    Nf4OctaveTable t{};
+    t.ok = true;
     for (int m = 0; m < 128; ++m) {
-      const float absmax = bf16_key_value((127 << 7) | m);
-      const float scale = 1.0f / absmax;
-      int16_t keys[15];
+      auto& tab = t.t[0][m];
+      for (int slot = 0; slot < 16; ++slot) {
+        tab[1][slot] = tab[2][slot] = tab[3][slot] = kNoThreshold;
+      }
+      int used[16] = {};
+      int below[16] = {};  // positive: thresholds under the octave; negative: over it
       for (int i = 0; i < 15; ++i) {
-        // Largest finite key k with fl(value(k) * scale) <= t_i: the predicate holds for every
-        // key up to it and for none after (the product only rises with the key).
-        int32_t lo = -0x7f80;  // -max finite bf16: holds
-        int32_t hi = 0x7f7f;   // +max finite bf16: fails
-        while (hi - lo > 1) {
-          const int32_t mid = lo + (hi - lo) / 2;
-          const float v = bf16_key_value(mid) * scale;
-          if (v <= kNf4Thresholds[i]) {
-            lo = mid;
-          } else {
-            hi = mid;
+        const uint16_t k = nf4_threshold_bits(m, i);
+        const bool negative = (k & 0x8000) != 0;
+        const int octave = ((k >> 7) & 0xff) - 121;
+        if (negative != (i < 7) || octave < 1 || octave > 6) {
+          t.ok = false;
+          continue;
+        }
+        const int idx = (negative ? 8 : 0) + octave;
+        if (used[idx] == 3) {
+          t.ok = false;
+          continue;
+        }
+        // x > K_i within the octave: the low byte beyond K_i's (positive), or below it
+        // (negative x: |x| < |K_i|), compared as the kernel's keys (low byte, inverted for
+        // negative values, as a signed byte; the octave fixes its top bit).
+        const uint8_t low = static_cast<uint8_t>(k & 0xff);
+        tab[1 + used[idx]++][idx] = static_cast<int8_t>(negative ? static_cast<uint8_t>(~low) : low);
+        for (int o = 0; o < 8; ++o) {
+          if (negative ? o < octave : o > octave) {
+            ++below[(negative ? 8 : 0) + o];
           }
         }
-        // As the kernel's keys: -magnitude for negatives, one above the search's -1 - magnitude.
-        keys[i] = static_cast<int16_t>(lo < 0 ? lo + 1 : lo);
       }
-      for (int level = 0; level < 4; ++level) {
+      for (int o = 0; o < 8; ++o) {
+        tab[0][o] = static_cast<int8_t>(7 + below[o]);  // + positive thresholds under it
+        tab[0][8 + o] = static_cast<int8_t>(below[8 + o]);  // negative thresholds over it
+      }
+      // An even exponent: every octave's last exponent bit, and so its keys' top bit, flips.
+      auto& even = t.t[1][m];
+      for (int k = 0; k < 4; ++k) {
         for (int slot = 0; slot < 16; ++slot) {
-          const int8_t i = kNf4LevelSlots[level][slot % 8];
-          t.levels[m][level][slot] = i < 0 ? 0 : keys[i];
+          const bool key = k > 0 && tab[k][slot] != kNoThreshold;
+          even[k][slot] = static_cast<int8_t>(key ? tab[k][slot] ^ 0x80 : tab[k][slot]);
         }
-      }
-    }
-    for (int level = 0; level < 4; ++level) {
-      for (int slot = 0; slot < 16; ++slot) {
-        const int8_t i = kNf4LevelSlots[level][slot % 8];
-        t.sign[level][slot] = static_cast<int16_t>(i < 0 ? 0 : (i < 7 ? -1 : 1));
       }
     }
     return t;
@@ -454,62 +479,60 @@ const Nf4KeyTable& nf4_key_table() {
 }
 
 #ifdef NIBBLE_X86
-// Codes of 16 bf16 values against a block's keys (t1: K7 everywhere; t2, t3, t4: the pshufb
-// tables of levels 2-4, by the entry index j the bits decided so far select: level 2 reads
-// j = 4*b3, level 3 j = 4*b3 + 2*b2, level 4 j = 4*b3 + 2*b2 + b1), as one output byte
-// (even code * 16 + odd code) per 32-bit lane.
-__attribute__((target("avx2,f16c"), always_inline)) inline __m256i encode16_bf16_nf4(
-    const c10::BFloat16* p, __m256i t1, __m256i t2, __m256i t3, __m256i t4) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  // +magnitude or -magnitude: orders like the value (both zeros alike).
-  const __m256i key = _mm256_sign_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7fff)), v);
-  // The shuffle control of entry j in a 16-bit lane: bytes 2j and 2j + 1.
-  __m256i c = _mm256_blendv_epi8(_mm256_set1_epi16(0x0100), _mm256_set1_epi16(0x0908),
-                                 _mm256_cmpgt_epi16(key, t1));
-  c = _mm256_add_epi16(c, _mm256_and_si256(_mm256_cmpgt_epi16(key, _mm256_shuffle_epi8(t2, c)),
-                                           _mm256_set1_epi16(0x0404)));
-  c = _mm256_add_epi16(c, _mm256_and_si256(_mm256_cmpgt_epi16(key, _mm256_shuffle_epi8(t3, c)),
-                                           _mm256_set1_epi16(0x0202)));
-  // code = 2j + b0.
-  const __m256i code = _mm256_sub_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x00ff)),
-                                        _mm256_cmpgt_epi16(key, _mm256_shuffle_epi8(t4, c)));
-  return _mm256_madd_epi16(code, _mm256_set1_epi32(0x00010010));
+// Codes of 32 bf16 values at p for a block with octave base `eb` (E - 6 in every byte) and the
+// tables of its mantissa, one per byte in the order [p0..7, p16..23 | p8..15, p24..31].
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256i nf4_codes32(
+    const c10::BFloat16* p, __m256i eb, __m256i base, __m256i t1, __m256i t2, __m256i t3) {
+  // Per 128-bit lane: the high bytes of 8 values, then their low bytes.
+  const __m256i split = _mm256_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1,
+                                         3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i a = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), split);
+  const __m256i b =
+      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)), split);
+  const __m256i hi = _mm256_unpacklo_epi64(a, b);  // sign, exponent bits 7..1
+  const __m256i lo = _mm256_unpackhi_epi64(a, b);  // exponent bit 0, mantissa
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i neg = _mm256_cmpgt_epi8(zero, hi);
+  // The exponent (hi + hi drops the sign), then the index sign * 8 + max(0, e - (E - 6)).
+  const __m256i e = _mm256_sub_epi8(_mm256_add_epi8(hi, hi), _mm256_cmpgt_epi8(zero, lo));
+  const __m256i idx = _mm256_or_si256(_mm256_subs_epu8(e, eb), _mm256_and_si256(neg, _mm256_set1_epi8(8)));
+  const __m256i key = _mm256_xor_si256(lo, neg);
+  // Each threshold the key passes adds one to the base (a compare gives -1 where it does).
+  __m256i code = _mm256_shuffle_epi8(base, idx);
+  code = _mm256_sub_epi8(code, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t1, idx)));
+  code = _mm256_sub_epi8(code, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t2, idx)));
+  return _mm256_sub_epi8(code, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t3, idx)));
 }
 
-// One level's keys for a block: the table's, moved by the block's exponent (`shift`, added to
-// positive keys and subtracted from negative ones as `sign` says).
-__attribute__((target("avx2,f16c"), always_inline)) inline __m256i block_keys(const int16_t* level,
-                                                                              __m256i shift,
-                                                                              __m256i sign) {
-  return _mm256_add_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(level)),
-                          _mm256_sign_epi16(shift, sign));
+// A 16-entry table in both 128-bit lanes (pshufb looks up per lane).
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256i pshufb_table(const int8_t* t) {
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
 }
 
-// Blocks b0..b1 of bf16 NF4 (see Nf4KeyTable); a block it cannot take (a short last block, an
+// Blocks b0..b1 of bf16 NF4 (see Nf4OctaveTable); a block it cannot take (a short last block, an
 // exponent out of range, all zeros) goes to `quantize_block_avx2_wide`. Returns the first block
 // with a non-finite value, or -1.
 __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
     const c10::BFloat16* x, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
     float* absmax) {
-  const Nf4KeyTable& table = nf4_key_table();
-  __m256i sign[4];
-  for (int level = 0; level < 4; ++level) {
-    sign[level] = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.sign[level]));
-  }
+  const Nf4OctaveTable& table = nf4_octave_table();
+  // Two codes per byte, even value high: the byte pairs of nf4_codes32 are value pairs.
+  const __m256i pair = _mm256_set1_epi16(0x0110);
+  // packus works per 128-bit lane; this puts the 32-bit groups back in order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  // Chunks of blocks in two passes: first every block's absmax and keys, then the codes. A block's
-  // keys wait on its absmax (a reduction, a table load); done for many blocks apart from the
-  // encoding, those waits overlap instead of stalling each block (30% of the time at blocksize 64).
+  // Chunks of blocks in two passes: first every block's absmax and tables, then the codes. A
+  // block's tables wait on its absmax (a reduction); done for many blocks apart from the
+  // encoding, those waits overlap instead of stalling each block.
   constexpr int64_t kChunk = 16;
-  __m256i keys[kChunk][4];
-  bool fast[kChunk];
+  const int8_t* tabs[kChunk];  // nullptr: the f32 path
+  int8_t ebs[kChunk];
   for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
     int64_t c1 = std::min(b1, c0 + kChunk);
     int64_t bad = -1;
     for (int64_t b = c0; b < c1; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
-      fast[b - c0] = false;
+      tabs[b - c0] = nullptr;
       if (len % 32 != 0) {
         continue;  // a short last block: the f32 path checks it
       }
@@ -527,35 +550,40 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
       }
       const int32_t h = static_cast<int32_t>(m_bits >> 16);
       const int32_t delta = (h >> 7) - 127;
-      if (h == 0 || delta < kMinDelta || delta > kMaxDelta) {
+      if (h == 0 || delta < kMinDelta || delta > kMaxDelta || !table.ok) {
         continue;
       }
-      fast[b - c0] = true;
       std::memcpy(absmax + b, &m_bits, sizeof m_bits);
-      // The block's keys: the table's for its mantissa, magnitudes moved by its exponent.
-      const __m256i shift = _mm256_set1_epi16(static_cast<int16_t>(delta * 128));
-      const auto& lv = table.levels[h & 0x7f];
-      for (int level = 0; level < 4; ++level) {
-        keys[b - c0][level] = block_keys(lv[level], shift, sign[level]);
-      }
+      tabs[b - c0] = &table.t[(h >> 7) & 1 ? 0 : 1][h & 0x7f][0][0];
+      ebs[b - c0] = static_cast<int8_t>((h >> 7) - 6);
     }
     for (int64_t b = c0; b < c1; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       const c10::BFloat16* xb = x + start;
       uint8_t* out = packed + start / 2;
-      if (!fast[b - c0]) {
+      const int8_t* tab = tabs[b - c0];
+      if (tab == nullptr) {
         if (!quantize_block_avx2_wide<c10::BFloat16, kNf4>(xb, len, out, absmax + b)) {
           return b;
         }
         continue;
       }
-      const __m256i* k = keys[b - c0];
-      for (int64_t i = 0; i < len; i += 32) {
-        const __m256i lo = encode16_bf16_nf4(xb + i, k[0], k[1], k[2], k[3]);
-        const __m256i hi = encode16_bf16_nf4(xb + i + 16, k[0], k[1], k[2], k[3]);
-        const __m256i words = _mm256_packus_epi32(lo, hi);
-        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+      const __m256i base = pshufb_table(tab);
+      const __m256i t1 = pshufb_table(tab + 16);
+      const __m256i t2 = pshufb_table(tab + 32);
+      const __m256i t3 = pshufb_table(tab + 48);
+      const __m256i eb = _mm256_set1_epi8(ebs[b - c0]);
+      int64_t i = 0;
+      for (; i + 64 <= len; i += 64) {
+        const __m256i lo = _mm256_maddubs_epi16(nf4_codes32(xb + i, eb, base, t1, t2, t3), pair);
+        const __m256i hi = _mm256_maddubs_epi16(nf4_codes32(xb + i + 32, eb, base, t1, t2, t3), pair);
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, hi), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), bytes);
+      }
+      if (i < len) {  // 32 left (blocksize 32)
+        const __m256i lo = _mm256_maddubs_epi16(nf4_codes32(xb + i, eb, base, t1, t2, t3), pair);
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, lo), order);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(bytes));
       }
     }

@@ -295,7 +295,7 @@ fn bf16_nf4_at_every_threshold_matches_the_codec() {
             values.extend(block);
         }
     }
-    for bs in [64, 128] {
+    for bs in [32, 64, 128] {
         assert_bf16_nf4_matches_the_codec(&values, bs);
     }
 }
