@@ -35,6 +35,9 @@ fn bench(c: &mut Criterion) {
         g.bench_function("quantize_nf4_bf16_into", |b| {
             b.iter(|| ops::quantize_4bit_into(&w, 64, QuantType::Nf4, &mut packed, &mut absmax_out).unwrap());
         });
+        g.bench_function("quantize_fp4_bf16_into", |b| {
+            b.iter(|| ops::quantize_4bit_into(&w, 64, QuantType::Fp4, &mut packed, &mut absmax_out).unwrap());
+        });
         for (kind, size) in [(Kind::BFloat16, 2u64), (Kind::Float, 4u64)] {
             g.throughput(Throughput::Bytes(packed_bytes + absmax_bytes + n as u64 * size));
             g.bench_function(format!("dequantize_nf4_to_{kind:?}"), |b| {

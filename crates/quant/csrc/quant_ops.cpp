@@ -7,7 +7,7 @@
 // caller owns (tch frees them with `at_free`). No C++ exception crosses this boundary.
 //
 // Speed: parallel over blocks with at::parallel_for (OpenMP); on x86-64 the quantize block loop
-// is also compiled for AVX2 (bf16 NF4 by octave tables of byte keys, see Nf4OctaveTable) and the 16-bit
+// is also compiled for AVX2 (bf16 by octave tables of byte keys, see OctaveTable) and the 16-bit
 // dequantize uses SSSE3 pshufb lookups, all chosen at run time (no FMA: -ffp-contract=off keeps
 // every rounding identical to codec.rs).
 
@@ -366,36 +366,48 @@ __attribute__((target("avx2,f16c"))) bool quantize_block_avx2_wide(const T* x, i
 #undef NIBBLE_AVX2
 #endif
 
-// NF4 from bf16 without a multiply or an f32 compare. For a block's scale s = 1/absmax the code
-// of x is #{i : fl(x * s) > t_i}, a step function of x that only rises with x, so it is also
-// the number of 15 per-block bf16 values K_i below x, K_i the largest bf16 whose product with s
-// is still <= t_i. Two absmax values that differ by a power of two give scales that differ by
-// its inverse exactly, and the same products, so the K_i of absmax 1.m * 2^E are those of 1.m
-// moved by E's exponent: they are found once per 7-bit mantissa m (binary searches with the
-// kernel's own f32 arithmetic). This holds while the values involved stay normal: exponents
-// within kMinDelta..kMaxDelta of [1, 2); other blocks (and all-zero ones) take the f32 path.
-// Every K_i lies in one of the octaves E-5..E, at most 3 per octave and sign, so the kernel
-// splits each value into bytes (32 lanes per vector): an index sign * 8 + octave (0: E-6 and
-// below) and the low byte (the exponent's last bit and the mantissa) as a key that orders like
-// the magnitude for positive values and against it for negative ones. The code is then the
-// octave's base code minus the count of its thresholds beyond the key: four pshufb lookups and
-// three byte compares per 32 values.
+// bf16 to NF4 or FP4 without a multiply or an f32 compare. For a block's scale s = 1/absmax the
+// code of x comes from #{i : fl(y * s) > t_i} (y = x for NF4, |x| for FP4), a step function of y
+// that only rises with y, so that count is also the number of per-block bf16 values K_i below
+// y, K_i the largest bf16 whose product with s is still <= t_i. Two absmax values that differ by
+// a power of two give scales that differ by its inverse exactly, and the same products, so the
+// K_i of absmax 1.m * 2^E are those of 1.m moved by E's exponent: they are found once per 7-bit
+// mantissa m (binary searches with the kernel's own f32 arithmetic). This holds while the values
+// involved stay normal: exponents within OctaveCodec's kMinDelta..kMaxDelta of [1, 2); other
+// blocks (and all-zero ones) take the f32 path.
+// Every K_i lies in one of the octaves just under E (E-5..E for NF4, E-9..E for FP4), at most 3
+// per octave and sign, so the kernel splits each value into bytes (32 lanes per vector): an
+// index (NF4: sign * 8 + octave; FP4: octave; octave 0 also every smaller exponent) and the low
+// byte (the exponent's last bit and the mantissa; inverted for negative NF4 values) as a key
+// that orders like y. The count is the octave's base count plus the number of its thresholds the
+// key passes: four pshufb lookups and three byte compares per 32 values.
 bool have_avx2();  // AVX2 and F16C (below, with the dequantize kernels)
 
-struct Nf4OctaveTable {
-  // For absmax 1.m * 2^E (bf16 mantissa m), pshufb tables by index sign * 8 + octave (octave o:
-  // exponent E - 6 + o, o = 0 also every smaller exponent): t[p][m][0] the code of the octave's
-  // smallest magnitude, t[p][m][1..3] its thresholds as keys, kNoThreshold where unused. The
-  // keys hold the exponent's last bit, so they depend on E's parity p (0: odd, 1: even).
+template <int32_t QT>
+struct OctaveCodec {
+  static constexpr bool kNf4Type = QT == kNf4;
+  static constexpr int kCount = kNf4Type ? 15 : 7;  // thresholds
+  static constexpr const float* kThresholds = kNf4Type ? kNf4Thresholds : kFp4Thresholds;
+  // Octave 0 is exponent E - kBelow and every smaller one (no threshold lies there).
+  static constexpr int kBelow = kNf4Type ? 6 : 10;
+  // The smallest exponent difference to [1, 2) whose thresholds stay normal, with a margin of one.
+  static constexpr int kMinDelta = kBelow - 126;
+  // The largest: NF4 while 1/absmax stays normal; FP4 while no product of a nonzero value
+  // underflows to 0 (FP4's sign is that of the product: -tiny * s = -0 has no sign bit).
+  static constexpr int kMaxDelta = kNf4Type ? 125 : 16;
+};
+constexpr int8_t kNoThreshold = 127;  // no key is greater
+
+struct OctaveTable {
+  // For absmax 1.m * 2^E (bf16 mantissa m), pshufb tables by index: t[p][m][0] the count below
+  // the octave's smallest value (NF4: the code itself), t[p][m][1..3] its thresholds as keys,
+  // kNoThreshold where unused. The keys hold the exponent's last bit, so they depend on E's
+  // parity p (0: odd, 1: even).
   alignas(16) int8_t t[2][128][4][16];
-  // False if some octave held more than 3 thresholds or one lay outside E-5..E (never for NF4:
-  // then the f32 path takes every block).
+  // False if some octave held more than 3 thresholds or one lay outside the octaves above 0
+  // (never for NF4 and FP4: then the f32 path takes every block).
   bool ok;
 };
-
-constexpr int kMinDelta = -120;
-constexpr int kMaxDelta = 125;
-constexpr int8_t kNoThreshold = 127;  // no key is greater
 
 inline float bf16_key_value(int32_t key) {
   const uint32_t bits = key >= 0 ? static_cast<uint32_t>(key)
@@ -406,8 +418,8 @@ inline float bf16_key_value(int32_t key) {
   return f;
 }
 
-// The bits of K_i for absmax 1.m (exponent 127): the largest bf16 v with fl(v * (1 / absmax)) <= t_i.
-inline uint16_t nf4_threshold_bits(int m, int i) {
+// The bits of the largest bf16 v with fl(v * (1 / absmax)) <= t, for absmax 1.m (exponent 127).
+inline uint16_t threshold_bits(int m, float t) {
   const float absmax = bf16_key_value((127 << 7) | m);
   const float scale = 1.0f / absmax;
   // Search over signed keys (magnitude bits, -1 - magnitude for negatives) that order like the
@@ -416,7 +428,7 @@ inline uint16_t nf4_threshold_bits(int m, int i) {
   int32_t hi = 0x7f7f;   // +max finite bf16: fails
   while (hi - lo > 1) {
     const int32_t mid = lo + (hi - lo) / 2;
-    if (bf16_key_value(mid) * scale <= kNf4Thresholds[i]) {
+    if (bf16_key_value(mid) * scale <= t) {
       lo = mid;
     } else {
       hi = mid;
@@ -425,22 +437,25 @@ inline uint16_t nf4_threshold_bits(int m, int i) {
   return static_cast<uint16_t>(lo >= 0 ? lo : ((-1 - lo) | 0x8000));
 }
 
-const Nf4OctaveTable& nf4_octave_table() {
-  static const Nf4OctaveTable table = [] {
-    Nf4OctaveTable t{};
+template <int32_t QT>
+const OctaveTable& octave_table() {
+  using C = OctaveCodec<QT>;
+  static const OctaveTable table = [] {
+    OctaveTable t{};
     t.ok = true;
+    const int octave0 = 127 - C::kBelow;  // octave 0's exponent for E = 127
     for (int m = 0; m < 128; ++m) {
       auto& tab = t.t[0][m];
       for (int slot = 0; slot < 16; ++slot) {
         tab[1][slot] = tab[2][slot] = tab[3][slot] = kNoThreshold;
       }
       int used[16] = {};
-      int below[16] = {};  // positive: thresholds under the octave; negative: over it
-      for (int i = 0; i < 15; ++i) {
-        const uint16_t k = nf4_threshold_bits(m, i);
+      int below[16] = {};  // thresholds under the octave (negative NF4 ones: over it)
+      for (int i = 0; i < C::kCount; ++i) {
+        const uint16_t k = threshold_bits(m, C::kThresholds[i]);
         const bool negative = (k & 0x8000) != 0;
-        const int octave = ((k >> 7) & 0xff) - 121;
-        if (negative != (i < 7) || octave < 1 || octave > 6) {
+        const int octave = ((k >> 7) & 0xff) - octave0;
+        if (negative != (C::kNf4Type && i < 7) || octave < 1 || octave > C::kBelow) {
           t.ok = false;
           continue;
         }
@@ -449,20 +464,24 @@ const Nf4OctaveTable& nf4_octave_table() {
           t.ok = false;
           continue;
         }
-        // x > K_i within the octave: the low byte beyond K_i's (positive), or below it
-        // (negative x: |x| < |K_i|), compared as the kernel's keys (low byte, inverted for
-        // negative values, as a signed byte; the octave fixes its top bit).
+        // y > K_i within the octave: the low byte beyond K_i's (or, for a negative NF4 x, below
+        // it: |x| < |K_i|), compared as the kernel's keys (the low byte, inverted for negative
+        // NF4 values, as a signed byte; the octave fixes its top bit).
         const uint8_t low = static_cast<uint8_t>(k & 0xff);
         tab[1 + used[idx]++][idx] = static_cast<int8_t>(negative ? static_cast<uint8_t>(~low) : low);
-        for (int o = 0; o < 8; ++o) {
-          if (negative ? o < octave : o > octave) {
-            ++below[(negative ? 8 : 0) + o];
+        if (negative) {
+          for (int o = 0; o < octave; ++o) {
+            ++below[8 + o];
+          }
+        } else {
+          for (int o = octave + 1; o < (C::kNf4Type ? 8 : 16); ++o) {
+            ++below[o];
           }
         }
       }
-      for (int o = 0; o < 8; ++o) {
-        tab[0][o] = static_cast<int8_t>(7 + below[o]);  // + positive thresholds under it
-        tab[0][8 + o] = static_cast<int8_t>(below[8 + o]);  // negative thresholds over it
+      for (int idx = 0; idx < 16; ++idx) {
+        // NF4's positive octaves count from code 7 (every negative threshold is below them).
+        tab[0][idx] = static_cast<int8_t>(below[idx] + (C::kNf4Type && idx < 8 ? 7 : 0));
       }
       // An even exponent: every octave's last exponent bit, and so its keys' top bit, flips.
       auto& even = t.t[1][m];
@@ -479,9 +498,10 @@ const Nf4OctaveTable& nf4_octave_table() {
 }
 
 #ifdef NIBBLE_X86
-// Codes of 32 bf16 values at p for a block with octave base `eb` (E - 6 in every byte) and the
-// tables of its mantissa, one per byte in the order [p0..7, p16..23 | p8..15, p24..31].
-__attribute__((target("avx2,f16c"), always_inline)) inline __m256i nf4_codes32(
+// Codes of 32 bf16 values at p for a block with octave base `eb` (E - kBelow in every byte) and
+// the tables of its absmax, one per byte in the order [p0..7, p16..23 | p8..15, p24..31].
+template <int32_t QT>
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256i octave_codes32(
     const c10::BFloat16* p, __m256i eb, __m256i base, __m256i t1, __m256i t2, __m256i t3) {
   // Per 128-bit lane: the high bytes of 8 values, then their low bytes.
   const __m256i split = _mm256_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1,
@@ -493,15 +513,34 @@ __attribute__((target("avx2,f16c"), always_inline)) inline __m256i nf4_codes32(
   const __m256i lo = _mm256_unpackhi_epi64(a, b);  // exponent bit 0, mantissa
   const __m256i zero = _mm256_setzero_si256();
   const __m256i neg = _mm256_cmpgt_epi8(zero, hi);
-  // The exponent (hi + hi drops the sign), then the index sign * 8 + max(0, e - (E - 6)).
-  const __m256i e = _mm256_sub_epi8(_mm256_add_epi8(hi, hi), _mm256_cmpgt_epi8(zero, lo));
-  const __m256i idx = _mm256_or_si256(_mm256_subs_epu8(e, eb), _mm256_and_si256(neg, _mm256_set1_epi8(8)));
-  const __m256i key = _mm256_xor_si256(lo, neg);
+  const __m256i hh = _mm256_add_epi8(hi, hi);  // exponent bits 7..1, 0 (the sign dropped)
+  // The octave: max(0, e - (E - kBelow)).
+  const __m256i octave = _mm256_subs_epu8(_mm256_sub_epi8(hh, _mm256_cmpgt_epi8(zero, lo)), eb);
+  __m256i idx = octave;
+  __m256i key = lo;
+  if constexpr (QT == kNf4) {
+    idx = _mm256_or_si256(octave, _mm256_and_si256(neg, _mm256_set1_epi8(8)));
+    key = _mm256_xor_si256(lo, neg);
+  }
   // Each threshold the key passes adds one to the base (a compare gives -1 where it does).
-  __m256i code = _mm256_shuffle_epi8(base, idx);
-  code = _mm256_sub_epi8(code, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t1, idx)));
-  code = _mm256_sub_epi8(code, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t2, idx)));
-  return _mm256_sub_epi8(code, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t3, idx)));
+  __m256i count = _mm256_shuffle_epi8(base, idx);
+  count = _mm256_sub_epi8(count, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t1, idx)));
+  count = _mm256_sub_epi8(count, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t2, idx)));
+  count = _mm256_sub_epi8(count, _mm256_cmpgt_epi8(key, _mm256_shuffle_epi8(t3, idx)));
+  if constexpr (QT == kNf4) {
+    return count;
+  } else {
+    const __m256i by_rank = _mm256_setr_epi8(
+        kFp4ByRank[0], kFp4ByRank[1], kFp4ByRank[2], kFp4ByRank[3], kFp4ByRank[4], kFp4ByRank[5],
+        kFp4ByRank[6], kFp4ByRank[7], 0, 0, 0, 0, 0, 0, 0, 0, kFp4ByRank[0], kFp4ByRank[1],
+        kFp4ByRank[2], kFp4ByRank[3], kFp4ByRank[4], kFp4ByRank[5], kFp4ByRank[6], kFp4ByRank[7], 0,
+        0, 0, 0, 0, 0, 0, 0);
+    // The sign bit where x < 0: negative and not -0, the one negative value whose other bits are
+    // all 0 (adding 0xf7 with saturation sets bit 3 exactly when they are not).
+    const __m256i nonzero = _mm256_adds_epu8(_mm256_or_si256(lo, hh), _mm256_set1_epi8(static_cast<char>(0xf7)));
+    const __m256i sign = _mm256_and_si256(_mm256_and_si256(neg, nonzero), _mm256_set1_epi8(8));
+    return _mm256_or_si256(_mm256_shuffle_epi8(by_rank, count), sign);
+  }
 }
 
 // A 16-entry table in both 128-bit lanes (pshufb looks up per lane).
@@ -509,14 +548,17 @@ __attribute__((target("avx2,f16c"), always_inline)) inline __m256i pshufb_table(
   return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
 }
 
-// Blocks b0..b1 of bf16 NF4 (see Nf4OctaveTable); a block it cannot take (a short last block, an
-// exponent out of range, all zeros) goes to `quantize_block_avx2_wide`. Returns the first block
-// with a non-finite value, or -1.
-__attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
+// Blocks b0..b1 of bf16 to NF4 or FP4 (see OctaveTable); a block it cannot take (a short last
+// block, an exponent out of range, all zeros) goes to `quantize_block_avx2_wide`. Returns the
+// first block with a non-finite value, or -1. kLen: the blocksize when known at compile time (the
+// loops over a block unroll: 15% faster at 64), else 0.
+template <int32_t QT, int64_t kLen>
+__attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_octaves_avx2(
     const c10::BFloat16* x, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
     float* absmax) {
-  const Nf4OctaveTable& table = nf4_octave_table();
-  // Two codes per byte, even value high: the byte pairs of nf4_codes32 are value pairs.
+  using C = OctaveCodec<QT>;
+  const OctaveTable& table = octave_table<QT>();
+  // Two codes per byte, even value high: the byte pairs of octave_codes32 are value pairs.
   const __m256i pair = _mm256_set1_epi16(0x0110);
   // packus works per 128-bit lane; this puts the 32-bit groups back in order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -531,9 +573,9 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
     int64_t bad = -1;
     for (int64_t b = c0; b < c1; ++b) {
       const int64_t start = b * blocksize;
-      const int64_t len = std::min(blocksize, n - start);
+      const int64_t len = kLen != 0 ? kLen : std::min(blocksize, n - start);
       tabs[b - c0] = nullptr;
-      if (len % 32 != 0) {
+      if (len % 32 != 0 || start + len > n) {
         continue;  // a short last block: the f32 path checks it
       }
       // The block 4 chunks ahead into L1 (a hint: past the end it is dropped, never a fault);
@@ -550,21 +592,21 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
       }
       const int32_t h = static_cast<int32_t>(m_bits >> 16);
       const int32_t delta = (h >> 7) - 127;
-      if (h == 0 || delta < kMinDelta || delta > kMaxDelta || !table.ok) {
+      if (h == 0 || delta < C::kMinDelta || delta > C::kMaxDelta || !table.ok) {
         continue;
       }
       std::memcpy(absmax + b, &m_bits, sizeof m_bits);
       tabs[b - c0] = &table.t[(h >> 7) & 1 ? 0 : 1][h & 0x7f][0][0];
-      ebs[b - c0] = static_cast<int8_t>((h >> 7) - 6);
+      ebs[b - c0] = static_cast<int8_t>((h >> 7) - C::kBelow);
     }
     for (int64_t b = c0; b < c1; ++b) {
       const int64_t start = b * blocksize;
-      const int64_t len = std::min(blocksize, n - start);
       const c10::BFloat16* xb = x + start;
       uint8_t* out = packed + start / 2;
       const int8_t* tab = tabs[b - c0];
       if (tab == nullptr) {
-        if (!quantize_block_avx2_wide<c10::BFloat16, kNf4>(xb, len, out, absmax + b)) {
+        if (!quantize_block_avx2_wide<c10::BFloat16, QT>(xb, std::min(blocksize, n - start), out,
+                                                         absmax + b)) {
           return b;
         }
         continue;
@@ -574,15 +616,17 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_nf4_avx2(
       const __m256i t2 = pshufb_table(tab + 32);
       const __m256i t3 = pshufb_table(tab + 48);
       const __m256i eb = _mm256_set1_epi8(ebs[b - c0]);
+      const int64_t len = kLen != 0 ? kLen : std::min(blocksize, n - start);
       int64_t i = 0;
       for (; i + 64 <= len; i += 64) {
-        const __m256i lo = _mm256_maddubs_epi16(nf4_codes32(xb + i, eb, base, t1, t2, t3), pair);
-        const __m256i hi = _mm256_maddubs_epi16(nf4_codes32(xb + i + 32, eb, base, t1, t2, t3), pair);
+        const __m256i lo = _mm256_maddubs_epi16(octave_codes32<QT>(xb + i, eb, base, t1, t2, t3), pair);
+        const __m256i hi =
+            _mm256_maddubs_epi16(octave_codes32<QT>(xb + i + 32, eb, base, t1, t2, t3), pair);
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, hi), order);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), bytes);
       }
       if (i < len) {  // 32 left (blocksize 32)
-        const __m256i lo = _mm256_maddubs_epi16(nf4_codes32(xb + i, eb, base, t1, t2, t3), pair);
+        const __m256i lo = _mm256_maddubs_epi16(octave_codes32<QT>(xb + i, eb, base, t1, t2, t3), pair);
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, lo), order);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(bytes));
       }
@@ -630,16 +674,19 @@ void quantize_4bit_impl(const T* x, int64_t n, int64_t blocksize, uint8_t* packe
     }
   };
 #ifdef NIBBLE_X86
-  if constexpr (std::is_same_v<T, c10::BFloat16> && QT == kNf4) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // NIBBLE_QUANT_F32_SEARCH=1 keeps the f32-compare kernel (for comparisons).
-    static const bool keys = [] {
+    static const bool octaves = [] {
       const char* off = std::getenv("NIBBLE_QUANT_F32_SEARCH");
       return have_avx2() && (off == nullptr || *off == '\0' || std::strcmp(off, "0") == 0);
     }();
-    if (keys) {
+    if (octaves) {
       at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
         while (b0 < b1) {
-          const int64_t failed = quantize_blocks_bf16_nf4_avx2(x, n, blocksize, b0, b1, packed, absmax);
+          const int64_t failed =
+              blocksize == 64
+                  ? quantize_blocks_bf16_octaves_avx2<QT, 64>(x, n, blocksize, b0, b1, packed, absmax)
+                  : quantize_blocks_bf16_octaves_avx2<QT, 0>(x, n, blocksize, b0, b1, packed, absmax);
           if (failed < 0) {
             break;
           }

@@ -250,12 +250,12 @@ proptest! {
     }
 }
 
-/// bf16 NF4 takes a path without f32 compares (per-block thresholds in bf16 order, see
-/// `quantize_block_bf16_nf4_avx2`): every absmax mantissa, exponents at and past the ends of its
-/// range, and values on and next to every threshold (and -0.0, subnormals, -absmax) quantize as
-/// the reference codec does, byte for byte.
+/// bf16 to NF4 and FP4 takes a path without f32 compares (per-block thresholds in bf16 order,
+/// see `OctaveTable` in `csrc/quant_ops.cpp`): every absmax mantissa, exponents at and past the
+/// ends of its range (both parities), and values on and next to every threshold (and -0.0,
+/// subnormals, -absmax) quantize as the reference codec does, byte for byte.
 #[test]
-fn bf16_nf4_at_every_threshold_matches_the_codec() {
+fn bf16_at_every_threshold_matches_the_codec() {
     // bf16 values in the order of their value, as integers (-1 - magnitude for negatives).
     let key = |v: f32| -> i32 {
         let b = i32::from(bf16::from_f32(v).to_bits());
@@ -265,7 +265,7 @@ fn bf16_nf4_at_every_threshold_matches_the_codec() {
         let b = if k >= 0 { k as u16 } else { ((-1 - k) as u16) | 0x8000 };
         bf16::from_bits(b).to_f32()
     };
-    let thresholds = [
+    let nf4 = [
         -0.8480964f32,
         -0.6106329,
         -0.45999527,
@@ -282,36 +282,44 @@ fn bf16_nf4_at_every_threshold_matches_the_codec() {
         0.6427869,
         0.8614784,
     ];
-    let mut values = Vec::new();
-    for mantissa in 0..128u16 {
-        for delta in [-127i32, -126, -122, -121, -120, -60, -1, 0, 1, 60, 125, 126, 127] {
-            let absmax = bf16::from_bits((((127 + delta) as u16) << 7) | mantissa).to_f32();
-            let mut block = vec![absmax, -0.0, 0.0, f32::from_bits(1 << 16), -absmax];
-            for t in thresholds {
-                let k = key(t * absmax);
-                block.extend((k - 2..=k + 2).map(value).filter(|v| v.abs() <= absmax));
+    // FP4 compares |x|: each threshold on both sides of zero.
+    let fp4 = [0.00260417f32, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333];
+    let fp4: Vec<f32> = fp4.iter().flat_map(|&t| [t, -t]).collect();
+    for (qt, thresholds) in [(QuantType::Nf4, &nf4[..]), (QuantType::Fp4, &fp4[..])] {
+        let mut values = Vec::new();
+        for mantissa in 0..128u16 {
+            for delta in
+                [-127i32, -126, -122, -121, -120, -117, -116, -115, -60, -1, 0, 1, 16, 17, 60, 125, 126, 127]
+            {
+                let absmax = bf16::from_bits((((127 + delta) as u16) << 7) | mantissa).to_f32();
+                let mut block =
+                    vec![absmax, -0.0, 0.0, f32::from_bits(1 << 16), -f32::from_bits(1 << 16), -absmax];
+                for &t in thresholds {
+                    let k = key(t * absmax);
+                    block.extend((k - 2..=k + 2).map(value).filter(|v| v.abs() <= absmax));
+                }
+                block.resize(64, absmax / 3.0);
+                values.extend(block);
             }
-            block.resize(64, absmax / 3.0);
-            values.extend(block);
         }
-    }
-    for bs in [32, 64, 128] {
-        assert_bf16_nf4_matches_the_codec(&values, bs);
+        for bs in [32, 64, 128] {
+            assert_bf16_matches_the_codec(&values, bs, qt);
+        }
     }
 }
 
-/// bf16 NF4 of `values` by the fast path equals the reference codec's, byte for byte (the first
+/// bf16 quantized by the fast path equals the reference codec's, byte for byte (the first
 /// differing byte named with its two elements), absmax too.
-fn assert_bf16_nf4_matches_the_codec(values: &[f32], bs: usize) {
+fn assert_bf16_matches_the_codec(values: &[f32], bs: usize, qt: QuantType) {
     let exact = stored(values, Kind::BFloat16);
-    let (want_packed, want_absmax) = codec::quantize_4bit(&exact, bs, QuantType::Nf4).unwrap();
+    let (want_packed, want_absmax) = codec::quantize_4bit(&exact, bs, qt).unwrap();
     let x = tensor(values, &[values.len() as i64], Kind::BFloat16);
-    let (packed, absmax) = ops::quantize_4bit(&x, bs, QuantType::Nf4).unwrap();
+    let (packed, absmax) = ops::quantize_4bit(&x, bs, qt).unwrap();
     let got = u8s(&packed);
     if let Some(i) = (0..got.len()).find(|&i| got[i] != want_packed[i]) {
         let (a, b) = (exact[2 * i], exact[2 * i + 1]);
         panic!(
-            "blocksize {bs}: byte {i} (elements {a} {b}) is {:#04x}, the codec gives {:#04x}",
+            "{qt:?} blocksize {bs}: byte {i} (elements {a} {b}) is {:#04x}, the codec gives {:#04x}",
             got[i], want_packed[i]
         );
     }
@@ -320,9 +328,11 @@ fn assert_bf16_nf4_matches_the_codec(values: &[f32], bs: usize) {
 
 /// The same path on every finite bf16 value up to the absmax, for a few absmax values.
 #[test]
-fn bf16_nf4_on_every_bf16_value_matches_the_codec() {
+fn bf16_on_every_bf16_value_matches_the_codec() {
     let mut values = Vec::new();
-    for (mantissa, delta) in [(0u16, 0i32), (1, 125), (64, -120), (127, 0), (93, 7)] {
+    for (mantissa, delta) in
+        [(0u16, 0i32), (1, 125), (64, -120), (127, 0), (93, 7), (12, -116), (0, 16), (127, 16)]
+    {
         let absmax = bf16::from_bits((((127 + delta) as u16) << 7) | mantissa).to_f32();
         let all = (0..=0xffffu16).map(|b| bf16::from_bits(b).to_f32()).filter(|v| v.abs() <= absmax);
         for chunk in all.collect::<Vec<_>>().chunks(63) {
@@ -331,7 +341,9 @@ fn bf16_nf4_on_every_bf16_value_matches_the_codec() {
             values.resize(values.len().div_ceil(64) * 64, 0.0);
         }
     }
-    assert_bf16_nf4_matches_the_codec(&values, 64);
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        assert_bf16_matches_the_codec(&values, 64, qt);
+    }
 }
 
 #[test]
