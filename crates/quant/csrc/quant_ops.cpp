@@ -380,7 +380,8 @@ __attribute__((target("avx2,f16c"))) bool quantize_block_avx2_wide(const T* x, i
 // index (NF4: sign * 8 + octave; FP4: octave; octave 0 also every smaller exponent) and the low
 // byte (the exponent's last bit and the mantissa; inverted for negative NF4 values) as a key
 // that orders like y. The count is the octave's base count plus the number of its thresholds the
-// key passes: four pshufb lookups and three byte compares per 32 values.
+// key passes: four table lookups (pshufb) and three byte compares per 32 values, after two
+// shuffles that split them (FP4: one more lookup, rank to code, and the sign).
 bool have_avx2();  // AVX2 and F16C (below, with the dequantize kernels)
 
 template <int32_t QT>
@@ -405,7 +406,7 @@ struct OctaveTable {
   // parity p (0: odd, 1: even).
   alignas(16) int8_t t[2][128][4][16];
   // False if some octave held more than 3 thresholds or one lay outside the octaves above 0
-  // (never for NF4 and FP4: then the f32 path takes every block).
+  // (never for NF4 and FP4: then the f32 path takes every block; see octave_path).
   bool ok;
 };
 
@@ -592,7 +593,7 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_octaves_avx2(
       }
       const int32_t h = static_cast<int32_t>(m_bits >> 16);
       const int32_t delta = (h >> 7) - 127;
-      if (h == 0 || delta < C::kMinDelta || delta > C::kMaxDelta || !table.ok) {
+      if (h == 0 || delta < C::kMinDelta || delta > C::kMaxDelta) {
         continue;
       }
       std::memcpy(absmax + b, &m_bits, sizeof m_bits);
@@ -625,7 +626,7 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_octaves_avx2(
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, hi), order);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), bytes);
       }
-      if (i < len) {  // 32 left (blocksize 32)
+      if (i < len) {  // 32 left (blocksize 32, or a last block of 32 mod 64)
         const __m256i lo = _mm256_maddubs_epi16(octave_codes32<QT>(xb + i, eb, base, t1, t2, t3), pair);
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, lo), order);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(bytes));
@@ -638,6 +639,23 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_blocks_bf16_octaves_avx2(
   return -1;
 }
 #endif
+
+// Whether bf16 inputs of QT take quantize_blocks_bf16_octaves_avx2: AVX2 and F16C, tables that
+// hold (always, for NF4 and FP4), and not turned off by NIBBLE_QUANT_F32_SEARCH=1 (which keeps the
+// f32-compare kernel, for comparisons).
+template <int32_t QT>
+bool octave_path() {
+#ifdef NIBBLE_X86
+  static const bool yes = [] {
+    const char* off = std::getenv("NIBBLE_QUANT_F32_SEARCH");
+    const bool allowed = off == nullptr || *off == '\0' || std::strcmp(off, "0") == 0;
+    return allowed && have_avx2() && octave_table<QT>().ok;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
 
 template <typename T, int32_t QT>
 using BlockFn = bool (*)(const T*, int64_t, uint8_t*, float*);
@@ -675,12 +693,7 @@ void quantize_4bit_impl(const T* x, int64_t n, int64_t blocksize, uint8_t* packe
   };
 #ifdef NIBBLE_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // NIBBLE_QUANT_F32_SEARCH=1 keeps the f32-compare kernel (for comparisons).
-    static const bool octaves = [] {
-      const char* off = std::getenv("NIBBLE_QUANT_F32_SEARCH");
-      return have_avx2() && (off == nullptr || *off == '\0' || std::strcmp(off, "0") == 0);
-    }();
-    if (octaves) {
+    if (octave_path<QT>()) {
       at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
         while (b0 < b1) {
           const int64_t failed =
@@ -1303,6 +1316,11 @@ struct UpcastInputLinearFn : public torch::autograd::Function<UpcastInputLinearF
 extern "C" {
 
 void nibble_quant_free_error(char* err) { std::free(err); }
+
+// 1 if bf16 inputs of quant type qt quantize on the octave-table kernel (see octave_path), else 0.
+int32_t nibble_quantize_bf16_octaves(int32_t qt) {
+  return (qt == kNf4 ? octave_path<kNf4>() : qt == kFp4 && octave_path<kFp4>()) ? 1 : 0;
+}
 
 // Hands the CUDA kernels' 4-bit dequantize to the quantized linears (see CudaDequantize4bit).
 void nibble_register_cuda_dequantize(CudaDequantize4bit f) { g_cuda_dequantize_4bit.store(f); }

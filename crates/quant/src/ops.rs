@@ -25,6 +25,7 @@ mod ffi {
     // Tensors cross as `torch::Tensor*` (tch's `C_tensor`); outputs are owned by the caller.
     unsafe extern "C" {
         pub fn nibble_quant_free_error(err: *mut c_char);
+        pub fn nibble_quantize_bf16_octaves(qt: i32) -> i32;
         pub fn nibble_quantize_4bit(
             input: *const c_void,
             blocksize: i64,
@@ -241,6 +242,14 @@ pub fn quantize_4bit(x: &Tensor, blocksize: usize, qt: QuantType) -> Result<(Ten
         return Err(non_finite(x, bad, 0.0));
     }
     Ok((take(packed, "packed")?, take(absmax, "absmax")?))
+}
+
+/// Whether bf16 weights of `qt` quantize on the fast octave-table kernel (x86-64 with AVX2 and
+/// F16C, not turned off by `NIBBLE_QUANT_F32_SEARCH=1`), so a test or a benchmark can tell which
+/// path it measured; the bytes are the same either way.
+pub fn bf16_octave_kernel(qt: QuantType) -> bool {
+    // SAFETY: a pure query of the C++ side's dispatch, no pointers.
+    unsafe { ffi::nibble_quantize_bf16_octaves(qt_code(qt)) == 1 }
 }
 
 /// Quantize into existing contiguous CPU tensors (`packed`: Uint8 with `(n + 1) / 2` elements,

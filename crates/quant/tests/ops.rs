@@ -292,14 +292,24 @@ fn bf16_at_every_threshold_matches_the_codec() {
                 [-127i32, -126, -122, -121, -120, -117, -116, -115, -60, -1, 0, 1, 16, 17, 60, 125, 126, 127]
             {
                 let absmax = bf16::from_bits((((127 + delta) as u16) << 7) | mantissa).to_f32();
-                let mut block =
-                    vec![absmax, -0.0, 0.0, f32::from_bits(1 << 16), -f32::from_bits(1 << 16), -absmax];
-                for &t in thresholds {
-                    let k = key(t * absmax);
-                    block.extend((k - 2..=k + 2).map(value).filter(|v| v.abs() <= absmax));
+                // Blocks of 32 that each hold the absmax and the special values, then the values
+                // on and beside a few thresholds; the group padded to 128 so that every block of
+                // 32, 64 or 128 has this absmax.
+                let fixed = [absmax, -0.0, 0.0, f32::from_bits(1 << 16), -f32::from_bits(1 << 16), -absmax];
+                let near: Vec<f32> = thresholds
+                    .iter()
+                    .flat_map(|&t| {
+                        let k = key(t * absmax);
+                        (k - 2..=k + 2).map(value).filter(|v| v.abs() <= absmax)
+                    })
+                    .collect();
+                let start = values.len();
+                for chunk in near.chunks(32 - fixed.len()) {
+                    values.extend(fixed);
+                    values.extend(chunk);
+                    values.resize(values.len().div_ceil(32) * 32, absmax / 3.0);
                 }
-                block.resize(64, absmax / 3.0);
-                values.extend(block);
+                values.resize(start + (values.len() - start).div_ceil(128) * 128, absmax / 3.0);
             }
         }
         for bs in [32, 64, 128] {
@@ -346,11 +356,26 @@ fn bf16_on_every_bf16_value_matches_the_codec() {
     }
 }
 
+/// The exactness tests above exercise the octave-table kernel, not only its f32 fallback: it is
+/// what bf16 inputs take wherever the CPU has AVX2 and F16C.
+#[test]
+fn bf16_takes_the_octave_kernel_where_the_cpu_has_avx2() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let off = std::env::var("NIBBLE_QUANT_F32_SEARCH").is_ok_and(|v| !v.is_empty() && v != "0");
+        let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            assert_eq!(ops::bf16_octave_kernel(qt), cpu && !off, "{qt:?}");
+        }
+    }
+}
+
 #[test]
 fn non_finite_input_is_an_error_naming_the_element() {
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [0usize, 77, 4999] {
+            // 1100: past the first chunk of 16 blocks of 64 that the bf16 kernel sizes up at once.
+            for at in [0usize, 77, 1100, 4999] {
                 let mut v = vec![0.5f32; 5000];
                 v[at] = bad;
                 // A second bad value later must not be the one reported.
@@ -358,12 +383,16 @@ fn non_finite_input_is_an_error_naming_the_element() {
                     v[at + 300] = f32::NAN;
                 }
                 let x = tensor(&v, &[50, 100], kind);
-                match ops::quantize_4bit(&x, 64, QuantType::Nf4) {
-                    Err(Error::NonFinite { index, value }) => {
-                        assert_eq!(index, at, "{kind:?} {bad}");
-                        assert_eq!(value.is_nan(), bad.is_nan());
+                for (qt, bs) in
+                    [(QuantType::Nf4, 64), (QuantType::Fp4, 64), (QuantType::Nf4, 32), (QuantType::Fp4, 256)]
+                {
+                    match ops::quantize_4bit(&x, bs, qt) {
+                        Err(Error::NonFinite { index, value }) => {
+                            assert_eq!(index, at, "{kind:?} {qt:?} blocksize {bs} {bad}");
+                            assert_eq!(value.is_nan(), bad.is_nan());
+                        }
+                        other => panic!("{kind:?} {qt:?} blocksize {bs} {bad} at {at}: {other:?}"),
                     }
-                    other => panic!("{kind:?} {bad} at {at}: {other:?}"),
                 }
             }
         }
