@@ -1474,7 +1474,7 @@ mod tests {
     }
 
     #[test]
-    fn codec_targets_are_judged_from_the_same_run() {
+    fn codec_targets_are_judged_from_the_same_run() -> Result<()> {
         // 1M elements: quantize moves 2.5625 MB, the copy 4 MB; with the copy at 1 ms, a 1.28 ms
         // quantize runs at 50% of its bandwidth and a 1.3 ms one under it.
         let row = |quantize: f64| CodecRow {
@@ -1505,9 +1505,12 @@ mod tests {
         for (quantize, verdict) in [(1.2e-3, ">= 50%: met"), (1.3e-3, ">= 50%: **not met**")] {
             let report = Report { codec: Some(vec![row(quantize)]), load: None, train: Vec::new() };
             let (_, body) = render(&header, &report);
-            let line =
-                body.lines().find(|l| l.contains("bandwidth vs memcpy") && l.contains("quantize")).unwrap();
+            let line = body
+                .lines()
+                .find(|l| l.contains("bandwidth vs memcpy") && l.contains("quantize"))
+                .context("no quantize bandwidth row")?;
             assert!(line.ends_with(&format!("{verdict} |")), "{line}");
         }
+        Ok(())
     }
 }
