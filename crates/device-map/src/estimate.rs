@@ -200,18 +200,9 @@ pub fn modules(model: &ModelShape, run: &RunShape) -> Vec<crate::Module> {
     let stored: f64 = linears.iter().map(|(_, i, o)| (i * o) as f64).sum::<f64>()
         * run.base.bits_per_param(run.dtype_bytes)
         / 8.0;
-    let adapter_params: u64 = if run.lora_r == 0 {
-        0
-    } else {
-        linears
-            .iter()
-            .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
-            .map(|(_, i, o)| run.lora_r * (i + o))
-            .sum()
-    };
     let layer = stored.ceil() as u64
         + 2 * model.hidden * run.dtype_bytes
-        + adapter_params * (2 * run.adapter_bytes + 8);
+        + layer_adapter_params(model, run) * (2 * run.adapter_bytes + 8);
     let module = |name: String, bytes: u64| crate::Module { name, bytes };
     let embed = model.vocab * model.hidden * run.dtype_bytes;
     let mut out = Vec::with_capacity(model.layers as usize + 3);
@@ -235,34 +226,28 @@ fn saved_per_token(s: &ModelShape) -> u64 {
     2 * s.hidden + q + 2 * kv + q + s.heads + 2 * s.hidden + 3 * s.intermediate
 }
 
+/// The decoder linears of one block that carry a LoRA adapter (none without LoRA).
+fn adapted_linears(model: &ModelShape, run: &RunShape) -> impl Iterator<Item = (&'static str, u64, u64)> {
+    let linears = if run.lora_r == 0 { Vec::new() } else { block_linears(model).to_vec() };
+    linears.into_iter().filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
+}
+
+/// Adapter parameters of one decoder layer: r * (in + out) per adapted linear.
+fn layer_adapter_params(model: &ModelShape, run: &RunShape) -> u64 {
+    adapted_linears(model, run).map(|(_, i, o)| run.lora_r * (i + o)).sum()
+}
+
 /// Estimate memory for a model and run.
 pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
     let base_linears =
         (model.linear_params() as f64 * run.base.bits_per_param(run.dtype_bytes) / 8.0).ceil() as u64;
     let unquantized = model.other_params() * run.dtype_bytes;
-    let lora_params: u64 = if run.lora_r == 0 {
-        0
-    } else {
-        model.layers
-            * block_linears(model)
-                .iter()
-                .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
-                .map(|(_, i, o)| run.lora_r * (i + o))
-                .sum::<u64>()
-    };
+    let lora_params = model.layers * layer_adapter_params(model, run);
     let tokens = run.batch * run.seq;
     // Each adapted linear keeps its r-wide intermediate, and with dropout its dropped input.
-    let lora_saved: u64 = if run.lora_r == 0 {
-        0
-    } else {
-        block_linears(model)
-            .iter()
-            .filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
-            .map(|(_, i, _)| {
-                tokens * (if run.lora_dropout { *i } else { 0 } + run.lora_r) * run.adapter_bytes
-            })
-            .sum()
-    };
+    let lora_saved: u64 = adapted_linears(model, run)
+        .map(|(_, i, _)| tokens * (if run.lora_dropout { i } else { 0 } + run.lora_r) * run.adapter_bytes)
+        .sum();
     let upcast = run.matmul_in_f32 && run.dtype_bytes < 4;
     let score_bytes = if upcast { 4 } else { run.dtype_bytes };
     let scores =
