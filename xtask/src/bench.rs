@@ -1008,13 +1008,14 @@ fn render(h: &Header, r: &Report) -> (String, String) {
                 bq / q,
                 ok(bq / q >= 20.0)
             );
+            let qbw = quant_bandwidth(row);
             let _ = writeln!(
                 b,
                 "| quantize {} bf16 -> NF4, bandwidth vs memcpy | {:.0}% ({}) | (bitsandbytes: see the codec table) | — | >= 50%: {} |",
                 row.shape,
-                quant_bandwidth(row) * 100.0,
+                qbw * 100.0,
                 ms(q),
-                ok(quant_bandwidth(row) >= 0.5)
+                ok(qbw >= 0.5)
             );
             // Like against like: into existing memory against a memcpy into existing memory
             // (what the 4-bit layer does, into its reused buffer); a new tensor against a copy
@@ -1110,15 +1111,15 @@ fn render(h: &Header, r: &Report) -> (String, String) {
     (heading, b)
 }
 
-/// (nibble into a new tensor, nibble into an existing one, bitsandbytes, nibble into a new tensor
-/// against a copy into fresh memory) dequantize bandwidth as a fraction of the memcpy bandwidth
-/// measured beside each (bytes read + written per second).
 /// Quantize's bandwidth (bf16 read, codes and absmax written) as a fraction of the memcpy's.
 fn quant_bandwidth(row: &CodecRow) -> f64 {
     let bytes = row.n * 2.0 + row.n / 2.0 + row.n / 64.0 * 4.0;
     bytes / row.nibble[0].0 / (row.n * 4.0 / row.nibble[4].0)
 }
 
+/// (nibble into a new tensor, nibble into an existing one, bitsandbytes, nibble into a new tensor
+/// against a copy into fresh memory) dequantize bandwidth as a fraction of the memcpy bandwidth
+/// measured beside each (bytes read + written per second).
 fn dequant_bandwidth(row: &CodecRow) -> (f64, f64, f64, f64) {
     let bytes = row.n / 2.0 + row.n / 64.0 * 4.0 + row.n * 2.0;
     let memcpy = |t: f64| row.n * 4.0 / t;
