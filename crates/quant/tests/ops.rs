@@ -265,26 +265,19 @@ fn bf16_at_every_threshold_matches_the_codec() {
         let b = if k >= 0 { k as u16 } else { ((-1 - k) as u16) | 0x8000 };
         bf16::from_bits(b).to_f32()
     };
-    let nf4 = [
-        -0.8480964f32,
-        -0.6106329,
-        -0.45999527,
-        -0.33967943,
-        -0.2346074,
-        -0.13791173,
-        -0.045525018,
-        0.03979015,
-        0.12025525,
-        0.20352125,
-        0.29201377,
-        0.38931254,
-        0.5016634,
-        0.6427869,
-        0.8614784,
-    ];
-    // FP4 compares |x|: each threshold on both sides of zero.
-    let fp4 = [0.00260417f32, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333];
-    let fp4: Vec<f32> = fp4.iter().flat_map(|&t| [t, -t]).collect();
+    // The codec's thresholds: midpoints of neighbouring NF4 codes, and (FP4 compares |x|) of
+    // neighbouring FP4 magnitudes, on both sides of zero.
+    let midpoints = |mut v: Vec<f32>| -> Vec<f32> {
+        v.sort_by(f32::total_cmp);
+        v.dedup();
+        v.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
+    };
+    let nf4 = midpoints(QuantType::Nf4.code().to_vec());
+    let fp4: Vec<f32> = midpoints(QuantType::Fp4.code().iter().map(|c| c.abs()).collect())
+        .into_iter()
+        .flat_map(|t| [t, -t])
+        .collect();
+    assert_eq!((nf4.len(), fp4.len()), (15, 14));
     for (qt, thresholds) in [(QuantType::Nf4, &nf4[..]), (QuantType::Fp4, &fp4[..])] {
         let mut values = Vec::new();
         for mantissa in 0..128u16 {
