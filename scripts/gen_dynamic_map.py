@@ -9,6 +9,15 @@ Regenerate (after `cargo xtask setup`):
 """
 
 import struct
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
+# is imported (docs/reference-cpu-paths.md).
+nibble_refcpu.apply(default="avx2")
 
 import bitsandbytes
 from bitsandbytes.functional import create_dynamic_map

@@ -23,6 +23,13 @@ import sys
 # arithmetic, faster for a few small calls, and keeps the run free of compiler warnings.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
+# is imported (docs/reference-cpu-paths.md).
+nibble_refcpu.apply(default="avx2")
+
 import bitsandbytes
 import bitsandbytes.functional as F
 import safetensors

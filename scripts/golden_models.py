@@ -34,6 +34,13 @@ from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
+# is imported (docs/reference-cpu-paths.md).
+nibble_refcpu.apply(default="avx2")
+
 import torch
 from safetensors.torch import save_file
 from transformers import (
@@ -184,6 +191,7 @@ def main(out: Path):
     )
     q = AutoModelForCausalLM.from_pretrained(out / "llama", quantization_config=bnb, dtype=torch.float32, device_map="cpu")
     q.eval()
+    nibble_refcpu.portable_4bit(q)  # no AVX512-BF16 repacking before the save (docs/reference-cpu-paths.md)
     d = out / "llama-4bit-saved"
     shutil.rmtree(d, ignore_errors=True)
     q.save_pretrained(d)

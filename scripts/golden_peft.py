@@ -42,6 +42,13 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message="Could not find a config file in")
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
+# is imported (docs/reference-cpu-paths.md).
+nibble_refcpu.apply(default="avx2")
+
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -235,6 +242,9 @@ class Toy4(nn.Module):
             parent, child = name.rsplit(".", 1)
             # Moving to the CPU quantizes the weight.
             self.get_submodule(parent).add_module(child, linear.to("cpu"))
+        # Eval-mode outputs on the path every CPU takes: on an AVX512-BF16 host bitsandbytes would
+        # repack these weights for its fused kernel (and assert out_features % 32 == 0).
+        nibble_refcpu.portable_4bit(self)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return kwargs

@@ -18,10 +18,18 @@ Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
+# is imported (docs/reference-cpu-paths.md).
+nibble_refcpu.apply(default="avx2")
 
 import torch
 import yaml

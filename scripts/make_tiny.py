@@ -13,7 +13,15 @@ tokenizer.json, tokenizer_config.json, generation_config.json).
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
+# is imported (docs/reference-cpu-paths.md).
+nibble_refcpu.apply(default="avx2")
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

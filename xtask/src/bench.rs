@@ -274,6 +274,8 @@ impl Ctx<'_> {
             .env("HF_HUB_OFFLINE", "1")
             .env("HF_DATASETS_OFFLINE", "1")
             .env("TOKENIZERS_PARALLELISM", "false")
+            // The reference stack on the host's own CPU paths (the tests pin them; docs/reference-cpu-paths.md).
+            .env("NIBBLE_REF_CPU", "native")
             .env_remove("NIBBLE_LOG");
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             cmd.env("OMP_NUM_THREADS", self.cores.to_string());

@@ -21,11 +21,32 @@ struct Step {
     env: &'static [(&'static str, &'static str)],
 }
 
-/// The cargo steps, in order (the libtorch-free dependency checks run after them).
-const STEPS: [Step; 4] = [
+/// The Python reference processes on an Intel AVX512-BF16/AMX host's CPU paths, forced on any
+/// host (scripts/refcpu/nibble_refcpu.py); the whole suite runs with the default pin, avx2.
+const FORCED_AVX512BF16: &[(&str, &str)] = &[(crate::REF_CPU_VAR, "avx512bf16")];
+
+/// The cargo steps, in order (the libtorch-free dependency checks run after them). The test
+/// targets whose reference processes run bitsandbytes run a second time with its AVX512-BF16
+/// paths forced, so that a test depending on the path bitsandbytes picks fails on every host;
+/// the int8 layer's golden comparison runs again on MKL kernels other than the host's, as on
+/// another kind of CPU than the one that made the goldens.
+const STEPS: [Step; 8] = [
     Step { args: &["fmt", "--all", "--", "--check"], env: &[] },
     Step { args: &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], env: &[] },
     Step { args: &["test", "--workspace"], env: &[] },
+    Step { args: &["test", "-p", "lora", "--test", "peft"], env: FORCED_AVX512BF16 },
+    Step {
+        args: &["test", "-p", "quant", "--test", "state", "--test", "cli", "--test", "reference_cpu"],
+        env: FORCED_AVX512BF16,
+    },
+    Step {
+        args: &["test", "-p", "sft", "--test", "e2e", "--test", "quantize_merge"],
+        env: FORCED_AVX512BF16,
+    },
+    Step {
+        args: &["test", "-p", "quant", "--test", "linear"],
+        env: &[("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")],
+    },
     Step { args: &["doc", "--workspace", "--no-deps"], env: &[("RUSTDOCFLAGS", "-D warnings")] },
 ];
 
@@ -120,6 +141,7 @@ mod tests {
 
     #[test]
     fn shows_env_before_the_command() {
-        assert_eq!(shown(&STEPS[3]), "RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps");
+        assert_eq!(shown(&STEPS[3]), "NIBBLE_REF_CPU=\"avx512bf16\" cargo test -p lora --test peft");
+        assert_eq!(shown(&STEPS[7]), "RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps");
     }
 }

@@ -22,7 +22,12 @@ commands:
   setup [--force]    create or refresh the Python venv (pinned by xtask/python/requirements.lock)
                      and point cargo at its libtorch; a no-op when already done.
                      --force recreates the venv from scratch.
-  test [ARGS...]     setup, then `cargo test --workspace [ARGS...]`
+  test [--ref-cpu MODE] [ARGS...]
+                     setup, then `cargo test --workspace [ARGS...]`. --ref-cpu pins the CPU
+                     paths of the Python reference processes the tests start: avx2 (the
+                     default: the same on every x86-64 host), avx512bf16 (an Intel
+                     AVX512-BF16/AMX host's, forced on any host) or native
+                     (docs/reference-cpu-paths.md)
   ci                 setup, then fmt, clippy, test, doc, and the check that `config`,
                      `device-map` and `quant` without its torch feature never link libtorch
                      (what CI runs, through .ci/run)
@@ -76,9 +81,13 @@ fn run(args: Vec<OsString>) -> Result<()> {
             setup::setup(&root, force)?;
         }
         "test" => {
+            let (ref_cpu, rest) = take_ref_cpu(rest)?;
             let env = setup::setup(&root, false)?;
             let mut cmd = cargo(&root, &env);
-            cmd.args(["test", "--workspace"]).args(rest);
+            cmd.args(["test", "--workspace"]).args(&rest);
+            if let Some(mode) = ref_cpu {
+                cmd.env(REF_CPU_VAR, mode);
+            }
             check_status(cmd.status(), "cargo test --workspace")?;
         }
         "ci" => {
@@ -106,6 +115,41 @@ fn run(args: Vec<OsString>) -> Result<()> {
         other => bail!("unknown command `{other}`\n\n{USAGE}"),
     }
     Ok(())
+}
+
+/// The variable scripts/refcpu/sitecustomize.py reads in every Python reference process.
+pub const REF_CPU_VAR: &str = "NIBBLE_REF_CPU";
+
+/// The CPU paths a reference process can be pinned to (scripts/refcpu/nibble_refcpu.py).
+const REF_CPU_MODES: [&str; 3] = ["avx2", "avx512bf16", "native"];
+
+/// Takes `--ref-cpu MODE` / `--ref-cpu=MODE` out of `test`'s arguments (before any `--`: what
+/// follows belongs to the test binaries), checking the mode.
+fn take_ref_cpu(args: &[String]) -> Result<(Option<String>, Vec<String>)> {
+    let mut mode = None;
+    let mut rest = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let value = if arg == "--" {
+            rest.push(arg.clone());
+            rest.extend(it.by_ref().cloned());
+            break;
+        } else if arg == "--ref-cpu" {
+            it.next()
+                .map(String::as_str)
+                .with_context(|| format!("--ref-cpu needs a mode: {}", REF_CPU_MODES.join(", ")))?
+        } else if let Some(v) = arg.strip_prefix("--ref-cpu=") {
+            v
+        } else {
+            rest.push(arg.clone());
+            continue;
+        };
+        if !REF_CPU_MODES.contains(&value) {
+            bail!("--ref-cpu {value}: expected one of {}", REF_CPU_MODES.join(", "));
+        }
+        mode = Some(value.to_owned());
+    }
+    Ok((mode, rest))
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -149,6 +193,37 @@ fn check_status(status: std::io::Result<ExitStatus>, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn ref_cpu_is_taken_out_of_test_arguments_before_a_double_dash() -> anyhow::Result<()> {
+        let (mode, rest) = super::take_ref_cpu(&strings(&["-p", "quant", "--ref-cpu", "avx512bf16"]))?;
+        assert_eq!((mode.as_deref(), rest), (Some("avx512bf16"), strings(&["-p", "quant"])));
+        let (mode, rest) = super::take_ref_cpu(&strings(&["--ref-cpu=avx2", "--", "--ref-cpu", "x"]))?;
+        assert_eq!((mode.as_deref(), rest), (Some("avx2"), strings(&["--", "--ref-cpu", "x"])));
+        assert_eq!(super::take_ref_cpu(&strings(&["--release"]))?, (None, strings(&["--release"])));
+        let Err(bad) = super::take_ref_cpu(&strings(&["--ref-cpu", "avx512"])) else {
+            anyhow::bail!("an unknown mode was accepted");
+        };
+        assert!(bad.to_string().contains("avx2, avx512bf16, native"), "{bad}");
+        assert!(super::take_ref_cpu(&strings(&["--ref-cpu"])).is_err());
+        Ok(())
+    }
+
+    /// The suite's default pin and the hook's location, as the committed cargo config gives them.
+    #[test]
+    fn cargo_config_pins_reference_processes_to_avx2() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let defaults = std::fs::read_to_string(root.join(".cargo/nibble-defaults.toml")).expect("defaults");
+        assert!(defaults.contains(&format!("{} = \"avx2\"", super::REF_CPU_VAR)));
+        assert!(
+            defaults.contains(r#"PYTHONPATH = { value = "scripts/refcpu", relative = true, force = true }"#)
+        );
+        assert!(root.join("scripts/refcpu/sitecustomize.py").is_file());
+    }
 
     /// Before setup, the committed defaults must stop torch-sys with our one-line instruction:
     /// LIBTORCH points at the stub, whose `build-version` torch-sys prints in its error.

@@ -12,9 +12,18 @@ use crate::diag::{Diagnostic, Kind, Origin, Source};
 use crate::known;
 use crate::spans::{Position, SpanIndex};
 
-/// Environment variables with the `NIBBLE_` prefix that configure tooling, not the recipe.
-pub const RESERVED_ENV: &[&str] =
-    &["NIBBLE_HOME", "NIBBLE_LOG", "NIBBLE_PYTHON", "NIBBLE_VENV", "NIBBLE_CACHE"];
+/// Environment variables with the `NIBBLE_` prefix that configure tooling, not the recipe
+/// (`NIBBLE_REF_CPU` pins the Python reference processes of the tests, scripts/refcpu;
+/// `NIBBLE_QUANT_F32_SEARCH` picks quant's comparison kernel).
+pub const RESERVED_ENV: &[&str] = &[
+    "NIBBLE_HOME",
+    "NIBBLE_LOG",
+    "NIBBLE_PYTHON",
+    "NIBBLE_VENV",
+    "NIBBLE_CACHE",
+    "NIBBLE_REF_CPU",
+    "NIBBLE_QUANT_F32_SEARCH",
+];
 
 /// Prefix of environment variables that override recipe keys.
 pub const ENV_PREFIX: &str = "NIBBLE_";

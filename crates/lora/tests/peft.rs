@@ -211,8 +211,9 @@ fn same_tensors(now: &Path, committed: &Path, regenerate: &str) {
     assert_eq!(names, names_now, "{file} is stale; {regenerate}");
     for name in names {
         let (a, b) = (&now[name], &committed[name]);
-        // Inputs and weights are exact; outputs may differ in the last bits on another CPU.
-        let exact = name.ends_with(".weight")
+        // Inputs and weights are exact; outputs (gradients of weights included) may differ in the
+        // last bits on another kind of CPU, whose BLAS sums in another order.
+        let exact = !name.starts_with("grad.") && name.ends_with(".weight")
             || name.ends_with(".bias")
             || name.starts_with("x.")
             || name.starts_with("g.")

@@ -55,7 +55,7 @@ fn train(out: &Path, cache: &Path, extra: &[&str]) -> String {
 const PEFT_LOGITS: &str = r#"
 import os, sys
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-import torch
+import nibble_refcpu, torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -64,6 +64,7 @@ bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_
                          bnb_4bit_compute_dtype=torch.float32)
 base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
 model = PeftModel.from_pretrained(base, adapter).eval()
+nibble_refcpu.portable_4bit(model)  # the path every CPU takes (docs/reference-cpu-paths.md)
 ids = load_file(inputs)["input_ids"]
 with torch.no_grad():
     logits = model(input_ids=ids).logits.float().contiguous()

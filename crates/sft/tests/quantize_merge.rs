@@ -235,7 +235,7 @@ fn bad_arguments_exit_2_and_missing_models_are_named() {
 /// bytes and config.json transformers itself saves for the same model.
 const TRANSFORMERS_QUANTIZE_CHECK: &str = r#"
 import json, os, sys, tempfile
-import torch
+import nibble_refcpu, torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -250,6 +250,9 @@ def tensors(d):
     return out
 
 def logits(m):
+    # The 4-bit path every CPU takes (an AVX512-BF16 host would repack for its fused kernel,
+    # which asserts out_features % 32 == 0, and save the repacked absmax).
+    nibble_refcpu.portable_4bit(m)
     vocab = m.config.vocab_size
     ids = (torch.arange(24).view(2, 12) * 7 + 3) % vocab
     with torch.no_grad():

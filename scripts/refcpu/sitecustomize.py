@@ -1,0 +1,6 @@
+"""Python runs this at start-up when scripts/refcpu is on PYTHONPATH (the test suite puts it there,
+.cargo/nibble-defaults.toml): pin the reference stack's CPU paths as `NIBBLE_REF_CPU` says."""
+
+import nibble_refcpu
+
+nibble_refcpu.apply()
