@@ -132,6 +132,13 @@ fn render(diags: &[Diagnostic]) -> String {
 }
 
 impl Error {
+    /// An invalid recipe with these problems, in the order a user reads them (file order, then
+    /// environment, then flags).
+    pub fn invalid(mut diags: Vec<Diagnostic>) -> Error {
+        diags.sort_by_key(|d| crate::order(&d.origin));
+        Error::Invalid(diags)
+    }
+
     /// The diagnostics of an invalid recipe (empty for I/O errors).
     pub fn diagnostics(&self) -> &[Diagnostic] {
         match self {

@@ -54,11 +54,22 @@ pub struct Recipe {
     pub extra: BTreeMap<String, J>,
     /// Which layer each key's value came from.
     pub sources: BTreeMap<String, Source>,
+    /// Where each key's value came from (file, line and column; variable; flag), so that a problem
+    /// found after loading points where one found while loading does ([`Recipe::problem`]).
+    pub origins: BTreeMap<String, Origin>,
     /// Accepted oddities: old spellings, keys not acted on.
     pub warnings: Vec<Warning>,
 }
 
 impl Recipe {
+    /// A problem with `key`'s value found after loading (by a consumer of the recipe, e.g. when a
+    /// run is planned), pointing where the value came from; report them with [`Error::invalid`].
+    pub fn problem(&self, kind: Kind, key: &str, message: impl Into<String>) -> Diagnostic {
+        let top = key.split('.').next().unwrap_or(key);
+        let origin = self.origins.get(top).cloned().unwrap_or(Origin::Default);
+        Diagnostic { kind, key: key.to_owned(), origin, message: message.into() }
+    }
+
     /// The plan as `--print-config` prints it: sections, env, extra keys and sources.
     pub fn to_json(&self) -> J {
         serde_json::json!({
@@ -171,12 +182,12 @@ impl Loader {
         let failed = std::mem::take(&mut x.failed);
         let extra = extract_extra(&layers, &mut diags);
 
-        let mut sources = BTreeMap::new();
-        for f in known::typed_fields() {
-            sources.insert(f.name.to_owned(), winner(&layers, f.name).map_or(Source::Default, |l| l.source));
-        }
-        for k in extra.keys() {
-            sources.insert(k.clone(), winner(&layers, k).map_or(Source::Default, |l| l.source));
+        let (mut sources, mut origins) = (BTreeMap::new(), BTreeMap::new());
+        let keys = known::typed_fields().map(|f| f.name.to_owned()).chain(extra.keys().cloned());
+        for key in keys {
+            let layer = winner(&layers, &key);
+            sources.insert(key.clone(), layer.map_or(Source::Default, |l| l.source));
+            origins.insert(key.clone(), layer.map_or(Origin::Default, |l| l.origin_of(&key)));
         }
 
         validate::check(
@@ -186,11 +197,10 @@ impl Loader {
             &mut Reporter { layers: &layers, diags: &mut diags, failed: &failed },
         );
         if !diags.is_empty() {
-            diags.sort_by_key(|d| order(&d.origin));
-            return Err(Error::Invalid(diags));
+            return Err(Error::invalid(diags));
         }
 
-        let mut recipe = Recipe { model, data, training, env: env_map, extra, sources, warnings };
+        let mut recipe = Recipe { model, data, training, env: env_map, extra, sources, origins, warnings };
         not_acted_warning(&mut recipe, &layers);
         resolve_effective(&mut recipe);
         Ok(recipe)
@@ -231,7 +241,8 @@ fn winner<'a>(layers: &'a [Layer], key: &str) -> Option<&'a Layer> {
     layers.iter().rev().find(|l| l.values.contains_key(key))
 }
 
-fn order(o: &Origin) -> (u8, usize, usize, String) {
+/// Where a diagnostic sorts: defaults, then the file in order, then variables, then flags.
+pub(crate) fn order(o: &Origin) -> (u8, usize, usize, String) {
     match o {
         Origin::Default => (0, 0, 0, String::new()),
         Origin::File { position, .. } => {

@@ -681,6 +681,12 @@ impl CpuMatmul {
 /// policy is [`CpuMatmul::Native`]. The f32 accumulation is what a 16-bit GEMM does internally; only
 /// the operands' (exact) upcast and the summation order differ.
 pub fn matmul_in_f32(kind: Kind, device: Device) -> bool {
+    matmul_in_f32_under(CpuMatmul::current(), kind, device)
+}
+
+/// What [`matmul_in_f32`] answers under `policy`, whatever the process's policy is: lets a
+/// planner (a memory estimate) ask about a run's policy without making it the process's.
+pub fn matmul_in_f32_under(policy: CpuMatmul, kind: Kind, device: Device) -> bool {
     let code = match kind {
         Kind::BFloat16 => 2,
         Kind::Half => 1,
@@ -689,7 +695,7 @@ pub fn matmul_in_f32(kind: Kind, device: Device) -> bool {
     if device != Device::Cpu {
         return false;
     }
-    match CpuMatmul::current() {
+    match policy {
         CpuMatmul::Native => false,
         CpuMatmul::F32 => true,
         // SAFETY: a pure query of CPU features.

@@ -1,100 +1,11 @@
-//! `sft RECIPE --estimate-memory`: the memory a run will need, from the model's config.json and
-//! the recipe, before anything loads.
+//! `sft RECIPE --estimate-memory`: the memory a run will need, from the run plan (the model's
+//! config.json and the recipe, resolved as the run resolves them), before anything loads.
 
-use anyhow::{Context, Result};
-use config::Recipe;
-use config::types::{Dtype, TargetModules};
+use anyhow::Result;
 use device_map::estimate::{BaseWeights, RunShape, estimate};
 use device_map::{Device, format_bytes};
-use model_loader::HfConfig;
 
-/// Bytes per element of the compute dtype: the recipe's `dtype`, or the checkpoint's for `auto`.
-fn dtype_bytes(recipe: &Recipe, cfg: &HfConfig) -> u64 {
-    let name = match recipe.model.dtype {
-        Dtype::Auto => cfg.dtype.as_deref().unwrap_or("float32"),
-        d => d.as_str(),
-    };
-    match name {
-        "bfloat16" | "float16" | "bf16" | "fp16" => 2,
-        _ => 4,
-    }
-}
-
-/// sft's resident memory when loading starts (libtorch, tokenizer, the process), measured on the
-/// bench machine (docs/benchmarks.md).
-const RUNTIME_BYTES: u64 = 170 << 20;
-
-/// Whether the run's 16-bit matmuls will run in f32 (the recipe's `cpu_matmul` on this CPU).
-fn matmul_in_f32(recipe: &Recipe, device: Device) -> Result<bool> {
-    crate::run::apply_cpu_matmul(recipe)?;
-    let kind = match recipe.model.dtype {
-        Dtype::Float16 => tch::Kind::Half,
-        _ => tch::Kind::BFloat16,
-    };
-    Ok(device == Device::Cpu && quant::ops::matmul_in_f32(kind, tch::Device::Cpu))
-}
-
-/// Which of a decoder block's linears the recipe's `lora_target_modules` selects, judged on the
-/// module paths of layer 0 (PEFT's rules: exact name or `.suffix` for lists, full-match regex
-/// for a string, every linear but the head for `all-linear`).
-pub fn lora_targets(targets: Option<&TargetModules>) -> Result<Vec<String>> {
-    let names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let path = |n: &str| {
-        let block = if n.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&n) {
-            "mlp"
-        } else {
-            "self_attn"
-        };
-        format!("model.layers.0.{block}.{n}")
-    };
-    let chosen = match targets {
-        None => Vec::new(),
-        Some(TargetModules::Pattern(p)) if p == "all-linear" => names.to_vec(),
-        Some(TargetModules::Pattern(p)) => {
-            let re = regex::Regex::new(&format!("^(?:{p})$"))
-                .with_context(|| format!("lora_target_modules: bad regex `{p}`"))?;
-            names.iter().copied().filter(|n| re.is_match(&path(n))).collect()
-        }
-        Some(TargetModules::List(l)) => names
-            .iter()
-            .copied()
-            .filter(|n| l.iter().any(|t| path(n) == *t || path(n).ends_with(&format!(".{t}"))))
-            .collect(),
-    };
-    Ok(chosen.into_iter().map(str::to_owned).collect())
-}
-
-/// Whether the run's decoder linears are 4-bit: quantized while loading, or read pre-quantized.
-pub(crate) fn loads_4bit(recipe: &Recipe, cfg: &HfConfig) -> bool {
-    recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit)
-}
-
-/// The run's memory-driving settings from the recipe, for training on `device`.
-pub(crate) fn run_shape(recipe: &Recipe, cfg: &HfConfig, device: Device) -> Result<RunShape> {
-    let base = if loads_4bit(recipe, cfg) {
-        BaseWeights::FourBit { double_quant: recipe.model.use_bnb_nested_quant }
-    } else if recipe.model.load_in_8bit {
-        BaseWeights::EightBit
-    } else {
-        BaseWeights::Dense
-    };
-    Ok(RunShape {
-        base,
-        dtype_bytes: dtype_bytes(recipe, cfg),
-        lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
-        lora_targets: lora_targets(recipe.model.lora_target_modules.as_ref())?,
-        adapter_bytes: 4,
-        lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
-        batch: u64::try_from(recipe.training.per_device_train_batch_size).unwrap_or(1),
-        seq: recipe.training.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
-        gradient_checkpointing: recipe.training.gradient_checkpointing,
-        // Packed rows attend through an explicit mask, which keeps the probabilities.
-        attention_scores: recipe.training.packing,
-        matmul_in_f32: matmul_in_f32(recipe, device)?,
-        logits_chunk_bytes: sft::train::HEAD_CHUNK_BYTES as u64,
-        runtime: if device == Device::Cpu { RUNTIME_BYTES } else { 0 },
-    })
-}
+use crate::plan::RunPlan;
 
 /// The estimate split over a plan's devices: each module's bytes (weights, and a layer's adapter
 /// with its gradients and AdamW states) where the plan puts it; activations where each layer
@@ -131,11 +42,11 @@ pub(crate) fn per_device(
     out
 }
 
-/// Print the estimate for a resolved recipe on `device` (the default k-bit device map,
+/// Print the estimate of `plan` training on `device` (the default k-bit device map,
 /// `{"": local device}`), and per device when the recipe's device map spreads the model.
-pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
-    let (dir, cfg) = crate::prepare::model(recipe)?;
-    let run = run_shape(recipe, &cfg, device)?;
+pub fn print(plan: &RunPlan, device: Device, cuda_devices: usize) -> Result<()> {
+    let cfg = &plan.model_config;
+    let run = plan.run_shape(device);
     let e = estimate(&cfg.shape, &run);
     let s = &cfg.shape;
     let params = s.linear_params() + s.other_params();
@@ -144,7 +55,7 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
     {
         println!(
             "model: {} ({:?}, {} parameters, {} layers)",
-            dir.display(),
+            plan.model_dir.display(),
             cfg.architecture,
             params,
             s.layers
@@ -163,10 +74,9 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
         println!("{e}");
         // A device map: the same total, split by where each part lives (GPUs may be absent here:
         // the plan is made for the recipe's budgets).
-        let cuda = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
-        if let Some((plan, modules)) = crate::place::plan(recipe, &cfg, cuda)? {
+        if let Some((map, modules)) = crate::place::plan(&plan.recipe, cfg, &run, cuda_devices)? {
             println!("per device (model_init_kwargs.device_map):");
-            for (d, b) in per_device(&e, &plan, &modules, matches!(run.base, BaseWeights::FourBit { .. })) {
+            for (d, b) in per_device(&e, &map, &modules, matches!(run.base, BaseWeights::FourBit { .. })) {
                 println!("  {:<32} {:>12}", d.to_string(), format_bytes(b));
             }
         }
@@ -183,10 +93,6 @@ pub fn print(recipe: &Recipe, device: Device) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(v: &[&str]) -> TargetModules {
-        TargetModules::List(v.iter().map(|s| s.to_string()).collect())
-    }
 
     #[test]
     fn an_offloaded_layer_keeps_its_adapter_and_activations_on_the_gpu() {
@@ -223,25 +129,5 @@ mod tests {
         assert_eq!(dense[&Device::Cpu], 140 + 500 + 10 + 7 + 3);
         let total: u64 = modules.iter().map(|m| m.bytes).sum::<u64>() + 1000 + 7 + 3;
         assert_eq!(four_bit.values().sum::<u64>(), total);
-    }
-
-    #[test]
-    fn targets_follow_peft_matching() {
-        assert_eq!(lora_targets(None).ok(), Some(vec![]));
-        assert_eq!(
-            lora_targets(Some(&TargetModules::Pattern("all-linear".into()))).map(|v| v.len()).ok(),
-            Some(7)
-        );
-        assert_eq!(
-            lora_targets(Some(&t(&["q_proj", "v_proj", "lm_head"]))).ok(),
-            Some(vec!["q_proj".into(), "v_proj".into()])
-        );
-        assert_eq!(lora_targets(Some(&t(&["self_attn.o_proj"]))).ok(), Some(vec!["o_proj".into()]));
-        let re = TargetModules::Pattern(r".*\.mlp\..*".into());
-        assert_eq!(
-            lora_targets(Some(&re)).ok(),
-            Some(vec!["gate_proj".into(), "up_proj".into(), "down_proj".into()])
-        );
-        assert!(lora_targets(Some(&TargetModules::Pattern("(".into()))).is_err());
     }
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// jemalloc for the whole process (Rust and, through the unprefixed `malloc` it exports,
 /// libtorch): glibc's heap keeps freed activations fragmented, which nearly doubles a training
@@ -27,6 +27,7 @@ mod estimate;
 mod generate;
 mod launch;
 mod place;
+mod plan;
 mod prepare;
 mod quantize;
 mod run;
@@ -232,14 +233,6 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
-    if mode == Mode::EstimateMemory {
-        let device = match run::train_device(&recipe, 0) {
-            tch::Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
-            _ => device_map::Device::Cpu,
-        };
-        estimate::print(&recipe, device)?;
-        return Ok(ExitCode::SUCCESS);
-    }
     if mode == Mode::PrintConfig {
         #[allow(clippy::print_stdout)]
         {
@@ -247,8 +240,27 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
         }
         return Ok(ExitCode::SUCCESS);
     }
-    tracing::info!(model = recipe.model.model_name_or_path.as_deref().unwrap_or(""), "recipe resolved");
-    run::train(&recipe)?;
+    // One plan for the run: every problem the recipe still has on this machine, reported at once
+    // before anything is tokenized, loaded or written.
+    let machine = plan::Machine::probe().context("reading torchrun's variables")?;
+    let purpose = if mode == Mode::EstimateMemory { plan::Purpose::Estimate } else { plan::Purpose::Train };
+    let plan = match plan::RunPlan::resolve(recipe, &machine, purpose) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_RECIPE));
+        }
+    };
+    if mode == Mode::EstimateMemory {
+        let device = match plan.device {
+            tch::Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
+            _ => device_map::Device::Cpu,
+        };
+        estimate::print(&plan, device, machine.cuda_devices)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::info!(model = plan.model_id.as_str(), "recipe resolved");
+    run::train(&plan, &machine)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,9 +5,12 @@
 
 use anyhow::{Context, Result, bail};
 use config::Recipe;
+use device_map::estimate::{BaseWeights, RunShape};
 use device_map::{Budget, Module, Plan, Strategy, format_bytes};
 use model_loader::{HfConfig, Placement};
 use tch::Device;
+
+use crate::plan::Machine;
 
 /// A device map and budgets as the recipe gives them.
 pub(crate) struct DeviceMap {
@@ -106,16 +109,16 @@ fn budget(max_memory: Option<&Budget>, cuda_devices: usize) -> Result<Budget> {
     Ok(Budget::new(limits))
 }
 
-/// The modules of the recipe's model as planned, and the plan of the recipe's device map (`None`
-/// without one). `cuda_devices`: GPUs this process may use.
+/// The modules of the recipe's model as planned for a run of `shape`, and the plan of the
+/// recipe's device map (`None` without one). `cuda_devices`: GPUs this process may use.
 pub(crate) fn plan(
     recipe: &Recipe,
     cfg: &HfConfig,
+    shape: &RunShape,
     cuda_devices: usize,
 ) -> Result<Option<(Plan, Vec<Module>)>> {
     let Some(dm) = from_recipe(recipe)? else { return Ok(None) };
-    let run = crate::estimate::run_shape(recipe, cfg, device_map::Device::Cpu)?;
-    let modules = device_map::estimate::modules(&cfg.shape, &run);
+    let modules = device_map::estimate::modules(&cfg.shape, shape);
     let budget = match dm.strategy {
         // Single and explicit maps check budgets only where `max_memory` gives them.
         Strategy::Single(_) | Strategy::Explicit(_) => dm.max_memory.unwrap_or_default(),
@@ -130,15 +133,22 @@ pub(crate) fn plan(
 
 /// Where the model goes for this process: the recipe's device map applied, or everything on
 /// `device` (the k-bit default). A map spanning devices cannot be combined with several ranks.
-pub(crate) fn placement(recipe: &Recipe, cfg: &HfConfig, device: Device, world: usize) -> Result<Placement> {
+pub(crate) fn placement(
+    recipe: &Recipe,
+    cfg: &HfConfig,
+    shape: &RunShape,
+    device: Device,
+    machine: &Machine,
+) -> Result<Placement> {
     let layers = cfg.shape.layers as usize;
-    let cuda_devices = if device.is_cuda() { tch::Cuda::device_count().max(0) as usize } else { 0 };
-    let Some((plan, _)) = plan(recipe, cfg, cuda_devices)? else {
+    let cuda_devices = if device.is_cuda() { machine.cuda_devices } else { 0 };
+    let Some((plan, _)) = plan(recipe, cfg, shape, cuda_devices)? else {
         return Ok(Placement::single(device, layers));
     };
-    let four_bit = crate::estimate::loads_4bit(recipe, cfg);
+    let four_bit = matches!(shape.base, BaseWeights::FourBit { .. });
     let placement = Placement::from_plan(&plan, layers, cuda_devices, four_bit)
         .context("applying model_init_kwargs.device_map")?;
+    let world = machine.world_size();
     if placement.spans_devices() && world > 1 {
         bail!(
             "model_init_kwargs.device_map spreads the model over several devices, which cannot be combined \

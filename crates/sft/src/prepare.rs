@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use config::Recipe;
-use model_loader::{HfConfig, HubCache, resolve_model};
+use model_loader::HubCache;
 use sft::data::{
     Batch, DataPlan, Dataset, Example, LoadedData, PrepareError, TokenizeOptions, Tokenizer,
     load_or_prepare_rows, shard_indices,
@@ -43,15 +43,6 @@ fn chat_template(recipe: &Recipe, model_dir: &Path) -> Result<Option<String>> {
         return Ok(v.get("chat_template").and_then(|t| t.as_str()).map(str::to_owned));
     }
     Ok(None)
-}
-
-/// The recipe's model directory (local, or a hub-cache snapshot) and its config.json.
-pub fn model(recipe: &Recipe) -> Result<(PathBuf, HfConfig)> {
-    let id = recipe.model.model_name_or_path.as_deref().context("model_name_or_path is not set")?;
-    let cache = HubCache::from_env(|k| std::env::var(k).ok());
-    let dir = resolve_model(id, &recipe.model.model_revision, &cache)?;
-    let cfg = HfConfig::from_dir(&dir)?;
-    Ok((dir, cfg))
 }
 
 /// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else `$NIBBLE_HOME/tokenized`,

@@ -7,123 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use config::Recipe;
-use config::types::{Dtype, TargetModules};
 use indicatif::{ProgressBar, ProgressStyle};
-use model_loader::{Architecture, CausalLm, HfConfig, LoadOptions};
-use quant::ops::QuantizeOptions;
+use model_loader::CausalLm;
 use sft::report::{self, EvalLog, ReportOptions, Reporter, RunSummary, TrainLog};
 use sft::train::{AdamWConfig, Checkpoint, Event, Outcome, Schedule, TrainOptions, Trainer, checkpoint};
-use tch::{Device, Kind};
 
+use crate::plan::{Machine, RunPlan};
 use crate::prepare;
-
-/// The dtype the recipe asks for (`auto` = config.json's, else float32).
-fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
-    let name = match recipe.model.dtype {
-        Dtype::Auto => cfg.dtype.clone().unwrap_or_else(|| "float32".into()),
-        Dtype::Bfloat16 => "bfloat16".into(),
-        Dtype::Float16 => "float16".into(),
-        Dtype::Float32 => "float32".into(),
-    };
-    match name.as_str() {
-        "bfloat16" => Kind::BFloat16,
-        "float16" => Kind::Half,
-        _ => Kind::Float,
-    }
-}
-
-/// Make the recipe's `cpu_matmul` the process's policy (before any model runs or is estimated).
-pub(crate) fn apply_cpu_matmul(recipe: &Recipe) -> Result<()> {
-    let policy = &recipe.training.cpu_matmul;
-    let Some(policy) = quant::ops::CpuMatmul::parse(policy) else {
-        bail!("cpu_matmul `{policy}` is not one of auto, native, f32");
-    };
-    policy.set();
-    Ok(())
-}
-
-/// Where this process trains, as the seed's device map for k-bit models says (`{"": local_rank}`):
-/// CUDA device `local_rank` when libtorch sees a GPU (an `sft` built with the `cuda` feature) and
-/// the recipe does not set `use_cpu`, else the CPU.
-pub(crate) fn train_device(recipe: &Recipe, local_rank: usize) -> Device {
-    if recipe.training.use_cpu || !tch::Cuda::is_available() { Device::Cpu } else { Device::Cuda(local_rank) }
-}
-
-fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> Result<LoadOptions> {
-    let m = &recipe.model;
-    if m.load_in_8bit && m.load_in_4bit {
-        bail!("load_in_8bit and load_in_4bit are exclusive: choose one");
-    }
-    let dtype = model_kind(recipe, cfg);
-    apply_cpu_matmul(recipe)?;
-    let quantize = m.load_in_4bit.then_some(QuantizeOptions {
-        quant_type: match m.bnb_4bit_quant_type {
-            config::types::QuantType::Fp4 => quant::QuantType::Fp4,
-            config::types::QuantType::Nf4 => quant::QuantType::Nf4,
-        },
-        blocksize: 64,
-        double_quant: m.use_bnb_nested_quant,
-    });
-    // TRL computes 4-bit layers in the model dtype (`bnb_4bit_compute_dtype = dtype`). With
-    // `bf16: true` / `fp16: true` on an fp32 model, transformers autocasts: the big matmuls run in
-    // 16 bits, norms and softmax in fp32. nibble does the same for the 4-bit linears (compute dtype
-    // 16-bit, output back in the input's dtype); LoRA adapters and the output head stay fp32.
-    let t = &recipe.training;
-    let compute_dtype = match (dtype, t.bf16 == Some(true), t.fp16) {
-        (Kind::Float, true, _) if quantize.is_some() => Kind::BFloat16,
-        (Kind::Float, _, true) if quantize.is_some() => Kind::Half,
-        _ => dtype,
-    };
-    if compute_dtype != dtype {
-        tracing::info!("mixed precision: 4-bit linears compute in {compute_dtype:?}, the rest in {dtype:?}");
-    }
-    // LLM.int8 with bitsandbytes' default threshold (TRL's `BitsAndBytesConfig(load_in_8bit=True)`).
-    // On the CPU bitsandbytes trains through the dequantized weight (`MatMul8bitFp`); nibble does
-    // the same so losses match TRL's there.
-    let quantize_8bit = m.load_in_8bit.then(|| quant::linear::Int8Options {
-        matmul: quant::linear::Int8Matmul::Dequantized,
-        ..quant::linear::Int8Options::default()
-    });
-    for kind in [dtype, compute_dtype] {
-        if quant::ops::matmul_in_f32(kind, device) {
-            tracing::info!(
-                "this CPU has no native {kind:?} GEMMs: matmuls and attention run in f32 and are rounded to \
-                 {kind:?} (cpu_matmul: {}; `native` keeps torch's 16-bit kernels)",
-                recipe.training.cpu_matmul
-            );
-            break;
-        }
-    }
-    Ok(LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device, placement: None })
-}
-
-/// PEFT's default targets for the families nibble runs, when the recipe names none.
-fn default_targets(arch: Architecture) -> Vec<String> {
-    match arch {
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
-            vec!["q_proj".into(), "v_proj".into()]
-        }
-    }
-}
-
-fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str) -> Result<lora::LoraConfig> {
-    let m = &recipe.model;
-    let targets = match &m.lora_target_modules {
-        None => lora::TargetModules::List(default_targets(cfg.architecture)),
-        Some(TargetModules::List(l)) => lora::TargetModules::List(l.clone()),
-        Some(TargetModules::Pattern(p)) if p == "all-linear" => lora::TargetModules::AllLinear,
-        Some(TargetModules::Pattern(p)) => lora::TargetModules::Regex(p.clone()),
-    };
-    let r = usize::try_from(m.lora_r).ok().filter(|&r| r > 0).context("lora_r must be a positive integer")?;
-    let mut c = lora::LoraConfig::new(r, m.lora_alpha as f64, targets);
-    c.dropout = m.lora_dropout;
-    c.use_rslora = m.use_rslora;
-    c.use_dora = m.use_dora;
-    c.modules_to_save = m.lora_modules_to_save.clone().unwrap_or_default();
-    c.base_model_name_or_path = Some(model_id.to_owned());
-    c.task_type = Some(m.lora_task_type.clone());
-    Ok(c)
-}
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -140,51 +30,20 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// The output directory; a fresh run refuses one that holds a previous run's adapter or
-/// checkpoints unless `overwrite_output_dir` (resuming is what that folder is for).
-///
-/// Only rank 0 (`main`) removes or creates anything; the other ranks just agree on the path.
-fn output_dir(recipe: &Recipe, resuming: bool, main: bool) -> Result<PathBuf> {
-    let dir = PathBuf::from(recipe.training.output_dir.as_deref().unwrap_or("trainer_output"));
-    let previous = dir.join(lora::WEIGHTS_FILE).is_file() || !checkpoint::list(&dir)?.is_empty();
-    if previous && !resuming && !recipe.training.overwrite_output_dir {
-        bail!(
-            "output_dir {} already holds a previous run (adapter or checkpoints); set \
-             `overwrite_output_dir: true` to replace it, `resume_from_checkpoint: true` to continue it, \
-             or choose another output_dir",
-            dir.display()
-        );
-    }
+/// Make the plan's output directory: a fresh run that replaces a previous one (the plan allowed
+/// it: `overwrite_output_dir`) removes its checkpoints first. Only rank 0 (`main`) writes.
+fn make_output_dir(plan: &RunPlan, main: bool) -> Result<PathBuf> {
+    let dir = plan.output_dir.clone();
     if !main {
         return Ok(dir);
     }
-    if previous && !resuming {
+    if plan.replaces_previous {
         for (_, ck) in checkpoint::list(&dir)? {
             std::fs::remove_dir_all(&ck).with_context(|| format!("removing {}", ck.display()))?;
         }
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating output_dir {}", dir.display()))?;
     Ok(dir)
-}
-
-/// Which checkpoint to resume from: `resume_from_checkpoint` is a path, or `true`/`last` for the
-/// newest one in output_dir (an error when there is none, as transformers does).
-fn resume_dir(recipe: &Recipe) -> Result<Option<PathBuf>> {
-    let out = PathBuf::from(recipe.training.output_dir.as_deref().unwrap_or("trainer_output"));
-    match recipe.training.resume_from_checkpoint.as_deref() {
-        None | Some("" | "false" | "False") => Ok(None),
-        Some("true" | "True" | "last") => match checkpoint::latest(&out)? {
-            Some(dir) => Ok(Some(dir)),
-            None => bail!("resume_from_checkpoint: no checkpoint-* folder in {}", out.display()),
-        },
-        Some(path) => {
-            let p = PathBuf::from(path);
-            if !p.is_dir() {
-                bail!("resume_from_checkpoint: {} is not a checkpoint folder", p.display());
-            }
-            Ok(Some(p))
-        }
-    }
 }
 
 /// Eval cadence from `eval_strategy` / `eval_steps` (which defaults to `logging_steps`).
@@ -209,33 +68,39 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The main job.
-pub fn train(recipe: &Recipe) -> Result<()> {
-    let (dir, cfg) = prepare::model(recipe)?;
-    let model_id = recipe.model.model_name_or_path.clone().unwrap_or_default();
-    if !recipe.model.use_peft {
-        bail!("full fine-tuning is not supported: set `use_peft: true` (nibble trains LoRA adapters)");
-    }
-    if !recipe.training.optim.contains("adamw") {
-        bail!(
-            "optim `{}` is not supported: nibble trains with AdamW (every `adamw_*` choice, paged or fused, \
-             runs the same AdamW update)",
-            recipe.training.optim
+/// The main job, as `plan` resolved it.
+pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
+    let recipe = &plan.recipe;
+    let (dir, cfg, device) = (&plan.model_dir, &plan.model_config, plan.device);
+    tracing::info!(?device, "training device");
+    plan.cpu_matmul.set();
+    let opts = &plan.load;
+    if opts.compute_dtype != opts.dtype {
+        tracing::info!(
+            "mixed precision: 4-bit linears compute in {:?}, the rest in {:?}",
+            opts.compute_dtype,
+            opts.dtype
         );
     }
+    for kind in [opts.dtype, opts.compute_dtype] {
+        if quant::ops::matmul_in_f32(kind, device) {
+            tracing::info!(
+                "this CPU has no native {kind:?} GEMMs: matmuls and attention run in f32 and are rounded to \
+                 {kind:?} (cpu_matmul: {}; `native` keeps torch's 16-bit kernels)",
+                recipe.training.cpu_matmul
+            );
+            break;
+        }
+    }
+    tch::manual_seed(recipe.training.seed as i64);
     // Several ranks (torchrun's variables): meet the others first; `ddp_timeout` bounds the
     // rendezvous and every collective, so a dead or hung peer is an error, not a hang. Ranks on
     // GPUs sum over NCCL, CPU ranks over Gloo.
-    let dist_env = dist::DistEnv::from_env().context("reading torchrun's variables")?;
-    let device = train_device(recipe, dist_env.as_ref().map_or(0, |e| e.local_rank));
-    tracing::info!(?device, "training device");
-    let mut opts = load_options(recipe, &cfg, device)?;
-    opts.placement =
-        Some(crate::place::placement(recipe, &cfg, device, dist_env.as_ref().map_or(1, |e| e.world_size))?);
-    tch::manual_seed(recipe.training.seed as i64);
     let timeout = Duration::from_secs(u64::try_from(recipe.training.ddp_timeout).unwrap_or(0).max(1));
     let backend = if device.is_cuda() { dist::Backend::Nccl } else { dist::Backend::Gloo };
-    let group = dist_env
+    let group = machine
+        .dist
+        .clone()
         .map(|env| dist::ProcessGroup::with_backend(env, timeout, backend))
         .transpose()
         .context("joining the other ranks")?;
@@ -250,13 +115,13 @@ pub fn train(recipe: &Recipe) -> Result<()> {
     }
 
     // Data first: a bad row should fail before minutes of loading.
-    let data = prepare::dataset(recipe, &dir)?;
+    let data = prepare::dataset(recipe, dir)?;
     if let Some(g) = group.as_ref().filter(|_| main) {
         g.barrier().context("waiting for the other ranks")?;
     }
 
     let pb = bar(cfg.shape.layers, "loading");
-    let mut model = CausalLm::load(&dir, &opts, &mut |done, _| pb.set_position(done as u64))
+    let mut model = CausalLm::load(dir, opts, &mut |done, _| pb.set_position(done as u64))
         .with_context(|| format!("loading {}", dir.display()))?;
     pb.finish_and_clear();
     tracing::info!(
@@ -273,24 +138,20 @@ pub fn train(recipe: &Recipe) -> Result<()> {
         },
         opts.dtype
     );
-    let lcfg = lora_config(recipe, &cfg, &model_id)?;
     let (linears, tensors) = model.adaptable_mut();
-    let mut adapters = lora::inject_with_modules(linears, tensors, &lcfg, recipe.training.seed)?;
-    if let Some(init) = &recipe.model.lora_init_adapter {
+    let mut adapters = lora::inject_with_modules(linears, tensors, &plan.lora, recipe.training.seed)?;
+    if let Some(init) = &plan.lora_init_adapter {
         adapters
-            .load_into(Path::new(init))
-            .with_context(|| format!("lora_init_adapter: starting from {init}"))?;
-        tracing::info!("adapter initialised from {init}");
+            .load_into(init)
+            .with_context(|| format!("lora_init_adapter: starting from {}", init.display()))?;
+        tracing::info!("adapter initialised from {}", init.display());
     }
     tracing::info!("{}", adapters.trainable_report(model.num_parameters()));
 
-    let resume = resume_dir(recipe)?;
-    let out = output_dir(recipe, resume.is_some(), main)?;
+    let resume = plan.resume.clone();
+    let out = make_output_dir(plan, main)?;
     let t = &recipe.training;
-    let ga = usize::try_from(t.gradient_accumulation_steps)
-        .ok()
-        .filter(|&g| g > 0)
-        .context("gradient_accumulation_steps must be >= 1")?;
+    let ga = plan.grad_accum;
     if data.batches_per_epoch() == 0 {
         bail!("the training set ({} rows) gives no batch of {}", data.len(), data.batch_size());
     }
@@ -316,12 +177,8 @@ pub fn train(recipe: &Recipe) -> Result<()> {
             t.save_steps as u64
         }),
         config::types::SaveStrategy::Epoch => Some(steps_per_epoch),
-        config::types::SaveStrategy::No => None,
-        config::types::SaveStrategy::Best => {
-            bail!(
-                "save_strategy `best` is not supported yet (it needs metric_for_best_model); use steps or epoch"
-            )
-        }
+        // `best` is refused when the run is planned.
+        config::types::SaveStrategy::No | config::types::SaveStrategy::Best => None,
     };
     let logging_steps = match t.logging_strategy {
         config::types::Interval::No => 0,

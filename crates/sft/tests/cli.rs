@@ -64,6 +64,81 @@ fn three_mistakes_exit_2_and_write_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The 1-based line of `key:` in `text`.
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines().position(|l| l.starts_with(&format!("{key}:"))).map(|i| i + 1).expect(key)
+}
+
+/// Problems only the run plan finds (they need the model, this machine or the output folder)
+/// join config's report: all at once, each at its place in the file, exit 2, before anything is
+/// tokenized, loaded or written.
+#[test]
+fn problems_found_while_planning_are_reported_at_once_before_anything_is_written() {
+    let dir = scratch("plan");
+    let cache = scratch("plan-cache");
+    std::fs::create_dir_all(dir.join("out")).expect("out");
+    std::fs::write(dir.join("out").join("adapter_model.safetensors"), b"a previous run").expect("previous");
+    let abs = |p: &str| repo().join(p).display().to_string();
+    let text = std::fs::read_to_string(repo().join("recipes/tiny/config_qlora.yaml"))
+        .expect("tiny recipe")
+        .replace("models/tiny-llama", &abs("models/tiny-llama"))
+        .replace("data/tiny-chat.jsonl", &abs("data/tiny-chat.jsonl"))
+        .replace("output_dir: runs/tiny-qlora", "output_dir: out")
+        .replace("overwrite_output_dir: true", "overwrite_output_dir: false")
+        .replace("load_in_4bit: true", "load_in_4bit: false")
+        .replace("use_peft: true", "use_peft: false")
+        .replace("lora_target_modules: all-linear", "lora_target_modules: [q_proj, q_prj]")
+        .replace("save_strategy: \"no\"", "save_strategy: best\neval_strategy: steps")
+        .replace("lr_scheduler_type: cosine", "lr_scheduler_type: cosine_with_min_lr")
+        + "optim: adafactor\ncpu_matmul: fast\n";
+    std::fs::write(dir.join("recipe.yaml"), &text).expect("recipe");
+    let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .arg("recipe.yaml")
+        .current_dir(&dir)
+        .env("NIBBLE_CACHE", &cache)
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .expect("run sft");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("recipe has 7 problems"), "{stderr}");
+    for key in [
+        "use_peft",
+        "lora_target_modules",
+        "lr_scheduler_type",
+        "save_strategy",
+        "output_dir",
+        "optim",
+        "cpu_matmul",
+    ] {
+        let at = format!("recipe.yaml:{}:1: {key}: ", line_of(&text, key));
+        assert!(stderr.contains(&at), "`{at}` missing from:\n{stderr}");
+    }
+    let previous = std::fs::read(dir.join("out").join("adapter_model.safetensors")).expect("previous");
+    assert_eq!(previous, b"a previous run");
+    assert_eq!(std::fs::read_dir(dir.join("out")).expect("out").count(), 1, "nothing written to output_dir");
+    assert_eq!(std::fs::read_dir(&cache).expect("cache").count(), 0, "nothing tokenized");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// Without `lora_target_modules` the estimate counts the adapters the run will train: PEFT's
+/// default for a Llama, q_proj and v_proj (r 8: 8 x (64 + 64) + 8 x (64 + 32) per layer, 2 layers).
+#[test]
+fn the_estimate_counts_the_default_targets_the_run_trains() {
+    let dir = scratch("default-targets");
+    let text = std::fs::read_to_string(repo().join("recipes/tiny/config_qlora.yaml"))
+        .expect("tiny recipe")
+        .replace("lora_target_modules: all-linear\n", "");
+    let recipe = dir.join("recipe.yaml");
+    std::fs::write(&recipe, text).expect("recipe");
+    let out = sft(&[recipe.to_str().expect("utf-8"), "--estimate-memory"], &repo());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(r#"on ["q_proj", "v_proj"] (3584 trainable)"#), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn environment_overrides_the_file_and_flags_override_the_environment() {
     let recipe = repo().join("recipes/tiny/config_qlora.yaml");
@@ -120,7 +195,7 @@ fn estimate_memory_for_a_model_not_in_the_cache_names_it() {
         .env("HF_HUB_CACHE", &dir)
         .output()
         .expect("run sft");
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a model that is not there is a recipe problem");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("org/absent-model") && stderr.contains("models--org--absent-model"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);

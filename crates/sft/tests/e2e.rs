@@ -177,3 +177,40 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert!(log.contains(&format!("resumed from {} at step {step}", saved.display())), "{log}");
     assert!(out.join("adapter_model.safetensors").is_file());
 }
+
+/// SHA-256 of `adapter_config.json` and `adapter_model.safetensors` after 6 steps of the tiny
+/// default (as `the_tiny_recipe_trains_the_pinned_adapter` runs it). Regenerate only for a change
+/// meant to change the numbers, and say so in its commit.
+const TINY_ADAPTER_SHA256: [&str; 2] = [
+    "28feff5a612eac441a7a93ccfbea69cf42085be1f28c99d606da173e7bafe64f",
+    "0d1127b7d52de3bd0ec2c527ae606baaec99dad852c7476764ceddda8858301c",
+];
+
+/// The tiny default trains the pinned adapter bytes, on any x86-64 CPU: ATen's scalar kernels
+/// (`ATEN_CPU_CAPABILITY=default`) and MKL's reproducible mode (`MKL_CBWR=COMPATIBLE`) take the
+/// same float paths on every host (nibble's own kernels give the same bytes on every path), and
+/// the recipe fixes the thread count. A refactoring that moves one number of the run fails here.
+#[test]
+fn the_tiny_recipe_trains_the_pinned_adapter() {
+    use sha2::{Digest, Sha256};
+    let out = scratch("pinned");
+    let cache = scratch("pinned-cache");
+    let o = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["recipes/tiny/config_qlora.yaml", "--max_steps", "6", "--output_dir"])
+        .arg(&out)
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", &cache)
+        .env("ATEN_CPU_CAPABILITY", "default")
+        .env("MKL_CBWR", "COMPATIBLE")
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let got: Vec<String> = [lora::CONFIG_FILE, lora::WEIGHTS_FILE]
+        .iter()
+        .map(|f| format!("{:x}", Sha256::digest(std::fs::read(out.join(f)).unwrap())))
+        .collect();
+    assert_eq!(got, TINY_ADAPTER_SHA256, "the tiny default's adapter changed");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&cache);
+}

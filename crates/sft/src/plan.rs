@@ -1,0 +1,517 @@
+//! The run plan: the validated recipe plus what the machine says (GPUs, torchrun's variables),
+//! resolved once into what a run decides before it reads data or weights: the model and how it
+//! loads, where it goes, the LoRA adapter (targets resolved once, on the model's own module
+//! names), the matmul policy, the output folder and the checkpoint to resume from. Every problem
+//! found here joins config's report (key, file:line:column, all at once, exit 2) before anything
+//! is tokenized, loaded or written. The run and `--estimate-memory` read the plan; nothing here
+//! changes the process (the matmul policy is applied by the run).
+//!
+//! Still read from the recipe downstream: the data pipeline (`prepare::dataset`) and the report
+//! options (`sft::report`), which move into the plan with the data and report crates.
+
+use std::path::{Path, PathBuf};
+
+use config::types::{Dtype, SaveStrategy, TargetModules};
+use config::{Diagnostic, Kind as Problem, Recipe};
+use device_map::estimate::{BaseWeights, RunShape, block_linears};
+use model_loader::{Architecture, HfConfig, HubCache, LoadOptions, resolve_model};
+use quant::ops::{CpuMatmul, QuantizeOptions};
+use sft::train::{Schedule, checkpoint};
+use tch::{Device, Kind};
+
+/// What this machine and process offer a run.
+#[derive(Debug, Clone)]
+pub(crate) struct Machine {
+    /// Whether libtorch sees a CUDA GPU.
+    pub cuda: bool,
+    /// GPUs libtorch sees.
+    pub cuda_devices: usize,
+    /// torchrun's variables, when this process is one rank of a group.
+    pub dist: Option<dist::DistEnv>,
+}
+
+impl Machine {
+    /// The machine as libtorch and the environment describe it.
+    pub fn probe() -> Result<Machine, dist::DistError> {
+        let cuda = tch::Cuda::is_available();
+        let cuda_devices = if cuda { usize::try_from(tch::Cuda::device_count()).unwrap_or(0) } else { 0 };
+        Ok(Machine { cuda, cuda_devices, dist: dist::DistEnv::from_env()? })
+    }
+
+    /// Ranks in the group (1 without torchrun's variables).
+    pub fn world_size(&self) -> usize {
+        self.dist.as_ref().map_or(1, |e| e.world_size)
+    }
+}
+
+/// What the plan is for: a training run checks its output folder and checkpoint too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// The main job.
+    Train,
+    /// `--estimate-memory`: nothing is written, so the output folder does not matter.
+    Estimate,
+}
+
+/// Everything a run decides before data or weights are read.
+pub(crate) struct RunPlan {
+    /// The recipe the plan was made from (for the parts not planned yet: data and reports).
+    pub recipe: Recipe,
+    /// `model_name_or_path` as given (the adapter's `base_model_name_or_path`).
+    pub model_id: String,
+    /// The model's local directory (a hub-cache snapshot for a hub id).
+    pub model_dir: PathBuf,
+    /// Its config.json.
+    pub model_config: HfConfig,
+    /// How the checkpoint loads, placement included.
+    pub load: LoadOptions,
+    /// The process's 16-bit CPU matmul policy (`cpu_matmul`), applied by the run.
+    pub cpu_matmul: CpuMatmul,
+    /// The device this process trains on.
+    pub device: Device,
+    /// The adapter to train, with its targets resolved.
+    pub lora: lora::LoraConfig,
+    /// The names of layer 0's linears the adapter targets (what the estimate counts per layer).
+    pub lora_linears: Vec<String>,
+    /// `lora_init_adapter`: a PEFT adapter to start from.
+    pub lora_init_adapter: Option<PathBuf>,
+    /// `output_dir`.
+    pub output_dir: PathBuf,
+    /// Whether `output_dir` holds a previous run that a fresh run replaces.
+    pub replaces_previous: bool,
+    /// The checkpoint to resume from.
+    pub resume: Option<PathBuf>,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+}
+
+/// Problems found while planning, each pointing at its recipe key.
+struct Problems<'a> {
+    recipe: &'a Recipe,
+    found: Vec<Diagnostic>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, kind: Problem, key: &str, message: impl Into<String>) {
+        self.found.push(self.recipe.problem(kind, key, message));
+    }
+
+    /// `value`, or the problem it reports under `key`.
+    fn take<T, E: std::fmt::Display>(&mut self, key: &str, value: Result<T, E>) -> Option<T> {
+        value.map_err(|e| self.add(Problem::OutOfRange, key, e.to_string())).ok()
+    }
+}
+
+impl RunPlan {
+    /// Resolve `recipe` on `machine` for `purpose`; every problem at once in config's report.
+    pub fn resolve(recipe: Recipe, machine: &Machine, purpose: Purpose) -> Result<RunPlan, config::Error> {
+        let mut p = Problems { recipe: &recipe, found: Vec::new() };
+        let m = &recipe.model;
+        let t = &recipe.training;
+
+        if !m.use_peft {
+            p.add(
+                Problem::OutOfRange,
+                "use_peft",
+                "full fine-tuning is not supported: set `use_peft: true` (nibble trains LoRA adapters)",
+            );
+        }
+        if !t.optim.contains("adamw") {
+            p.add(
+                Problem::OutOfRange,
+                "optim",
+                format!(
+                    "`{}` is not supported: nibble trains with AdamW (every `adamw_*` choice, paged or \
+                     fused, runs the same AdamW update)",
+                    t.optim
+                ),
+            );
+        }
+        if m.load_in_8bit && m.load_in_4bit {
+            p.add(
+                Problem::Conflict,
+                "load_in_4bit",
+                "load_in_8bit and load_in_4bit are exclusive: choose one",
+            );
+        }
+        let cpu_matmul = CpuMatmul::parse(&t.cpu_matmul).unwrap_or_else(|| {
+            p.add(
+                Problem::OutOfRange,
+                "cpu_matmul",
+                format!("`{}` is not one of auto, native, f32", t.cpu_matmul),
+            );
+            CpuMatmul::Auto
+        });
+        if t.save_strategy == SaveStrategy::Best {
+            p.add(
+                Problem::OutOfRange,
+                "save_strategy",
+                "`best` is not supported yet (it needs metric_for_best_model); use steps or epoch",
+            );
+        }
+        if !matches!(t.train_sampling_strategy.as_str(), "random" | "sequential") {
+            p.add(
+                Problem::OutOfRange,
+                "train_sampling_strategy",
+                format!(
+                    "`{}` is not supported yet (supported: random, sequential)",
+                    t.train_sampling_strategy
+                ),
+            );
+        }
+        // The schedule's name and kwargs, checked on a one-step run (the real length needs the data).
+        p.take(
+            "lr_scheduler_type",
+            Schedule::new(
+                &t.lr_scheduler_type,
+                t.lr_scheduler_kwargs.as_ref(),
+                t.learning_rate,
+                t.warmup_steps,
+                1,
+            ),
+        );
+        let grad_accum = positive(&mut p, "gradient_accumulation_steps", t.gradient_accumulation_steps);
+        positive(&mut p, "per_device_train_batch_size", t.per_device_train_batch_size);
+        let lora_r = positive(&mut p, "lora_r", m.lora_r);
+        if let Some(path) = &t.chat_template_path {
+            let ok = Path::new(path).is_file() && (path.ends_with(".jinja") || path.ends_with(".j2"));
+            if !ok {
+                p.add(
+                    Problem::OutOfRange,
+                    "chat_template_path",
+                    format!(
+                        "`{path}`: nibble reads a local .jinja/.j2 file (cloning another tokenizer's \
+                         template is not supported)"
+                    ),
+                );
+            }
+        }
+        let lora_init_adapter = m.lora_init_adapter.as_ref().map(PathBuf::from);
+        if let Some(dir) = &lora_init_adapter
+            && !dir.join(lora::CONFIG_FILE).is_file()
+        {
+            p.add(
+                Problem::OutOfRange,
+                "lora_init_adapter",
+                format!("{} holds no {}: not a PEFT adapter folder", dir.display(), lora::CONFIG_FILE),
+            );
+        }
+
+        // The output folder and the checkpoint to resume from (a training run's concern only).
+        let output_dir = PathBuf::from(t.output_dir.as_deref().unwrap_or("trainer_output"));
+        let (mut resume, mut replaces_previous) = (None, false);
+        if purpose == Purpose::Train {
+            resume = resume_dir(&mut p, t.resume_from_checkpoint.as_deref(), &output_dir);
+            let previous = output_dir.join(lora::WEIGHTS_FILE).is_file()
+                || checkpoint::list(&output_dir).is_ok_and(|l| !l.is_empty());
+            let resuming = t.resume_from_checkpoint.as_deref().is_some_and(|r| !is_false(r));
+            if previous && !resuming {
+                if t.overwrite_output_dir {
+                    replaces_previous = true;
+                } else {
+                    p.add(
+                        Problem::Conflict,
+                        "output_dir",
+                        format!(
+                            "{} already holds a previous run (adapter or checkpoints); set \
+                             `overwrite_output_dir: true` to replace it, `resume_from_checkpoint: true` to \
+                             continue it, or choose another output_dir",
+                            output_dir.display()
+                        ),
+                    );
+                }
+            }
+        }
+
+        // The model: where it is, what it is, how it loads and where it goes.
+        let model_id = m.model_name_or_path.clone().unwrap_or_default();
+        let model = if model_id.is_empty() {
+            p.add(Problem::Missing, "model_name_or_path", "not set: name a model directory or hub id");
+            None
+        } else {
+            let cache = HubCache::from_env(|k| std::env::var(k).ok());
+            p.take("model_name_or_path", resolve_model(&model_id, &m.model_revision, &cache)).and_then(
+                |dir| {
+                    let cfg = p.take("model_name_or_path", HfConfig::from_dir(&dir))?;
+                    Some((dir, cfg))
+                },
+            )
+        };
+        let device = if t.use_cpu || !machine.cuda {
+            Device::Cpu
+        } else {
+            Device::Cuda(machine.dist.as_ref().map_or(0, |e| e.local_rank))
+        };
+        let mut planned = None;
+        if let Some((dir, cfg)) = model {
+            let lora = lora_r.map(|r| lora_config(&recipe, &cfg, &model_id, r));
+            let lora_linears = lora.as_ref().and_then(|l| layer_targets(&mut p, &cfg, l)).unwrap_or_default();
+            let mut load = load_options(&recipe, &cfg, device);
+            let shape = run_shape(&recipe, &cfg, &lora_linears, cpu_matmul, device_map::Device::Cpu);
+            // Where the model goes (the estimate splits its own figure per device instead: it plans
+            // for the recipe's budgets, whether the GPUs are here or not).
+            if purpose == Purpose::Train {
+                let placement = crate::place::placement(&recipe, &cfg, &shape, device, machine);
+                load.placement = p.take("model_init_kwargs", placement.map_err(|e| format!("{e:#}")));
+            }
+            planned = lora.map(|lora| (dir, cfg, load, lora, lora_linears));
+        }
+        if !p.found.is_empty() {
+            return Err(config::Error::invalid(p.found));
+        }
+        let (Some((model_dir, model_config, load, lora, lora_linears)), Some(grad_accum)) =
+            (planned, grad_accum)
+        else {
+            unreachable!("every missing part of the plan was reported as a problem")
+        };
+        Ok(RunPlan {
+            model_id,
+            model_dir,
+            model_config,
+            load,
+            cpu_matmul,
+            device,
+            lora,
+            lora_linears,
+            lora_init_adapter,
+            output_dir,
+            replaces_previous,
+            resume,
+            grad_accum,
+            recipe,
+        })
+    }
+
+    /// The run's memory-driving settings for the estimate, training on `device`.
+    pub fn run_shape(&self, device: device_map::Device) -> RunShape {
+        run_shape(&self.recipe, &self.model_config, &self.lora_linears, self.cpu_matmul, device)
+    }
+}
+
+/// `value` as a count of at least 1, or a problem under `key`.
+fn positive(p: &mut Problems<'_>, key: &str, value: i64) -> Option<usize> {
+    let n = usize::try_from(value).ok().filter(|&n| n > 0);
+    if n.is_none() {
+        p.add(Problem::OutOfRange, key, format!("must be a positive integer, got {value}"));
+    }
+    n
+}
+
+/// How transformers' `TrainingArguments` spells "no" for `resume_from_checkpoint`.
+fn is_false(value: &str) -> bool {
+    matches!(value, "" | "false" | "False")
+}
+
+/// The checkpoint `resume_from_checkpoint` names: a folder, or `true`/`last` for the newest one in
+/// `output_dir` (a problem when there is none, as in transformers).
+fn resume_dir(p: &mut Problems<'_>, value: Option<&str>, output_dir: &Path) -> Option<PathBuf> {
+    let key = "resume_from_checkpoint";
+    match value {
+        None => None,
+        Some(v) if is_false(v) => None,
+        Some("true" | "True" | "last") => match checkpoint::latest(output_dir) {
+            Ok(Some(dir)) => Some(dir),
+            Ok(None) => {
+                p.add(
+                    Problem::OutOfRange,
+                    key,
+                    format!("no checkpoint-* folder in {}", output_dir.display()),
+                );
+                None
+            }
+            Err(e) => {
+                p.add(Problem::OutOfRange, key, e.to_string());
+                None
+            }
+        },
+        Some(path) => {
+            let dir = PathBuf::from(path);
+            if !dir.is_dir() {
+                p.add(Problem::OutOfRange, key, format!("{} is not a checkpoint folder", dir.display()));
+                return None;
+            }
+            Some(dir)
+        }
+    }
+}
+
+/// The dtype the recipe asks for (`auto` = config.json's, else float32).
+fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
+    let name = match recipe.model.dtype {
+        Dtype::Auto => cfg.dtype.as_deref().unwrap_or("float32"),
+        d => d.as_str(),
+    };
+    match name {
+        "bfloat16" | "bf16" => Kind::BFloat16,
+        "float16" | "fp16" => Kind::Half,
+        _ => Kind::Float,
+    }
+}
+
+/// How the checkpoint loads on `device` (placement: the default single device, set by the plan).
+fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> LoadOptions {
+    let m = &recipe.model;
+    let dtype = model_kind(recipe, cfg);
+    let quantize = m.load_in_4bit.then_some(QuantizeOptions {
+        quant_type: match m.bnb_4bit_quant_type {
+            config::types::QuantType::Fp4 => quant::QuantType::Fp4,
+            config::types::QuantType::Nf4 => quant::QuantType::Nf4,
+        },
+        blocksize: 64,
+        double_quant: m.use_bnb_nested_quant,
+    });
+    // TRL computes 4-bit layers in the model dtype (`bnb_4bit_compute_dtype = dtype`). With
+    // `bf16: true` / `fp16: true` on an fp32 model, transformers autocasts: the big matmuls run in
+    // 16 bits, norms and softmax in fp32. nibble does the same for the 4-bit linears (compute dtype
+    // 16-bit, output back in the input's dtype); LoRA adapters and the output head stay fp32.
+    let t = &recipe.training;
+    let compute_dtype = match (dtype, t.bf16 == Some(true), t.fp16) {
+        (Kind::Float, true, _) if quantize.is_some() => Kind::BFloat16,
+        (Kind::Float, _, true) if quantize.is_some() => Kind::Half,
+        _ => dtype,
+    };
+    // LLM.int8 with bitsandbytes' default threshold (TRL's `BitsAndBytesConfig(load_in_8bit=True)`).
+    // On the CPU bitsandbytes trains through the dequantized weight (`MatMul8bitFp`); nibble does
+    // the same so losses match TRL's there.
+    let quantize_8bit = m.load_in_8bit.then(|| quant::linear::Int8Options {
+        matmul: quant::linear::Int8Matmul::Dequantized,
+        ..quant::linear::Int8Options::default()
+    });
+    LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device, placement: None }
+}
+
+/// PEFT's default targets for the families nibble runs, when the recipe names none.
+fn default_targets(arch: Architecture) -> Vec<String> {
+    match arch {
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
+            vec!["q_proj".into(), "v_proj".into()]
+        }
+    }
+}
+
+/// The adapter the recipe asks for on this model.
+fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str, r: usize) -> lora::LoraConfig {
+    let m = &recipe.model;
+    let targets = match &m.lora_target_modules {
+        None => lora::TargetModules::List(default_targets(cfg.architecture)),
+        Some(TargetModules::List(l)) => lora::TargetModules::List(l.clone()),
+        Some(TargetModules::Pattern(p)) if p == "all-linear" => lora::TargetModules::AllLinear,
+        Some(TargetModules::Pattern(p)) => lora::TargetModules::Regex(p.clone()),
+    };
+    let mut c = lora::LoraConfig::new(r, m.lora_alpha as f64, targets);
+    c.dropout = m.lora_dropout;
+    c.use_rslora = m.use_rslora;
+    c.use_dora = m.use_dora;
+    c.modules_to_save = m.lora_modules_to_save.clone().unwrap_or_default();
+    c.base_model_name_or_path = Some(model_id.to_owned());
+    c.task_type = Some(m.lora_task_type.clone());
+    c
+}
+
+/// The decoder linears of `cfg`'s model by PEFT module name (`model.layers.N.self_attn.q_proj`).
+fn linear_names(cfg: &HfConfig) -> Vec<String> {
+    let table = block_linears(&cfg.shape);
+    (0..cfg.shape.layers)
+        .flat_map(|layer| {
+            table.iter().map(move |(name, ..)| {
+                let block =
+                    if matches!(*name, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+                format!("model.layers.{layer}.{block}.{name}")
+            })
+        })
+        .collect()
+}
+
+/// Layer 0's linears that `lora` targets, checked by PEFT's rules against every linear of the
+/// model (a target that matches nothing is a problem now, not after loading).
+fn layer_targets(p: &mut Problems<'_>, cfg: &HfConfig, lora: &lora::LoraConfig) -> Option<Vec<String>> {
+    let names = linear_names(cfg);
+    let selected = p.take("lora_target_modules", lora::select_targets(&names, lora))?;
+    let prefix = "model.layers.0.";
+    Some(
+        names
+            .iter()
+            .zip(selected)
+            .filter(|(n, s)| *s && n.starts_with(prefix))
+            .filter_map(|(n, _)| n.rsplit('.').next().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Whether the decoder linears are 4-bit: quantized while loading, or read pre-quantized.
+fn loads_4bit(recipe: &Recipe, cfg: &HfConfig) -> bool {
+    recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit)
+}
+
+/// sft's resident memory when loading starts (libtorch, tokenizer, the process), measured on the
+/// bench machine (docs/benchmarks.md).
+const RUNTIME_BYTES: u64 = 170 << 20;
+
+/// The run's memory-driving settings, training on `device`.
+fn run_shape(
+    recipe: &Recipe,
+    cfg: &HfConfig,
+    lora_linears: &[String],
+    cpu_matmul: CpuMatmul,
+    device: device_map::Device,
+) -> RunShape {
+    let base = if loads_4bit(recipe, cfg) {
+        BaseWeights::FourBit { double_quant: recipe.model.use_bnb_nested_quant }
+    } else if recipe.model.load_in_8bit {
+        BaseWeights::EightBit
+    } else {
+        BaseWeights::Dense
+    };
+    let t = &recipe.training;
+    let sixteen = if recipe.model.dtype == Dtype::Float16 { Kind::Half } else { Kind::BFloat16 };
+    let on_cpu = device == device_map::Device::Cpu;
+    RunShape {
+        base,
+        dtype_bytes: if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 },
+        lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
+        lora_targets: lora_linears.to_vec(),
+        adapter_bytes: 4,
+        lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
+        batch: u64::try_from(t.per_device_train_batch_size).unwrap_or(1),
+        seq: t.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
+        gradient_checkpointing: t.gradient_checkpointing,
+        // Packed rows attend through an explicit mask, which keeps the probabilities.
+        attention_scores: t.packing,
+        matmul_in_f32: on_cpu && quant::ops::matmul_in_f32_under(cpu_matmul, sixteen, Device::Cpu),
+        logits_chunk_bytes: sft::train::HEAD_CHUNK_BYTES as u64,
+        runtime: if on_cpu { RUNTIME_BYTES } else { 0 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(yaml: &str) -> Recipe {
+        config::Loader::new().yaml("r.yaml", format!("dataset_name: d\n{yaml}")).load().expect("recipe")
+    }
+
+    #[test]
+    fn linear_names_follow_the_model_and_defaults_target_q_and_v() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let cfg = HfConfig::from_dir(&dir).expect("config");
+        let names = linear_names(&cfg);
+        assert_eq!(names.len(), 7 * cfg.shape.layers as usize);
+        assert_eq!(names[0], "model.layers.0.self_attn.q_proj");
+        assert_eq!(names[6], "model.layers.0.mlp.down_proj");
+        let r = recipe("model_name_or_path: m\n");
+        let mut p = Problems { recipe: &r, found: Vec::new() };
+        let lora = lora_config(&r, &cfg, "m", 8);
+        assert_eq!(layer_targets(&mut p, &cfg, &lora), Some(vec!["q_proj".into(), "v_proj".into()]));
+        let all = recipe("model_name_or_path: m\nlora_target_modules: all-linear\n");
+        assert_eq!(layer_targets(&mut p, &cfg, &lora_config(&all, &cfg, "m", 8)).map(|v| v.len()), Some(7));
+        let typo = recipe("model_name_or_path: m\nlora_target_modules: [q_prj]\n");
+        assert_eq!(layer_targets(&mut p, &cfg, &lora_config(&typo, &cfg, "m", 8)), None);
+        assert_eq!(p.found.len(), 1);
+        assert!(
+            p.found[0].key == "lora_target_modules" && p.found[0].message.contains("q_prj"),
+            "{:?}",
+            p.found
+        );
+    }
+}
