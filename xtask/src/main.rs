@@ -41,6 +41,8 @@ commands:
                      model to load, training on the tiny model only. --env sets a variable
                      for every measured process of both stacks. Generated models are kept in
                      $NIBBLE_HOME/bench.
+  cuda [--check]     pip-install the pinned nvcc 13.0 into the venv (no GPU needed to compile);
+                     --check builds and lints quant's `cuda` feature (minutes of nvcc)
   help               print this text
 
 environment:

@@ -10,7 +10,7 @@ use crate::types::*;
 pub enum Support {
     /// nibble acts on the key today.
     Acted,
-    /// Understood and validated; the part of nibble that acts on it has not landed yet.
+    /// Understood and validated; nibble does not act on it yet, and means to.
     Planned,
     /// Understood and validated, but nibble has no equivalent (hub pushes, trackers, ...).
     Ignored,
@@ -226,8 +226,9 @@ section! {
         tf32: Option<bool> = None, Planned;
         /// Recompute each decoder layer in backward to save memory.
         gradient_checkpointing: bool = true, Acted;
-        /// Checkpointing options (`use_reentrant`).
-        gradient_checkpointing_kwargs: Option<KwArgs> = None, Planned;
+        /// Checkpointing options (`use_reentrant`): nibble recomputes each decoder layer in backward
+        /// its own way, which none of torch's checkpoint options changes.
+        gradient_checkpointing_kwargs: Option<KwArgs> = None, Ignored;
         /// Offload activations to CPU.
         activation_offloading: bool = false, Ignored;
         /// Use the KV cache in training forward passes.
@@ -242,8 +243,8 @@ section! {
         logging_steps: f64 = 10.0, Acted;
         /// Log the first step too.
         logging_first_step: bool = false, Acted;
-        /// Verbosity.
-        log_level: LogLevel = LogLevel::Passive, Planned;
+        /// Verbosity of the log (`passive`: info; `NIBBLE_LOG` wins).
+        log_level: LogLevel = LogLevel::Passive, Acted;
         /// Experiment trackers.
         report_to: ReportTo = ReportTo::One(s("none")), Acted;
         /// Run name for trackers and logs.

@@ -14,7 +14,8 @@ use crate::spans::{Position, SpanIndex};
 
 /// Environment variables with the `NIBBLE_` prefix that configure tooling, not the recipe
 /// (`NIBBLE_REF_CPU` pins the Python reference processes of the tests, scripts/refcpu;
-/// `NIBBLE_QUANT_F32_SEARCH` picks quant's comparison kernel).
+/// `NIBBLE_QUANT_F32_SEARCH` picks quant's comparison kernel; `NIBBLE_BACKTRACE` asks sft for
+/// a backtrace with an error).
 pub const RESERVED_ENV: &[&str] = &[
     "NIBBLE_HOME",
     "NIBBLE_LOG",
@@ -23,6 +24,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "NIBBLE_CACHE",
     "NIBBLE_REF_CPU",
     "NIBBLE_QUANT_F32_SEARCH",
+    "NIBBLE_BACKTRACE",
 ];
 
 /// Prefix of environment variables that override recipe keys.

@@ -409,10 +409,7 @@ fn not_acted_warning(recipe: &mut Recipe, layers: &[Layer]) {
         message: why.to_owned(),
     };
     if !planned.is_empty() {
-        recipe.warnings.push(mk(
-            planned,
-            "understood and validated, not acted on yet (the pipeline that uses them has not landed)",
-        ));
+        recipe.warnings.push(mk(planned, "understood and validated, not acted on yet"));
     }
     if !ignored.is_empty() {
         recipe.warnings.push(mk(ignored, "understood, but nibble does not act on them"));

@@ -1,5 +1,5 @@
-//! The SFT pipeline behind the `sft` binary: data (rows, chat templates) now; tokenization,
-//! packing and the training loop as they land.
+//! The SFT pipeline behind the `sft` binary: data (sources, rows, chat templates, tokenization,
+//! packing, batching), the training loop, reports and adapter merging.
 
 #![deny(missing_docs)]
 

@@ -175,12 +175,27 @@ fn parse_args(mut args: Vec<String>) -> Result<Command, UsageError> {
     Ok(Command::Run { recipe, mode, overrides })
 }
 
-fn init_logging() {
+/// The tracing level of the recipe's `log_level` (transformers' names; `passive` leaves the
+/// default, info).
+fn log_filter(level: config::types::LogLevel) -> &'static str {
+    use config::types::LogLevel;
+    match level {
+        LogLevel::Detail => "trace",
+        LogLevel::Debug => "debug",
+        LogLevel::Info | LogLevel::Passive => "info",
+        LogLevel::Warning => "warn",
+        LogLevel::Error | LogLevel::Critical => "error",
+    }
+}
+
+/// Logs to stderr at `level` (`NIBBLE_LOG` wins, as an `EnvFilter` directive).
+fn init_logging(level: &str) {
     // Under torchrun or `sft launch`, rank 0 speaks for the group: the others warn only.
     let quiet = std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1")
         && std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
+    let level = if quiet && matches!(level, "trace" | "debug" | "info") { "warn" } else { level };
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIBBLE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" }));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -225,7 +240,7 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
         // SAFETY: single-threaded here: nothing (logging, libtorch thread pools) has started.
         unsafe { std::env::set_var(k, v) };
     }
-    init_logging();
+    init_logging(log_filter(recipe.training.log_level));
     if !recipe.env.is_empty() {
         let names: Vec<&str> = recipe.env.keys().map(String::as_str).collect();
         tracing::debug!("exported from the recipe's env: {}", names.join(", "));
@@ -303,7 +318,31 @@ fn merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<ExitCode> {
+/// Runs the command; an error prints as `error: ...` with its causes (a backtrace only when
+/// `NIBBLE_BACKTRACE` asks for one) and exits 1.
+fn main() -> ExitCode {
+    let backtrace = std::env::var_os("NIBBLE_BACKTRACE").is_some_and(|v| !v.is_empty() && v != "0");
+    if backtrace {
+        // SAFETY: the first thing the process does, single-threaded: anyhow captures from now on.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "1") };
+    }
+    match command() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if backtrace {
+                eprintln!("{}", e.backtrace());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the command line and runs what it asks for.
+fn command() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = match parse_args(args) {
         Ok(c) => c,
@@ -326,19 +365,19 @@ fn main() -> Result<ExitCode> {
         }
         Command::Run { recipe, mode, overrides } => run(recipe, mode, overrides),
         Command::Quantize(a) => {
-            init_logging();
+            init_logging("info");
             finish(quantize::run(a))
         }
         Command::Merge(a) => {
-            init_logging();
+            init_logging("info");
             finish(merge(a))
         }
         Command::Generate(a) => {
-            init_logging();
+            init_logging("info");
             finish(generate::run(a))
         }
         Command::Launch(a) => {
-            init_logging();
+            init_logging("info");
             launch::run(a)
         }
     }

@@ -285,7 +285,8 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
         }
         Event::Saved(dir) => pb.suspend(|| tracing::info!("checkpoint saved: {}", dir.display())),
     };
-    // Ctrl-C: finish the current step, save a checkpoint, exit cleanly.
+    // Ctrl-C (SIGINT) or SIGTERM (a scheduler ending the job): finish the current step, save a
+    // checkpoint, exit cleanly.
     let stop = trainer.stop.clone();
     if let Err(e) = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)) {
         tracing::debug!("no Ctrl-C handler: {e}");

@@ -139,6 +139,56 @@ fn the_estimate_counts_the_default_targets_the_run_trains() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A failure after planning (here a dataset file that is not there) prints `error:` and its
+/// causes, exit 1, and no backtrace even where RUST_BACKTRACE is set; NIBBLE_BACKTRACE asks for one.
+#[test]
+fn runtime_errors_print_as_errors_without_a_backtrace_unless_asked() {
+    let dir = scratch("runtime-error");
+    let run = |extra: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_sft"))
+            .args(["recipes/tiny/config_qlora.yaml", "--dataset_name", "no/such-data.jsonl", "--output_dir"])
+            .arg(dir.join("out"))
+            .current_dir(repo())
+            .env("NIBBLE_CACHE", &dir)
+            .env("RUST_BACKTRACE", "1")
+            .envs(extra.iter().copied())
+            .env_remove("NIBBLE_LOG")
+            .output()
+            .expect("run sft")
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>();
+    assert!(last.iter().any(|l| l.starts_with("error: ") && !l.starts_with("error: recipe")), "{stderr}");
+    assert!(stderr.contains("no/such-data.jsonl"), "{stderr}");
+    assert!(!stderr.contains("Error:") && !stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    let traced = run(&[("NIBBLE_BACKTRACE", "1")]);
+    let stderr = String::from_utf8_lossy(&traced.stderr);
+    assert!(stderr.contains("main"), "NIBBLE_BACKTRACE=1 should print a backtrace:\n{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `log_level` sets the log's verbosity (transformers' names), and `NIBBLE_LOG` wins over it.
+#[test]
+fn log_level_sets_the_verbosity() {
+    let debug_line = "exported from the recipe's env: OMP_NUM_THREADS";
+    let estimate = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
+        cmd.args(["recipes/tiny/config_qlora.yaml", "--estimate-memory"]).args(extra).current_dir(repo());
+        match env {
+            Some(v) => cmd.env("NIBBLE_LOG", v),
+            None => cmd.env_remove("NIBBLE_LOG"),
+        };
+        let out = cmd.output().expect("run sft");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(!estimate(&[], None).contains(debug_line));
+    assert!(estimate(&["--log_level", "debug"], None).contains(debug_line));
+    assert!(!estimate(&["--log_level", "debug"], Some("warn")).contains(debug_line));
+}
+
 #[test]
 fn environment_overrides_the_file_and_flags_override_the_environment() {
     let recipe = repo().join("recipes/tiny/config_qlora.yaml");

@@ -135,8 +135,18 @@ fn the_tiny_default_trains_an_adapter_that_peft_loads() {
 
 #[test]
 fn ctrl_c_saves_a_checkpoint_that_resumes() {
-    let out = scratch("sigint");
-    let cache = scratch("sigint-cache");
+    a_signal_saves_a_checkpoint_that_resumes("INT");
+}
+
+/// A scheduler ending the job (SIGTERM) gets what Ctrl-C gets.
+#[test]
+fn sigterm_saves_a_checkpoint_that_resumes() {
+    a_signal_saves_a_checkpoint_that_resumes("TERM");
+}
+
+fn a_signal_saves_a_checkpoint_that_resumes(signal: &str) {
+    let out = scratch(&format!("sig{signal}"));
+    let cache = scratch(&format!("sig{signal}-cache"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_sft"))
         .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
         .args(["--max_steps", "100000", "--logging_steps", "1", "--save_strategy", "no"])
@@ -146,21 +156,23 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until training has logged a step, then interrupt as a terminal's Ctrl-C would.
+    // Wait until training has logged a step, then interrupt as a terminal's Ctrl-C (or a job
+    // scheduler) would.
     let log = out.join("log.jsonl");
     let start = std::time::Instant::now();
     while std::fs::read_to_string(&log).map(|s| s.lines().count()).unwrap_or(0) < 2 {
         assert!(start.elapsed().as_secs() < 120, "no training step logged in 2 minutes");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let killed =
+        Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let status = child.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert!(status.success(), "sft did not exit cleanly after Ctrl-C:\n{stderr}");
+    assert!(status.success(), "sft did not exit cleanly after SIG{signal}:\n{stderr}");
     assert!(stderr.contains("interrupted at step"), "{stderr}");
-    let saved = sft::train::checkpoint::latest(&out).unwrap().expect("a checkpoint after Ctrl-C");
+    let saved = sft::train::checkpoint::latest(&out).unwrap().expect("a checkpoint after the signal");
     let step: u64 = saved.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..].parse().unwrap();
     assert!((2..100_000).contains(&step));
     // Resuming continues from there (to a nearer end).
