@@ -1,73 +1,16 @@
 //! `sft generate`: sample from a model (optionally 4-bit, optionally with a trained adapter) to
 //! see what training did, and write the prompt's logits for parity checks against Python.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use model_loader::{CausalLm, HubCache, LoadOptions, Sampling, resolve_model};
+use model_loader::{CausalLm, HubCache, LoadOptions, resolve_model};
 use quant::ops::QuantizeOptions;
 use sft::data::Tokenizer;
 use sft::template::ChatTemplate;
 use tch::Tensor;
 
-use crate::UsageError;
-use crate::quantize::{flag_value, split_flag};
-
-/// `sft generate`'s arguments.
-#[derive(Debug, PartialEq)]
-pub(crate) struct GenerateArgs {
-    model: String,
-    adapter: Option<PathBuf>,
-    load_in_4bit: bool,
-    prompt: String,
-    chat: bool,
-    sampling: Sampling,
-    logits_out: Option<PathBuf>,
-}
-
-fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, UsageError> {
-    v.parse().map_err(|_| UsageError(format!("{flag}: `{v}` is not a valid number")))
-}
-
-/// Parse `generate`'s flags.
-pub(crate) fn parse(args: Vec<String>) -> Result<GenerateArgs, UsageError> {
-    let (mut model, mut prompt) = (None, None);
-    let mut a = GenerateArgs {
-        model: String::new(),
-        adapter: None,
-        load_in_4bit: false,
-        prompt: String::new(),
-        chat: false,
-        sampling: Sampling::default(),
-        logits_out: None,
-    };
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = split_flag(&arg);
-        let flag = flag.replace('_', "-");
-        match flag.as_str() {
-            "--model" => model = Some(flag_value(&flag, inline, &mut it)?),
-            "--adapter" => a.adapter = Some(flag_value(&flag, inline, &mut it)?.into()),
-            "--load-in-4bit" => a.load_in_4bit = true,
-            "--prompt" => prompt = Some(flag_value(&flag, inline, &mut it)?),
-            "--chat" => a.chat = true,
-            "--max-new-tokens" => {
-                a.sampling.max_new_tokens = number(&flag, &flag_value(&flag, inline, &mut it)?)?
-            }
-            "--temperature" => a.sampling.temperature = number(&flag, &flag_value(&flag, inline, &mut it)?)?,
-            "--top-p" => a.sampling.top_p = number(&flag, &flag_value(&flag, inline, &mut it)?)?,
-            "--seed" => a.sampling.seed = number(&flag, &flag_value(&flag, inline, &mut it)?)?,
-            "--logits-out" => a.logits_out = Some(flag_value(&flag, inline, &mut it)?.into()),
-            _ => return Err(UsageError(format!("generate: unexpected argument `{arg}`"))),
-        }
-    }
-    a.model = model.ok_or_else(|| UsageError("generate needs --model DIR".into()))?;
-    a.prompt = prompt.ok_or_else(|| UsageError("generate needs --prompt TEXT".into()))?;
-    if !(a.sampling.top_p > 0.0 && a.sampling.top_p <= 1.0) || a.sampling.temperature < 0.0 {
-        return Err(UsageError("generate: --top-p must be in (0, 1] and --temperature >= 0".into()));
-    }
-    Ok(a)
-}
+use crate::cli::GenerateCli;
 
 /// The chat template: the adapter's (as TRL saves it), else the model's.
 fn chat_template(dirs: &[&Path]) -> Result<Option<String>> {
@@ -91,7 +34,7 @@ fn chat_template(dirs: &[&Path]) -> Result<Option<String>> {
 }
 
 /// Run `sft generate`.
-pub(crate) fn run(a: GenerateArgs) -> Result<()> {
+pub(crate) fn run(a: &GenerateCli) -> Result<()> {
     let dir = resolve_model(&a.model, "main", &HubCache::from_env(|k| std::env::var(k).ok()))?;
     let opts = LoadOptions {
         quantize: a
@@ -126,7 +69,7 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     // Chat-templated text carries its own special tokens (as transformers tokenizes it).
     let ids: Vec<i64> =
         tok.encode(&text, !a.chat).map_err(anyhow::Error::msg)?.into_iter().map(i64::from).collect();
-    let mut sampling = a.sampling.clone();
+    let mut sampling = a.sampling();
     sampling.stop_ids.extend(tok.eos_token_id().map(i64::from));
     let out = model.generate(&ids, &sampling)?;
     if let Some(path) = &a.logits_out {

@@ -10,48 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::UsageError;
-
-/// `sft launch`'s arguments.
-#[derive(Debug, PartialEq)]
-pub(crate) struct LaunchArgs {
-    /// Ranks to start.
-    pub nproc: usize,
-    /// What every rank runs (`RECIPE [flags]`).
-    pub rest: Vec<String>,
-}
-
-/// `--nproc N` (also torchrun's `--nproc-per-node` / `--nproc_per_node`) then the recipe and
-/// its flags, passed to every rank unchanged.
-pub(crate) fn parse(args: Vec<String>) -> Result<LaunchArgs, UsageError> {
-    let mut nproc = None;
-    let mut it = args.into_iter();
-    let mut rest = Vec::new();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (a.clone(), None),
-        };
-        if nproc.is_none() && matches!(flag.as_str(), "--nproc" | "--nproc-per-node" | "--nproc_per_node") {
-            let v =
-                inline.or_else(|| it.next()).ok_or_else(|| UsageError(format!("{flag} needs a number")))?;
-            let n: usize =
-                v.parse().map_err(|_| UsageError(format!("{flag}: `{v}` is not a number of processes")))?;
-            if n == 0 {
-                return Err(UsageError(format!("{flag} must be at least 1")));
-            }
-            nproc = Some(n);
-        } else {
-            rest.push(a);
-            rest.extend(it.by_ref());
-        }
-    }
-    let nproc = nproc.ok_or_else(|| UsageError("launch needs --nproc N".into()))?;
-    if rest.is_empty() {
-        return Err(UsageError("launch needs a recipe".into()));
-    }
-    Ok(LaunchArgs { nproc, rest })
-}
+use crate::cli::LaunchArgs;
 
 /// Copy `from` to our stdout or stderr line by line, each prefixed with `[rank r]`.
 fn forward(
@@ -190,25 +149,5 @@ fn kill_all(children: &mut [Child]) {
             let _ = c.kill();
         }
         let _ = c.wait();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_owned).collect()
-    }
-
-    #[test]
-    fn launch_takes_nproc_then_passes_the_rest() {
-        let a = parse(args("--nproc 2 r.yaml --max_steps 3")).ok();
-        assert_eq!(a, Some(LaunchArgs { nproc: 2, rest: args("r.yaml --max_steps 3") }));
-        let a = parse(args("--nproc-per-node=3 r.yaml")).ok();
-        assert_eq!(a.map(|a| a.nproc), Some(3));
-        for bad in ["r.yaml", "--nproc", "--nproc 0 r.yaml", "--nproc two r.yaml", "--nproc 2"] {
-            assert!(parse(args(bad)).is_err(), "{bad}");
-        }
     }
 }

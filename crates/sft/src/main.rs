@@ -1,7 +1,9 @@
 //! `sft`: nibble's user entry point. `sft RECIPE.yaml [--key value ...]` fine-tunes a model as
-//! the recipe says; `--print-config` prints the resolved plan instead; `sft quantize` writes a
+//! the recipe says; `--print-config` prints the resolved recipe instead; `sft quantize` writes a
 //! model pre-quantized to 4 bits; `sft merge` merges a trained adapter into its base model;
-//! `sft launch --nproc N` runs N data-parallel ranks of the job (as torchrun does).
+//! `sft launch --nproc N` runs N data-parallel ranks of the job (as torchrun does); `sft
+//! generate` samples; `sft env` shows the devices; `sft completions SHELL`. The command line is
+//! `cli.rs` (clap); every subcommand answers `--help`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "malloc_conf")]
 pub static MALLOC_CONF: &u8 = &b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0"[0];
 
+mod cli;
 mod estimate;
 mod generate;
 mod launch;
@@ -37,143 +40,6 @@ const EXIT_RECIPE: u8 = 2;
 
 /// Exit code of a command-line error (unknown flag, missing or bad value), as argparse uses.
 const EXIT_USAGE: u8 = 2;
-
-/// A problem with the command line itself: exit code 2 and the usage text.
-#[derive(Debug, PartialEq)]
-pub(crate) struct UsageError(pub String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-const USAGE: &str = "\
-usage: sft RECIPE.yaml [--key value | --key=value]... [--print-config | --estimate-memory]
-       sft --config RECIPE.yaml [...]
-       sft env                      show the libtorch build and devices nibble sees
-       sft launch --nproc N RECIPE.yaml [--key value]...
-                                    train with N data-parallel ranks on this machine (Gloo on
-                                    CPU); `torchrun --nproc-per-node N --no-python sft RECIPE.yaml`
-                                    works too
-       sft quantize MODEL OUT_DIR [--quant-type nf4|fp4] [--double-quant] [--blocksize 64]
-                    [--compute-dtype fp32|bf16|fp16] [--max-shard-size 50GB] [--revision REV]
-                    [--overwrite]
-                                    write MODEL (a directory or hub id) pre-quantized to 4 bits
-                                    as transformers + bitsandbytes save it
-       sft generate --model DIR [--adapter DIR] [--load-in-4bit] --prompt TEXT [--chat]
-                    [--max-new-tokens N] [--temperature T --top-p P --seed S] [--logits-out FILE]
-                                    KV-cached generation (greedy at temperature 0), optionally
-                                    with a trained adapter; --logits-out writes the prompt's logits
-       sft merge --model BASE --adapter DIR --out DIR [--dtype bf16|fp16|fp32]
-                 [--max-shard-size 50GB] [--revision REV] [--overwrite]
-                                    merge a PEFT LoRA adapter into BASE (dense or 4-bit) and
-                                    write a plain transformers model (default dtype: BASE's)
-
-Recipe keys follow TRL (ModelConfig, ScriptArguments, SFTConfig) and the alignment-handbook.
-Precedence: defaults < RECIPE.yaml < NIBBLE_<KEY> environment variables < --key flags.";
-
-/// What a run with a recipe does.
-#[derive(Debug, PartialEq, Clone, Copy)]
-enum Mode {
-    /// The main job.
-    Train,
-    /// Print the resolved plan as JSON and exit.
-    PrintConfig,
-    /// Print the memory estimate and exit.
-    EstimateMemory,
-}
-
-/// What the command line asks for.
-#[derive(Debug, PartialEq)]
-enum Command {
-    Help,
-    Env,
-    Run { recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String> },
-    Quantize(quantize::QuantizeArgs),
-    Generate(generate::GenerateArgs),
-    Merge(MergeArgs),
-    Launch(launch::LaunchArgs),
-}
-
-/// `sft merge`'s arguments.
-#[derive(Debug, PartialEq)]
-struct MergeArgs {
-    model: String,
-    revision: String,
-    adapter: PathBuf,
-    out: PathBuf,
-    opts: sft::merge::MergeOptions,
-}
-
-fn parse_merge(args: Vec<String>) -> Result<MergeArgs, UsageError> {
-    use quantize::{flag_value, parse_dtype, parse_size, split_flag};
-    let (mut model, mut adapter, mut out) = (None, None, None);
-    let mut revision = "main".to_owned();
-    let mut opts = sft::merge::MergeOptions::default();
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = split_flag(&arg);
-        match flag {
-            "--model" | "--base" => model = Some(flag_value(flag, inline, &mut it)?),
-            "--adapter" => adapter = Some(flag_value(flag, inline, &mut it)?),
-            "--out" | "--output" => out = Some(flag_value(flag, inline, &mut it)?),
-            "--dtype" => opts.dtype = Some(parse_dtype(flag, &flag_value(flag, inline, &mut it)?)?),
-            "--max-shard-size" | "--max_shard_size" => {
-                opts.max_shard_size = parse_size(flag, &flag_value(flag, inline, &mut it)?)?;
-            }
-            "--revision" => revision = flag_value(flag, inline, &mut it)?,
-            "--overwrite" => opts.overwrite = true,
-            _ => return Err(UsageError(format!("merge: unexpected argument `{arg}`"))),
-        }
-    }
-    let need = |v: Option<_>, flag: &str| v.ok_or_else(|| UsageError(format!("merge needs {flag}")));
-    Ok(MergeArgs {
-        model: need(model, "--model BASE")?,
-        adapter: need(adapter, "--adapter DIR")?.into(),
-        out: need(out, "--out DIR")?.into(),
-        revision,
-        opts,
-    })
-}
-
-fn parse_args(mut args: Vec<String>) -> Result<Command, UsageError> {
-    match args.first().map(String::as_str) {
-        None | Some("-h" | "--help" | "help") => return Ok(Command::Help),
-        Some("env") => return Ok(Command::Env),
-        Some("quantize") => return quantize::parse(args.split_off(1)).map(Command::Quantize),
-        Some("merge") => return parse_merge(args.split_off(1)).map(Command::Merge),
-        Some("generate") => return generate::parse(args.split_off(1)).map(Command::Generate),
-        Some("launch") => return launch::parse(args.split_off(1)).map(Command::Launch),
-        _ => {}
-    }
-    let mut recipe = None;
-    let mut mode = Mode::Train;
-    let mut overrides = Vec::new();
-    let mut it = args.into_iter().peekable();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--print-config" | "--print_config" => mode = Mode::PrintConfig,
-            "--estimate-memory" | "--estimate_memory" => mode = Mode::EstimateMemory,
-            "--config" => {
-                recipe =
-                    Some(PathBuf::from(it.next().ok_or_else(|| UsageError("--config needs a file".into()))?))
-            }
-            _ if a.starts_with("--config=") => recipe = Some(PathBuf::from(&a["--config=".len()..])),
-            _ if a.starts_with("--") => {
-                overrides.push(a);
-                if it.peek().is_some_and(|n| !n.starts_with("--")) {
-                    overrides.extend(it.next());
-                }
-            }
-            _ if recipe.is_none() => recipe = Some(PathBuf::from(a)),
-            _ => return Err(UsageError(format!("unexpected argument `{a}` (a recipe was already given)"))),
-        }
-    }
-    Ok(Command::Run { recipe, mode, overrides })
-}
 
 /// The tracing level of the recipe's `log_level` (transformers' names; `passive` leaves the
 /// default, info).
@@ -227,8 +93,10 @@ fn show_env() {
     }
 }
 
-fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<ExitCode> {
-    let recipe = match load_recipe(recipe, &overrides) {
+/// The training command: resolve the recipe, plan the run, then train (or print the recipe or
+/// the estimate).
+fn run(args: cli::TrainArgs) -> Result<ExitCode> {
+    let recipe = match load_recipe(args.recipe_file(), &args.overrides) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -248,7 +116,7 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
-    if mode == Mode::PrintConfig {
+    if args.print_config {
         #[allow(clippy::print_stdout)]
         {
             println!("{}", serde_json::to_string_pretty(&recipe.to_json())?);
@@ -258,7 +126,7 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
     // One plan for the run: every problem the recipe still has on this machine, reported at once
     // before anything is tokenized, loaded or written.
     let machine = plan::Machine::probe().context("reading torchrun's variables")?;
-    let purpose = if mode == Mode::EstimateMemory { plan::Purpose::Estimate } else { plan::Purpose::Train };
+    let purpose = if args.estimate_memory { plan::Purpose::Estimate } else { plan::Purpose::Train };
     let plan = match plan::RunPlan::resolve(recipe, &machine, purpose) {
         Ok(p) => p,
         Err(e) => {
@@ -266,7 +134,7 @@ fn run(recipe: Option<PathBuf>, mode: Mode, overrides: Vec<String>) -> Result<Ex
             return Ok(ExitCode::from(EXIT_RECIPE));
         }
     };
-    if mode == Mode::EstimateMemory {
+    if args.estimate_memory {
         let device = match plan.device {
             tch::Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
             _ => device_map::Device::Cpu,
@@ -304,12 +172,17 @@ fn finish(result: Result<()>) -> Result<ExitCode> {
     }
 }
 
-fn merge(a: MergeArgs) -> Result<()> {
+fn merge(a: &cli::MergeCli) -> Result<()> {
     let cache = model_loader::HubCache::from_env(|k| std::env::var(k).ok());
-    let base = model_loader::resolve_model(&a.model, &a.revision, &cache)?;
+    let base = model_loader::resolve_model(&a.model, &a.io.revision, &cache)?;
     tracing::info!(base = %base.display(), adapter = %a.adapter.display(), out = %a.out.display(), "merging");
+    let opts = sft::merge::MergeOptions {
+        dtype: a.dtype,
+        max_shard_size: a.io.max_shard_size(),
+        overwrite: a.io.overwrite,
+    };
     let pb = quantize::progress_bar("merge");
-    let result = sft::merge::merge(&base, &a.adapter, &a.out, &a.opts, &mut |done, total| {
+    let result = sft::merge::merge(&base, &a.adapter, &a.out, &opts, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     });
@@ -344,39 +217,38 @@ fn main() -> ExitCode {
 /// Parses the command line and runs what it asks for.
 fn command() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let command = match parse_args(args) {
+    let cli = match cli::parse(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
-            return Ok(ExitCode::from(EXIT_USAGE));
+            // clap prints help and --version on stdout (exit 0), usage errors on stderr (exit 2).
+            let _ = e.print();
+            return Ok(ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_USAGE)));
         }
     };
-    match command {
-        Command::Help => {
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{USAGE}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Env => {
+    match cli.command {
+        None => run(cli.train),
+        Some(cli::Command::Train(t)) => run(t),
+        Some(cli::Command::Env) => {
             show_env();
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { recipe, mode, overrides } => run(recipe, mode, overrides),
-        Command::Quantize(a) => {
-            init_logging("info");
-            finish(quantize::run(a))
+        Some(cli::Command::Completions { shell }) => {
+            cli::completions(shell);
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Merge(a) => {
+        Some(cli::Command::Quantize(a)) => {
             init_logging("info");
-            finish(merge(a))
+            finish(quantize::run(&a))
         }
-        Command::Generate(a) => {
+        Some(cli::Command::Merge(a)) => {
             init_logging("info");
-            finish(generate::run(a))
+            finish(merge(&a))
         }
-        Command::Launch(a) => {
+        Some(cli::Command::Generate(a)) => {
+            init_logging("info");
+            finish(generate::run(&a))
+        }
+        Some(cli::Command::Launch(a)) => {
             init_logging("info");
             launch::run(a)
         }
@@ -385,71 +257,6 @@ fn command() -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_owned).collect()
-    }
-
-    #[test]
-    fn recipe_flags_and_print_config_are_separated() {
-        let c = parse_args(args("r.yaml --lora_r 8 --bf16 --print-config --max_steps=-1")).ok();
-        assert_eq!(
-            c,
-            Some(Command::Run {
-                recipe: Some("r.yaml".into()),
-                mode: Mode::PrintConfig,
-                overrides: args("--lora_r 8 --bf16 --max_steps=-1"),
-            })
-        );
-    }
-
-    #[test]
-    fn config_flag_names_the_recipe() {
-        let c = parse_args(args("--config r.yaml --seed 1")).ok();
-        assert_eq!(
-            c,
-            Some(Command::Run {
-                recipe: Some("r.yaml".into()),
-                mode: Mode::Train,
-                overrides: args("--seed 1")
-            })
-        );
-    }
-
-    #[test]
-    fn second_positional_is_an_error() {
-        assert!(parse_args(args("a.yaml b.yaml")).is_err());
-    }
-
-    #[test]
-    fn quantize_and_merge_parse_their_flags() {
-        let c =
-            parse_args(args("quantize m out --quant-type fp4 --double-quant --blocksize=128 --overwrite"));
-        let Ok(Command::Quantize(q)) = c else { panic!("{c:?}") };
-        assert_eq!((q.model.as_str(), q.out.as_path()), ("m", std::path::Path::new("out")));
-        assert_eq!(q.quant.quant_type, quant::QuantType::Fp4);
-        assert_eq!((q.quant.blocksize, q.quant.double_quant, q.overwrite), (128, true, true));
-        let c = parse_args(args("merge --model b --adapter a --out o --dtype bf16 --max-shard-size 2GB"));
-        let Ok(Command::Merge(m)) = c else { panic!("{c:?}") };
-        assert_eq!(m.opts.dtype, Some(tch::Kind::BFloat16));
-        assert_eq!(m.opts.max_shard_size, 2_000_000_000);
-        assert!(!m.opts.overwrite);
-        for bad in [
-            "quantize m",
-            "quantize m o extra",
-            "quantize m o --quant-type int4",
-            "quantize m o --blocksize 100",
-            "quantize m o --bogus",
-            "merge --model b --adapter a",
-            "merge --model b --adapter a --out o --dtype fp8",
-            "merge --model b --adapter a --out o --max-shard-size",
-            "merge b",
-        ] {
-            assert!(parse_args(args(bad)).is_err(), "{bad}");
-        }
-    }
-
     #[test]
     fn libtorch_links_and_computes() {
         let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.5]);

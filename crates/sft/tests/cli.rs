@@ -189,6 +189,24 @@ fn log_level_sets_the_verbosity() {
     assert!(!estimate(&["--log_level", "debug"], Some("warn")).contains(debug_line));
 }
 
+/// Every subcommand answers `--help` on stdout with exit 0, `--version` names the version, and
+/// `completions` writes a script.
+#[test]
+fn every_subcommand_answers_help_on_stdout() {
+    for cmd in ["", "train", "launch", "quantize", "merge", "generate", "env", "completions"] {
+        let mut args: Vec<&str> = cmd.split_whitespace().collect();
+        args.push("--help");
+        let out = sft(&args, &repo());
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage: sft") && out.stderr.is_empty(), "{args:?}:\n{text}");
+    }
+    let version = sft(&["--version"], &repo());
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("sft {}", env!("CARGO_PKG_VERSION")));
+    let bash = sft(&["completions", "bash"], &repo());
+    assert!(bash.status.success() && String::from_utf8_lossy(&bash.stdout).contains("_sft()"));
+}
+
 #[test]
 fn environment_overrides_the_file_and_flags_override_the_environment() {
     let recipe = repo().join("recipes/tiny/config_qlora.yaml");

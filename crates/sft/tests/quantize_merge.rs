@@ -220,7 +220,8 @@ fn bad_arguments_exit_2_and_missing_models_are_named() {
         let args: Vec<&std::ffi::OsStr> = bad.iter().map(|a| a.as_ref()).collect();
         let out = sft(&args);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("usage:"), "{bad:?}");
+        let err = stderr(&out);
+        assert!(err.starts_with("error: ") && err.contains("--help"), "{bad:?}: {err}");
     }
     let missing = root.join("no-such-model");
     let out = sft(&["quantize".as_ref(), s(&missing), s(&root.join("o"))]);
