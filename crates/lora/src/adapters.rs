@@ -4,7 +4,7 @@
 //! `adapter_model.safetensors`) written and read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -566,21 +566,9 @@ fn raw_tensor(name: String, t: &Tensor) -> Result<RawTensor, Error> {
     })
 }
 
-/// Write a file through a temporary beside it, synced, then renamed into place.
+/// Write a file atomically (quant's one atomic writer), naming it in the error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp: PathBuf = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|source| Error::Io { path: path.to_owned(), source })
+    quant::file::write_atomic(path, bytes).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
 /// `1234567` -> `1,234,567` (Python's `{:,d}`).
@@ -601,6 +589,7 @@ mod tests {
     use super::*;
     use crate::LoraInit;
     use quant::linear::Dense;
+    use std::path::PathBuf;
 
     fn dense(out: i64, inp: i64, seed: i64) -> Box<dyn Linear> {
         let w = Tensor::arange(out * inp, (Kind::Float, Device::Cpu))

@@ -60,14 +60,6 @@ fn eval_steps(recipe: &Recipe, logging_steps: u64, steps_per_epoch: u64, total: 
     }
 }
 
-/// Write a file via a temporary name and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
-}
-
 /// The main job, as `plan` resolved it.
 pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
     let recipe = &plan.recipe;
@@ -318,7 +310,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
         "log_history": trainer.progress.log_history,
         "eval_history": trainer.progress.eval_history,
     });
-    write_atomic(&out.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    report::write_atomic(&out.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
     let tok_dir =
         recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from).unwrap_or_else(|| dir.clone());
     report::copy_tokenizer_files(&tok_dir, &out)?;

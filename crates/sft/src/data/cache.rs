@@ -9,7 +9,7 @@
 //! its sequence lengths; last, a SHA-256 of all preceding bytes. A file that fails any check is
 //! ignored with a warning and rebuilt.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -113,11 +113,8 @@ pub fn write_cache(path: &Path, key: &[u8; 32], samples: &[Sample]) -> std::io::
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("tokenized");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp)?;
-        let mut w = Hashing { inner: BufWriter::new(file), hash: Sha256::new() };
+    quant::file::write_atomic_with(path, |file| {
+        let mut w = Hashing { inner: file, hash: Sha256::new() };
         let packed = samples.first().is_some_and(|s| s.seq_lengths.is_some());
         w.write_all(MAGIC)?;
         w.write_all(key)?;
@@ -140,16 +137,8 @@ pub fn write_cache(path: &Path, key: &[u8; 32], samples: &[Sample]) -> std::io::
             }
         }
         let digest = w.hash.clone().finalize();
-        let mut inner = w.inner;
-        inner.write_all(&digest)?;
-        let file = inner.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        w.inner.write_all(&digest)
+    })
 }
 
 /// Read samples written under `key`; any mismatch or damage is an error message.

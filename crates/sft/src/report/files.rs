@@ -3,7 +3,6 @@
 //! `*_results.json` layout.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::ReportError;
@@ -13,27 +12,10 @@ use super::ReportError;
 pub const TOKENIZER_FILES: [&str; 4] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
-/// The temporary name `path` is written under before the rename (hidden, per process).
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Write `bytes` to `path` atomically (temporary file + rename); the temporary file is removed
-/// if anything fails.
+/// Write `bytes` to `path` atomically (quant's one atomic writer: temporary file, sync, rename;
+/// nothing left behind on failure).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(ReportError::io("creating", &tmp))?;
-        f.write_all(bytes).map_err(ReportError::io("writing", &tmp))?;
-        f.sync_all().map_err(ReportError::io("syncing", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(ReportError::io("renaming into", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    quant::file::write_atomic(path, bytes).map_err(ReportError::io("writing", path))
 }
 
 /// Copy the tokenizer files of `model_dir` that exist into `output_dir` (atomically), as
