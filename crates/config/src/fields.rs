@@ -54,6 +54,8 @@ impl<T: RecipeValue> RecipeValue for Option<T> {
 }
 macro_rules! plain_values { ($($t:ty),*) => { $(impl RecipeValue for $t {})* } }
 plain_values!(
+    SamplingStrategy,
+    CpuMatmul,
     Dtype,
     QuantType,
     QuantStorage,
@@ -286,10 +288,10 @@ section! {
         /// nibble extension: drop (and count) rows that fit no TRL format instead of failing.
         skip_invalid_rows: bool = false, Acted;
         /// Sample order: `random` (seeded shuffle each epoch) or `sequential` (dataset order).
-        train_sampling_strategy: String = s("random"), Acted;
+        train_sampling_strategy: SamplingStrategy = SamplingStrategy::Random, Acted;
         /// nibble extension: 16-bit matmuls on the CPU: `auto` (f32 where the CPU lacks native
         /// bf16/f16 GEMMs, which run there 4-100x slower), `native` (torch's 16-bit kernels) or `f32`.
-        cpu_matmul: String = s("auto"), Acted;
+        cpu_matmul: CpuMatmul = CpuMatmul::Auto, Acted;
         /// Process-group timeout in seconds.
         ddp_timeout: i64 = 1800, Acted;
         /// Run model code from the hub (never: nibble has no Python).

@@ -30,6 +30,32 @@ macro_rules! choice {
 }
 
 choice! {
+    /// How each epoch orders the training rows (`train_sampling_strategy`, transformers' set).
+    SamplingStrategy {
+        /// Shuffled by a generator seeded with `data_seed` (or `seed`) and the epoch.
+        Random = "random",
+        /// In dataset order.
+        Sequential = "sequential",
+        /// Batches of rows of similar length.
+        GroupByLength = "group_by_length",
+        /// Batches rebalanced by token count.
+        BatchRebalance = "batch_rebalance",
+    }
+}
+
+choice! {
+    /// How a bf16/f16 recipe's matmuls run on a CPU (`cpu_matmul`, nibble's own key).
+    CpuMatmul {
+        /// In f32 where the CPU has no native 16-bit GEMMs (AVX2 hosts), else natively.
+        Auto = "auto",
+        /// Always torch's own 16-bit kernels.
+        Native = "native",
+        /// Always in f32, rounded back.
+        F32 = "f32",
+    }
+}
+
+choice! {
     /// Model weight / compute dtype (`dtype`, formerly `torch_dtype`).
     Dtype {
         /// Take the dtype recorded in the checkpoint's config.json.

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use config::types::{Dtype, SaveStrategy, TargetModules};
+use config::types::{Dtype, SamplingStrategy, SaveStrategy, TargetModules};
 use config::{Diagnostic, Kind as Problem, Recipe};
 use device_map::estimate::{BaseWeights, RunShape, block_linears};
 use model_loader::{Architecture, HfConfig, HubCache, LoadOptions, resolve_model};
@@ -134,14 +134,11 @@ impl RunPlan {
                 "load_in_8bit and load_in_4bit are exclusive: choose one",
             );
         }
-        let cpu_matmul = CpuMatmul::parse(&t.cpu_matmul).unwrap_or_else(|| {
-            p.add(
-                Problem::OutOfRange,
-                "cpu_matmul",
-                format!("`{}` is not one of auto, native, f32", t.cpu_matmul),
-            );
-            CpuMatmul::Auto
-        });
+        let cpu_matmul = match t.cpu_matmul {
+            config::types::CpuMatmul::Auto => CpuMatmul::Auto,
+            config::types::CpuMatmul::Native => CpuMatmul::Native,
+            config::types::CpuMatmul::F32 => CpuMatmul::F32,
+        };
         if t.save_strategy == SaveStrategy::Best {
             p.add(
                 Problem::OutOfRange,
@@ -149,7 +146,7 @@ impl RunPlan {
                 "`best` is not supported yet (it needs metric_for_best_model); use steps or epoch",
             );
         }
-        if !matches!(t.train_sampling_strategy.as_str(), "random" | "sequential") {
+        if !matches!(t.train_sampling_strategy, SamplingStrategy::Random | SamplingStrategy::Sequential) {
             p.add(
                 Problem::OutOfRange,
                 "train_sampling_strategy",

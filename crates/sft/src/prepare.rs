@@ -130,13 +130,8 @@ fn to_device(b: &Batch) -> (DeviceBatch, u64) {
 /// Find, read, tokenize (or load from the cache) and prepare the recipe's training set and, when
 /// the data has one, its eval set.
 pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
-    let sequential = match recipe.training.train_sampling_strategy.as_str() {
-        "random" => false,
-        "sequential" => true,
-        other => anyhow::bail!(
-            "train_sampling_strategy `{other}` is not supported yet (supported: random, sequential)"
-        ),
-    };
+    // Other strategies are refused when the run is planned.
+    let sequential = recipe.training.train_sampling_strategy == config::types::SamplingStrategy::Sequential;
     let hub = HubCache::from_env(|k| std::env::var(k).ok());
     let plan = DataPlan::from_recipe(recipe, &hub)?;
     let skip = recipe.training.skip_invalid_rows;

@@ -90,7 +90,7 @@ fn problems_found_while_planning_are_reported_at_once_before_anything_is_written
         .replace("lora_target_modules: all-linear", "lora_target_modules: [q_proj, q_prj]")
         .replace("save_strategy: \"no\"", "save_strategy: best\neval_strategy: steps")
         .replace("lr_scheduler_type: cosine", "lr_scheduler_type: cosine_with_min_lr")
-        + "optim: adafactor\ncpu_matmul: fast\n";
+        + "optim: adafactor\ntrain_sampling_strategy: group_by_length\n";
     std::fs::write(dir.join("recipe.yaml"), &text).expect("recipe");
     let out = Command::new(env!("CARGO_BIN_EXE_sft"))
         .arg("recipe.yaml")
@@ -109,7 +109,7 @@ fn problems_found_while_planning_are_reported_at_once_before_anything_is_written
         "save_strategy",
         "output_dir",
         "optim",
-        "cpu_matmul",
+        "train_sampling_strategy",
     ] {
         let at = format!("recipe.yaml:{}:1: {key}: ", line_of(&text, key));
         assert!(stderr.contains(&at), "`{at}` missing from:\n{stderr}");
