@@ -94,7 +94,8 @@ pub fn setup(root: &Path, force: bool) -> Result<Setup> {
     Ok(env)
 }
 
-/// The cache folder: `$NIBBLE_HOME`, else `$XDG_CACHE_HOME/nibble`, else `$HOME/.cache/nibble`.
+/// The cache folder: `$NIBBLE_HOME`, else `$XDG_CACHE_HOME/nibble`, else `$HOME/.cache/nibble` (sft's
+/// tokenized-data cache, `prepare::cache_dir`, follows the same rule; xtask depends on no workspace crate).
 pub(crate) fn cache_dir() -> Result<PathBuf> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(home) = var("NIBBLE_HOME") {

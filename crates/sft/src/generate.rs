@@ -12,27 +12,6 @@ use tch::Tensor;
 
 use crate::cli::GenerateCli;
 
-/// The chat template: the adapter's (as TRL saves it), else the model's.
-fn chat_template(dirs: &[&Path]) -> Result<Option<String>> {
-    for dir in dirs {
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            return Ok(Some(
-                std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?,
-            ));
-        }
-        let cfg = dir.join("tokenizer_config.json");
-        if cfg.is_file() {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)
-                .with_context(|| format!("{}: not valid JSON", cfg.display()))?;
-            if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
-                return Ok(Some(t.to_owned()));
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Run `sft generate`.
 pub(crate) fn run(a: &GenerateCli) -> Result<()> {
     let dir = resolve_model(&a.model, "main", &HubCache::from_env(|k| std::env::var(k).ok()))?;
@@ -56,8 +35,8 @@ pub(crate) fn run(a: &GenerateCli) -> Result<()> {
     let tok_dir = dirs.iter().find(|d| d.join("tokenizer.json").is_file()).copied().unwrap_or(&dir);
     let tok = Tokenizer::from_dir(tok_dir)?;
     let text = if a.chat {
-        let source =
-            chat_template(&dirs)?.context("--chat: neither the adapter nor the model has a chat template")?;
+        let source = sft::template::find_chat_template(&dirs)?
+            .context("--chat: neither the adapter nor the model has a chat template")?;
         let ctx = serde_json::json!({
             "messages": [{"role": "user", "content": a.prompt}],
             "add_generation_prompt": true,

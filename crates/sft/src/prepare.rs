@@ -14,46 +14,29 @@ use sft::template::ChatTemplate;
 use sft::train::{DeviceBatch, EpochBatches};
 use tch::Tensor;
 
-/// The template to use: the recipe's, else the model's `chat_template.jinja`, else the one in
-/// its `tokenizer_config.json`.
+/// The template to use: the recipe's (`chat_template`, `chat_template_path`), else the one the
+/// tokenizer's folder ships (`sft::template::find_chat_template`).
 fn chat_template(recipe: &Recipe, model_dir: &Path) -> Result<Option<String>> {
     if let Some(t) = &recipe.training.chat_template {
         return Ok(Some(t.clone()));
     }
     if let Some(p) = &recipe.training.chat_template_path {
-        let path = Path::new(p);
-        if !(path.is_file() && (p.ends_with(".jinja") || p.ends_with(".j2"))) {
-            anyhow::bail!(
-                "chat_template_path `{p}`: nibble reads a local .jinja/.j2 file (cloning another \
-                 tokenizer's template is not supported)"
-            );
-        }
-        return Ok(Some(std::fs::read_to_string(path).with_context(|| format!("reading {p}"))?));
+        // A local .jinja/.j2 file: the plan refused anything else.
+        return Ok(Some(std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?));
     }
-    let jinja = model_dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        return Ok(Some(
-            std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?,
-        ));
-    }
-    let cfg = model_dir.join("tokenizer_config.json");
-    if cfg.is_file() {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)
-            .with_context(|| format!("{}: not valid JSON", cfg.display()))?;
-        return Ok(v.get("chat_template").and_then(|t| t.as_str()).map(str::to_owned));
-    }
-    Ok(None)
+    Ok(sft::template::find_chat_template(&[model_dir])?)
 }
 
-/// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else `$NIBBLE_HOME/tokenized`,
-/// else `~/.cache/nibble/tokenized` (beside the venv `cargo xtask setup` makes).
+/// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else the nibble cache folder
+/// by the rule `cargo xtask setup` follows for the venv (`$NIBBLE_HOME`, else
+/// `$XDG_CACHE_HOME/nibble` when absolute, else `~/.cache/nibble`) + `/tokenized`.
 fn cache_dir() -> Option<PathBuf> {
-    for var in ["NIBBLE_CACHE", "NIBBLE_HOME"] {
-        if let Some(c) = std::env::var_os(var).filter(|c| !c.is_empty()) {
-            return Some(PathBuf::from(c).join("tokenized"));
-        }
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nibble/tokenized"))
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = var("NIBBLE_CACHE")
+        .or_else(|| var("NIBBLE_HOME"))
+        .or_else(|| var("XDG_CACHE_HOME").filter(|p| p.is_absolute()).map(|x| x.join("nibble")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache").join("nibble")))?;
+    Some(base.join("tokenized"))
 }
 
 /// The tokenized training set and how the recipe batches it.

@@ -21,6 +21,39 @@ pub enum TemplateError {
          assistant replies; this one has none"
     )]
     NoGenerationBlock,
+    /// A file that holds (or should hold) a chat template cannot be read.
+    #[error("{}: {message}", .path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The chat template a model folder ships, as transformers finds it: `chat_template.jinja`,
+/// else the `chat_template` string of `tokenizer_config.json`; the first of `dirs` that has one
+/// wins (an adapter folder before its base model, as TRL saves the template with the adapter).
+pub fn find_chat_template(dirs: &[&std::path::Path]) -> Result<Option<String>, TemplateError> {
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(&path).map_err(|e| TemplateError::File { path, message: e.to_string() })
+    };
+    for dir in dirs {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            return read(jinja).map(Some);
+        }
+        let cfg = dir.join("tokenizer_config.json");
+        if cfg.is_file() {
+            let text = read(cfg.clone())?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| TemplateError::File { path: cfg, message: format!("not valid JSON: {e}") })?;
+            if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                return Ok(Some(t.to_owned()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Private-use characters that mark the start and end of `{% generation %}` output.
@@ -183,6 +216,27 @@ impl ChatTemplate {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_first_folder_with_a_template_gives_it_jinja_before_tokenizer_config() {
+        let root = std::env::temp_dir().join(format!("nibble-find-template-{}", std::process::id()));
+        let (adapter, model, broken) = (root.join("adapter"), root.join("model"), root.join("broken"));
+        for d in [&adapter, &model, &broken] {
+            std::fs::create_dir_all(d).expect("dir");
+        }
+        std::fs::write(model.join("tokenizer_config.json"), r#"{"chat_template": "from config"}"#)
+            .expect("w");
+        assert_eq!(find_chat_template(&[&adapter, &model]).expect("find").as_deref(), Some("from config"));
+        std::fs::write(model.join("chat_template.jinja"), "from jinja").expect("w");
+        assert_eq!(find_chat_template(&[&adapter, &model]).expect("find").as_deref(), Some("from jinja"));
+        std::fs::write(adapter.join("chat_template.jinja"), "the adapter's").expect("w");
+        assert_eq!(find_chat_template(&[&adapter, &model]).expect("find").as_deref(), Some("the adapter's"));
+        assert_eq!(find_chat_template(&[&root]).expect("none"), None);
+        std::fs::write(broken.join("tokenizer_config.json"), "{not json").expect("w");
+        let err = find_chat_template(&[&broken]).expect_err("bad JSON").to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("not valid JSON"), "{err}");
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
 
     #[test]
     fn tojson_writes_what_python_writes() {
