@@ -116,16 +116,22 @@ fn run(args: cli::TrainArgs) -> Result<ExitCode> {
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
+    let machine = plan::Machine::probe().context("reading torchrun's variables")?;
     if args.print_config {
+        // The recipe, and the plan a run would make of it here (or what stands in its way).
+        let mut out = recipe.to_json();
+        out["plan"] = match plan::RunPlan::resolve(recipe, &machine, plan::Purpose::Train) {
+            Ok(p) => p.to_json(),
+            Err(e) => serde_json::json!({
+                "problems": e.diagnostics().iter().map(ToString::to_string).collect::<Vec<_>>()
+            }),
+        };
         #[allow(clippy::print_stdout)]
         {
-            println!("{}", serde_json::to_string_pretty(&recipe.to_json())?);
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         return Ok(ExitCode::SUCCESS);
     }
-    // One plan for the run: every problem the recipe still has on this machine, reported at once
-    // before anything is tokenized, loaded or written.
-    let machine = plan::Machine::probe().context("reading torchrun's variables")?;
     let purpose = if args.estimate_memory { plan::Purpose::Estimate } else { plan::Purpose::Train };
     let plan = match plan::RunPlan::resolve(recipe, &machine, purpose) {
         Ok(p) => p,

@@ -279,6 +279,57 @@ impl RunPlan {
         })
     }
 
+    /// The plan as `--print-config` shows it, beside the recipe: what the run will do on this
+    /// machine (the model found, how it loads and where, the adapter's resolved targets, the
+    /// output folder and the checkpoint to resume from).
+    pub fn to_json(&self) -> serde_json::Value {
+        let kind = |k: Kind| match k {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            _ => "float32",
+        };
+        let device = |d: Device| match d {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".to_owned(),
+        };
+        let l = &self.lora;
+        serde_json::json!({
+            "model": {
+                "id": self.model_id,
+                "dir": self.model_dir,
+                "architecture": format!("{:?}", self.model_config.architecture),
+                "layers": self.model_config.shape.layers,
+            },
+            "device": device(self.device),
+            "load": {
+                "dtype": kind(self.load.dtype),
+                "compute_dtype": kind(self.load.compute_dtype),
+                "quantize_4bit": self.load.quantize.map(|q| serde_json::json!({
+                    "quant_type": q.quant_type.as_str(),
+                    "blocksize": q.blocksize,
+                    "double_quant": q.double_quant,
+                })),
+                "int8": self.load.quantize_8bit.is_some(),
+                "placement": self.load.placement.as_ref().map(model_loader::Placement::describe),
+            },
+            "cpu_matmul": self.recipe.training.cpu_matmul.as_str(),
+            "lora": {
+                "r": l.r,
+                "alpha": l.alpha,
+                "dropout": l.dropout,
+                "targets_per_layer": self.lora_linears,
+                "use_rslora": l.use_rslora,
+                "use_dora": l.use_dora,
+                "modules_to_save": l.modules_to_save,
+                "init_adapter": self.lora_init_adapter,
+            },
+            "gradient_accumulation_steps": self.grad_accum,
+            "output_dir": self.output_dir,
+            "replaces_previous_run": self.replaces_previous,
+            "resume_from": self.resume,
+        })
+    }
+
     /// The run's memory-driving settings for the estimate, training on `device`.
     pub fn run_shape(&self, device: device_map::Device) -> RunShape {
         run_shape(&self.recipe, &self.model_config, &self.lora_linears, self.cpu_matmul, device)

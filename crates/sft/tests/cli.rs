@@ -40,6 +40,28 @@ fn print_config_on_the_handbook_qlora_recipe() {
     assert_eq!(plan["sources"]["bnb_4bit_quant_type"], "default");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("max_seq_length: older spelling"), "{stderr}");
+    // The model is not here: the plan part says so instead of failing the print.
+    let problems = plan["plan"]["problems"].as_array().expect("plan problems");
+    assert!(problems.iter().any(|p| p.as_str().is_some_and(|p| p.contains("mistralai/Mistral-7B-v0.1"))));
+}
+
+/// `--print-config` shows the run plan beside the recipe: the model found, how it loads, the
+/// adapter's targets as resolved on the model (PEFT's default when the recipe names none).
+#[test]
+fn print_config_shows_the_plan_with_resolved_targets() {
+    // (One name alone would be a regex: TRL collapses a one-element list, PEFT full-matches it.)
+    let out = sft(
+        &["recipes/tiny/config_qlora.yaml", "--print-config", "--lora_target_modules", "v_proj,q_proj"],
+        &repo(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let plan = &printed["plan"];
+    assert_eq!(plan["model"]["architecture"], "Llama");
+    assert_eq!(plan["load"]["quantize_4bit"]["quant_type"], "nf4");
+    assert_eq!(plan["load"]["dtype"], "float32");
+    assert_eq!(plan["lora"]["targets_per_layer"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(plan["device"], "cpu");
 }
 
 #[test]
