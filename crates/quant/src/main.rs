@@ -1,24 +1,91 @@
 //! `quant`: quantize the weights of a safetensors file into bitsandbytes' 4-bit layout, or
 //! dequantize such a file back, from the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
 use quant::QuantType;
 use quant::file;
 use quant::state::{QuantState, RawTensor};
 
-const USAGE: &str = "\
-usage: quant quantize IN.safetensors OUT.safetensors [--quant-type nf4|fp4] [--blocksize 64]
-                      [--double-quant] [--compute-dtype bf16|fp16|fp32] [--only REGEX]
-       quant dequantize IN.safetensors OUT.safetensors [--dtype bf16|fp16|fp32]
+/// `quant`'s command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "quant",
+    version,
+    about = "Quantize the weights of a safetensors file into bitsandbytes' 4-bit layout, or back",
+    long_about = "Quantize the weights of a safetensors file into bitsandbytes' 4-bit layout, or back.\n\n\
+                  Output bytes are deterministic; OUT is written atomically. Bad input exits with code 2.",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-quantize writes every selected 2-D floating tensor in bitsandbytes' 4-bit layout and copies the
-others unchanged. Default selection: names ending in `.weight`, except embeddings, norms and
-lm_head; --only takes a regex that must match the whole name. dequantize reverses it, to each
-weight's original dtype unless --dtype is given. Output bytes are deterministic; OUT is written
-atomically. Bad input exits with code 2.";
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Store every selected 2-D floating tensor in bitsandbytes' 4-bit layout and copy the others
+    /// unchanged (default selection: names ending in `.weight`, except embeddings, norms and lm_head)
+    Quantize(QuantizeArgs),
+    /// Turn a file's 4-bit weights back into floating tensors (each weight's original dtype unless
+    /// --dtype is given)
+    Dequantize(DequantizeArgs),
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// The safetensors file to read
+    #[arg(value_name = "IN.safetensors")]
+    input: PathBuf,
+    /// The safetensors file to write
+    #[arg(value_name = "OUT.safetensors")]
+    output: PathBuf,
+    /// The 4-bit code
+    #[arg(long, alias = "quant_type", default_value = "nf4", value_parser = quant_type)]
+    quant_type: QuantType,
+    /// Elements per block (a power of two, 32..4096)
+    #[arg(long, default_value_t = 64, value_parser = blocksize)]
+    blocksize: usize,
+    /// Quantize the block scales too (bitsandbytes' nested quantization)
+    #[arg(long, alias = "double_quant")]
+    double_quant: bool,
+    /// The compute dtype recorded in the file's metadata (`bnb_4bit_compute_dtype`)
+    #[arg(long, alias = "compute_dtype", value_parser = torch_dtype)]
+    compute_dtype: Option<&'static str>,
+    /// Quantize the tensors whose whole name matches this regex instead of the default selection
+    #[arg(long, value_parser = whole_name)]
+    only: Option<regex::Regex>,
+}
+
+#[derive(Args, Debug)]
+struct DequantizeArgs {
+    /// The safetensors file to read
+    #[arg(value_name = "IN.safetensors")]
+    input: PathBuf,
+    /// The safetensors file to write
+    #[arg(value_name = "OUT.safetensors")]
+    output: PathBuf,
+    /// The dtype of every dequantized weight (default: each weight's original one)
+    #[arg(long, value_parser = torch_dtype)]
+    dtype: Option<&'static str>,
+}
+
+fn quant_type(v: &str) -> Result<QuantType, String> {
+    v.parse::<QuantType>().map_err(|e| e.to_string())
+}
+
+fn blocksize(v: &str) -> Result<usize, String> {
+    let b: usize = v.parse().map_err(|_| format!("`{v}` is not a number"))?;
+    quant::codec::check_blocksize(b).map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+fn whole_name(v: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{v})$")).map_err(|e| e.to_string())
+}
 
 /// A problem with the user's input (exit code 2), as opposed to an internal failure.
 #[derive(Debug, thiserror::Error)]
@@ -29,59 +96,13 @@ fn input<T>(r: Result<T, impl std::fmt::Display>) -> Result<T> {
     r.map_err(|e| InputError(e.to_string()).into())
 }
 
-struct Options {
-    quant_type: QuantType,
-    blocksize: usize,
-    double_quant: bool,
-    compute_dtype: Option<String>,
-    only: Option<regex::Regex>,
-    dtype: Option<String>,
-}
-
-fn parse(args: &[String]) -> Result<(String, PathBuf, PathBuf, Options)> {
-    let [cmd, inp, out, rest @ ..] = args else {
-        bail!(InputError(format!("expected a command, an input and an output\n\n{USAGE}")));
-    };
-    let mut o = Options {
-        quant_type: QuantType::Nf4,
-        blocksize: 64,
-        double_quant: false,
-        compute_dtype: None,
-        only: None,
-        dtype: None,
-    };
-    let mut it = rest.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| InputError(format!("{flag} needs a value")));
-        match flag.as_str() {
-            "--quant-type" => o.quant_type = input(value()?.parse::<QuantType>())?,
-            "--blocksize" => {
-                let v = value()?;
-                o.blocksize =
-                    input(v.parse::<usize>().map_err(|_| format!("--blocksize: `{v}` is not a number")))?;
-                input(quant::codec::check_blocksize(o.blocksize))?;
-            }
-            "--double-quant" => o.double_quant = true,
-            "--compute-dtype" => o.compute_dtype = Some(torch_dtype(&value()?)?.to_owned()),
-            "--dtype" => o.dtype = Some(torch_dtype(&value()?)?.to_owned()),
-            "--only" => {
-                let v = value()?;
-                o.only = Some(input(
-                    regex::Regex::new(&format!("^(?:{v})$")).map_err(|e| format!("--only: {e}")),
-                )?);
-            }
-            other => bail!(InputError(format!("unknown flag `{other}`\n\n{USAGE}"))),
-        }
-    }
-    Ok((cmd.clone(), PathBuf::from(inp), PathBuf::from(out), o))
-}
-
-fn torch_dtype(s: &str) -> Result<&'static str> {
+/// `bf16` / `fp16` / `fp32` (or torch's names) as torch's dtype name.
+fn torch_dtype(s: &str) -> Result<&'static str, String> {
     Ok(match s {
         "bf16" | "bfloat16" => "bfloat16",
         "fp16" | "f16" | "float16" => "float16",
         "fp32" | "f32" | "float32" => "float32",
-        other => bail!(InputError(format!("unknown dtype `{other}` (bf16, fp16 or fp32)"))),
+        other => return Err(format!("unknown dtype `{other}` (bf16, fp16 or fp32)")),
     })
 }
 
@@ -129,7 +150,8 @@ fn default_selected(t: &RawTensor) -> bool {
         && !(n.contains("embed") || n.contains("norm") || n.contains("lm_head"))
 }
 
-fn quantize(inp: &Path, out: &Path, o: &Options) -> Result<()> {
+fn quantize(o: &QuantizeArgs) -> Result<()> {
+    let (inp, out) = (o.input.as_path(), o.output.as_path());
     let (tensors, mut metadata) = input(file::read(inp))?;
     let mut written = Vec::with_capacity(tensors.len());
     let mut count = 0;
@@ -164,8 +186,8 @@ fn quantize(inp: &Path, out: &Path, o: &Options) -> Result<()> {
         count += 1;
     }
     metadata.insert("format".into(), "pt".into());
-    if let Some(c) = &o.compute_dtype {
-        metadata.insert("bnb_4bit_compute_dtype".into(), c.clone());
+    if let Some(c) = o.compute_dtype {
+        metadata.insert("bnb_4bit_compute_dtype".into(), c.to_owned());
     }
     file::write(out, &written, &metadata)?;
     eprintln!(
@@ -178,7 +200,8 @@ fn quantize(inp: &Path, out: &Path, o: &Options) -> Result<()> {
     Ok(())
 }
 
-fn dequantize(inp: &Path, out: &Path, o: &Options) -> Result<()> {
+fn dequantize(o: &DequantizeArgs) -> Result<()> {
+    let (inp, out) = (o.input.as_path(), o.output.as_path());
     let (tensors, mut metadata) = input(file::read(inp))?;
     let marker = ".weight.quant_state.bitsandbytes__";
     let prefixes: Vec<String> =
@@ -190,7 +213,7 @@ fn dequantize(inp: &Path, out: &Path, o: &Options) -> Result<()> {
     for p in &prefixes {
         let state = input(QuantState::from_tensors(p, &tensors))?;
         let values = input(state.dequantize())?;
-        let (dtype, data) = from_f32(&values, o.dtype.as_deref().unwrap_or(&state.dtype));
+        let (dtype, data) = from_f32(&values, o.dtype.unwrap_or(&state.dtype));
         written.push(RawTensor { name: format!("{p}.weight"), dtype, shape: state.shape.clone(), data });
     }
     metadata.remove("bnb_4bit_compute_dtype");
@@ -200,16 +223,20 @@ fn dequantize(inp: &Path, out: &Path, o: &Options) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
-        eprintln!("{USAGE}");
-        return if args.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS };
-    }
-    let result = parse(&args).and_then(|(cmd, inp, out, o)| match cmd.as_str() {
-        "quantize" => quantize(&inp, &out, &o).with_context(|| format!("quantizing {}", inp.display())),
-        "dequantize" => dequantize(&inp, &out, &o).with_context(|| format!("dequantizing {}", inp.display())),
-        other => Err(InputError(format!("unknown command `{other}`\n\n{USAGE}")).into()),
-    });
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and --version on stdout (exit 0); usage errors on stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let result = match &cli.command {
+        Command::Quantize(a) => quantize(a).with_context(|| format!("quantizing {}", a.input.display())),
+        Command::Dequantize(a) => {
+            dequantize(a).with_context(|| format!("dequantizing {}", a.input.display()))
+        }
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -113,6 +113,28 @@ fn bad_input_exits_2_and_writes_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--help` on stdout with exit 0 for the tool and each command, and the spellings `sft quantize`
+/// takes (`--blocksize=128`, `--quant_type`).
+#[test]
+fn help_goes_to_stdout_and_flags_take_both_spellings() {
+    for args in [&["--help"][..], &["quantize", "--help"], &["dequantize", "--help"], &["--version"]] {
+        let o = quant(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(!o.stdout.is_empty() && o.stderr.is_empty(), "{args:?}: help belongs on stdout");
+    }
+    let none = quant(&[]);
+    assert_eq!(none.status.code(), Some(2), "no command: the help, exit 2");
+    let dir = scratch("spellings");
+    let out = dir.join("q.safetensors");
+    let o =
+        quant(&["quantize", s(&tiny()), s(&out), "--blocksize=128", "--quant_type", "fp4", "--double_quant"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (tensors, _) = file::read(&out).expect("output");
+    let state = QuantState::from_tensors("model.layers.0.mlp.down_proj", &tensors).expect("state");
+    assert_eq!((state.blocksize, state.quant_type), (128, quant::QuantType::Fp4));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bitsandbytes_reads_the_cli_output() {
     let python = std::env::var("NIBBLE_PYTHON")
