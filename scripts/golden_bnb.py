@@ -26,9 +26,11 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "refcpu"))
 import nibble_refcpu  # noqa: E402
 
-# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
-# is imported (docs/reference-cpu-paths.md).
-nibble_refcpu.apply(default="avx2")
+# These files record bitsandbytes' own CPU paths on this host, with the host's capability in their
+# metadata (the tests know which paths each capability takes), so they are never pinned
+# (docs/reference-cpu-paths.md).
+if nibble_refcpu.applied() not in (None, "native"):
+    sys.exit(f"golden_bnb.py records bitsandbytes' own CPU paths: unset NIBBLE_REF_CPU (it is {nibble_refcpu.applied()})")
 
 import bitsandbytes
 import bitsandbytes.functional as F
@@ -75,7 +77,7 @@ def metadata(**extra) -> dict[str, str]:
     base = {
         "bitsandbytes": bitsandbytes.__version__,
         "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": nibble_refcpu.host_capability(),
     }
     base.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     return base

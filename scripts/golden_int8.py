@@ -29,9 +29,11 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "refcpu"))
 import nibble_refcpu  # noqa: E402
 
-# bitsandbytes' CPU paths as on the AVX2 host the committed files were made on, set before torch
-# is imported (docs/reference-cpu-paths.md).
-nibble_refcpu.apply(default="avx2")
+# These files record bitsandbytes' own CPU paths on this host, with the host's capability in their
+# metadata (the tests know which paths each capability takes), so they are never pinned
+# (docs/reference-cpu-paths.md).
+if nibble_refcpu.applied() not in (None, "native"):
+    sys.exit(f"golden_int8.py records bitsandbytes' own CPU paths: unset NIBBLE_REF_CPU (it is {nibble_refcpu.applied()})")
 
 import logging
 

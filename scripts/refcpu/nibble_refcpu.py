@@ -15,16 +15,17 @@ puts on `PYTHONPATH` through .cargo/nibble-defaults.toml):
   torch's capability reported to Python callers as "AVX2" where it is "AVX512", and
   `has_avx512bf16` false.
 - `avx512bf16`: the decisions of an Intel host with AVX512-BF16/AMX, forced on any host: the
-  capability reported as "AVX512" and `has_avx512bf16` true.
+  capability reported as "AVX512" and `has_avx512bf16` true (where the host lacks AVX512-BF16,
+  the fused kernel those decisions lead to raises instead of running).
 - `native` or unset: nothing is changed (what a user's process does; `cargo xtask bench` runs so).
 In the pinned modes ATen and MKL keep the host's own kernels, as in nibble's process: a live
 comparison computes on the same kernels on both sides, and a golden file made on another kind
 of CPU is compared within its float tolerance.
 
 What cannot be pinned from Python: the native dequantize kernels pick their own AVX-512 code
-by CPUID. Where that code is wrong (rows of a multiple of 16 elements but not of the blocksize)
-every pinned mode sends those rows to bitsandbytes' own torch implementation, the path it takes
-for odd rows, so that the reference is right on every host. Where it only differs (FP4 code 8,
+by CPUID. Where that code is wrong (rows of a multiple of 16 elements but not of the blocksize;
+blocksizes of 2048 and more) every pinned mode sends those rows to bitsandbytes' own torch
+implementation, the path it takes for odd rows, so that the reference is right on every host. Where it only differs (FP4 code 8,
 "-0", dequantizes to +0 there and -0 elsewhere) tests compare dequantized values as the format
 defines them: +0 and -0 are the same value of the code. See docs/reference-cpu-paths.md.
 """
@@ -42,6 +43,14 @@ _applied = None
 def applied():
     """The mode in effect in this process (None before `apply`)."""
     return _applied
+
+
+def host_capability():
+    """This host's ATen CPU capability, whatever the pin reports to Python callers (what golden
+    files record as `cpu_capability`)."""
+    import torch
+
+    return torch._C._get_cpu_capability()
 
 
 def apply(mode=None, default="native"):
@@ -67,16 +76,25 @@ def apply(mode=None, default="native"):
         os.environ["NIBBLE_REF_CPU"] = mode
         patches = {
             "bitsandbytes.cextension": lambda m: _force_bf16_probe(m, avx512),
-            "bitsandbytes._ops": lambda m: _guard_cpu_dequantize(m, avx512),
+            "bitsandbytes._ops": lambda m: _guard_cpu_kernels(m, avx512),
             "torch.backends.cpu": lambda m: _report_capability(m, avx512),
         }
         sys.meta_path.insert(0, _PatchAfterImport(patches))
     _applied = mode
 
 
+_host_bf16 = None
+
+
 def _force_bf16_probe(module, value):
     """`bitsandbytes.functional.has_avx512bf16` calls `lib.has_avx512bf16_cpu()` each time; an
-    instance attribute shadows the native symbol for every caller."""
+    instance attribute shadows the native symbol for every caller. The host's own answer is kept
+    (`_host_bf16`): the forced mode must not run AVX512-BF16 code on a host without it."""
+    global _host_bf16
+    try:
+        _host_bf16 = bool(module.lib.has_avx512bf16_cpu())
+    except (AttributeError, RuntimeError, OSError):
+        _host_bf16 = False
     module.lib.has_avx512bf16_cpu = lambda: value
 
 
@@ -95,45 +113,65 @@ def _report_capability(module, avx512):
     module.get_cpu_capability = get_cpu_capability
 
 
-def _guard_cpu_dequantize(ops, avx512):
-    """Wraps the CPU kernel of `bitsandbytes::dequantize_4bit` as `bitsandbytes.backends.cpu.ops`
-    registers it (it takes `register_kernel` from `bitsandbytes._ops`, patched here first):
-    - rows of a multiple of 16 elements but not of the blocksize go to bitsandbytes' own torch
-      implementation (what it uses for odd rows): its native AVX-512 kernel gets them wrong, up to
-      ~0.2 relative error, so a reference on such a host would not be bitsandbytes' format;
+def _guard_cpu_kernels(ops, avx512):
+    """Wraps two CPU kernels as `bitsandbytes.backends.cpu.ops` registers them (it takes
+    `register_kernel` from `bitsandbytes._ops`, patched here first).
+
+    `bitsandbytes::dequantize_4bit`, in every pinned mode:
+    - rows of a multiple of 16 elements but not of the blocksize, and blocksizes of 2048 and more,
+      go to bitsandbytes' own torch implementation (what it uses for odd rows, and for the large
+      blocksizes when it sees AVX-512 itself): its native AVX-512 kernel, chosen by CPUID whatever
+      this pin says, gets the first wrong (up to ~0.2 relative error) and has "accuracy issues"
+      with the second, so a reference on such a host would not be bitsandbytes' format;
     - in the forced mode, every FP4 zero of the native kernel comes back +0 (code 8, "-0",
-      included), as from the AVX-512 kernel, which only an AVX-512 host runs itself."""
+      included), as from the AVX-512 kernel, which only an AVX-512 host runs itself.
+
+    `bitsandbytes::gemv_4bit` (registered in the forced mode): on a host without AVX512-BF16 its
+    native kernel would stop the process with an illegal instruction; it raises instead, naming
+    the way out, so the forced mode fails the way such a host's first step does."""
     register = ops.register_kernel
 
     def register_kernel(name, device_types, *args, **kwargs):
         decorate = register(name, device_types, *args, **kwargs)
-        if name != "bitsandbytes::dequantize_4bit" or device_types != "cpu":
+        if device_types != "cpu":
             return decorate
-
-        def wrap(native):
-            def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
-                n = shape[-1]
-                if n % 16 == 0 and n % blocksize != 0:
-                    import torch
-                    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-                    from bitsandbytes.backends.utils import _get_4bit_code
-
-                    # Eager, as bitsandbytes falls back to when torch.compile fails: the same maths
-                    # without compiling a kernel per shape.
-                    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-                    codes = A if A.dtype == torch.uint8 else A.view(torch.uint8)
-                    code = _get_4bit_code(quant_type, A.device)
-                    return compute(codes.reshape(-1), absmax, code, blocksize, shape, dtype)
-                out = native(A, absmax, blocksize, quant_type, shape, dtype)
-                if avx512 and quant_type == "fp4" and n % 2 == 0 and blocksize < 2048:
-                    out.masked_fill_(out == 0, 0.0)
-                return out
-
-            return decorate(dequantize_4bit)
-
-        return wrap
+        if name == "bitsandbytes::dequantize_4bit":
+            return lambda native: decorate(_guarded_dequantize(native, avx512))
+        if name == "bitsandbytes::gemv_4bit" and avx512 and not _host_bf16:
+            return lambda native: decorate(_no_fused_kernel)
+        return decorate
 
     ops.register_kernel = register_kernel
+
+
+def _guarded_dequantize(native, avx512):
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        n = shape[-1]
+        if (n % 16 == 0 and n % blocksize != 0) or blocksize >= 2048:
+            import torch
+            from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+            from bitsandbytes.backends.utils import _get_4bit_code
+
+            # Eager, as bitsandbytes falls back to when torch.compile fails: the same maths
+            # without compiling a kernel per shape.
+            compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+            codes = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+            code = _get_4bit_code(quant_type, A.device)
+            return compute(codes.reshape(-1), absmax, code, blocksize, shape, dtype)
+        out = native(A, absmax, blocksize, quant_type, shape, dtype)
+        if avx512 and quant_type == "fp4" and n % 2 == 0:
+            out.masked_fill_(out == 0, 0.0)
+        return out
+
+    return dequantize_4bit
+
+
+def _no_fused_kernel(A, B, shapeB, absmax, code, blocksize):
+    raise RuntimeError(
+        "NIBBLE_REF_CPU=avx512bf16 on a host without AVX512-BF16: bitsandbytes repacked a 4-bit "
+        "weight for its fused AVX512-BF16 kernel (eval mode, no grad), which this CPU cannot run; "
+        "keep the model on the portable path with nibble_refcpu.portable_4bit(model)"
+    )
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -150,13 +188,15 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(name)  # the other finders (this one no longer knows `name`)
         if spec is None or spec.loader is None:
             return spec
-        exec_module = spec.loader.exec_module
+        loader = spec.loader
+        exec_module = loader.exec_module
 
         def exec_and_patch(module):
+            loader.exec_module = exec_module  # once: a loader may serve other modules later
             exec_module(module)
             patch(module)
 
-        spec.loader.exec_module = exec_and_patch
+        loader.exec_module = exec_and_patch
         return spec
 
 

@@ -98,7 +98,9 @@ pub fn write(
 /// nibble's one atomic writer: `write` fills a hidden temporary file beside `path` (named for
 /// this process), which is synced to disk and renamed over `path`; on any failure the temporary
 /// file is removed and `path` is untouched, so a reader sees the old file or the new one, never
-/// a part. Every file nibble writes goes through it.
+/// a part. nibble's single files go through it (adapters, reports, caches, safetensors files);
+/// checkpoint folders and exported model folders are assembled beside their target and renamed
+/// as a whole instead.
 pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,

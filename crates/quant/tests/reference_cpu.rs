@@ -145,3 +145,38 @@ fn pinned_modes_dequantize_every_row_length_right() {
         assert_eq!(seen["worst"].as_f64(), Some(0.0), "{mode}: {seen}");
     }
 }
+
+/// A layer the AVX512-BF16 repacking accepts (64 x 64) in the forced mode: a host with
+/// AVX512-BF16 runs bitsandbytes' fused kernel (bf16 arithmetic, close to the portable output);
+/// a host without it gets an error naming `portable_4bit`, never an illegal instruction.
+const FUSED: &str = r#"
+import json, torch, nibble_refcpu
+import bitsandbytes as bnb
+torch.manual_seed(0)
+m = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+m.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+m = m.to("cpu")
+x = torch.randn(3, 64)
+with torch.no_grad():
+    want = m(x)
+m.eval()
+try:
+    with torch.no_grad():
+        got = m(x)
+    print(json.dumps({"host_bf16": nibble_refcpu._host_bf16,
+                      "rel": ((got - want).abs().max() / want.abs().max()).item()}))
+except RuntimeError as e:
+    print(json.dumps({"host_bf16": nibble_refcpu._host_bf16, "error": str(e)}))
+"#;
+
+#[test]
+fn forced_avx512bf16_runs_the_fused_kernel_only_where_the_host_can() {
+    let seen: serde_json::Value = serde_json::from_str(&run_pinned("avx512bf16", FUSED)).expect("json");
+    if seen["host_bf16"] == true {
+        let rel = seen["rel"].as_f64().unwrap_or_else(|| panic!("{seen}"));
+        assert!(rel < 2e-2, "the fused bf16 kernel is far from the portable path: {seen}");
+    } else {
+        let error = seen["error"].as_str().unwrap_or_else(|| panic!("{seen}"));
+        assert!(error.contains("portable_4bit"), "{seen}");
+    }
+}

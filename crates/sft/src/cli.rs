@@ -368,7 +368,18 @@ pub(crate) fn parse(args: Vec<String>) -> Result<Cli, clap::Error> {
     let mut cli = Cli::from_arg_matches(&matches)?;
     match &mut cli.command {
         Some(Command::Train(t)) => t.overrides = overrides,
-        _ => cli.train.overrides = overrides,
+        None => cli.train.overrides = overrides,
+        // `sft --seed 3 quantize ...`: recipe keys belong to a training command.
+        Some(_) if !overrides.is_empty() => {
+            return Err(command().error(
+                clap::error::ErrorKind::UnknownArgument,
+                format!(
+                    "`{}` before a command: recipe keys go after `sft [train] RECIPE.yaml`",
+                    overrides.join(" ")
+                ),
+            ));
+        }
+        Some(_) => {}
     }
     Ok(cli)
 }
@@ -432,6 +443,8 @@ mod tests {
             "launch r.yaml",
             "launch --nproc 2",
             "completions tcsh",
+            "--seed 3 quantize m o",
+            "--overwrite quantize m o",
         ] {
             let e = parse(args(bad)).expect_err(bad);
             assert_eq!(e.exit_code(), 2, "{bad}: {e}");

@@ -116,8 +116,8 @@ fn run(args: cli::TrainArgs) -> Result<ExitCode> {
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
-    let machine = plan::Machine::probe().context("reading torchrun's variables")?;
     if args.print_config {
+        let machine = plan::Machine::alone();
         // The recipe, and the plan a run would make of it here (or what stands in its way).
         let mut out = recipe.to_json();
         out["plan"] = match plan::RunPlan::resolve(recipe, &machine, plan::Purpose::Train) {
@@ -132,7 +132,11 @@ fn run(args: cli::TrainArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let purpose = if args.estimate_memory { plan::Purpose::Estimate } else { plan::Purpose::Train };
+    let (machine, purpose) = if args.estimate_memory {
+        (plan::Machine::alone(), plan::Purpose::Estimate)
+    } else {
+        (plan::Machine::probe().context("reading torchrun's variables")?, plan::Purpose::Train)
+    };
     let plan = match plan::RunPlan::resolve(recipe, &machine, purpose) {
         Ok(p) => p,
         Err(e) => {

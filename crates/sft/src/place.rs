@@ -10,8 +10,6 @@ use device_map::{Budget, Module, Plan, Strategy, format_bytes};
 use model_loader::{HfConfig, Placement};
 use tch::Device;
 
-use crate::plan::Machine;
-
 /// A device map and budgets as the recipe gives them.
 pub(crate) struct DeviceMap {
     /// How modules are spread.
@@ -132,23 +130,23 @@ pub(crate) fn plan(
 }
 
 /// Where the model goes for this process: the recipe's device map applied, or everything on
-/// `device` (the k-bit default). A map spanning devices cannot be combined with several ranks.
+/// `device` (the k-bit default). `cuda_devices`: GPUs this process may use; `world`: ranks in
+/// the group (a map spanning devices cannot be combined with several).
 pub(crate) fn placement(
     recipe: &Recipe,
     cfg: &HfConfig,
     shape: &RunShape,
     device: Device,
-    machine: &Machine,
+    cuda_devices: usize,
+    world: usize,
 ) -> Result<Placement> {
     let layers = cfg.shape.layers as usize;
-    let cuda_devices = if device.is_cuda() { machine.cuda_devices } else { 0 };
     let Some((plan, _)) = plan(recipe, cfg, shape, cuda_devices)? else {
         return Ok(Placement::single(device, layers));
     };
     let four_bit = matches!(shape.base, BaseWeights::FourBit { .. });
     let placement = Placement::from_plan(&plan, layers, cuda_devices, four_bit)
         .context("applying model_init_kwargs.device_map")?;
-    let world = machine.world_size();
     if placement.spans_devices() && world > 1 {
         bail!(
             "model_init_kwargs.device_map spreads the model over several devices, which cannot be combined \

@@ -31,11 +31,17 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
-    /// The machine as libtorch and the environment describe it.
-    pub fn probe() -> Result<Machine, dist::DistError> {
+    /// This process alone on this machine's devices, whatever torchrun's variables say (for the
+    /// commands that do not train: `--print-config`, `--estimate-memory`).
+    pub fn alone() -> Machine {
         let cuda = tch::Cuda::is_available();
         let cuda_devices = if cuda { usize::try_from(tch::Cuda::device_count()).unwrap_or(0) } else { 0 };
-        Ok(Machine { cuda, cuda_devices, dist: dist::DistEnv::from_env()? })
+        Machine { cuda, cuda_devices, dist: None }
+    }
+
+    /// The machine as libtorch and the environment describe it.
+    pub fn probe() -> Result<Machine, dist::DistError> {
+        Ok(Machine { dist: dist::DistEnv::from_env()?, ..Machine::alone() })
     }
 
     /// Ranks in the group (1 without torchrun's variables).
@@ -170,7 +176,8 @@ impl RunPlan {
         let grad_accum = positive(&mut p, "gradient_accumulation_steps", t.gradient_accumulation_steps);
         positive(&mut p, "per_device_train_batch_size", t.per_device_train_batch_size);
         let lora_r = positive(&mut p, "lora_r", m.lora_r);
-        if let Some(path) = &t.chat_template_path {
+        // (`chat_template` itself wins over the path, as TRL takes them.)
+        if let Some(path) = t.chat_template_path.as_ref().filter(|_| t.chat_template.is_none()) {
             let ok = Path::new(path).is_file() && (path.ends_with(".jinja") || path.ends_with(".j2"));
             if !ok {
                 p.add(
@@ -199,8 +206,14 @@ impl RunPlan {
         let (mut resume, mut replaces_previous) = (None, false);
         if purpose == Purpose::Train {
             resume = resume_dir(&mut p, t.resume_from_checkpoint.as_deref(), &output_dir);
-            let previous = output_dir.join(lora::WEIGHTS_FILE).is_file()
-                || checkpoint::list(&output_dir).is_ok_and(|l| !l.is_empty());
+            let checkpoints = match checkpoint::list(&output_dir) {
+                Ok(list) => list.len(),
+                Err(e) => {
+                    p.add(Problem::OutOfRange, "output_dir", format!("cannot list its checkpoints: {e}"));
+                    0
+                }
+            };
+            let previous = output_dir.join(lora::WEIGHTS_FILE).is_file() || checkpoints > 0;
             let resuming = t.resume_from_checkpoint.as_deref().is_some_and(|r| !is_false(r));
             if previous && !resuming {
                 if t.overwrite_output_dir {
@@ -248,7 +261,15 @@ impl RunPlan {
             // Where the model goes (the estimate splits its own figure per device instead: it plans
             // for the recipe's budgets, whether the GPUs are here or not).
             if purpose == Purpose::Train {
-                let placement = crate::place::placement(&recipe, &cfg, &shape, device, machine);
+                let cuda_devices = if device.is_cuda() { machine.cuda_devices } else { 0 };
+                let placement = crate::place::placement(
+                    &recipe,
+                    &cfg,
+                    &shape,
+                    device,
+                    cuda_devices,
+                    machine.world_size(),
+                );
                 load.placement = p.take("model_init_kwargs", placement.map_err(|e| format!("{e:#}")));
             }
             planned = lora.map(|lora| (dir, cfg, load, lora, lora_linears));
