@@ -61,46 +61,51 @@ fn each_mode_gives_bitsandbytes_its_probes() {
     assert_eq!(applied.trim(), suite, "sitecustomize did not pin: is scripts/refcpu on PYTHONPATH?");
 }
 
-/// A 4-bit layer whose out_features (40) is not a multiple of 32, in eval mode without grad: the
-/// forward bitsandbytes takes on an AVX512-BF16 host, and the same with `portable_4bit`.
+/// A 4-bit layer of 64 inputs and `argv[1]` outputs, in train mode and then in eval mode without
+/// grad (the forward bitsandbytes repacks for its fused kernel where it sees AVX512-BF16), with
+/// `portable_4bit` first when `argv[2]` says so: the eval output against the train one, or the
+/// error the eval forward raised.
 const EVAL_FORWARD: &str = r#"
 import json, sys, torch, nibble_refcpu
 import bitsandbytes as bnb
+out_features, portable = int(sys.argv[1]), sys.argv[2] == "portable"
 torch.manual_seed(0)
-m = bnb.nn.Linear4bit(64, 40, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-m.weight = bnb.nn.Params4bit(torch.randn(40, 64), requires_grad=False, quant_type="nf4")
+m = bnb.nn.Linear4bit(64, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+m.weight = bnb.nn.Params4bit(torch.randn(out_features, 64), requires_grad=False, quant_type="nf4")
 m = m.to("cpu")
 x = torch.randn(3, 64)
 m.train()
 with torch.no_grad():
     want = m(x)
-if sys.argv[1] == "portable":
+if portable:
     nibble_refcpu.portable_4bit(m)
 m.eval()
+seen = {"host_bf16": nibble_refcpu._host_bf16}
 try:
     with torch.no_grad():
         got = m(x)
-except AssertionError as e:
-    print(json.dumps({"error": str(e)}))
-    sys.exit(0)
-print(json.dumps({"equal": torch.equal(got, want)}))
+    seen.update(equal=torch.equal(got, want), rel=((got - want).abs().max() / want.abs().max()).item())
+except (AssertionError, RuntimeError) as e:
+    seen["error"] = str(e)
+print(json.dumps(seen))
 "#;
 
-fn eval_forward(mode: &str, portable: bool) -> serde_json::Value {
-    let script =
-        format!("import sys; sys.argv[1:] = [{:?}]\n{EVAL_FORWARD}", if portable { "portable" } else { "" });
+fn eval_forward(mode: &str, out_features: usize, portable: bool) -> serde_json::Value {
+    let portable = if portable { "portable" } else { "plain" };
+    let script = format!("import sys; sys.argv[1:] = [\"{out_features}\", \"{portable}\"]\n{EVAL_FORWARD}");
     serde_json::from_str(&run_pinned(mode, &script)).expect("json")
 }
 
 #[test]
 fn forced_avx512bf16_reproduces_the_repacking_and_portable_4bit_avoids_it() {
-    let forced = eval_forward("avx512bf16", false);
+    // 40 outputs: not a multiple of the 32 the repacking needs.
+    let forced = eval_forward("avx512bf16", 40, false);
     assert_eq!(forced["error"], "N must be divisible by block_n", "{forced}");
     for mode in ["avx2", "avx512bf16"] {
-        let portable = eval_forward(mode, true);
+        let portable = eval_forward(mode, 40, true);
         assert_eq!(portable["equal"], true, "{mode}: {portable}");
     }
-    assert_eq!(eval_forward("avx2", false)["equal"], true);
+    assert_eq!(eval_forward("avx2", 40, false)["equal"], true);
 }
 
 /// FP4 code 8 ("-0") through bitsandbytes' dequantize: -0 on the scalar kernel, +0 on the native
@@ -149,29 +154,9 @@ fn pinned_modes_dequantize_every_row_length_right() {
 /// A layer the AVX512-BF16 repacking accepts (64 x 64) in the forced mode: a host with
 /// AVX512-BF16 runs bitsandbytes' fused kernel (bf16 arithmetic, close to the portable output);
 /// a host without it gets an error naming `portable_4bit`, never an illegal instruction.
-const FUSED: &str = r#"
-import json, torch, nibble_refcpu
-import bitsandbytes as bnb
-torch.manual_seed(0)
-m = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-m.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
-m = m.to("cpu")
-x = torch.randn(3, 64)
-with torch.no_grad():
-    want = m(x)
-m.eval()
-try:
-    with torch.no_grad():
-        got = m(x)
-    print(json.dumps({"host_bf16": nibble_refcpu._host_bf16,
-                      "rel": ((got - want).abs().max() / want.abs().max()).item()}))
-except RuntimeError as e:
-    print(json.dumps({"host_bf16": nibble_refcpu._host_bf16, "error": str(e)}))
-"#;
-
 #[test]
 fn forced_avx512bf16_runs_the_fused_kernel_only_where_the_host_can() {
-    let seen: serde_json::Value = serde_json::from_str(&run_pinned("avx512bf16", FUSED)).expect("json");
+    let seen = eval_forward("avx512bf16", 64, false);
     if seen["host_bf16"] == true {
         let rel = seen["rel"].as_f64().unwrap_or_else(|| panic!("{seen}"));
         assert!(rel < 2e-2, "the fused bf16 kernel is far from the portable path: {seen}");
