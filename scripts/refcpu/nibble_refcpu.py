@@ -10,7 +10,7 @@ bitsandbytes 0.50.2 picks CPU code paths from two probes, both read once at impo
   asserts `out_features % 32 == 0`, and a `gemv_4bit` CPU kernel is registered.
 
 Modes, from `NIBBLE_REF_CPU` (read by `sitecustomize.py` beside this file, which the test suite
-puts on `PYTHONPATH` through .cargo/nibble-defaults.toml):
+puts on `PYTHONPATH` through .cargo/nibble-defaults.toml; unset there means avx2):
 - `avx2` (the suite's default): the decisions bitsandbytes makes on an AVX2 host, on any host:
   torch's capability reported to Python callers as "AVX2" where it is "AVX512", and
   `has_avx512bf16` false.

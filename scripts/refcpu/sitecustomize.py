@@ -1,10 +1,7 @@
 """Python runs this at start-up when scripts/refcpu is on PYTHONPATH (the test suite puts it there,
-.cargo/nibble-defaults.toml): pin the reference stack's CPU paths as `NIBBLE_REF_CPU` says."""
-
-import os
+.cargo/nibble-defaults.toml): pin the reference stack's CPU paths as `NIBBLE_REF_CPU` says, avx2
+when it is unset (the suite's default)."""
 
 import nibble_refcpu
 
-# Unset or empty: nothing pinned here, so that a script can still pin itself (the golden scripts).
-if os.environ.get("NIBBLE_REF_CPU"):
-    nibble_refcpu.apply()
+nibble_refcpu.apply(default="avx2")
