@@ -3,7 +3,7 @@
 # dependencies = ["datasets==5.2.0", "pyarrow", "numpy"]
 # ///
 """Small data sources and what `datasets` makes of them, as golden data for nibble's data sources
-(crates/sft/src/data/{source,parquet,mixture}.rs, checked by crates/sft/tests/sources.rs).
+(crates/data/src/{source,parquet,mixture}.rs, checked by crates/data/tests/sources.rs).
 
 Writes, under OUT_DIR: Parquet files (chat messages, prompt/completion, nulls, nested structs, the
 codecs pyarrow writes) and JSON/JSONL files made with pyarrow and json; local directories whose
@@ -13,7 +13,7 @@ the splits and files `datasets` resolves, the rows it loads, the alignment-handb
 rows, in which order) and `train_test_split` indices for a few seeds and sizes.
 
 Regenerate (after `cargo xtask setup`):
-    "$NIBBLE_PYTHON" scripts/golden_sources.py crates/sft/tests/golden/sources
+    "$NIBBLE_PYTHON" scripts/golden_sources.py crates/data/tests/golden/sources
 
 Deterministic (fixed data and seeds, no clock); offline; runs in a few seconds.
 """

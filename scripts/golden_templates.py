@@ -3,10 +3,10 @@
 # dependencies = ["transformers==5.24.0", "jinja2", "pyyaml"]
 # ///
 """Render chat templates of several real-world styles with transformers, as golden data for
-nibble's template engine (crates/sft/src/template.rs).
+nibble's template engine (crates/data/src/template.rs).
 
 Regenerate (after `cargo xtask setup`):
-    "$NIBBLE_PYTHON" scripts/golden_templates.py > crates/sft/tests/golden/templates.json
+    "$NIBBLE_PYTHON" scripts/golden_templates.py > crates/data/tests/golden/templates.json
 """
 
 import json

@@ -4,11 +4,11 @@
 # ///
 """Prepare small datasets with TRL's own SFTTrainer (tokenization, masks, truncation, packing) and
 collate them with its DataCollatorForLanguageModeling, as golden data for nibble's data pipeline
-(crates/sft/src/data/, checked by crates/sft/tests/tokenize.rs). Also numpy's seeded permutations,
+(crates/data/src/, checked by crates/data/tests/tokenize.rs). Also numpy's seeded permutations,
 which `shuffle_dataset` uses through `datasets.Dataset.shuffle`.
 
 Regenerate (after `cargo xtask setup`):
-    "$NIBBLE_PYTHON" scripts/golden_tokenize.py > crates/sft/tests/golden/tokenize.json
+    "$NIBBLE_PYTHON" scripts/golden_tokenize.py > crates/data/tests/golden/tokenize.json
 
 Deterministic: no randomness beyond fixed seeds; runs on CPU in well under a minute.
 """
@@ -149,7 +149,7 @@ NO_ASSISTANT = [{"messages": [{"role": "user", "content": "Hi"}]}]
 
 
 def synthetic(n):
-    """Text rows of varied lengths; crates/sft/tests/tokenize.rs builds the same."""
+    """Text rows of varied lengths; crates/data/tests/tokenize.rs builds the same."""
     return [{"text": f"row {i}: " + "word " * (i % 17)} for i in range(n)]
 
 
@@ -272,7 +272,7 @@ def run_case(name, tok_kind, template, source, overrides, batch, tmp):
     ]
     case["num_rows"] = len(prepared)
     if batch is None:
-        # Large cases: a digest of the samples (compact JSON, as crates/sft/tests/tokenize.rs
+        # Large cases: a digest of the samples (compact JSON, as crates/data/tests/tokenize.rs
         # writes them) and their total length.
         case["digest"] = digest(prepared)
         case["num_tokens"] = sum(len(r["input_ids"]) for r in prepared)

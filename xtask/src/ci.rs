@@ -70,8 +70,8 @@ pub fn ci(root: &Path, env: &Setup) -> Result<()> {
         check_status(cmd.status(), &shown).with_context(|| format!("CI step `{shown}` failed"))?;
     }
 
-    let shown = "cargo tree -e normal,build for config, device-map and quant without its torch feature \
-                 (must not contain tch or torch-sys)";
+    let shown = "cargo tree -e normal,build for config, device-map, pyfiles, data, report and quant without \
+                 its torch feature (must not contain tch or torch-sys)";
     println!("\n==> [{total}/{total}] {shown}");
     for args in LIBTORCH_FREE {
         never_links_libtorch(root, env, args).with_context(|| format!("CI step `{shown}` failed"))?;
@@ -88,8 +88,14 @@ fn shown(step: &Step) -> String {
 }
 
 /// Crates (with the cargo flags selecting them) that must build without libtorch.
-const LIBTORCH_FREE: [&[&str]; 3] =
-    [&["-p", "config"], &["-p", "device-map"], &["-p", "quant", "--no-default-features"]];
+const LIBTORCH_FREE: [&[&str]; 6] = [
+    &["-p", "config"],
+    &["-p", "device-map"],
+    &["-p", "pyfiles"],
+    &["-p", "data"],
+    &["-p", "report"],
+    &["-p", "quant", "--no-default-features"],
+];
 
 /// Fails when a crate's normal/build dependency tree contains a torch package.
 fn never_links_libtorch(root: &Path, env: &Setup, select: &[&str]) -> Result<()> {

@@ -94,22 +94,13 @@ pub fn setup(root: &Path, force: bool) -> Result<Setup> {
     Ok(env)
 }
 
-/// The cache folder: `$NIBBLE_HOME`, else `$XDG_CACHE_HOME/nibble`, else `$HOME/.cache/nibble` (sft's
-/// tokenized-data cache, `prepare::cache_dir`, follows the same rule; xtask depends on no workspace crate).
+/// The cache folder by pyfiles' one rule (`$NIBBLE_HOME`, else `$XDG_CACHE_HOME/nibble`, else
+/// `$HOME/.cache/nibble`), made absolute: the venv here, the tokenized-data cache of `sft`.
 pub(crate) fn cache_dir() -> Result<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(home) = var("NIBBLE_HOME") {
-        return std::path::absolute(&home)
-            .with_context(|| format!("NIBBLE_HOME={} is not a usable path", home.display()));
-    }
-    // The XDG spec says to ignore a relative XDG_CACHE_HOME.
-    if let Some(xdg) = var("XDG_CACHE_HOME").filter(|p| p.is_absolute()) {
-        return Ok(xdg.join("nibble"));
-    }
-    match var("HOME") {
-        Some(home) => Ok(home.join(".cache").join("nibble")),
-        None => bail!("cannot find a cache folder: set NIBBLE_HOME (or XDG_CACHE_HOME or HOME)"),
-    }
+    let dir = pyfiles::cache::nibble_home(|k| std::env::var(k).ok())
+        .context("cannot find a cache folder: set NIBBLE_HOME (or XDG_CACHE_HOME or HOME)")?;
+    std::path::absolute(&dir)
+        .with_context(|| format!("the cache folder {} is not a usable path", dir.display()))
 }
 
 /// The stamp of a completed install of this exact lock, Python and venv, if there is one and its
@@ -424,13 +415,10 @@ fn symlink(_target: &Path, _link: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `path` atomically: a sibling temp file, then a rename over `path`.
+/// Writes `text` to `path` atomically (pyfiles' one atomic writer).
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, text).with_context(|| format!("could not write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("could not move {} to {}", tmp.display(), path.display()))
+    pyfiles::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("could not write {}", path.display()))
 }
 
 /// Removes a file or symlink; a missing one is fine.

@@ -43,19 +43,39 @@ pub struct ModelShape {
     pub tied_embeddings: bool,
 }
 
-/// The seven linear layers of a decoder block, by PEFT module name, with (in, out) features.
+/// nibble's one table of a decoder block's linear layers: each one's transformers path inside
+/// the layer (`model.layers.N.` + path), in the order transformers creates them. The loader, the
+/// exporter, the estimate and the run plan all read it.
+pub const DECODER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The last part of a [`DECODER_LINEARS`] path: the module name PEFT's targets match.
+pub fn module_name(path: &'static str) -> &'static str {
+    path.rsplit_once('.').map_or(path, |(_, name)| name)
+}
+
+/// The seven linear layers of a decoder block, by PEFT module name, with (in, out) features, in
+/// [`DECODER_LINEARS`] order.
 pub fn block_linears(s: &ModelShape) -> [(&'static str, u64, u64); 7] {
     let q = s.heads * s.head_dim;
     let kv = s.kv_heads * s.head_dim;
-    [
-        ("q_proj", s.hidden, q),
-        ("k_proj", s.hidden, kv),
-        ("v_proj", s.hidden, kv),
-        ("o_proj", q, s.hidden),
-        ("gate_proj", s.hidden, s.intermediate),
-        ("up_proj", s.hidden, s.intermediate),
-        ("down_proj", s.intermediate, s.hidden),
-    ]
+    let features = [
+        (s.hidden, q),
+        (s.hidden, kv),
+        (s.hidden, kv),
+        (q, s.hidden),
+        (s.hidden, s.intermediate),
+        (s.hidden, s.intermediate),
+        (s.intermediate, s.hidden),
+    ];
+    std::array::from_fn(|i| (module_name(DECODER_LINEARS[i]), features[i].0, features[i].1))
 }
 
 impl ModelShape {

@@ -591,6 +591,14 @@ mod tests {
     use quant::linear::Dense;
     use std::path::PathBuf;
 
+    /// Tests that seed or draw from libtorch's global generator hold this, so a test running in
+    /// another thread cannot reseed it between their draws.
+    static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+        GLOBAL_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn dense(out: i64, inp: i64, seed: i64) -> Box<dyn Linear> {
         let w = Tensor::arange(out * inp, (Kind::Float, Device::Cpu))
             .view([out, inp])
@@ -696,6 +704,7 @@ mod tests {
 
     #[test]
     fn dropout_only_while_training() {
+        let _rng = global_rng();
         let mut m = model();
         let mut cfg = LoraConfig::new(4, 8.0, list(&["q_proj"]));
         cfg.init = LoraInit::False;
@@ -776,6 +785,7 @@ mod tests {
 
     #[test]
     fn dora_starts_as_lora_and_follows_peft_formula() {
+        let _rng = global_rng();
         for (bias, dropout) in [(true, 0.0), (false, 0.0), (true, 0.3)] {
             let w =
                 Tensor::arange(8 * 12, (Kind::Float, Device::Cpu)).view([8, 12]).f_sin().expect("w") * 0.5;

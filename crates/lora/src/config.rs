@@ -187,7 +187,7 @@ impl LoraConfig {
         set("use_dora", Value::Bool(self.use_dora));
         set("use_rslora", Value::Bool(self.use_rslora));
         fields.sort_by(|a, b| a.0.cmp(b.0));
-        quant::pyjson::dumps_sorted(&Value::Object(
+        pyfiles::json::dumps_sorted(&Value::Object(
             fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         ))
     }
@@ -395,7 +395,7 @@ mod tests {
             (-2.5, "-2.5"),
             (0.3333333333333333, "0.3333333333333333"),
         ] {
-            assert_eq!(quant::pyjson::py_float_repr(f), want, "{f}");
+            assert_eq!(pyfiles::json::py_float_repr(f), want, "{f}");
         }
     }
 

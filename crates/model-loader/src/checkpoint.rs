@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use device_map::estimate::block_linears;
 use memmap2::Mmap;
 use quant::ops::{CodecAbsmax, Quantized4bit, Quantized8bit};
 use quant::state::{Absmax, Int8State, QuantState, RawTensor};
@@ -409,13 +410,13 @@ pub fn expected_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        // The decoder linears from device-map's one table: [out, in] as torch stores them.
+        let linears = device_map::estimate::DECODER_LINEARS.iter().zip(block_linears(s));
+        out.extend(
+            linears.map(|(path, (_, fan_in, fan_out))| {
+                (format!("{p}.{path}.weight"), vec![u(fan_out), u(fan_in)])
+            }),
+        );
         if cfg.qkv_bias {
             out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
             out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));

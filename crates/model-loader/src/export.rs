@@ -463,7 +463,7 @@ pub fn copy_model_files(src: &Path, dst: &Path) -> Result<Vec<String>, Error> {
     Ok(copied)
 }
 
-pub use quant::pyjson::dumps_sorted as python_json;
+pub use pyfiles::json::dumps_sorted as python_json;
 
 /// Compare tensor names with digit runs as numbers, so `layers.2` comes before `layers.10`: the
 /// order of a model's modules, which transformers shards in.
@@ -502,15 +502,7 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 /// (`model.layers.<n>.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}.weight`); returns the
 /// module prefix.
 pub fn decoder_linear_prefix(name: &str) -> Option<&str> {
-    const MODULES: [&str; 7] = [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ];
+    const MODULES: [&str; 7] = device_map::estimate::DECODER_LINEARS;
     let prefix = name.strip_suffix(".weight")?;
     let rest = prefix.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;

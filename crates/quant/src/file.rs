@@ -3,7 +3,6 @@
 //! so the same input always gives the same bytes and an interrupted write leaves nothing behind.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::state::RawTensor;
@@ -95,60 +94,11 @@ pub fn write(
         .map_err(|source| FileError::Io { path: path.to_owned(), source })
 }
 
-/// nibble's one atomic writer: `write` fills a hidden temporary file beside `path` (named for
-/// this process), which is synced to disk and renamed over `path`; on any failure the temporary
-/// file is removed and `path` is untouched, so a reader sees the old file or the new one, never
-/// a part. nibble's single files go through it (adapters, reports, caches, safetensors files);
-/// checkpoint folders and exported model folders are assembled beside their target and renamed
-/// as a whole instead.
-pub fn write_atomic_with(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        write(&mut w)?;
-        let file = w.into_inner().map_err(std::io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// [`write_atomic_with`] for bytes in memory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_with(path, |w| w.write_all(bytes))
-}
+pub use pyfiles::atomic::{write_atomic, write_atomic_with};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_atomic_write_replaces_the_file_or_leaves_it_untouched() {
-        let dir = std::env::temp_dir().join(format!("nibble-atomic-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("f.json");
-        write_atomic(&path, b"old").expect("first write");
-        let failed = write_atomic_with(&path, |w| {
-            w.write_all(b"half of the new")?;
-            Err(std::io::Error::other("disk full"))
-        });
-        assert_eq!(failed.expect_err("the writer failed").to_string(), "disk full");
-        assert_eq!(std::fs::read(&path).expect("read"), b"old", "a failed write changes nothing");
-        write_atomic(&path, b"new").expect("second write");
-        assert_eq!(std::fs::read(&path).expect("read"), b"new");
-        let names: Vec<_> =
-            std::fs::read_dir(&dir).expect("list").map(|e| e.expect("entry").file_name()).collect();
-        assert_eq!(names, ["f.json"], "no temporary file is left behind");
-        std::fs::remove_dir_all(&dir).expect("clean up");
-    }
 
     #[test]
     fn written_files_read_back_with_the_safetensors_crate() {

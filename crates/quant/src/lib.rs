@@ -25,10 +25,9 @@ pub mod linear;
 /// The fast path: the codec as libtorch ops on `tch` tensors (C++ in `csrc/`, bit-identical to [`codec`]).
 #[cfg(feature = "torch")]
 pub mod ops;
-/// JSON text as Python's `json.dumps` writes it, for files Python tools read byte for byte.
-pub mod pyjson;
 /// bitsandbytes' serialized layout (`weight`, `weight.absmax`, ..., `quant_state` JSON; the 8-bit `SCB`) on plain buffers.
 pub mod state;
+pub mod values;
 
 pub use codec::{NestedAbsmax, QuantType};
 

@@ -44,16 +44,16 @@ struct QuantizeArgs {
     #[arg(value_name = "OUT.safetensors")]
     output: PathBuf,
     /// The 4-bit code
-    #[arg(long, alias = "quant_type", default_value = "nf4", value_parser = quant_type)]
+    #[arg(long, alias = "quant_type", default_value = "nf4", value_parser = quant::values::quant_type)]
     quant_type: QuantType,
     /// Elements per block (a power of two, 32..4096)
-    #[arg(long, default_value_t = 64, value_parser = blocksize)]
+    #[arg(long, default_value_t = 64, value_parser = quant::values::blocksize)]
     blocksize: usize,
     /// Quantize the block scales too (bitsandbytes' nested quantization)
     #[arg(long, alias = "double_quant")]
     double_quant: bool,
     /// The compute dtype recorded in the file's metadata (`bnb_4bit_compute_dtype`)
-    #[arg(long, alias = "compute_dtype", value_parser = torch_dtype)]
+    #[arg(long, alias = "compute_dtype", value_parser = quant::values::float_dtype)]
     compute_dtype: Option<&'static str>,
     /// Quantize the tensors whose whole name matches this regex instead of the default selection
     #[arg(long, value_parser = whole_name)]
@@ -69,18 +69,8 @@ struct DequantizeArgs {
     #[arg(value_name = "OUT.safetensors")]
     output: PathBuf,
     /// The dtype of every dequantized weight (default: each weight's original one)
-    #[arg(long, value_parser = torch_dtype)]
+    #[arg(long, value_parser = quant::values::float_dtype)]
     dtype: Option<&'static str>,
-}
-
-fn quant_type(v: &str) -> Result<QuantType, String> {
-    v.parse::<QuantType>().map_err(|e| e.to_string())
-}
-
-fn blocksize(v: &str) -> Result<usize, String> {
-    let b: usize = v.parse().map_err(|_| format!("`{v}` is not a number"))?;
-    quant::codec::check_blocksize(b).map_err(|e| e.to_string())?;
-    Ok(b)
 }
 
 fn whole_name(v: &str) -> Result<regex::Regex, String> {
@@ -94,16 +84,6 @@ struct InputError(String);
 
 fn input<T>(r: Result<T, impl std::fmt::Display>) -> Result<T> {
     r.map_err(|e| InputError(e.to_string()).into())
-}
-
-/// `bf16` / `fp16` / `fp32` (or torch's names) as torch's dtype name.
-fn torch_dtype(s: &str) -> Result<&'static str, String> {
-    Ok(match s {
-        "bf16" | "bfloat16" => "bfloat16",
-        "fp16" | "f16" | "float16" => "float16",
-        "fp32" | "f32" | "float32" => "float32",
-        other => return Err(format!("unknown dtype `{other}` (bf16, fp16 or fp32)")),
-    })
 }
 
 /// safetensors dtype name -> torch dtype name, for the floating types a 4-bit weight may have.

@@ -368,7 +368,7 @@ fn f32s(t: &RawTensor, len: usize, why: impl FnOnce() -> String) -> Result<Vec<f
     Ok(t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
-pub use crate::pyjson::py_float_repr;
+pub use pyfiles::json::py_float_repr;
 
 /// A row-wise int8 weight with its scales, as bitsandbytes' `Linear8bitLt` saves it.
 #[derive(Debug, Clone, PartialEq)]

@@ -113,13 +113,13 @@ pub(crate) struct QuantizeCli {
     /// Where to write the 4-bit model (must be empty unless --overwrite)
     pub out: PathBuf,
     /// The 4-bit code
-    #[arg(long, alias = "quant_type", default_value = "nf4", value_parser = quant_type)]
+    #[arg(long, alias = "quant_type", default_value = "nf4", value_parser = quant::values::quant_type)]
     pub quant_type: QuantType,
     /// Quantize the block scales too (bitsandbytes' nested quantization)
     #[arg(long, alias = "double_quant")]
     pub double_quant: bool,
     /// Elements per block (a power of two, 32..4096)
-    #[arg(long, default_value_t = 64, value_parser = blocksize)]
+    #[arg(long, default_value_t = 64, value_parser = quant::values::blocksize)]
     pub blocksize: usize,
     /// The compute dtype recorded in config.json (`bnb_4bit_compute_dtype`)
     #[arg(long, alias = "compute_dtype", default_value = "fp32", value_parser = dtype)]
@@ -237,24 +237,13 @@ fn nproc(v: &str) -> Result<usize, String> {
     }
 }
 
-fn quant_type(v: &str) -> Result<QuantType, String> {
-    v.parse::<QuantType>().map_err(|_| format!("`{v}` is not nf4 or fp4"))
-}
-
-fn blocksize(v: &str) -> Result<usize, String> {
-    let b: usize = v.parse().map_err(|_| format!("`{v}` is not a number"))?;
-    quant::codec::check_blocksize(b).map_err(|e| e.to_string())?;
-    Ok(b)
-}
-
 /// `bf16` / `fp16` / `fp32` (or torch's names) as a kind.
 fn dtype(v: &str) -> Result<Kind, String> {
-    match v {
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        "fp16" | "f16" | "float16" => Ok(Kind::Half),
-        "fp32" | "f32" | "float32" => Ok(Kind::Float),
-        other => Err(format!("unknown dtype `{other}` (bf16, fp16 or fp32)")),
-    }
+    Ok(match quant::values::float_dtype(v)? {
+        "bfloat16" => Kind::BFloat16,
+        "float16" => Kind::Half,
+        _ => Kind::Float,
+    })
 }
 
 /// `5GB`, `500MiB`, `1000000` as bytes.

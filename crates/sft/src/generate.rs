@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use data::Tokenizer;
+use data::template::ChatTemplate;
 use model_loader::{CausalLm, HubCache, LoadOptions, resolve_model};
 use quant::ops::QuantizeOptions;
-use sft::data::Tokenizer;
-use sft::template::ChatTemplate;
 use tch::Tensor;
 
 use crate::cli::GenerateCli;
@@ -35,7 +35,7 @@ pub(crate) fn run(a: &GenerateCli) -> Result<()> {
     let tok_dir = dirs.iter().find(|d| d.join("tokenizer.json").is_file()).copied().unwrap_or(&dir);
     let tok = Tokenizer::from_dir(tok_dir)?;
     let text = if a.chat {
-        let source = sft::template::find_chat_template(&dirs)?
+        let source = data::template::find_chat_template(&dirs)?
             .context("--chat: neither the adapter nor the model has a chat template")?;
         let ctx = serde_json::json!({
             "messages": [{"role": "user", "content": a.prompt}],

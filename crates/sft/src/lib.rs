@@ -1,10 +1,9 @@
-//! The SFT pipeline behind the `sft` binary: data (sources, rows, chat templates, tokenization,
-//! packing, batching), the training loop, reports and adapter merging.
+//! The training half of the `sft` binary, usable as a library: the loop as transformers' Trainer
+//! runs it (windows, clipping, AdamW, schedules, gradient checkpointing, evaluation, atomic
+//! checkpoints and resume, data parallelism) and adapter merging. Data comes from the `data`
+//! crate and logs and run files go through the `report` crate.
 
 #![deny(missing_docs)]
 
-pub mod data;
 pub mod merge;
-pub mod report;
-pub mod template;
 pub mod train;

@@ -183,7 +183,7 @@ fn finish(result: Result<()>) -> Result<ExitCode> {
 }
 
 fn merge(a: &cli::MergeCli) -> Result<()> {
-    let cache = model_loader::HubCache::from_env(|k| std::env::var(k).ok());
+    let cache = pyfiles::HubCache::from_env(|k| std::env::var(k).ok());
     let base = model_loader::resolve_model(&a.model, &a.io.revision, &cache)?;
     tracing::info!(base = %base.display(), adapter = %a.adapter.display(), out = %a.out.display(), "merging");
     let opts = sft::merge::MergeOptions {

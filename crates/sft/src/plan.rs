@@ -6,18 +6,22 @@
 //! is tokenized, loaded or written. The run and `--estimate-memory` read the plan; nothing here
 //! changes the process (the matmul policy is applied by the run).
 //!
-//! Still read from the recipe downstream: the data pipeline (`prepare::dataset`) and the report
-//! options (`sft::report`), which move into the plan with the data and report crates.
+//! The data section ([`DataSetup`]: sources found and fingerprinted, tokenizer and chat template
+//! loaded, tokenize and batch options) and the report options are part of the plan, so a missing
+//! dataset file or an unknown `pad_token` is reported with the recipe's other problems.
 
 use std::path::{Path, PathBuf};
 
 use config::types::{Dtype, SamplingStrategy, SaveStrategy, TargetModules};
 use config::{Diagnostic, Kind as Problem, Recipe};
-use device_map::estimate::{BaseWeights, RunShape, block_linears};
+use device_map::estimate::{BaseWeights, DECODER_LINEARS, RunShape};
 use model_loader::{Architecture, HfConfig, HubCache, LoadOptions, resolve_model};
 use quant::ops::{CpuMatmul, QuantizeOptions};
+use report::ReportOptions;
 use sft::train::{Schedule, checkpoint};
 use tch::{Device, Kind};
+
+use crate::prepare::DataSetup;
 
 /// What this machine and process offer a run.
 #[derive(Debug, Clone)]
@@ -61,8 +65,14 @@ pub(crate) enum Purpose {
 
 /// Everything a run decides before data or weights are read.
 pub(crate) struct RunPlan {
-    /// The recipe the plan was made from (for the parts not planned yet: data and reports).
+    /// The recipe the plan was made from (the training keys the loop reads, the card's
+    /// hyperparameters and the `recipe.yaml` a run leaves).
     pub recipe: Recipe,
+    /// Where the data comes from and how it becomes batches (`None` for the memory estimate,
+    /// which reads no data).
+    pub data: Option<DataSetup>,
+    /// Which report sinks the run writes.
+    pub report: ReportOptions,
     /// `model_name_or_path` as given (the adapter's `base_model_name_or_path`).
     pub model_id: String,
     /// The model's local directory (a hub-cache snapshot for a hub id).
@@ -274,6 +284,23 @@ impl RunPlan {
             }
             planned = lora.map(|lora| (dir, cfg, load, lora, lora_linears));
         }
+        // The data: every file found, the tokenizer and template loaded (a training run's concern).
+        let data = if purpose == Purpose::Train {
+            match DataSetup::resolve(&recipe, planned.as_ref().map(|(dir, ..)| dir.as_path())) {
+                Ok(d) => Some(d),
+                Err(problems) => {
+                    for (key, message) in problems {
+                        p.add(Problem::OutOfRange, key, message);
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut report = ReportOptions::from_recipe(&recipe);
+        // transformers' TensorBoard callback reads this variable; so does nibble.
+        report.logging_dir = std::env::var_os("TENSORBOARD_LOGGING_DIR").map(PathBuf::from);
         if !p.found.is_empty() {
             return Err(config::Error::invalid(p.found));
         }
@@ -296,6 +323,8 @@ impl RunPlan {
             replaces_previous,
             resume,
             grad_accum,
+            data,
+            report,
             recipe,
         })
     }
@@ -322,6 +351,12 @@ impl RunPlan {
                 "layers": self.model_config.shape.layers,
             },
             "device": device(self.device),
+            "data": self.data.as_ref().map(DataSetup::to_json),
+            "report": {
+                "tensorboard": self.report.tensorboard,
+                "logging_dir": self.report.logging_dir,
+                "run_name": self.report.run_name,
+            },
             "load": {
                 "dtype": kind(self.load.dtype),
                 "compute_dtype": kind(self.load.compute_dtype),
@@ -479,15 +514,8 @@ fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str, r: usize) -> lor
 
 /// The decoder linears of `cfg`'s model by PEFT module name (`model.layers.N.self_attn.q_proj`).
 fn linear_names(cfg: &HfConfig) -> Vec<String> {
-    let table = block_linears(&cfg.shape);
     (0..cfg.shape.layers)
-        .flat_map(|layer| {
-            table.iter().map(move |(name, ..)| {
-                let block =
-                    if matches!(*name, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
-                format!("model.layers.{layer}.{block}.{name}")
-            })
-        })
+        .flat_map(|layer| DECODER_LINEARS.iter().map(move |path| format!("model.layers.{layer}.{path}")))
         .collect()
 }
 

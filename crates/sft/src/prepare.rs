@@ -5,38 +5,142 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use config::Recipe;
-use model_loader::HubCache;
-use sft::data::{
+use data::template::ChatTemplate;
+use data::{
     Batch, DataPlan, Dataset, Example, LoadedData, PrepareError, TokenizeOptions, Tokenizer,
     load_or_prepare_rows, shard_indices,
 };
-use sft::template::ChatTemplate;
+use pyfiles::HubCache;
 use sft::train::{DeviceBatch, EpochBatches};
 use tch::Tensor;
 
 /// The template to use: the recipe's (`chat_template`, `chat_template_path`), else the one the
-/// tokenizer's folder ships (`sft::template::find_chat_template`).
-fn chat_template(recipe: &Recipe, model_dir: &Path) -> Result<Option<String>> {
+/// tokenizer's folder ships (`data::template::find_chat_template`).
+pub(crate) fn chat_template(recipe: &Recipe, tokenizer_dir: &Path) -> Result<Option<String>> {
     if let Some(t) = &recipe.training.chat_template {
         return Ok(Some(t.clone()));
     }
     if let Some(p) = &recipe.training.chat_template_path {
-        // A local .jinja/.j2 file: the plan refused anything else.
+        // A local .jinja/.j2 file: the plan refuses anything else.
         return Ok(Some(std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?));
     }
-    Ok(sft::template::find_chat_template(&[model_dir])?)
+    Ok(data::template::find_chat_template(&[tokenizer_dir])?)
 }
 
-/// Where tokenized datasets are cached: `$NIBBLE_CACHE/tokenized`, else the nibble cache folder
-/// by the rule `cargo xtask setup` follows for the venv (`$NIBBLE_HOME`, else
-/// `$XDG_CACHE_HOME/nibble` when absolute, else `~/.cache/nibble`) + `/tokenized`.
-fn cache_dir() -> Option<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let base = var("NIBBLE_CACHE")
-        .or_else(|| var("NIBBLE_HOME"))
-        .or_else(|| var("XDG_CACHE_HOME").filter(|p| p.is_absolute()).map(|x| x.join("nibble")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache").join("nibble")))?;
-    Some(base.join("tokenized"))
+/// The run plan's data section: where the rows come from, the tokenizer and template that turn
+/// them into tokens, and how they are batched, all found and checked before any row is read.
+pub(crate) struct DataSetup {
+    /// Every file of the training (and eval) data, found and fingerprinted.
+    pub sources: DataPlan,
+    /// `dataset_text_field`.
+    pub text_field: String,
+    /// `skip_invalid_rows`: drop rows of no TRL format (with a count) instead of failing.
+    pub skip_invalid_rows: bool,
+    /// The tokenizer's folder (`tokenizer_name_or_path`, else the model's).
+    pub tokenizer_dir: PathBuf,
+    /// The tokenizer, with the recipe's `eos_token` / `pad_token`.
+    pub tokenizer: Tokenizer,
+    /// The chat template's source.
+    pub chat_template: Option<String>,
+    /// How the training set is tokenized, truncated and packed.
+    pub train: TokenizeOptions,
+    /// The same for the eval set (`eval_packing`).
+    pub eval: TokenizeOptions,
+    /// `per_device_train_batch_size`.
+    pub batch_size: usize,
+    /// `per_device_eval_batch_size`.
+    pub eval_batch_size: usize,
+    /// `dataloader_drop_last`.
+    pub drop_last: bool,
+    /// `train_sampling_strategy: sequential`.
+    pub sequential: bool,
+    /// Where tokenized sets are cached (pyfiles' rule); `None`: not cached.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl DataSetup {
+    /// What the plan reports under each key when it cannot be set up.
+    /// `model_dir` is `None` when the model was not found (a problem reported already): the data
+    /// files are still checked, the tokenizer only when the recipe names its own.
+    pub(crate) fn resolve(
+        recipe: &Recipe,
+        model_dir: Option<&Path>,
+    ) -> Result<DataSetup, Vec<(&'static str, String)>> {
+        let t = &recipe.training;
+        let mut problems = Vec::new();
+        let hub = HubCache::from_process_env();
+        let data_key = if recipe.data.dataset_mixture.is_some() { "dataset_mixture" } else { "dataset_name" };
+        let sources =
+            DataPlan::from_recipe(recipe, &hub).map_err(|e| problems.push((data_key, e.to_string()))).ok();
+        let Some(tokenizer_dir) = recipe
+            .model
+            .tokenizer_name_or_path
+            .as_deref()
+            .map(PathBuf::from)
+            .or(model_dir.map(Path::to_owned))
+        else {
+            return Err(problems);
+        };
+        let tokenizer = Tokenizer::from_recipe(&tokenizer_dir, recipe)
+            .map_err(|e| {
+                let key = match &e {
+                    PrepareError::UnknownToken { key, .. } => key,
+                    _ if recipe.model.tokenizer_name_or_path.is_some() => "tokenizer_name_or_path",
+                    _ => "model_name_or_path",
+                };
+                problems.push((key, e.to_string()));
+            })
+            .ok();
+        let template_key =
+            if t.chat_template_path.is_some() { "chat_template_path" } else { "chat_template" };
+        // (A `chat_template_path` that is no file is reported by the plan's own check.)
+        let unreadable_path = t.chat_template_path.as_deref().is_some_and(|p| !Path::new(p).is_file());
+        let chat_template = chat_template(recipe, &tokenizer_dir)
+            .map_err(|e| {
+                if !unreadable_path {
+                    problems.push((template_key, format!("{e:#}")));
+                }
+            })
+            .ok();
+        let (Some(sources), Some(tokenizer), Some(chat_template)) = (sources, tokenizer, chat_template)
+        else {
+            return Err(problems);
+        };
+        let train = TokenizeOptions::from_recipe(recipe);
+        let eval = TokenizeOptions::for_eval(recipe);
+        Ok(DataSetup {
+            sources,
+            text_field: t.dataset_text_field.clone(),
+            skip_invalid_rows: t.skip_invalid_rows,
+            tokenizer_dir,
+            tokenizer,
+            chat_template,
+            train,
+            eval,
+            // The plan checks both sizes are positive.
+            batch_size: usize::try_from(t.per_device_train_batch_size).unwrap_or(1).max(1),
+            eval_batch_size: usize::try_from(t.per_device_eval_batch_size).unwrap_or(1).max(1),
+            drop_last: t.dataloader_drop_last,
+            sequential: t.train_sampling_strategy == config::types::SamplingStrategy::Sequential,
+            cache_dir: pyfiles::cache::tokenized_dir(|k| std::env::var(k).ok()),
+        })
+    }
+
+    /// The plan's data section as `--print-config` shows it.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tokenizer": self.tokenizer_dir,
+            "chat_template": self.chat_template.is_some(),
+            "text_field": self.text_field,
+            "max_length": self.train.max_length,
+            "packing": self.train.packing,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "eval_set": self.sources.eval_fingerprint().is_some(),
+            "sampling": if self.sequential { "sequential" } else { "random" },
+            "cache_dir": self.cache_dir,
+        })
+    }
 }
 
 /// The tokenized training set and how the recipe batches it.
@@ -110,87 +214,67 @@ fn to_device(b: &Batch) -> (DeviceBatch, u64) {
     (batch, b.num_loss_tokens() as u64)
 }
 
-/// Find, read, tokenize (or load from the cache) and prepare the recipe's training set and, when
-/// the data has one, its eval set.
-pub fn dataset(recipe: &Recipe, model_dir: &Path) -> Result<TrainData> {
-    // Other strategies are refused when the run is planned.
-    let sequential = recipe.training.train_sampling_strategy == config::types::SamplingStrategy::Sequential;
-    let hub = HubCache::from_env(|k| std::env::var(k).ok());
-    let plan = DataPlan::from_recipe(recipe, &hub)?;
-    let skip = recipe.training.skip_invalid_rows;
+/// Read, tokenize (or load from the cache) and prepare the plan's training set and, when the
+/// data has one, its eval set.
+pub(crate) fn dataset(setup: &DataSetup) -> Result<TrainData> {
+    let skip = setup.skip_invalid_rows;
     // Skipping changes which rows are trained on, so it is part of the cache key.
     let keyed = |fp: [u8; 32]| [&fp[..], &[u8::from(skip)]].concat();
-    let tok_dir = recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from);
-    let tok_dir = tok_dir.as_deref().unwrap_or(model_dir);
-    let tok = Tokenizer::from_recipe(tok_dir, recipe)?;
-    let template = chat_template(recipe, tok_dir)?;
-    let opts = TokenizeOptions::from_recipe(recipe);
+    let (tok, template) = (&setup.tokenizer, setup.chat_template.as_deref());
     // Rows are read at most once, and only when a cache misses.
     let loaded = std::cell::OnceCell::new();
     let load = || -> Result<&LoadedData, PrepareError> {
         if let Some(l) = loaded.get() {
             return Ok(l);
         }
-        let l = plan.load_with(&recipe.training.dataset_text_field, skip)?;
+        let l = setup.sources.load_with(&setup.text_field, skip)?;
         Ok(loaded.get_or_init(|| l))
     };
-    let cache = cache_dir();
+    let cache = setup.cache_dir.as_deref();
     let (dataset, outcome) = load_or_prepare_rows(
-        &keyed(plan.train_fingerprint()),
-        &tok,
-        template.as_deref(),
-        &opts,
-        cache.as_deref(),
+        &keyed(setup.sources.train_fingerprint()),
+        tok,
+        template,
+        &setup.train,
+        cache,
         || Ok((load()?.train.clone(), None)),
     )
     .context("preparing the training set")?;
     tracing::debug!("tokenization cache (train): {outcome:?}");
-    let eval = match plan.eval_fingerprint() {
+    let eval = match setup.sources.eval_fingerprint() {
         Some(fp) => {
-            let eval_opts = TokenizeOptions::for_eval(recipe);
-            let (ds, outcome) = load_or_prepare_rows(
-                &keyed(fp),
-                &tok,
-                template.as_deref(),
-                &eval_opts,
-                cache.as_deref(),
-                || Ok((load()?.eval.clone().unwrap_or_default(), None)),
-            )
+            let (ds, outcome) = load_or_prepare_rows(&keyed(fp), tok, template, &setup.eval, cache, || {
+                Ok((load()?.eval.clone().unwrap_or_default(), None))
+            })
             .context("preparing the eval set")?;
             tracing::debug!("tokenization cache (eval): {outcome:?}");
             Some(ds)
         }
         None => None,
     };
-    let batch_size = usize::try_from(recipe.training.per_device_train_batch_size)
-        .ok()
-        .filter(|&b| b > 0)
-        .context("per_device_train_batch_size must be >= 1")?;
-    let eval_batch_size = usize::try_from(recipe.training.per_device_eval_batch_size).unwrap_or(1).max(1);
     let first = match loaded.get() {
         Some(l) => l.train.first().cloned(),
-        None => plan
-            .load_with(&recipe.training.dataset_text_field, skip)
-            .ok()
-            .and_then(|l| l.train.into_iter().next()),
+        None => {
+            setup.sources.load_with(&setup.text_field, skip).ok().and_then(|l| l.train.into_iter().next())
+        }
     };
-    let sample_prompt = first.and_then(|row| sample_prompt(row, template.as_deref()));
+    let sample_prompt = first.and_then(|row| sample_prompt(row, template));
     Ok(TrainData {
-        tokenizer: tok,
+        tokenizer: tok.clone(),
         sample_prompt,
         dataset,
         eval,
-        eval_batch_size,
-        batch_size,
-        drop_last: recipe.training.dataloader_drop_last,
-        sequential,
+        eval_batch_size: setup.eval_batch_size,
+        batch_size: setup.batch_size,
+        drop_last: setup.drop_last,
+        sequential: setup.sequential,
     })
 }
 
 /// The first row's prompt as the model sees it before its answer: a conversation up to its last
 /// assistant turn rendered with `add_generation_prompt`, or a prompt/completion row's prompt.
 fn sample_prompt(row: Example, template: Option<&str>) -> Option<String> {
-    let render = |messages: &[sft::data::Message]| -> Option<String> {
+    let render = |messages: &[data::Message]| -> Option<String> {
         let t = ChatTemplate::new(template?).ok()?;
         let ctx = serde_json::json!({"messages": messages, "add_generation_prompt": true});
         Some(t.render(&ctx).ok()?.text)

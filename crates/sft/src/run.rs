@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use config::Recipe;
 use indicatif::{ProgressBar, ProgressStyle};
 use model_loader::CausalLm;
-use sft::report::{self, EvalLog, ReportOptions, Reporter, RunSummary, TrainLog};
+use report::{EvalLog, Reporter, RunSummary, TrainLog};
 use sft::train::{AdamWConfig, Checkpoint, Event, Outcome, Schedule, TrainOptions, Trainer, checkpoint};
 
 use crate::plan::{Machine, RunPlan};
@@ -107,7 +107,8 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
     }
 
     // Data first: a bad row should fail before minutes of loading.
-    let data = prepare::dataset(recipe, dir)?;
+    let setup = plan.data.as_ref().context("a training plan has a data section")?;
+    let data = prepare::dataset(setup)?;
     if let Some(g) = group.as_ref().filter(|_| main) {
         g.barrier().context("waiting for the other ranks")?;
     }
@@ -245,8 +246,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
     if main && trainer.opts.eval_steps.is_some() && eval.is_empty() {
         tracing::warn!("eval_strategy is set but the data has no eval split; not evaluating");
     }
-    let mut ro = ReportOptions::from_recipe(recipe);
-    ro.logging_dir = std::env::var_os("TENSORBOARD_LOGGING_DIR").map(PathBuf::from);
+    let mut ro = plan.report.clone();
     ro.resume_from_step = resume.is_some().then_some(trainer.progress.global_step);
     let mut reporter = if main { Some(Reporter::new(&out, ro)?) } else { None };
     if let Some(d) = reporter.as_ref().and_then(Reporter::logging_dir) {
@@ -311,9 +311,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
         "eval_history": trainer.progress.eval_history,
     });
     report::write_atomic(&out.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-    let tok_dir =
-        recipe.model.tokenizer_name_or_path.as_deref().map(PathBuf::from).unwrap_or_else(|| dir.clone());
-    report::copy_tokenizer_files(&tok_dir, &out)?;
+    report::copy_tokenizer_files(&setup.tokenizer_dir, &out)?;
     if let Some(t) = &recipe.training.chat_template {
         // TRL saves the tokenizer with the recipe's template.
         report::write_atomic(&out.join("chat_template.jinja"), t.as_bytes())?;
@@ -336,7 +334,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
 }
 
 /// Print a short greedy generation from the trained model, so a run ends showing what it learned.
-fn sample(model: &CausalLm, tok: &sft::data::Tokenizer, prompt: &str) -> Result<()> {
+fn sample(model: &CausalLm, tok: &data::Tokenizer, prompt: &str) -> Result<()> {
     let ids: Vec<i64> =
         tok.encode(prompt, false).map_err(anyhow::Error::msg)?.into_iter().map(i64::from).collect();
     let mut stop: Vec<i64> = tok.eos_token_id().map(i64::from).into_iter().collect();

@@ -123,10 +123,12 @@ fn problems_found_while_planning_are_reported_at_once_before_anything_is_written
         .expect("run sft");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("recipe has 7 problems"), "{stderr}");
+    assert!(stderr.contains("recipe has 8 problems"), "{stderr}");
     for key in [
         "use_peft",
         "lora_target_modules",
+        // The data is found while planning: eval_strategy asks for a split the file does not have.
+        "dataset_name",
         "lr_scheduler_type",
         "save_strategy",
         "output_dir",
@@ -161,14 +163,20 @@ fn the_estimate_counts_the_default_targets_the_run_trains() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A failure after planning (here a dataset file that is not there) prints `error:` and its
-/// causes, exit 1, and no backtrace even where RUST_BACKTRACE is set; NIBBLE_BACKTRACE asks for one.
+/// A failure after planning (here a row of no TRL format, found while tokenizing) prints `error:`
+/// and its causes, exit 1, and no backtrace even where RUST_BACKTRACE is set; NIBBLE_BACKTRACE
+/// asks for one.
 #[test]
 fn runtime_errors_print_as_errors_without_a_backtrace_unless_asked() {
     let dir = scratch("runtime-error");
+    let rows = dir.join("odd-rows.jsonl");
+    std::fs::write(&rows, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"body\": 1}\n")
+        .expect("rows");
     let run = |extra: &[(&str, &str)]| {
         Command::new(env!("CARGO_BIN_EXE_sft"))
-            .args(["recipes/tiny/config_qlora.yaml", "--dataset_name", "no/such-data.jsonl", "--output_dir"])
+            .args(["recipes/tiny/config_qlora.yaml", "--dataset_name"])
+            .arg(&rows)
+            .arg("--output_dir")
             .arg(dir.join("out"))
             .current_dir(repo())
             .env("NIBBLE_CACHE", &dir)
@@ -183,11 +191,31 @@ fn runtime_errors_print_as_errors_without_a_backtrace_unless_asked() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>();
     assert!(last.iter().any(|l| l.starts_with("error: ") && !l.starts_with("error: recipe")), "{stderr}");
-    assert!(stderr.contains("no/such-data.jsonl"), "{stderr}");
+    assert!(stderr.contains("odd-rows.jsonl"), "{stderr}");
     assert!(!stderr.contains("Error:") && !stderr.to_lowercase().contains("backtrace"), "{stderr}");
     let traced = run(&[("NIBBLE_BACKTRACE", "1")]);
     let stderr = String::from_utf8_lossy(&traced.stderr);
     assert!(stderr.contains("main"), "NIBBLE_BACKTRACE=1 should print a backtrace:\n{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A dataset that is not there is a recipe problem found while planning: exit 2, named with its
+/// key and place, before the model is loaded or anything written.
+#[test]
+fn a_missing_dataset_is_reported_with_the_recipe_before_any_work() {
+    let dir = scratch("missing-data");
+    let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["recipes/tiny/config_qlora.yaml", "--dataset_name", "no/such-data.jsonl", "--output_dir"])
+        .arg(dir.join("out"))
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", &dir)
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .expect("run sft");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("dataset_name: ") && stderr.contains("no/such-data.jsonl"), "{stderr}");
+    assert!(!dir.join("out").exists(), "nothing written");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -289,14 +289,17 @@ impl DecoderLayer {
     pub(crate) fn linears_mut(&mut self) -> [(&'static str, &mut Box<dyn Linear>); 7] {
         let a = &mut self.self_attn;
         let m = &mut self.mlp;
-        [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]
+        // In device-map's table order (the names come from there).
+        let slots = [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ];
+        let mut names = device_map::estimate::DECODER_LINEARS.into_iter();
+        slots.map(|slot| (names.next().unwrap_or_default(), slot))
     }
 }

@@ -76,15 +76,20 @@ impl Checkpoint {
         let named: Vec<(&str, &Tensor)> = host.iter().map(|(n, t)| (*n, t)).collect();
         Tensor::write_safetensors(&named, &opt_path)
             .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+        // libtorch writes without syncing: flush it before the folder is renamed into place.
+        std::fs::File::open(&opt_path).and_then(|f| f.sync_all()).map_err(io(&opt_path))?;
         let mut state = serde_json::to_value(progress)
             .map_err(|e| CheckpointError::Bad { path: tmp.join(STATE), message: e.to_string() })?;
         state["optimizer_step"] = serde_json::json!(step);
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-        std::fs::write(tmp.join(STATE), text).map_err(io(&tmp.join(STATE)))?;
+        pyfiles::write_atomic(&tmp.join(STATE), text.as_bytes()).map_err(io(&tmp.join(STATE)))?;
+        // Every entry on disk before the folder gets its real name, and the name before we go on.
+        pyfiles::atomic::sync_dir(&tmp).map_err(io(&tmp))?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
         }
         std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        pyfiles::atomic::sync_dir(output_dir).map_err(io(output_dir))?;
         tracing::info!(checkpoint = %dest.display(), "saved checkpoint");
         Ok(dest)
     }

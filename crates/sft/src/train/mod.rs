@@ -120,45 +120,7 @@ pub struct TrainOptions {
     pub neftune_noise_alpha: Option<f64>,
 }
 
-/// One line of the log history (the fields transformers logs for training).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LogEntry {
-    /// Optimizer steps done.
-    pub step: u64,
-    /// Fractional epoch.
-    pub epoch: f64,
-    /// Mean window loss since the previous log.
-    pub loss: f64,
-    /// Gradient norm before clipping, at this step.
-    pub grad_norm: f64,
-    /// Learning rate used at this step.
-    pub learning_rate: f64,
-    /// Input tokens (pads excluded) trained on so far, as TRL counts `num_tokens`.
-    pub num_tokens: u64,
-    /// Mean over the window's micro-batches of next-token accuracy (TRL's `mean_token_accuracy`).
-    pub mean_token_accuracy: f64,
-    /// Input tokens per second since the previous log.
-    pub tokens_per_second: f64,
-    /// Seconds since training started (this process).
-    pub elapsed_s: f64,
-    /// Estimated seconds to the end.
-    pub eta_s: f64,
-}
-
-/// One evaluation over the eval set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalEntry {
-    /// Optimizer steps done.
-    pub step: u64,
-    /// Fractional epoch.
-    pub epoch: f64,
-    /// Mean token loss over the eval set, each batch weighted by its rows (as transformers does).
-    pub eval_loss: f64,
-    /// Next-token accuracy over the eval set.
-    pub eval_mean_token_accuracy: f64,
-    /// Seconds the evaluation took.
-    pub eval_runtime: f64,
-}
+pub use report::{EvalEntry, LogEntry};
 
 /// What the loop reports as it goes.
 #[derive(Debug, Clone, Copy)]

@@ -1,4 +1,4 @@
-//! What a run logs while it trains and what it leaves in `output_dir` when done, as transformers'
+//! What a run logs while it trains (usable alone: it links no libtorch) and what it leaves in `output_dir` when done, as transformers'
 //! Trainer and TRL's SFTTrainer do: `log.jsonl` (one flushed JSON line per log, the keys of
 //! `trainer_state.json`'s `log_history`), TensorBoard event files with transformers'
 //! `TensorBoardCallback` tags when `report_to` asks for them, and at the end `loss.png`, a
@@ -9,6 +9,8 @@
 //! Reporter::new(out, ReportOptions::from_recipe(..)) -> log_train / log_eval (per log)
 //!                                                    -> finish(&RunSummary) (once, at the end)
 //! ```
+
+#![deny(missing_docs)]
 
 mod card;
 mod clock;
@@ -29,13 +31,51 @@ use config::types::ReportTo;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value as J};
 
-use crate::train::{EvalEntry, LogEntry};
-
-pub use card::{LIBTORCH_VERSION, PEFT_VERSION, TAGS, TRL_VERSION, datasets, hyperparameters, py_float};
+pub use card::{LIBTORCH_VERSION, PEFT_VERSION, TAGS, TRL_VERSION, datasets, hyperparameters};
 pub use clock::{hostname, logdir_stamp};
 pub use error::ReportError;
 pub use files::{TOKENIZER_FILES, copy_tokenizer_files, save_metrics, write_atomic};
 pub use plot::{EVAL_COLOR, LossPlot, TRAIN_COLOR};
+
+/// One line of the log history (the fields transformers logs for training).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Mean window loss since the previous log.
+    pub loss: f64,
+    /// Gradient norm before clipping, at this step.
+    pub grad_norm: f64,
+    /// Learning rate used at this step.
+    pub learning_rate: f64,
+    /// Input tokens (pads excluded) trained on so far, as TRL counts `num_tokens`.
+    pub num_tokens: u64,
+    /// Mean over the window's micro-batches of next-token accuracy (TRL's `mean_token_accuracy`).
+    pub mean_token_accuracy: f64,
+    /// Input tokens per second since the previous log.
+    pub tokens_per_second: f64,
+    /// Seconds since training started (this process).
+    pub elapsed_s: f64,
+    /// Estimated seconds to the end.
+    pub eta_s: f64,
+}
+
+/// One evaluation over the eval set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalEntry {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Mean token loss over the eval set, each batch weighted by its rows (as transformers does).
+    pub eval_loss: f64,
+    /// Next-token accuracy over the eval set.
+    pub eval_mean_token_accuracy: f64,
+    /// Seconds the evaluation took.
+    pub eval_runtime: f64,
+}
 
 /// The JSON Lines log in `output_dir`, one object per log call.
 pub const LOG_FILE: &str = "log.jsonl";

@@ -22,24 +22,8 @@ pub const TAGS: [&str; 4] = ["nibble", "sft", "lora", "trl-compatible"];
 
 /// A float as Python's `repr` prints it (`2e-05`, `0.9`, `3.0`), so the card reads like one
 /// transformers writes.
-pub fn py_float(v: f64) -> String {
-    if !v.is_finite() {
-        return if v.is_nan() {
-            "nan".into()
-        } else if v > 0.0 {
-            "inf".into()
-        } else {
-            "-inf".into()
-        };
-    }
-    if v != 0.0 && (v.abs() < 1e-4 || v.abs() >= 1e16) {
-        let s = format!("{v:e}");
-        let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
-        let (sign, digits) = exp.strip_prefix('-').map_or(("+", exp), |d| ("-", d));
-        return format!("{mant}e{sign}{digits:0>2}");
-    }
-    let s = format!("{v}");
-    if s.contains('.') { s } else { format!("{s}.0") }
+pub(crate) fn py_float(v: f64) -> String {
+    pyfiles::json::py_repr(v)
 }
 
 /// The datasets a recipe trains on (`dataset_name`, or each `dataset_mixture` id), for the

@@ -6,13 +6,13 @@
 use std::path::{Path, PathBuf};
 
 use config::types::DatasetMixture;
-use model_loader::HubCache;
-use serde_json::Value;
-use sft::data::source::{hub_snapshot, parse_split_spec};
-use sft::data::{
+use data::source::{hub_snapshot, parse_split_spec};
+use data::{
     DataPlan, Example, SourceError, load_mixture, load_rows, load_training_data, resolve_dataset,
     train_test_split_indices,
 };
+use pyfiles::HubCache;
+use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/sources")
@@ -421,8 +421,8 @@ fn golden_files_are_what_the_script_makes_now() {
     for ((name, a), (_, b)) in now.iter().zip(&committed) {
         assert!(
             a == b,
-            "crates/sft/tests/golden/sources/{name} is stale; regenerate with\n  \"$NIBBLE_PYTHON\" \
-             scripts/golden_sources.py crates/sft/tests/golden/sources"
+            "crates/data/tests/golden/sources/{name} is stale; regenerate with\n  \"$NIBBLE_PYTHON\" \
+             scripts/golden_sources.py crates/data/tests/golden/sources"
         );
     }
 }

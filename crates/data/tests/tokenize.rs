@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
-use sft::data::{
+use data::template::ChatTemplate;
+use data::{
     Dataset, Example, PrepareError, TokenizeOptions, Tokenizer, nprandom, prepare_dataset, read_rows,
 };
-use sft::template::ChatTemplate;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 fn root() -> PathBuf {
@@ -251,7 +251,7 @@ fn golden_file_is_what_the_script_makes_now() {
         .expect("golden file");
     assert!(
         out.stdout == committed,
-        "crates/sft/tests/golden/tokenize.json is stale; regenerate with\n  \"$NIBBLE_PYTHON\" \
-         scripts/golden_tokenize.py > crates/sft/tests/golden/tokenize.json"
+        "crates/data/tests/golden/tokenize.json is stale; regenerate with\n  \"$NIBBLE_PYTHON\" \
+         scripts/golden_tokenize.py > crates/data/tests/golden/tokenize.json"
     );
 }

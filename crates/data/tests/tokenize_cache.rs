@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sft::data::{CacheOutcome, PrepareError, TokenizeOptions, Tokenizer, load_or_prepare};
+use data::{CacheOutcome, PrepareError, TokenizeOptions, Tokenizer, load_or_prepare};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -102,51 +102,10 @@ fn rewrite_generation(src: &str) -> (String, bool) {
     (out, found)
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` for template values.
-fn py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
-    use serde_json::Value as J;
-    let (nl, pad, pad_in, sep) = match indent {
-        Some(n) => ("\n", " ".repeat(n * depth), " ".repeat(n * (depth + 1)), ","),
-        None => ("", String::new(), String::new(), ", "),
-    };
-    match v {
-        J::Null => out.push_str("null"),
-        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        J::Number(n) => out.push_str(&n.to_string()),
-        J::String(s) => out.push_str(&serde_json::to_string(s).unwrap_or_default()),
-        J::Array(a) if a.is_empty() => out.push_str("[]"),
-        J::Object(m) if m.is_empty() => out.push_str("{}"),
-        J::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                out.push_str(if i == 0 { nl } else { sep });
-                if i > 0 {
-                    out.push_str(nl);
-                }
-                out.push_str(&pad_in);
-                py_json(x, indent, depth + 1, out);
-            }
-            out.push_str(nl);
-            out.push_str(&pad);
-            out.push(']');
-        }
-        J::Object(m) => {
-            out.push('{');
-            for (i, (k, x)) in m.iter().enumerate() {
-                out.push_str(if i == 0 { nl } else { sep });
-                if i > 0 {
-                    out.push_str(nl);
-                }
-                out.push_str(&pad_in);
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
-                out.push_str(": ");
-                py_json(x, indent, depth + 1, out);
-            }
-            out.push_str(nl);
-            out.push_str(&pad);
-            out.push('}');
-        }
-    }
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` for template values, as
+/// transformers' `tojson` filter calls it.
+fn py_json(v: &serde_json::Value, indent: Option<usize>) -> String {
+    pyfiles::json::Dumps { indent, sort_keys: false, ensure_ascii: false }.dumps(v)
 }
 
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
@@ -154,9 +113,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     kwargs.assert_all_used()?;
     let j = serde_json::to_value(&value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let mut out = String::new();
-    py_json(&j, indent, 0, &mut out);
-    Ok(Value::from_safe_string(out))
+    Ok(Value::from_safe_string(py_json(&j, indent)))
 }
 
 impl ChatTemplate {
@@ -241,12 +198,8 @@ mod tests {
     #[test]
     fn tojson_writes_what_python_writes() {
         let v = json!({"name": "f", "args": [1, 2.5, "é", {"a": null}], "ok": true});
-        let mut out = String::new();
-        py_json(&v, None, 0, &mut out);
-        assert_eq!(out, r#"{"name": "f", "args": [1, 2.5, "é", {"a": null}], "ok": true}"#);
-        let mut out = String::new();
-        py_json(&json!({"a": [1, 2]}), Some(2), 0, &mut out);
-        assert_eq!(out, "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
+        assert_eq!(py_json(&v, None), r#"{"name": "f", "args": [1, 2.5, "é", {"a": null}], "ok": true}"#);
+        assert_eq!(py_json(&json!({"a": [1, 2]}), Some(2)), "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub const TOKENIZER_FILES: [&str; 4] =
 /// Write `bytes` to `path` atomically (quant's one atomic writer: temporary file, sync, rename;
 /// nothing left behind on failure).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    quant::file::write_atomic(path, bytes).map_err(ReportError::io("writing", path))
+    pyfiles::write_atomic(path, bytes).map_err(ReportError::io("writing", path))
 }
 
 /// Copy the tokenizer files of `model_dir` that exist into `output_dir` (atomically), as
@@ -37,17 +37,12 @@ pub fn copy_tokenizer_files(model_dir: &Path, output_dir: &Path) -> Result<Vec<P
     Ok(copied)
 }
 
-/// JSON with 4-space indents and sorted keys, as Python's `json.dump(indent=4, sort_keys=True)`.
-pub fn json_sorted(value: &BTreeMap<String, serde_json::Value>, path: &Path) -> Result<Vec<u8>, ReportError> {
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    serde::Serialize::serialize(value, &mut ser).map_err(|source| ReportError::Json {
-        path: path.to_owned(),
-        line: None,
-        source,
-    })?;
-    Ok(out)
+/// JSON as Python's `json.dump(value, indent=4, sort_keys=True)` writes it (transformers'
+/// `save_metrics`): Python's float repr and `ensure_ascii` escapes.
+pub fn json_sorted(value: &BTreeMap<String, serde_json::Value>) -> Vec<u8> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        value.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    pyfiles::json::Dumps::SORTED_4.dumps(&serde_json::Value::Object(map)).into_bytes()
 }
 
 /// `Trainer.save_metrics(split, metrics)`: `<split>_results.json`, and the same keys merged into
@@ -58,7 +53,7 @@ pub fn save_metrics(
     metrics: &BTreeMap<String, serde_json::Value>,
 ) -> Result<Vec<PathBuf>, ReportError> {
     let path = output_dir.join(format!("{split}_results.json"));
-    write_atomic(&path, &json_sorted(metrics, &path)?)?;
+    write_atomic(&path, &json_sorted(metrics))?;
     let all = output_dir.join("all_results.json");
     let mut merged: BTreeMap<String, serde_json::Value> = match std::fs::read(&all) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ReportError::Json {
@@ -70,6 +65,6 @@ pub fn save_metrics(
         Err(e) => return Err(ReportError::io("reading", &all)(e)),
     };
     merged.extend(metrics.iter().map(|(k, v)| (k.clone(), v.clone())));
-    write_atomic(&all, &json_sorted(&merged, &all)?)?;
+    write_atomic(&all, &json_sorted(&merged))?;
     Ok(vec![path, all])
 }

@@ -13,7 +13,7 @@ pub enum PrepareError {
     Rows(#[from] DataError),
     /// Finding or reading a dataset source failed.
     #[error(transparent)]
-    Sources(#[from] crate::data::SourceError),
+    Sources(#[from] crate::SourceError),
     /// A tokenizer file is missing or malformed.
     #[error("{}: {message}", .path.display())]
     Tokenizer {

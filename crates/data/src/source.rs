@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use sha2::{Digest, Sha256};
 
-use model_loader::HubCache;
+use pyfiles::HubCache;
 
 /// Why a dataset could not be found or read.
 #[derive(Debug, thiserror::Error)]
@@ -716,14 +716,11 @@ fn looks_like_hub_id(id: &str) -> bool {
 
 /// The snapshot folder of a hub dataset: `datasets--org--name/snapshots/<refs/main>`.
 pub fn hub_snapshot(id: &str, hub: &HubCache) -> Result<PathBuf, SourceError> {
-    let folder = hub.path.join(format!("datasets--{}", id.replace('/', "--")));
-    let not_found = || SourceError::NotInCache { id: id.to_owned(), split: None, searched: folder.clone() };
-    let commit = std::fs::read_to_string(folder.join("refs/main")).map_err(|_| not_found())?;
-    let snap = folder.join("snapshots").join(commit.trim());
-    if commit.trim().is_empty() || !snap.is_dir() {
-        return Err(not_found());
-    }
-    Ok(snap)
+    hub.snapshot(pyfiles::RepoKind::Dataset, id, "main").ok_or_else(|| SourceError::NotInCache {
+        id: id.to_owned(),
+        split: None,
+        searched: hub.repo_folder(pyfiles::RepoKind::Dataset, id),
+    })
 }
 
 /// The files of every split of a local folder (or a hub snapshot), for `config`.

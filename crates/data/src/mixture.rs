@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use config::Recipe;
 use config::types::{DatasetMixture, DatasetSpec, Interval};
-use model_loader::HubCache;
+use pyfiles::HubCache;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 

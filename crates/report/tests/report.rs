@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use sft::report::tfevents::{self, ValueKind};
-use sft::report::{
+use report::tfevents::{self, ValueKind};
+use report::{
     EVAL_COLOR, EvalLog, LossPlot, ReportError, ReportOptions, Reporter, RunSummary, TRAIN_COLOR, TrainLog,
 };
 
@@ -445,7 +445,7 @@ fn tokenizer_files_are_copied_when_present() {
     std::fs::write(model.join("tokenizer.json"), b"{\"version\": \"1.0\"}").expect("write");
     std::fs::write(model.join("chat_template.jinja"), b"{{ messages }}").expect("write");
     std::fs::write(model.join("config.json"), b"{}").expect("write");
-    let copied = sft::report::copy_tokenizer_files(&model, &out).expect("copy");
+    let copied = report::copy_tokenizer_files(&model, &out).expect("copy");
     assert_eq!(copied, vec![out.join("tokenizer.json"), out.join("chat_template.jinja")]);
     assert_eq!(files_in(&out), vec!["chat_template.jinja", "tokenizer.json"]);
     assert_eq!(std::fs::read(out.join("chat_template.jinja")).expect("read"), b"{{ messages }}");

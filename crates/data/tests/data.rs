@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sft::data::{DataError, Example, read_rows};
+use data::{DataError, Example, read_rows};
 
 fn scratch(name: &str, content: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nibble-data-{}", std::process::id()));

@@ -2,7 +2,7 @@
 //! raise_exception and tools, a `{% generation %}` template) render exactly what transformers
 //! renders: golden data from scripts/golden_templates.py.
 
-use sft::template::ChatTemplate;
+use data::template::ChatTemplate;
 
 #[test]
 fn templates_render_like_transformers() {

@@ -1,4 +1,4 @@
-//! The SFT data pipeline: training rows from local files (JSONL, JSON, Parquet), local dataset
+//! The data pipeline of nibble's trainers (usable alone: it links no libtorch): training rows from local files (JSONL, JSON, Parquet), local dataset
 //! folders and datasets in the Hugging Face hub cache (never downloaded), alone or mixed as the
 //! alignment-handbook mixes them; each row recognised as one of TRL's dataset formats, then
 //! tokenized, labelled, truncated or packed and batched exactly as TRL 1.16's `SFTTrainer` does,
@@ -7,6 +7,8 @@
 //! The entry points: [`DataPlan::from_recipe`] (which files, fingerprinted), [`Tokenizer::from_recipe`],
 //! [`TokenizeOptions::from_recipe`], then [`load_or_prepare_rows`] (through the cache) or
 //! [`prepare_dataset`] (rows in memory), and [`Dataset::batches`] per epoch.
+
+#![deny(missing_docs)]
 
 mod batch;
 mod cache;
@@ -18,6 +20,7 @@ mod pack;
 mod parquet;
 mod rows;
 pub mod source;
+pub mod template;
 mod tokenize;
 mod tokenizer;
 

@@ -113,7 +113,7 @@ pub fn write_cache(path: &Path, key: &[u8; 32], samples: &[Sample]) -> std::io::
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    quant::file::write_atomic_with(path, |file| {
+    pyfiles::write_atomic_with(path, |file| {
         let mut w = Hashing { inner: file, hash: Sha256::new() };
         let packed = samples.first().is_some_and(|s| s.seq_lengths.is_some());
         w.write_all(MAGIC)?;
