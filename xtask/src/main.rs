@@ -29,8 +29,8 @@ commands:
                      AVX512-BF16/AMX host's, forced on any host) or native
                      (docs/reference-cpu-paths.md)
   ci                 setup, then fmt, clippy, test, doc, and the check that `config`,
-                     `device-map` and `quant` without its torch feature never link libtorch
-                     (what CI runs, through .ci/run)
+                     `device-map`, `pyfiles`, `data`, `report` and `quant` without its torch
+                     feature never link libtorch (what CI runs, through .ci/run)
   bench [--quick] [--only codec,load,train] [--repeats N] [--env KEY=VALUE]... [--write|--no-write]
                      setup, build sft in release, then measure nibble against the Python
                      reference stack on the same inputs (4-bit codec, loading + quantizing a

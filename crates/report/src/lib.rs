@@ -263,17 +263,36 @@ pub struct RunSummary {
     pub train_rows: Option<u64>,
     /// Floating-point operations, when counted (`total_flos`).
     pub total_flos: Option<f64>,
+    /// How transformers counts samples once the run's length is known
+    /// ([`RunSummary::set_run_length`]): `Some(batch * accumulation)` per step when the recipe
+    /// sets `max_steps`, else `None` (rows times `epochs`).
+    pub samples_per_step: Option<f64>,
+    /// `num_train_epochs`.
+    pub epochs: f64,
 }
 
 impl RunSummary {
     /// The summary of a run of `recipe` with `max_steps` optimizer steps over `train_rows` rows.
     pub fn from_recipe(recipe: &Recipe, max_steps: u64, train_rows: u64) -> RunSummary {
-        let t = &recipe.training;
-        let num_train_samples = if t.max_steps > 0 {
-            (max_steps as i64 * t.per_device_train_batch_size * t.gradient_accumulation_steps) as f64
-        } else {
-            train_rows as f64 * t.num_train_epochs
+        let mut s = Self::for_recipe(recipe);
+        s.set_run_length(max_steps, train_rows);
+        s
+    }
+
+    /// Set the run's length once the data is prepared: `max_steps` optimizer steps over
+    /// `train_rows` rows (and the sample count transformers derives from them).
+    pub fn set_run_length(&mut self, max_steps: u64, train_rows: u64) {
+        self.max_steps = max_steps;
+        self.train_rows = Some(train_rows);
+        self.num_train_samples = match self.samples_per_step {
+            Some(per_step) => max_steps as f64 * per_step,
+            None => train_rows as f64 * self.epochs,
         };
+    }
+
+    /// What the recipe says of the run before its length is known (the run plan holds it).
+    pub fn for_recipe(recipe: &Recipe) -> RunSummary {
+        let t = &recipe.training;
         let out = t.output_dir.as_deref().unwrap_or("trainer_output");
         let model_name = t.run_name.clone().unwrap_or_else(|| folder_name(Path::new(out)));
         RunSummary {
@@ -282,10 +301,13 @@ impl RunSummary {
             datasets: datasets(recipe),
             hyperparameters: hyperparameters(recipe),
             recipe_yaml: recipe.to_yaml(),
-            max_steps,
-            num_train_samples,
-            train_rows: Some(train_rows),
+            max_steps: 0,
+            num_train_samples: 0.0,
+            train_rows: None,
             total_flos: None,
+            samples_per_step: (t.max_steps > 0)
+                .then(|| (t.per_device_train_batch_size * t.gradient_accumulation_steps) as f64),
+            epochs: t.num_train_epochs,
         }
     }
 }

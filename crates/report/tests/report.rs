@@ -65,6 +65,8 @@ fn summary() -> RunSummary {
         num_train_samples: 800.0,
         train_rows: Some(400),
         total_flos: None,
+        samples_per_step: Some(8.0),
+        epochs: 3.0,
     }
 }
 

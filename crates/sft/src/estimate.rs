@@ -74,7 +74,7 @@ pub fn print(plan: &RunPlan, device: Device, cuda_devices: usize) -> Result<()> 
         println!("{e}");
         // A device map: the same total, split by where each part lives (GPUs may be absent here:
         // the plan is made for the recipe's budgets).
-        if let Some((map, modules)) = crate::place::plan(&plan.recipe, cfg, &run, cuda_devices)? {
+        if let Some((map, modules)) = crate::place::plan(plan.device_map.as_ref(), cfg, &run, cuda_devices)? {
             println!("per device (model_init_kwargs.device_map):");
             for (d, b) in per_device(&e, &map, &modules, matches!(run.base, BaseWeights::FourBit { .. })) {
                 println!("  {:<32} {:>12}", d.to_string(), format_bytes(b));

@@ -34,6 +34,7 @@ mod plan;
 mod prepare;
 mod quantize;
 mod run;
+mod training;
 
 /// Exit code of a recipe error (bad key, type, value), as argparse-style tools use.
 const EXIT_RECIPE: u8 = 2;

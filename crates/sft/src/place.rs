@@ -10,7 +10,8 @@ use device_map::{Budget, Module, Plan, Strategy, format_bytes};
 use model_loader::{HfConfig, Placement};
 use tch::Device;
 
-/// A device map and budgets as the recipe gives them.
+/// A device map and budgets as the recipe gives them (the run plan's `device_map`).
+#[derive(Debug, Clone)]
 pub(crate) struct DeviceMap {
     /// How modules are spread.
     pub strategy: Strategy,
@@ -107,19 +108,19 @@ fn budget(max_memory: Option<&Budget>, cuda_devices: usize) -> Result<Budget> {
     Ok(Budget::new(limits))
 }
 
-/// The modules of the recipe's model as planned for a run of `shape`, and the plan of the
-/// recipe's device map (`None` without one). `cuda_devices`: GPUs this process may use.
+/// The modules of the model as planned for a run of `shape`, and the plan of the recipe's device
+/// map `dm` (`None` without one). `cuda_devices`: GPUs this process may use.
 pub(crate) fn plan(
-    recipe: &Recipe,
+    dm: Option<&DeviceMap>,
     cfg: &HfConfig,
     shape: &RunShape,
     cuda_devices: usize,
 ) -> Result<Option<(Plan, Vec<Module>)>> {
-    let Some(dm) = from_recipe(recipe)? else { return Ok(None) };
+    let Some(dm) = dm else { return Ok(None) };
     let modules = device_map::estimate::modules(&cfg.shape, shape);
     let budget = match dm.strategy {
         // Single and explicit maps check budgets only where `max_memory` gives them.
-        Strategy::Single(_) | Strategy::Explicit(_) => dm.max_memory.unwrap_or_default(),
+        Strategy::Single(_) | Strategy::Explicit(_) => dm.max_memory.clone().unwrap_or_default(),
         _ => budget(dm.max_memory.as_ref(), cuda_devices)?,
     };
     let plan = device_map::plan(&modules, &dm.strategy, &budget).context("model_init_kwargs.device_map")?;
@@ -133,7 +134,7 @@ pub(crate) fn plan(
 /// `device` (the k-bit default). `cuda_devices`: GPUs this process may use; `world`: ranks in
 /// the group (a map spanning devices cannot be combined with several).
 pub(crate) fn placement(
-    recipe: &Recipe,
+    dm: Option<&DeviceMap>,
     cfg: &HfConfig,
     shape: &RunShape,
     device: Device,
@@ -141,7 +142,7 @@ pub(crate) fn placement(
     world: usize,
 ) -> Result<Placement> {
     let layers = cfg.shape.layers as usize;
-    let Some((plan, _)) = plan(recipe, cfg, shape, cuda_devices)? else {
+    let Some((plan, _)) = plan(dm, cfg, shape, cuda_devices)? else {
         return Ok(Placement::single(device, layers));
     };
     let four_bit = matches!(shape.base, BaseWeights::FourBit { .. });

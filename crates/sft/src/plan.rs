@@ -22,6 +22,7 @@ use sft::train::{Schedule, checkpoint};
 use tch::{Device, Kind};
 
 use crate::prepare::DataSetup;
+use crate::training::TrainingPlan;
 
 /// What this machine and process offer a run.
 #[derive(Debug, Clone)]
@@ -73,6 +74,12 @@ pub(crate) struct RunPlan {
     pub data: Option<DataSetup>,
     /// Which report sinks the run writes.
     pub report: ReportOptions,
+    /// The loop's settings.
+    pub training: TrainingPlan,
+    /// `model_init_kwargs.device_map` / `max_memory`, when the recipe spreads the model.
+    pub device_map: Option<crate::place::DeviceMap>,
+    /// What the end-of-run files say of the run (its length is set when the data is ready).
+    pub summary: report::RunSummary,
     /// `model_name_or_path` as given (the adapter's `base_model_name_or_path`).
     pub model_id: String,
     /// The model's local directory (a hub-cache snapshot for a hub id).
@@ -262,6 +269,9 @@ impl RunPlan {
         } else {
             Device::Cuda(machine.dist.as_ref().map_or(0, |e| e.local_rank))
         };
+        let device_map = p
+            .take("model_init_kwargs", crate::place::from_recipe(&recipe).map_err(|e| format!("{e:#}")))
+            .flatten();
         let mut planned = None;
         if let Some((dir, cfg)) = model {
             let lora = lora_r.map(|r| lora_config(&recipe, &cfg, &model_id, r));
@@ -273,7 +283,7 @@ impl RunPlan {
             if purpose == Purpose::Train {
                 let cuda_devices = if device.is_cuda() { machine.cuda_devices } else { 0 };
                 let placement = crate::place::placement(
-                    &recipe,
+                    device_map.as_ref(),
                     &cfg,
                     &shape,
                     device,
@@ -325,6 +335,9 @@ impl RunPlan {
             grad_accum,
             data,
             report,
+            training: TrainingPlan::from_recipe(&recipe),
+            device_map,
+            summary: report::RunSummary::for_recipe(&recipe),
             recipe,
         })
     }
