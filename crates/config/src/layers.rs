@@ -11,6 +11,7 @@ use serde_json::Value as J;
 use crate::diag::{Diagnostic, Kind, Origin, Source};
 use crate::known;
 use crate::spans::{Position, SpanIndex};
+use crate::yaml;
 
 /// Environment variables with the `NIBBLE_` prefix that configure tooling, not the recipe
 /// (`NIBBLE_REF_CPU` pins the Python reference processes of the tests, scripts/refcpu;
@@ -97,26 +98,24 @@ impl Layer {
         text: &str,
         diags: &mut Vec<Diagnostic>,
     ) -> (Self, BTreeMap<String, String>) {
-        let spans = SpanIndex::from_yaml(text);
         let mut layer = Layer::new(Source::File);
         let mut env = BTreeMap::new();
         let file_origin = |pos: Option<Position>| Origin::File { path: path.to_owned(), position: pos };
-        let doc: serde_yaml::Value = match serde_yaml::from_str(text) {
-            Ok(v) => v,
+        let (doc, spans) = match yaml::parse_with_spans(text) {
+            Ok(parsed) => parsed,
             Err(e) => {
-                let position = e.location().map(|l| Position { line: l.line(), column: l.column() });
                 diags.push(Diagnostic {
                     kind: Kind::Syntax,
                     key: "(file)".into(),
-                    origin: file_origin(position),
-                    message: format!("not valid YAML: {e}"),
+                    origin: file_origin(e.position),
+                    message: format!("not valid YAML: {}", e.message),
                 });
                 return (layer, env);
             }
         };
         let map = match doc {
-            serde_yaml::Value::Mapping(m) => m,
-            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            J::Object(m) => m,
+            J::Null => serde_json::Map::new(),
             other => {
                 diags.push(Diagnostic {
                     kind: Kind::Syntax,
@@ -127,30 +126,13 @@ impl Layer {
                 return (layer, env);
             }
         };
-        for (k, v) in map {
-            let Some(key) = k.as_str().map(str::to_owned) else {
-                diags.push(Diagnostic {
-                    kind: Kind::Syntax,
-                    key: format!("{k:?}"),
-                    origin: file_origin(None),
-                    message: "keys must be strings".into(),
-                });
-                continue;
-            };
+        for (key, v) in map {
             let origin = file_origin(spans.get(&key));
             if key == "env" {
                 read_env_map(&key, v, &origin, &spans, path, &mut env, diags);
                 continue;
             }
-            match serde_json::to_value(&v) {
-                Ok(j) => layer.insert(key, j, origin),
-                Err(e) => diags.push(Diagnostic {
-                    kind: Kind::WrongType,
-                    key,
-                    origin,
-                    message: format!("unsupported YAML value: {e}"),
-                }),
-            }
+            layer.insert(key, v, origin);
         }
         layer.file = Some((path.to_owned(), spans));
         (layer, env)
@@ -196,28 +178,27 @@ impl Layer {
     }
 }
 
-fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
+fn yaml_kind(v: &J) -> &'static str {
     match v {
-        serde_yaml::Value::Null => "nothing",
-        serde_yaml::Value::Bool(_) => "a boolean",
-        serde_yaml::Value::Number(_) => "a number",
-        serde_yaml::Value::String(_) => "a string",
-        serde_yaml::Value::Sequence(_) => "a list",
-        serde_yaml::Value::Mapping(_) => "a mapping",
-        serde_yaml::Value::Tagged(_) => "a tagged value",
+        J::Null => "nothing",
+        J::Bool(_) => "a boolean",
+        J::Number(_) => "a number",
+        J::String(_) => "a string",
+        J::Array(_) => "a list",
+        J::Object(_) => "a mapping",
     }
 }
 
 fn read_env_map(
     key: &str,
-    v: serde_yaml::Value,
+    v: J,
     origin: &Origin,
     spans: &SpanIndex,
     path: &Path,
     env: &mut BTreeMap<String, String>,
     diags: &mut Vec<Diagnostic>,
 ) {
-    let serde_yaml::Value::Mapping(m) = v else {
+    let J::Object(m) = v else {
         diags.push(Diagnostic {
             kind: Kind::WrongType,
             key: key.into(),
@@ -227,12 +208,11 @@ fn read_env_map(
         return;
     };
     for (name, value) in m {
-        let name = name.as_str().map(str::to_owned).unwrap_or_else(|| format!("{name:?}"));
         let sub = format!("env.{name}");
         let text = match value {
-            serde_yaml::Value::String(s) => s,
-            serde_yaml::Value::Bool(b) => b.to_string(),
-            serde_yaml::Value::Number(n) => n.to_string(),
+            J::String(s) => s,
+            J::Bool(b) => b.to_string(),
+            J::Number(n) => n.to_string(),
             other => {
                 diags.push(Diagnostic {
                     kind: Kind::WrongType,
@@ -258,10 +238,7 @@ pub(crate) fn parse_cli_value(key: &str, raw: &str) -> J {
             t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| J::String(s.into())).collect(),
         );
     }
-    match serde_yaml::from_str::<serde_yaml::Value>(t) {
-        Ok(v) => serde_json::to_value(v).unwrap_or_else(|_| J::String(raw.to_owned())),
-        Err(_) => J::String(raw.to_owned()),
-    }
+    yaml::parse(t).unwrap_or_else(|_| J::String(raw.to_owned()))
 }
 
 /// Adapter that hands a layer to figment, named after its source so that figment's metadata

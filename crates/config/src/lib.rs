@@ -21,6 +21,7 @@ mod legacy;
 mod spans;
 pub mod types;
 mod validate;
+pub mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -91,7 +92,7 @@ impl Recipe {
         if !self.env.is_empty() {
             flat.insert("env".into(), serde_json::to_value(&self.env).unwrap_or(J::Null));
         }
-        serde_yaml::to_string(&flat).unwrap_or_default()
+        yaml::to_string(&J::Object(flat.into_iter().collect()))
     }
 }
 

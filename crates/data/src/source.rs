@@ -563,28 +563,28 @@ fn front_matter(text: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-fn strings(v: &serde_yaml::Value) -> Option<Vec<String>> {
+fn strings(v: &serde_json::Value) -> Option<Vec<String>> {
     match v {
-        serde_yaml::Value::String(s) => Some(vec![s.clone()]),
-        serde_yaml::Value::Sequence(items) => items.iter().map(|i| i.as_str().map(str::to_owned)).collect(),
+        serde_json::Value::String(s) => Some(vec![s.clone()]),
+        serde_json::Value::Array(items) => items.iter().map(|i| i.as_str().map(str::to_owned)).collect(),
         _ => None,
     }
 }
 
 /// `sanitize_patterns` on a YAML `data_files` value: a string or list of strings is `train`; a list
 /// of `{split, path}` maps names each split.
-fn card_data_files(v: &serde_yaml::Value) -> Result<Vec<(String, Vec<String>)>, String> {
+fn card_data_files(v: &serde_json::Value) -> Result<Vec<(String, Vec<String>)>, String> {
     if let Some(list) = strings(v) {
         return Ok(vec![("train".into(), list)]);
     }
     let items =
-        v.as_sequence().ok_or("data_files must be a string, a list of strings or a list of {split, path}")?;
+        v.as_array().ok_or("data_files must be a string, a list of strings or a list of {split, path}")?;
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for item in items {
         let split = item.get("split").and_then(|s| s.as_str());
         let paths = item.get("path").and_then(strings);
         let (Some(split), Some(paths)) = (split, paths) else {
-            return Err(format!("data_files entry {item:?} must be {{split, path}}"));
+            return Err(format!("data_files entry {item} must be {{split, path}}"));
         };
         if out.iter().any(|(s, _)| s == split) {
             return Err(format!("split `{split}` appears twice in data_files"));
@@ -600,17 +600,16 @@ fn card_configs(dir: &Path) -> Result<Vec<CardConfig>, SourceError> {
     let Ok(text) = std::fs::read_to_string(&readme) else { return Ok(Vec::new()) };
     let card_err = |message: String| SourceError::Card { path: readme.clone(), message };
     let Some(yaml) = front_matter(&text) else { return Ok(Vec::new()) };
-    let meta: serde_yaml::Value =
-        serde_yaml::from_str(yaml).map_err(|e| card_err(format!("YAML front matter: {e}")))?;
+    let meta = config::yaml::parse(yaml).map_err(|e| card_err(format!("YAML front matter: {e}")))?;
     let Some(configs) = meta.get("configs") else { return Ok(Vec::new()) };
-    let configs = configs.as_sequence().ok_or_else(|| card_err("`configs` must be a list".into()))?;
+    let configs = configs.as_array().ok_or_else(|| card_err("`configs` must be a list".into()))?;
     configs
         .iter()
         .map(|c| {
             let name = c
                 .get("config_name")
                 .and_then(|n| n.as_str())
-                .ok_or_else(|| card_err(format!("a config without `config_name`: {c:?}")))?;
+                .ok_or_else(|| card_err(format!("a config without `config_name`: {c}")))?;
             let data_files = c
                 .get("data_files")
                 .map(card_data_files)
@@ -1046,14 +1045,13 @@ mod tests {
     fn readme_front_matter() {
         assert_eq!(front_matter("---\na: 1\n---\n# x"), Some("a: 1\n"));
         assert_eq!(front_matter("# no yaml"), None);
-        let v: serde_yaml::Value =
-            serde_yaml::from_str("- split: train\n  path: [a/*, b/*]\n- split: test\n  path: t.jsonl")
-                .expect("yaml");
+        let v = config::yaml::parse("- split: train\n  path: [a/*, b/*]\n- split: test\n  path: t.jsonl")
+            .expect("yaml");
         assert_eq!(
             card_data_files(&v).expect("ok"),
             vec![("train".into(), vec!["a/*".into(), "b/*".into()]), ("test".into(), vec!["t.jsonl".into()])]
         );
-        let v: serde_yaml::Value = serde_yaml::from_str("x.jsonl").expect("yaml");
+        let v = config::yaml::parse("x.jsonl").expect("yaml");
         assert_eq!(card_data_files(&v).expect("ok"), vec![("train".into(), vec!["x.jsonl".into()])]);
     }
 

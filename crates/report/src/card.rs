@@ -169,7 +169,7 @@ pub fn render(c: &CardInput<'_>) -> String {
         tags: TAGS.to_vec(),
         datasets: s.datasets.iter().map(String::as_str).collect(),
     };
-    let yaml = serde_yaml::to_string(&front).unwrap_or_default();
+    let yaml = serde_json::to_value(&front).map(|v| config::yaml::to_string(&v)).unwrap_or_default();
     let mut md = String::new();
     let _ = writeln!(md, "---\n{}---\n", yaml);
     let _ = writeln!(md, "# Model Card for {}\n", s.model_name);
