@@ -143,6 +143,17 @@ impl Loader {
 
     /// Merge, translate, type and validate; all problems come back together.
     pub fn load(self) -> Result<Recipe, Error> {
+        match self.load_checked()? {
+            (recipe, diags) if diags.is_empty() => Ok(recipe),
+            (_, diags) => Err(Error::invalid(diags)),
+        }
+    }
+
+    /// [`Loader::load`] for a caller with checks of its own (a run plan), so that its problems
+    /// and config's are reported together: the recipe as far as it could be typed (a key whose
+    /// value failed keeps its default) with config's problems beside it. Still an error when the
+    /// file cannot be read or is not YAML (nothing else is worth checking then).
+    pub fn load_checked(self) -> Result<(Recipe, Vec<Diagnostic>), Error> {
         let mut diags = Vec::new();
         let mut warnings = Vec::new();
 
@@ -197,14 +208,10 @@ impl Loader {
             &training,
             &mut Reporter { layers: &layers, diags: &mut diags, failed: &failed },
         );
-        if !diags.is_empty() {
-            return Err(Error::invalid(diags));
-        }
-
         let mut recipe = Recipe { model, data, training, env: env_map, extra, sources, origins, warnings };
         not_acted_warning(&mut recipe, &layers);
         resolve_effective(&mut recipe);
-        Ok(recipe)
+        Ok((recipe, diags))
     }
 }
 

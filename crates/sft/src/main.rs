@@ -71,13 +71,35 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn load_recipe(recipe: Option<PathBuf>, overrides: &[String]) -> Result<config::Recipe, config::Error> {
+/// The recipe with config's problems beside it (see [`config::Loader::load_checked`]).
+fn load_recipe(
+    recipe: Option<PathBuf>,
+    overrides: &[String],
+) -> Result<(config::Recipe, Vec<config::Diagnostic>), config::Error> {
     let pairs = config::split_flags(overrides)?;
     let mut loader = config::Loader::new().env(std::env::vars()).cli(pairs);
     if let Some(path) = recipe {
         loader = loader.file(path);
     }
-    loader.load()
+    loader.load_checked()
+}
+
+/// Config's problems and the plan's, in one report in file order: the plan is resolved even when
+/// config found problems (keys that failed keep their defaults), and a plan problem on a key
+/// config already reported is left out.
+fn all_problems(
+    recipe: config::Recipe,
+    config_problems: Vec<config::Diagnostic>,
+    machine: &plan::Machine,
+    purpose: plan::Purpose,
+) -> config::Error {
+    let reported: std::collections::BTreeSet<String> =
+        config_problems.iter().map(|d| d.key.clone()).collect();
+    let mut all = config_problems;
+    if let Err(e) = plan::RunPlan::resolve(recipe, machine, purpose) {
+        all.extend(e.diagnostics().iter().filter(|d| !reported.contains(&d.key)).cloned());
+    }
+    config::Error::invalid(all)
 }
 
 fn show_env() {
@@ -97,7 +119,7 @@ fn show_env() {
 /// The training command: resolve the recipe, plan the run, then train (or print the recipe or
 /// the estimate).
 fn run(args: cli::TrainArgs) -> Result<ExitCode> {
-    let recipe = match load_recipe(args.recipe_file(), &args.overrides) {
+    let (recipe, config_problems) = match load_recipe(args.recipe_file(), &args.overrides) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -117,6 +139,12 @@ fn run(args: cli::TrainArgs) -> Result<ExitCode> {
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
+    let purpose = if args.estimate_memory { plan::Purpose::Estimate } else { plan::Purpose::Train };
+    if !config_problems.is_empty() {
+        let machine = plan::Machine::probe().unwrap_or_else(|_| plan::Machine::alone());
+        eprintln!("error: {}", all_problems(recipe, config_problems, &machine, purpose));
+        return Ok(ExitCode::from(EXIT_RECIPE));
+    }
     if args.print_config {
         let machine = plan::Machine::alone();
         // The recipe, and the plan a run would make of it here (or what stands in its way).
@@ -133,10 +161,10 @@ fn run(args: cli::TrainArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (machine, purpose) = if args.estimate_memory {
-        (plan::Machine::alone(), plan::Purpose::Estimate)
+    let machine = if args.estimate_memory {
+        plan::Machine::alone()
     } else {
-        (plan::Machine::probe().context("reading torchrun's variables")?, plan::Purpose::Train)
+        plan::Machine::probe().context("reading torchrun's variables")?
     };
     let plan = match plan::RunPlan::resolve(recipe, &machine, purpose) {
         Ok(p) => p,

@@ -112,7 +112,7 @@ fn problems_found_while_planning_are_reported_at_once_before_anything_is_written
         .replace("lora_target_modules: all-linear", "lora_target_modules: [q_proj, q_prj]")
         .replace("save_strategy: \"no\"", "save_strategy: best\neval_strategy: steps")
         .replace("lr_scheduler_type: cosine", "lr_scheduler_type: cosine_with_min_lr")
-        + "optim: adafactor\ntrain_sampling_strategy: group_by_length\n";
+        + "optim: adafactor\ntrain_sampling_strategy: group_by_length\nweight_decay: -0.1\n";
     std::fs::write(dir.join("recipe.yaml"), &text).expect("recipe");
     let out = Command::new(env!("CARGO_BIN_EXE_sft"))
         .arg("recipe.yaml")
@@ -123,8 +123,10 @@ fn problems_found_while_planning_are_reported_at_once_before_anything_is_written
         .expect("run sft");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("recipe has 8 problems"), "{stderr}");
+    // Config's own check (weight_decay) and the plan's in one report.
+    assert!(stderr.contains("recipe has 9 problems"), "{stderr}");
     for key in [
+        "weight_decay",
         "use_peft",
         "lora_target_modules",
         // The data is found while planning: eval_strategy asks for a split the file does not have.
