@@ -2,7 +2,7 @@
 # requires-python = ">=3.11"
 # dependencies = ["torch==2.11.0", "transformers==5.24.0", "trl==1.16.0", "peft==0.21.2", "bitsandbytes==0.50.2", "datasets", "pyyaml"]
 # ///
-"""TRL's loss curve for crates/sft/tests/golden/trl_loss/recipe.yaml, for crates/sft/tests/trl_loss.rs.
+"""TRL's loss curve for tests/golden/trl_loss/recipe.yaml, for tests/trl_loss.rs.
 
 Makes the shared initial adapter with PEFT (`init_adapter/`, default LoRA init, seeded), then
 trains it with TRL 1.16's SFTTrainer on transformers + bitsandbytes' 4-bit tiny model exactly as
@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = ROOT / "crates/sft/tests/golden/trl_loss"
+GOLDEN = ROOT / "tests/golden/trl_loss"
 
 
 def main():

@@ -40,7 +40,7 @@ const STEPS: [Step; 8] = [
         env: FORCED_AVX512BF16,
     },
     Step {
-        args: &["test", "-p", "sft", "--test", "e2e", "--test", "quantize_merge"],
+        args: &["test", "-p", "nibble-tests", "--test", "e2e", "--test", "quantize_merge"],
         env: FORCED_AVX512BF16,
     },
     Step {

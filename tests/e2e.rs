@@ -16,9 +16,7 @@ use quant::QuantType;
 use quant::ops::QuantizeOptions;
 use tch::{Kind, Tensor};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use nibble_tests::repo;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nibble-e2e-{name}-{}", std::process::id()));
@@ -40,7 +38,7 @@ fn train(out: &Path, cache: &Path, extra: &[&str]) -> String {
         "false".into(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let o = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let o = Command::new(nibble_tests::sft())
         .args(&args)
         .current_dir(repo())
         .env("NIBBLE_CACHE", cache)
@@ -147,7 +145,7 @@ fn sigterm_saves_a_checkpoint_that_resumes() {
 fn a_signal_saves_a_checkpoint_that_resumes(signal: &str) {
     let out = scratch(&format!("sig{signal}"));
     let cache = scratch(&format!("sig{signal}-cache"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let mut child = Command::new(nibble_tests::sft())
         .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
         .args(["--max_steps", "100000", "--logging_steps", "1", "--save_strategy", "no"])
         .current_dir(repo())
@@ -176,7 +174,7 @@ fn a_signal_saves_a_checkpoint_that_resumes(signal: &str) {
     let step: u64 = saved.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..].parse().unwrap();
     assert!((2..100_000).contains(&step));
     // Resuming continues from there (to a nearer end).
-    let resumed = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let resumed = Command::new(nibble_tests::sft())
         .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
         .args(["--max_steps", &(step + 2).to_string(), "--resume_from_checkpoint", "true"])
         .current_dir(repo())
@@ -207,7 +205,7 @@ fn the_tiny_recipe_trains_the_pinned_adapter() {
     use sha2::{Digest, Sha256};
     let out = scratch("pinned");
     let cache = scratch("pinned-cache");
-    let o = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let o = Command::new(nibble_tests::sft())
         .args(["recipes/tiny/config_qlora.yaml", "--max_steps", "6", "--output_dir"])
         .arg(&out)
         .current_dir(repo())

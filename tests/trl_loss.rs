@@ -7,16 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use nibble_tests::repo;
 
 #[test]
 fn every_step_matches_trl() {
-    let golden = repo().join("crates/sft/tests/golden/trl_loss");
+    let golden = repo().join("tests/golden/trl_loss");
     let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let o = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let o = Command::new(nibble_tests::sft())
         .arg(golden.join("recipe.yaml"))
         .args(["--output_dir", out.to_str().unwrap()])
         .current_dir(repo())

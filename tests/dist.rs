@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use nibble_tests::repo;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nibble-dist-{name}-{}", std::process::id()));
@@ -49,7 +47,7 @@ fn args(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn sft(args: &[String], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sft"))
+    Command::new(nibble_tests::sft())
         .args(args)
         .current_dir(repo())
         .env("NIBBLE_CACHE", cache)
@@ -131,7 +129,7 @@ fn two_ranks_train_the_adapter_of_one_process_with_twice_the_accumulation() {
     };
     let three = scratch("torchrun");
     let o = Command::new(torchrun)
-        .args(["--nproc-per-node", "2", "--no-python", env!("CARGO_BIN_EXE_sft")])
+        .args(["--nproc-per-node", "2", "--no-python", nibble_tests::sft().to_str().expect("utf-8 path")])
         .args(args(&three, &["--gradient_accumulation_steps", "1"]))
         .current_dir(repo())
         .env("NIBBLE_CACHE", &cache)
@@ -172,7 +170,7 @@ fn a_killed_rank_stops_the_launch_with_an_error() {
     let out = scratch("kill");
     let mut a = vec!["launch".to_owned(), "--nproc".into(), "2".into()];
     a.extend(args(&out, &["--max_steps", "100000", "--gradient_accumulation_steps", "1"]));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let mut child = Command::new(nibble_tests::sft())
         .args(&a)
         .current_dir(repo())
         .env("NIBBLE_CACHE", &cache)

@@ -15,9 +15,7 @@ use quant::ops::QuantizeOptions;
 use quant::state::RawTensor;
 use tch::{Kind, Tensor};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use nibble_tests::repo;
 
 fn tiny() -> PathBuf {
     repo().join("models/tiny-llama")
@@ -35,7 +33,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn sft(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sft")).args(args).env_remove("NIBBLE_LOG").output().unwrap()
+    Command::new(nibble_tests::sft()).args(args).env_remove("NIBBLE_LOG").output().unwrap()
 }
 
 fn ok(out: &Output) {
@@ -193,7 +191,7 @@ fn quantize_takes_a_hub_id_from_the_cache_with_symlinked_files() {
         std::os::unix::fs::symlink(&blob, snap.join(f.file_name())).unwrap();
     }
     let out = root.join("out");
-    let run = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let run = Command::new(nibble_tests::sft())
         .args(["quantize".as_ref(), "org/tiny".as_ref(), s(&out)])
         .env("HF_HUB_CACHE", root.join("hub"))
         .env_remove("NIBBLE_LOG")
