@@ -27,9 +27,9 @@ fn profile() -> String {
 fn executable(messages: &str) -> Option<PathBuf> {
     messages
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|m| m.get("executable").and_then(|e| e.as_str()).map(PathBuf::from))
-        .last()
+        .find_map(|m| m.get("executable").and_then(|e| e.as_str()).map(PathBuf::from))
 }
 
 /// The `sft` binary of this workspace, built with the test's profile and default features (a
