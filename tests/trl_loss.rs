@@ -4,7 +4,6 @@
 //! step.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nibble_tests::repo;
