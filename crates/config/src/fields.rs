@@ -65,7 +65,9 @@ plain_values!(
     PackingStrategy,
     TruncationMode,
     LossType,
-    LogLevel
+    LogLevel,
+    Optim,
+    ResumeFrom
 );
 
 /// Reads one key from the merged layers, recording a diagnostic instead of failing.
@@ -207,7 +209,7 @@ section! {
         /// Warmup steps; a value below 1 is a fraction of the total steps (transformers 5).
         warmup_steps: f64 = 0.0, Acted;
         /// Optimizer name.
-        optim: String = s("adamw_torch_fused"), Acted;
+        optim: Optim = Optim::AdamwTorchFused, Acted;
         /// Decoupled weight decay.
         weight_decay: f64 = 0.0, Acted;
         /// AdamW beta1.
@@ -266,7 +268,7 @@ section! {
         /// Save only the adapter, not optimizer and scheduler state.
         save_only_model: bool = false, Planned;
         /// Resume from this checkpoint directory.
-        resume_from_checkpoint: Option<String> = None, Acted;
+        resume_from_checkpoint: Option<ResumeFrom> = None, Acted;
         /// Push to the hub.
         push_to_hub: bool = false, Ignored;
         /// Hub repository to push to.

@@ -328,7 +328,15 @@ impl fields::Extract for Extractor<'_> {
             kind: Kind::WrongType,
             origin: layer.origin_of(&path),
             key: path,
-            message: err.kind.to_string(),
+            message: match &err.kind {
+                // A closed set: the nearest spelling first, then the whole set.
+                figment::error::Kind::UnknownVariant(found, expected) => format!(
+                    "unknown value `{found}`{}; expected one of: {}",
+                    suggest(found, expected.iter().copied()),
+                    expected.join(", ")
+                ),
+                kind => kind.to_string(),
+            },
         });
         default
     }

@@ -18,6 +18,8 @@ macro_rules! choice {
         impl $name {
             /// Every spelling the recipe accepts, as TRL names them.
             pub const ALL: &'static [&'static str] = &[$($text),+];
+            /// Every value, in the order of [`Self::ALL`].
+            pub const VALUES: &'static [$name] = &[$($name::$variant),+];
             /// The recipe spelling of this value.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
@@ -90,6 +92,128 @@ choice! {
         Bfloat16 = "bfloat16",
         /// float32 reinterpretation of the same bytes.
         Float32 = "float32",
+    }
+}
+
+choice! {
+    /// The optimizer (`optim`), as transformers names its choices; nibble runs the AdamW ones
+    /// ([`Optim::runs_as_adamw`]) and refuses the rest when a run is planned.
+    Optim {
+        /// Not AdamW: refused by the run plan.
+        Adafactor = "adafactor",
+        /// Not AdamW: refused by the run plan.
+        Adagrad = "adagrad",
+        /// Not AdamW: refused by the run plan.
+        Adalomo = "adalomo",
+        /// AdamW with 8- or 4-bit states (nibble keeps 32-bit ones).
+        Adamw8bit = "adamw_8bit",
+        /// AdamW with 32-bit states.
+        AdamwAnyprecision = "adamw_anyprecision",
+        /// AdamW with 8- or 4-bit states (nibble keeps 32-bit ones).
+        AdamwBnb8bit = "adamw_bnb_8bit",
+        /// AdamW with 32-bit states.
+        AdamwTorch = "adamw_torch",
+        /// AdamW with 8- or 4-bit states (nibble keeps 32-bit ones).
+        AdamwTorch4bit = "adamw_torch_4bit",
+        /// AdamW with 8- or 4-bit states (nibble keeps 32-bit ones).
+        AdamwTorch8bit = "adamw_torch_8bit",
+        /// AdamW with 32-bit states.
+        AdamwTorchFused = "adamw_torch_fused",
+        /// AdamW with 32-bit states.
+        AdamwTorchNpuFused = "adamw_torch_npu_fused",
+        /// AdamW with 32-bit states.
+        AdamwTorchXla = "adamw_torch_xla",
+        /// Not AdamW: refused by the run plan.
+        Ademamix = "ademamix",
+        /// Not AdamW: refused by the run plan.
+        Ademamix8bit = "ademamix_8bit",
+        /// Not AdamW: refused by the run plan.
+        ApolloAdamw = "apollo_adamw",
+        /// Not AdamW: refused by the run plan.
+        ApolloAdamwLayerwise = "apollo_adamw_layerwise",
+        /// Not AdamW: refused by the run plan.
+        GaloreAdafactor = "galore_adafactor",
+        /// Not AdamW: refused by the run plan.
+        GaloreAdafactorLayerwise = "galore_adafactor_layerwise",
+        /// Not AdamW: refused by the run plan.
+        GaloreAdamw = "galore_adamw",
+        /// Not AdamW: refused by the run plan.
+        GaloreAdamw8bit = "galore_adamw_8bit",
+        /// Not AdamW: refused by the run plan.
+        GaloreAdamw8bitLayerwise = "galore_adamw_8bit_layerwise",
+        /// Not AdamW: refused by the run plan.
+        GaloreAdamwLayerwise = "galore_adamw_layerwise",
+        /// Not AdamW: refused by the run plan.
+        Grokadamw = "grokadamw",
+        /// Not AdamW: refused by the run plan.
+        Lion32bit = "lion_32bit",
+        /// Not AdamW: refused by the run plan.
+        Lion8bit = "lion_8bit",
+        /// Not AdamW: refused by the run plan.
+        Lomo = "lomo",
+        /// AdamW with 32-bit states.
+        PagedAdamw32bit = "paged_adamw_32bit",
+        /// AdamW with 8- or 4-bit states (nibble keeps 32-bit ones).
+        PagedAdamw8bit = "paged_adamw_8bit",
+        /// Not AdamW: refused by the run plan.
+        PagedAdemamix32bit = "paged_ademamix_32bit",
+        /// Not AdamW: refused by the run plan.
+        PagedAdemamix8bit = "paged_ademamix_8bit",
+        /// Not AdamW: refused by the run plan.
+        PagedLion32bit = "paged_lion_32bit",
+        /// Not AdamW: refused by the run plan.
+        PagedLion8bit = "paged_lion_8bit",
+        /// Not AdamW: refused by the run plan.
+        Rmsprop = "rmsprop",
+        /// Not AdamW: refused by the run plan.
+        RmspropBnb = "rmsprop_bnb",
+        /// Not AdamW: refused by the run plan.
+        RmspropBnb32bit = "rmsprop_bnb_32bit",
+        /// Not AdamW: refused by the run plan.
+        RmspropBnb8bit = "rmsprop_bnb_8bit",
+        /// Not AdamW: refused by the run plan.
+        ScheduleFreeAdamw = "schedule_free_adamw",
+        /// Not AdamW: refused by the run plan.
+        ScheduleFreeRadam = "schedule_free_radam",
+        /// Not AdamW: refused by the run plan.
+        ScheduleFreeSgd = "schedule_free_sgd",
+        /// Not AdamW: refused by the run plan.
+        Sgd = "sgd",
+        /// Not AdamW: refused by the run plan.
+        StableAdamw = "stable_adamw",
+    }
+}
+
+impl Optim {
+    /// Whether nibble's AdamW (torch's update rule, 32-bit states) is this optimizer's update.
+    pub fn runs_as_adamw(self) -> bool {
+        matches!(
+            self,
+            Optim::Adamw8bit
+                | Optim::AdamwAnyprecision
+                | Optim::AdamwBnb8bit
+                | Optim::AdamwTorch
+                | Optim::AdamwTorch4bit
+                | Optim::AdamwTorch8bit
+                | Optim::AdamwTorchFused
+                | Optim::AdamwTorchNpuFused
+                | Optim::AdamwTorchXla
+                | Optim::PagedAdamw32bit
+                | Optim::PagedAdamw8bit
+        )
+    }
+
+    /// AdamW whose moments the Python stack keeps in 8 or 4 bits: nibble keeps them in 32 bits
+    /// (the same update, more optimizer memory).
+    pub fn low_bit_states(self) -> bool {
+        matches!(
+            self,
+            Optim::Adamw8bit
+                | Optim::AdamwBnb8bit
+                | Optim::AdamwTorch4bit
+                | Optim::AdamwTorch8bit
+                | Optim::PagedAdamw8bit
+        )
     }
 }
 
@@ -234,6 +358,55 @@ impl ReportTo {
     }
 }
 
+/// `resume_from_checkpoint`: transformers takes a checkpoint folder or a boolean (`true`: the
+/// newest `checkpoint-*` in `output_dir`); nibble also reads `last`. Written back as TRL spells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// Start fresh (`false`).
+    No,
+    /// The newest checkpoint in `output_dir` (`true`, `last`).
+    Latest,
+    /// This checkpoint folder.
+    Dir(String),
+}
+
+impl ResumeFrom {
+    /// The value a recipe's text or boolean means.
+    pub fn from_text(s: &str) -> ResumeFrom {
+        match s.trim() {
+            "" | "false" | "False" => ResumeFrom::No,
+            "true" | "True" | "last" => ResumeFrom::Latest,
+            dir => ResumeFrom::Dir(dir.to_owned()),
+        }
+    }
+}
+
+impl Serialize for ResumeFrom {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ResumeFrom::No => s.serialize_bool(false),
+            ResumeFrom::Latest => s.serialize_bool(true),
+            ResumeFrom::Dir(d) => s.serialize_str(d),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResumeFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Text(String),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Flag(true) => ResumeFrom::Latest,
+            Raw::Flag(false) => ResumeFrom::No,
+            Raw::Text(t) => ResumeFrom::from_text(&t),
+        })
+    }
+}
+
 /// `pad_to_multiple_of`: a number, or `auto` (TRL picks one from the hardware).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -288,4 +461,38 @@ pub struct DatasetMixture {
     /// `dataset_splits` names test splits, so that they are not mixed into training.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub eval_datasets: Vec<DatasetSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_from_reads_booleans_words_and_folders_and_writes_them_back() {
+        let read = |j: serde_json::Value| serde_json::from_value::<ResumeFrom>(j).expect("reads");
+        assert_eq!(read(serde_json::json!(true)), ResumeFrom::Latest);
+        assert_eq!(read(serde_json::json!(false)), ResumeFrom::No);
+        assert_eq!(read(serde_json::json!("last")), ResumeFrom::Latest);
+        assert_eq!(read(serde_json::json!("False")), ResumeFrom::No);
+        assert_eq!(read(serde_json::json!("out/checkpoint-5")), ResumeFrom::Dir("out/checkpoint-5".into()));
+        for v in [ResumeFrom::No, ResumeFrom::Latest, ResumeFrom::Dir("c".into())] {
+            assert_eq!(read(serde_json::to_value(&v).expect("writes")), v);
+        }
+    }
+
+    #[test]
+    fn only_adamw_updates_run_as_adamw() {
+        assert!(Optim::AdamwTorchFused.runs_as_adamw() && Optim::PagedAdamw32bit.runs_as_adamw());
+        assert!(Optim::PagedAdamw8bit.runs_as_adamw() && Optim::PagedAdamw8bit.low_bit_states());
+        // Named after AdamW, but another update: refused, not run as AdamW.
+        for o in [
+            Optim::GaloreAdamw,
+            Optim::ScheduleFreeAdamw,
+            Optim::ApolloAdamw,
+            Optim::StableAdamw,
+            Optim::Lion8bit,
+        ] {
+            assert!(!o.runs_as_adamw(), "{o}");
+        }
+    }
 }

@@ -2,7 +2,6 @@
 
 use crate::diag::Kind;
 use crate::fields::{DataArgs, ModelArgs, TrainingArgs};
-use crate::known;
 use crate::types::{Interval, PadTo, ReportTo, SaveStrategy};
 
 /// Receives problems found by [`check`]: kind, dotted key path, message.
@@ -128,19 +127,6 @@ pub(crate) fn check(m: &ModelArgs, d: &DataArgs, t: &TrainingArgs, r: &mut impl 
             t.num_train_epochs > 0.0,
             "greater than 0 when max_steps is -1",
             t.num_train_epochs,
-        );
-    }
-    if let Some(choices) = known::trl_fields().get("optim").and_then(|f| f.choices.as_ref())
-        && !choices.contains(&t.optim)
-    {
-        r.report(
-            Kind::OutOfRange,
-            "optim",
-            format!(
-                "unknown optimizer `{}`{}",
-                t.optim,
-                crate::suggest(&t.optim, choices.iter().map(String::as_str))
-            ),
         );
     }
     if t.bf16 == Some(true) && t.fp16 {

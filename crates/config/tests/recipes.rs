@@ -228,7 +228,7 @@ fn each_range_rule_names_its_key() {
         ("per_device_train_batch_size: 0", "per_device_train_batch_size", Kind::OutOfRange),
         ("gradient_accumulation_steps: 0", "gradient_accumulation_steps", Kind::OutOfRange),
         ("max_steps: 0", "max_steps", Kind::OutOfRange),
-        ("optim: adamw_torhc", "optim", Kind::OutOfRange),
+        ("optim: adamw_torhc", "optim", Kind::WrongType),
         ("bf16: true\nfp16: true", "fp16", Kind::Conflict),
         ("lr_scheduler_type: cosinus", "lr_scheduler_type", Kind::WrongType),
         ("save_total_limit: 0", "save_total_limit", Kind::OutOfRange),

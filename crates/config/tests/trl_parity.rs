@@ -118,6 +118,7 @@ fn closed_sets_equal_trl_choices() {
     check("truncation_mode", TruncationMode::ALL);
     check("loss_type", LossType::ALL);
     check("log_level", LogLevel::ALL);
+    check("optim", Optim::ALL);
 }
 
 #[test]

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use config::types::{Dtype, SamplingStrategy, SaveStrategy, TargetModules};
+use config::types::{Dtype, ResumeFrom, SamplingStrategy, SaveStrategy, TargetModules};
 use config::{Diagnostic, Kind as Problem, Recipe};
 use device_map::estimate::{BaseWeights, DECODER_LINEARS, RunShape};
 use model_loader::{Architecture, HfConfig, HubCache, LoadOptions, resolve_model};
@@ -139,14 +139,25 @@ impl RunPlan {
                 "full fine-tuning is not supported: set `use_peft: true` (nibble trains LoRA adapters)",
             );
         }
-        if !t.optim.contains("adamw") {
+        if t.optim.low_bit_states() {
+            tracing::warn!(
+                "optim: {} keeps AdamW's moments in 8 or 4 bits; nibble runs the same update with 32-bit moments",
+                t.optim
+            );
+        }
+        if !t.optim.runs_as_adamw() {
             p.add(
                 Problem::OutOfRange,
                 "optim",
                 format!(
-                    "`{}` is not supported: nibble trains with AdamW (every `adamw_*` choice, paged or \
-                     fused, runs the same AdamW update)",
-                    t.optim
+                    "`{}` is not supported: nibble trains with AdamW ({})",
+                    t.optim,
+                    config::types::Optim::VALUES
+                        .iter()
+                        .filter(|o| o.runs_as_adamw())
+                        .map(|o| o.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }
@@ -222,7 +233,7 @@ impl RunPlan {
         let output_dir = PathBuf::from(t.output_dir.as_deref().unwrap_or("trainer_output"));
         let (mut resume, mut replaces_previous) = (None, false);
         if purpose == Purpose::Train {
-            resume = resume_dir(&mut p, t.resume_from_checkpoint.as_deref(), &output_dir);
+            resume = resume_dir(&mut p, t.resume_from_checkpoint.as_ref(), &output_dir);
             let checkpoints = match checkpoint::list(&output_dir) {
                 Ok(list) => list.len(),
                 Err(e) => {
@@ -231,7 +242,7 @@ impl RunPlan {
                 }
             };
             let previous = output_dir.join(lora::WEIGHTS_FILE).is_file() || checkpoints > 0;
-            let resuming = t.resume_from_checkpoint.as_deref().is_some_and(|r| !is_false(r));
+            let resuming = t.resume_from_checkpoint.as_ref().is_some_and(|r| *r != ResumeFrom::No);
             if previous && !resuming {
                 if t.overwrite_output_dir {
                     replaces_previous = true;
@@ -414,19 +425,13 @@ fn positive(p: &mut Problems<'_>, key: &str, value: i64) -> Option<usize> {
     n
 }
 
-/// How transformers' `TrainingArguments` spells "no" for `resume_from_checkpoint`.
-fn is_false(value: &str) -> bool {
-    matches!(value, "" | "false" | "False")
-}
-
 /// The checkpoint `resume_from_checkpoint` names: a folder, or `true`/`last` for the newest one in
 /// `output_dir` (a problem when there is none, as in transformers).
-fn resume_dir(p: &mut Problems<'_>, value: Option<&str>, output_dir: &Path) -> Option<PathBuf> {
+fn resume_dir(p: &mut Problems<'_>, value: Option<&ResumeFrom>, output_dir: &Path) -> Option<PathBuf> {
     let key = "resume_from_checkpoint";
     match value {
-        None => None,
-        Some(v) if is_false(v) => None,
-        Some("true" | "True" | "last") => match checkpoint::latest(output_dir) {
+        None | Some(ResumeFrom::No) => None,
+        Some(ResumeFrom::Latest) => match checkpoint::latest(output_dir) {
             Ok(Some(dir)) => Some(dir),
             Ok(None) => {
                 p.add(
@@ -441,7 +446,7 @@ fn resume_dir(p: &mut Problems<'_>, value: Option<&str>, output_dir: &Path) -> O
                 None
             }
         },
-        Some(path) => {
+        Some(ResumeFrom::Dir(path)) => {
             let dir = PathBuf::from(path);
             if !dir.is_dir() {
                 p.add(Problem::OutOfRange, key, format!("{} is not a checkpoint folder", dir.display()));
