@@ -3,7 +3,7 @@
 # dependencies = ["torch==2.11.0", "transformers==5.24.0", "bitsandbytes==0.50.2", "safetensors==0.8.0"]
 # ///
 """Write small random models of every family nibble runs, with transformers' own logits for
-them, for crates/model-loader/tests/parity.rs.
+them, for crates/model-loader/tests/it/parity.rs.
 
 For each case a folder under the output directory holds the model as transformers saves it
 (config.json + model.safetensors) and `expected.safetensors` with `input_ids`, `position_ids`
