@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::dataset::{Dataset, Sample, collate_options, prepare_dataset};
-use super::error::PrepareError;
-use super::rows::{DataError, Example, read_rows};
+use super::rows::{Example, read_rows};
 use super::tokenize::TokenizeOptions;
 use super::tokenizer::Tokenizer;
+use crate::Error;
 use crate::template::ChatTemplate;
 
 /// Bumped whenever nibble's tokenization changes, so stale caches are not read.
@@ -216,9 +216,9 @@ pub fn load_or_prepare(
     template_source: Option<&str>,
     opts: &TokenizeOptions,
     cache_dir: Option<&Path>,
-) -> Result<(Dataset, CacheOutcome), PrepareError> {
+) -> Result<(Dataset, CacheOutcome), Error> {
     let bytes =
-        std::fs::read(data_file).map_err(|source| DataError::Read { path: data_file.to_owned(), source })?;
+        std::fs::read(data_file).map_err(|source| Error::Io { path: data_file.to_owned(), source })?;
     load_or_prepare_rows(&bytes, tok, template_source, opts, cache_dir, || {
         let rows = read_rows(data_file, &opts.dataset_text_field)?;
         Ok((rows, Some(data_file.to_owned())))
@@ -234,8 +234,8 @@ pub fn load_or_prepare_rows(
     template_source: Option<&str>,
     opts: &TokenizeOptions,
     cache_dir: Option<&Path>,
-    rows: impl FnOnce() -> Result<(Vec<Example>, Option<PathBuf>), PrepareError>,
-) -> Result<(Dataset, CacheOutcome), PrepareError> {
+    rows: impl FnOnce() -> Result<(Vec<Example>, Option<PathBuf>), Error>,
+) -> Result<(Dataset, CacheOutcome), Error> {
     let key = cache_key(fingerprint, tok, template_source, opts);
     let path = cache_dir.map(|d| cache_path(d, &key));
     let template = template_source.map(ChatTemplate::new).transpose()?;

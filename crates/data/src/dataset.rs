@@ -5,12 +5,12 @@
 use config::types::PackingStrategy;
 
 use super::batch::{self, Batch, CollateOptions};
-use super::error::PrepareError;
 use super::nprandom;
 use super::pack;
 use super::rows::Example;
 use super::tokenize::{IGNORE_INDEX, RowKind, TokenizeOptions, build_labels, tokenize_example, truncate};
 use super::tokenizer::Tokenizer;
+use crate::Error;
 use crate::template::ChatTemplate;
 
 /// One training sample: a tokenized row, or several packed together.
@@ -72,20 +72,17 @@ impl Dataset {
 }
 
 /// The batching settings, refused where TRL refuses them.
-pub(crate) fn collate_options(
-    tok: &Tokenizer,
-    opts: &TokenizeOptions,
-) -> Result<CollateOptions, PrepareError> {
+pub(crate) fn collate_options(tok: &Tokenizer, opts: &TokenizeOptions) -> Result<CollateOptions, Error> {
     if opts.padding_free && !opts.packing && opts.max_length.is_some() {
-        return Err(PrepareError::Options(
+        return Err(Error::Options(
             "padding_free without packing does not enforce max_length: enable packing (packing_strategy bfd) or set \
              max_length to null"
                 .into(),
         ));
     }
-    let pad_token_id = tok.pad_token_id().ok_or_else(|| {
-        PrepareError::Options("the tokenizer has no pad or eos token; set pad_token".into())
-    })?;
+    let pad_token_id = tok
+        .pad_token_id()
+        .ok_or_else(|| Error::Options("the tokenizer has no pad or eos token; set pad_token".into()))?;
     Ok(CollateOptions {
         pad_token_id,
         padding_free: opts.effective_padding_free(),
@@ -98,13 +95,13 @@ fn check(
     rows: &[Example],
     template: Option<&ChatTemplate>,
     opts: &TokenizeOptions,
-) -> Result<RowKind, PrepareError> {
+) -> Result<RowKind, Error> {
     let Some(first) = rows.first() else {
-        return Err(PrepareError::Options("the dataset has no rows".into()));
+        return Err(Error::Options("the dataset has no rows".into()));
     };
     let kind = RowKind::of(first);
     if let Some((i, other)) = rows.iter().enumerate().find(|(_, r)| RowKind::of(r) != kind) {
-        return Err(PrepareError::Row {
+        return Err(Error::Row {
             file: None,
             row: i + 1,
             message: format!(
@@ -114,27 +111,27 @@ fn check(
         });
     }
     if opts.packing && opts.max_length.is_none() {
-        return Err(PrepareError::Options("packing needs max_length".into()));
+        return Err(Error::Options("packing needs max_length".into()));
     }
     if opts.max_length == Some(0) {
-        return Err(PrepareError::Options("max_length must be at least 1".into()));
+        return Err(Error::Options("max_length must be at least 1".into()));
     }
     if opts.assistant_only_loss && !kind.is_conversational() {
-        return Err(PrepareError::Options(
+        return Err(Error::Options(
             "assistant_only_loss is only supported for conversational datasets (`messages`, or prompt/completion as \
              message lists)"
                 .into(),
         ));
     }
     if kind.is_conversational() && template.is_none() {
-        return Err(PrepareError::Options(
+        return Err(Error::Options(
             "conversational data needs a chat template (the model has none; set chat_template in the recipe)"
                 .into(),
         ));
     }
     // TRL swaps in a training template it knows for some models; nibble asks for one instead.
     if opts.assistant_only_loss && template.is_some_and(|t| !t.has_generation()) {
-        return Err(PrepareError::Options(crate::template::TemplateError::NoGenerationBlock.to_string()));
+        return Err(Error::NoGenerationBlock);
     }
     Ok(kind)
 }
@@ -146,9 +143,9 @@ fn tokenize_all(
     template: Option<&ChatTemplate>,
     opts: &TokenizeOptions,
     completion_only_loss: bool,
-) -> Result<(Vec<Sample>, usize), PrepareError> {
-    let work = |i: usize, ex: &Example| -> Result<(Sample, bool), PrepareError> {
-        let row_err = |message: String| PrepareError::Row { file: None, row: i + 1, message };
+) -> Result<(Vec<Sample>, usize), Error> {
+    let work = |i: usize, ex: &Example| -> Result<(Sample, bool), Error> {
+        let row_err = |message: String| Error::Row { file: None, row: i + 1, message };
         let enc = tokenize_example(ex, tok, template, opts.assistant_only_loss).map_err(row_err)?;
         if enc.assistant_mask.as_ref().is_some_and(|m| !m.contains(&1)) {
             return Err(row_err(
@@ -162,7 +159,7 @@ fn tokenize_all(
     };
     let threads = std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 16);
     let chunk = rows.len().div_ceil(threads).max(64);
-    let parts: Vec<Result<Vec<(Sample, bool)>, PrepareError>> = std::thread::scope(|s| {
+    let parts: Vec<Result<Vec<(Sample, bool)>, Error>> = std::thread::scope(|s| {
         let handles: Vec<_> = rows
             .chunks(chunk)
             .enumerate()
@@ -196,7 +193,7 @@ pub fn prepare_dataset(
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     opts: &TokenizeOptions,
-) -> Result<Dataset, PrepareError> {
+) -> Result<Dataset, Error> {
     let collate = collate_options(tok, opts)?;
     let kind = check(rows, template, opts)?;
     let completion_only_loss = opts.completion_only_loss.unwrap_or(kind.is_prompt_completion());

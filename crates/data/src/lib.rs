@@ -33,15 +33,15 @@ pub use cache::{
     write_cache,
 };
 pub use dataset::{Dataset, Sample, prepare_dataset};
-pub use error::PrepareError;
+pub use error::Error;
 pub use mixture::{
     DataPlan, LoadedData, MixtureRows, Origin, Rows, SOURCES_VERSION, load_mixture, load_rows, load_split,
     load_training_data, read_json, train_test_split_indices,
 };
 pub use pack::{MAP_BATCH_SIZE, pack, pack_bfd, pack_wrapped, shard_bounds};
 pub use parquet::read_parquet;
-pub use rows::{DataError, Example, Message, read_rows};
-pub use source::{DatasetFiles, Format, SourceError, resolve_dataset};
+pub use rows::{Example, Message, read_rows};
+pub use source::{DatasetFiles, Format, resolve_dataset};
 pub use tokenize::{
     Encoded, IGNORE_INDEX, RowKind, TokenizeOptions, build_labels, tokenize_example, truncate,
 };

@@ -13,6 +13,7 @@
 //! [`DataPlan::from_recipe`] finds every file (nothing is read but hashed) and gives the
 //! fingerprints that key the tokenization cache; [`DataPlan::load`] reads the rows.
 
+use crate::Error;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,8 +25,8 @@ use sha2::{Digest, Sha256};
 
 use super::nprandom;
 use super::parquet::read_parquet;
-use super::rows::{DataError, Example, classify};
-use super::source::{DatasetFiles, Format, SourceError, file_digest, parse_split_spec, resolve_dataset};
+use super::rows::{Example, classify};
+use super::source::{DatasetFiles, Format, file_digest, parse_split_spec, resolve_dataset};
 
 /// Bumped whenever the rows nibble loads for a recipe change, so fingerprints change with them.
 pub const SOURCES_VERSION: &str = "nibble-sources-1 (datasets 5.2.0, alignment-handbook get_dataset)";
@@ -152,11 +153,11 @@ impl Rows {
     }
 
     /// `Dataset.select_columns`: only these columns, in this order; a missing one is an error.
-    pub fn select_columns(&mut self, columns: &[String], id: &str, split: &str) -> Result<(), SourceError> {
+    pub fn select_columns(&mut self, columns: &[String], id: &str, split: &str) -> Result<(), Error> {
         let have = self.columns();
         let missing: Vec<String> = columns.iter().filter(|c| !have.contains(c)).cloned().collect();
         if !missing.is_empty() {
-            return Err(SourceError::Columns {
+            return Err(Error::Columns {
                 id: id.to_owned(),
                 split: split.to_owned(),
                 missing,
@@ -176,26 +177,22 @@ impl Rows {
     }
 
     /// Each row as one of TRL's formats; an error names the row's file and row.
-    pub fn into_examples(self, text_field: &str) -> Result<Vec<Example>, SourceError> {
+    pub fn into_examples(self, text_field: &str) -> Result<Vec<Example>, Error> {
         self.into_examples_with(text_field, false)
     }
 
     /// As [`Rows::into_examples`], or with `skip_invalid` dropping rows that fit no format,
     /// counted and named in a warning, instead of failing.
-    pub fn into_examples_with(
-        self,
-        text_field: &str,
-        skip_invalid: bool,
-    ) -> Result<Vec<Example>, SourceError> {
+    pub fn into_examples_with(self, text_field: &str, skip_invalid: bool) -> Result<Vec<Example>, Error> {
         let mut out = Vec::with_capacity(self.values.len());
-        let mut skipped: Vec<DataError> = Vec::new();
+        let mut skipped: Vec<Error> = Vec::new();
         for (v, o) in self.values.iter().zip(&self.origins) {
             match classify(v, text_field) {
                 Ok(e) => out.push(e),
                 Err(message) => {
-                    let err = DataError::Row { path: o.file.as_ref().clone(), row: o.row, message };
+                    let err = Error::Row { file: Some(o.file.as_ref().clone()), row: o.row, message };
                     if !skip_invalid {
-                        return Err(SourceError::Rows(err));
+                        return Err(err);
                     }
                     skipped.push(err);
                 }
@@ -218,27 +215,23 @@ impl Rows {
 
 /// The rows of a JSON data file as `datasets`' JSON loader reads them: JSON Lines, or a list of
 /// rows (a list of strings is rows of `text`). Compressed files are refused.
-pub fn read_json(path: &Path) -> Result<Vec<(usize, Value)>, SourceError> {
+pub fn read_json(path: &Path) -> Result<Vec<(usize, Value)>, Error> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if !name.ends_with(".json") && !name.ends_with(".jsonl") && !name.ends_with(".ndjson") {
-        return Err(SourceError::Unsupported {
+        return Err(Error::Unsupported {
             id: path.display().to_string(),
             what: "a compressed or archived JSON file".into(),
             path: Some(path.to_owned()),
         });
     }
-    let bytes = std::fs::read(path).map_err(|source| SourceError::Io { path: path.to_owned(), source })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        SourceError::Rows(DataError::Row {
-            path: path.to_owned(),
-            row: 1,
-            message: format!("not UTF-8: {e}"),
-        })
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::Row {
+        file: Some(path.to_owned()),
+        row: 1,
+        message: format!("not UTF-8: {e}"),
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let row_err = |row: usize, message: String| {
-        SourceError::Rows(DataError::Row { path: path.to_owned(), row, message })
-    };
+    let row_err = |row: usize, message: String| Error::Row { file: Some(path.to_owned()), row, message };
     if text.trim_start().starts_with('[') {
         let list: Vec<Value> = match serde_json::from_str(text) {
             Ok(Value::Array(a)) => a,
@@ -267,7 +260,7 @@ pub fn read_json(path: &Path) -> Result<Vec<(usize, Value)>, SourceError> {
         .collect()
 }
 
-fn read_file(path: &Path, format: Format) -> Result<Rows, SourceError> {
+fn read_file(path: &Path, format: Format) -> Result<Rows, Error> {
     let file = Arc::new(path.to_owned());
     let numbered: Vec<(usize, Value)> = match format {
         Format::Json => read_json(path)?,
@@ -280,7 +273,7 @@ fn read_file(path: &Path, format: Format) -> Result<Rows, SourceError> {
 
 /// One split of a dataset, read: `spec` is a split name or a `datasets` split spec
 /// (`train[:10%]`, `train+test`). Every file of the split is read, in order, as one table.
-pub fn load_split(files: &DatasetFiles, spec: &str) -> Result<Rows, SourceError> {
+pub fn load_split(files: &DatasetFiles, spec: &str) -> Result<Rows, Error> {
     let slices = parse_split_spec(spec)?;
     let mut out = Rows::default();
     for slice in slices {
@@ -289,9 +282,8 @@ pub fn load_split(files: &DatasetFiles, spec: &str) -> Result<Rows, SourceError>
         for f in &split.files {
             rows.append(read_file(f, files.format)?);
         }
-        let range = slice
-            .range(rows.len())
-            .map_err(|message| SourceError::SplitSpec { spec: spec.to_owned(), message })?;
+        let range =
+            slice.range(rows.len()).map_err(|message| Error::SplitSpec { spec: spec.to_owned(), message })?;
         if range != (0..rows.len()) {
             rows = rows.select(&range.collect::<Vec<_>>());
         }
@@ -303,7 +295,7 @@ pub fn load_split(files: &DatasetFiles, spec: &str) -> Result<Rows, SourceError>
 }
 
 /// `dataset_name` (or a mixture `id`) with its config and a split spec, read.
-pub fn load_rows(id: &str, config: Option<&str>, split: &str, hub: &HubCache) -> Result<Rows, SourceError> {
+pub fn load_rows(id: &str, config: Option<&str>, split: &str, hub: &HubCache) -> Result<Rows, Error> {
     let files = resolve_dataset(id, config, hub).map_err(|e| e.for_split(split))?;
     load_split(&files, split)
 }
@@ -316,14 +308,14 @@ pub fn train_test_split_indices(
     n: usize,
     test_size: f64,
     seed: u64,
-) -> Result<(Vec<usize>, Vec<usize>), SourceError> {
+) -> Result<(Vec<usize>, Vec<usize>), Error> {
     if n == 0 {
         return Ok((Vec::new(), Vec::new()));
     }
     let fraction = test_size < 1.0;
     let bad = if fraction { test_size <= 0.0 } else { test_size.fract() != 0.0 || test_size >= n as f64 };
     if bad {
-        return Err(SourceError::Settings(format!(
+        return Err(Error::Settings(format!(
             "test_split_size={test_size} should be either positive and smaller than the number of rows {n} or a \
              fraction in (0, 1)"
         )));
@@ -331,7 +323,7 @@ pub fn train_test_split_indices(
     let n_test = if fraction { (test_size * n as f64).ceil() as usize } else { test_size as usize };
     let n_train = n - n_test.min(n);
     if n_train == 0 {
-        return Err(SourceError::Settings(format!(
+        return Err(Error::Settings(format!(
             "with {n} rows and test_split_size={test_size} the training split would be empty"
         )));
     }
@@ -347,7 +339,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn resolve(spec: &DatasetSpec, hub: &HubCache) -> Result<Self, SourceError> {
+    fn resolve(spec: &DatasetSpec, hub: &HubCache) -> Result<Self, Error> {
         let files =
             resolve_dataset(&spec.id, spec.config.as_deref(), hub).map_err(|e| e.for_split(&spec.split))?;
         Ok(Entry { spec: spec.clone(), files })
@@ -355,7 +347,7 @@ impl Entry {
 
     /// The split read with its columns kept; `always_shuffle` subsamples through a seeded
     /// shuffle even at weight 1 (the handbook's training datasets).
-    fn load(&self, seed: u64, always_shuffle: bool) -> Result<Rows, SourceError> {
+    fn load(&self, seed: u64, always_shuffle: bool) -> Result<Rows, Error> {
         let mut rows = load_split(&self.files, &self.spec.split)?;
         if let Some(cols) = &self.spec.columns {
             rows.select_columns(cols, &self.spec.id, &self.spec.split)?;
@@ -377,7 +369,7 @@ impl Entry {
     }
 
     /// The files this entry reads, with their digests, and its settings (for fingerprints).
-    fn describe(&self) -> Result<Value, SourceError> {
+    fn describe(&self) -> Result<Value, Error> {
         let slices = parse_split_spec(&self.spec.split)?;
         let mut digests = Vec::new();
         for s in &slices {
@@ -421,7 +413,7 @@ pub struct MixtureRows {
 /// The alignment-handbook's `get_dataset` for a `dataset_mixture`, plus nibble's
 /// `eval_datasets` (each split read, columns kept, subsampled only below weight 1, concatenated and
 /// shuffled with the seed: the older handbook's test splits).
-pub fn load_mixture(mix: &DatasetMixture, hub: &HubCache) -> Result<MixtureRows, SourceError> {
+pub fn load_mixture(mix: &DatasetMixture, hub: &HubCache) -> Result<MixtureRows, Error> {
     let train: Vec<Entry> = mix.datasets.iter().map(|s| Entry::resolve(s, hub)).collect::<Result<_, _>>()?;
     let eval: Vec<Entry> =
         mix.eval_datasets.iter().map(|s| Entry::resolve(s, hub)).collect::<Result<_, _>>()?;
@@ -433,9 +425,9 @@ fn mixture_rows(
     train: &[Entry],
     eval: &[Entry],
     want_test: bool,
-) -> Result<MixtureRows, SourceError> {
+) -> Result<MixtureRows, Error> {
     if train.is_empty() {
-        return Err(SourceError::Settings("dataset_mixture lists no datasets".into()));
+        return Err(Error::Settings("dataset_mixture lists no datasets".into()));
     }
     let parts = train.iter().map(|e| e.load(mix.seed, true)).collect::<Result<Vec<_>, _>>()?;
     let combined = concat(parts).shuffle(mix.seed);
@@ -504,7 +496,7 @@ fn fingerprint(role: &str, description: &Value) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn split_digests(files: &DatasetFiles, spec: &str) -> Result<Value, SourceError> {
+fn split_digests(files: &DatasetFiles, spec: &str) -> Result<Value, Error> {
     let mut digests = Vec::new();
     for s in parse_split_spec(spec)? {
         for f in &files.split(&s.split)?.files {
@@ -518,26 +510,26 @@ impl DataPlan {
     /// Find the recipe's data: `dataset_name` (+ `dataset_config`, `dataset_train_split`, and
     /// `dataset_test_split` when `eval_strategy` is not `no`) or `dataset_mixture`. Every file is
     /// located and hashed; a dataset, config, split or file that is missing is an error here.
-    pub fn from_recipe(recipe: &Recipe, hub: &HubCache) -> Result<Self, SourceError> {
+    pub fn from_recipe(recipe: &Recipe, hub: &HubCache) -> Result<Self, Error> {
         let d = &recipe.data;
         let want_eval = recipe.training.eval_strategy != Interval::No;
         match (&d.dataset_mixture, &d.dataset_name) {
             (Some(mix), _) => {
                 // The handbook indexes the mixture's DatasetDict with these names.
                 if d.dataset_train_split != "train" {
-                    return Err(SourceError::Settings(format!(
+                    return Err(Error::Settings(format!(
                         "dataset_train_split `{}`: a dataset_mixture makes the split `train`",
                         d.dataset_train_split
                     )));
                 }
                 if want_eval && d.dataset_test_split != "test" {
-                    return Err(SourceError::Settings(format!(
+                    return Err(Error::Settings(format!(
                         "dataset_test_split `{}`: a dataset_mixture makes the split `test`",
                         d.dataset_test_split
                     )));
                 }
                 if want_eval && mix.test_split_size.is_none() && mix.eval_datasets.is_empty() {
-                    return Err(SourceError::Settings(
+                    return Err(Error::Settings(
                         "evaluation needs held-out data: set dataset_mixture.test_split_size".into(),
                     ));
                 }
@@ -588,9 +580,7 @@ impl DataPlan {
                     eval_fingerprint,
                 })
             }
-            (None, None) => {
-                Err(SourceError::Settings("no dataset: set dataset_name or dataset_mixture".into()))
-            }
+            (None, None) => Err(Error::Settings("no dataset: set dataset_name or dataset_mixture".into())),
         }
     }
 
@@ -606,7 +596,7 @@ impl DataPlan {
     }
 
     /// The raw rows: training, and evaluation when planned.
-    pub fn load_rows(&self) -> Result<(Rows, Option<Rows>), SourceError> {
+    pub fn load_rows(&self) -> Result<(Rows, Option<Rows>), Error> {
         match &self.sources {
             Sources::Single { files, train_split, eval_split } => {
                 let train = load_split(files, train_split)?;
@@ -621,12 +611,12 @@ impl DataPlan {
     }
 
     /// Read every row and recognise its format (`text_field` is `dataset_text_field`).
-    pub fn load(&self, text_field: &str) -> Result<LoadedData, SourceError> {
+    pub fn load(&self, text_field: &str) -> Result<LoadedData, Error> {
         self.load_with(text_field, false)
     }
 
     /// As [`DataPlan::load`], skipping (and counting) rows that fit no format when `skip_invalid`.
-    pub fn load_with(&self, text_field: &str, skip_invalid: bool) -> Result<LoadedData, SourceError> {
+    pub fn load_with(&self, text_field: &str, skip_invalid: bool) -> Result<LoadedData, Error> {
         let (train, eval) = self.load_rows()?;
         Ok(LoadedData {
             train: train.into_examples_with(text_field, skip_invalid)?,
@@ -639,7 +629,7 @@ impl DataPlan {
 
 /// The recipe's training (and evaluation) rows in one call: [`DataPlan::from_recipe`] then
 /// [`DataPlan::load`] with the recipe's `dataset_text_field`.
-pub fn load_training_data(recipe: &Recipe, hub: &HubCache) -> Result<LoadedData, SourceError> {
+pub fn load_training_data(recipe: &Recipe, hub: &HubCache) -> Result<LoadedData, Error> {
     DataPlan::from_recipe(recipe, hub)?.load(&recipe.training.dataset_text_field)
 }
 

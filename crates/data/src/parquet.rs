@@ -8,14 +8,12 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use serde_json::{Map, Number, Value};
 
-use super::source::SourceError;
+use crate::Error;
 
 /// Every row of a Parquet file, in file order (row groups in order).
-pub fn read_parquet(path: &Path) -> Result<Vec<Value>, SourceError> {
-    let err =
-        |row: Option<usize>, message: String| SourceError::Parquet { path: path.to_owned(), row, message };
-    let file =
-        std::fs::File::open(path).map_err(|source| SourceError::Io { path: path.to_owned(), source })?;
+pub fn read_parquet(path: &Path) -> Result<Vec<Value>, Error> {
+    let err = |row: Option<usize>, message: String| Error::Parquet { path: path.to_owned(), row, message };
+    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     let reader = SerializedFileReader::new(file)
         .map_err(|e| err(None, format!("not a readable Parquet file: {e}")))?;
     let n = reader.metadata().file_metadata().num_rows().max(0) as usize;

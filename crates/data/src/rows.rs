@@ -2,39 +2,11 @@
 //! conversational `messages` (with optional `tools` and `chat_template_kwargs`); conversational
 //! `prompt`/`completion` (lists of messages).
 
-use std::path::{Path, PathBuf};
+use crate::Error;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-/// A row that cannot be used, or a file that cannot be read.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    /// The file could not be read.
-    #[error("cannot read {}: {source}", .path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A row that does not parse or fits no format.
-    #[error("{}: row {row}: {message}", .path.display())]
-    Row {
-        /// The file.
-        path: PathBuf,
-        /// 1-based row number (the line, for JSONL).
-        row: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// A file type nibble does not read yet.
-    #[error("{}: unsupported data file (expected .jsonl or .json)", .path.display())]
-    Unsupported {
-        /// The file.
-        path: PathBuf,
-    },
-}
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,10 +113,9 @@ pub fn classify(row: &Value, text_field: &str) -> Result<Example, String> {
 }
 
 /// Read every row of a local JSONL or JSON (a list of rows) file.
-pub fn read_rows(path: &Path, text_field: &str) -> Result<Vec<Example>, DataError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| DataError::Read { path: path.to_owned(), source })?;
-    let row_err = |row: usize, message: String| DataError::Row { path: path.to_owned(), row, message };
+pub fn read_rows(path: &Path, text_field: &str) -> Result<Vec<Example>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let row_err = |row: usize, message: String| Error::Row { file: Some(path.to_owned()), row, message };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let values: Vec<(usize, Value)> = match ext {
         "jsonl" => text
@@ -162,7 +133,7 @@ pub fn read_rows(path: &Path, text_field: &str) -> Result<Vec<Example>, DataErro
             Ok(_) => return Err(row_err(1, "a .json data file must hold a list of rows".into())),
             Err(e) => return Err(row_err(e.line(), format!("not valid JSON: {e}"))),
         },
-        _ => return Err(DataError::Unsupported { path: path.to_owned() }),
+        _ => return Err(Error::UnsupportedFile { path: path.to_owned() }),
     };
     values.into_iter().map(|(row, v)| classify(&v, text_field).map_err(|m| row_err(row, m))).collect()
 }

@@ -10,174 +10,13 @@
 //! skipped unless a pattern names them, and the format (JSON or Parquet) is the most common data
 //! extension. Split specs take `datasets`' slicing: `train[:10%]`, `train[5:-5]`, `train+test`.
 
+use crate::Error;
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
 use sha2::{Digest, Sha256};
 
 use pyfiles::HubCache;
-
-/// Why a dataset could not be found or read.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// Not a local file or folder, and not in the hub cache.
-    #[error(
-        "dataset `{id}`{}: not a local file or folder, and not in the Hugging Face hub cache \
-         (looked in {}); nibble never downloads: fetch it first, e.g. `hf download --repo-type dataset {id}`",
-        .split.as_ref().map(|s| format!(" (split `{s}`)")).unwrap_or_default(),
-        .searched.display()
-    )]
-    NotInCache {
-        /// The dataset id.
-        id: String,
-        /// The split asked for, when known.
-        split: Option<String>,
-        /// The hub-cache folder searched.
-        searched: PathBuf,
-    },
-    /// A path-like id that names nothing.
-    #[error("dataset `{id}`: no such file or folder ({})", .path.display())]
-    NoSuchPath {
-        /// The dataset id.
-        id: String,
-        /// The path tried.
-        path: PathBuf,
-    },
-    /// The split is not among the dataset's splits.
-    #[error("dataset `{id}` has no split `{split}` (in {}); its splits: {}", .root.display(), .available.join(", "))]
-    NoSplit {
-        /// The dataset id.
-        id: String,
-        /// The split asked for.
-        split: String,
-        /// The folder or file read.
-        root: PathBuf,
-        /// The splits it has.
-        available: Vec<String>,
-    },
-    /// A split whose files are not there (a hub dataset partly downloaded, say).
-    #[error(
-        "dataset `{id}`, split `{split}`: no data files match {patterns:?} in {} (nibble never downloads: \
-         fetch the missing files first)",
-        .root.display()
-    )]
-    SplitWithoutFiles {
-        /// The dataset id.
-        id: String,
-        /// The split.
-        split: String,
-        /// The folder searched.
-        root: PathBuf,
-        /// The split's file patterns.
-        patterns: Vec<String>,
-    },
-    /// The configuration is not one the dataset declares.
-    #[error("dataset `{id}` has no config `{config}`; its configs: {}", .available.join(", "))]
-    NoConfig {
-        /// The dataset id.
-        id: String,
-        /// The config asked for.
-        config: String,
-        /// Those it has.
-        available: Vec<String>,
-    },
-    /// Several configs and none chosen.
-    #[error("dataset `{id}` has several configs ({}); choose one with dataset_config (or `config` in dataset_mixture)", .available.join(", "))]
-    ConfigMissing {
-        /// The dataset id.
-        id: String,
-        /// Its configs.
-        available: Vec<String>,
-    },
-    /// A folder without data files (or none that its patterns match).
-    #[error("dataset `{id}`: {} holds no data files{}", .root.display(),
-        if .patterns.is_empty() { String::new() } else {
-            format!(" matching {:?} (nibble never downloads: fetch the files first)", .patterns)
-        })]
-    Empty {
-        /// The dataset id.
-        id: String,
-        /// The folder.
-        root: PathBuf,
-        /// The patterns searched, when the dataset card names them.
-        patterns: Vec<String>,
-    },
-    /// Data nibble does not read (CSV, Arrow, archives, compressed JSON, ...).
-    #[error("dataset `{id}`: {what} is not supported (nibble reads Parquet and JSON/JSONL){}",
-        .path.as_ref().map(|p| format!(": {}", p.display())).unwrap_or_default())]
-    Unsupported {
-        /// The dataset id.
-        id: String,
-        /// What was found.
-        what: String,
-        /// The file, when one is at fault.
-        path: Option<PathBuf>,
-    },
-    /// A README `configs:` block or a `data_files` pattern that cannot be used.
-    #[error("{}: {message}", .path.display())]
-    Card {
-        /// The README (or folder).
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A split spec (`train[:10%]`) that does not parse or apply.
-    #[error("split `{spec}`: {message}")]
-    SplitSpec {
-        /// The spec.
-        spec: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A Parquet file that cannot be read.
-    #[error("{}{}: {message}", .path.display(), .row.map(|r| format!(": row {r}")).unwrap_or_default())]
-    Parquet {
-        /// The file.
-        path: PathBuf,
-        /// 1-based row, when one is at fault.
-        row: Option<usize>,
-        /// What is wrong.
-        message: String,
-    },
-    /// A file that cannot be read.
-    #[error("cannot read {}: {source}", .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A JSON row that does not parse, or a row that fits no TRL format.
-    #[error(transparent)]
-    Rows(#[from] super::rows::DataError),
-    /// Columns asked for that the dataset lacks.
-    #[error("dataset `{id}` (split `{split}`) has no column(s) {missing:?}; its columns: {available:?}")]
-    Columns {
-        /// The dataset id.
-        id: String,
-        /// The split.
-        split: String,
-        /// Columns asked for and missing.
-        missing: Vec<String>,
-        /// Columns it has.
-        available: Vec<String>,
-    },
-    /// A mixture or split setting that cannot apply to the data (too large a test split, ...).
-    #[error("{0}")]
-    Settings(String),
-}
-
-impl SourceError {
-    /// Name the split in a not-in-cache error.
-    pub fn for_split(self, split: &str) -> Self {
-        match self {
-            SourceError::NotInCache { id, split: None, searched } => {
-                SourceError::NotInCache { id, split: Some(split.to_owned()), searched }
-            }
-            e => e,
-        }
-    }
-}
 
 /// The two file formats nibble reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,15 +54,15 @@ pub struct Split {
 
 impl DatasetFiles {
     /// The split's files; a missing split or one without files is an error naming the folder.
-    pub fn split(&self, name: &str) -> Result<&Split, SourceError> {
-        let split = self.splits.iter().find(|s| s.name == name).ok_or_else(|| SourceError::NoSplit {
+    pub fn split(&self, name: &str) -> Result<&Split, Error> {
+        let split = self.splits.iter().find(|s| s.name == name).ok_or_else(|| Error::NoSplit {
             id: self.id.clone(),
             split: name.to_owned(),
             root: self.root.clone(),
             available: self.splits.iter().map(|s| s.name.clone()).collect(),
         })?;
         if split.files.is_empty() {
-            return Err(SourceError::SplitWithoutFiles {
+            return Err(Error::SplitWithoutFiles {
                 id: self.id.clone(),
                 split: name.to_owned(),
                 root: self.root.clone(),
@@ -415,9 +254,9 @@ fn requested(path: &str, pattern: &str) -> bool {
 }
 
 /// Every file under `dir` (symlinks followed), as sorted `/`-separated relative paths.
-pub fn list_files(dir: &Path) -> Result<Vec<String>, SourceError> {
-    fn walk(dir: &Path, rel: &str, depth: usize, out: &mut Vec<String>) -> Result<(), SourceError> {
-        let io = |source| SourceError::Io { path: dir.to_owned(), source };
+pub fn list_files(dir: &Path) -> Result<Vec<String>, Error> {
+    fn walk(dir: &Path, rel: &str, depth: usize, out: &mut Vec<String>) -> Result<(), Error> {
+        let io = |source| Error::Io { path: dir.to_owned(), source };
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let entry = entry.map_err(io)?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
@@ -595,10 +434,10 @@ fn card_data_files(v: &serde_json::Value) -> Result<Vec<(String, Vec<String>)>, 
 }
 
 /// The `configs:` block of `dir/README.md`, if any.
-fn card_configs(dir: &Path) -> Result<Vec<CardConfig>, SourceError> {
+fn card_configs(dir: &Path) -> Result<Vec<CardConfig>, Error> {
     let readme = dir.join("README.md");
     let Ok(text) = std::fs::read_to_string(&readme) else { return Ok(Vec::new()) };
-    let card_err = |message: String| SourceError::Card { path: readme.clone(), message };
+    let card_err = |message: String| Error::Card { path: readme.clone(), message };
     let Some(yaml) = front_matter(&text) else { return Ok(Vec::new()) };
     let meta = config::yaml::parse(yaml).map_err(|e| card_err(format!("YAML front matter: {e}")))?;
     let Some(configs) = meta.get("configs") else { return Ok(Vec::new()) };
@@ -627,13 +466,13 @@ fn card_configs(dir: &Path) -> Result<Vec<CardConfig>, SourceError> {
 
 /// `MetadataConfigs.get_default_config_name`: the only config, the one named `default`, or the
 /// one marked `default: true`.
-fn default_config(configs: &[CardConfig], path: &Path) -> Result<Option<usize>, SourceError> {
+fn default_config(configs: &[CardConfig], path: &Path) -> Result<Option<usize>, Error> {
     let mut found = None;
     for (i, c) in configs.iter().enumerate() {
         if configs.len() == 1 || c.name == "default" || c.default {
             if let Some(j) = found {
                 let first: &CardConfig = &configs[j];
-                return Err(SourceError::Card {
+                return Err(Error::Card {
                     path: path.join("README.md"),
                     message: format!("several default configs: `{}` and `{}`", first.name, c.name),
                 });
@@ -714,8 +553,8 @@ fn looks_like_hub_id(id: &str) -> bool {
 }
 
 /// The snapshot folder of a hub dataset: `datasets--org--name/snapshots/<refs/main>`.
-pub fn hub_snapshot(id: &str, hub: &HubCache) -> Result<PathBuf, SourceError> {
-    hub.snapshot(pyfiles::RepoKind::Dataset, id, "main").ok_or_else(|| SourceError::NotInCache {
+pub fn hub_snapshot(id: &str, hub: &HubCache) -> Result<PathBuf, Error> {
+    hub.snapshot(pyfiles::RepoKind::Dataset, id, "main").ok_or_else(|| Error::NotInCache {
         id: id.to_owned(),
         split: None,
         searched: hub.repo_folder(pyfiles::RepoKind::Dataset, id),
@@ -723,9 +562,9 @@ pub fn hub_snapshot(id: &str, hub: &HubCache) -> Result<PathBuf, SourceError> {
 }
 
 /// The files of every split of a local folder (or a hub snapshot), for `config`.
-pub fn resolve_dir(id: &str, dir: &Path, config: Option<&str>) -> Result<DatasetFiles, SourceError> {
+pub fn resolve_dir(id: &str, dir: &Path, config: Option<&str>) -> Result<DatasetFiles, Error> {
     let configs = card_configs(dir)?;
-    let card_err = |message: String| SourceError::Card { path: dir.to_owned(), message };
+    let card_err = |message: String| Error::Card { path: dir.to_owned(), message };
     let (base, patterns) = if configs.is_empty() {
         match config {
             None | Some("default") => (dir.to_owned(), None),
@@ -739,19 +578,19 @@ pub fn resolve_dir(id: &str, dir: &Path, config: Option<&str>) -> Result<Dataset
                         .into_iter()
                         .filter(|d| !d.starts_with('.') && !d.starts_with("__") && d != "data"),
                 );
-                return Err(SourceError::NoConfig { id: id.to_owned(), config: c.to_owned(), available });
+                return Err(Error::NoConfig { id: id.to_owned(), config: c.to_owned(), available });
             }
         }
     } else {
         let names = || configs.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
         let chosen = match config {
-            Some(c) => configs.iter().position(|k| k.name == c).ok_or_else(|| SourceError::NoConfig {
+            Some(c) => configs.iter().position(|k| k.name == c).ok_or_else(|| Error::NoConfig {
                 id: id.to_owned(),
                 config: c.to_owned(),
                 available: names(),
             })?,
             None => default_config(&configs, dir)?
-                .ok_or_else(|| SourceError::ConfigMissing { id: id.to_owned(), available: names() })?,
+                .ok_or_else(|| Error::ConfigMissing { id: id.to_owned(), available: names() })?,
         };
         let c = &configs[chosen];
         let base = match &c.data_dir {
@@ -766,7 +605,7 @@ pub fn resolve_dir(id: &str, dir: &Path, config: Option<&str>) -> Result<Dataset
         None => default_patterns(&files).map_err(card_err)?,
     };
     if patterns.is_empty() {
-        return Err(SourceError::Empty { id: id.to_owned(), root: base, patterns: Vec::new() });
+        return Err(Error::Empty { id: id.to_owned(), root: base, patterns: Vec::new() });
     }
     let mut splits = Vec::new();
     for (name, pats) in patterns {
@@ -788,10 +627,10 @@ pub fn resolve_dir(id: &str, dir: &Path, config: Option<&str>) -> Result<Dataset
         match infer_format(m) {
             None => {}
             Some(Err(what)) => {
-                return Err(SourceError::Unsupported { id: id.to_owned(), what, path: Some(base) });
+                return Err(Error::Unsupported { id: id.to_owned(), what, path: Some(base) });
             }
             Some(Ok(f)) if format.is_some_and(|g| g != f) => {
-                return Err(SourceError::Unsupported {
+                return Err(Error::Unsupported {
                     id: id.to_owned(),
                     what: "splits in different formats".into(),
                     path: Some(base),
@@ -803,9 +642,9 @@ pub fn resolve_dir(id: &str, dir: &Path, config: Option<&str>) -> Result<Dataset
     let Some(format) = format else {
         return Err(if all.is_empty() {
             let patterns = splits.iter().flat_map(|(_, p, _)| p.iter().cloned()).collect();
-            SourceError::Empty { id: id.to_owned(), root: base, patterns }
+            Error::Empty { id: id.to_owned(), root: base, patterns }
         } else {
-            SourceError::Unsupported {
+            Error::Unsupported {
                 id: id.to_owned(),
                 what: "no JSON or Parquet files".into(),
                 path: Some(base),
@@ -837,10 +676,10 @@ fn list_dirs(dir: &Path) -> Vec<String> {
 
 /// Resolve a recipe's dataset id (and config) to its splits' files: a local data file (one split,
 /// `train`), a local folder, or a hub dataset in the cache. Nothing is downloaded.
-pub fn resolve_dataset(id: &str, config: Option<&str>, hub: &HubCache) -> Result<DatasetFiles, SourceError> {
+pub fn resolve_dataset(id: &str, config: Option<&str>, hub: &HubCache) -> Result<DatasetFiles, Error> {
     let path = Path::new(id);
     if path.is_file() {
-        let format = file_format(path).ok_or_else(|| SourceError::Unsupported {
+        let format = file_format(path).ok_or_else(|| Error::Unsupported {
             id: id.to_owned(),
             what: format!(
                 "a `.{}` file",
@@ -856,16 +695,16 @@ pub fn resolve_dataset(id: &str, config: Option<&str>, hub: &HubCache) -> Result
         return resolve_dir(id, path, config);
     }
     if !looks_like_hub_id(id) {
-        return Err(SourceError::NoSuchPath { id: id.to_owned(), path: path.to_owned() });
+        return Err(Error::NoSuchPath { id: id.to_owned(), path: path.to_owned() });
     }
     let snap = hub_snapshot(id, hub)?;
     resolve_dir(id, &snap, config)
 }
 
 /// SHA-256 of a file's bytes, read in chunks.
-pub fn file_digest(path: &Path) -> Result<[u8; 32], SourceError> {
+pub fn file_digest(path: &Path) -> Result<[u8; 32], Error> {
     use std::io::Read;
-    let io = |source| SourceError::Io { path: path.to_owned(), source };
+    let io = |source| Error::Io { path: path.to_owned(), source };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -899,7 +738,7 @@ pub struct SplitSlice {
 /// Parse a `datasets` split spec: terms joined by `+`, each `name[from:to]` with optional `%`
 /// units (one `%` makes both boundaries percents) and a `(closest)` / `(pct1_dropremainder)`
 /// rounding.
-pub fn parse_split_spec(spec: &str) -> Result<Vec<SplitSlice>, SourceError> {
+pub fn parse_split_spec(spec: &str) -> Result<Vec<SplitSlice>, Error> {
     static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
     let re = RE.get_or_init(|| {
         Regex::new(
@@ -907,13 +746,13 @@ pub fn parse_split_spec(spec: &str) -> Result<Vec<SplitSlice>, SourceError> {
         )
         .expect("valid regex")
     });
-    let err = |message: String| SourceError::SplitSpec { spec: spec.to_owned(), message };
+    let err = |message: String| Error::SplitSpec { spec: spec.to_owned(), message };
     let sep = Regex::new(r"\s*\+\s*").expect("valid regex");
     sep.split(spec)
         .map(|term| {
             let c =
                 re.captures(term).ok_or_else(|| err(format!("unrecognized instruction format `{term}`")))?;
-            let int = |name: &str| -> Result<Option<i64>, SourceError> {
+            let int = |name: &str| -> Result<Option<i64>, Error> {
                 c.name(name)
                     .map(|m| m.as_str().replace('_', "").parse::<i64>().map_err(|e| err(e.to_string())))
                     .transpose()

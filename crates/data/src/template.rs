@@ -3,40 +3,16 @@
 //! `raise_exception`, a `tojson` that writes what Python's `json.dumps` writes, and the
 //! `{% generation %}` block that marks assistant text for `assistant_only_loss`.
 
+use crate::Error;
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
-
-/// A chat template that cannot be compiled or rendered.
-#[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
-    /// The template does not compile.
-    #[error("chat template does not compile: {0:#}")]
-    Compile(minijinja::Error),
-    /// Rendering failed (including a `raise_exception` from the template itself).
-    #[error("chat template failed to render: {0:#}")]
-    Render(minijinja::Error),
-    /// `assistant_only_loss` needs `{{% generation %}}` blocks the template lacks.
-    #[error(
-        "assistant_only_loss needs a chat template with {{% generation %}} ... {{% endgeneration %}} around \
-         assistant replies; this one has none"
-    )]
-    NoGenerationBlock,
-    /// A file that holds (or should hold) a chat template cannot be read.
-    #[error("{}: {message}", .path.display())]
-    File {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What went wrong.
-        message: String,
-    },
-}
 
 /// The chat template a model folder ships, as transformers finds it: `chat_template.jinja`,
 /// else the `chat_template` string of `tokenizer_config.json`; the first of `dirs` that has one
 /// wins (an adapter folder before its base model, as TRL saves the template with the adapter).
-pub fn find_chat_template(dirs: &[&std::path::Path]) -> Result<Option<String>, TemplateError> {
+pub fn find_chat_template(dirs: &[&std::path::Path]) -> Result<Option<String>, Error> {
     let read = |path: std::path::PathBuf| {
-        std::fs::read_to_string(&path).map_err(|e| TemplateError::File { path, message: e.to_string() })
+        std::fs::read_to_string(&path).map_err(|e| Error::TemplateFile { path, message: e.to_string() })
     };
     for dir in dirs {
         let jinja = dir.join("chat_template.jinja");
@@ -47,7 +23,7 @@ pub fn find_chat_template(dirs: &[&std::path::Path]) -> Result<Option<String>, T
         if cfg.is_file() {
             let text = read(cfg.clone())?;
             let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| TemplateError::File { path: cfg, message: format!("not valid JSON: {e}") })?;
+                .map_err(|e| Error::TemplateFile { path: cfg, message: format!("not valid JSON: {e}") })?;
             if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
                 return Ok(Some(t.to_owned()));
             }
@@ -118,7 +94,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
 
 impl ChatTemplate {
     /// Compile a template source (from tokenizer_config.json, chat_template.jinja or a recipe).
-    pub fn new(source: &str) -> Result<Self, TemplateError> {
+    pub fn new(source: &str) -> Result<Self, Error> {
         let (src, has_generation) = rewrite_generation(source);
         let mut env = Environment::new();
         let syntax = env
@@ -127,14 +103,14 @@ impl ChatTemplate {
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
-            .map_err(TemplateError::Compile)?;
+            .map_err(Error::TemplateCompile)?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", src).map_err(TemplateError::Compile)?;
+        env.add_template_owned("chat", src).map_err(Error::TemplateCompile)?;
         Ok(ChatTemplate { env, has_generation })
     }
 
@@ -145,12 +121,12 @@ impl ChatTemplate {
 
     /// Render a conversation. `context` holds `messages` and anything else the template reads
     /// (`tools`, `bos_token`, `eos_token`, `add_generation_prompt`, chat_template_kwargs, ...).
-    pub fn render(&self, context: &serde_json::Value) -> Result<Rendered, TemplateError> {
-        let tmpl = self.env.get_template("chat").map_err(TemplateError::Render)?;
+    pub fn render(&self, context: &serde_json::Value) -> Result<Rendered, Error> {
+        let tmpl = self.env.get_template("chat").map_err(Error::TemplateRender)?;
         let ctx: Value = serde_json::from_value(context.clone()).map_err(|e| {
-            TemplateError::Render(minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))
+            Error::TemplateRender(minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))
         })?;
-        let raw = tmpl.render(ctx).map_err(TemplateError::Render)?;
+        let raw = tmpl.render(ctx).map_err(Error::TemplateRender)?;
         let mut text = String::with_capacity(raw.len());
         let mut spans = Vec::new();
         let mut open = None;

@@ -24,7 +24,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::AddedToken;
 
-use super::error::PrepareError;
+use crate::Error;
 
 /// transformers' named special-token attributes, in its order.
 pub const SPECIAL_TOKEN_NAMES: [&str; 7] =
@@ -67,27 +67,26 @@ fn token_text(v: &Value) -> Option<String> {
 impl Tokenizer {
     /// Load `tokenizer.json` (required) and `tokenizer_config.json` (optional) from a model
     /// directory.
-    pub fn from_dir(dir: &Path) -> Result<Self, PrepareError> {
+    pub fn from_dir(dir: &Path) -> Result<Self, Error> {
         let json_path = dir.join("tokenizer.json");
         let json = std::fs::read(&json_path)
-            .map_err(|e| PrepareError::Tokenizer { path: json_path.clone(), message: e.to_string() })?;
+            .map_err(|e| Error::Tokenizer { path: json_path.clone(), message: e.to_string() })?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg =
-            if cfg_path.is_file() {
-                Some(std::fs::read(&cfg_path).map_err(|e| PrepareError::Tokenizer {
-                    path: cfg_path.clone(),
-                    message: e.to_string(),
-                })?)
-            } else {
-                None
-            };
+        let cfg = if cfg_path.is_file() {
+            Some(
+                std::fs::read(&cfg_path)
+                    .map_err(|e| Error::Tokenizer { path: cfg_path.clone(), message: e.to_string() })?,
+            )
+        } else {
+            None
+        };
         Self::from_bytes(&json, cfg.as_deref(), dir)
     }
 
     /// Build from the bytes of `tokenizer.json` and `tokenizer_config.json`; `origin` names them
     /// in errors.
-    pub fn from_bytes(json: &[u8], config: Option<&[u8]>, origin: &Path) -> Result<Self, PrepareError> {
-        let err = |file: &str, message: String| PrepareError::Tokenizer { path: origin.join(file), message };
+    pub fn from_bytes(json: &[u8], config: Option<&[u8]>, origin: &Path) -> Result<Self, Error> {
+        let err = |file: &str, message: String| Error::Tokenizer { path: origin.join(file), message };
         let mut inner =
             tokenizers::Tokenizer::from_bytes(json).map_err(|e| err("tokenizer.json", e.to_string()))?;
         let cfg: serde_json::Map<String, Value> = match config {
@@ -145,14 +144,10 @@ impl Tokenizer {
 
     /// Apply the recipe's `eos_token` and `pad_token` as TRL does: each must be in the
     /// vocabulary; the pad token defaults to the tokenizer's own, else the (new) eos token.
-    pub fn with_overrides(
-        mut self,
-        eos_token: Option<&str>,
-        pad_token: Option<&str>,
-    ) -> Result<Self, PrepareError> {
+    pub fn with_overrides(mut self, eos_token: Option<&str>, pad_token: Option<&str>) -> Result<Self, Error> {
         if let Some(eos) = eos_token {
             if self.inner.token_to_id(eos).is_none() {
-                return Err(PrepareError::UnknownToken { key: "eos_token", token: eos.to_owned() });
+                return Err(Error::UnknownToken { key: "eos_token", token: eos.to_owned() });
             }
             self.set_special("eos_token", eos.to_owned());
             // A pad token that only defaulted to the old eos follows the new one.
@@ -162,7 +157,7 @@ impl Tokenizer {
         }
         if let Some(pad) = pad_token {
             if self.inner.token_to_id(pad).is_none() {
-                return Err(PrepareError::UnknownToken { key: "pad_token", token: pad.to_owned() });
+                return Err(Error::UnknownToken { key: "pad_token", token: pad.to_owned() });
             }
             self.set_special("pad_token", pad.to_owned());
             self.pad_from_eos = false;
@@ -172,7 +167,7 @@ impl Tokenizer {
     }
 
     /// [`Tokenizer::from_dir`] with the recipe's `eos_token` / `pad_token`.
-    pub fn from_recipe(dir: &Path, recipe: &config::Recipe) -> Result<Self, PrepareError> {
+    pub fn from_recipe(dir: &Path, recipe: &config::Recipe) -> Result<Self, Error> {
         Self::from_dir(dir)?
             .with_overrides(recipe.training.eos_token.as_deref(), recipe.training.pad_token.as_deref())
     }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use data::{DataError, Example, read_rows};
+use data::{Error, Example, read_rows};
 
 fn scratch(name: &str, content: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nibble-data-{}", std::process::id()));
@@ -67,6 +67,6 @@ fn bad_rows_name_file_and_row() {
         let e = read_rows(&scratch(name, content), "text").expect_err(name).to_string();
         assert!(e.contains(want), "{name}: {e}");
     }
-    assert!(matches!(read_rows(&scratch("g.csv", "a,b"), "text"), Err(DataError::Unsupported { .. })));
-    assert!(matches!(read_rows(Path::new("/nonexistent/x.jsonl"), "text"), Err(DataError::Read { .. })));
+    assert!(matches!(read_rows(&scratch("g.csv", "a,b"), "text"), Err(Error::UnsupportedFile { .. })));
+    assert!(matches!(read_rows(Path::new("/nonexistent/x.jsonl"), "text"), Err(Error::Io { .. })));
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use config::types::DatasetMixture;
 use data::source::{hub_snapshot, parse_split_spec};
 use data::{
-    DataPlan, Example, SourceError, load_mixture, load_rows, load_training_data, resolve_dataset,
+    DataPlan, Error, Example, load_mixture, load_rows, load_training_data, resolve_dataset,
     train_test_split_indices,
 };
 use pyfiles::HubCache;
@@ -238,7 +238,7 @@ fn dataset_name_uses_the_train_and_test_splits() {
     )
     .expect_err("a single file has no test split");
     assert!(
-        matches!(&e, SourceError::NoSplit { split, available, .. } if split == "test" && available == &["train"]),
+        matches!(&e, Error::NoSplit { split, available, .. } if split == "test" && available == &["train"]),
         "{e}"
     );
 }
@@ -253,20 +253,20 @@ fn a_dataset_not_in_the_cache_names_the_folder_searched() {
     let e = load_training_data(&r, &cache).expect_err("not cached");
     let msg = e.to_string();
     let folder = empty.join("datasets--org--absent");
-    assert!(matches!(&e, SourceError::NotInCache { searched, .. } if *searched == folder), "{e}");
+    assert!(matches!(&e, Error::NotInCache { searched, .. } if *searched == folder), "{e}");
     for part in ["`org/absent`", "split `train_sft`", folder.to_str().expect("utf-8"), "never downloads"] {
         assert!(msg.contains(part), "{msg} lacks {part}");
     }
     // A folder without refs/main, or whose ref names no snapshot, is not cached either.
     std::fs::create_dir_all(folder.join("refs")).expect("mkdir");
-    assert!(matches!(hub_snapshot("org/absent", &cache), Err(SourceError::NotInCache { .. })));
+    assert!(matches!(hub_snapshot("org/absent", &cache), Err(Error::NotInCache { .. })));
     std::fs::write(folder.join("refs/main"), "abc\n").expect("write");
-    assert!(matches!(hub_snapshot("org/absent", &cache), Err(SourceError::NotInCache { .. })));
+    assert!(matches!(hub_snapshot("org/absent", &cache), Err(Error::NotInCache { .. })));
     std::fs::create_dir_all(folder.join("snapshots/abc")).expect("mkdir");
     assert_eq!(hub_snapshot("org/absent", &cache).expect("found"), folder.join("snapshots/abc"));
     // A path-like id that does not exist is not looked up in the hub.
     let e = resolve_dataset("./no/such/dir", None, &cache).expect_err("missing");
-    assert!(matches!(e, SourceError::NoSuchPath { .. }), "{e}");
+    assert!(matches!(e, Error::NoSuchPath { .. }), "{e}");
 }
 
 #[test]
@@ -275,25 +275,22 @@ fn missing_splits_configs_and_columns_are_named() {
     let msg = e.to_string();
     assert!(msg.contains("no split `train`") && msg.contains("train_sft, test_sft"), "{msg}");
     let e = load_rows("nibble-test/chat-mix", Some("nope"), "train", &hub()).expect_err("no config");
-    assert!(matches!(&e, SourceError::NoConfig { available, .. } if available == &["default", "alt"]), "{e}");
+    assert!(matches!(&e, Error::NoConfig { available, .. } if available == &["default", "alt"]), "{e}");
     let e = load_rows(&id("dir_sharded"), None, "train[:200%]", &hub()).expect_err("bad slice");
-    assert!(matches!(e, SourceError::SplitSpec { .. }), "{e}");
+    assert!(matches!(e, Error::SplitSpec { .. }), "{e}");
     // No README: a config is a folder of the snapshot (nibble's reading of the hub's layout).
     let rows = load_rows("nibble-test/bare", Some("cfg2"), "train", &hub()).expect("config folder");
     assert_eq!(rows.len(), 3);
     assert_eq!(rows.values[0]["prompt"], "cfg2 prompt 0");
     let e = load_rows("nibble-test/bare", Some("cfg3"), "train", &hub()).expect_err("no such folder");
-    assert!(
-        matches!(&e, SourceError::NoConfig { available, .. } if available.contains(&"cfg2".to_owned())),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::NoConfig { available, .. } if available.contains(&"cfg2".to_owned())), "{e}");
     // Columns the dataset lacks.
     let mix: DatasetMixture = serde_json::from_value(serde_json::json!({
         "datasets": [{"id": id("files/pc.parquet"), "columns": ["prompt", "messages"]}]
     }))
     .expect("mixture");
     let e = load_mixture(&mix, &hub()).expect_err("no messages column");
-    assert!(matches!(&e, SourceError::Columns { missing, .. } if missing == &["messages"]), "{e}");
+    assert!(matches!(&e, Error::Columns { missing, .. } if missing == &["messages"]), "{e}");
     // Several configs and none marked default.
     let d = scratch("two-configs");
     std::fs::write(
@@ -304,15 +301,12 @@ fn missing_splits_configs_and_columns_are_named() {
     .expect("write");
     std::fs::write(d.join("a.jsonl"), "{\"text\": \"a\"}\n").expect("write");
     let e = resolve_dataset(d.to_str().expect("utf-8"), None, &hub()).expect_err("which config?");
-    assert!(
-        matches!(&e, SourceError::ConfigMissing { available, .. } if available == &["a", "b", "c"]),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::ConfigMissing { available, .. } if available == &["a", "b", "c"]), "{e}");
     let e = resolve_dataset(d.to_str().expect("utf-8"), Some("c"), &hub()).expect_err("no files at all");
-    assert!(matches!(e, SourceError::Empty { .. }) && e.to_string().contains("c/*.jsonl"), "{e}");
+    assert!(matches!(e, Error::Empty { .. }) && e.to_string().contains("c/*.jsonl"), "{e}");
     let files = resolve_dataset(d.to_str().expect("utf-8"), Some("b"), &hub()).expect("resolves");
     let e = files.split("train").expect_err("b.jsonl is not there");
-    assert!(matches!(e, SourceError::SplitWithoutFiles { .. }), "{e}");
+    assert!(matches!(e, Error::SplitWithoutFiles { .. }), "{e}");
 }
 
 #[test]
@@ -321,14 +315,14 @@ fn unreadable_data_names_the_file_and_row() {
     let bad = d.join("train.parquet");
     std::fs::write(&bad, b"PAR1 this is not parquet PAR1").expect("write");
     let e = load_rows(bad.to_str().expect("utf-8"), None, "train", &hub()).expect_err("corrupt");
-    assert!(matches!(&e, SourceError::Parquet { path, .. } if *path == bad), "{e}");
+    assert!(matches!(&e, Error::Parquet { path, .. } if *path == bad), "{e}");
     assert!(e.to_string().contains(bad.to_str().expect("utf-8")), "{e}");
     // A truncated copy of a real file.
     let good = std::fs::read(golden_dir().join("files/chat.parquet")).expect("read");
     std::fs::write(&bad, &good[..good.len() / 2]).expect("write");
     assert!(matches!(
         load_rows(bad.to_str().expect("utf-8"), None, "train", &hub()),
-        Err(SourceError::Parquet { .. })
+        Err(Error::Parquet { .. })
     ));
     // JSON: the line at fault.
     let j = d.join("rows.jsonl");
@@ -348,18 +342,18 @@ fn unreadable_data_names_the_file_and_row() {
     std::fs::write(&csv, "a,b\n1,2\n").expect("write");
     assert!(matches!(
         resolve_dataset(csv.to_str().expect("utf-8"), None, &hub()),
-        Err(SourceError::Unsupported { .. })
+        Err(Error::Unsupported { .. })
     ));
     let dir = scratch("csv-dir");
     std::fs::write(dir.join("train.csv"), "a,b\n1,2\n").expect("write");
     assert!(matches!(
         resolve_dataset(dir.to_str().expect("utf-8"), None, &hub()),
-        Err(SourceError::Unsupported { .. })
+        Err(Error::Unsupported { .. })
     ));
     let empty = scratch("no-data");
     assert!(matches!(
         resolve_dataset(empty.to_str().expect("utf-8"), None, &hub()),
-        Err(SourceError::Empty { .. })
+        Err(Error::Empty { .. })
     ));
 }
 

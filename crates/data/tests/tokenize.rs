@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use data::template::ChatTemplate;
-use data::{
-    Dataset, Example, PrepareError, TokenizeOptions, Tokenizer, nprandom, prepare_dataset, read_rows,
-};
+use data::{Dataset, Error, Example, TokenizeOptions, Tokenizer, nprandom, prepare_dataset, read_rows};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -46,7 +44,7 @@ fn rows(source: &Value, name: &str) -> Vec<Example> {
     read_rows(&p, "text").expect("rows")
 }
 
-fn tokenizer(g: &Value, case: &Value) -> Result<Tokenizer, PrepareError> {
+fn tokenizer(g: &Value, case: &Value) -> Result<Tokenizer, Error> {
     let dir = root().join("models/tiny-llama");
     let mut json: Value =
         serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).expect("tokenizer.json"))
@@ -92,7 +90,7 @@ fn options(config: &Value) -> TokenizeOptions {
     o
 }
 
-fn run(g: &Value, case: &Value) -> Result<Dataset, PrepareError> {
+fn run(g: &Value, case: &Value) -> Result<Dataset, Error> {
     let name = case["name"].as_str().expect("name");
     let tok = tokenizer(g, case)?;
     let source = match case["template"].as_str() {

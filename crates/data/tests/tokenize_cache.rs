@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use data::{CacheOutcome, PrepareError, TokenizeOptions, Tokenizer, load_or_prepare};
+use data::{CacheOutcome, Error, TokenizeOptions, Tokenizer, load_or_prepare};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -130,14 +130,14 @@ fn row_errors_name_the_file_and_row() {
     let opts = TokenizeOptions { assistant_only_loss: true, ..TokenizeOptions::default() };
     let e =
         load_or_prepare(&data, &tiny(), Some(generation), &opts, None).expect_err("row 2 has no assistant");
-    assert!(matches!(e, PrepareError::Row { row: 2, .. }), "{e:?}");
+    assert!(matches!(e, Error::Row { row: 2, .. }), "{e:?}");
     let msg = e.to_string();
     assert!(msg.contains("bad.jsonl: row 2:") && msg.contains("assistant"), "{msg}");
 
     let e = load_or_prepare(&dir.join("missing.jsonl"), &tiny(), None, &opts, None).expect_err("no file");
     assert!(e.to_string().contains("missing.jsonl"), "{e}");
     let e = load_or_prepare(&data, &tiny(), Some("{% if %}"), &opts, None).expect_err("bad template");
-    assert!(matches!(e, PrepareError::Template(_)), "{e:?}");
+    assert!(matches!(e, Error::TemplateCompile(_) | Error::TemplateRender(_)), "{e:?}");
 }
 
 #[test]

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use config::Recipe;
 use data::template::ChatTemplate;
 use data::{
-    Batch, DataPlan, Dataset, Example, LoadedData, PrepareError, TokenizeOptions, Tokenizer,
-    load_or_prepare_rows, shard_indices,
+    Batch, DataPlan, Dataset, Example, LoadedData, TokenizeOptions, Tokenizer, load_or_prepare_rows,
+    shard_indices,
 };
 use pyfiles::HubCache;
 use sft::train::{DeviceBatch, EpochBatches};
@@ -84,7 +84,7 @@ impl DataSetup {
         let tokenizer = Tokenizer::from_recipe(&tokenizer_dir, recipe)
             .map_err(|e| {
                 let key = match &e {
-                    PrepareError::UnknownToken { key, .. } => key,
+                    data::Error::UnknownToken { key, .. } => key,
                     _ if recipe.model.tokenizer_name_or_path.is_some() => "tokenizer_name_or_path",
                     _ => "model_name_or_path",
                 };
@@ -223,7 +223,7 @@ pub(crate) fn dataset(setup: &DataSetup) -> Result<TrainData> {
     let (tok, template) = (&setup.tokenizer, setup.chat_template.as_deref());
     // Rows are read at most once, and only when a cache misses.
     let loaded = std::cell::OnceCell::new();
-    let load = || -> Result<&LoadedData, PrepareError> {
+    let load = || -> Result<&LoadedData, data::Error> {
         if let Some(l) = loaded.get() {
             return Ok(l);
         }
