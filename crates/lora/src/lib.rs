@@ -79,9 +79,9 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
-    /// An unreadable safetensors file.
+    /// An unreadable safetensors file, or a quantized state that cannot be used.
     #[error(transparent)]
-    File(#[from] quant::file::FileError),
+    File(#[from] quant::Error),
     /// A malformed `adapter_config.json`, or one that does not fit the adapters it is loaded into.
     #[error("{}: {problem}", .path.display())]
     Config {

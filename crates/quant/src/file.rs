@@ -3,41 +3,21 @@
 //! so the same input always gives the same bytes and an interrupted write leaves nothing behind.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::Error;
 use crate::state::RawTensor;
 
-/// Why a safetensors file could not be read or written; names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum FileError {
-    /// I/O on the file.
-    #[error("{}: {source}", .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// Not a valid safetensors file (truncated, bad header, offsets out of range).
-    #[error("{}: not a valid safetensors file: {message}", .path.display())]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said.
-        message: String,
-    },
-}
-
 /// All tensors of a safetensors file (copied out of the map) and its metadata.
-pub fn read(path: &Path) -> Result<(Vec<RawTensor>, BTreeMap<String, String>), FileError> {
-    let io = |source| FileError::Io { path: path.to_owned(), source };
+pub fn read(path: &Path) -> Result<(Vec<RawTensor>, BTreeMap<String, String>), Error> {
+    let io = |source| Error::FileIo { path: path.to_owned(), source };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: read-only map of a file we only read from; its bytes are copied out below.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     let st = safetensors::SafeTensors::deserialize(&map)
-        .map_err(|e| FileError::Invalid { path: path.to_owned(), message: format!("{e:?}") })?;
+        .map_err(|e| Error::InvalidFile { path: path.to_owned(), message: format!("{e:?}") })?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
-        .map_err(|e| FileError::Invalid { path: path.to_owned(), message: format!("{e:?}") })?;
+        .map_err(|e| Error::InvalidFile { path: path.to_owned(), message: format!("{e:?}") })?;
     let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut tensors: Vec<RawTensor> = st
         .tensors()
@@ -85,13 +65,9 @@ pub fn to_bytes(tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> V
 }
 
 /// Write a safetensors file atomically (see [`write_atomic_with`]).
-pub fn write(
-    path: &Path,
-    tensors: &[RawTensor],
-    metadata: &BTreeMap<String, String>,
-) -> Result<(), FileError> {
+pub fn write(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<(), Error> {
     write_atomic(path, &to_bytes(tensors, metadata))
-        .map_err(|source| FileError::Io { path: path.to_owned(), source })
+        .map_err(|source| Error::FileIo { path: path.to_owned(), source })
 }
 
 pub use pyfiles::atomic::{write_atomic, write_atomic_with};

@@ -117,4 +117,20 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// I/O on a safetensors file.
+    #[error("{}: {source}", .path.display())]
+    FileIo {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not a valid safetensors file (truncated, bad header, offsets out of range).
+    #[error("{}: not a valid safetensors file: {message}", .path.display())]
+    InvalidFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the parser said.
+        message: String,
+    },
 }

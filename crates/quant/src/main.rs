@@ -221,7 +221,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| c.is::<InputError>() || c.is::<file::FileError>()) {
+            if e.chain().any(|c| {
+                c.is::<InputError>()
+                    || c.downcast_ref::<quant::Error>().is_some_and(|e| {
+                        matches!(e, quant::Error::InvalidFile { .. } | quant::Error::FileIo { .. })
+                    })
+            }) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

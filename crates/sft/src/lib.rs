@@ -5,5 +5,8 @@
 
 #![deny(missing_docs)]
 
+mod error;
 pub mod merge;
 pub mod train;
+
+pub use error::Error;

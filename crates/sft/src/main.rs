@@ -192,10 +192,7 @@ fn is_usage_error(e: &anyhow::Error) -> bool {
     use model_loader::Error::OutputExists;
     e.chain().any(|c| {
         matches!(c.downcast_ref::<model_loader::Error>(), Some(OutputExists { .. }))
-            || matches!(
-                c.downcast_ref::<sft::merge::MergeError>(),
-                Some(sft::merge::MergeError::Model(OutputExists { .. }))
-            )
+            || matches!(c.downcast_ref::<sft::Error>(), Some(sft::Error::Model(e)) if matches!(**e, OutputExists { .. }))
     })
 }
 

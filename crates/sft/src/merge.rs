@@ -3,8 +3,9 @@
 //! `W + B A * scaling`, computed in f32 tensor by tensor (a 4-bit base dequantized exactly first),
 //! then cast to the output dtype; everything else is cast and copied.
 
+use crate::Error;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use model_loader::export::{
     self, DEFAULT_MAX_SHARD_SIZE, ExportSummary, OutputDir, ShardWriter, TensorRef, python_json,
@@ -30,33 +31,6 @@ impl Default for MergeOptions {
     fn default() -> Self {
         MergeOptions { dtype: None, max_shard_size: DEFAULT_MAX_SHARD_SIZE, overwrite: false }
     }
-}
-
-/// Why a merge failed; names the file, key or tensor at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum MergeError {
-    /// The base model (config, checkpoint, output directory).
-    #[error(transparent)]
-    Model(#[from] model_loader::Error),
-    /// The adapter directory (config, tensors, targets).
-    #[error("adapter: {0}")]
-    Adapter(#[from] lora::Error),
-    /// A config.json value merge cannot use.
-    #[error("{}: {message}", .path.display())]
-    Config {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A tensor that could not be computed or written.
-    #[error("tensor `{name}`: {message}")]
-    Tensor {
-        /// The tensor.
-        name: String,
-        /// What went wrong.
-        message: String,
-    },
 }
 
 /// A linear offered to the adapter only for its shape, so the adapter's targets and tensors are
@@ -89,7 +63,7 @@ struct Delta {
 
 /// Read the adapter in `dir` for the decoder linears `cfg` implies: A and B by module name, and
 /// the scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
-fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f64), MergeError> {
+fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f64), Error> {
     let mut stubs: Vec<(String, Box<dyn Linear>)> = expected_shapes(cfg)
         .into_iter()
         .filter_map(|(name, shape)| {
@@ -101,7 +75,7 @@ fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f
         .collect();
     let lcfg = lora::LoraConfig::read(dir)?;
     if lcfg.use_dora || !lcfg.modules_to_save.is_empty() {
-        return Err(MergeError::Config {
+        return Err(Error::Config {
             path: dir.join(lora::CONFIG_FILE),
             message: "merging DoRA adapters or modules_to_save copies is not supported yet (plain LoRA only)"
                 .into(),
@@ -126,8 +100,8 @@ fn default_dtype(
     config: &serde_json::Map<String, Value>,
     ck: &Checkpoint,
     path: &Path,
-) -> Result<Kind, MergeError> {
-    let unknown = |what: &str, name: &str| MergeError::Config {
+) -> Result<Kind, Error> {
+    let unknown = |what: &str, name: &str| Error::Config {
         path: path.to_owned(),
         message: format!("{what} `{name}` is not float32, float16 or bfloat16; pass --dtype"),
     };
@@ -164,11 +138,7 @@ fn st_dtype(kind: Kind) -> &'static str {
 
 /// Base tensor `name` in f32: dequantized exactly if it is a 4-bit weight (`quantized` holds
 /// the 4-bit module prefixes); `None` for a tensor that is not floating.
-fn base_weight(
-    ck: &Checkpoint,
-    name: &str,
-    quantized: &HashSet<String>,
-) -> Result<Option<Tensor>, MergeError> {
+fn base_weight(ck: &Checkpoint, name: &str, quantized: &HashSet<String>) -> Result<Option<Tensor>, Error> {
     let quant_err = |source| model_loader::Error::Quant { name: name.to_owned(), source };
     if let Some(p) = name.strip_suffix(".weight").filter(|p| quantized.contains(*p)) {
         return Ok(Some(ck.quantized_weight(p)?.dequantize(Kind::Float).map_err(quant_err)?));
@@ -181,16 +151,16 @@ fn base_weight(
     Ok(Some(w.f_to_kind(Kind::Float).map_err(|e| tensor_error(name, e))?))
 }
 
-fn tensor_error(name: &str, e: tch::TchError) -> MergeError {
-    MergeError::Tensor { name: name.to_owned(), message: e.to_string() }
+fn tensor_error(name: &str, e: tch::TchError) -> Error {
+    Error::Tensor { name: name.to_owned(), message: e.to_string() }
 }
 
 /// `w + B A * scaling`, all f32, in PEFT's order (`(B @ A) * scaling`, then added).
-fn add_delta(name: &str, w: Tensor, d: &Delta, scaling: f64) -> Result<Tensor, MergeError> {
+fn add_delta(name: &str, w: Tensor, d: &Delta, scaling: f64) -> Result<Tensor, Error> {
     let delta =
         d.b.f_matmul(&d.a).and_then(|ba| ba.f_mul_scalar(scaling)).map_err(|e| tensor_error(name, e))?;
     if delta.size() != w.size() {
-        return Err(MergeError::Tensor {
+        return Err(Error::Tensor {
             name: name.to_owned(),
             message: format!("shape {:?}, but the adapter's B A is {:?}", w.size(), delta.size()),
         });
@@ -209,7 +179,7 @@ pub fn merge(
     out: &Path,
     opts: &MergeOptions,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<ExportSummary, MergeError> {
+) -> Result<ExportSummary, Error> {
     let cfg = HfConfig::from_dir(base)?;
     let mut config = export::read_config_json(base)?;
     let ck = Checkpoint::open(base)?;
@@ -220,7 +190,7 @@ pub fn merge(
         Some(k) => k,
         None => default_dtype(&cfg, &config, &ck, &config_path)?,
     };
-    let dtype_name = torch_name(dtype).ok_or_else(|| MergeError::Config {
+    let dtype_name = torch_name(dtype).ok_or_else(|| Error::Config {
         path: config_path.clone(),
         message: format!("output dtype {dtype:?} is not float32, float16 or bfloat16"),
     })?;
@@ -270,7 +240,7 @@ pub fn merge(
         progress(i + 1, total);
     }
     if merged != deltas.len() {
-        return Err(MergeError::Config {
+        return Err(Error::Config {
             path: adapter.to_owned(),
             message: format!("merged {merged} of the adapter's {} modules", deltas.len()),
         });

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use config::Recipe;
 use config::types::{Interval, KwArgs, SaveStrategy, Scheduler};
-use sft::train::{AdamWConfig, Schedule, ScheduleError, TrainOptions};
+use sft::train::{AdamWConfig, Schedule, TrainOptions};
 
 /// How often something happens, as transformers' `*_strategy` + `*_steps` say it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,7 +129,7 @@ impl TrainingPlan {
     }
 
     /// The schedule over `total` steps.
-    pub(crate) fn schedule(&self, total: u64) -> Result<Schedule, ScheduleError> {
+    pub(crate) fn schedule(&self, total: u64) -> Result<Schedule, sft::Error> {
         Schedule::new(
             &self.scheduler,
             self.scheduler_kwargs.as_ref(),
@@ -145,7 +145,7 @@ impl TrainingPlan {
         steps_per_epoch: u64,
         grad_accum: usize,
         output_dir: PathBuf,
-    ) -> Result<TrainOptions, ScheduleError> {
+    ) -> Result<TrainOptions, sft::Error> {
         let total_steps = self.total_steps(steps_per_epoch);
         Ok(TrainOptions {
             total_steps,

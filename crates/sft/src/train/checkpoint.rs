@@ -2,35 +2,15 @@
 //! files, optimizer state and `trainer_state.json`), written into a temporary directory and
 //! renamed into place, so an interrupted save never leaves a half-written checkpoint.
 
+use crate::Error;
 use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
 use super::{AdamW, Progress};
 
-/// Why a checkpoint could not be written or read.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// A filesystem failure.
-    #[error("{}: {source}", .path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A checkpoint that cannot be used.
-    #[error("{}: {message}", .path.display())]
-    Bad {
-        /// The file or directory.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_owned(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::CheckpointIo { path: path.to_owned(), source }
 }
 
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -56,7 +36,7 @@ impl Checkpoint {
         progress: &Progress,
         optimizer: &AdamW,
         save_adapter: &dyn Fn(&Path) -> Result<(), String>,
-    ) -> Result<PathBuf, CheckpointError> {
+    ) -> Result<PathBuf, Error> {
         let name = format!("checkpoint-{}", progress.global_step);
         let dest = output_dir.join(&name);
         let tmp = output_dir.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -64,7 +44,7 @@ impl Checkpoint {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        save_adapter(&tmp).map_err(|message| CheckpointError::Bad { path: tmp.clone(), message })?;
+        save_adapter(&tmp).map_err(|message| Error::BadCheckpoint { path: tmp.clone(), message })?;
         let (tensors, step) = optimizer.state();
         let opt_path = tmp.join(OPTIMIZER);
         // Written from host memory (the moments live on the model's device).
@@ -72,14 +52,14 @@ impl Checkpoint {
             .iter()
             .map(|(n, t)| Ok((n.as_str(), t.f_to_device(tch::Device::Cpu)?)))
             .collect::<Result<_, tch::TchError>>()
-            .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+            .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
         let named: Vec<(&str, &Tensor)> = host.iter().map(|(n, t)| (*n, t)).collect();
         Tensor::write_safetensors(&named, &opt_path)
-            .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+            .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
         // libtorch writes without syncing: flush it before the folder is renamed into place.
         std::fs::File::open(&opt_path).and_then(|f| f.sync_all()).map_err(io(&opt_path))?;
         let mut state = serde_json::to_value(progress)
-            .map_err(|e| CheckpointError::Bad { path: tmp.join(STATE), message: e.to_string() })?;
+            .map_err(|e| Error::BadCheckpoint { path: tmp.join(STATE), message: e.to_string() })?;
         state["optimizer_step"] = serde_json::json!(step);
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
         pyfiles::write_atomic(&tmp.join(STATE), text.as_bytes()).map_err(io(&tmp.join(STATE)))?;
@@ -95,10 +75,10 @@ impl Checkpoint {
     }
 
     /// Read a checkpoint directory written by [`Checkpoint::save`].
-    pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
+    pub fn load(dir: &Path) -> Result<Self, Error> {
         let state_path = dir.join(STATE);
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-        let bad = |message: String| CheckpointError::Bad { path: state_path.clone(), message };
+        let bad = |message: String| Error::BadCheckpoint { path: state_path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let optimizer_step = value
             .get("optimizer_step")
@@ -107,13 +87,13 @@ impl Checkpoint {
         let progress: Progress = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         let opt_path = dir.join(OPTIMIZER);
         let optimizer = Tensor::read_safetensors(&opt_path)
-            .map_err(|e| CheckpointError::Bad { path: opt_path.clone(), message: e.to_string() })?;
+            .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
         Ok(Checkpoint { dir: dir.to_owned(), progress, optimizer, optimizer_step })
     }
 }
 
 /// Checkpoint directories under `output_dir`, oldest step first.
-pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for e in entries {
@@ -131,12 +111,12 @@ pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 }
 
 /// The newest complete checkpoint under `output_dir`, if any.
-pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>, Error> {
     Ok(list(output_dir)?.pop().map(|(_, p)| p))
 }
 
 /// Delete the oldest checkpoints beyond `limit`.
-pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<(), CheckpointError> {
+pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<(), Error> {
     let Some(limit) = limit else { return Ok(()) };
     let all = list(output_dir)?;
     let excess = all.len().saturating_sub(limit.max(1));

@@ -10,6 +10,7 @@ pub mod optim;
 pub mod schedule;
 pub mod step;
 
+use crate::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,68 +21,12 @@ use model_loader::CausalLm;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-pub use checkpoint::{Checkpoint, CheckpointError};
+pub use checkpoint::Checkpoint;
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
-pub use schedule::{Schedule, ScheduleError};
+pub use schedule::Schedule;
 pub use step::{
     DeviceBatch, HEAD_CHUNK_BYTES, MicroStats, evaluate_batch, forward_backward, forward_backward_with,
 };
-
-/// Why training stopped early.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// The model failed on a batch.
-    #[error("step {step}: {source}")]
-    Model {
-        /// Optimizer step being computed.
-        step: u64,
-        /// What failed.
-        source: Box<model_loader::Error>,
-    },
-    /// A libtorch failure in the optimizer.
-    #[error("step {step}: optimizer: {message}")]
-    Optim {
-        /// Optimizer step being computed.
-        step: u64,
-        /// What failed (libtorch's message).
-        message: String,
-    },
-    /// The loss became NaN or infinite.
-    #[error("step {step}: the loss is {loss} (diverged); lower the learning rate or check the data")]
-    NonFinite {
-        /// Optimizer step.
-        step: u64,
-        /// The loss.
-        loss: f64,
-    },
-    /// Writing or reading a checkpoint failed.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// A collective over the process group failed (a peer died or hung).
-    #[error("step {step}: {source}")]
-    Dist {
-        /// Optimizer step being computed.
-        step: u64,
-        /// What failed.
-        source: dist::DistError,
-    },
-    /// Resuming with another number of processes than the checkpoint was written with.
-    #[error(
-        "the checkpoint was written by a run of {checkpoint} process(es) and this run has {now}: resume \
-         with the same number of processes (the data shards and the step count depend on it)"
-    )]
-    WorldSize {
-        /// Processes of the run that wrote the checkpoint.
-        checkpoint: u64,
-        /// Processes of this run.
-        now: u64,
-    },
-    /// No batch to train on.
-    #[error(
-        "the training set gives no batch (is it empty, or smaller than one batch with dataloader_drop_last?)"
-    )]
-    NoData,
-}
 
 /// Everything the loop needs to know, resolved from the recipe.
 #[derive(Debug, Clone)]
@@ -191,9 +136,9 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// A fresh run.
-    pub fn new(model: &'a CausalLm, params: Vec<Tensor>, opts: TrainOptions) -> Result<Self, TrainError> {
+    pub fn new(model: &'a CausalLm, params: Vec<Tensor>, opts: TrainOptions) -> Result<Self, Error> {
         let optimizer = AdamW::new(params, opts.adam)
-            .map_err(|e| TrainError::Optim { step: 0, message: quant::ops::torch_message(&e) })?;
+            .map_err(|e| Error::Optim { step: 0, message: quant::ops::torch_message(&e) })?;
         Ok(Trainer {
             model,
             opts,
@@ -205,13 +150,13 @@ impl<'a> Trainer<'a> {
     }
 
     /// Loss and accuracy over `eval` (no gradients).
-    pub fn evaluate(&self, eval: &[(DeviceBatch, u64)], epoch: f64) -> Result<EvalEntry, TrainError> {
+    pub fn evaluate(&self, eval: &[(DeviceBatch, u64)], epoch: f64) -> Result<EvalEntry, Error> {
         let start = Instant::now();
         let step = self.progress.global_step;
         let (mut weighted, mut rows, mut correct, mut total) = (0.0, 0u64, 0u64, 0u64);
         for (batch, _) in eval {
             let (sum, c, t) = evaluate_batch(self.model, batch)
-                .map_err(|source| TrainError::Model { step, source: Box::new(source) })?;
+                .map_err(|source| Error::Forward { step, source: Box::new(source) })?;
             let n = batch.input_ids.size()[0] as u64;
             weighted += if t > 0 { sum / t as f64 } else { 0.0 } * n as f64;
             rows += n;
@@ -235,27 +180,24 @@ impl<'a> Trainer<'a> {
         eval: &[(DeviceBatch, u64)],
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
         on_event: &mut dyn FnMut(Event<'_>),
-    ) -> Result<Outcome, TrainError> {
+    ) -> Result<Outcome, Error> {
         let start = Instant::now();
         let start_step = self.progress.global_step;
         let ga = self.opts.grad_accum.max(1);
         let (rank, world) = self.group.map_or((0, 1), |g| (g.rank(), g.world_size()));
         let main = rank == 0;
         if start_step > 0 && self.progress.world_size.max(1) != world as u64 {
-            return Err(TrainError::WorldSize {
-                checkpoint: self.progress.world_size.max(1),
-                now: world as u64,
-            });
+            return Err(Error::WorldSize { checkpoint: self.progress.world_size.max(1), now: world as u64 });
         }
         self.progress.world_size = world as u64;
         let group = self.group;
-        let dist_err = |step: u64| move |source: dist::DistError| TrainError::Dist { step, source };
+        let dist_err = |step: u64| move |source: dist::DistError| Error::Dist { step, source };
         let (mut window_loss_sum, mut steps_since_log) = (0.0f64, 0u64);
         let (mut acc_sum, mut acc_n) = (0.0f64, 0u64);
         let (mut tokens_at_log, mut time_at_log) = (self.progress.num_tokens, 0.0f64);
         let mut batches = epoch_batches(self.progress.epoch);
         if batches.is_empty() {
-            return Err(TrainError::NoData);
+            return Err(Error::NoData);
         }
         let epoch_now =
             |p: &Progress, len: usize| p.epoch as f64 + p.batch_in_epoch as f64 / len.max(1) as f64;
@@ -294,7 +236,7 @@ impl<'a> Trainer<'a> {
                     seed,
                     self.opts.neftune_noise_alpha,
                 )
-                .map_err(|source| TrainError::Model { step: step + 1, source: Box::new(source) })?;
+                .map_err(|source| Error::Forward { step: step + 1, source: Box::new(source) })?;
                 step_loss += m.loss;
                 if m.total > 0 {
                     step_acc += m.correct as f64 / m.total as f64;
@@ -315,13 +257,14 @@ impl<'a> Trainer<'a> {
                     f64::from(u8::from(stop_now)),
                 ];
                 // On the group's device (NCCL sums CUDA tensors only).
-                let mut stats = vec![Tensor::from_slice(&local).f_to_device(g.device()).map_err(|e| {
-                    TrainError::Optim { step: step + 1, message: quant::ops::torch_message(&e) }
-                })?];
+                let mut stats =
+                    vec![Tensor::from_slice(&local).f_to_device(g.device()).map_err(|e| Error::Optim {
+                        step: step + 1,
+                        message: quant::ops::torch_message(&e),
+                    })?];
                 g.all_reduce_sum(&mut stats).map_err(dist_err(step + 1))?;
-                let sum = Vec::<f64>::try_from(&stats[0].to_device(tch::Device::Cpu)).map_err(|e| {
-                    TrainError::Optim { step: step + 1, message: quant::ops::torch_message(&e) }
-                })?;
+                let sum = Vec::<f64>::try_from(&stats[0].to_device(tch::Device::Cpu))
+                    .map_err(|e| Error::Optim { step: step + 1, message: quant::ops::torch_message(&e) })?;
                 step_loss = sum[0];
                 (step_acc, step_acc_n, step_tokens) = (sum[1], sum[2].round() as u64, sum[3].round() as u64);
                 stop_now = sum[4] > 0.0;
@@ -330,12 +273,10 @@ impl<'a> Trainer<'a> {
             acc_n += step_acc_n;
             self.progress.num_tokens += step_tokens;
             if !step_loss.is_finite() {
-                return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
+                return Err(Error::NonFinite { step: step + 1, loss: step_loss });
             }
-            let optim = |e: tch::TchError| TrainError::Optim {
-                step: step + 1,
-                message: quant::ops::torch_message(&e),
-            };
+            let optim =
+                |e: tch::TchError| Error::Optim { step: step + 1, message: quant::ops::torch_message(&e) };
             let grad_norm =
                 clip_grad_norm(self.optimizer.params(), self.opts.max_grad_norm).map_err(optim)?;
             let lr = self.opts.learning_rate * self.opts.schedule.factor(step);

@@ -1,20 +1,8 @@
 //! Learning-rate schedules as transformers' `get_scheduler` defines them: a multiplier of the
 //! base rate for each optimizer step (0-based), with a linear warmup.
 
+use crate::Error;
 use config::types::{KwArgs, Scheduler};
-
-/// Why a schedule cannot be built from the recipe.
-#[derive(Debug, thiserror::Error)]
-pub enum ScheduleError {
-    /// A scheduler nibble does not implement.
-    #[error(
-        "lr_scheduler_type `{0}` is not supported yet (supported: linear, cosine, cosine_with_min_lr, constant, constant_with_warmup)"
-    )]
-    Unsupported(String),
-    /// Missing or conflicting `lr_scheduler_kwargs`.
-    #[error("lr_scheduler_kwargs: {0}")]
-    Kwargs(String),
-}
 
 /// The multiplier of the base learning rate at each step.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +33,7 @@ impl Schedule {
         base_lr: f64,
         warmup: f64,
         total: u64,
-    ) -> Result<Self, ScheduleError> {
+    ) -> Result<Self, Error> {
         let num = |k: &str| kwargs.and_then(|m| m.get(k)).and_then(serde_json::Value::as_f64);
         let cycles = num("num_cycles").unwrap_or(0.5);
         let kind = match sched {
@@ -54,14 +42,14 @@ impl Schedule {
             Scheduler::CosineWithMinLr => {
                 let min_rate = match (num("min_lr"), num("min_lr_rate")) {
                     (Some(_), Some(_)) => {
-                        return Err(ScheduleError::Kwargs(
+                        return Err(Error::ScheduleKwargs(
                             "set only one of `min_lr` and `min_lr_rate`".into(),
                         ));
                     }
                     (Some(min_lr), None) => min_lr / base_lr,
                     (None, Some(rate)) => rate,
                     (None, None) => {
-                        return Err(ScheduleError::Kwargs(
+                        return Err(Error::ScheduleKwargs(
                             "cosine_with_min_lr needs `min_lr` or `min_lr_rate`".into(),
                         ));
                     }
@@ -70,7 +58,7 @@ impl Schedule {
             }
             Scheduler::Constant => Kind::Constant,
             Scheduler::ConstantWithWarmup => Kind::ConstantWithWarmup,
-            other => return Err(ScheduleError::Unsupported(other.as_str().to_owned())),
+            other => return Err(Error::UnsupportedSchedule(other.as_str().to_owned())),
         };
         Ok(Schedule { kind, warmup: warmup_steps(warmup, total), total })
     }
