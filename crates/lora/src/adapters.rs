@@ -99,6 +99,7 @@ pub struct Adapters {
     modules: Vec<AdapterModule>,
     saved: Vec<SavedTensor>,
     training: Arc<AtomicBool>,
+    enabled: Arc<AtomicBool>,
 }
 
 /// Wrap each linear `cfg` targets in a [`LoraLinear`] with fresh A and B drawn from `seed` (per
@@ -210,6 +211,7 @@ fn inject_with<'a>(
         }
     }
     let training = Arc::new(AtomicBool::new(training));
+    let enabled = Arc::new(AtomicBool::new(true));
     let (r, scaling) = (cfg.r, cfg.scaling());
     // Make every tensor first, so an error leaves the model untouched.
     let mut made = Vec::new();
@@ -254,7 +256,16 @@ fn inject_with<'a>(
             magnitude: dora.as_ref().map(|d| d.magnitude.shallow_clone()),
         };
         let base = std::mem::replace(slot, Box::new(Taken));
-        *slot = Box::new(LoraLinear::new(base, lora_a, lora_b, scaling, cfg.dropout, training.clone(), dora));
+        *slot = Box::new(LoraLinear::new(
+            base,
+            lora_a,
+            lora_b,
+            scaling,
+            cfg.dropout,
+            training.clone(),
+            enabled.clone(),
+            dora,
+        ));
         modules.push(module);
     }
     let saved: Vec<SavedTensor> = copies
@@ -264,7 +275,7 @@ fn inject_with<'a>(
             SavedTensor { name, original, trainable: copy }
         })
         .collect();
-    let adapters = Adapters { config: cfg.clone(), modules, saved, training };
+    let adapters = Adapters { config: cfg.clone(), modules, saved, training, enabled };
     tracing::info!(
         modules = adapters.modules.len(),
         r = cfg.r,
@@ -322,6 +333,50 @@ impl Adapters {
     /// Whether dropout is on.
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
+    }
+
+    /// Run `f` on the base model alone, as PEFT's `disable_adapter()` context does (DPO's
+    /// reference model without a second copy of the base): every adapted layer computes its base
+    /// output only, and each `modules_to_save` tensor holds its frozen original's values (the
+    /// trained values are put back afterwards, also when `f` panics). Meant for forwards without
+    /// gradients; the adapters are switched back on before this returns.
+    pub fn without_adapters<R>(&self, f: impl FnOnce() -> R) -> Result<R, Error> {
+        /// Puts the adapters back when dropped.
+        struct Restore<'a> {
+            adapters: &'a Adapters,
+            trained: Vec<Tensor>,
+        }
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                tch::no_grad(|| {
+                    for (s, t) in self.adapters.saved.iter().zip(&self.trained) {
+                        let mut dst = s.trainable.shallow_clone();
+                        if let Err(e) = dst.f_copy_(t) {
+                            tracing::error!(tensor = s.name, "restoring a modules_to_save tensor: {e}");
+                        }
+                    }
+                });
+                self.adapters.enabled.store(true, Ordering::Relaxed);
+            }
+        }
+        let trained = tch::no_grad(|| -> Result<Vec<Tensor>, Error> {
+            self.saved.iter().map(|s| Ok(s.trainable.f_detach_copy()?)).collect()
+        })?;
+        // From here on, whatever happens, the trained values and the adapters come back.
+        let _restore = Restore { adapters: self, trained };
+        self.enabled.store(false, Ordering::Relaxed);
+        tch::no_grad(|| -> Result<(), Error> {
+            for s in &self.saved {
+                s.trainable.shallow_clone().f_copy_(&s.original)?;
+            }
+            Ok(())
+        })?;
+        Ok(f())
+    }
+
+    /// Whether the adapters are on (off only inside [`Adapters::without_adapters`]).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
     }
 
     /// The number of trainable elements (A, B and magnitude of every module, and the full copies).
@@ -873,6 +928,40 @@ mod tests {
 
     fn offer_tensors(t: &mut [(String, Tensor)]) -> Vec<(String, &mut Tensor)> {
         t.iter_mut().map(|(n, t)| (n.clone(), t)).collect()
+    }
+
+    #[test]
+    fn without_adapters_runs_the_base_and_puts_everything_back() {
+        let mut m = model();
+        let mut t = head_and_embedding(false);
+        let mut cfg = LoraConfig::new(4, 8.0, list(&["q_proj"]));
+        cfg.init = LoraInit::False;
+        cfg.modules_to_save = vec!["lm_head".into()];
+        let base_out = m[0].1.forward(&input(3, 8)).expect("base");
+        let a = inject_with_modules(offer(&mut m), offer_tensors(&mut t), &cfg, 2).expect("inject");
+        a.set_training(false);
+        let x = input(3, 8);
+        let adapted = m[0].1.forward(&x).expect("adapted");
+        assert!(!adapted.equal(&base_out), "a non-zero B changes the output");
+        // Train the head copy away from the original.
+        tch::no_grad(|| {
+            let _ = t[1].1.shallow_clone().f_add_scalar_(0.25);
+        });
+        let trained_head = t[1].1.detach_copy();
+        let (off, head_inside) = a
+            .without_adapters(|| (m[0].1.forward(&x).expect("off"), t[1].1.detach_copy()))
+            .expect("switched off");
+        assert!(off.equal(&base_out), "the base layer alone");
+        assert!(head_inside.equal(a.saved()[0].original()), "the frozen original's values");
+        assert!(a.enabled());
+        assert!(m[0].1.forward(&x).expect("on again").equal(&adapted));
+        assert!(t[1].1.equal(&trained_head) && t[1].1.requires_grad(), "the trained copy is back");
+        // A panic inside still puts the adapters back.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = a.without_adapters(|| panic!("inside"));
+        }));
+        assert!(caught.is_err() && a.enabled());
+        assert!(t[1].1.equal(&trained_head));
     }
 
     #[test]

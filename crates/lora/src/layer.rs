@@ -13,7 +13,8 @@ use crate::dora::{Dora, Step};
 /// `y = base(x) + B(A(dropout(x))) * scaling`, with A `[r, in]` and B `[out, r]` trainable.
 ///
 /// The update is computed in A's dtype (x is cast to it) and cast back to the base output's
-/// dtype before the sum; dropout applies only while the shared training flag is set.
+/// dtype before the sum; dropout applies only while the shared training flag is set, and the
+/// update only while the shared enabled flag is (see [`crate::Adapters::without_adapters`]).
 ///
 /// With DoRA the output is `base(x) + (m / n - 1) * (base(x) - bias) + (m / n) * B(A(x)) *
 /// scaling`, `m` the trainable magnitude and `n = ||W + scaling * B A||` per output row, detached
@@ -25,6 +26,7 @@ pub struct LoraLinear {
     scaling: f64,
     dropout: f64,
     training: Arc<AtomicBool>,
+    enabled: Arc<AtomicBool>,
     dora: Option<Dora>,
 }
 
@@ -37,9 +39,10 @@ impl LoraLinear {
         scaling: f64,
         dropout: f64,
         training: Arc<AtomicBool>,
+        enabled: Arc<AtomicBool>,
         dora: Option<Dora>,
     ) -> Self {
-        LoraLinear { base, lora_a, lora_b, scaling, dropout, training, dora }
+        LoraLinear { base, lora_a, lora_b, scaling, dropout, training, enabled, dora }
     }
 
     /// The wrapped layer, for code that needs to reach the frozen weight.
@@ -81,6 +84,11 @@ impl LoraLinear {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, quant::Error> {
+        // Adapters switched off (the reference model of DPO): the base layer alone, as PEFT's
+        // `disable_adapter()` computes it, DoRA included.
+        if !self.enabled.load(Ordering::Relaxed) {
+            return self.base.forward(x);
+        }
         if let Some(dora) = &self.dora {
             let step = Step {
                 base: self.base.as_ref(),
