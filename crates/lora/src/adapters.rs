@@ -13,7 +13,7 @@ use quant::state::RawTensor;
 use tch::{Device, Kind, Tensor};
 
 use crate::dora::{BaseStats, Dora};
-use crate::layer::{LoraLinear, Taken};
+use crate::layer::{Flags, LoraLinear, Taken};
 use crate::{CONFIG_FILE, Error, LoraConfig, TargetModules, WEIGHTS_FILE, init, target};
 
 /// The prefix PEFT's `PeftModelForCausalLM` puts before module names in its state dict.
@@ -262,8 +262,7 @@ fn inject_with<'a>(
             lora_b,
             scaling,
             cfg.dropout,
-            training.clone(),
-            enabled.clone(),
+            Flags { training: training.clone(), enabled: enabled.clone() },
             dora,
         ));
         modules.push(module);

@@ -25,9 +25,17 @@ pub struct LoraLinear {
     lora_b: Tensor,
     scaling: f64,
     dropout: f64,
-    training: Arc<AtomicBool>,
-    enabled: Arc<AtomicBool>,
+    flags: Flags,
     dora: Option<Dora>,
+}
+
+/// The switches every layer of one [`crate::Adapters`] shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Flags {
+    /// Dropout on (training) or off.
+    pub training: Arc<AtomicBool>,
+    /// The update on, or the base layer alone.
+    pub enabled: Arc<AtomicBool>,
 }
 
 impl LoraLinear {
@@ -38,11 +46,10 @@ impl LoraLinear {
         lora_b: Tensor,
         scaling: f64,
         dropout: f64,
-        training: Arc<AtomicBool>,
-        enabled: Arc<AtomicBool>,
+        flags: Flags,
         dora: Option<Dora>,
     ) -> Self {
-        LoraLinear { base, lora_a, lora_b, scaling, dropout, training, enabled, dora }
+        LoraLinear { base, lora_a, lora_b, scaling, dropout, flags, dora }
     }
 
     /// The wrapped layer, for code that needs to reach the frozen weight.
@@ -78,7 +85,7 @@ impl LoraLinear {
 
     /// Whether dropout applies to the next forward.
     fn active_dropout(&self) -> Option<f64> {
-        (self.dropout > 0.0 && self.training.load(Ordering::Relaxed)).then_some(self.dropout)
+        (self.dropout > 0.0 && self.flags.training.load(Ordering::Relaxed)).then_some(self.dropout)
     }
 }
 
@@ -86,7 +93,7 @@ impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, quant::Error> {
         // Adapters switched off (the reference model of DPO): the base layer alone, as PEFT's
         // `disable_adapter()` computes it, DoRA included.
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.flags.enabled.load(Ordering::Relaxed) {
             return self.base.forward(x);
         }
         if let Some(dora) = &self.dora {
