@@ -218,6 +218,56 @@ impl Optim {
 }
 
 choice! {
+    /// A DPO loss (`loss_type`, one or several with `loss_weights`), as TRL 1.16's DPOTrainer names them.
+    DpoLoss {
+        /// `-log sigmoid(beta * margin)`: the original DPO loss.
+        Sigmoid = "sigmoid",
+        /// `relu(1 - beta * margin)` (SLiC).
+        Hinge = "hinge",
+        /// IPO on length-averaged log-ratios.
+        Ipo = "ipo",
+        /// EXO (needs `label_smoothing` > 0).
+        ExoPair = "exo_pair",
+        /// NCA.
+        NcaPair = "nca_pair",
+        /// Robust DPO (with `label_smoothing`).
+        Robust = "robust",
+        /// BCO on the pair.
+        BcoPair = "bco_pair",
+        /// SPPO with hard labels.
+        SppoHard = "sppo_hard",
+        /// AOT, paired: margins sorted over the batch.
+        Aot = "aot",
+        /// AOT, unpaired: log-ratios sorted over the batch.
+        AotUnpaired = "aot_unpaired",
+        /// APO-zero.
+        ApoZero = "apo_zero",
+        /// APO-down.
+        ApoDown = "apo_down",
+        /// DiscoPOP (`discopop_tau`).
+        Discopop = "discopop",
+        /// Negative log-likelihood of the chosen completions (RPO with `sigmoid`).
+        Sft = "sft",
+        /// The sigmoid loss on length-averaged log-ratios.
+        SigmoidNorm = "sigmoid_norm",
+    }
+}
+
+choice! {
+    /// The f-divergence DPO's log-ratios go through (`f_divergence_type`).
+    FDivergence {
+        /// The log-ratio itself (standard DPO).
+        ReverseKl = "reverse_kl",
+        /// `1 - exp(-x)`.
+        ForwardKl = "forward_kl",
+        /// `ln 2 + log sigmoid(x)`.
+        JsDivergence = "js_divergence",
+        /// `(exp((a - 1) x) - 1) / (a - 1)`, `a = f_alpha_divergence_coef`.
+        AlphaDivergence = "alpha_divergence",
+    }
+}
+
+choice! {
     /// Learning-rate schedule (`lr_scheduler_type`), as transformers names them.
     Scheduler {
         /// Linear decay to zero.

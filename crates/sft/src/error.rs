@@ -96,6 +96,9 @@ pub enum Error {
         message: String,
     },
 
+    /// A libtorch failure while computing a loss from log-probs.
+    #[error("computing the loss: {0}")]
+    Loss(String),
     /// A scheduler nibble does not implement.
     #[error(
         "lr_scheduler_type `{0}` is not supported yet (supported: linear, cosine, cosine_with_min_lr, constant, constant_with_warmup)"

@@ -6,6 +6,7 @@
 //! is normalised and the (identical) optimizer step; rank 0 alone logs, evaluates and saves.
 
 pub mod checkpoint;
+pub mod dpo;
 pub mod optim;
 pub mod schedule;
 pub mod step;

@@ -1,0 +1,381 @@
+//! DPO's objective as TRL 1.16's DPOTrainer computes it, from per-sequence log-probabilities:
+//! every loss type (alone or weighted together), the f-divergences, WPO weighting, and the
+//! rewards and log-prob metrics it logs. The log-probs come from one forward over the chosen and
+//! rejected sequences (the policy) and one with the adapters switched off, or precomputed (the
+//! reference); this module only turns them into the loss.
+
+use config::types::{DpoLoss, FDivergence};
+use tch::{Kind, Tensor};
+
+use crate::Error;
+
+/// The DPO settings of a recipe that shape the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpoObjective {
+    /// `beta`: the strength of the implicit KL penalty (IPO's tau).
+    pub beta: f64,
+    /// `label_smoothing`: used by `robust`, `exo_pair`, `aot` and `aot_unpaired`.
+    pub label_smoothing: f64,
+    /// `discopop_tau`.
+    pub discopop_tau: f64,
+    /// `f_divergence_type`.
+    pub f_divergence: FDivergence,
+    /// `f_alpha_divergence_coef`.
+    pub alpha_coef: f64,
+    /// `loss_type` with `loss_weights` (1 each when not given).
+    pub losses: Vec<(DpoLoss, f64)>,
+    /// `use_weighting` (WPO): each pair's loss times the two sequences' weights.
+    pub use_weighting: bool,
+}
+
+impl Default for DpoObjective {
+    /// DPOConfig's defaults: the sigmoid loss, beta 0.1.
+    fn default() -> Self {
+        DpoObjective {
+            beta: 0.1,
+            label_smoothing: 0.0,
+            discopop_tau: 0.05,
+            f_divergence: FDivergence::ReverseKl,
+            alpha_coef: 0.5,
+            losses: vec![(DpoLoss::Sigmoid, 1.0)],
+            use_weighting: false,
+        }
+    }
+}
+
+/// What one micro-batch of B pairs gives the loss, each a `[B]` f32 tensor unless said.
+pub struct PairLogps {
+    /// The policy's summed completion log-probs of the chosen sequences (with gradient).
+    pub chosen: Tensor,
+    /// The same for the rejected sequences.
+    pub rejected: Tensor,
+    /// The reference's (no gradient).
+    pub ref_chosen: Tensor,
+    /// The reference's for the rejected sequences.
+    pub ref_rejected: Tensor,
+    /// Completion tokens of each chosen sequence (at least 1), for the length-averaged losses.
+    pub chosen_tokens: Tensor,
+    /// Completion tokens of each rejected sequence (at least 1).
+    pub rejected_tokens: Tensor,
+    /// The `sft` term: the mean negative log-prob over all chosen completion tokens of the
+    /// micro-batch (a scalar, with gradient); needed only when `sft` is among the losses.
+    pub chosen_nll: Option<Tensor>,
+    /// WPO's detached per-sequence weights, `[2B]` (chosen then rejected); needed only with
+    /// `use_weighting`.
+    pub weights: Option<Tensor>,
+}
+
+/// The numbers DPOTrainer logs for a micro-batch (means over its pairs), under TRL's names.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DpoMetrics {
+    /// `rewards/chosen`: `beta * (chosen - ref_chosen)`.
+    pub rewards_chosen: f64,
+    /// `rewards/rejected`.
+    pub rewards_rejected: f64,
+    /// `rewards/accuracies`: the share of pairs whose chosen reward is strictly larger.
+    pub rewards_accuracies: f64,
+    /// `rewards/margins`.
+    pub rewards_margins: f64,
+    /// `logps/chosen`: the policy's summed log-probs.
+    pub logps_chosen: f64,
+    /// `logps/rejected`.
+    pub logps_rejected: f64,
+}
+
+fn logsig(x: &Tensor) -> Result<Tensor, tch::TchError> {
+    x.f_log_sigmoid()
+}
+
+impl DpoObjective {
+    /// Checks TRL makes when the trainer starts, so a recipe fails before any work.
+    pub fn check(&self) -> Result<(), String> {
+        let has = |l: DpoLoss| self.losses.iter().any(|(x, _)| *x == l);
+        if self.losses.is_empty() {
+            return Err("loss_type: at least one loss".into());
+        }
+        if has(DpoLoss::ExoPair) && self.label_smoothing == 0.0 {
+            return Err("loss_type exo_pair needs label_smoothing > 0".into());
+        }
+        if self.use_weighting && (has(DpoLoss::Aot) || has(DpoLoss::AotUnpaired)) {
+            return Err("use_weighting is not implemented for aot and aot_unpaired".into());
+        }
+        if self.use_weighting && has(DpoLoss::Sft) {
+            // TRL multiplies an expanded view in place and fails on any batch of two or more.
+            return Err("use_weighting cannot be combined with the sft loss".into());
+        }
+        let plain = |l: &DpoLoss| {
+            matches!(
+                l,
+                DpoLoss::Sigmoid
+                    | DpoLoss::SigmoidNorm
+                    | DpoLoss::Hinge
+                    | DpoLoss::Ipo
+                    | DpoLoss::ExoPair
+                    | DpoLoss::Robust
+                    | DpoLoss::Discopop
+                    | DpoLoss::Sft
+            )
+        };
+        if self.f_divergence != FDivergence::ReverseKl
+            && let Some((l, _)) = self.losses.iter().find(|(l, _)| !plain(l))
+        {
+            return Err(format!("f_divergence_type {} cannot be used with loss_type {l}", self.f_divergence));
+        }
+        Ok(())
+    }
+
+    /// The f-divergence's score of a log-ratio.
+    fn score(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        Ok(match self.f_divergence {
+            FDivergence::ReverseKl => x.shallow_clone(),
+            FDivergence::ForwardKl => x.f_neg()?.f_exp()?.f_neg()?.f_add_scalar(1.0)?,
+            FDivergence::JsDivergence => logsig(x)?.f_add_scalar(std::f64::consts::LN_2)?,
+            FDivergence::AlphaDivergence => {
+                let a = self.alpha_coef;
+                if (a - 1.0).abs() < 1e-6 {
+                    x.shallow_clone()
+                } else {
+                    let cap = if x.kind() == Kind::Half { 11.0 } else { 80.0 };
+                    let e = x.f_to_kind(Kind::Float)?.f_mul_scalar(a - 1.0)?.f_clamp_max(cap)?.f_exp()?;
+                    e.f_sub_scalar(1.0)?.f_to_kind(x.kind())?.f_div_scalar(a - 1.0)?
+                }
+            }
+        })
+    }
+
+    /// The per-pair loss `[B]` of one loss type.
+    fn per_pair(&self, loss: DpoLoss, p: &PairLogps) -> Result<Tensor, tch::TchError> {
+        let (beta, eps) = (self.beta, self.label_smoothing);
+        let cl = p.chosen.f_sub(&p.ref_chosen)?;
+        let rl = p.rejected.f_sub(&p.ref_rejected)?;
+        let (sc, sr) = (self.score(&cl)?, self.score(&rl)?);
+        let z = sc.f_sub(&sr)?.f_mul_scalar(beta)?;
+        let smoothed = |d: &Tensor| -> Result<Tensor, tch::TchError> {
+            let d = d.f_mul_scalar(beta)?;
+            logsig(&d)?.f_mul_scalar(-(1.0 - eps))?.f_sub(&logsig(&d.f_neg()?)?.f_mul_scalar(eps)?)
+        };
+        let sorted = |t: &Tensor| -> Result<Tensor, tch::TchError> { Ok(t.f_sort(0, false)?.0) };
+        Ok(match loss {
+            DpoLoss::Sigmoid => logsig(&z)?.f_neg()?,
+            DpoLoss::Hinge => z.f_neg()?.f_add_scalar(1.0)?.f_relu()?,
+            DpoLoss::Ipo => {
+                let d = sc.f_div(&p.chosen_tokens)?.f_sub(&sr.f_div(&p.rejected_tokens)?)?;
+                d.f_sub_scalar(1.0 / (2.0 * beta))?.f_square()?
+            }
+            DpoLoss::SigmoidNorm => {
+                let d = sc.f_div(&p.chosen_tokens)?.f_sub(&sr.f_div(&p.rejected_tokens)?)?;
+                logsig(&d.f_mul_scalar(beta)?)?.f_neg()?
+            }
+            DpoLoss::ExoPair => {
+                let pos = z.f_sigmoid()?.f_mul(&logsig(&z)?.f_sub_scalar((-eps).ln_1p())?)?;
+                let neg = z.f_neg()?.f_sigmoid()?.f_mul(&logsig(&z.f_neg()?)?.f_sub_scalar(eps.ln())?)?;
+                pos.f_add(&neg)?
+            }
+            DpoLoss::NcaPair => {
+                let bc = cl.f_mul_scalar(beta)?;
+                let br = rl.f_mul_scalar(beta)?;
+                logsig(&bc)?
+                    .f_neg()?
+                    .f_sub(&logsig(&bc.f_neg()?)?.f_mul_scalar(0.5)?)?
+                    .f_sub(&logsig(&br.f_neg()?)?.f_mul_scalar(0.5)?)?
+            }
+            DpoLoss::Robust => logsig(&z)?
+                .f_mul_scalar(-(1.0 - eps))?
+                .f_add(&logsig(&z.f_neg()?)?.f_mul_scalar(eps)?)?
+                .f_div_scalar(1.0 - 2.0 * eps)?,
+            DpoLoss::BcoPair => {
+                logsig(&cl.f_mul_scalar(beta)?)?.f_neg()?.f_sub(&logsig(&rl.f_mul_scalar(-beta)?)?)?
+            }
+            DpoLoss::SppoHard => {
+                let h = 0.5 / beta;
+                cl.f_sub_scalar(h)?.f_square()?.f_add(&rl.f_add_scalar(h)?.f_square()?)?
+            }
+            DpoLoss::Aot => {
+                let policy = sorted(&p.chosen.f_sub(&p.rejected)?)?;
+                let reference = sorted(&p.ref_chosen.f_sub(&p.ref_rejected)?)?;
+                smoothed(&policy.f_sub(&reference)?)?
+            }
+            DpoLoss::AotUnpaired => smoothed(&sorted(&cl)?.f_sub(&sorted(&rl)?)?)?,
+            DpoLoss::ApoZero => {
+                let c = cl.f_mul_scalar(beta)?.f_sigmoid()?;
+                c.f_neg()?.f_add_scalar(1.0)?.f_add(&rl.f_mul_scalar(beta)?.f_sigmoid()?)?
+            }
+            DpoLoss::ApoDown => {
+                let c = cl.f_mul_scalar(beta)?.f_sigmoid()?;
+                let m = cl.f_sub(&rl)?.f_mul_scalar(beta)?.f_sigmoid()?;
+                c.f_add(&m.f_neg()?.f_add_scalar(1.0)?)?
+            }
+            DpoLoss::Discopop => {
+                let m = z.f_div_scalar(self.discopop_tau)?.f_sigmoid()?;
+                let a = logsig(&z)?.f_neg()?.f_mul(&m.f_neg()?.f_add_scalar(1.0)?)?;
+                a.f_add(&z.f_neg()?.f_exp()?.f_mul(&m)?)?
+            }
+            DpoLoss::Sft => {
+                let nll = p.chosen_nll.as_ref().ok_or_else(|| {
+                    tch::TchError::Kind("the sft loss needs the chosen tokens' log-probs".into())
+                })?;
+                nll.f_expand(p.chosen.size(), false)?
+            }
+        })
+    }
+
+    /// The loss of a micro-batch, `Σ weight · mean over pairs`, and its metrics.
+    pub fn loss(&self, p: &PairLogps) -> Result<(Tensor, DpoMetrics), Error> {
+        let torch = |e: tch::TchError| Error::Loss(quant::ops::torch_message(&e));
+        let b = p.chosen.size().first().copied().unwrap_or(0);
+        let mut total: Option<Tensor> = None;
+        for (loss, weight) in &self.losses {
+            let mut l = self.per_pair(*loss, p).map_err(torch)?;
+            if self.use_weighting {
+                let w = p
+                    .weights
+                    .as_ref()
+                    .ok_or_else(|| Error::Loss("use_weighting needs the sequences' weights".into()))?;
+                let pair = w.f_narrow(0, 0, b).and_then(|c| c.f_mul(&w.f_narrow(0, b, b)?)).map_err(torch)?;
+                l = l.f_mul(&pair).map_err(torch)?;
+            }
+            let term = l.f_mean(Kind::Float).and_then(|m| m.f_mul_scalar(*weight)).map_err(torch)?;
+            total = Some(match total {
+                None => term,
+                Some(t) => t.f_add(&term).map_err(torch)?,
+            });
+        }
+        let total = total.ok_or_else(|| Error::Loss("no DPO loss given".into()))?;
+        let metrics = tch::no_grad(|| self.metrics(p)).map_err(torch)?;
+        Ok((total, metrics))
+    }
+
+    fn metrics(&self, p: &PairLogps) -> Result<DpoMetrics, tch::TchError> {
+        let mean = |t: &Tensor| -> Result<f64, tch::TchError> {
+            t.f_to_kind(Kind::Double)?.f_mean(Kind::Double)?.f_double_value(&[])
+        };
+        let chosen = p.chosen.f_detach()?.f_sub(&p.ref_chosen)?.f_mul_scalar(self.beta)?;
+        let rejected = p.rejected.f_detach()?.f_sub(&p.ref_rejected)?.f_mul_scalar(self.beta)?;
+        Ok(DpoMetrics {
+            rewards_chosen: mean(&chosen)?,
+            rewards_rejected: mean(&rejected)?,
+            rewards_accuracies: mean(&chosen.f_gt_tensor(&rejected)?)?,
+            rewards_margins: mean(&chosen.f_sub(&rejected)?)?,
+            logps_chosen: mean(&p.chosen.f_detach()?)?,
+            logps_rejected: mean(&p.rejected.f_detach()?)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn tensor(v: &Value) -> Tensor {
+        let xs: Vec<f32> =
+            v.as_array().expect("list").iter().map(|x| x.as_f64().expect("number") as f32).collect();
+        Tensor::from_slice(&xs)
+    }
+
+    fn objective(cfg: &Value) -> DpoObjective {
+        let num = |k: &str, d: f64| cfg.get(k).and_then(Value::as_f64).unwrap_or(d);
+        let names = cfg["loss_type"].as_array().expect("loss_type");
+        let weights: Vec<f64> = cfg
+            .get("loss_weights")
+            .and_then(Value::as_array)
+            .map(|w| w.iter().map(|x| x.as_f64().expect("weight")).collect())
+            .unwrap_or_else(|| vec![1.0; names.len()]);
+        let parse = |s: &str| DpoLoss::VALUES.iter().copied().find(|l| l.as_str() == s).expect("known loss");
+        let f = cfg.get("f_divergence_type").and_then(Value::as_str).unwrap_or("reverse_kl");
+        DpoObjective {
+            beta: num("beta", 0.1),
+            label_smoothing: num("label_smoothing", 0.0),
+            discopop_tau: num("discopop_tau", 0.05),
+            f_divergence: FDivergence::VALUES
+                .iter()
+                .copied()
+                .find(|d| d.as_str() == f)
+                .expect("known divergence"),
+            alpha_coef: num("f_alpha_divergence_coef", 0.5),
+            losses: names.iter().map(|n| parse(n.as_str().expect("name"))).zip(weights).collect(),
+            use_weighting: cfg.get("use_weighting").and_then(Value::as_bool).unwrap_or(false),
+        }
+    }
+
+    fn close(ours: f64, theirs: f64) -> bool {
+        (ours - theirs).abs() <= 2e-5 * theirs.abs().max(1e-3)
+    }
+
+    /// Every loss type, option and metric against TRL 1.16's own `compute_loss` on the same
+    /// log-probs (scripts/golden_dpo_loss.py).
+    #[test]
+    fn losses_and_metrics_match_trl() {
+        let golden: Value =
+            serde_json::from_str(include_str!("../../tests/golden/dpo_loss.json")).expect("golden JSON");
+        let i = &golden["inputs"];
+        let p = PairLogps {
+            chosen: tensor(&i["chosen"]),
+            rejected: tensor(&i["rejected"]),
+            ref_chosen: tensor(&i["ref_chosen"]),
+            ref_rejected: tensor(&i["ref_rejected"]),
+            chosen_tokens: tensor(&i["chosen_tokens"]),
+            rejected_tokens: tensor(&i["rejected_tokens"]),
+            chosen_nll: Some(Tensor::from(i["chosen_nll"].as_f64().expect("nll") as f32)),
+            weights: Some(tensor(&i["weights"])),
+        };
+        let cases = golden["cases"].as_array().expect("cases");
+        assert!(cases.len() >= 26);
+        for case in cases {
+            let obj = objective(&case["config"]);
+            obj.check().expect("a configuration TRL accepts");
+            let (loss, m) = obj.loss(&p).expect("loss");
+            let (ours, theirs) = (loss.double_value(&[]), case["loss"].as_f64().expect("loss"));
+            assert!(close(ours, theirs), "{}: loss {ours} vs TRL {theirs}", case["config"]);
+            let want = &case["metrics"];
+            for (name, got) in [
+                ("rewards/chosen", m.rewards_chosen),
+                ("rewards/rejected", m.rewards_rejected),
+                ("rewards/accuracies", m.rewards_accuracies),
+                ("rewards/margins", m.rewards_margins),
+                ("logps/chosen", m.logps_chosen),
+                ("logps/rejected", m.logps_rejected),
+            ] {
+                let w = want[name].as_f64().expect("metric");
+                assert!(close(got, w), "{}: {name} {got} vs TRL {w}", case["config"]);
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_flow_to_the_policy_only() {
+        let chosen = Tensor::from_slice(&[-10.0f32, -12.0]).set_requires_grad(true);
+        let rejected = Tensor::from_slice(&[-11.0f32, -9.0]).set_requires_grad(true);
+        let p = PairLogps {
+            chosen: chosen.shallow_clone(),
+            rejected: rejected.shallow_clone(),
+            ref_chosen: Tensor::from_slice(&[-10.5f32, -11.0]),
+            ref_rejected: Tensor::from_slice(&[-10.0f32, -10.0]),
+            chosen_tokens: Tensor::from_slice(&[4.0f32, 5.0]),
+            rejected_tokens: Tensor::from_slice(&[3.0f32, 6.0]),
+            chosen_nll: None,
+            weights: None,
+        };
+        let (loss, m) = DpoObjective::default().loss(&p).expect("loss");
+        loss.backward();
+        // d/dc of mean(-log sigmoid(beta (c - r - c0 + r0))) = -beta sigmoid(-z) / B: negative.
+        assert!(chosen.grad().double_value(&[0]) < 0.0 && rejected.grad().double_value(&[0]) > 0.0);
+        assert_eq!(m.rewards_accuracies, 0.5);
+    }
+
+    #[test]
+    fn what_trl_refuses_is_refused_before_training() {
+        fn with(losses: Vec<DpoLoss>, f: impl FnOnce(&mut DpoObjective)) -> Result<(), String> {
+            let mut o =
+                DpoObjective { losses: losses.into_iter().map(|l| (l, 1.0)).collect(), ..Default::default() };
+            f(&mut o);
+            o.check()
+        }
+        assert!(with(vec![DpoLoss::ExoPair], |_| ()).is_err(), "exo_pair without label smoothing");
+        assert!(with(vec![DpoLoss::Aot], |o| o.use_weighting = true).is_err());
+        assert!(with(vec![DpoLoss::Sigmoid, DpoLoss::Sft], |o| o.use_weighting = true).is_err());
+        assert!(with(vec![DpoLoss::BcoPair], |o| o.f_divergence = FDivergence::ForwardKl).is_err());
+        assert!(with(vec![], |_| ()).is_err());
+        assert!(with(vec![DpoLoss::Sigmoid, DpoLoss::Sft], |_| ()).is_ok(), "RPO");
+    }
+}
