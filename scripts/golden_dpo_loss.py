@@ -10,7 +10,9 @@ preference pairs. For each case TRL's own `compute_loss` gives the loss and metr
 the file records what nibble's loss function takes as input, computed here from the same two
 models: each sequence's summed completion log-probs (policy and reference), completion token
 counts, the chosen tokens' mean negative log-prob (the `sft` term) and WPO's sequence weights.
-The test feeds those inputs to nibble's loss and compares with TRL's numbers.
+The test feeds those inputs to nibble's loss and compares with TRL's numbers; the collated batch
+itself is recorded too, so nibble's own log-probs of the shipped model can be checked against the
+reference's.
 
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_dpo_loss.py > crates/sft/tests/golden/dpo_loss.json
@@ -74,6 +76,9 @@ def inputs(policy, reference, batch):
     counts = cm.sum(1).clamp(min=1).float()
     weights = torch.exp((tok - logsumsq * mask).sum(1) / mask.sum(1).clamp(min=1))
     return {
+        "input_ids": ids.tolist(),
+        "attention_mask": am.tolist(),
+        "completion_mask": cm.tolist(),
         "chosen": sums[:b].tolist(),
         "rejected": sums[b:].tolist(),
         "ref_chosen": ref_sums[:b].tolist(),

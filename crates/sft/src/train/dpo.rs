@@ -262,6 +262,80 @@ impl DpoObjective {
     }
 }
 
+/// Each sequence's completion log-probs from one forward over `rows` sequences (a DPO batch:
+/// the B chosen sequences, then the B rejected ones).
+#[derive(Debug)]
+pub struct SequenceLogps {
+    /// `[rows]` summed next-token log-probs over each sequence's completion tokens (f32).
+    pub sums: Tensor,
+    /// `[rows]` completion tokens of each sequence (f32, at least 1, as TRL counts them).
+    pub tokens: Tensor,
+    /// `[rows]` WPO's sequence weight: `exp(mean over completion tokens of (log p - log Σ p²))`.
+    pub weights: Tensor,
+}
+
+/// The log-probs TRL's DPOTrainer sums: for each row of `input_ids [R, T]`, position `t`
+/// scores token `t + 1` where `completion_mask[r, t + 1]` is 1 (prompt and padding score
+/// nothing), from the last hidden states `h [R, T, hidden]` through the model's final norm and
+/// head, in chunks of at most `chunk_bytes` of f32 logits (no `[R, T, vocab]` tensor). Without a
+/// graph: the reference pass, precomputed reference log-probs, and the policy's sums before the
+/// loss is differentiated.
+pub fn sequence_logps(
+    model: &model_loader::CausalLm,
+    h: &Tensor,
+    input_ids: &Tensor,
+    completion_mask: &Tensor,
+    chunk_bytes: i64,
+) -> Result<SequenceLogps, model_loader::Error> {
+    tch::no_grad(|| {
+        let size = h.size();
+        let [r, t, hidden] = size[..] else {
+            return Err(model_loader::Error::BadInput(format!(
+                "hidden states must be [rows, seq, hidden], got {size:?}"
+            )));
+        };
+        let dev = h.device();
+        let flat = h.f_reshape([r * t, hidden])?;
+        let next = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+            let x = x.f_to_device(dev)?.f_to_kind(Kind::Int64)?;
+            Tensor::f_cat(&[x.f_narrow(1, 1, t - 1)?, x.f_narrow(1, 0, 1)?.f_zeros_like()?], 1)?
+                .f_reshape([-1])
+        };
+        let (target, scored) = (next(input_ids)?, next(completion_mask)?);
+        let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
+        let n = positions.size()[0];
+        let row_of = positions.f_div_scalar_mode(t, "floor")?;
+        let vocab = model.vocab_size().max(1);
+        let max_rows = (chunk_bytes / (4 * vocab)).max(1);
+        let mut sums = Tensor::f_zeros([r], (Kind::Float, dev))?;
+        let mut wpo = Tensor::f_zeros([r], (Kind::Float, dev))?;
+        let mut start = 0;
+        while start < n {
+            let len = max_rows.min(n - start);
+            let idx = positions.f_narrow(0, start, len)?;
+            let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
+            let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+            let tgt = target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
+            let lp = logp.f_gather(1, &tgt.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_to_device(dev)?;
+            let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
+            let rows = row_of.f_narrow(0, start, len)?;
+            let _ = sums.f_index_add_(0, &rows, &lp)?;
+            let _ = wpo.f_index_add_(0, &rows, &lp.f_sub(&logsumsq)?)?;
+            start += len;
+        }
+        // TRL counts completion tokens on the unshifted mask, at least 1.
+        let mask = completion_mask.f_to_device(dev)?.f_to_kind(Kind::Float)?;
+        let tokens = mask.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?.f_clamp_min(1.0)?;
+        let scored_per_row = scored
+            .f_reshape([r, t])?
+            .f_to_kind(Kind::Float)?
+            .f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?
+            .f_clamp_min(1.0)?;
+        let weights = wpo.f_div(&scored_per_row)?.f_exp()?;
+        Ok(SequenceLogps { sums, tokens, weights })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +414,45 @@ mod tests {
                 assert!(close(got, w), "{}: {name} {got} vs TRL {w}", case["config"]);
             }
         }
+    }
+
+    /// nibble's log-probs of the shipped tiny model over TRL's collated batch are the reference
+    /// log-probs TRL computed with the same model (and WPO's weights for the same sequences agree
+    /// in kind: recorded for the noised policy, so only their shape is checked here).
+    #[test]
+    fn sequence_logps_match_the_reference_model() {
+        let golden: Value =
+            serde_json::from_str(include_str!("../../tests/golden/dpo_loss.json")).expect("golden JSON");
+        let i = &golden["inputs"];
+        let matrix = |v: &Value| {
+            let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone()).expect("matrix");
+            let (r, t) = (rows.len() as i64, rows[0].len() as i64);
+            Tensor::from_slice(&rows.concat()).reshape([r, t])
+        };
+        let (ids, mask) = (matrix(&i["input_ids"]), matrix(&i["completion_mask"]));
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
+        let model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).expect("forward");
+        // A small chunk size, so several chunks (and rows split across them) are exercised.
+        let got = sequence_logps(&model, &h, &ids, &mask, 4 * model.vocab_size() * 7).expect("logps");
+        let want: Vec<f64> = [&i["ref_chosen"], &i["ref_rejected"]]
+            .iter()
+            .flat_map(|v| v.as_array().expect("list").iter().map(|x| x.as_f64().expect("number")))
+            .collect();
+        let sums: Vec<f64> =
+            Vec::<f32>::try_from(&got.sums).expect("sums").into_iter().map(f64::from).collect();
+        for (ours, theirs) in sums.iter().zip(&want) {
+            assert!((ours - theirs).abs() <= 1e-5 * theirs.abs(), "{sums:?} vs {want:?}");
+        }
+        let tokens: Vec<f32> = Vec::<f32>::try_from(&got.tokens).expect("tokens");
+        let want_tokens: Vec<f32> = [&i["chosen_tokens"], &i["rejected_tokens"]]
+            .iter()
+            .flat_map(|v| v.as_array().expect("list").iter().map(|x| x.as_f64().expect("n") as f32))
+            .collect();
+        assert_eq!(tokens, want_tokens);
+        let w: Vec<f32> = Vec::<f32>::try_from(&got.weights).expect("weights");
+        assert!(w.len() == 6 && w.iter().all(|x| *x > 0.0 && *x <= 1.0), "{w:?}");
     }
 
     #[test]
