@@ -336,6 +336,176 @@ pub fn sequence_logps(
     })
 }
 
+/// One DPO micro-batch on the model's device: the B chosen sequences then the B rejected ones,
+/// right-padded to one length (TRL's collated layout).
+#[derive(Debug)]
+pub struct DpoBatch {
+    /// `[2B, T]` prompt + completion token ids.
+    pub input_ids: Tensor,
+    /// `[2B, T]` 1 on completion tokens, 0 on the prompt and padding.
+    pub completion_mask: Tensor,
+}
+
+impl DpoBatch {
+    /// Pairs in the batch.
+    pub fn pairs(&self) -> i64 {
+        self.input_ids.size().first().copied().unwrap_or(0) / 2
+    }
+}
+
+/// The reference model's log-probs of a batch: the same base with the adapters switched off
+/// (PEFT's `disable_adapter()`, no second copy of the base), without a graph.
+pub fn reference_logps(
+    model: &model_loader::CausalLm,
+    adapters: &lora::Adapters,
+    batch: &DpoBatch,
+) -> Result<SequenceLogps, Error> {
+    let logps = adapters.without_adapters(|| -> Result<SequenceLogps, model_loader::Error> {
+        let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, None))?;
+        sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES)
+    })??;
+    Ok(logps)
+}
+
+/// What a DPO micro-batch gave: its loss (before the accumulation scale) and TRL's metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpoStats {
+    /// The micro-batch's loss.
+    pub loss: f64,
+    /// Rewards and log-probs, as TRL logs them.
+    pub metrics: DpoMetrics,
+}
+
+/// Forward and backward of one DPO micro-batch against `reference` (its log-probs, from
+/// [`reference_logps`] or precomputed): gradients of `loss * scale` accumulate into the trainable
+/// tensors (`scale` = 1 / gradient accumulation steps, as transformers divides DPO's loss).
+///
+/// The head runs twice over chunks of completion positions, never holding `[2B, T, vocab]`
+/// logits: once without a graph for each sequence's log-prob sum, from which the loss and its
+/// gradient with respect to every sum follow; then again with a graph, back-propagating each
+/// chunk's `Σ dL/d(sum of its sequence) · log p` at once. The layers below run through
+/// [`super::step::Layers`] (checkpointing, dropout seeds) as SFT's do.
+pub fn forward_backward(
+    model: &model_loader::CausalLm,
+    batch: &DpoBatch,
+    reference: &SequenceLogps,
+    objective: &DpoObjective,
+    scale: f64,
+    checkpointing: bool,
+    seed: i64,
+) -> Result<DpoStats, Error> {
+    let b = batch.pairs();
+    let ids = batch.input_ids.f_to_device(model.device()).map_err(model_loader::Error::from)?;
+    let mask = batch.completion_mask.f_to_device(model.device()).map_err(model_loader::Error::from)?;
+    let (r, t) = (2 * b, ids.size().get(1).copied().unwrap_or(0));
+    let positions = tch::Tensor::f_arange(t, (Kind::Int64, ids.device()))
+        .and_then(|p| p.f_expand([r, t], false))
+        .map_err(model_loader::Error::from)?;
+    let layers = super::step::Layers {
+        input_ids: &ids,
+        position_ids: &positions,
+        segment_ids: None,
+        checkpointing,
+        seed,
+        neftune_alpha: None,
+    };
+    let mut outcome: Option<Result<DpoStats, Error>> = None;
+    let stats = layers.forward_backward(model, |h| {
+        let seq = sequence_logps(model, h, &ids, &mask, super::HEAD_CHUNK_BYTES)?;
+        let torch = |e: tch::TchError| model_loader::Error::from(e);
+        let leaf = seq.sums.f_detach().map_err(torch)?.set_requires_grad(true);
+        let dev = leaf.device();
+        let chosen = leaf.f_narrow(0, 0, b).map_err(torch)?;
+        let rejected = leaf.f_narrow(0, b, b).map_err(torch)?;
+        let wants_sft = objective.losses.iter().any(|(l, _)| *l == DpoLoss::Sft);
+        let chosen_nll = if wants_sft {
+            // TRL's sft term: the mean negative log-prob over every chosen completion token.
+            let scored = mask.f_narrow(1, 1, t - 1).and_then(|m| m.f_narrow(0, 0, b)).map_err(torch)?;
+            let n = scored.f_sum(Kind::Float).and_then(|n| n.f_clamp_min(1.0)).map_err(torch)?;
+            Some(
+                chosen
+                    .f_sum(Kind::Float)
+                    .and_then(|s| s.f_neg()?.f_div(&n.f_to_device(dev)?))
+                    .map_err(torch)?,
+            )
+        } else {
+            None
+        };
+        let on = |x: &Tensor, start: i64| x.f_narrow(0, start, b).and_then(|x| x.f_to_device(dev));
+        let pair = PairLogps {
+            chosen,
+            rejected,
+            ref_chosen: on(&reference.sums, 0).map_err(torch)?,
+            ref_rejected: on(&reference.sums, b).map_err(torch)?,
+            chosen_tokens: on(&seq.tokens, 0).map_err(torch)?,
+            rejected_tokens: on(&seq.tokens, b).map_err(torch)?,
+            chosen_nll,
+            weights: objective.use_weighting.then(|| seq.weights.shallow_clone()),
+        };
+        let (loss, metrics) = match objective.loss(&pair) {
+            Ok(x) => x,
+            Err(e) => {
+                outcome = Some(Err(e));
+                return Ok((None, h.f_zeros_like().map_err(torch)?));
+            }
+        };
+        let value = loss.f_double_value(&[]).map_err(torch)?;
+        loss.f_mul_scalar(scale).and_then(|l| l.f_backward()).map_err(torch)?;
+        let per_sequence = leaf.grad();
+        let grad = head_backward(model, h, &ids, &mask, &per_sequence)?;
+        Ok((Some(DpoStats { loss: value, metrics }), grad))
+    })?;
+    match (outcome, stats) {
+        (Some(Err(e)), _) => Err(e),
+        (_, Some(s)) => Ok(s),
+        _ => Err(Error::Loss("the DPO head produced no loss".into())),
+    }
+}
+
+/// The head's second pass: back-propagate `Σ g[row] · log p(token)` over the scored positions,
+/// chunk by chunk, into the head's trainable tensors; returns the gradient at `h`.
+fn head_backward(
+    model: &model_loader::CausalLm,
+    h: &Tensor,
+    input_ids: &Tensor,
+    completion_mask: &Tensor,
+    per_sequence: &Tensor,
+) -> Result<Tensor, model_loader::Error> {
+    let size = h.size();
+    let [r, t, hidden] = size[..] else {
+        return Err(model_loader::Error::BadInput(format!(
+            "hidden states must be [rows, seq, hidden], got {size:?}"
+        )));
+    };
+    let dev = h.device();
+    let leaf = h.f_detach()?.set_requires_grad(true);
+    let flat = leaf.f_reshape([r * t, hidden])?;
+    let next = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+        let x = x.f_to_device(dev)?.f_to_kind(Kind::Int64)?;
+        Tensor::f_cat(&[x.f_narrow(1, 1, t - 1)?, x.f_narrow(1, 0, 1)?.f_zeros_like()?], 1)?.f_reshape([-1])
+    };
+    let (target, scored) = (next(input_ids)?, next(completion_mask)?);
+    let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
+    let n = positions.size()[0];
+    let coeff =
+        per_sequence.f_to_device(dev)?.f_index_select(0, &positions.f_div_scalar_mode(t, "floor")?)?;
+    let max_rows = (super::HEAD_CHUNK_BYTES / (4 * model.vocab_size().max(1))).max(1);
+    let mut start = 0;
+    while start < n {
+        let len = max_rows.min(n - start);
+        let idx = positions.f_narrow(0, start, len)?;
+        let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
+        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let tgt = target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
+        let lp = logp.f_gather(1, &tgt.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+        let c = coeff.f_narrow(0, start, len)?.f_to_device(lp.device())?;
+        lp.f_mul(&c)?.f_sum(Kind::Float)?.f_backward()?;
+        start += len;
+    }
+    let g = leaf.grad();
+    Ok(if g.defined() { g } else { leaf.f_zeros_like()? })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,6 +623,118 @@ mod tests {
         assert_eq!(tokens, want_tokens);
         let w: Vec<f32> = Vec::<f32>::try_from(&got.weights).expect("weights");
         assert!(w.len() == 6 && w.iter().all(|x| *x > 0.0 && *x <= 1.0), "{w:?}");
+    }
+
+    fn golden_batch(golden: &Value) -> DpoBatch {
+        let matrix = |v: &Value| {
+            let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone()).expect("matrix");
+            let (r, t) = (rows.len() as i64, rows[0].len() as i64);
+            Tensor::from_slice(&rows.concat()).reshape([r, t])
+        };
+        DpoBatch {
+            input_ids: matrix(&golden["inputs"]["input_ids"]),
+            completion_mask: matrix(&golden["inputs"]["completion_mask"]),
+        }
+    }
+
+    fn zero_grads(a: &lora::Adapters) {
+        for p in a.parameters() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    fn grads(a: &lora::Adapters) -> Vec<Tensor> {
+        a.parameters().iter().map(|p| p.grad().copy()).collect()
+    }
+
+    fn max_rel(a: &[Tensor], b: &[Tensor]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let scale = y.abs().max().double_value(&[]).max(1e-12);
+                (x - y).abs().max().double_value(&[]) / scale
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// The two-pass chunked head gives the gradients autograd gives for the whole loss over full
+    /// logits, with and without gradient checkpointing; the reference pass (adapters off) gives
+    /// the shipped model's log-probs TRL recorded.
+    #[test]
+    fn the_chunked_step_gives_the_gradients_of_the_whole_loss() {
+        let golden: Value =
+            serde_json::from_str(include_str!("../../tests/golden/dpo_loss.json")).expect("golden JSON");
+        let batch = golden_batch(&golden);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
+        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let mut cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
+        cfg.init = lora::LoraInit::False;
+        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        let reference = reference_logps(&model, &adapters, &batch).expect("reference");
+        let want: Vec<f64> = ["ref_chosen", "ref_rejected"]
+            .iter()
+            .flat_map(|k| {
+                golden["inputs"][k].as_array().expect("list").iter().map(|x| x.as_f64().expect("n"))
+            })
+            .collect();
+        let got: Vec<f32> = Vec::<f32>::try_from(&reference.sums).expect("sums");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((f64::from(*g) - w).abs() <= 1e-5 * w.abs(), "{got:?} vs {want:?}");
+        }
+        let objective = DpoObjective {
+            losses: vec![(DpoLoss::Sigmoid, 1.0), (DpoLoss::Sft, 0.5), (DpoLoss::Ipo, 0.25)],
+            ..Default::default()
+        };
+        let scale = 0.5;
+        let step = |checkpointing: bool| {
+            zero_grads(&adapters);
+            let s = forward_backward(&model, &batch, &reference, &objective, scale, checkpointing, 7)
+                .expect("step");
+            (s, grads(&adapters))
+        };
+        let (plain, g_plain) = step(false);
+        let (checkpointed, g_ckpt) = step(true);
+        // The whole loss over full [2B, T, vocab] logits, differentiated by autograd.
+        zero_grads(&adapters);
+        let (ids, mask) = (&batch.input_ids, &batch.completion_mask);
+        let (r, t) = (ids.size()[0], ids.size()[1]);
+        let b = r / 2;
+        let logp = model.forward(ids, None, None).expect("forward").log_softmax(-1, Kind::Float);
+        let lp =
+            logp.narrow(1, 0, t - 1).gather(2, &ids.narrow(1, 1, t - 1).unsqueeze(2), false).squeeze_dim(2);
+        let scored = mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+        let lp = lp * &scored;
+        let sums = lp.sum_dim_intlist(&[1i64][..], false, Kind::Float);
+        let tokens =
+            mask.to_kind(Kind::Float).sum_dim_intlist(&[1i64][..], false, Kind::Float).clamp_min(1.0);
+        let nll = -(lp.narrow(0, 0, b).sum(Kind::Float) / scored.narrow(0, 0, b).sum(Kind::Float));
+        let pair = PairLogps {
+            chosen: sums.narrow(0, 0, b),
+            rejected: sums.narrow(0, b, b),
+            ref_chosen: reference.sums.narrow(0, 0, b),
+            ref_rejected: reference.sums.narrow(0, b, b),
+            chosen_tokens: tokens.narrow(0, 0, b),
+            rejected_tokens: tokens.narrow(0, b, b),
+            chosen_nll: Some(nll),
+            weights: None,
+        };
+        let (loss, metrics) = objective.loss(&pair).expect("loss");
+        (loss.shallow_clone() * scale).backward();
+        let g_whole = grads(&adapters);
+        let whole = loss.double_value(&[]);
+        assert!((plain.loss - whole).abs() <= 1e-5 * whole.abs(), "{} vs {whole}", plain.loss);
+        assert_eq!(plain.metrics.rewards_accuracies, metrics.rewards_accuracies);
+        assert!(max_rel(&g_plain, &g_whole) < 1e-4, "chunked vs whole: {}", max_rel(&g_plain, &g_whole));
+        assert!(max_rel(&g_ckpt, &g_plain) < 1e-5, "checkpointed vs not: {}", max_rel(&g_ckpt, &g_plain));
+        assert_eq!(checkpointed.loss, plain.loss);
+        assert!(
+            g_plain.iter().all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0),
+            "every adapter learns"
+        );
     }
 
     #[test]

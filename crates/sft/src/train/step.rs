@@ -162,55 +162,96 @@ pub fn forward_backward_with(
     neftune_alpha: Option<f64>,
 ) -> Result<MicroStats, model_loader::Error> {
     let batch = &batch.to_device(model.device())?;
-    let ctx = model.context(&batch.position_ids, batch.segment_ids.as_ref())?;
-    let embed = || -> Result<Tensor, model_loader::Error> {
-        tch::manual_seed(seed.wrapping_sub(1));
-        Ok(neftune(model.embed(&batch.input_ids)?, neftune_alpha)?)
+    let labels = &batch.labels;
+    let layers = Layers {
+        input_ids: &batch.input_ids,
+        position_ids: &batch.position_ids,
+        segment_ids: batch.segment_ids.as_ref(),
+        checkpointing,
+        seed,
+        neftune_alpha,
     };
-    let layer = |i: usize, h: &Tensor| {
-        tch::manual_seed(seed.wrapping_add(i as i64));
-        model.layer(i, h, &ctx)
-    };
-    if !checkpointing {
-        let mut h = embed()?;
+    layers.forward_backward(model, |h| {
+        let head = head_loss(model, h, labels, num_items, true, HEAD_CHUNK_BYTES)?;
+        Ok((head.stats, head.grad))
+    })
+}
+
+/// The decoder stack of one micro-batch, run forward and back around an objective's head: the
+/// part SFT and DPO share (dropout reseeded per layer, NEFTune, gradient checkpointing by
+/// recomputing one layer at a time, a trainable embedding's gradient).
+pub struct Layers<'a> {
+    /// `[B, T]` token ids on the model's device.
+    pub input_ids: &'a Tensor,
+    /// `[B, T]` positions.
+    pub position_ids: &'a Tensor,
+    /// `[B, T]` packed-sequence ids, when packed.
+    pub segment_ids: Option<&'a Tensor>,
+    /// Recompute each layer in backward instead of keeping its activations.
+    pub checkpointing: bool,
+    /// This micro-batch's dropout seed (`seed + layer` before each layer).
+    pub seed: i64,
+    /// NEFTune's alpha, while training.
+    pub neftune_alpha: Option<f64>,
+}
+
+impl Layers<'_> {
+    /// Run the layers to the last hidden state `h`, let `head` compute its objective and the
+    /// gradient at `h` (its own backward through the head already done), then push that gradient
+    /// back through the layers into the trainable tensors; returns what `head` returned.
+    pub fn forward_backward<S>(
+        &self,
+        model: &CausalLm,
+        head: impl FnOnce(&Tensor) -> Result<(S, Tensor), model_loader::Error>,
+    ) -> Result<S, model_loader::Error> {
+        let ctx = model.context(self.position_ids, self.segment_ids)?;
+        let embed = || -> Result<Tensor, model_loader::Error> {
+            tch::manual_seed(self.seed.wrapping_sub(1));
+            Ok(neftune(model.embed(self.input_ids)?, self.neftune_alpha)?)
+        };
+        let layer = |i: usize, h: &Tensor| {
+            tch::manual_seed(self.seed.wrapping_add(i as i64));
+            model.layer(i, h, &ctx)
+        };
+        if !self.checkpointing {
+            let mut h = embed()?;
+            for i in 0..model.num_layers() {
+                h = layer(i, &h)?;
+            }
+            let (stats, grad) = head(&h)?;
+            // Push the head's gradient at the last hidden state through the layers' graph.
+            backward_from(&h, &grad)?;
+            return Ok(stats);
+        }
+        // Forward without a graph, keeping only each layer's input.
+        let mut inputs = Vec::with_capacity(model.num_layers());
+        let mut h = tch::no_grad(embed)?;
         for i in 0..model.num_layers() {
-            h = layer(i, &h)?;
+            let next = tch::no_grad(|| layer(i, &h))?;
+            inputs.push(h);
+            h = next;
         }
-        let head = head_loss(model, &h, &batch.labels, num_items, true, HEAD_CHUNK_BYTES)?;
-        // Push the head's gradient at the last hidden state through the layers' graph.
-        backward_from(&h, &head.grad)?;
-        return Ok(head.stats);
-    }
-    // Forward without a graph, keeping only each layer's input.
-    let mut inputs = Vec::with_capacity(model.num_layers());
-    let mut h = tch::no_grad(embed)?;
-    for i in 0..model.num_layers() {
-        let next = tch::no_grad(|| layer(i, &h))?;
-        inputs.push(h);
-        h = next;
-    }
-    // Head and loss, giving the gradient at the last hidden state.
-    let head = head_loss(model, &h, &batch.labels, num_items, true, HEAD_CHUNK_BYTES)?;
-    drop(h);
-    let stats = head.stats;
-    let mut grad = head.grad;
-    // Then layer by layer, last first: recompute with a graph and push the gradient through.
-    for i in (0..model.num_layers()).rev() {
-        let x = inputs[i].f_detach()?.set_requires_grad(true);
-        let y = layer(i, &x)?;
-        backward_from(&y, &grad)?;
-        grad = x.grad();
-        inputs.truncate(i);
-    }
-    // A trainable embedding (`modules_to_save: [embed_tokens]`) gets its gradient from a
-    // recomputed embedding lookup (same seed, so the same NEFTune noise).
-    if grad.defined() {
-        let h0 = embed()?;
-        if h0.requires_grad() {
-            backward_from(&h0, &grad)?;
+        // The objective, giving the gradient at the last hidden state.
+        let (stats, mut grad) = head(&h)?;
+        drop(h);
+        // Then layer by layer, last first: recompute with a graph and push the gradient through.
+        for i in (0..model.num_layers()).rev() {
+            let x = inputs[i].f_detach()?.set_requires_grad(true);
+            let y = layer(i, &x)?;
+            backward_from(&y, &grad)?;
+            grad = x.grad();
+            inputs.truncate(i);
         }
+        // A trainable embedding (`modules_to_save: [embed_tokens]`) gets its gradient from a
+        // recomputed embedding lookup (same seed, so the same NEFTune noise).
+        if grad.defined() {
+            let h0 = embed()?;
+            if h0.requires_grad() {
+                backward_from(&h0, &grad)?;
+            }
+        }
+        Ok(stats)
     }
-    Ok(stats)
 }
 
 /// Evaluation of one batch without a graph: summed token loss and accuracy counts.
