@@ -18,6 +18,7 @@ mod mixture;
 pub mod nprandom;
 mod pack;
 mod parquet;
+pub mod preference;
 mod rows;
 pub mod source;
 pub mod template;

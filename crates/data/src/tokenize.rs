@@ -200,7 +200,7 @@ fn template_messages(messages: &[Message]) -> Result<Vec<Value>, String> {
 }
 
 /// The context transformers' `apply_chat_template` renders with.
-fn template_context(
+pub(crate) fn template_context(
     messages: &[Message],
     tools: Option<&Value>,
     kwargs: Option<&Map<String, Value>>,
