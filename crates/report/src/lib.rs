@@ -52,14 +52,20 @@ pub struct LogEntry {
     pub learning_rate: f64,
     /// Input tokens (pads excluded) trained on so far, as TRL counts `num_tokens`.
     pub num_tokens: u64,
-    /// Mean over the window's micro-batches of next-token accuracy (TRL's `mean_token_accuracy`).
-    pub mean_token_accuracy: f64,
+    /// Mean over the window's micro-batches of next-token accuracy (TRL's `mean_token_accuracy`),
+    /// when the objective measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_token_accuracy: Option<f64>,
     /// Input tokens per second since the previous log.
     pub tokens_per_second: f64,
     /// Seconds since training started (this process).
     pub elapsed_s: f64,
     /// Estimated seconds to the end.
     pub eta_s: f64,
+    /// The objective's own metrics under TRL's names (DPO's `rewards/chosen`, `logps/chosen`,
+    /// ...), means over the micro-batches since the previous log.
+    #[serde(default, flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// One evaluation over the eval set.
@@ -131,6 +137,9 @@ pub struct TrainLog {
     /// Estimated seconds to the last step, at this process's pace.
     #[serde(deserialize_with = "nan_if_null")]
     pub eta_s: f64,
+    /// The objective's own metrics (DPO's rewards and log-probs), under TRL's names.
+    #[serde(default, flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl From<&LogEntry> for TrainLog {
@@ -142,12 +151,13 @@ impl From<&LogEntry> for TrainLog {
             learning_rate: e.learning_rate,
             entropy: None,
             num_tokens: e.num_tokens,
-            mean_token_accuracy: Some(e.mean_token_accuracy),
+            mean_token_accuracy: e.mean_token_accuracy,
             epoch: e.epoch,
             step: e.step,
             tokens_per_second: e.tokens_per_second,
             elapsed_s: e.elapsed_s,
             eta_s: e.eta_s,
+            metrics: e.metrics.clone(),
         }
     }
 }
@@ -648,6 +658,9 @@ pub fn format_log_line(log: &TrainLog, total_steps: u64) -> String {
     if let Some(a) = log.mean_token_accuracy {
         s.push_str(&format!(" | acc {:.1}%", a * 100.0));
     }
+    if let (Some(m), Some(a)) = (log.metrics.get("rewards/margins"), log.metrics.get("rewards/accuracies")) {
+        s.push_str(&format!(" | margin {m:.4} | pref acc {:.1}%", a * 100.0));
+    }
     s.push_str(&format!(
         " | epoch {:.2} | {} elapsed | ETA {}",
         log.epoch,
@@ -669,10 +682,11 @@ mod tests {
             grad_norm: 0.5,
             learning_rate: 2e-4,
             num_tokens: 20000,
-            mean_token_accuracy: 0.6123,
+            mean_token_accuracy: Some(0.6123),
             tokens_per_second: 160.4,
             elapsed_s: 125.0,
             eta_s: 375.0,
+            metrics: BTreeMap::new(),
         }
     }
 

@@ -41,6 +41,7 @@ fn train_log(step: u64) -> TrainLog {
         tokens_per_second: 1234.5,
         elapsed_s: step as f64 * 0.5,
         eta_s: (100 - step.min(100)) as f64 * 0.5,
+        metrics: Default::default(),
     }
 }
 

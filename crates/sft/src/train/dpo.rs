@@ -506,6 +506,103 @@ fn head_backward(
     Ok(if g.defined() { g } else { leaf.f_zeros_like()? })
 }
 
+/// DPO over the shared loop ([`super::Trainer::train_objective`]): each micro-batch's reference
+/// log-probs are precomputed or taken from the same base with the adapters switched off.
+pub struct Dpo<'a> {
+    /// The loss.
+    pub objective: DpoObjective,
+    /// The policy's adapters (switched off for the reference pass).
+    pub adapters: &'a lora::Adapters,
+}
+
+/// A DPO micro-batch for the loop.
+#[derive(Debug)]
+pub struct DpoMicroBatch {
+    /// The sequences.
+    pub batch: DpoBatch,
+    /// The reference's log-probs when precomputed (`precompute_ref_log_probs`).
+    pub reference: Option<SequenceLogps>,
+    /// Input tokens (pads excluded; the prompt counts once per sequence, as TRL counts).
+    pub tokens: u64,
+}
+
+impl DpoMicroBatch {
+    /// A micro-batch from a collated preference batch.
+    pub fn from_collated(b: &data::preference::PreferenceBatch) -> Result<Self, tch::TchError> {
+        let shape = [b.rows as i64, b.len as i64];
+        Ok(DpoMicroBatch {
+            batch: DpoBatch {
+                input_ids: Tensor::f_from_slice(&b.input_ids)?.f_reshape(shape)?,
+                completion_mask: Tensor::f_from_slice(&b.completion_mask)?.f_reshape(shape)?,
+            },
+            reference: None,
+            tokens: b.attention_mask.iter().map(|&m| m as u64).sum(),
+        })
+    }
+}
+
+/// The metrics DPO logs, in [`DpoMetrics`]' order.
+pub const DPO_METRICS: [&str; 6] = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+];
+
+impl super::Objective for Dpo<'_> {
+    type Batch = DpoMicroBatch;
+
+    fn metric_names(&self) -> &'static [&'static str] {
+        &DPO_METRICS
+    }
+
+    fn step(
+        &self,
+        model: &model_loader::CausalLm,
+        b: &DpoMicroBatch,
+        ctx: &super::MicroContext,
+    ) -> Result<super::Micro, Error> {
+        let computed;
+        let reference = match &b.reference {
+            Some(r) => r,
+            None => {
+                computed = reference_logps(model, self.adapters, &b.batch)?;
+                &computed
+            }
+        };
+        // transformers divides DPO's loss by the accumulation steps; ranks sum their gradients
+        // here (DDP averages them), so each rank's share is also divided by their number.
+        let scale = 1.0 / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64;
+        let s = forward_backward(
+            model,
+            &b.batch,
+            reference,
+            &self.objective,
+            scale,
+            ctx.checkpointing,
+            ctx.seed,
+        )?;
+        let m = s.metrics;
+        Ok(super::Micro {
+            loss: s.loss * scale,
+            metrics: [
+                m.rewards_chosen,
+                m.rewards_rejected,
+                m.rewards_accuracies,
+                m.rewards_margins,
+                m.logps_chosen,
+                m.logps_rejected,
+            ]
+            .into_iter()
+            .map(Some)
+            .collect(),
+            tokens: b.tokens,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -735,6 +832,99 @@ mod tests {
             g_plain.iter().all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0),
             "every adapter learns"
         );
+    }
+
+    /// The text pairs of the data golden as collated micro-batches of `per` pairs.
+    fn text_pairs(per: usize) -> Vec<(DpoMicroBatch, u64)> {
+        let golden: Value =
+            serde_json::from_str(include_str!("../../../data/tests/golden/dpo_data.json")).expect("golden");
+        let rows = golden["groups"]["text_explicit"]["rows"].as_array().expect("rows").clone();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let tok = data::Tokenizer::from_dir(&dir).expect("tokenizer");
+        let (ids, _) = data::preference::prepare_preferences(
+            &rows,
+            &tok,
+            None,
+            None,
+            config::types::TruncationMode::KeepStart,
+        )
+        .expect("rows");
+        let pad = i64::from(tok.pad_token_id().expect("pad"));
+        ids.chunks(per)
+            .map(|c| {
+                let refs: Vec<&data::preference::PreferenceIds> = c.iter().collect();
+                let b = data::preference::collate_preferences(
+                    &refs,
+                    pad,
+                    None,
+                    config::types::TruncationMode::KeepStart,
+                    None,
+                );
+                (DpoMicroBatch::from_collated(&b).expect("batch"), c.len() as u64)
+            })
+            .collect()
+    }
+
+    fn dpo_run(per: usize, grad_accum: usize, steps: u64) -> (Vec<Tensor>, Vec<report::LogEntry>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
+        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
+        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        let topts = super::super::TrainOptions {
+            total_steps: steps,
+            grad_accum,
+            learning_rate: 5e-3,
+            schedule: super::super::Schedule::new(
+                &config::types::Scheduler::Constant,
+                None,
+                5e-3,
+                0.0,
+                steps,
+            )
+            .expect("schedule"),
+            adam: super::super::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+            max_grad_norm: 1.0,
+            logging_steps: 1,
+            logging_first_step: true,
+            save_steps: None,
+            save_total_limit: None,
+            output_dir: std::env::temp_dir().join(format!("nibble-dpo-loop-{}", std::process::id())),
+            gradient_checkpointing: false,
+            seed: 42,
+            eval_steps: None,
+            eval_on_start: false,
+            neftune_noise_alpha: None,
+        };
+        let mut trainer = super::super::Trainer::new(&model, adapters.parameters(), topts).expect("trainer");
+        let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters };
+        let outcome = trainer
+            .train_objective(&dpo, &mut |_| text_pairs(per), &[], &|_| Ok(()), &mut |_| {})
+            .expect("train");
+        assert_eq!(outcome, super::super::Outcome::Finished);
+        let params = adapters.parameters().iter().map(Tensor::copy).collect();
+        (params, trainer.progress.log_history.clone())
+    }
+
+    /// DPO on the shared loop learns (the margin grows from 0, the loss falls from ln 2) and logs
+    /// TRL's metric names; accumulating two one-pair micro-batches trains the adapter that one
+    /// two-pair micro-batch trains.
+    #[test]
+    fn dpo_trains_on_the_shared_loop_and_accumulates_as_one_batch() {
+        let (whole, log) = dpo_run(2, 1, 4);
+        assert!(
+            (log[0].loss - std::f64::consts::LN_2).abs() < 1e-5,
+            "step 1 starts at ln 2: {}",
+            log[0].loss
+        );
+        let last = log.last().expect("logs");
+        assert!(last.loss < log[0].loss, "{:?}", log.iter().map(|e| e.loss).collect::<Vec<_>>());
+        assert!(last.metrics["rewards/margins"] > 0.0, "{:?}", last.metrics);
+        assert_eq!(last.metrics.len(), 6);
+        assert!(last.mean_token_accuracy.is_none());
+        let (accumulated, log2) = dpo_run(1, 2, 4);
+        assert!(max_rel(&accumulated, &whole) < 1e-4, "{}", max_rel(&accumulated, &whole));
+        assert!((log2[0].loss - log[0].loss).abs() < 1e-6);
     }
 
     #[test]

@@ -91,6 +91,75 @@ pub enum Outcome {
 /// One epoch's micro-batches, each with its count of loss-bearing label tokens.
 pub type EpochBatches = Vec<(DeviceBatch, u64)>;
 
+/// What the loop tells an objective about the micro-batch it is computing.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroContext {
+    /// Loss-bearing items of the whole optimizer step's window, over every rank (SFT's
+    /// normaliser).
+    pub window_items: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Ranks training together.
+    pub world: usize,
+    /// Recompute each layer in backward.
+    pub checkpointing: bool,
+    /// This micro-batch's dropout seed.
+    pub seed: i64,
+    /// NEFTune's alpha.
+    pub neftune_alpha: Option<f64>,
+}
+
+/// What one micro-batch gave the loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Micro {
+    /// This micro-batch's share of the step's loss (the shares of a window, over every rank, sum
+    /// to the step's loss).
+    pub loss: f64,
+    /// One value per [`Objective::metric_names`] entry, `None` when this micro-batch has none;
+    /// logged as means over the micro-batches since the previous log.
+    pub metrics: Vec<Option<f64>>,
+    /// Input tokens (pads excluded), for `num_tokens`.
+    pub tokens: u64,
+}
+
+/// A training objective over the shared loop (windows, clipping, AdamW, schedules, checkpoints,
+/// logs, several ranks): SFT's next-token loss ([`Sft`]) or DPO's preference loss
+/// (`dpo::Dpo`).
+pub trait Objective {
+    /// A micro-batch, ready on the model's device.
+    type Batch;
+    /// The metrics [`Micro::metrics`] carries, by TRL's names.
+    fn metric_names(&self) -> &'static [&'static str];
+    /// Forward and backward of one micro-batch, gradients accumulating into the trainable tensors.
+    fn step(&self, model: &CausalLm, batch: &Self::Batch, ctx: &MicroContext) -> Result<Micro, Error>;
+}
+
+/// Supervised fine-tuning: next-token cross-entropy over the label tokens, summed and divided by
+/// the window's label tokens (transformers with `num_items_in_batch`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sft;
+
+impl Objective for Sft {
+    type Batch = DeviceBatch;
+
+    fn metric_names(&self) -> &'static [&'static str] {
+        &["mean_token_accuracy"]
+    }
+
+    fn step(&self, model: &CausalLm, batch: &DeviceBatch, ctx: &MicroContext) -> Result<Micro, Error> {
+        let m = forward_backward_with(
+            model,
+            batch,
+            ctx.window_items.max(1.0),
+            ctx.checkpointing,
+            ctx.seed,
+            ctx.neftune_alpha,
+        )?;
+        let accuracy = (m.total > 0).then(|| m.correct as f64 / m.total as f64);
+        Ok(Micro { loss: m.loss, metrics: vec![accuracy], tokens: batch.num_tokens })
+    }
+}
+
 /// The state a run resumes from.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -173,7 +242,7 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Run until `total_steps` (or a stop request), evaluating on `eval` and saving
+    /// Run SFT until `total_steps` (or a stop request), evaluating on `eval` and saving
     /// checkpoints as configured.
     pub fn train(
         &mut self,
@@ -182,6 +251,21 @@ impl<'a> Trainer<'a> {
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, Error> {
+        self.train_objective(&Sft, epoch_batches, eval, save_adapter, on_event)
+    }
+
+    /// [`Trainer::train`] for any objective; `epoch_batches(e)` gives epoch `e`'s micro-batches
+    /// with their loss-bearing items. `eval` is SFT's next-token evaluation (empty for none).
+    pub fn train_objective<O: Objective>(
+        &mut self,
+        objective: &O,
+        epoch_batches: &mut dyn FnMut(u64) -> Vec<(O::Batch, u64)>,
+        eval: &[(DeviceBatch, u64)],
+        save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Outcome, Error> {
+        let names = objective.metric_names();
+        let k = names.len();
         let start = Instant::now();
         let start_step = self.progress.global_step;
         let ga = self.opts.grad_accum.max(1);
@@ -194,7 +278,8 @@ impl<'a> Trainer<'a> {
         let group = self.group;
         let dist_err = |step: u64| move |source: dist::DistError| Error::Dist { step, source };
         let (mut window_loss_sum, mut steps_since_log) = (0.0f64, 0u64);
-        let (mut acc_sum, mut acc_n) = (0.0f64, 0u64);
+        // Per metric: the sum of its micro-batch values and their count since the last log.
+        let (mut metric_sum, mut metric_n) = (vec![0.0f64; k], vec![0.0f64; k]);
         let (mut tokens_at_log, mut time_at_log) = (self.progress.num_tokens, 0.0f64);
         let mut batches = epoch_batches(self.progress.epoch);
         if batches.is_empty() {
@@ -223,40 +308,41 @@ impl<'a> Trainer<'a> {
                 num_items = g.all_reduce_scalar(num_items as f64).map_err(dist_err(step + 1))?.round() as u64;
             }
             let mut step_loss = 0.0;
-            let (mut step_acc, mut step_acc_n, mut step_tokens) = (0.0f64, 0u64, 0u64);
+            let (mut step_sum, mut step_n, mut step_tokens) = (vec![0.0f64; k], vec![0.0f64; k], 0u64);
             for (i, (batch, _)) in window.iter().enumerate() {
                 // Micro-batch i of rank r is the global window's micro-batch i * world + r: the
                 // same dropout seed as in one process with `world` times the accumulation.
                 let micro = (step * ga as u64 + i as u64) * world as u64 + rank as u64;
                 let seed = (self.opts.seed as i64).wrapping_mul(1_000_003).wrapping_add(micro as i64 * 1009);
-                let m = forward_backward_with(
-                    self.model,
-                    batch,
-                    num_items.max(1) as f64,
-                    self.opts.gradient_checkpointing,
+                let ctx = MicroContext {
+                    window_items: num_items.max(1) as f64,
+                    grad_accum: ga,
+                    world,
+                    checkpointing: self.opts.gradient_checkpointing,
                     seed,
-                    self.opts.neftune_noise_alpha,
-                )
-                .map_err(|source| Error::Forward { step: step + 1, source: Box::new(source) })?;
+                    neftune_alpha: self.opts.neftune_noise_alpha,
+                };
+                let m = objective.step(self.model, batch, &ctx).map_err(|e| match e {
+                    Error::Model(source) => Error::Forward { step: step + 1, source },
+                    other => other,
+                })?;
                 step_loss += m.loss;
-                if m.total > 0 {
-                    step_acc += m.correct as f64 / m.total as f64;
-                    step_acc_n += 1;
+                for (j, v) in m.metrics.iter().enumerate().take(k) {
+                    if let Some(v) = v {
+                        step_sum[j] += v;
+                        step_n[j] += 1.0;
+                    }
                 }
-                step_tokens += batch.num_tokens;
+                step_tokens += m.tokens;
             }
             let mut stop_now = self.stop.load(Ordering::SeqCst);
             if let Some(g) = group {
                 let mut grads: Vec<Tensor> = self.optimizer.params().iter().map(Tensor::grad).collect();
                 g.all_reduce_sum(&mut grads).map_err(dist_err(step + 1))?;
-                // The window loss, accuracy, tokens and stop requests of all ranks, in one message.
-                let local = [
-                    step_loss,
-                    step_acc,
-                    step_acc_n as f64,
-                    step_tokens as f64,
-                    f64::from(u8::from(stop_now)),
-                ];
+                // The window loss, metrics, tokens and stop requests of all ranks, in one message.
+                let mut local = vec![step_loss, step_tokens as f64, f64::from(u8::from(stop_now))];
+                local.extend(&step_sum);
+                local.extend(&step_n);
                 // On the group's device (NCCL sums CUDA tensors only).
                 let mut stats =
                     vec![Tensor::from_slice(&local).f_to_device(g.device()).map_err(|e| Error::Optim {
@@ -267,11 +353,15 @@ impl<'a> Trainer<'a> {
                 let sum = Vec::<f64>::try_from(&stats[0].to_device(tch::Device::Cpu))
                     .map_err(|e| Error::Optim { step: step + 1, message: quant::ops::torch_message(&e) })?;
                 step_loss = sum[0];
-                (step_acc, step_acc_n, step_tokens) = (sum[1], sum[2].round() as u64, sum[3].round() as u64);
-                stop_now = sum[4] > 0.0;
+                step_tokens = sum[1].round() as u64;
+                stop_now = sum[2] > 0.0;
+                step_sum.copy_from_slice(&sum[3..3 + k]);
+                step_n.copy_from_slice(&sum[3 + k..3 + 2 * k]);
             }
-            acc_sum += step_acc;
-            acc_n += step_acc_n;
+            for j in 0..k {
+                metric_sum[j] += step_sum[j];
+                metric_n[j] += step_n[j];
+            }
             self.progress.num_tokens += step_tokens;
             if !step_loss.is_finite() {
                 return Err(Error::NonFinite { step: step + 1, loss: step_loss });
@@ -296,6 +386,16 @@ impl<'a> Trainer<'a> {
             if log_now {
                 let elapsed = start.elapsed().as_secs_f64();
                 let done = (gs - start_step) as f64;
+                let mut mean_token_accuracy = None;
+                let mut metrics = std::collections::BTreeMap::new();
+                for (j, name) in names.iter().enumerate() {
+                    let mean = if metric_n[j] > 0.0 { metric_sum[j] / metric_n[j] } else { 0.0 };
+                    if *name == "mean_token_accuracy" {
+                        mean_token_accuracy = Some(mean);
+                    } else if metric_n[j] > 0.0 {
+                        metrics.insert((*name).to_owned(), mean);
+                    }
+                }
                 let entry = LogEntry {
                     step: gs,
                     epoch: epoch_now(&self.progress, batches.len()),
@@ -303,17 +403,20 @@ impl<'a> Trainer<'a> {
                     grad_norm,
                     learning_rate: lr,
                     num_tokens: self.progress.num_tokens,
-                    mean_token_accuracy: if acc_n > 0 { acc_sum / acc_n as f64 } else { 0.0 },
+                    mean_token_accuracy,
                     tokens_per_second: (self.progress.num_tokens - tokens_at_log) as f64
                         / (elapsed - time_at_log).max(1e-9),
                     elapsed_s: elapsed,
                     eta_s: elapsed / done.max(1.0) * (self.opts.total_steps - gs) as f64,
+                    metrics,
                 };
                 if main {
                     on_event(Event::Train(&entry));
                 }
                 self.progress.log_history.push(entry);
-                (window_loss_sum, steps_since_log, acc_sum, acc_n) = (0.0, 0, 0.0, 0);
+                (window_loss_sum, steps_since_log) = (0.0, 0);
+                metric_sum.fill(0.0);
+                metric_n.fill(0.0);
                 (tokens_at_log, time_at_log) = (self.progress.num_tokens, elapsed);
             }
             if main
