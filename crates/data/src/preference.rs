@@ -51,18 +51,7 @@ pub struct PreferenceRow {
 fn side(v: &Value, key: &str) -> Result<Side, String> {
     match v {
         Value::String(s) => Ok(Side::Text(s.clone())),
-        Value::Array(items) => {
-            let messages = items
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    serde_json::from_value::<Message>(m.clone()).map_err(|e| {
-                        format!("`{key}` message {i}: {e} (expected {{\"role\": ..., \"content\": ...}})")
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Side::Messages(messages))
-        }
+        Value::Array(_) => Ok(Side::Messages(crate::rows::messages(v, key)?)),
         other => Err(format!(
             "`{key}` must be a string or a list of messages, found {}",
             match other {

@@ -55,15 +55,29 @@ pub enum Example {
     },
 }
 
-fn messages(v: &Value, what: &str) -> Result<Vec<Message>, String> {
+pub(crate) fn messages(v: &Value, what: &str) -> Result<Vec<Message>, String> {
     let list = v.as_array().ok_or_else(|| format!("`{what}` must be a list of messages"))?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
             let msg: Message =
                 serde_json::from_value(m.clone()).map_err(|e| format!("`{what}[{i}]`: {e}"))?;
-            if msg.content.is_null() && !msg.extra.contains_key("tool_calls") {
-                return Err(format!("`{what}[{i}]` has no `content`"));
+            match &msg.content {
+                Value::Null if !msg.extra.contains_key("tool_calls") => {
+                    return Err(format!("`{what}[{i}]` has no `content`"));
+                }
+                Value::Null | Value::String(_) | Value::Array(_) => {}
+                // A template would fail later on an operator, naming neither the field nor the row.
+                other => {
+                    let kind = match other {
+                        Value::Number(_) => "a number",
+                        Value::Bool(_) => "a boolean",
+                        _ => "an object",
+                    };
+                    return Err(format!(
+                        "`{what}[{i}].content` must be a string or a list of content parts, found {kind} ({other})"
+                    ));
+                }
             }
             Ok(msg)
         })

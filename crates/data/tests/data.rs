@@ -56,6 +56,11 @@ fn bad_rows_name_file_and_row() {
         ("b.jsonl", "{\"prompt\": \"p\"}\n", "b.jsonl: row 1: `prompt` and `completion` come together"),
         ("c.jsonl", "{\"messages\": [{\"content\": \"no role\"}]}\n", "c.jsonl: row 1: `messages[0]`"),
         ("d.jsonl", "[1, 2]\n", "d.jsonl: row 1: a row must be a JSON object"),
+        (
+            "n.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"2+2\"}, {\"role\": \"assistant\", \"content\": 4}]}\n",
+            "n.jsonl: row 1: `messages[1].content` must be a string or a list of content parts, found a number (4)",
+        ),
         ("e.json", "{\"rows\": []}", "e.json: row 1: a .json data file must hold a list"),
         (
             "f.jsonl",

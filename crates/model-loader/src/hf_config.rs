@@ -213,8 +213,18 @@ impl HfConfig {
     }
 }
 
-/// Read a `quantization_config`: 8-bit when `load_in_8bit` is true, else 4-bit.
+/// Read a `quantization_config`: 8-bit when `load_in_8bit` is true, else 4-bit; another
+/// method (GPTQ, AWQ, FP8, ...) is refused by name.
 fn parse_quantization(q: &Value) -> Result<Prequantized, String> {
+    match q.get("quant_method").and_then(Value::as_str) {
+        None | Some("bitsandbytes") => {}
+        Some(other) => {
+            return Err(format!(
+                "quantization method `{other}` is not supported: nibble reads bitsandbytes 4-bit and 8-bit \
+                 checkpoints (or a dense model, which it quantizes while loading)"
+            ));
+        }
+    }
     if !q.get("load_in_8bit").and_then(Value::as_bool).unwrap_or(false) {
         return Ok(Prequantized::FourBit);
     }

@@ -88,6 +88,12 @@ fn config_errors_name_the_file_and_key() {
             "must divide",
         ),
         ("{not json", "not valid JSON"),
+        (
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+               "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 32,
+               "quantization_config": {"quant_method": "gptq", "bits": 4}}"#,
+            "quantization method `gptq` is not supported: nibble reads bitsandbytes",
+        ),
     ];
     for (text, want) in cases {
         let e = HfConfig::parse(p, text).expect_err(text).to_string();
