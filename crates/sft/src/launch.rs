@@ -86,6 +86,8 @@ pub(crate) fn run(a: LaunchArgs) -> Result<ExitCode> {
         children.push(child);
     }
     let mut done = vec![false; children.len()];
+    // Ranks that stopped on SIGINT/SIGTERM after their checkpoint (exit 130): not a failure.
+    let mut interrupted = false;
     let code = loop {
         // Every rank found dead in this pass is reported (the first to die and the peers its
         // death brought down may end within one poll).
@@ -97,7 +99,9 @@ pub(crate) fn run(a: LaunchArgs) -> Result<ExitCode> {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     done[rank] = true;
-                    if !status.success() {
+                    if status.code() == Some(130) {
+                        interrupted = true;
+                    } else if !status.success() {
                         failed.push((rank, status));
                     }
                 }
@@ -116,7 +120,7 @@ pub(crate) fn run(a: LaunchArgs) -> Result<ExitCode> {
             break first.code().and_then(|c| u8::try_from(c).ok()).filter(|&c| c != 0).unwrap_or(1);
         }
         if done.iter().all(|d| *d) {
-            break 0;
+            break if interrupted { 130 } else { 0 };
         }
         std::thread::sleep(Duration::from_millis(50));
     };

@@ -42,6 +42,10 @@ const EXIT_RECIPE: u8 = 2;
 /// Exit code of a command-line error (unknown flag, missing or bad value), as argparse uses.
 const EXIT_USAGE: u8 = 2;
 
+/// Exit code of a run stopped by SIGINT or SIGTERM after it saved a checkpoint (128 + SIGINT,
+/// as shells report an interrupted command), so a scheduler can tell it from a finished run.
+const EXIT_INTERRUPTED: u8 = 130;
+
 /// The tracing level of the recipe's `log_level` (transformers' names; `passive` leaves the
 /// default, info).
 fn log_filter(level: config::types::LogLevel) -> &'static str {
@@ -182,8 +186,10 @@ fn run(args: cli::TrainArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     tracing::info!(model = plan.model_id.as_str(), "recipe resolved");
-    run::train(&plan, &machine)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(match run::train(&plan, &machine)? {
+        run::Ended::Done => ExitCode::SUCCESS,
+        run::Ended::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+    })
 }
 
 /// Whether a failed command is the user's to fix by changing the arguments (exit code 2): an

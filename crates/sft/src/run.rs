@@ -204,8 +204,17 @@ fn write_outputs(plan: &RunPlan, adapters: &Adapters, progress: &Progress, out: 
     Ok(())
 }
 
+/// How the main job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every step trained and the outputs written.
+    Done,
+    /// Stopped by SIGINT or SIGTERM after saving a checkpoint to resume from.
+    Interrupted,
+}
+
 /// The main job, as `plan` resolved it: data -> model -> adapters -> trainer -> outputs.
-pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
+pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     tracing::info!(device = ?plan.device, "training device");
     plan.cpu_matmul.set();
     announce_precision(plan);
@@ -295,7 +304,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
             dir.display(),
             dir.display()
         );
-        return Ok(());
+        return Ok(Ended::Interrupted);
     }
 
     // Rank 0 writes the outputs while the others wait.
@@ -315,7 +324,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<()> {
     if let Some(prompt) = data.sample_prompt.as_deref().filter(|_| main) {
         sample(&model, &data.tokenizer, prompt)?;
     }
-    Ok(())
+    Ok(Ended::Done)
 }
 
 /// Print a short greedy generation from the trained model, so a run ends showing what it learned.
