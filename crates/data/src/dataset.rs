@@ -220,6 +220,14 @@ pub fn prepare_dataset(
         }
         let before = samples.len();
         samples.retain(|s| s.labels.iter().any(|&l| l != IGNORE_INDEX));
+        if samples.is_empty() && before > 0 {
+            return Err(Error::Options(format!(
+                "max_length {max} leaves no row anything to train on: truncating with {} cut the trained \
+                 tokens of all {before} row(s) ({long} longer than {max} tokens); raise max_length, \
+                 shorten the prompts, or use truncation_mode keep_end",
+                opts.truncation_mode
+            )));
+        }
         tracing::info!(
             "truncated {long} row(s) to {max} tokens ({:?}); dropped {} row(s) left without trained tokens",
             opts.truncation_mode,
@@ -300,6 +308,12 @@ mod tests {
         let d = prepare_dataset(&rows, &tiny(), None, &opts).expect("ok");
         assert_eq!(d.len(), 1);
         assert!(d.samples.iter().all(|s| s.input_ids.len() <= 3));
+        // Every row cut down to its prompt: said as such, with the numbers, not as an empty set.
+        let e = prepare_dataset(&rows[..1], &tiny(), None, &opts).expect_err("nothing left").to_string();
+        assert!(
+            e.contains("max_length 3 leaves no row anything to train on") && e.contains("all 1 row(s)"),
+            "{e}"
+        );
     }
 
     #[test]
