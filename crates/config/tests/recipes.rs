@@ -403,3 +403,22 @@ fn unreadable_file_is_an_io_error_naming_it() {
     assert!(matches!(e, Error::Read { .. }));
     assert!(e.to_string().contains("/nonexistent/recipe.yaml"));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Garbage recipes, and the tiny recipe with a line cut, repeated or mangled, give a recipe
+    /// or diagnostics: never a panic (issue 22).
+    #[test]
+    fn garbage_and_near_miss_recipes_never_panic(
+        garbage in "\\PC{0,200}",
+        cut in 0usize..400,
+        insert in proptest::sample::select(vec!["", ":", "- ", "[", "{", "\t", "&a ", "*a", "!!int ", "1e999", ".nan", "'", "\"", "? "]),
+    ) {
+        let _ = Loader::new().yaml("g.yaml", garbage).load();
+        let tiny = include_str!("../../../recipes/tiny/config_qlora.yaml");
+        let at = tiny.char_indices().map(|(i, _)| i).nth(cut % tiny.chars().count()).unwrap_or(0);
+        let mangled = format!("{}{insert}{}", &tiny[..at], &tiny[at..]);
+        let _ = Loader::new().yaml("m.yaml", mangled).load();
+    }
+}

@@ -151,3 +151,62 @@ pub fn read_rows(path: &Path, text_field: &str) -> Result<Vec<Example>, Error> {
     };
     values.into_iter().map(|(row, v)| classify(&v, text_field).map_err(|m| row_err(row, m))).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| Value::Number(i.into())),
+            "\\PC{0,8}".prop_map(Value::String),
+            prop::sample::select(vec![
+                "messages",
+                "prompt",
+                "completion",
+                "role",
+                "content",
+                "text",
+                "tools"
+            ])
+            .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "messages",
+                        "prompt",
+                        "completion",
+                        "role",
+                        "content",
+                        "text",
+                        "tools",
+                        "chat_template_kwargs",
+                        "tool_calls",
+                        "x",
+                    ]),
+                    inner,
+                    0..4,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Any JSON row (deeply nested, wrong types in every field TRL's formats read) is a row
+        /// or an error: never a panic (issue 22).
+        #[test]
+        fn any_json_row_is_classified_or_refused(row in json_value()) {
+            let _ = classify(&row, "text");
+            let _ = crate::preference::preference_row(&row);
+        }
+    }
+}

@@ -92,6 +92,11 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     Ok(Value::from_safe_string(py_json(&j, indent)))
 }
 
+/// Instructions one render may run: a real chat template renders a long conversation in a few
+/// hundred thousand; a template that loops (or is made to) stops with an error instead of
+/// hanging or growing its output without bound.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Compile a template source (from tokenizer_config.json, chat_template.jinja or a recipe).
     pub fn new(source: &str) -> Result<Self, Error> {
@@ -105,6 +110,7 @@ impl ChatTemplate {
             .build()
             .map_err(Error::TemplateCompile)?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
@@ -169,6 +175,27 @@ mod tests {
         let err = find_chat_template(&[&broken]).expect_err("bad JSON").to_string();
         assert!(err.contains("tokenizer_config.json") && err.contains("not valid JSON"), "{err}");
         std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    #[test]
+    fn a_template_that_loops_stops_with_an_error() {
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+        )
+        .expect("compiles");
+        let e = t.render(&json!({"messages": []})).expect_err("runs out of fuel").to_string();
+        assert!(e.contains("chat template failed to render"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Garbage and near-misses compile to a template or an error, and render to text or an
+        /// error: never a panic.
+        #[test]
+        fn garbage_templates_never_panic(src in "(\\{%|%\\}|\\{\\{|\\}\\}|[a-z ]|for|if|endfor|endif|in|messages|\\.|\\||\\(|\\)){0,40}") {
+            if let Ok(t) = ChatTemplate::new(&src) {
+                let _ = t.render(&json!({"messages": [{"role": "user", "content": "hi"}]}));
+            }
+        }
     }
 
     #[test]

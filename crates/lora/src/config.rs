@@ -379,6 +379,36 @@ fn is_unset(v: &Value) -> bool {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// adapter_config.json garbage and near-misses give a config or an error naming the
+        /// file: never a panic (issue 22).
+        #[test]
+        fn garbage_and_near_miss_adapter_configs_never_panic(
+            garbage in "\\PC{0,120}",
+            key in proptest::sample::select(vec![
+                "r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora",
+                "modules_to_save", "init_lora_weights", "peft_type", "rank_pattern", "bias",
+            ]),
+            value in proptest::sample::select(vec![
+                "null", "-1", "0", "1e300", "18446744073709551615", "\"x\"", "[]", "{}", "true",
+                "[1, 2]", "{\"a\": 1}", "-0.5", "\"all-linear\"",
+            ]),
+        ) {
+            let p = Path::new("a/adapter_config.json");
+            if let Err(e) = LoraConfig::from_json(&garbage, p) {
+                proptest::prop_assert!(e.to_string().contains("adapter_config.json"));
+            }
+            let mut v = serde_json::json!({
+                "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM",
+            });
+            v[key] = serde_json::from_str(value).expect("json");
+            let _ = LoraConfig::from_json(&v.to_string(), p);
+        }
+    }
+
     #[test]
     fn floats_print_as_python_repr() {
         for (f, want) in [

@@ -75,6 +75,47 @@ pub use pyfiles::atomic::{write_atomic, write_atomic_with};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// safetensors files with a hostile header (sizes beyond the file, overlapping or
+        /// reversed offsets, dtype/shape disagreements, a header length larger than the file, or
+        /// plain garbage) are errors naming the file: never a panic or an allocation sized by the
+        /// header (issue 22).
+        #[test]
+        fn hostile_safetensors_files_are_errors(
+            header_len in proptest::prop_oneof![
+                proptest::prelude::Just(None),
+                (0u64..200).prop_map(Some),
+                proptest::prelude::Just(Some(u64::MAX)),
+                proptest::prelude::Just(Some(1u64 << 40)),
+            ],
+            begin in 0u64..64,
+            end in proptest::prop_oneof![0u64..64, proptest::prelude::Just(u64::MAX / 2)],
+            dtype in proptest::sample::select(vec!["F32", "F16", "BF16", "U8", "I64", "X9", ""]),
+            shape in proptest::collection::vec(proptest::prop_oneof![0u64..5, proptest::prelude::Just(u64::MAX / 3)], 0..3),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let dir = std::env::temp_dir().join(format!("quant-hostile-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join("h.safetensors");
+            let header = format!(
+                r#"{{"t": {{"dtype": "{dtype}", "shape": {shape:?}, "data_offsets": [{begin}, {end}]}}}}"#
+            );
+            let mut bytes = header_len.unwrap_or(header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header.as_bytes());
+            bytes.extend(&tail);
+            for candidate in [bytes, garbage] {
+                std::fs::write(&path, &candidate).expect("write");
+                if let Err(e) = read(&path) {
+                    proptest::prop_assert!(e.to_string().contains("h.safetensors"), "{e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn written_files_read_back_with_the_safetensors_crate() {

@@ -103,3 +103,37 @@ fn config_errors_name_the_file_and_key() {
         HfConfig::parse(p, r#"{"architectures": ["GPT2LMHeadModel"]}"#).expect_err("gpt2").to_string();
     assert!(unsupported.contains("Qwen3ForCausalLM"), "lists the supported ones: {unsupported}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// config.json garbage and near-misses (a value replaced by another kind, huge or negative
+    /// numbers, a key dropped) give a config or an error naming the file: never a panic and never
+    /// an allocation sized by a hostile number (issue 22).
+    #[test]
+    fn garbage_and_near_miss_configs_never_panic(
+        garbage in "\\PC{0,120}",
+        key in proptest::sample::select(vec![
+            "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+            "intermediate_size", "vocab_size", "head_dim", "rope_scaling", "quantization_config",
+            "architectures", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings",
+        ]),
+        value in proptest::sample::select(vec![
+            "null", "-1", "0", "1e300", "18446744073709551615", "\"x\"", "[]", "{}", "true",
+            "[\"GPT2LMHeadModel\"]", "{\"rope_type\": \"yarn\"}", "{\"load_in_8bit\": true}",
+            "9007199254740993", "NaN",
+        ]),
+    ) {
+        let p = Path::new("c/config.json");
+        if let Err(e) = HfConfig::parse(p, &garbage) {
+            proptest::prop_assert!(e.to_string().starts_with("c/config.json"));
+        }
+        let text = std::fs::read_to_string(repo_root().join("models/tiny-llama/config.json")).expect("config");
+        let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        match serde_json::from_str::<serde_json::Value>(value) {
+            Ok(x) => v[key] = x,
+            Err(_) => { v.as_object_mut().expect("object").remove(key); }
+        }
+        let _ = HfConfig::parse(p, &v.to_string());
+    }
+}
