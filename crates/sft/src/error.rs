@@ -46,6 +46,17 @@ pub enum Error {
         /// What failed (libtorch's message).
         message: String,
     },
+    /// The eval loss became NaN or infinite (the model's numbers are no longer usable).
+    #[error(
+        "step {step}: the eval loss is {loss} (diverged); the last checkpoint before it is the one to keep; \
+         lower the learning rate or check the data"
+    )]
+    NonFiniteEval {
+        /// Optimizer steps done when evaluating.
+        step: u64,
+        /// The eval loss.
+        loss: f64,
+    },
     /// The loss became NaN or infinite.
     #[error("step {step}: the loss is {loss} (diverged); lower the learning rate or check the data")]
     NonFinite {

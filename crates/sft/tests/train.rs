@@ -172,6 +172,26 @@ fn training_lowers_the_loss_and_resume_matches_an_uninterrupted_run() {
     }
 }
 
+/// A diverged evaluation stops the run with the step named, as a diverged training loss does.
+#[test]
+fn a_non_finite_eval_loss_is_an_error_naming_the_step() {
+    let _rng = rng_lock();
+    let mut model = model_4bit();
+    let a = adapters(&mut model, 0.0);
+    let out = scratch("nan-eval");
+    let trainer = Trainer::new(&model, a.parameters(), options(&out, 1, None)).unwrap();
+    let eval = vec![batch(5, 2, 8)];
+    trainer.evaluate(&eval, 0.0).expect("a finite eval loss");
+    // A NaN in v_proj's B reaches the logits (torch's CPU attention kernel passes over NaN
+    // queries, so q_proj would not show it).
+    tch::no_grad(|| {
+        let _ = a.parameters()[5].shallow_clone().fill_(f64::NAN);
+    });
+    let e = trainer.evaluate(&eval, 0.0).expect_err("NaN adapter");
+    assert!(matches!(e, sft::Error::NonFiniteEval { step: 0, .. }), "{e}");
+    assert!(e.to_string().contains("step 0: the eval loss is NaN"), "{e}");
+}
+
 #[test]
 fn repeated_batches_are_learned() {
     let _rng = rng_lock();

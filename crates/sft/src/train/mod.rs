@@ -233,10 +233,14 @@ impl<'a> Trainer<'a> {
             correct += c;
             total += t;
         }
+        let eval_loss = weighted / rows.max(1) as f64;
+        if !eval_loss.is_finite() {
+            return Err(Error::NonFiniteEval { step, loss: eval_loss });
+        }
         Ok(EvalEntry {
             step,
             epoch,
-            eval_loss: weighted / rows.max(1) as f64,
+            eval_loss,
             eval_mean_token_accuracy: correct as f64 / total.max(1) as f64,
             eval_runtime: start.elapsed().as_secs_f64(),
         })
