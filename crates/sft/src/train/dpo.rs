@@ -274,6 +274,59 @@ pub struct SequenceLogps {
     pub weights: Tensor,
 }
 
+/// Which flattened positions of a `[R, T]` batch score a token: position `t` of a row predicts
+/// token `t + 1` where that token is a completion token (the last position predicts nothing).
+struct Scored {
+    /// `[R * T]` the token each position predicts (0 at each row's last position).
+    target: Tensor,
+    /// `[R * T]` 1 where the predicted token is scored.
+    scored: Tensor,
+    /// The scored positions, in order.
+    positions: Tensor,
+    /// Tokens per row.
+    t: i64,
+}
+
+impl Scored {
+    fn new(
+        input_ids: &Tensor,
+        completion_mask: &Tensor,
+        t: i64,
+        dev: tch::Device,
+    ) -> Result<Scored, tch::TchError> {
+        let next = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+            let x = x.f_to_device(dev)?.f_to_kind(Kind::Int64)?;
+            Tensor::f_cat(&[x.f_narrow(1, 1, t - 1)?, x.f_narrow(1, 0, 1)?.f_zeros_like()?], 1)?
+                .f_reshape([-1])
+        };
+        let (target, scored) = (next(input_ids)?, next(completion_mask)?);
+        let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
+        Ok(Scored { target, scored, positions, t })
+    }
+
+    /// The row of each scored position.
+    fn rows(&self) -> Result<Tensor, tch::TchError> {
+        self.positions.f_div_scalar_mode(self.t, "floor")
+    }
+
+    /// Log-softmax over the vocabulary `[len, vocab]` (f32, on the head's device) at scored
+    /// positions `start..start + len` of `flat [R * T, hidden]`, and each one's target log-prob.
+    fn chunk(
+        &self,
+        model: &model_loader::CausalLm,
+        flat: &Tensor,
+        start: i64,
+        len: i64,
+    ) -> Result<(Tensor, Tensor), model_loader::Error> {
+        let idx = self.positions.f_narrow(0, start, len)?;
+        let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
+        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let tgt = self.target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
+        let lp = logp.f_gather(1, &tgt.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+        Ok((logp, lp))
+    }
+}
+
 /// The log-probs TRL's DPOTrainer sums: for each row of `input_ids [R, T]`, position `t`
 /// scores token `t + 1` where `completion_mask[r, t + 1]` is 1 (prompt and padding score
 /// nothing), from the last hidden states `h [R, T, hidden]` through the model's final norm and
@@ -296,27 +349,16 @@ pub fn sequence_logps(
         };
         let dev = h.device();
         let flat = h.f_reshape([r * t, hidden])?;
-        let next = |x: &Tensor| -> Result<Tensor, tch::TchError> {
-            let x = x.f_to_device(dev)?.f_to_kind(Kind::Int64)?;
-            Tensor::f_cat(&[x.f_narrow(1, 1, t - 1)?, x.f_narrow(1, 0, 1)?.f_zeros_like()?], 1)?
-                .f_reshape([-1])
-        };
-        let (target, scored) = (next(input_ids)?, next(completion_mask)?);
-        let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
-        let n = positions.size()[0];
-        let row_of = positions.f_div_scalar_mode(t, "floor")?;
-        let vocab = model.vocab_size().max(1);
-        let max_rows = (chunk_bytes / (4 * vocab)).max(1);
+        let s = Scored::new(input_ids, completion_mask, t, dev)?;
+        let (n, row_of) = (s.positions.size()[0], s.rows()?);
+        let max_rows = (chunk_bytes / (4 * model.vocab_size().max(1))).max(1);
         let mut sums = Tensor::f_zeros([r], (Kind::Float, dev))?;
         let mut wpo = Tensor::f_zeros([r], (Kind::Float, dev))?;
         let mut start = 0;
         while start < n {
             let len = max_rows.min(n - start);
-            let idx = positions.f_narrow(0, start, len)?;
-            let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
-            let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
-            let tgt = target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
-            let lp = logp.f_gather(1, &tgt.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_to_device(dev)?;
+            let (logp, lp) = s.chunk(model, &flat, start, len)?;
+            let lp = lp.f_to_device(dev)?;
             let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
             let rows = row_of.f_narrow(0, start, len)?;
             let _ = sums.f_index_add_(0, &rows, &lp)?;
@@ -326,7 +368,8 @@ pub fn sequence_logps(
         // TRL counts completion tokens on the unshifted mask, at least 1.
         let mask = completion_mask.f_to_device(dev)?.f_to_kind(Kind::Float)?;
         let tokens = mask.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?.f_clamp_min(1.0)?;
-        let scored_per_row = scored
+        let scored_per_row = s
+            .scored
             .f_reshape([r, t])?
             .f_to_kind(Kind::Float)?
             .f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?
@@ -480,24 +523,14 @@ fn head_backward(
     let dev = h.device();
     let leaf = h.f_detach()?.set_requires_grad(true);
     let flat = leaf.f_reshape([r * t, hidden])?;
-    let next = |x: &Tensor| -> Result<Tensor, tch::TchError> {
-        let x = x.f_to_device(dev)?.f_to_kind(Kind::Int64)?;
-        Tensor::f_cat(&[x.f_narrow(1, 1, t - 1)?, x.f_narrow(1, 0, 1)?.f_zeros_like()?], 1)?.f_reshape([-1])
-    };
-    let (target, scored) = (next(input_ids)?, next(completion_mask)?);
-    let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
-    let n = positions.size()[0];
-    let coeff =
-        per_sequence.f_to_device(dev)?.f_index_select(0, &positions.f_div_scalar_mode(t, "floor")?)?;
+    let s = Scored::new(input_ids, completion_mask, t, dev)?;
+    let n = s.positions.size()[0];
+    let coeff = per_sequence.f_to_device(dev)?.f_index_select(0, &s.rows()?)?;
     let max_rows = (super::HEAD_CHUNK_BYTES / (4 * model.vocab_size().max(1))).max(1);
     let mut start = 0;
     while start < n {
         let len = max_rows.min(n - start);
-        let idx = positions.f_narrow(0, start, len)?;
-        let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
-        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
-        let tgt = target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
-        let lp = logp.f_gather(1, &tgt.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+        let (_, lp) = s.chunk(model, &flat, start, len)?;
         let c = coeff.f_narrow(0, start, len)?.f_to_device(lp.device())?;
         lp.f_mul(&c)?.f_sum(Kind::Float)?.f_backward()?;
         start += len;
