@@ -1,4 +1,5 @@
-"""Dump the argument fields of the pinned TRL (ModelConfig, ScriptArguments, SFTConfig) as JSON.
+"""Dump the argument fields of the pinned TRL (ModelConfig, ScriptArguments, SFTConfig, DPOConfig)
+as JSON.
 
 nibble's config crate embeds the output to know every key TRL accepts, its default and its
 choices; tests compare nibble's typed defaults and enums against it.
@@ -14,7 +15,7 @@ import typing
 
 import transformers
 import trl
-from trl import ModelConfig, ScriptArguments, SFTConfig
+from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig
 
 
 def kind_of(tp) -> str:
@@ -88,6 +89,7 @@ print(
                 "model": dump(ModelConfig),
                 "data": dump(ScriptArguments),
                 "training": dump(SFTConfig),
+                "dpo": dump(DPOConfig),
             },
         },
         indent=1,

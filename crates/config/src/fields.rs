@@ -49,6 +49,12 @@ impl RecipeValue for PadTo {}
 impl RecipeValue for Vec<String> {
     const LIST: bool = true;
 }
+impl RecipeValue for Vec<f64> {
+    const LIST: bool = true;
+}
+impl RecipeValue for Vec<DpoLoss> {
+    const LIST: bool = true;
+}
 impl<T: RecipeValue> RecipeValue for Option<T> {
     const LIST: bool = T::LIST;
 }
@@ -67,7 +73,8 @@ plain_values!(
     LossType,
     LogLevel,
     Optim,
-    ResumeFrom
+    ResumeFrom,
+    FDivergence
 );
 
 /// Reads one key from the merged layers, recording a diagnostic instead of failing.
@@ -339,5 +346,53 @@ section! {
         loss_type: LossType = LossType::Nll, Planned;
         /// Liger kernels (Triton; no equivalent in nibble).
         use_liger_kernel: bool = false, Ignored;
+    }
+}
+
+section! {
+    /// TRL's `DPOConfig` keys beyond the training keys it shares with `SFTConfig` (read by
+    /// `sft dpo`; an SFT recipe that sets one is refused).
+    DpoArgs {
+        /// Strength of the implicit KL penalty towards the reference (IPO's tau).
+        beta: f64 = 0.1, Acted;
+        /// The loss, or several summed with `loss_weights` (a single name is a list of one).
+        loss_type: Vec<DpoLoss> = vec![DpoLoss::Sigmoid], Acted;
+        /// Weights of the `loss_type` entries (1 each when unset).
+        loss_weights: Option<Vec<f64>> = None, Acted;
+        /// Label noise assumed by `robust`, `exo_pair` and the AOT losses.
+        label_smoothing: f64 = 0.0, Acted;
+        /// LD-DPO: weight of the longer completion's tokens past the shorter one's length.
+        ld_alpha: Option<f64> = None, Planned;
+        /// WPO: weigh each pair by its sequences' probability under the policy.
+        use_weighting: bool = false, Acted;
+        /// f-DPO: the divergence the log-ratios go through.
+        f_divergence_type: FDivergence = FDivergence::ReverseKl, Acted;
+        /// The alpha of `alpha_divergence`.
+        f_alpha_divergence_coef: f64 = 0.5, Acted;
+        /// DiscoPOP's temperature.
+        discopop_tau: f64 = 0.05, Acted;
+        /// Compute the reference log-probs once over the dataset before training.
+        precompute_ref_log_probs: bool = false, Acted;
+        /// Batch size of that pass (default: the train / eval batch size).
+        precompute_ref_batch_size: Option<i64> = None, Acted;
+        /// Turn dropout off in the policy (and so in the reference).
+        disable_dropout: bool = true, Acted;
+        /// TR-DPO: move the reference towards the policy during training.
+        sync_ref_model: bool = false, Acted;
+        /// TR-DPO's mixing weight.
+        ref_model_mixup_alpha: f64 = 0.6, Ignored;
+        /// TR-DPO's sync interval in steps.
+        ref_model_sync_steps: i64 = 512, Ignored;
+    }
+}
+
+impl TrainingArgs {
+    /// The training keys' defaults as `trainer`'s TRL config class has them (DPOConfig lowers
+    /// the learning rate).
+    pub fn defaults_for(trainer: Trainer) -> Self {
+        match trainer {
+            Trainer::Sft => Self::default(),
+            Trainer::Dpo => Self { learning_rate: 1e-6, ..Self::default() },
+        }
     }
 }

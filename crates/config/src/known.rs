@@ -1,12 +1,14 @@
 //! Every key the pinned TRL accepts, from `trl_fields.json` (made by scripts/dump_trl_fields.py),
-//! and the typed keys nibble adds; used to tell a valid-but-untyped key from a typo.
+//! and the typed keys nibble adds; used to tell a valid-but-untyped key from a typo, and a key of
+//! the other trainer (`beta` in an SFT recipe, `packing` in a DPO one) from both.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-use crate::fields::{DataArgs, Field, ModelArgs, TrainingArgs};
+use crate::fields::{DataArgs, DpoArgs, Field, ModelArgs, TrainingArgs};
+use crate::types::Trainer;
 
 /// One TRL argument as the dump script recorded it.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,14 +30,27 @@ pub struct TrlFields {
     pub trl: String,
     /// transformers version the dump was made with.
     pub transformers: String,
-    /// Fields by group: `model`, `data`, `training`.
+    /// Fields by group: `model` (ModelConfig), `data` (ScriptArguments), `training` (SFTConfig),
+    /// `dpo` (DPOConfig).
     pub groups: BTreeMap<String, Vec<TrlField>>,
 }
 
 impl TrlFields {
-    /// Look a key up in any group.
+    /// Look a key up among those an SFT recipe takes.
     pub fn get(&self, name: &str) -> Option<&TrlField> {
-        self.groups.values().flatten().find(|f| f.name == name)
+        self.get_for(Trainer::Sft, name)
+    }
+
+    /// Look a key up among those `trainer` reads: ModelConfig's, ScriptArguments' and its own
+    /// config class's.
+    pub fn get_for(&self, trainer: Trainer, name: &str) -> Option<&TrlField> {
+        self.in_group(trainer.group(), name)
+            .or_else(|| self.in_group("model", name))
+            .or_else(|| self.in_group("data", name))
+    }
+
+    fn in_group(&self, group: &str, name: &str) -> Option<&TrlField> {
+        self.groups.get(group).and_then(|g| g.iter().find(|f| f.name == name))
     }
 }
 
@@ -48,23 +63,57 @@ pub fn trl_fields() -> &'static TrlFields {
     })
 }
 
-/// All typed fields of the three sections.
-pub fn typed_fields() -> impl Iterator<Item = &'static Field> {
-    ModelArgs::FIELDS.iter().chain(DataArgs::FIELDS).chain(TrainingArgs::FIELDS)
+/// The typed fields `trainer` reads: model, data and training keys, and for DPO its own keys
+/// in place of SFTConfig's own (DPO's `loss_type` is its list of losses).
+pub fn typed_fields(trainer: Trainer) -> impl Iterator<Item = &'static Field> {
+    let own: &'static [Field] = match trainer {
+        Trainer::Sft => &[],
+        Trainer::Dpo => DpoArgs::FIELDS,
+    };
+    ModelArgs::FIELDS
+        .iter()
+        .chain(DataArgs::FIELDS)
+        .chain(own)
+        .chain(TrainingArgs::FIELDS.iter().filter(move |f| reads_training_key(trainer, f.name)))
 }
 
-/// The typed field of this name.
-pub fn typed(name: &str) -> Option<&'static Field> {
-    typed_fields().find(|f| f.name == name)
+/// Whether `trainer` reads this key of [`TrainingArgs`]: SFT all of them; DPO those DPOConfig
+/// shares with SFTConfig, and nibble's own.
+pub(crate) fn reads_training_key(trainer: Trainer, name: &str) -> bool {
+    match trainer {
+        Trainer::Sft => true,
+        Trainer::Dpo => {
+            let t = trl_fields();
+            t.in_group("dpo", name).is_some() && name != "loss_type" || t.in_group("training", name).is_none()
+        }
+    }
+}
+
+/// The typed field of this name that `trainer` reads.
+pub fn typed(trainer: Trainer, name: &str) -> Option<&'static Field> {
+    typed_fields(trainer).find(|f| f.name == name)
 }
 
 /// A TRL key that nibble does not type: accepted, carried in `Recipe::extra`, and reported as
 /// not acted on.
-pub fn passthrough(name: &str) -> Option<&'static TrlField> {
-    if typed(name).is_some() {
+pub fn passthrough(trainer: Trainer, name: &str) -> Option<&'static TrlField> {
+    if typed(trainer, name).is_some()
+        || typed_fields(Trainer::Sft).chain(DpoArgs::FIELDS).any(|f| f.name == name)
+    {
         return None;
     }
-    trl_fields().get(name)
+    trl_fields().get_for(trainer, name)
+}
+
+/// The other trainer that reads a key `trainer` does not (`beta` is DPO's; `packing` SFT's).
+pub fn other_trainer(trainer: Trainer, name: &str) -> Option<Trainer> {
+    if typed(trainer, name).is_some() || passthrough(trainer, name).is_some() {
+        return None;
+    }
+    Trainer::VALUES
+        .iter()
+        .copied()
+        .find(|&t| t != trainer && (typed(t, name).is_some() || passthrough(t, name).is_some()))
 }
 
 /// Whether a JSON value fits a reduced TRL kind.

@@ -11,6 +11,7 @@ use serde_json::Value as J;
 use crate::diag::{Diagnostic, Kind, Origin, Source};
 use crate::known;
 use crate::spans::{Position, SpanIndex};
+use crate::types::Trainer;
 use crate::yaml;
 
 /// Environment variables with the `NIBBLE_` prefix that configure tooling, not the recipe
@@ -139,7 +140,7 @@ impl Layer {
     }
 
     /// The `NIBBLE_*` environment layer (reserved tooling variables excluded).
-    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+    pub fn from_env(trainer: Trainer, vars: impl IntoIterator<Item = (String, String)>) -> Self {
         let mut layer = Layer::new(Source::Env);
         for (var, raw) in vars {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
@@ -147,7 +148,7 @@ impl Layer {
                 continue;
             }
             let key = rest.to_ascii_lowercase();
-            let value = parse_cli_value(&key, &raw);
+            let value = parse_cli_value(trainer, &key, &raw);
             layer.raw.insert(key.clone(), raw);
             layer.insert(key, value, Origin::Env { var });
         }
@@ -155,7 +156,11 @@ impl Layer {
     }
 
     /// The command-line layer from `--key value` / `--key=value` pairs (already split).
-    pub fn from_cli(pairs: Vec<(String, Option<String>)>, diags: &mut Vec<Diagnostic>) -> Self {
+    pub fn from_cli(
+        trainer: Trainer,
+        pairs: Vec<(String, Option<String>)>,
+        diags: &mut Vec<Diagnostic>,
+    ) -> Self {
         let mut layer = Layer::new(Source::Cli);
         for (flag, raw) in pairs {
             let key = flag.trim_start_matches('-').replace('-', "_");
@@ -170,7 +175,7 @@ impl Layer {
             }
             // A bare `--flag` means true, as TRL's parser takes boolean flags.
             let raw = raw.unwrap_or_else(|| "true".to_owned());
-            let value = parse_cli_value(&key, &raw);
+            let value = parse_cli_value(trainer, &key, &raw);
             layer.raw.insert(key.clone(), raw);
             layer.insert(key, value, Origin::Cli { flag });
         }
@@ -228,15 +233,17 @@ fn read_env_map(
 }
 
 /// Parse a command-line or environment value: a YAML scalar or flow collection, or for list
-/// keys a comma list.
-pub(crate) fn parse_cli_value(key: &str, raw: &str) -> J {
-    let list = known::typed(key).map(|f| f.list).unwrap_or(false)
-        || known::passthrough(key).is_some_and(|f| f.kind == "list");
+/// keys a comma list (of scalars: `--loss_weights 0.8,0.2` is two numbers).
+pub(crate) fn parse_cli_value(trainer: Trainer, key: &str, raw: &str) -> J {
+    let list = known::typed(trainer, key).map(|f| f.list).unwrap_or(false)
+        || known::passthrough(trainer, key).is_some_and(|f| f.kind == "list");
     let t = raw.trim();
     if list && !t.starts_with('[') && t.contains(',') {
-        return J::Array(
-            t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| J::String(s.into())).collect(),
-        );
+        let scalar = |s: &str| match yaml::parse(s) {
+            Ok(v @ (J::Number(_) | J::Bool(_))) => v,
+            _ => J::String(s.into()),
+        };
+        return J::Array(t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(scalar).collect());
     }
     yaml::parse(t).unwrap_or_else(|_| J::String(raw.to_owned()))
 }

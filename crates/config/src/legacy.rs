@@ -5,6 +5,7 @@ use serde_json::{Value as J, json};
 
 use crate::diag::{Diagnostic, Kind};
 use crate::layers::{Layer, Warning};
+use crate::types::Trainer;
 
 /// Plain renames: old key, current key.
 pub const RENAMES: &[(&str, &str)] = &[
@@ -28,16 +29,44 @@ pub const OBSOLETE: &[(&str, &str)] = &[
     ("push_to_hub_revision", "nibble does not push to the hub"),
 ];
 
+/// DPOConfig keys of older TRL releases that TRL 1.16 removed, and what nibble makes of each.
+pub const OBSOLETE_DPO: &[(&str, &str)] = &[
+    (
+        "max_prompt_length",
+        "TRL 1.16 removed it: a pair is truncated only by max_length (prompt and completion together, as truncation_mode says)",
+    ),
+    ("max_completion_length", "TRL 1.16 removed it: a pair is truncated only by max_length"),
+    ("max_target_length", "TRL removed it: a pair is truncated only by max_length"),
+    ("is_encoder_decoder", "TRL 1.16 removed it; nibble trains decoder-only models"),
+    ("generate_during_eval", "TRL 1.16 removed it; nibble does not generate during evaluation"),
+    ("force_use_ref_model", "TRL 1.16 removed it; the reference is the base with the adapter off"),
+    ("model_adapter_name", "TRL 1.16 removed it; the reference is the base with the adapter off"),
+    ("ref_adapter_name", "TRL 1.16 removed it; the reference is the base with the adapter off"),
+    ("ref_model_init_kwargs", "TRL 1.16 removed it; the reference is the policy's own base"),
+    ("padding_value", "TRL 1.16 removed it; the pad token pads"),
+    ("label_pad_token_id", "TRL 1.16 removed it; prompt and padding never enter the loss"),
+    ("use_logits_to_keep", "TRL 1.16 removed it; nibble computes only the completions' logits anyway"),
+    ("use_num_logits_to_keep", "TRL removed it; nibble computes only the completions' logits anyway"),
+    ("tools", "TRL 1.16 removed it from DPOConfig; put tools in the dataset rows"),
+];
+
 /// Every old spelling this module understands (for "did you mean" and docs).
 pub fn old_names() -> impl Iterator<Item = &'static str> {
-    RENAMES.iter().map(|(o, _)| *o).chain(OBSOLETE.iter().map(|(o, _)| *o)).chain([
-        "dataset_mixer",
-        "dataset_splits",
-        "dataset_configs",
-        "use_flash_attention_2",
-        "warmup_ratio",
-        "truncation_side",
-    ])
+    RENAMES
+        .iter()
+        .map(|(o, _)| *o)
+        .chain(OBSOLETE.iter().map(|(o, _)| *o))
+        .chain([
+            "dataset_mixer",
+            "dataset_splits",
+            "dataset_configs",
+            "use_flash_attention_2",
+            "warmup_ratio",
+            "truncation_side",
+            "rpo_alpha",
+            "reference_free",
+        ])
+        .chain(OBSOLETE_DPO.iter().map(|(o, _)| *o))
 }
 
 struct Tx<'a> {
@@ -81,8 +110,16 @@ impl Tx<'_> {
 }
 
 /// Rewrite a layer's old keys in place.
-pub(crate) fn translate(layer: &mut Layer, diags: &mut Vec<Diagnostic>, warnings: &mut Vec<Warning>) {
+pub(crate) fn translate(
+    layer: &mut Layer,
+    trainer: Trainer,
+    diags: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Warning>,
+) {
     let mut tx = Tx { layer, diags, warnings };
+    if trainer == Trainer::Dpo {
+        translate_dpo(&mut tx);
+    }
 
     for (old, new) in RENAMES {
         if let Some(v) = tx.layer.values.remove(*old) {
@@ -145,6 +182,68 @@ pub(crate) fn translate(layer: &mut Layer, diags: &mut Vec<Diagnostic>, warnings
     }
 
     translate_mixer(&mut tx);
+}
+
+/// DPOConfig's older keys: a single `loss_type` is a list of one (as DPOConfig reads it),
+/// `rpo_alpha: a` is the `sft` loss added with weight `a` (TRL 1.16's spelling of RPO), removed
+/// keys are announced, and `reference_free: true` is refused.
+fn translate_dpo(tx: &mut Tx<'_>) {
+    if let Some(J::String(one)) = tx.layer.values.get("loss_type") {
+        let list = json!([one]);
+        tx.layer.values.insert("loss_type".into(), list);
+    }
+    for (old, why) in OBSOLETE_DPO {
+        if tx.layer.values.remove(*old).is_some() {
+            tx.warn(old, format!("ignored: {why}"));
+        }
+    }
+    match tx.layer.values.remove("reference_free") {
+        None | Some(J::Null) | Some(J::Bool(false)) => {}
+        Some(J::Bool(true)) => tx.error(
+            Kind::Conflict,
+            "reference_free",
+            "TRL 1.16 removed reference-free DPO and nibble does not train it: the reference is the \
+             base model with the adapter off"
+                .into(),
+        ),
+        Some(other) => {
+            tx.error(Kind::WrongType, "reference_free", format!("expected a boolean, found {other}"))
+        }
+    }
+    let Some(alpha) = tx.layer.values.remove("rpo_alpha") else { return };
+    let a = match alpha {
+        J::Null => return,
+        J::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        other => {
+            tx.error(Kind::WrongType, "rpo_alpha", format!("expected a number, found {other}"));
+            return;
+        }
+    };
+    let mut losses = match tx.layer.values.get("loss_type") {
+        Some(J::Array(l)) => l.clone(),
+        _ => vec![json!("sigmoid")],
+    };
+    if losses.iter().any(|l| l == "sft") {
+        tx.error(
+            Kind::Conflict,
+            "rpo_alpha",
+            "older spelling of the `sft` loss, which loss_type already has; keep only loss_type".into(),
+        );
+        return;
+    }
+    let mut weights = match tx.layer.values.get("loss_weights") {
+        Some(J::Array(w)) => w.clone(),
+        _ => vec![json!(1.0); losses.len()],
+    };
+    losses.push(json!("sft"));
+    weights.push(json!(a));
+    let origin = tx.layer.origin_of("rpo_alpha");
+    let (l, w) = (J::Array(losses), J::Array(weights));
+    tx.warn("rpo_alpha", format!("older spelling of RPO, read as `loss_type: {l}` with `loss_weights: {w}`"));
+    for (k, v) in [("loss_type", l), ("loss_weights", w)] {
+        tx.layer.origins.entry(k.into()).or_insert_with(|| origin.clone());
+        tx.layer.values.insert(k.into(), v);
+    }
 }
 
 /// `dataset_mixer: {id: fraction}` + `dataset_splits` + `dataset_configs` (handbook < 2025) to

@@ -32,23 +32,28 @@ use serde::Serialize;
 use serde_json::Value as J;
 
 pub use diag::{Diagnostic, Error, Kind, Origin, Source};
-pub use fields::{DataArgs, Field, ModelArgs, Support, TrainingArgs};
+pub use fields::{DataArgs, DpoArgs, Field, ModelArgs, Support, TrainingArgs};
 pub use known::{TrlField, TrlFields, trl_fields};
 pub use layers::{ENV_PREFIX, RESERVED_ENV, Warning};
 pub use legacy::{OBSOLETE, RENAMES};
 pub use spans::{Position, SpanIndex};
+pub use types::Trainer;
 
 use layers::{FigmentLayer, Layer};
 
 /// The validated plan: every key resolved, with where its value came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
+    /// Which trainer the recipe is for (`sft train` or `sft dpo`): its keys and defaults.
+    pub trainer: Trainer,
     /// What to load and how to adapt it.
     pub model: ModelArgs,
     /// What to train on.
     pub data: DataArgs,
     /// How to train.
     pub training: TrainingArgs,
+    /// DPOConfig's own keys, for a DPO recipe.
+    pub dpo: Option<DpoArgs>,
     /// The recipe's `env:` map, to export before anything else runs.
     pub env: BTreeMap<String, String>,
     /// TRL keys that nibble accepts but does not type (all of them are reported as not acted on).
@@ -73,21 +78,36 @@ impl Recipe {
 
     /// The plan as `--print-config` prints it: sections, env, extra keys and sources.
     pub fn to_json(&self) -> J {
-        serde_json::json!({
+        let mut j = serde_json::json!({
+            "trainer": self.trainer,
             "model": self.model,
             "data": self.data,
-            "training": self.training,
+            "training": self.training_keys(),
             "env": self.env,
             "extra": self.extra,
             "sources": self.sources,
-        })
+        });
+        if let Some(dpo) = &self.dpo {
+            j["dpo"] = serde_json::to_value(dpo).unwrap_or(J::Null);
+        }
+        j
     }
 
-    /// The plan as a flat recipe YAML that loads back into the same plan.
+    /// The training keys this recipe's trainer reads (a DPO recipe has no `packing`).
+    fn training_keys(&self) -> BTreeMap<String, J> {
+        let mut t = flatten(&self.training);
+        t.retain(|k, _| known::reads_training_key(self.trainer, k));
+        t
+    }
+
+    /// The plan as a flat recipe YAML that loads back into the same plan (by the same trainer).
     pub fn to_yaml(&self) -> String {
         let mut flat = flatten(&self.model);
         flat.extend(flatten(&self.data));
-        flat.extend(flatten(&self.training));
+        flat.extend(self.training_keys());
+        if let Some(dpo) = &self.dpo {
+            flat.extend(flatten(dpo));
+        }
         flat.extend(self.extra.clone());
         if !self.env.is_empty() {
             flat.insert("env".into(), serde_json::to_value(&self.env).unwrap_or(J::Null));
@@ -106,6 +126,7 @@ fn flatten(section: &impl Serialize) -> BTreeMap<String, J> {
 /// Builds a [`Recipe`] from its layers; everything is read at [`Loader::load`].
 #[derive(Debug, Default, Clone)]
 pub struct Loader {
+    trainer: Trainer,
     file: Option<(PathBuf, Option<String>)>,
     env: Vec<(String, String)>,
     cli: Vec<(String, Option<String>)>,
@@ -115,6 +136,12 @@ impl Loader {
     /// An empty loader: defaults only.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Read the recipe as `trainer`'s (SFT unless said): its keys, its defaults.
+    pub fn trainer(mut self, trainer: Trainer) -> Self {
+        self.trainer = trainer;
+        self
     }
 
     /// Read the recipe from this YAML file.
@@ -157,9 +184,15 @@ impl Loader {
         let mut diags = Vec::new();
         let mut warnings = Vec::new();
 
+        let trainer = self.trainer;
         let mut defaults = flatten(&ModelArgs::default());
         defaults.extend(flatten(&DataArgs::default()));
-        defaults.extend(flatten(&TrainingArgs::default()));
+        let mut training = flatten(&TrainingArgs::defaults_for(trainer));
+        training.retain(|k, _| known::reads_training_key(trainer, k));
+        defaults.extend(training);
+        if trainer == Trainer::Dpo {
+            defaults.extend(flatten(&DpoArgs::default()));
+        }
         let mut layers = vec![Layer::defaults(defaults)];
 
         let mut env_map = BTreeMap::new();
@@ -177,38 +210,50 @@ impl Loader {
         if diags.iter().any(|d| d.kind == Kind::Syntax) {
             return Err(Error::Invalid(diags));
         }
-        layers.push(Layer::from_env(self.env));
-        layers.push(Layer::from_cli(self.cli, &mut diags));
+        layers.push(Layer::from_env(trainer, self.env));
+        layers.push(Layer::from_cli(trainer, self.cli, &mut diags));
 
         for layer in layers.iter_mut().skip(1) {
-            legacy::translate(layer, &mut diags, &mut warnings);
-            reject_unknown(layer, &mut diags);
+            legacy::translate(layer, trainer, &mut diags, &mut warnings);
+            reject_unknown(layer, trainer, &mut diags);
         }
 
         let figment = layers.iter().fold(Figment::new(), |f, l| f.merge(FigmentLayer(l)));
-        let mut x =
-            Extractor { figment: &figment, layers: &layers, diags: &mut diags, failed: BTreeSet::new() };
+        let mut x = Extractor {
+            figment: &figment,
+            layers: &layers,
+            diags: &mut diags,
+            failed: BTreeSet::new(),
+            skip: BTreeSet::new(),
+        };
         let model = ModelArgs::extract(&mut x);
         let data = DataArgs::extract(&mut x);
+        let dpo = (trainer == Trainer::Dpo).then(|| DpoArgs::extract(&mut x));
+        // Training keys the trainer does not read keep their defaults (DPO's `loss_type` is its own).
+        x.skip = TrainingArgs::FIELDS
+            .iter()
+            .map(|f| f.name)
+            .filter(|k| !known::reads_training_key(trainer, k))
+            .collect();
         let training = TrainingArgs::extract(&mut x);
         let failed = std::mem::take(&mut x.failed);
-        let extra = extract_extra(&layers, &mut diags);
+        let extra = extract_extra(&layers, trainer, &mut diags);
 
         let (mut sources, mut origins) = (BTreeMap::new(), BTreeMap::new());
-        let keys = known::typed_fields().map(|f| f.name.to_owned()).chain(extra.keys().cloned());
+        let keys = known::typed_fields(trainer).map(|f| f.name.to_owned()).chain(extra.keys().cloned());
         for key in keys {
             let layer = winner(&layers, &key);
             sources.insert(key.clone(), layer.map_or(Source::Default, |l| l.source));
             origins.insert(key.clone(), layer.map_or(Origin::Default, |l| l.origin_of(&key)));
         }
 
-        validate::check(
-            &model,
-            &data,
-            &training,
-            &mut Reporter { layers: &layers, diags: &mut diags, failed: &failed },
-        );
-        let mut recipe = Recipe { model, data, training, env: env_map, extra, sources, origins, warnings };
+        let mut reporter = Reporter { layers: &layers, diags: &mut diags, failed: &failed };
+        validate::check(&model, &data, &training, &mut reporter);
+        if let Some(dpo) = &dpo {
+            validate::check_dpo(&model, dpo, &mut reporter);
+        }
+        let mut recipe =
+            Recipe { trainer, model, data, training, dpo, env: env_map, extra, sources, origins, warnings };
         not_acted_warning(&mut recipe, &layers);
         resolve_effective(&mut recipe);
         Ok((recipe, diags))
@@ -272,18 +317,36 @@ pub(crate) fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>)
         .unwrap_or_default()
 }
 
-fn reject_unknown(layer: &mut Layer, diags: &mut Vec<Diagnostic>) {
+fn reject_unknown(layer: &mut Layer, trainer: Trainer, diags: &mut Vec<Diagnostic>) {
     let unknown: Vec<String> = layer
         .values
         .keys()
-        .filter(|k| known::typed(k).is_none() && known::passthrough(k).is_none())
+        .filter(|k| known::typed(trainer, k).is_none() && known::passthrough(trainer, k).is_none())
         .cloned()
         .collect();
     for key in unknown {
         layer.values.remove(&key);
-        let candidates: Vec<&str> = known::typed_fields()
+        if let Some(other) = known::other_trainer(trainer, &key) {
+            diags.push(Diagnostic {
+                kind: Kind::UnknownKey,
+                origin: layer.origin_of(&key),
+                message: format!(
+                    "a {} key: `{}` does not read it (it is for `{}`)",
+                    other.config_class(),
+                    trainer.command(),
+                    other.command()
+                ),
+                key,
+            });
+            continue;
+        }
+        let candidates: Vec<&str> = known::typed_fields(trainer)
             .map(|f| f.name)
-            .chain(trl_fields().groups.values().flatten().map(|f| f.name.as_str()))
+            .chain(
+                ["model", "data", trainer.group()]
+                    .into_iter()
+                    .flat_map(|g| trl_fields().groups.get(g).into_iter().flatten().map(|f| f.name.as_str())),
+            )
             .chain(legacy::old_names())
             .collect();
         let hint = suggest(&key, candidates.into_iter());
@@ -302,10 +365,15 @@ struct Extractor<'a> {
     diags: &'a mut Vec<Diagnostic>,
     /// Keys whose value did not have the right type (their checks would only repeat that).
     failed: BTreeSet<String>,
+    /// Keys the section being extracted leaves at their defaults.
+    skip: BTreeSet<&'static str>,
 }
 
 impl fields::Extract for Extractor<'_> {
     fn get<T: serde::de::DeserializeOwned>(&mut self, key: &str, default: T) -> T {
+        if self.skip.contains(key) {
+            return default;
+        }
         let err = match self.figment.extract_inner::<T>(key) {
             Ok(v) => return v,
             Err(e) => e,
@@ -342,11 +410,11 @@ impl fields::Extract for Extractor<'_> {
     }
 }
 
-fn extract_extra(layers: &[Layer], diags: &mut Vec<Diagnostic>) -> BTreeMap<String, J> {
+fn extract_extra(layers: &[Layer], trainer: Trainer, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, J> {
     let mut extra = BTreeMap::new();
     for layer in layers.iter().skip(1) {
         for (k, v) in &layer.values {
-            let Some(f) = known::passthrough(k) else { continue };
+            let Some(f) = known::passthrough(trainer, k) else { continue };
             let mut ok = known::fits_kind(&f.kind, v);
             if let (Some(choices), Some(s)) = (&f.choices, v.as_str()) {
                 ok &= choices.iter().any(|c| c == s);
@@ -403,7 +471,7 @@ fn not_acted_warning(recipe: &mut Recipe, layers: &[Layer]) {
     let defaults = layers[0].values.clone();
     let mut planned = BTreeSet::new();
     let mut ignored = BTreeSet::new();
-    for f in known::typed_fields() {
+    for f in known::typed_fields(recipe.trainer) {
         if f.support == Support::Acted || recipe.sources.get(f.name) == Some(&Source::Default) {
             continue;
         }

@@ -32,6 +32,49 @@ macro_rules! choice {
 }
 
 choice! {
+    /// Which trainer reads the recipe: it decides the keys, their defaults and the meaning of the
+    /// keys both have (`loss_type`).
+    Trainer {
+        /// TRL's SFTTrainer (`sft train`).
+        Sft = "sft",
+        /// TRL's DPOTrainer (`sft dpo`).
+        Dpo = "dpo",
+    }
+}
+
+impl Default for Trainer {
+    fn default() -> Self {
+        Trainer::Sft
+    }
+}
+
+impl Trainer {
+    /// The TRL config class whose keys this trainer reads.
+    pub fn config_class(self) -> &'static str {
+        match self {
+            Trainer::Sft => "SFTConfig",
+            Trainer::Dpo => "DPOConfig",
+        }
+    }
+
+    /// The group of `trl_fields.json` holding that class's keys.
+    pub fn group(self) -> &'static str {
+        match self {
+            Trainer::Sft => "training",
+            Trainer::Dpo => "dpo",
+        }
+    }
+
+    /// The `sft` command that runs this trainer.
+    pub fn command(self) -> &'static str {
+        match self {
+            Trainer::Sft => "sft train",
+            Trainer::Dpo => "sft dpo",
+        }
+    }
+}
+
+choice! {
     /// How each epoch orders the training rows (`train_sampling_strategy`, transformers' set).
     SamplingStrategy {
         /// Shuffled by a generator seeded with `data_seed` (or `seed`) and the epoch.

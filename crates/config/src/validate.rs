@@ -1,7 +1,7 @@
 //! Range and consistency checks over a typed recipe; every failure becomes one diagnostic.
 
 use crate::diag::Kind;
-use crate::fields::{DataArgs, ModelArgs, TrainingArgs};
+use crate::fields::{DataArgs, DpoArgs, ModelArgs, TrainingArgs};
 use crate::types::{Interval, PadTo, ReportTo, SaveStrategy};
 
 /// Receives problems found by [`check`]: kind, dotted key path, message.
@@ -228,5 +228,64 @@ fn check_mixture(mix: &crate::types::DatasetMixture, r: &mut impl Report) {
     if let Some(s) = mix.test_split_size {
         let ok = s > 0.0 && (s < 1.0 || s.fract() == 0.0);
         range(r, "dataset_mixture.test_split_size", ok, "a fraction in (0, 1) or a whole row count", s);
+    }
+}
+
+/// DPOConfig's own keys; how the losses combine is checked where the objective is built.
+pub(crate) fn check_dpo(m: &ModelArgs, d: &DpoArgs, r: &mut impl Report) {
+    range(r, "beta", d.beta.is_finite() && d.beta > 0.0, "a finite number greater than 0", d.beta);
+    if d.loss_type.is_empty() {
+        r.report(Kind::OutOfRange, "loss_type", "must name at least one loss".into());
+    }
+    if let Some(w) = &d.loss_weights {
+        if w.len() != d.loss_type.len() {
+            r.report(
+                Kind::Conflict,
+                "loss_weights",
+                format!(
+                    "has {} weights for {} loss types; give one per loss_type entry",
+                    w.len(),
+                    d.loss_type.len()
+                ),
+            );
+        }
+        if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
+            r.report(Kind::OutOfRange, "loss_weights", format!("must be finite numbers, got {bad}"));
+        }
+    }
+    let ls = d.label_smoothing;
+    range(r, "label_smoothing", (0.0..0.5).contains(&ls), "in [0, 0.5)", ls);
+    if let Some(a) = d.ld_alpha {
+        range(r, "ld_alpha", (0.0..=1.0).contains(&a), "in [0, 1]", a);
+    }
+    let c = d.f_alpha_divergence_coef;
+    range(r, "f_alpha_divergence_coef", c.is_finite(), "a finite number", c);
+    range(
+        r,
+        "discopop_tau",
+        d.discopop_tau.is_finite() && d.discopop_tau > 0.0,
+        "greater than 0",
+        d.discopop_tau,
+    );
+    if let Some(b) = d.precompute_ref_batch_size {
+        range(r, "precompute_ref_batch_size", b >= 1, "at least 1", b);
+    }
+    if d.sync_ref_model {
+        r.report(
+            Kind::Conflict,
+            "sync_ref_model",
+            "TR-DPO moves a separate reference model; with a LoRA adapter the reference is the base with \
+             the adapter off (TRL refuses it with PEFT too); set sync_ref_model: false"
+                .into(),
+        );
+    }
+    if !m.use_peft {
+        r.report(
+            Kind::Conflict,
+            "use_peft",
+            "DPO in nibble trains a LoRA adapter (the reference is the base with the adapter off, no \
+             second copy of the model); set use_peft: true"
+                .into(),
+        );
     }
 }

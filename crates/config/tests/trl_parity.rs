@@ -136,3 +136,44 @@ fn embedded_dump_matches_the_installed_trl() {
         "crates/config/src/trl_fields.json is stale; regenerate with\n  \"$NIBBLE_PYTHON\" scripts/dump_trl_fields.py > crates/config/src/trl_fields.json"
     );
 }
+
+#[test]
+fn dpo_keys_and_defaults_equal_dpoconfig() {
+    use config::{DpoArgs, Trainer};
+    let trl = trl_fields();
+    let dpo: BTreeSet<&str> = trl.groups["dpo"].iter().map(|f| f.name.as_str()).collect();
+    let mut defaults = match serde_json::to_value(TrainingArgs::defaults_for(Trainer::Dpo)) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => unreachable!("a section serializes to an object"),
+    };
+    defaults.retain(|k, _| dpo.contains(k.as_str()) && k != "loss_type");
+    if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(DpoArgs::default()) {
+        defaults.extend(m);
+    }
+    for f in DpoArgs::FIELDS {
+        assert!(dpo.contains(f.name), "{} is not in DPOConfig", f.name);
+    }
+    let mut checked = 0;
+    for (name, ours) in &defaults {
+        let field =
+            trl.get_for(Trainer::Dpo, name).unwrap_or_else(|| panic!("`{name}` is not a DPOConfig field"));
+        let same = match (ours, &field.default) {
+            (serde_json::Value::Number(a), serde_json::Value::Number(b)) => a.as_f64() == b.as_f64(),
+            (a, b) => a == b,
+        };
+        assert!(same, "DPO default of `{name}`: nibble {ours}, TRL {}", field.default);
+        checked += 1;
+    }
+    assert!(checked > 70, "only {checked} keys compared");
+    // Every DPOConfig key reads in a DPO recipe (typed, or accepted and reported).
+    for name in dpo {
+        let r = config::Loader::new()
+            .trainer(Trainer::Dpo)
+            .yaml("r.yaml", format!("model_name_or_path: m\ndataset_name: d\nuse_peft: true\n{name}: null\n"))
+            .load();
+        assert!(
+            r.err().is_none_or(|e| !e.diagnostics().iter().any(|d| d.kind == config::Kind::UnknownKey)),
+            "DPOConfig's `{name}` is refused in a DPO recipe"
+        );
+    }
+}
