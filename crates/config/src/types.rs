@@ -34,17 +34,13 @@ macro_rules! choice {
 choice! {
     /// Which trainer reads the recipe: it decides the keys, their defaults and the meaning of the
     /// keys both have (`loss_type`).
+    #[derive(Default)]
     Trainer {
         /// TRL's SFTTrainer (`sft train`).
+        #[default]
         Sft = "sft",
         /// TRL's DPOTrainer (`sft dpo`).
         Dpo = "dpo",
-    }
-}
-
-impl Default for Trainer {
-    fn default() -> Self {
-        Trainer::Sft
     }
 }
 

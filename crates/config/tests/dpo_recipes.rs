@@ -75,10 +75,10 @@ fn dpo_defaults_are_dpoconfig_defaults() {
 #[test]
 fn loss_type_is_a_list_for_dpo_a_name_for_sft() {
     let r = dpo(&format!("{MINIMAL}loss_type: ipo\n")).expect("a single name is a list of one");
-    assert_eq!(r.dpo.unwrap().loss_type, vec![DpoLoss::Ipo]);
+    assert_eq!(r.dpo.expect("DPO keys").loss_type, vec![DpoLoss::Ipo]);
     let r = dpo(&format!("{MINIMAL}loss_type: [sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1.0]\n"))
         .expect("MPO's combination");
-    let d = r.dpo.unwrap();
+    let d = r.dpo.expect("DPO keys");
     assert_eq!(d.loss_type, vec![DpoLoss::Sigmoid, DpoLoss::BcoPair, DpoLoss::Sft]);
     assert_eq!(d.loss_weights, Some(vec![0.8, 0.2, 1.0]));
     // From the command line: comma lists, numbers as numbers.
@@ -90,7 +90,7 @@ fn loss_type_is_a_list_for_dpo_a_name_for_sft() {
     ])
     .expect("flags");
     let r = Loader::new().trainer(Trainer::Dpo).yaml("dpo.yaml", MINIMAL).cli(pairs).load().expect("loads");
-    let d = r.dpo.unwrap();
+    let d = r.dpo.expect("DPO keys");
     assert_eq!(d.loss_type, vec![DpoLoss::Sigmoid, DpoLoss::Sft]);
     assert_eq!(d.loss_weights, Some(vec![1.0, 0.5]));
     // An unknown loss names the nearest one and the supported set.
@@ -105,7 +105,7 @@ fn loss_type_is_a_list_for_dpo_a_name_for_sft() {
 #[test]
 fn rpo_alpha_reads_as_the_sft_loss() {
     let r = dpo(&format!("{MINIMAL}rpo_alpha: 0.5\n")).expect("older RPO spelling");
-    let d = r.dpo.unwrap();
+    let d = r.dpo.expect("DPO keys");
     assert_eq!(d.loss_type, vec![DpoLoss::Sigmoid, DpoLoss::Sft]);
     assert_eq!(d.loss_weights, Some(vec![1.0, 0.5]));
     assert!(r.warnings.iter().any(|w| w.key == "rpo_alpha"));
