@@ -116,7 +116,9 @@ pub fn preference_row(v: &Value) -> Result<PreferenceRow, String> {
     };
     let (chosen, rejected) = (side(get("chosen")?, "chosen")?, side(get("rejected")?, "rejected")?);
     let (prompt, chosen, rejected) = match obj.get("prompt") {
-        Some(p) => {
+        // A null prompt is a row without one in a file whose other rows have one (`datasets`
+        // fills the column with null): extracted, where TRL fails on it.
+        Some(p) if !p.is_null() => {
             let prompt = side(p, "prompt")?;
             let same = matches!(
                 (&prompt, &chosen, &rejected),
@@ -130,7 +132,7 @@ pub fn preference_row(v: &Value) -> Result<PreferenceRow, String> {
             }
             (prompt, chosen, rejected)
         }
-        None => extract_prompt(&chosen, &rejected)?,
+        _ => extract_prompt(&chosen, &rejected)?,
     };
     let template_kwargs = match obj.get("chat_template_kwargs") {
         None => None,
@@ -224,6 +226,23 @@ pub fn prepare_preferences(
         kept.push(ids);
     }
     Ok((kept, dropped))
+}
+
+/// [`prepare_preferences`] over loaded rows: an error names the file and row the bad row came from.
+pub fn prepare_preference_rows(
+    rows: &crate::mixture::Rows,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+) -> Result<(Vec<PreferenceIds>, usize), Error> {
+    prepare_preferences(&rows.values, tok, template, max_length, mode).map_err(|e| match e {
+        Error::Row { file: None, row, message } => match rows.origins.get(row.wrapping_sub(1)) {
+            Some(o) => Error::Row { file: Some(o.file.to_path_buf()), row: o.row, message },
+            None => Error::Row { file: None, row, message },
+        },
+        e => e,
+    })
 }
 
 /// A collated DPO batch: `rows` = 2B sequences of `len` tokens (every prompt + chosen, then every
@@ -327,6 +346,9 @@ mod tests {
         let rejected = Side::Messages(vec![m("user", "hi"), m("assistant", "go away")]);
         let (p, c, r) = extract_prompt(&chosen, &rejected).expect("split");
         assert_eq!(p, Side::Messages(vec![m("user", "hi")]));
+        // A null prompt (a mixed file's missing column) is extracted too.
+        let row = json!({"prompt": null, "chosen": "The sky is blue.", "rejected": "The sky is green."});
+        assert_eq!(preference_row(&row).expect("row").prompt, text("The sky is"));
         assert_eq!(
             (c, r),
             (Side::Messages(vec![m("assistant", "hello")]), Side::Messages(vec![m("assistant", "go away")]))

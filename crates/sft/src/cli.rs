@@ -40,6 +40,9 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Train as the recipe says (what `sft RECIPE.yaml` does)
     Train(TrainArgs),
+    /// Train a LoRA adapter with DPO on preference pairs, as TRL's DPOTrainer (DPOConfig's keys;
+    /// the reference is the base with the adapter off)
+    Dpo(TrainArgs),
     /// Train with N data-parallel ranks on this machine (Gloo on CPU), as `torchrun
     /// --nproc-per-node N --no-python sft RECIPE.yaml` does
     Launch(LaunchArgs),
@@ -266,8 +269,8 @@ fn probability(v: &str) -> Result<f64, String> {
 }
 
 /// Subcommand names: a first argument that is none of them starts the training form.
-const COMMANDS: [&str; 8] =
-    ["train", "launch", "quantize", "merge", "generate", "env", "completions", "help"];
+const COMMANDS: [&str; 9] =
+    ["train", "dpo", "launch", "quantize", "merge", "generate", "env", "completions", "help"];
 
 /// The training command's own flags (clap's); every other `--flag` is a recipe key.
 fn is_train_flag(flag: &str) -> bool {
@@ -351,12 +354,13 @@ pub(crate) fn command() -> clap::Command {
 /// Parse `args` (without the program name): clap's error (exit code 2, or 0 for `--help` and
 /// `--version`) on a bad command line.
 pub(crate) fn parse(args: Vec<String>) -> Result<Cli, clap::Error> {
-    let train_form = args.first().is_none_or(|a| !COMMANDS.contains(&a.as_str()) || a == "train");
+    let train_form =
+        args.first().is_none_or(|a| !COMMANDS.contains(&a.as_str()) || a == "train" || a == "dpo");
     let (ours, overrides) = if train_form { split_overrides(args) } else { (args, Vec::new()) };
     let matches = command().try_get_matches_from(std::iter::once("sft".to_owned()).chain(ours))?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     match &mut cli.command {
-        Some(Command::Train(t)) => t.overrides = overrides,
+        Some(Command::Train(t) | Command::Dpo(t)) => t.overrides = overrides,
         None => cli.train.overrides = overrides,
         // `sft --seed 3 quantize ...`: recipe keys belong to a training command.
         Some(_) if !overrides.is_empty() => {

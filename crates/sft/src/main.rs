@@ -31,6 +31,7 @@ mod generate;
 mod launch;
 mod place;
 mod plan;
+mod prefs;
 mod prepare;
 mod quantize;
 mod run;
@@ -77,11 +78,12 @@ fn init_logging(level: &str) {
 
 /// The recipe with config's problems beside it (see [`config::Loader::load_checked`]).
 fn load_recipe(
+    trainer: config::Trainer,
     recipe: Option<PathBuf>,
     overrides: &[String],
 ) -> Result<(config::Recipe, Vec<config::Diagnostic>), config::Error> {
     let pairs = config::split_flags(overrides)?;
-    let mut loader = config::Loader::new().env(std::env::vars()).cli(pairs);
+    let mut loader = config::Loader::new().trainer(trainer).env(std::env::vars()).cli(pairs);
     if let Some(path) = recipe {
         loader = loader.file(path);
     }
@@ -122,8 +124,8 @@ fn show_env() {
 
 /// The training command: resolve the recipe, plan the run, then train (or print the recipe or
 /// the estimate).
-fn run(args: cli::TrainArgs) -> Result<ExitCode> {
-    let (recipe, config_problems) = match load_recipe(args.recipe_file(), &args.overrides) {
+fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
+    let (recipe, config_problems) = match load_recipe(trainer, args.recipe_file(), &args.overrides) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -268,8 +270,9 @@ fn command() -> Result<ExitCode> {
         }
     };
     match cli.command {
-        None => run(cli.train),
-        Some(cli::Command::Train(t)) => run(t),
+        None => run(cli.train, config::Trainer::Sft),
+        Some(cli::Command::Train(t)) => run(t, config::Trainer::Sft),
+        Some(cli::Command::Dpo(t)) => run(t, config::Trainer::Dpo),
         Some(cli::Command::Env) => {
             show_env();
             Ok(ExitCode::SUCCESS)

@@ -18,6 +18,7 @@ use device_map::estimate::{BaseWeights, DECODER_LINEARS, RunShape};
 use model_loader::{Architecture, HfConfig, HubCache, LoadOptions, resolve_model};
 use quant::ops::{CpuMatmul, QuantizeOptions};
 use report::ReportOptions;
+use sft::train::dpo::DpoObjective;
 use sft::train::{Schedule, checkpoint};
 use tch::{Device, Kind};
 
@@ -106,6 +107,49 @@ pub(crate) struct RunPlan {
     pub resume: Option<PathBuf>,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// DPO's loss and reference, for a DPO recipe (`sft dpo`).
+    pub dpo: Option<DpoPlan>,
+}
+
+/// What a DPO run adds to the plan.
+#[derive(Debug, Clone)]
+pub(crate) struct DpoPlan {
+    /// The loss, built and checked as DPOTrainer checks it when it starts.
+    pub objective: DpoObjective,
+    /// `precompute_ref_log_probs`: the batch size of the reference pass over the dataset
+    /// (`precompute_ref_batch_size`, else `per_device_train_batch_size`).
+    pub precompute_batch_size: Option<usize>,
+    /// `disable_dropout`: the adapters' dropout stays off while training.
+    pub disable_dropout: bool,
+}
+
+impl DpoPlan {
+    /// The recipe's DPO keys as a plan, or their problems.
+    fn resolve(p: &mut Problems<'_>, recipe: &Recipe) -> Option<DpoPlan> {
+        let d = recipe.dpo.as_ref()?;
+        let weights = d.loss_weights.clone().unwrap_or_else(|| vec![1.0; d.loss_type.len()]);
+        let objective = DpoObjective {
+            beta: d.beta,
+            label_smoothing: d.label_smoothing,
+            discopop_tau: d.discopop_tau,
+            f_divergence: d.f_divergence_type,
+            alpha_coef: d.f_alpha_divergence_coef,
+            losses: d.loss_type.iter().copied().zip(weights).collect(),
+            use_weighting: d.use_weighting,
+        };
+        if let Err(e) = objective.check() {
+            p.add(Problem::Conflict, "loss_type", e);
+        }
+        if d.ld_alpha.is_some() {
+            p.add(Problem::OutOfRange, "ld_alpha", "LD-DPO is not implemented in nibble yet: unset ld_alpha");
+        }
+        let batch = d.precompute_ref_batch_size.unwrap_or(recipe.training.per_device_train_batch_size);
+        Some(DpoPlan {
+            objective,
+            precompute_batch_size: d.precompute_ref_log_probs.then(|| usize::try_from(batch).unwrap_or(1).max(1)),
+            disable_dropout: d.disable_dropout,
+        })
+    }
 }
 
 /// Problems found while planning, each pointing at its recipe key.
@@ -202,6 +246,7 @@ impl RunPlan {
             ),
         );
         let grad_accum = positive(&mut p, "gradient_accumulation_steps", t.gradient_accumulation_steps);
+        let dpo = DpoPlan::resolve(&mut p, &recipe);
         positive(&mut p, "per_device_train_batch_size", t.per_device_train_batch_size);
         let lora_r = positive(&mut p, "lora_r", m.lora_r);
         // (`chat_template` itself wins over the path, as TRL takes them.)
@@ -344,6 +389,7 @@ impl RunPlan {
             replaces_previous,
             resume,
             grad_accum,
+            dpo,
             data,
             report,
             training: TrainingPlan::from_recipe(&recipe),
@@ -404,6 +450,17 @@ impl RunPlan {
                 "init_adapter": self.lora_init_adapter,
             },
             "gradient_accumulation_steps": self.grad_accum,
+            "dpo": self.dpo.as_ref().map(|d| serde_json::json!({
+                "losses": d.objective.losses.iter().map(|(l, w)| serde_json::json!([l.as_str(), w])).collect::<Vec<_>>(),
+                "beta": d.objective.beta,
+                "reference": if d.precompute_batch_size.is_some() {
+                    "precomputed before training (the base with the adapter off)"
+                } else {
+                    "the base with the adapter off, each step"
+                },
+                "precompute_batch_size": d.precompute_batch_size,
+                "dropout": if d.disable_dropout { "off (disable_dropout)" } else { "as lora_dropout" },
+            })),
             "output_dir": self.output_dir,
             "replaces_previous_run": self.replaces_previous,
             "resume_from": self.resume,

@@ -9,10 +9,49 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lora::Adapters;
 use model_loader::CausalLm;
 use report::{EvalLog, Reporter, TrainLog};
+use sft::train::dpo::Dpo;
 use sft::train::{Checkpoint, Event, Outcome, Progress, Trainer, checkpoint};
 
 use crate::plan::{Machine, RunPlan};
-use crate::prepare;
+use crate::prefs::{self, PreferenceData};
+use crate::prepare::{self, TrainData};
+
+/// The run's data: SFT's token rows, or DPO's preference pairs.
+enum RunData {
+    Sft(TrainData),
+    Dpo(PreferenceData),
+}
+
+impl RunData {
+    /// Rows (SFT) or pairs (DPO).
+    fn len(&self) -> usize {
+        match self {
+            RunData::Sft(d) => d.len(),
+            RunData::Dpo(d) => d.len(),
+        }
+    }
+
+    fn batch_size(&self) -> usize {
+        match self {
+            RunData::Sft(d) => d.batch_size(),
+            RunData::Dpo(d) => d.batch_size(),
+        }
+    }
+
+    fn batches_per_epoch(&self) -> usize {
+        match self {
+            RunData::Sft(d) => d.batches_per_epoch(),
+            RunData::Dpo(d) => d.batches_per_epoch(),
+        }
+    }
+
+    fn batches_per_rank(&self, world: usize) -> usize {
+        match self {
+            RunData::Sft(d) => d.batches_per_rank(world),
+            RunData::Dpo(d) => d.batches_per_rank(world),
+        }
+    }
+}
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -226,7 +265,11 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     if !main {
         ranks.barrier("rank 0 to prepare the data")?;
     }
-    let data = prepare::dataset(plan.data.as_ref().context("a training plan has a data section")?)?;
+    let setup = plan.data.as_ref().context("a training plan has a data section")?;
+    let mut data = match &plan.dpo {
+        Some(_) => RunData::Dpo(prefs::preferences(setup)?),
+        None => RunData::Sft(prepare::dataset(setup)?),
+    };
     if main {
         ranks.barrier("the other ranks")?;
     }
@@ -236,6 +279,15 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
 
     let mut model = load_model(plan)?;
     let mut adapters = inject(plan, &mut model)?;
+    if let (RunData::Dpo(pairs), Some(batch)) =
+        (&mut data, plan.dpo.as_ref().and_then(|d| d.precompute_batch_size))
+    {
+        // The reference is the base alone: what the adapter holds does not change it.
+        let pb = bar(pairs.len() as u64, "reference");
+        pairs.precompute_reference(&model, &adapters, batch, &|n| pb.set_position(n))?;
+        pb.finish_and_clear();
+        tracing::info!("reference log-probs precomputed for {} pairs", pairs.len());
+    }
     let out = make_output_dir(plan, main)?;
     let resumed =
         plan.resume.as_deref().map(|ck| resume_from(ck, &mut adapters).map(|c| (ck, c))).transpose()?;
@@ -271,9 +323,11 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     );
 
     let (rank, world, data_seed) = (ranks.rank, ranks.world, plan.training.data_seed);
-    let mut epoch_batches = |epoch: u64| data.epoch_shard(epoch, data_seed, rank, world);
     // Rank 0 alone evaluates (over the whole eval set).
-    let eval = if main { data.eval_batches() } else { Vec::new() };
+    let eval = match &data {
+        RunData::Sft(d) if main => d.eval_batches(),
+        _ => Vec::new(),
+    };
     if main && trainer.opts.eval_steps.is_some() && eval.is_empty() {
         tracing::warn!("eval_strategy is set but the data has no eval split; not evaluating");
     }
@@ -292,9 +346,22 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     let pb = bar(total_steps, "training");
     pb.set_position(trainer.progress.global_step);
     let save = |d: &Path| adapters.save(d).map_err(|e| e.to_string());
-    adapters.set_training(true);
-    let outcome =
-        trainer.train(&mut epoch_batches, &eval, &save, &mut on_event(&pb, &mut reporter, total_steps))?;
+    // DPOConfig's `disable_dropout` keeps the adapters' dropout off (PEFT's modules set to p = 0).
+    adapters.set_training(!plan.dpo.as_ref().is_some_and(|d| d.disable_dropout));
+    let mut events = on_event(&pb, &mut reporter, total_steps);
+    let outcome = match (&data, &plan.dpo) {
+        (RunData::Dpo(pairs), Some(dpo)) => {
+            let objective = Dpo { objective: dpo.objective.clone(), adapters: &adapters };
+            let mut epoch_batches = |epoch: u64| pairs.epoch_shard(epoch, data_seed, rank, world);
+            trainer.train_objective(&objective, &mut epoch_batches, &eval, &save, &mut events)?
+        }
+        (RunData::Sft(rows), _) => {
+            let mut epoch_batches = |epoch: u64| rows.epoch_shard(epoch, data_seed, rank, world);
+            trainer.train(&mut epoch_batches, &eval, &save, &mut events)?
+        }
+        (RunData::Dpo(_), None) => unreachable!("preference data is read for a DPO plan only"),
+    };
+    drop(events);
     pb.finish_and_clear();
     adapters.set_training(false);
     if let Outcome::Interrupted(dir) = outcome {
@@ -321,8 +388,10 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
         );
     }
     ranks.barrier("every rank to finish")?;
-    if let Some(prompt) = data.sample_prompt.as_deref().filter(|_| main) {
-        sample(&model, &data.tokenizer, prompt)?;
+    if let RunData::Sft(rows) = &data
+        && let Some(prompt) = rows.sample_prompt.as_deref().filter(|_| main)
+    {
+        sample(&model, &rows.tokenizer, prompt)?;
     }
     Ok(Ended::Done)
 }

@@ -1,0 +1,183 @@
+//! DPO's data for a run: the plan's preference rows tokenized as TRL 1.16's DPOTrainer does
+//! (`data::preference`), shuffled and sharded per epoch as SFT's rows are, collated into
+//! micro-batches of 2B sequences, and, with `precompute_ref_log_probs`, the reference's
+//! log-probs computed once before training and attached to each micro-batch.
+
+use anyhow::{Context, Result, bail};
+use config::types::TruncationMode;
+use data::preference::{PreferenceIds, collate_preferences, prepare_preference_rows};
+use data::template::ChatTemplate;
+use data::{batches_per_epoch, epoch_order, shard_indices};
+use model_loader::CausalLm;
+use sft::train::dpo::{DpoMicroBatch, SequenceLogps, reference_logps};
+use tch::{Kind, Tensor};
+
+use crate::prepare::DataSetup;
+
+/// The reference's numbers for one pair: chosen, then rejected.
+#[derive(Debug, Clone, Copy)]
+struct RefPair {
+    sums: [f32; 2],
+    tokens: [f32; 2],
+    weights: [f32; 2],
+}
+
+/// The tokenized preference pairs of a run and how they are batched.
+pub(crate) struct PreferenceData {
+    pairs: Vec<PreferenceIds>,
+    reference: Option<Vec<RefPair>>,
+    pad_id: i64,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+    pad_to_multiple_of: Option<usize>,
+    batch_size: usize,
+    drop_last: bool,
+    sequential: bool,
+}
+
+/// Read the plan's training rows and tokenize them as preference pairs; rows that cannot be read
+/// as pairs are errors naming their file and row, and a set left empty by truncation says so.
+pub(crate) fn preferences(setup: &DataSetup) -> Result<PreferenceData> {
+    let (train, eval) = setup.sources.load_rows().context("reading the preference rows")?;
+    if eval.is_some() {
+        tracing::warn!("DPO evaluation is not implemented yet: the eval split is not used");
+    }
+    let tok = &setup.tokenizer;
+    let template = setup.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+    let (max_length, mode) = (setup.train.max_length, setup.train.truncation_mode);
+    let (pairs, dropped) = prepare_preference_rows(&train, tok, template.as_ref(), max_length, mode)
+        .context("preparing the preference pairs")?;
+    if dropped > 0 {
+        tracing::warn!(
+            "{dropped} of {} pairs dropped: their prompt alone fills max_length ({}), as TRL drops them",
+            train.len(),
+            max_length.unwrap_or(0)
+        );
+    }
+    if pairs.is_empty() {
+        bail!(
+            "no preference pair to train on: {} rows read, {dropped} dropped because the prompt alone \
+             fills max_length ({:?}); raise max_length or shorten the prompts",
+            train.len(),
+            max_length
+        );
+    }
+    let pad_id = tok
+        .pad_token_id()
+        .or(tok.eos_token_id())
+        .context("the tokenizer has neither a pad nor an EOS token to pad preference batches with")?;
+    Ok(PreferenceData {
+        pairs,
+        reference: None,
+        pad_id: i64::from(pad_id),
+        max_length,
+        mode,
+        pad_to_multiple_of: setup.train.pad_to_multiple_of,
+        batch_size: setup.batch_size,
+        drop_last: setup.drop_last,
+        sequential: setup.sequential,
+    })
+}
+
+impl PreferenceData {
+    /// Pairs to train on.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Pairs per micro-batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Micro-batches per epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        batches_per_epoch(self.pairs.len(), self.batch_size, self.drop_last)
+    }
+
+    /// Micro-batches per epoch that each of `world` ranks trains on.
+    pub fn batches_per_rank(&self, world: usize) -> usize {
+        self.batches_per_epoch().div_ceil(world.max(1))
+    }
+
+    /// The pairs of each micro-batch of epoch `epoch`, in order (shuffled by `seed` and the epoch
+    /// as SFT's rows are, unless sequential).
+    fn epoch_batches(&self, epoch: u64, seed: u64) -> Vec<Vec<usize>> {
+        let order: Vec<usize> =
+            if self.sequential { (0..self.pairs.len()).collect() } else { epoch_order(self.pairs.len(), seed, epoch) };
+        let mut out: Vec<Vec<usize>> = order.chunks(self.batch_size.max(1)).map(<[usize]>::to_vec).collect();
+        if self.drop_last && out.last().is_some_and(|b| b.len() < self.batch_size) {
+            out.pop();
+        }
+        out
+    }
+
+    /// The micro-batch of these pairs, with their precomputed reference log-probs if any.
+    fn micro_batch(&self, idx: &[usize]) -> Result<DpoMicroBatch, tch::TchError> {
+        // (Building CPU tensors from slices fails only when memory runs out.)
+        let examples: Vec<&PreferenceIds> = idx.iter().map(|&i| &self.pairs[i]).collect();
+        let collated =
+            collate_preferences(&examples, self.pad_id, self.max_length, self.mode, self.pad_to_multiple_of);
+        let mut mb = DpoMicroBatch::from_collated(&collated)?;
+        if let Some(reference) = &self.reference {
+            let pick = |f: &dyn Fn(&RefPair) -> [f32; 2]| -> Result<Tensor, tch::TchError> {
+                let (c, r): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| f(&reference[i])).map(|[c, r]| (c, r)).unzip();
+                Tensor::f_from_slice(&[c, r].concat())
+            };
+            mb.reference = Some(SequenceLogps {
+                sums: pick(&|p| p.sums)?,
+                tokens: pick(&|p| p.tokens)?,
+                weights: pick(&|p| p.weights)?,
+            });
+        }
+        Ok(mb)
+    }
+
+    /// Rank `rank` of `world`'s micro-batches of epoch `epoch`, each with its pair count.
+    pub fn epoch_shard(&self, epoch: u64, seed: u64, rank: usize, world: usize) -> Vec<(DpoMicroBatch, u64)> {
+        let all = self.epoch_batches(epoch, seed);
+        shard_indices(all.len(), world, rank)
+            .into_iter()
+            .map(|i| {
+                let mb = self
+                    .micro_batch(&all[i])
+                    .unwrap_or_else(|e| panic!("out of memory building a preference batch: {e}"));
+                (mb, all[i].len() as u64)
+            })
+            .collect()
+    }
+
+    /// `precompute_ref_log_probs`: the reference's (the base with the adapters off) log-probs of
+    /// every pair, in batches of `batch_size` pairs in dataset order, as TRL computes them
+    /// before training.
+    pub fn precompute_reference(
+        &mut self,
+        model: &CausalLm,
+        adapters: &lora::Adapters,
+        batch_size: usize,
+        progress: &dyn Fn(u64),
+    ) -> Result<()> {
+        self.reference = None;
+        let mut out = Vec::with_capacity(self.pairs.len());
+        let all: Vec<usize> = (0..self.pairs.len()).collect();
+        for chunk in all.chunks(batch_size.max(1)) {
+            let mb = self.micro_batch(chunk)?;
+            let r = reference_logps(model, adapters, &mb.batch).context("the reference log-probs")?;
+            let v = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)
+            };
+            let (sums, tokens, weights) = (v(&r.sums)?, v(&r.tokens)?, v(&r.weights)?);
+            let b = chunk.len();
+            for j in 0..b {
+                out.push(RefPair {
+                    sums: [sums[j], sums[b + j]],
+                    tokens: [tokens[j], tokens[b + j]],
+                    weights: [weights[j], weights[b + j]],
+                });
+            }
+            progress(out.len() as u64);
+        }
+        self.reference = Some(out);
+        Ok(())
+    }
+}
