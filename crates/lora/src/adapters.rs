@@ -373,6 +373,54 @@ impl Adapters {
         Ok(f())
     }
 
+    /// Run `f` with `values` (one per [`Adapters::parameters`] tensor, e.g. a frozen copy of the
+    /// adapter a DPO run started from: TRL's "ref" adapter) in place of the trained values, which
+    /// are put back afterwards, also when `f` panics. Meant for forwards without gradients.
+    pub fn with_values<R>(&self, values: &[Tensor], f: impl FnOnce() -> R) -> Result<R, Error> {
+        /// Puts the trained values back when dropped.
+        struct Restore {
+            params: Vec<Tensor>,
+            trained: Vec<Tensor>,
+        }
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                tch::no_grad(|| {
+                    for (p, t) in self.params.iter().zip(&self.trained) {
+                        if let Err(e) = p.shallow_clone().f_copy_(t) {
+                            tracing::error!("restoring a trained adapter tensor: {e}");
+                        }
+                    }
+                });
+            }
+        }
+        let params = self.parameters();
+        if values.len() != params.len() {
+            return Err(Error::InvalidConfig(format!(
+                "{} reference tensors for {} adapter tensors",
+                values.len(),
+                params.len()
+            )));
+        }
+        let trained = tch::no_grad(|| -> Result<Vec<Tensor>, Error> {
+            params.iter().map(|p| Ok(p.f_detach_copy()?)).collect()
+        })?;
+        let restore = Restore { params, trained };
+        tch::no_grad(|| -> Result<(), Error> {
+            for (p, v) in restore.params.iter().zip(values) {
+                p.shallow_clone().f_copy_(v)?;
+            }
+            Ok(())
+        })?;
+        let out = f();
+        drop(restore);
+        Ok(out)
+    }
+
+    /// Frozen copies of the adapter's current values, for [`Adapters::with_values`].
+    pub fn snapshot(&self) -> Result<Vec<Tensor>, Error> {
+        tch::no_grad(|| self.parameters().iter().map(|p| Ok(p.f_detach_copy()?)).collect())
+    }
+
     /// Whether the adapters are on (off only inside [`Adapters::without_adapters`]).
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
@@ -961,6 +1009,32 @@ mod tests {
         }));
         assert!(caught.is_err() && a.enabled());
         assert!(t[1].1.equal(&trained_head));
+    }
+
+    #[test]
+    fn with_values_runs_other_adapter_values_and_puts_the_trained_ones_back() {
+        let mut m = model();
+        let mut t = head_and_embedding(false);
+        let mut cfg = LoraConfig::new(4, 8.0, list(&["q_proj"]));
+        cfg.init = LoraInit::False;
+        let a = inject_with_modules(offer(&mut m), offer_tensors(&mut t), &cfg, 2).expect("inject");
+        a.set_training(false);
+        let x = input(3, 8);
+        let initial = a.snapshot().expect("snapshot");
+        let at_start = m[0].1.forward(&x).expect("start");
+        // Train away from the start.
+        tch::no_grad(|| {
+            for p in a.parameters() {
+                let _ = p.shallow_clone().f_add_scalar_(0.1);
+            }
+        });
+        let trained = m[0].1.forward(&x).expect("trained");
+        assert!(!trained.equal(&at_start));
+        let inside = a.with_values(&initial, || m[0].1.forward(&x).expect("inside")).expect("swapped");
+        assert!(inside.equal(&at_start), "the initial adapter's output");
+        assert!(m[0].1.forward(&x).expect("after").equal(&trained), "the trained values are back");
+        assert!(a.parameters().iter().all(Tensor::requires_grad));
+        assert!(a.with_values(&initial[1..], || ()).is_err(), "one value per parameter");
     }
 
     #[test]

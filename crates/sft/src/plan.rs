@@ -146,7 +146,9 @@ impl DpoPlan {
         let batch = d.precompute_ref_batch_size.unwrap_or(recipe.training.per_device_train_batch_size);
         Some(DpoPlan {
             objective,
-            precompute_batch_size: d.precompute_ref_log_probs.then(|| usize::try_from(batch).unwrap_or(1).max(1)),
+            precompute_batch_size: d
+                .precompute_ref_log_probs
+                .then(|| usize::try_from(batch).unwrap_or(1).max(1)),
             disable_dropout: d.disable_dropout,
         })
     }

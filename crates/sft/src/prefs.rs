@@ -103,8 +103,11 @@ impl PreferenceData {
     /// The pairs of each micro-batch of epoch `epoch`, in order (shuffled by `seed` and the epoch
     /// as SFT's rows are, unless sequential).
     fn epoch_batches(&self, epoch: u64, seed: u64) -> Vec<Vec<usize>> {
-        let order: Vec<usize> =
-            if self.sequential { (0..self.pairs.len()).collect() } else { epoch_order(self.pairs.len(), seed, epoch) };
+        let order: Vec<usize> = if self.sequential {
+            (0..self.pairs.len()).collect()
+        } else {
+            epoch_order(self.pairs.len(), seed, epoch)
+        };
         let mut out: Vec<Vec<usize>> = order.chunks(self.batch_size.max(1)).map(<[usize]>::to_vec).collect();
         if self.drop_last && out.last().is_some_and(|b| b.len() < self.batch_size) {
             out.pop();
@@ -121,7 +124,8 @@ impl PreferenceData {
         let mut mb = DpoMicroBatch::from_collated(&collated)?;
         if let Some(reference) = &self.reference {
             let pick = |f: &dyn Fn(&RefPair) -> [f32; 2]| -> Result<Tensor, tch::TchError> {
-                let (c, r): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| f(&reference[i])).map(|[c, r]| (c, r)).unzip();
+                let (c, r): (Vec<f32>, Vec<f32>) =
+                    idx.iter().map(|&i| f(&reference[i])).map(|[c, r]| (c, r)).unzip();
                 Tensor::f_from_slice(&[c, r].concat())
             };
             mb.reference = Some(SequenceLogps {
@@ -147,13 +151,14 @@ impl PreferenceData {
             .collect()
     }
 
-    /// `precompute_ref_log_probs`: the reference's (the base with the adapters off) log-probs of
-    /// every pair, in batches of `batch_size` pairs in dataset order, as TRL computes them
-    /// before training.
+    /// `precompute_ref_log_probs`: the reference's log-probs of every pair (see
+    /// [`reference_logps`]: `initial` is the adapter the run started from), in batches of
+    /// `batch_size` pairs in dataset order, as TRL computes them before training.
     pub fn precompute_reference(
         &mut self,
         model: &CausalLm,
         adapters: &lora::Adapters,
+        initial: Option<&[Tensor]>,
         batch_size: usize,
         progress: &dyn Fn(u64),
     ) -> Result<()> {
@@ -162,7 +167,8 @@ impl PreferenceData {
         let all: Vec<usize> = (0..self.pairs.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
             let mb = self.micro_batch(chunk)?;
-            let r = reference_logps(model, adapters, &mb.batch).context("the reference log-probs")?;
+            let r =
+                reference_logps(model, adapters, initial, &mb.batch).context("the reference log-probs")?;
             let v = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)
             };

@@ -18,7 +18,7 @@ use crate::prepare::{self, TrainData};
 
 /// The run's data: SFT's token rows, or DPO's preference pairs.
 enum RunData {
-    Sft(TrainData),
+    Sft(Box<TrainData>),
     Dpo(PreferenceData),
 }
 
@@ -268,7 +268,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     let setup = plan.data.as_ref().context("a training plan has a data section")?;
     let mut data = match &plan.dpo {
         Some(_) => RunData::Dpo(prefs::preferences(setup)?),
-        None => RunData::Sft(prepare::dataset(setup)?),
+        None => RunData::Sft(Box::new(prepare::dataset(setup)?)),
     };
     if main {
         ranks.barrier("the other ranks")?;
@@ -279,12 +279,17 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
 
     let mut model = load_model(plan)?;
     let mut adapters = inject(plan, &mut model)?;
+    // DPO's reference, as TRL 1.16 makes it under PEFT: a frozen copy of the adapter the run starts
+    // from (`lora_init_adapter`, e.g. the SFT adapter), else the base with the adapter off.
+    let initial = match (&plan.dpo, &plan.lora_init_adapter) {
+        (Some(_), Some(_)) => Some(adapters.snapshot()?),
+        _ => None,
+    };
     if let (RunData::Dpo(pairs), Some(batch)) =
         (&mut data, plan.dpo.as_ref().and_then(|d| d.precompute_batch_size))
     {
-        // The reference is the base alone: what the adapter holds does not change it.
         let pb = bar(pairs.len() as u64, "reference");
-        pairs.precompute_reference(&model, &adapters, batch, &|n| pb.set_position(n))?;
+        pairs.precompute_reference(&model, &adapters, initial.as_deref(), batch, &|n| pb.set_position(n))?;
         pb.finish_and_clear();
         tracing::info!("reference log-probs precomputed for {} pairs", pairs.len());
     }
@@ -351,7 +356,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     let mut events = on_event(&pb, &mut reporter, total_steps);
     let outcome = match (&data, &plan.dpo) {
         (RunData::Dpo(pairs), Some(dpo)) => {
-            let objective = Dpo { objective: dpo.objective.clone(), adapters: &adapters };
+            let objective = Dpo { objective: dpo.objective.clone(), adapters: &adapters, initial };
             let mut epoch_batches = |epoch: u64| pairs.epoch_shard(epoch, data_seed, rank, world);
             trainer.train_objective(&objective, &mut epoch_batches, &eval, &save, &mut events)?
         }

@@ -454,3 +454,32 @@ fn a_device_map_trains_like_the_default_and_gpus_it_names_must_exist() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn dpo_reads_dpoconfig_keys_and_refuses_sft_ones() {
+    let dir = scratch("dpo");
+    std::fs::write(
+        dir.join("recipe.yaml"),
+        "model_name_or_path: m\ndataset_name: d\nuse_peft: true\nbeta: 0.2\npacking: true\nloss_type: [sigmod]\n",
+    )
+    .expect("write recipe");
+    let out = sft(&["dpo", "recipe.yaml"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for part in ["recipe.yaml:5:1: packing", "SFTConfig", "loss_type", "sigmoid"] {
+        assert!(stderr.contains(part), "missing `{part}` in:\n{stderr}");
+    }
+    assert!(!stderr.contains("beta"), "beta is a DPO key:\n{stderr}");
+    // The same recipe for SFT: beta is the other trainer's.
+    let out = sft(&["recipe.yaml"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sft dpo"));
+    // The handbook's DPO recipe resolves (model and data are not needed for the recipe's part).
+    let recipe = repo().join("recipes/zephyr-7b-beta/dpo/config_qlora.yaml");
+    let out = sft(&["dpo", recipe.to_str().expect("utf-8"), "--print-config"], &repo());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(j["trainer"], "dpo");
+    assert_eq!(j["dpo"]["beta"], 0.01);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -396,18 +396,29 @@ impl DpoBatch {
     }
 }
 
-/// The reference model's log-probs of a batch: the same base with the adapters switched off
-/// (PEFT's `disable_adapter()`, no second copy of the base), without a graph.
+/// The reference model's log-probs of a batch, without a graph and without a second copy of the
+/// base, as TRL 1.16 makes its reference under PEFT: a run that started from an existing adapter
+/// (`initial`, its frozen values) scores with that adapter (TRL's "ref" adapter copy); a fresh
+/// adapter's reference is the base with the adapters switched off (PEFT's `disable_adapter()`).
 pub fn reference_logps(
     model: &model_loader::CausalLm,
     adapters: &lora::Adapters,
+    initial: Option<&[Tensor]>,
     batch: &DpoBatch,
 ) -> Result<SequenceLogps, Error> {
-    let logps = adapters.without_adapters(|| -> Result<SequenceLogps, model_loader::Error> {
+    let score = || -> Result<SequenceLogps, model_loader::Error> {
         let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, None))?;
         sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES)
-    })??;
-    Ok(logps)
+    };
+    // The reference is a fixed model: no dropout in it, whatever the policy's training mode.
+    let training = adapters.is_training();
+    adapters.set_training(false);
+    let logps = match initial {
+        Some(values) => adapters.with_values(values, score),
+        None => adapters.without_adapters(score),
+    };
+    adapters.set_training(training);
+    Ok(logps??)
 }
 
 /// What a DPO micro-batch gave: its loss (before the accumulation scale) and TRL's metrics.
@@ -544,8 +555,11 @@ fn head_backward(
 pub struct Dpo<'a> {
     /// The loss.
     pub objective: DpoObjective,
-    /// The policy's adapters (switched off for the reference pass).
+    /// The policy's adapters (switched off, or set to `initial`, for the reference pass).
     pub adapters: &'a lora::Adapters,
+    /// The frozen values of the adapter the run started from, when it started from one (see
+    /// [`reference_logps`]).
+    pub initial: Option<Vec<Tensor>>,
 }
 
 /// A DPO micro-batch for the loop.
@@ -601,7 +615,7 @@ impl super::Objective for Dpo<'_> {
         let reference = match &b.reference {
             Some(r) => r,
             None => {
-                computed = reference_logps(model, self.adapters, &b.batch)?;
+                computed = reference_logps(model, self.adapters, self.initial.as_deref(), &b.batch)?;
                 &computed
             }
         };
@@ -804,7 +818,7 @@ mod tests {
         let mut cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
         cfg.init = lora::LoraInit::False;
         let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
-        let reference = reference_logps(&model, &adapters, &batch).expect("reference");
+        let reference = reference_logps(&model, &adapters, None, &batch).expect("reference");
         let want: Vec<f64> = ["ref_chosen", "ref_rejected"]
             .iter()
             .flat_map(|k| {
@@ -930,7 +944,7 @@ mod tests {
             neftune_noise_alpha: None,
         };
         let mut trainer = super::super::Trainer::new(&model, adapters.parameters(), topts).expect("trainer");
-        let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters };
+        let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters, initial: None };
         let outcome = trainer
             .train_objective(&dpo, &mut |_| text_pairs(per), &[], &|_| Ok(()), &mut |_| {})
             .expect("train");

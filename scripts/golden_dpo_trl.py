@@ -1,0 +1,142 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["torch==2.11.0", "transformers==5.24.0", "trl==1.16.0", "peft==0.21.2", "bitsandbytes==0.50.2", "datasets", "pyyaml"]
+# ///
+"""TRL's DPO curves for tests/golden/dpo_trl/recipe.yaml, for tests/dpo_trl.rs.
+
+Makes the shared initial adapter with PEFT (`init_adapter/`: seeded, `init_lora_weights=False`
+so that B is not zero and the policy differs from the reference from the first step), then
+trains it with TRL 1.16's DPOTrainer on transformers + bitsandbytes' 4-bit tiny model as the
+recipe says, once per variant (loss `sigmoid` / `ipo`, with and without
+`precompute_ref_log_probs`), and writes each step's loss, gradient norm, learning rate, rewards
+and log-probs to `trl_<variant>.json`. The reference is TRL's null reference under PEFT: the same
+model with the adapter disabled.
+
+Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
+    "$NIBBLE_PYTHON" scripts/golden_dpo_trl.py
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host (docs/reference-cpu-paths.md), set before torch.
+nibble_refcpu.apply(default="avx2")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests/golden/dpo_trl"
+
+# name -> (loss_type, precompute_ref_log_probs)
+VARIANTS = {
+    "sigmoid": ("sigmoid", False),
+    "sigmoid_precompute": ("sigmoid", True),
+    "ipo": ("ipo", False),
+    "ipo_precompute": ("ipo", True),
+}
+KEYS = [
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
+
+
+def main():
+    r = yaml.safe_load((GOLDEN / "recipe.yaml").read_text())
+    model_dir = ROOT / r["model_name_or_path"]
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=r["bnb_4bit_quant_type"],
+        bnb_4bit_use_double_quant=r["use_bnb_nested_quant"],
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu"
+        )
+
+    torch.manual_seed(r["seed"])
+    lcfg = LoraConfig(
+        r=r["lora_r"],
+        lora_alpha=r["lora_alpha"],
+        lora_dropout=r["lora_dropout"],
+        target_modules=r["lora_target_modules"],
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
+    init = get_peft_model(base(), lcfg)
+    with torch.no_grad():
+        # PEFT's random B is as large as A; scaled down, the adapter is a small step from the base.
+        for n, p in init.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+    init.save_pretrained(GOLDEN / "init_adapter")
+    for extra in (GOLDEN / "init_adapter").glob("README.md"):
+        extra.unlink()
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = load_dataset("json", data_files=str(ROOT / r["dataset_name"]), split="train")
+    for name, (loss_type, precompute) in VARIANTS.items():
+        model = PeftModel.from_pretrained(base(), GOLDEN / "init_adapter", is_trainable=True)
+        args = DPOConfig(
+            output_dir=str(GOLDEN / ".trl-run"),
+            beta=r["beta"],
+            loss_type=[loss_type],
+            precompute_ref_log_probs=precompute,
+            max_length=r["max_length"],
+            per_device_train_batch_size=r["per_device_train_batch_size"],
+            gradient_accumulation_steps=r["gradient_accumulation_steps"],
+            learning_rate=r["learning_rate"],
+            lr_scheduler_type=r["lr_scheduler_type"],
+            warmup_steps=r["warmup_steps"],
+            max_grad_norm=r["max_grad_norm"],
+            max_steps=r["max_steps"],
+            logging_steps=r["logging_steps"],
+            save_strategy="no",
+            gradient_checkpointing=r["gradient_checkpointing"],
+            train_sampling_strategy=r["train_sampling_strategy"],
+            seed=r["seed"],
+            bf16=False,
+            use_cpu=True,
+            report_to="none",
+        )
+        exact = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        # Undo any bf16 cast of the adapter (nibble keeps adapters in fp32, PEFT's default).
+        for n, p in trainer.model.named_parameters():
+            if p.requires_grad and n in exact:
+                p.data = exact[n].clone()
+        trainer.train()
+        log = [
+            {"step": e["step"], **{k: float(e[k]) for k in KEYS}}
+            for e in trainer.state.log_history
+            if "loss" in e
+        ]
+        (GOLDEN / f"trl_{name}.json").write_text(json.dumps(log, indent=1) + "\n")
+        shutil.rmtree(GOLDEN / ".trl-run", ignore_errors=True)
+        print(name, json.dumps(log[:2]))
+
+
+if __name__ == "__main__":
+    main()
