@@ -14,7 +14,9 @@ Two commands:
         does for the loss-parity test.
 
     bench_trl.py train RECIPE LOG_JSONL [--key value ...]
-        Trains and writes one JSON line per optimizer step, with the keys of nibble's log.jsonl
+    bench_trl.py train-dpo RECIPE LOG_JSONL [--key value ...]
+        Trains (SFTTrainer, or DPOTrainer on preference pairs) and writes one JSON line per
+        optimizer step, with the keys of nibble's log.jsonl
         that the harness reads: step, loss, grad_norm, learning_rate, num_tokens (cumulative input
         tokens, pads excluded) and elapsed_s (seconds from the start of training to the end of the
         step, measured by a callback). Prints a JSON summary (phase times, peak RSS) on stdout.
@@ -54,7 +56,7 @@ import yaml  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -117,17 +119,24 @@ class StepTimer(TrainerCallback):
         self.ends.append(time.perf_counter() - self.t0)
 
 
-def train(r, log_path):
+def train(r, log_path, dpo=False):
     t0 = time.perf_counter()
     model = PeftModel.from_pretrained(base_model(r), r["lora_init_adapter"], is_trainable=True)
     t_load = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(r["model_name_or_path"])
     data = load_dataset("json", data_files=r["dataset_name"], split="train")
-    args = SFTConfig(
+    if dpo:
+        # DPOConfig's own keys; the reference is DPOTrainer's frozen copy of the initial adapter.
+        config_class, own = DPOConfig, {"beta": r.get("beta", 0.1), "loss_type": [r.get("loss_type", "sigmoid")]}
+        own["precompute_ref_log_probs"] = r.get("precompute_ref_log_probs", False)
+    else:
+        config_class = SFTConfig
+        own = {"packing": r.get("packing", False), "packing_strategy": r.get("packing_strategy", "bfd")}
+        own["dataset_num_proc"] = None
+    args = config_class(
+        **own,
         output_dir=r["output_dir"],
         max_length=r["max_length"],
-        packing=r.get("packing", False),
-        packing_strategy=r.get("packing_strategy", "bfd"),
         per_device_train_batch_size=r["per_device_train_batch_size"],
         gradient_accumulation_steps=r.get("gradient_accumulation_steps", 1),
         learning_rate=r["learning_rate"],
@@ -144,17 +153,17 @@ def train(r, log_path):
         bf16=r.get("bf16", False),
         use_cpu=not on_gpu(r),
         report_to="none",
-        dataset_num_proc=None,
         dataloader_num_workers=0,
     )
     exact = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     timer = StepTimer()
     t1 = time.perf_counter()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[timer])
+    trainer_class = DPOTrainer if dpo else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[timer])
     t_prepare = time.perf_counter() - t1
-    # Undo SFTTrainer's bf16 cast of the adapter, values included.
+    # Undo the trainer's bf16 cast of the adapter, values included.
     for n, p in trainer.model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and n in exact:
             p.data = exact[n].clone()
     t2 = time.perf_counter()
     trainer.train()
@@ -184,14 +193,14 @@ def train(r, log_path):
 
 
 def main():
-    if len(sys.argv) < 4 or sys.argv[1] not in ("init", "train"):
+    if len(sys.argv) < 4 or sys.argv[1] not in ("init", "train", "train-dpo"):
         sys.exit(__doc__)
     command, recipe_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
     r = recipe(recipe_path, sys.argv[4:])
     if command == "init":
         init(r, out)
     else:
-        train(r, out)
+        train(r, out, dpo=command == "train-dpo")
 
 
 if __name__ == "__main__":

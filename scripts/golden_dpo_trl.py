@@ -5,12 +5,13 @@
 """TRL's DPO curves for tests/golden/dpo_trl/recipe.yaml, for tests/dpo_trl.rs.
 
 Makes the shared initial adapter with PEFT (`init_adapter/`: seeded, `init_lora_weights=False`
-so that B is not zero and the policy differs from the reference from the first step), then
-trains it with TRL 1.16's DPOTrainer on transformers + bitsandbytes' 4-bit tiny model as the
-recipe says, once per variant (loss `sigmoid` / `ipo`, with and without
-`precompute_ref_log_probs`), and writes each step's loss, gradient norm, learning rate, rewards
-and log-probs to `trl_<variant>.json`. The reference is TRL's null reference under PEFT: the same
-model with the adapter disabled.
+with B scaled down, so that the adapter is a small step from the base), then trains it with TRL
+1.16's DPOTrainer on transformers + bitsandbytes' 4-bit tiny model as the recipe says, once per
+variant (loss `sigmoid` / `ipo`, with and without `precompute_ref_log_probs`, fp32 and bf16,
+LD-DPO's `ld_alpha`), and writes each step's loss, gradient norm, learning rate, rewards, log-probs, mean logits, entropy
+and token accuracy to `trl_<variant>.json`. Given a model that already carries an adapter,
+DPOTrainer scores the reference with a frozen copy of it (its "ref" adapter), as nibble does for
+`lora_init_adapter`.
 
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_dpo_trl.py
@@ -41,12 +42,16 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests/golden/dpo_trl"
 
-# name -> (loss_type, precompute_ref_log_probs)
+# name -> (loss_type, precompute_ref_log_probs, dtype, ld_alpha). bf16 is a bf16 model computing in bf16
+# (`bnb_4bit_compute_dtype` = dtype, no autocast), adapters in fp32, as `sft` runs `--dtype bfloat16`.
 VARIANTS = {
-    "sigmoid": ("sigmoid", False),
-    "sigmoid_precompute": ("sigmoid", True),
-    "ipo": ("ipo", False),
-    "ipo_precompute": ("ipo", True),
+    "sigmoid": ("sigmoid", False, torch.float32, None),
+    "sigmoid_precompute": ("sigmoid", True, torch.float32, None),
+    "ipo": ("ipo", False, torch.float32, None),
+    "ipo_precompute": ("ipo", True, torch.float32, None),
+    "sigmoid_bf16": ("sigmoid", False, torch.bfloat16, None),
+    "ipo_precompute_bf16": ("ipo", True, torch.bfloat16, None),
+    "sigmoid_ld": ("sigmoid", False, torch.float32, 0.5),
 }
 KEYS = [
     "loss",
@@ -58,23 +63,24 @@ KEYS = [
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
 ]
 
 
 def main():
     r = yaml.safe_load((GOLDEN / "recipe.yaml").read_text())
     model_dir = ROOT / r["model_name_or_path"]
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=r["bnb_4bit_quant_type"],
-        bnb_4bit_use_double_quant=r["use_bnb_nested_quant"],
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-
-    def base():
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu"
+    def base(dtype=torch.float32):
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=r["bnb_4bit_quant_type"],
+            bnb_4bit_use_double_quant=r["use_bnb_nested_quant"],
+            bnb_4bit_compute_dtype=dtype,
         )
+        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype, device_map="cpu")
 
     torch.manual_seed(r["seed"])
     lcfg = LoraConfig(
@@ -94,16 +100,23 @@ def main():
     init.save_pretrained(GOLDEN / "init_adapter")
     for extra in (GOLDEN / "init_adapter").glob("README.md"):
         extra.unlink()
+    # PEFT writes target_modules from a set (its order changes with the hash seed): sorted, the
+    # file is the same on every run.
+    cfg_path = GOLDEN / "init_adapter/adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset("json", data_files=str(ROOT / r["dataset_name"]), split="train")
-    for name, (loss_type, precompute) in VARIANTS.items():
-        model = PeftModel.from_pretrained(base(), GOLDEN / "init_adapter", is_trainable=True)
+    for name, (loss_type, precompute, dtype, ld_alpha) in VARIANTS.items():
+        model = PeftModel.from_pretrained(base(dtype), GOLDEN / "init_adapter", is_trainable=True)
         args = DPOConfig(
             output_dir=str(GOLDEN / ".trl-run"),
             beta=r["beta"],
             loss_type=[loss_type],
             precompute_ref_log_probs=precompute,
+            ld_alpha=ld_alpha,
             max_length=r["max_length"],
             per_device_train_batch_size=r["per_device_train_batch_size"],
             gradient_accumulation_steps=r["gradient_accumulation_steps"],

@@ -2,7 +2,8 @@
 //! of 1 process with twice the gradient accumulation on the same data (and so do 2 ranks started
 //! by the venv's `torchrun --no-python`), a 2-rank run resumes from
 //! its checkpoint to the same adapter and refuses to resume on 1 process, and a rank killed
-//! mid-run makes the launcher stop the other and exit non-zero within the timeout.
+//! mid-run makes the launcher stop the other and exit non-zero within the timeout. The same holds
+//! for DPO (`sft launch --nproc 2 dpo RECIPE.yaml`).
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -225,4 +226,47 @@ fn a_killed_rank_stops_the_launch_with_an_error() {
     assert!(!status.success(), "the launcher exited 0 after a rank was killed:\n{seen}");
     assert!(seen.contains("rank 1 failed") && seen.contains("signal"), "{seen}");
     assert!(seen.contains("stopping the other ranks"), "{seen}");
+}
+
+#[test]
+fn two_dpo_ranks_train_the_adapter_of_one_process_with_twice_the_accumulation() {
+    let cache = scratch("dpo-cache");
+    let dpo_args = |out: &Path, accumulation: &str| -> Vec<String> {
+        [
+            "dpo",
+            "tests/golden/dpo_trl/recipe.yaml",
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "4",
+            "--gradient_accumulation_steps",
+            accumulation,
+            // Dropout on: the ranks must replay one process's masks.
+            "--disable_dropout",
+            "false",
+            "--lora_dropout",
+            "0.1",
+            "--ddp_timeout",
+            "20",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let one = scratch("dpo-one");
+    let o = sft(&dpo_args(&one, "2"), &cache);
+    assert!(o.status.success(), "1 process:\n{}", log(&o));
+    let two = scratch("dpo-two");
+    let o = launch(2, &dpo_args(&two, "1"), &cache);
+    let text = log(&o);
+    assert!(o.status.success(), "2 ranks:\n{text}");
+    assert!(text.contains("on each of 2 ranks"), "{text}");
+    let d = max_rel_diff(&adapter(&one), &adapter(&two));
+    assert!(d <= 1e-5, "2-rank DPO adapter differs from the 1-process one by {d:e}");
+    let (l1, l2) = (losses(&one), losses(&two));
+    assert_eq!(l1.len(), 4);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "losses {l1:?} vs {l2:?}");
+    }
 }

@@ -6,9 +6,10 @@
 //! - load: `CausalLm::load` quantizing a generated ~1B-parameter bf16 model to NF4
 //!   (`crates/model-loader/examples/load_bench.rs`) against transformers' `from_pretrained` with
 //!   `BitsAndBytesConfig` (`scripts/bench_load_hf.py`): time and peak RSS;
-//! - train: QLoRA SFT steps by `target/release/sft` and by TRL's SFTTrainer
-//!   (`scripts/bench_trl.py`) from the same recipe (`recipes/bench/`) and initial adapter: median
-//!   step time, tokens/s, peak RSS and both loss curves.
+//! - train: QLoRA SFT steps by `target/release/sft` and by TRL's SFTTrainer, and DPO steps by
+//!   `sft dpo` and by TRL's DPOTrainer (`scripts/bench_trl.py`), from the same recipe
+//!   (`recipes/bench/`) and initial adapter: median step time, tokens/s, peak RSS and both loss
+//!   curves.
 //!
 //! Peak RSS is polled from `/proc/<pid>/status` (VmHWM, RssAnon, RssFile) every few milliseconds,
 //! the same way for both stacks. Generated models live in `$NIBBLE_HOME/bench/`; each run's logs in
@@ -131,10 +132,52 @@ impl Model {
         }
     }
 
-    fn recipe(self) -> &'static str {
+    fn recipe(self, objective: Objective) -> &'static str {
+        match (self, objective) {
+            (Model::Tiny, Objective::Sft) => "recipes/bench/tiny.yaml",
+            (Model::Llama150m | Model::Llama1b, Objective::Sft) => "recipes/bench/llama-150m.yaml",
+            (Model::Tiny, Objective::Dpo) => "recipes/bench/tiny-dpo.yaml",
+            (Model::Llama150m | Model::Llama1b, Objective::Dpo) => "recipes/bench/llama-150m-dpo.yaml",
+        }
+    }
+}
+
+/// What the training rows train: SFT, or DPO on preference pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Objective {
+    Sft,
+    Dpo,
+}
+
+impl Objective {
+    fn label(self) -> &'static str {
         match self {
-            Model::Tiny => "recipes/bench/tiny.yaml",
-            Model::Llama150m | Model::Llama1b => "recipes/bench/llama-150m.yaml",
+            Objective::Sft => "SFT",
+            Objective::Dpo => "DPO",
+        }
+    }
+
+    /// `sft`'s subcommand (before the recipe).
+    fn sft_command(self) -> &'static [&'static str] {
+        match self {
+            Objective::Sft => &[],
+            Objective::Dpo => &["dpo"],
+        }
+    }
+
+    /// bench_trl.py's command.
+    fn trl_command(self) -> &'static str {
+        match self {
+            Objective::Sft => "train",
+            Objective::Dpo => "train-dpo",
+        }
+    }
+
+    /// TRL's trainer class.
+    fn trl_trainer(self) -> &'static str {
+        match self {
+            Objective::Sft => "SFTTrainer",
+            Objective::Dpo => "DPOTrainer",
         }
     }
 }
@@ -184,7 +227,7 @@ struct Plan {
     load_model: Model,
     load_repeats: usize,
     /// Per model, the variants to train with their steps and repeats.
-    train: Vec<(Model, Vec<Case>)>,
+    train: Vec<(Model, Objective, Vec<Case>)>,
 }
 
 /// One training setting of one model.
@@ -218,7 +261,10 @@ impl Plan {
                 bnb_repeats: 3,
                 load_model: Model::Llama150m,
                 load_repeats: o.repeats.unwrap_or(1),
-                train: vec![(Model::Tiny, cases(&Variant::ALL, 8, o.repeats.unwrap_or(1)))],
+                train: vec![
+                    (Model::Tiny, Objective::Sft, cases(&Variant::ALL, 8, o.repeats.unwrap_or(1))),
+                    (Model::Tiny, Objective::Dpo, cases(&Variant::ALL, 8, o.repeats.unwrap_or(1))),
+                ],
             }
         } else {
             Plan {
@@ -228,18 +274,23 @@ impl Plan {
                 load_model: Model::Llama1b,
                 load_repeats: o.repeats.unwrap_or(3),
                 train: vec![
-                    (Model::Tiny, cases(&Variant::ALL, 12, o.repeats.unwrap_or(2))),
+                    (Model::Tiny, Objective::Sft, cases(&Variant::ALL, 12, o.repeats.unwrap_or(2))),
+                    (Model::Tiny, Objective::Dpo, cases(&Variant::ALL, 12, o.repeats.unwrap_or(2))),
                     // bf16 matmuls take minutes per step on CPUs without native bf16 (see
                     // docs/benchmarks.md): fewer steps, one repeat.
-                    (Model::Llama150m, {
-                        let mut c = cases(&[Variant::Fp32], 8, o.repeats.unwrap_or(2));
-                        c.extend(cases(&[Variant::Bf16, Variant::Bf16Gc], 3, o.repeats.unwrap_or(1)));
-                        c
-                    }),
+                    (Model::Llama150m, Objective::Sft, llama_cases(o)),
+                    (Model::Llama150m, Objective::Dpo, llama_cases(o)),
                 ],
             }
         }
     }
+}
+
+/// The 134M model's cases: fp32 with 8 steps, bf16 (slow without native bf16 GEMMs) with 3.
+fn llama_cases(o: &Options) -> Vec<Case> {
+    let mut c = cases(&[Variant::Fp32], 8, o.repeats.unwrap_or(2));
+    c.extend(cases(&[Variant::Bf16, Variant::Bf16Gc], 3, o.repeats.unwrap_or(1)));
+    c
 }
 
 /// Everything a run needs to find.
@@ -326,8 +377,8 @@ pub fn bench(root: &Path, env: &Setup, o: &Options) -> Result<()> {
         report.load = Some(load(&ctx, &plan)?);
     }
     if o.parts.train {
-        for (model, cases) in &plan.train {
-            report.train.push(train(&ctx, *model, cases)?);
+        for (model, objective, cases) in &plan.train {
+            report.train.push(train(&ctx, *model, *objective, cases)?);
         }
     }
     let load_after = fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -700,13 +751,14 @@ fn parse_estimate(out: &str) -> Option<f64> {
 #[derive(Debug, Clone)]
 struct TrainResult {
     model: Model,
+    objective: Objective,
     tokens_per_step: String,
     variants: Vec<VariantResult>,
 }
 
-fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
+fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> Result<TrainResult> {
     let dir = ensure_model(ctx, model)?;
-    let recipe = ctx.root.join(model.recipe());
+    let recipe = ctx.root.join(model.recipe(objective));
     let recipe_text = fs::read_to_string(&recipe).with_context(|| format!("reading {}", recipe.display()))?;
     let model_arg = dir.to_str().context("model path is not UTF-8")?.to_owned();
     // The shared initial adapter, made once per model and recipe.
@@ -734,6 +786,7 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
     let length = yaml_number(&recipe_text, "max_length").unwrap_or(0);
     let mut result = TrainResult {
         model,
+        objective,
         tokens_per_step: format!("{batch} x {length} tokens"),
         variants: cases
             .iter()
@@ -745,6 +798,7 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
     for vr in &mut result.variants {
         let out = ctx
             .command(&sft)
+            .args(objective.sft_command())
             .arg(&recipe)
             .args(vr.case.variant.overrides())
             .args(["--model_name_or_path", &model_arg, "--estimate-memory"])
@@ -757,7 +811,7 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
     for rep in 0..most {
         for vr in result.variants.iter_mut().filter(|vr| rep < vr.case.repeats) {
             let (v, steps) = (vr.case.variant, vr.case.steps);
-            let tag = format!("{}-{}-{rep}", model.name(), v.slug());
+            let tag = format!("{}-{}-{}-{rep}", model.name(), objective.label().to_lowercase(), v.slug());
             let args = |out: &Path| -> Vec<String> {
                 let mut a: Vec<String> = v.overrides().iter().map(|s| (*s).to_owned()).collect();
                 a.extend([
@@ -775,12 +829,17 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
             // Alternate which stack goes first, so slow drifts in machine load hit both.
             for stack in if rep % 2 == 0 { ["nibble", "trl"] } else { ["trl", "nibble"] } {
                 step(&format!(
-                    "train {} {} ({}/{}, {steps} steps): {}",
+                    "{} {} {} ({}/{}, {steps} steps): {}",
+                    objective.label(),
                     model.label(),
                     v.label(),
                     rep + 1,
                     vr.case.repeats,
-                    if stack == "nibble" { "nibble (target/release/sft)" } else { "TRL SFTTrainer" }
+                    if stack == "nibble" {
+                        "nibble (target/release/sft)".to_owned()
+                    } else {
+                        format!("TRL {}", objective.trl_trainer())
+                    }
                 ));
                 let out = ctx.work.join(format!("train-{stack}-{tag}"));
                 if stack == "nibble" {
@@ -789,7 +848,7 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
                     let log = out.join("log.jsonl");
                     let trained = || fs::read_to_string(&log).is_ok_and(|t| t.contains("\"train_runtime\""));
                     let proc = measure_until(
-                        ctx.command(&sft).arg(&recipe).args(args(&out)),
+                        ctx.command(&sft).args(objective.sft_command()).arg(&recipe).args(args(&out)),
                         &ctx.work.join(format!("train-nibble-{tag}.log")),
                         Some(&trained),
                     )?;
@@ -797,7 +856,11 @@ fn train(ctx: &Ctx<'_>, model: Model, cases: &[Case]) -> Result<TrainResult> {
                 } else {
                     let log = ctx.work.join(format!("train-trl-{tag}.jsonl"));
                     let proc = measure(
-                        ctx.python("bench_trl.py").arg("train").arg(&recipe).arg(&log).args(args(&out)),
+                        ctx.python("bench_trl.py")
+                            .arg(objective.trl_command())
+                            .arg(&recipe)
+                            .arg(&log)
+                            .args(args(&out)),
                         &ctx.work.join(format!("train-trl-{tag}.log")),
                     )?;
                     vr.trl.push(Run { steps: read_steps(&log)?, proc });
@@ -1077,7 +1140,8 @@ fn render(h: &Header, r: &Report) -> (String, String) {
             let target = matches!(v.case.variant, Variant::Bf16 | Variant::Bf16Gc);
             let _ = writeln!(
                 b,
-                "| SFT {} {}: median step | {} | {} (TRL) | {} | {} |",
+                "| {} {} {}: median step | {} | {} (TRL) | {} | {} |",
+                t.objective.label(),
                 t.model.label(),
                 v.case.variant.label(),
                 secs(n.median),
@@ -1091,7 +1155,8 @@ fn render(h: &Header, r: &Report) -> (String, String) {
             );
             let _ = writeln!(
                 b,
-                "| SFT {} {}: peak RSS | {} | {} | {} | {} |",
+                "| {} {} {}: peak RSS | {} | {} | {} | {} |",
+                t.objective.label(),
                 t.model.label(),
                 v.case.variant.label(),
                 mib(n.peak_kib),
@@ -1250,11 +1315,16 @@ fn render_load(b: &mut String, l: &LoadResult) {
 }
 
 fn render_train(b: &mut String, t: &TrainResult) {
-    let _ = writeln!(b, "\n### QLoRA SFT, {} ({} per step)\n", t.model.label(), t.tokens_per_step);
+    let (what, trainer) = (t.objective.label(), t.objective.trl_trainer());
+    let _ = writeln!(b, "\n### QLoRA {what}, {} ({} per step)\n", t.model.label(), t.tokens_per_step);
+    let data = match t.objective {
+        Objective::Sft => "wrapped packing",
+        Objective::Dpo => "preference pairs (chosen and rejected in one batch, the reference each step)",
+    };
     let _ = writeln!(
         b,
-        "`target/release/sft {}` against TRL's SFTTrainer (`scripts/bench_trl.py`), same recipe \
-         and initial adapter, dataset order, wrapped packing, no autocast; `bf16` is a bf16 model \
+        "`target/release/sft {}{}` against TRL's {trainer} (`scripts/bench_trl.py`), same recipe \
+         and initial adapter, dataset order, {data}, no autocast; `bf16` is a bf16 model \
          computing in bf16, `fp32` an f32 one. Step times from each stack's per-step log, the first \
          step(s) left out (warmup), pooled over the repeats: median (25th-75th percentile); \
          per-repeat medians in brackets. Tokens/s: input tokens (no padding) over those steps. Peak \
@@ -1262,7 +1332,8 @@ fn render_train(b: &mut String, t: &TrainResult) {
          estimate before loading for the same recipe (model, adapters, optimizer, activations; not \
          the runtime: libtorch, tokenizer, allocator slack). On CPUs without native bf16 GEMMs \
          nibble runs `bf16` matmuls in f32 (`cpu_matmul: auto`); TRL runs torch's bf16 kernels.\n",
-        t.model.recipe()
+        t.objective.sft_command().iter().map(|c| format!("{c} ")).collect::<String>(),
+        t.model.recipe(t.objective)
     );
     let _ = writeln!(
         b,

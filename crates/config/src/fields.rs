@@ -362,7 +362,7 @@ section! {
         /// Label noise assumed by `robust`, `exo_pair` and the AOT losses.
         label_smoothing: f64 = 0.0, Acted;
         /// LD-DPO: weight of the longer completion's tokens past the shorter one's length.
-        ld_alpha: Option<f64> = None, Planned;
+        ld_alpha: Option<f64> = None, Acted;
         /// WPO: weigh each pair by its sequences' probability under the policy.
         use_weighting: bool = false, Acted;
         /// f-DPO: the divergence the log-ratios go through.

@@ -139,7 +139,11 @@ pub fn preference_row(v: &Value) -> Result<PreferenceRow, String> {
         Some(Value::Object(m)) => Some(m.clone()),
         Some(_) => return Err("`chat_template_kwargs` must be an object".into()),
     };
-    Ok(PreferenceRow { prompt, chosen, rejected, tools: obj.get("tools").cloned(), template_kwargs })
+    let tools = obj.get("tools").filter(|t| !t.is_null()).cloned();
+    if let Some(t) = &tools {
+        crate::rows::check_tools(t)?;
+    }
+    Ok(PreferenceRow { prompt, chosen, rejected, tools, template_kwargs })
 }
 
 /// A tokenized preference row, as TRL stores it.

@@ -17,8 +17,8 @@ pub const LIBTORCH_VERSION: &str = "2.11.0";
 pub const PEFT_VERSION: &str = "0.21.2";
 /// TRL version whose recipes and SFT loss nibble follows.
 pub const TRL_VERSION: &str = "1.16.0";
-/// Tags every nibble adapter card carries.
-pub const TAGS: [&str; 4] = ["nibble", "sft", "lora", "trl-compatible"];
+/// Tags every nibble adapter card carries, with the trainer's (`sft` or `dpo`) after `nibble`.
+pub const TAGS: [&str; 3] = ["nibble", "lora", "trl-compatible"];
 
 /// A float as Python's `repr` prints it (`2e-05`, `0.9`, `3.0`), so the card reads like one
 /// transformers writes.
@@ -84,7 +84,17 @@ pub fn hyperparameters(recipe: &Recipe) -> Vec<(String, String)> {
     if let Some(l) = t.max_length {
         put("max_length", l.to_string());
     }
-    put("packing", if t.packing { format!("true ({})", t.packing_strategy) } else { "false".into() });
+    if let Some(d) = &recipe.dpo {
+        put("beta", py_float(d.beta));
+        let losses: Vec<&str> = d.loss_type.iter().map(|l| l.as_str()).collect();
+        put("loss_type", losses.join(", "));
+        if let Some(w) = &d.loss_weights {
+            put("loss_weights", w.iter().map(|x| py_float(*x)).collect::<Vec<_>>().join(", "));
+        }
+        put("reference", if d.precompute_ref_log_probs { "precomputed".into() } else { "each step".into() });
+    } else {
+        put("packing", if t.packing { format!("true ({})", t.packing_strategy) } else { "false".into() });
+    }
     if t.assistant_only_loss {
         put("assistant_only_loss", "true".into());
     }
@@ -166,7 +176,7 @@ pub fn render(c: &CardInput<'_>) -> String {
         library_name: "peft",
         model_name: &s.model_name,
         pipeline_tag: "text-generation",
-        tags: TAGS.to_vec(),
+        tags: [TAGS[0], s.trainer.as_str()].into_iter().chain(TAGS[1..].iter().copied()).collect(),
         datasets: s.datasets.iter().map(String::as_str).collect(),
     };
     let yaml = serde_json::to_value(&front).map(|v| config::yaml::to_string(&v)).unwrap_or_default();
@@ -195,11 +205,17 @@ pub fn render(c: &CardInput<'_>) -> String {
             format!(" on {}", names.join(", "))
         }
     };
+    let (method, trl_trainer) = match s.trainer {
+        config::Trainer::Sft => ("supervised fine-tuning (SFT)", "SFTTrainer"),
+        config::Trainer::Dpo => {
+            ("Direct Preference Optimization ([DPO](https://huggingface.co/papers/2305.18290))", "DPOTrainer")
+        }
+    };
     let _ = writeln!(md, "## Model description\n");
     let _ = writeln!(
         md,
-        "This is a LoRA adapter for {base}, trained by supervised fine-tuning (SFT){on} with \
-         [nibble](https://github.com/nibble-rs/nibble), a Rust QLoRA trainer that follows TRL's `SFTTrainer`. \
+        "This is a LoRA adapter for {base}, trained by {method}{on} with \
+         [nibble](https://github.com/nibble-rs/nibble), a Rust QLoRA trainer that follows TRL's `{trl_trainer}`. \
          The adapter (`adapter_config.json`, `adapter_model.safetensors`) is in PEFT's format and loads \
          with PEFT like any adapter trained with TRL.\n"
     );
@@ -218,9 +234,13 @@ pub fn render(c: &CardInput<'_>) -> String {
     }
     let _ = writeln!(
         md,
-        "This model was trained with SFT. The resolved recipe is `recipe.yaml` in this folder; the logs are {logs}.\n"
+        "This model was trained with {}. The resolved recipe is `recipe.yaml` in this folder; the logs are {logs}.\n",
+        s.trainer.as_str().to_uppercase()
     );
     let _ = writeln!(md, "![training loss](loss.png)\n");
+    if c.train.iter().any(|l| l.metrics.contains_key(crate::MARGIN_METRIC)) {
+        let _ = writeln!(md, "![reward margin](rewards.png)\n");
+    }
     let _ = writeln!(
         md,
         "### Training hyperparameters\n\nThe following hyperparameters were used during training:"

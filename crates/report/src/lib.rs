@@ -35,7 +35,7 @@ pub use card::{LIBTORCH_VERSION, PEFT_VERSION, TAGS, TRL_VERSION, datasets, hype
 pub use clock::{hostname, logdir_stamp};
 pub use error::ReportError;
 pub use files::{TOKENIZER_FILES, copy_tokenizer_files, save_metrics, write_atomic};
-pub use plot::{EVAL_COLOR, LossPlot, TRAIN_COLOR};
+pub use plot::{Curve, EVAL_COLOR, LossPlot, TRAIN_COLOR};
 
 /// One line of the log history (the fields transformers logs for training).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,12 +81,19 @@ pub struct EvalEntry {
     pub eval_mean_token_accuracy: f64,
     /// Seconds the evaluation took.
     pub eval_runtime: f64,
+    /// The objective's own eval metrics under TRL's names (DPO's `eval_rewards/margins`, ...).
+    #[serde(default, flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// The JSON Lines log in `output_dir`, one object per log call.
 pub const LOG_FILE: &str = "log.jsonl";
 /// The loss plot in `output_dir`.
 pub const PLOT_FILE: &str = "loss.png";
+/// The reward-margin plot a DPO run leaves beside the loss plot.
+pub const REWARDS_PLOT_FILE: &str = "rewards.png";
+/// The metric [`REWARDS_PLOT_FILE`] draws (TRL's name).
+pub const MARGIN_METRIC: &str = "rewards/margins";
 /// The model card in `output_dir`.
 pub const CARD_FILE: &str = "README.md";
 /// The resolved recipe in `output_dir`, so the folder says how it was made.
@@ -145,11 +152,14 @@ pub struct TrainLog {
 impl From<&LogEntry> for TrainLog {
     /// The loop's log entry as a report line.
     fn from(e: &LogEntry) -> TrainLog {
+        // TRL's `entropy` has its own field (DPO's objective reports it with its metrics).
+        let mut metrics = e.metrics.clone();
+        let entropy = metrics.remove("entropy");
         TrainLog {
             loss: e.loss,
             grad_norm: e.grad_norm,
             learning_rate: e.learning_rate,
-            entropy: None,
+            entropy,
             num_tokens: e.num_tokens,
             mean_token_accuracy: e.mean_token_accuracy,
             epoch: e.epoch,
@@ -157,7 +167,7 @@ impl From<&LogEntry> for TrainLog {
             tokens_per_second: e.tokens_per_second,
             elapsed_s: e.elapsed_s,
             eta_s: e.eta_s,
-            metrics: e.metrics.clone(),
+            metrics,
         }
     }
 }
@@ -180,6 +190,9 @@ pub struct EvalLog {
     pub epoch: f64,
     /// Optimizer steps done at the evaluation.
     pub step: u64,
+    /// The objective's own eval metrics (DPO's `eval_rewards/margins`, ...).
+    #[serde(default, flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl From<&EvalEntry> for EvalLog {
@@ -191,6 +204,7 @@ impl From<&EvalEntry> for EvalLog {
             eval_mean_token_accuracy: Some(e.eval_mean_token_accuracy),
             epoch: e.epoch,
             step: e.step,
+            metrics: e.metrics.clone(),
         }
     }
 }
@@ -279,6 +293,8 @@ pub struct RunSummary {
     pub samples_per_step: Option<f64>,
     /// `num_train_epochs`.
     pub epochs: f64,
+    /// Which trainer made the adapter (the card's method and tags).
+    pub trainer: config::Trainer,
 }
 
 impl RunSummary {
@@ -318,6 +334,7 @@ impl RunSummary {
             samples_per_step: (t.max_steps > 0)
                 .then(|| (t.per_device_train_batch_size * t.gradient_accumulation_steps) as f64),
             epochs: t.num_train_epochs,
+            trainer: recipe.trainer,
         }
     }
 }
@@ -567,6 +584,24 @@ impl Reporter {
         let png = plot.to_png().map_err(|source| ReportError::Png { path: png_path.clone(), source })?;
         write_atomic(&png_path, &png)?;
         files.push(png_path);
+        let margins: Vec<(f64, f64)> = self
+            .train
+            .iter()
+            .filter_map(|l| l.metrics.get(MARGIN_METRIC).map(|m| (l.step as f64, *m)))
+            .collect();
+        if !margins.is_empty() {
+            let curve = Curve {
+                label: "train reward margin".into(),
+                color: TRAIN_COLOR,
+                points: margins,
+                markers: false,
+            };
+            let plot = LossPlot::render_curves(&format!("{title}: reward margin"), "margin", &[curve]);
+            let path = out.join(REWARDS_PLOT_FILE);
+            let png = plot.to_png().map_err(|source| ReportError::Png { path: path.clone(), source })?;
+            write_atomic(&path, &png)?;
+            files.push(path);
+        }
 
         let tensorboard = self.logging_dir.as_ref().map(|d| {
             d.strip_prefix(&out).map_or_else(|_| d.display().to_string(), |r| r.display().to_string())

@@ -1,6 +1,6 @@
-//! `loss.png`: the train (and eval) loss against the step, drawn by a small anti-aliased
-//! rasterizer with the built-in 5x7 font and encoded with the `png` crate; no plotting library
-//! or font file needed.
+//! `loss.png`: the train (and eval) loss against the step (and for DPO `rewards.png`, the reward
+//! margin), drawn by a small anti-aliased rasterizer with the built-in 5x7 font and encoded with
+//! the `png` crate; no plotting library or font file needed.
 
 use super::font;
 
@@ -172,6 +172,19 @@ fn short(v: f64) -> String {
     }
 }
 
+/// One curve of a plot: (step, value) points.
+#[derive(Debug, Clone)]
+pub struct Curve {
+    /// Its legend entry (the last value is appended).
+    pub label: String,
+    /// Line colour.
+    pub color: [u8; 3],
+    /// The points; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+    /// Whether each point is also marked (sparse curves such as evaluations).
+    pub markers: bool,
+}
+
 /// The loss plot as an RGB image, with the mapping from data to pixels kept so callers (and
 /// tests) can find where a point was drawn.
 #[derive(Debug, Clone)]
@@ -189,15 +202,33 @@ impl LossPlot {
     /// Draw `train` and `eval` as (step, loss) points under `title`; non-finite points are
     /// skipped, and a plot without points says so.
     pub fn render(title: &str, train: &[(f64, f64)], eval: &[(f64, f64)]) -> LossPlot {
+        let curve = |label: &str, color, points: &[(f64, f64)], markers| Curve {
+            label: label.into(),
+            color,
+            points: points.to_vec(),
+            markers,
+        };
+        Self::render_curves(
+            title,
+            "loss",
+            &[curve("train loss", TRAIN_COLOR, train, false), curve("eval loss", EVAL_COLOR, eval, true)],
+        )
+    }
+
+    /// Draw `curves` against the step under `title`, the y axis named `y_label`.
+    pub fn render_curves(title: &str, y_label: &str, curves: &[Curve]) -> LossPlot {
         let (w, h) = (Self::WIDTH, Self::HEIGHT);
         let mut cv = Canvas::new(w, h);
         let ch = (font::HEIGHT * SCALE) as i64;
         let text_w = |s: &str| (font::text_width(s) * SCALE) as i64;
-        let finite = |v: &[(f64, f64)]| -> Vec<(f64, f64)> {
-            v.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()
-        };
-        let (train, eval) = (finite(train), finite(eval));
-        let all: Vec<(f64, f64)> = train.iter().chain(&eval).copied().collect();
+        let curves: Vec<Curve> = curves
+            .iter()
+            .map(|c| Curve {
+                points: c.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect(),
+                ..c.clone()
+            })
+            .collect();
+        let all: Vec<(f64, f64)> = curves.iter().flat_map(|c| c.points.iter().copied()).collect();
 
         let title = if title.chars().count() > 70 {
             format!("{}...", title.chars().take(67).collect::<String>())
@@ -210,7 +241,8 @@ impl LossPlot {
         if all.is_empty() {
             let left = 80.0;
             frame_rect(&mut cv, left, top, right, bottom);
-            let msg = "no loss was logged";
+            let msg = format!("no {y_label} was logged");
+            let msg = msg.as_str();
             cv.text(((left + right) / 2.0) as i64 - text_w(msg) / 2, ((top + bottom) / 2.0) as i64, msg, INK);
             return LossPlot { rgb: cv.rgb, frame: None };
         }
@@ -231,7 +263,7 @@ impl LossPlot {
         let xticks = ticks(x0, x1, xstep);
         let yticks = ticks(y0, y1, ystep);
         let ylabels: Vec<String> = yticks.iter().map(|&v| tick_label(v, ystep)).collect();
-        let label_w = ylabels.iter().map(|s| text_w(s)).max().unwrap_or(0).max(text_w("loss"));
+        let label_w = ylabels.iter().map(|s| text_w(s)).max().unwrap_or(0).max(text_w(y_label));
         let left = (16 + label_w + 12) as f64;
         let f = Frame { left, top, right, bottom, x0, x1, y0, y1 };
 
@@ -246,16 +278,16 @@ impl LossPlot {
         }
         // Curves, clipped to the plot area.
         let clip = (left + 1.0, top + 1.0, right, bottom);
-        let tp: Vec<(f64, f64)> = train.iter().map(|&(x, y)| f.px(x, y)).collect();
-        if !tp.is_empty() {
-            cv.stroke(&tp, if tp.len() == 1 { 7.0 } else { 2.0 }, TRAIN_COLOR, clip);
-        }
-        let ep: Vec<(f64, f64)> = eval.iter().map(|&(x, y)| f.px(x, y)).collect();
-        if ep.len() > 1 {
-            cv.stroke(&ep, 2.0, EVAL_COLOR, clip);
-        }
-        for &p in &ep {
-            cv.stroke(&[p], 7.0, EVAL_COLOR, clip);
+        for c in &curves {
+            let pts: Vec<(f64, f64)> = c.points.iter().map(|&(x, y)| f.px(x, y)).collect();
+            if pts.len() > 1 {
+                cv.stroke(&pts, 2.0, c.color, clip);
+            }
+            if c.markers || pts.len() == 1 {
+                for &p in &pts {
+                    cv.stroke(&[p], 7.0, c.color, clip);
+                }
+            }
         }
         // Frame, ticks and labels.
         frame_rect(&mut cv, left, top, right, bottom);
@@ -272,16 +304,17 @@ impl LossPlot {
         }
         let xl = "step";
         cv.text(((left + right) / 2.0) as i64 - text_w(xl) / 2, bottom as i64 + 14 + ch + 8, xl, INK);
-        cv.text(left as i64 - 10 - text_w("loss"), top as i64 - ch - 12, "loss", INK);
+        cv.text(left as i64 - 10 - text_w(y_label), top as i64 - ch - 12, y_label, INK);
 
         // Legend, top right inside the plot.
-        let mut entries: Vec<(String, [u8; 3], bool)> = Vec::new();
-        if let Some(&(_, y)) = train.last() {
-            entries.push((format!("train loss (last {})", short(y)), TRAIN_COLOR, false));
-        }
-        if let Some(&(_, y)) = eval.last() {
-            entries.push((format!("eval loss (last {})", short(y)), EVAL_COLOR, true));
-        }
+        let entries: Vec<(String, [u8; 3], bool)> = curves
+            .iter()
+            .filter_map(|c| {
+                c.points
+                    .last()
+                    .map(|&(_, y)| (format!("{} (last {})", c.label, short(y)), c.color, c.markers))
+            })
+            .collect();
         let row_h = ch + 10;
         let box_w = 12 + 30 + 10 + entries.iter().map(|e| text_w(&e.0)).max().unwrap_or(0) + 12;
         let box_h = 10 + row_h * entries.len() as i64;

@@ -52,6 +52,7 @@ fn eval_log(step: u64) -> EvalLog {
         eval_mean_token_accuracy: Some(0.5),
         epoch: step as f64 / 50.0,
         step,
+        metrics: Default::default(),
     }
 }
 
@@ -68,6 +69,7 @@ fn summary() -> RunSummary {
         total_flos: None,
         samples_per_step: Some(8.0),
         epochs: 3.0,
+        trainer: config::Trainer::Sft,
     }
 }
 
@@ -475,4 +477,39 @@ fn summary_from_a_recipe() {
     assert!(s.recipe_yaml.contains("model_name_or_path: Qwen/Qwen2.5-0.5B"));
     let opts = ReportOptions::from_recipe(&recipe);
     assert!(opts.tensorboard);
+}
+
+#[test]
+fn a_dpo_run_leaves_its_reward_plot_and_says_dpo() {
+    let tmp = TempDir::new("dpo");
+    let out = tmp.0.join("adapter");
+    let mut rep = Reporter::new(&out, ReportOptions::default()).expect("reporter");
+    for i in 1..=5u64 {
+        let mut l = train_log(i);
+        l.metrics.insert("rewards/margins".into(), 0.1 * i as f64);
+        l.metrics.insert("rewards/chosen".into(), 0.05 * i as f64);
+        rep.log_train(&l).expect("log");
+    }
+    let mut eval = eval_log(5);
+    eval.metrics.insert("eval_rewards/margins".into(), 0.4);
+    rep.log_eval(&eval).expect("eval");
+    let done = rep.finish(&RunSummary { trainer: config::Trainer::Dpo, ..summary() }).expect("finish");
+    let names = files_in(&out);
+    assert!(names.contains(&"rewards.png".to_owned()) && names.contains(&"loss.png".to_owned()), "{names:?}");
+    assert!(done.files.iter().any(|f| f.ends_with("rewards.png")));
+    let card = std::fs::read_to_string(out.join("README.md")).expect("card");
+    assert!(card.contains("- dpo") && !card.contains("- sft"), "{card}");
+    assert!(card.contains("DPOTrainer") && card.contains("trained with DPO"), "{card}");
+    assert!(card.contains("![reward margin](rewards.png)"), "{card}");
+    // The metrics ride along in the JSON lines, eval ones under their eval_ names.
+    let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+    assert!(log.contains("\"rewards/margins\":0.5") && log.contains("\"eval_rewards/margins\":0.4"), "{log}");
+    // An SFT run has no reward plot.
+    let sft_out = tmp.0.join("sft");
+    let mut rep = Reporter::new(&sft_out, ReportOptions::default()).expect("reporter");
+    rep.log_train(&train_log(1)).expect("log");
+    rep.finish(&summary()).expect("finish");
+    assert!(!files_in(&sft_out).contains(&"rewards.png".to_owned()));
+    let card = std::fs::read_to_string(sft_out.join("README.md")).expect("card");
+    assert!(card.contains("- sft") && card.contains("trained with SFT"), "{card}");
 }

@@ -116,8 +116,9 @@ pub(crate) struct RunPlan {
 pub(crate) struct DpoPlan {
     /// The loss, built and checked as DPOTrainer checks it when it starts.
     pub objective: DpoObjective,
-    /// `precompute_ref_log_probs`: the batch size of the reference pass over the dataset
-    /// (`precompute_ref_batch_size`, else `per_device_train_batch_size`).
+    /// `precompute_ref_log_probs`: the reference's log-probs computed once over the data.
+    pub precompute: bool,
+    /// `precompute_ref_batch_size`: that pass's batch size (else the train / eval batch size).
     pub precompute_batch_size: Option<usize>,
     /// `disable_dropout`: the adapters' dropout stays off while training.
     pub disable_dropout: bool,
@@ -136,19 +137,17 @@ impl DpoPlan {
             alpha_coef: d.f_alpha_divergence_coef,
             losses: d.loss_type.iter().copied().zip(weights).collect(),
             use_weighting: d.use_weighting,
+            ld_alpha: d.ld_alpha,
         };
         if let Err(e) = objective.check() {
             p.add(Problem::Conflict, "loss_type", e);
         }
-        if d.ld_alpha.is_some() {
-            p.add(Problem::OutOfRange, "ld_alpha", "LD-DPO is not implemented in nibble yet: unset ld_alpha");
-        }
-        let batch = d.precompute_ref_batch_size.unwrap_or(recipe.training.per_device_train_batch_size);
         Some(DpoPlan {
             objective,
+            precompute: d.precompute_ref_log_probs,
             precompute_batch_size: d
-                .precompute_ref_log_probs
-                .then(|| usize::try_from(batch).unwrap_or(1).max(1)),
+                .precompute_ref_batch_size
+                .map(|b| usize::try_from(b).unwrap_or(1).max(1)),
             disable_dropout: d.disable_dropout,
         })
     }
@@ -455,7 +454,7 @@ impl RunPlan {
             "dpo": self.dpo.as_ref().map(|d| serde_json::json!({
                 "losses": d.objective.losses.iter().map(|(l, w)| serde_json::json!([l.as_str(), w])).collect::<Vec<_>>(),
                 "beta": d.objective.beta,
-                "reference": if d.precompute_batch_size.is_some() {
+                "reference": if d.precompute {
                     "precomputed before training (the base with the adapter off)"
                 } else {
                     "the base with the adapter off, each step"
@@ -646,7 +645,10 @@ fn run_shape(
         lora_targets: lora_linears.to_vec(),
         adapter_bytes: 4,
         lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
-        batch: u64::try_from(t.per_device_train_batch_size).unwrap_or(1),
+        // DPO runs each pair's chosen and rejected sequences in one batch of 2B; its reference pass
+        // (no graph, one layer's activations at a time) comes before the policy's and peaks lower.
+        batch: u64::try_from(t.per_device_train_batch_size).unwrap_or(1)
+            * if recipe.dpo.is_some() { 2 } else { 1 },
         seq: t.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
         gradient_checkpointing: t.gradient_checkpointing,
         // Packed rows attend through an explicit mask, which keeps the probabilities.
@@ -660,6 +662,7 @@ fn run_shape(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use config::types::DpoLoss;
 
     fn recipe(yaml: &str) -> Recipe {
         config::Loader::new().yaml("r.yaml", format!("dataset_name: d\n{yaml}")).load().expect("recipe")
@@ -687,5 +690,35 @@ mod tests {
             "{:?}",
             p.found
         );
+    }
+
+    #[test]
+    fn a_dpo_plan_builds_its_objective_and_counts_both_sequences_of_a_pair() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let cfg = HfConfig::from_dir(&dir).expect("config");
+        let dpo = |yaml: &str| {
+            config::Loader::new()
+                .trainer(config::Trainer::Dpo)
+                .yaml("r.yaml", format!("dataset_name: d\nmodel_name_or_path: m\nuse_peft: true\n{yaml}"))
+                .load()
+                .expect("DPO recipe")
+        };
+        let r = dpo("per_device_train_batch_size: 3\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.5]\n");
+        let mut p = Problems { recipe: &r, found: Vec::new() };
+        let plan = DpoPlan::resolve(&mut p, &r).expect("a DPO plan");
+        assert!(p.found.is_empty(), "{:?}", p.found);
+        assert_eq!(plan.objective.losses, vec![(DpoLoss::Sigmoid, 1.0), (DpoLoss::Sft, 0.5)]);
+        assert!(plan.disable_dropout && !plan.precompute);
+        let shape = run_shape(&r, &cfg, &[], CpuMatmul::Auto, device_map::Device::Cpu);
+        assert_eq!(shape.batch, 6, "chosen and rejected run as one batch");
+        // DPOTrainer's start-up checks become recipe problems on their keys.
+        let r = dpo("loss_type: [exo_pair]\n");
+        let mut p = Problems { recipe: &r, found: Vec::new() };
+        let _ = DpoPlan::resolve(&mut p, &r);
+        let keys: Vec<&str> = p.found.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["loss_type"], "{:?}", p.found);
+        // An SFT recipe has no DPO plan.
+        let sft = recipe("model_name_or_path: m\n");
+        assert!(DpoPlan::resolve(&mut Problems { recipe: &sft, found: Vec::new() }, &sft).is_none());
     }
 }

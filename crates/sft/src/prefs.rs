@@ -35,25 +35,31 @@ pub(crate) struct PreferenceData {
     sequential: bool,
 }
 
-/// Read the plan's training rows and tokenize them as preference pairs; rows that cannot be read
-/// as pairs are errors naming their file and row, and a set left empty by truncation says so.
-pub(crate) fn preferences(setup: &DataSetup) -> Result<PreferenceData> {
+/// Read the plan's training rows (and eval rows, when the data has an eval split) and tokenize
+/// them as preference pairs; rows that cannot be read as pairs are errors naming their file and
+/// row, and a training set left empty by truncation says so.
+pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<PreferenceData>)> {
     let (train, eval) = setup.sources.load_rows().context("reading the preference rows")?;
-    if eval.is_some() {
-        tracing::warn!("DPO evaluation is not implemented yet: the eval split is not used");
-    }
     let tok = &setup.tokenizer;
     let template = setup.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
     let (max_length, mode) = (setup.train.max_length, setup.train.truncation_mode);
-    let (pairs, dropped) = prepare_preference_rows(&train, tok, template.as_ref(), max_length, mode)
-        .context("preparing the preference pairs")?;
-    if dropped > 0 {
-        tracing::warn!(
-            "{dropped} of {} pairs dropped: their prompt alone fills max_length ({}), as TRL drops them",
-            train.len(),
-            max_length.unwrap_or(0)
-        );
-    }
+    let pad_id = tok
+        .pad_token_id()
+        .or(tok.eos_token_id())
+        .context("the tokenizer has neither a pad nor an EOS token to pad preference batches with")?;
+    let prepare = |rows: &data::Rows, what: &str| -> Result<(Vec<PreferenceIds>, usize)> {
+        let (pairs, dropped) = prepare_preference_rows(rows, tok, template.as_ref(), max_length, mode)
+            .with_context(|| format!("preparing the {what} preference pairs"))?;
+        if dropped > 0 {
+            tracing::warn!(
+                "{dropped} of {} {what} pairs dropped: their prompt alone fills max_length ({}), as TRL drops them",
+                rows.len(),
+                max_length.unwrap_or(0)
+            );
+        }
+        Ok((pairs, dropped))
+    };
+    let (pairs, dropped) = prepare(&train, "training")?;
     if pairs.is_empty() {
         bail!(
             "no preference pair to train on: {} rows read, {dropped} dropped because the prompt alone \
@@ -62,21 +68,22 @@ pub(crate) fn preferences(setup: &DataSetup) -> Result<PreferenceData> {
             max_length
         );
     }
-    let pad_id = tok
-        .pad_token_id()
-        .or(tok.eos_token_id())
-        .context("the tokenizer has neither a pad nor an EOS token to pad preference batches with")?;
-    Ok(PreferenceData {
+    let data = |pairs, batch_size, drop_last, sequential| PreferenceData {
         pairs,
         reference: None,
         pad_id: i64::from(pad_id),
         max_length,
         mode,
         pad_to_multiple_of: setup.train.pad_to_multiple_of,
-        batch_size: setup.batch_size,
-        drop_last: setup.drop_last,
-        sequential: setup.sequential,
-    })
+        batch_size,
+        drop_last,
+        sequential,
+    };
+    let eval = match eval {
+        Some(rows) => Some(data(prepare(&rows, "eval")?.0, setup.eval_batch_size, false, true)),
+        None => None,
+    };
+    Ok((data(pairs, setup.batch_size, setup.drop_last, setup.sequential), eval))
 }
 
 impl PreferenceData {
@@ -132,6 +139,7 @@ impl PreferenceData {
                 sums: pick(&|p| p.sums)?,
                 tokens: pick(&|p| p.tokens)?,
                 weights: pick(&|p| p.weights)?,
+                stats: None,
             });
         }
         Ok(mb)
@@ -159,6 +167,7 @@ impl PreferenceData {
         model: &CausalLm,
         adapters: &lora::Adapters,
         initial: Option<&[Tensor]>,
+        ld_alpha: Option<f64>,
         batch_size: usize,
         progress: &dyn Fn(u64),
     ) -> Result<()> {
@@ -167,8 +176,8 @@ impl PreferenceData {
         let all: Vec<usize> = (0..self.pairs.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
             let mb = self.micro_batch(chunk)?;
-            let r =
-                reference_logps(model, adapters, initial, &mb.batch).context("the reference log-probs")?;
+            let r = reference_logps(model, adapters, initial, &mb.batch, ld_alpha)
+                .context("the reference log-probs")?;
             let v = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)
             };

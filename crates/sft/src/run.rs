@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lora::Adapters;
 use model_loader::CausalLm;
 use report::{EvalLog, Reporter, TrainLog};
-use sft::train::dpo::Dpo;
+use sft::train::dpo::{Dpo, DpoEval};
 use sft::train::{Checkpoint, Event, Outcome, Progress, Trainer, checkpoint};
 
 use crate::plan::{Machine, RunPlan};
@@ -19,7 +19,8 @@ use crate::prepare::{self, TrainData};
 /// The run's data: SFT's token rows, or DPO's preference pairs.
 enum RunData {
     Sft(Box<TrainData>),
-    Dpo(PreferenceData),
+    /// Training pairs, and eval pairs when the data has an eval split.
+    Dpo(PreferenceData, Option<PreferenceData>),
 }
 
 impl RunData {
@@ -27,28 +28,28 @@ impl RunData {
     fn len(&self) -> usize {
         match self {
             RunData::Sft(d) => d.len(),
-            RunData::Dpo(d) => d.len(),
+            RunData::Dpo(d, _) => d.len(),
         }
     }
 
     fn batch_size(&self) -> usize {
         match self {
             RunData::Sft(d) => d.batch_size(),
-            RunData::Dpo(d) => d.batch_size(),
+            RunData::Dpo(d, _) => d.batch_size(),
         }
     }
 
     fn batches_per_epoch(&self) -> usize {
         match self {
             RunData::Sft(d) => d.batches_per_epoch(),
-            RunData::Dpo(d) => d.batches_per_epoch(),
+            RunData::Dpo(d, _) => d.batches_per_epoch(),
         }
     }
 
     fn batches_per_rank(&self, world: usize) -> usize {
         match self {
             RunData::Sft(d) => d.batches_per_rank(world),
-            RunData::Dpo(d) => d.batches_per_rank(world),
+            RunData::Dpo(d, _) => d.batches_per_rank(world),
         }
     }
 }
@@ -267,7 +268,10 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     }
     let setup = plan.data.as_ref().context("a training plan has a data section")?;
     let mut data = match &plan.dpo {
-        Some(_) => RunData::Dpo(prefs::preferences(setup)?),
+        Some(_) => {
+            let (train, eval) = prefs::preferences(setup)?;
+            RunData::Dpo(train, eval)
+        }
         None => RunData::Sft(Box::new(prepare::dataset(setup)?)),
     };
     if main {
@@ -285,13 +289,18 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
         (Some(_), Some(_)) => Some(adapters.snapshot()?),
         _ => None,
     };
-    if let (RunData::Dpo(pairs), Some(batch)) =
-        (&mut data, plan.dpo.as_ref().and_then(|d| d.precompute_batch_size))
-    {
-        let pb = bar(pairs.len() as u64, "reference");
-        pairs.precompute_reference(&model, &adapters, initial.as_deref(), batch, &|n| pb.set_position(n))?;
-        pb.finish_and_clear();
-        tracing::info!("reference log-probs precomputed for {} pairs", pairs.len());
+    if let (RunData::Dpo(train, eval), Some(dpo)) = (&mut data, plan.dpo.as_ref().filter(|d| d.precompute)) {
+        // As TRL: `precompute_ref_batch_size`, else each set's own batch size.
+        for pairs in std::iter::once(train).chain(eval.as_mut()) {
+            let pb = bar(pairs.len() as u64, "reference");
+            let batch = dpo.precompute_batch_size.unwrap_or(pairs.batch_size());
+            let ld = dpo.objective.ld_alpha;
+            pairs.precompute_reference(&model, &adapters, initial.as_deref(), ld, batch, &|n| {
+                pb.set_position(n)
+            })?;
+            pb.finish_and_clear();
+        }
+        tracing::info!("reference log-probs precomputed");
     }
     let out = make_output_dir(plan, main)?;
     let resumed =
@@ -333,7 +342,11 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
         RunData::Sft(d) if main => d.eval_batches(),
         _ => Vec::new(),
     };
-    if main && trainer.opts.eval_steps.is_some() && eval.is_empty() {
+    let has_eval = match &data {
+        RunData::Sft(_) => !eval.is_empty(),
+        RunData::Dpo(_, e) => e.as_ref().is_some_and(|e| e.len() > 0),
+    };
+    if main && trainer.opts.eval_steps.is_some() && !has_eval {
         tracing::warn!("eval_strategy is set but the data has no eval split; not evaluating");
     }
     let mut ro = plan.report.clone();
@@ -355,16 +368,22 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     adapters.set_training(!plan.dpo.as_ref().is_some_and(|d| d.disable_dropout));
     let mut events = on_event(&pb, &mut reporter, total_steps);
     let outcome = match (&data, &plan.dpo) {
-        (RunData::Dpo(pairs), Some(dpo)) => {
+        (RunData::Dpo(pairs, eval_pairs), Some(dpo)) => {
             let objective = Dpo { objective: dpo.objective.clone(), adapters: &adapters, initial };
             let mut epoch_batches = |epoch: u64| pairs.epoch_shard(epoch, data_seed, rank, world);
+            // Rank 0 alone evaluates (over the whole eval set, in order).
+            let batches = match eval_pairs {
+                Some(e) if main => e.epoch_shard(0, data_seed, 0, 1),
+                _ => Vec::new(),
+            };
+            let eval = DpoEval { dpo: &objective, batches };
             trainer.train_objective(&objective, &mut epoch_batches, &eval, &save, &mut events)?
         }
         (RunData::Sft(rows), _) => {
             let mut epoch_batches = |epoch: u64| rows.epoch_shard(epoch, data_seed, rank, world);
             trainer.train(&mut epoch_batches, &eval, &save, &mut events)?
         }
-        (RunData::Dpo(_), None) => unreachable!("preference data is read for a DPO plan only"),
+        (RunData::Dpo(..), None) => unreachable!("preference data is read for a DPO plan only"),
     };
     drop(events);
     pb.finish_and_clear();

@@ -1,6 +1,7 @@
 //! The training loop on the shipped tiny model with LoRA: gradient checkpointing changes no
 //! gradient, the loss falls, the window loss is normalised over its label tokens, and a run
-//! resumed from a checkpoint ends where an uninterrupted one does.
+//! resumed from a checkpoint ends where an uninterrupted one does; a diverged SFT or DPO loss
+//! (training or eval) stops the run naming the step.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
@@ -240,4 +241,52 @@ fn neftune_noise_changes_the_loss_and_checkpointing_replays_it() {
         let err = (x - y).abs().max().double_value(&[]) / x.abs().max().double_value(&[]).max(1e-12);
         assert!(err < 1e-5, "checkpointed recompute saw different noise: {err:e}");
     }
+}
+
+/// A DPO micro-batch of `pairs` random pairs: a shared 4-token prompt, then 4 completion tokens
+/// each.
+fn dpo_batch(seed: i64, pairs: i64) -> (sft::train::dpo::DpoMicroBatch, u64) {
+    tch::manual_seed(seed);
+    let ids = Tensor::randint_low(6, 226, [2 * pairs, 8], (Kind::Int64, tch::Device::Cpu));
+    let prompt = ids.narrow(0, 0, pairs).narrow(1, 0, 4).copy();
+    ids.narrow(0, pairs, pairs).narrow(1, 0, 4).copy_(&prompt);
+    let mask = Tensor::cat(
+        &[
+            Tensor::zeros([2 * pairs, 4], (Kind::Int64, tch::Device::Cpu)),
+            Tensor::ones([2 * pairs, 4], (Kind::Int64, tch::Device::Cpu)),
+        ],
+        1,
+    );
+    let batch = sft::train::dpo::DpoBatch { input_ids: ids, completion_mask: mask };
+    (sft::train::dpo::DpoMicroBatch { batch, reference: None, tokens: (16 * pairs) as u64 }, pairs as u64)
+}
+
+/// A diverged DPO loss (training or eval) stops the run naming the step, as SFT's does.
+#[test]
+fn a_non_finite_dpo_loss_is_an_error_naming_the_step() {
+    use sft::train::Evaluator;
+    use sft::train::dpo::{Dpo, DpoEval, DpoObjective};
+    let _rng = rng_lock();
+    let mut model = model_4bit();
+    let a = adapters(&mut model, 0.0);
+    let out = scratch("nan-dpo");
+    let dpo = Dpo { objective: DpoObjective::default(), adapters: &a, initial: Some(a.snapshot().unwrap()) };
+    let eval = DpoEval { dpo: &dpo, batches: vec![dpo_batch(3, 2)] };
+    let e = eval.evaluate(&model, 0, 0.0).expect("a finite eval loss");
+    // The policy is the reference here: every reward is 0 and the sigmoid loss is ln 2.
+    assert!((e.eval_loss - std::f64::consts::LN_2).abs() < 1e-6, "{e:?}");
+    assert_eq!(e.metrics.get("eval_rewards/margins"), Some(&0.0));
+    assert!(e.metrics.contains_key("eval_logits/chosen") && e.eval_mean_token_accuracy >= 0.0);
+    tch::no_grad(|| {
+        let _ = a.parameters()[5].shallow_clone().fill_(f64::NAN);
+    });
+    let err = eval.evaluate(&model, 0, 0.0).expect_err("NaN adapter");
+    assert!(matches!(err, sft::Error::NonFiniteEval { step: 0, .. }), "{err}");
+    let mut trainer = Trainer::new(&model, a.parameters(), options(&out, 2, None)).unwrap();
+    let save = |d: &Path| a.save(d).map_err(|e| e.to_string());
+    let mut batches = |_: u64| vec![dpo_batch(4, 2), dpo_batch(5, 2)];
+    let no_eval = DpoEval { dpo: &dpo, batches: Vec::new() };
+    let err =
+        trainer.train_objective(&dpo, &mut batches, &no_eval, &save, &mut |_| {}).expect_err("NaN loss");
+    assert!(matches!(err, sft::Error::NonFinite { step: 1, .. }), "{err}");
 }

@@ -26,6 +26,9 @@ pub struct DpoObjective {
     pub losses: Vec<(DpoLoss, f64)>,
     /// `use_weighting` (WPO): each pair's loss times the two sequences' weights.
     pub use_weighting: bool,
+    /// `ld_alpha` (LD-DPO): each completion's log-probs past the pair's shorter completion count
+    /// with this weight (`None`: all count fully).
+    pub ld_alpha: Option<f64>,
 }
 
 impl Default for DpoObjective {
@@ -39,6 +42,7 @@ impl Default for DpoObjective {
             alpha_coef: 0.5,
             losses: vec![(DpoLoss::Sigmoid, 1.0)],
             use_weighting: false,
+            ld_alpha: None,
         }
     }
 }
@@ -80,10 +84,38 @@ pub struct DpoMetrics {
     pub logps_chosen: f64,
     /// `logps/rejected`.
     pub logps_rejected: f64,
+    /// `logits/chosen`: the mean over the chosen completions' scored positions of the mean logit
+    /// over the vocabulary.
+    pub logits_chosen: f64,
+    /// `logits/rejected`.
+    pub logits_rejected: f64,
+    /// `entropy`: the mean next-token entropy over every scored position.
+    pub entropy: f64,
+    /// `mean_token_accuracy`: the share of the chosen completions' tokens that are the top-1
+    /// prediction.
+    pub mean_token_accuracy: f64,
 }
 
 fn logsig(x: &Tensor) -> Result<Tensor, tch::TchError> {
     x.f_log_sigmoid()
+}
+
+impl DpoMetrics {
+    /// The values in [`DPO_METRICS`]' order.
+    pub fn values(&self) -> [f64; 10] {
+        [
+            self.rewards_chosen,
+            self.rewards_rejected,
+            self.rewards_accuracies,
+            self.rewards_margins,
+            self.logps_chosen,
+            self.logps_rejected,
+            self.logits_chosen,
+            self.logits_rejected,
+            self.entropy,
+            self.mean_token_accuracy,
+        ]
+    }
 }
 
 impl DpoObjective {
@@ -258,6 +290,7 @@ impl DpoObjective {
             rewards_margins: mean(&chosen.f_sub(&rejected)?)?,
             logps_chosen: mean(&p.chosen.f_detach()?)?,
             logps_rejected: mean(&p.rejected.f_detach()?)?,
+            ..DpoMetrics::default()
         })
     }
 }
@@ -272,6 +305,38 @@ pub struct SequenceLogps {
     pub tokens: Tensor,
     /// `[rows]` WPO's sequence weight: `exp(mean over completion tokens of (log p - log Σ p²))`.
     pub weights: Tensor,
+    /// Per-token statistics for TRL's logged metrics (the policy's pass only).
+    pub stats: Option<TokenStats>,
+}
+
+/// Per-row sums over the scored positions, for `logits/*`, `entropy` and `mean_token_accuracy`.
+#[derive(Debug)]
+pub struct TokenStats {
+    /// `[rows]` summed next-token entropies.
+    pub entropy: Tensor,
+    /// `[rows]` summed mean-over-vocabulary logits.
+    pub mean_logits: Tensor,
+    /// `[rows]` positions whose top-1 prediction is the next token.
+    pub top1: Tensor,
+    /// `[rows]` scored positions.
+    pub scored: Tensor,
+}
+
+impl TokenStats {
+    /// The micro-batch's metrics as DPOTrainer computes them (B pairs: rows `0..B` chosen).
+    fn metrics(&self, b: i64) -> Result<[f64; 4], tch::TchError> {
+        let sum = |x: &Tensor, start: i64, len: i64| -> Result<f64, tch::TchError> {
+            x.f_narrow(0, start, len)?.f_sum(Kind::Double)?.f_double_value(&[])
+        };
+        let ratio = |n: f64, d: f64| if d > 0.0 { n / d } else { 0.0 };
+        let (nc, nr) = (sum(&self.scored, 0, b)?, sum(&self.scored, b, b)?);
+        Ok([
+            ratio(sum(&self.mean_logits, 0, b)?, nc),
+            ratio(sum(&self.mean_logits, b, b)?, nr),
+            ratio(sum(&self.entropy, 0, 2 * b)?, nc + nr),
+            ratio(sum(&self.top1, 0, b)?, nc),
+        ])
+    }
 }
 
 /// Which flattened positions of a `[R, T]` batch score a token: position `t` of a row predicts
@@ -283,6 +348,8 @@ struct Scored {
     scored: Tensor,
     /// The scored positions, in order.
     positions: Tensor,
+    /// LD-DPO's weight of each scored position (`None`: 1 everywhere).
+    weight: Option<Tensor>,
     /// Tokens per row.
     t: i64,
 }
@@ -293,6 +360,7 @@ impl Scored {
         completion_mask: &Tensor,
         t: i64,
         dev: tch::Device,
+        ld_alpha: Option<f64>,
     ) -> Result<Scored, tch::TchError> {
         let next = |x: &Tensor| -> Result<Tensor, tch::TchError> {
             let x = x.f_to_device(dev)?.f_to_kind(Kind::Int64)?;
@@ -301,7 +369,36 @@ impl Scored {
         };
         let (target, scored) = (next(input_ids)?, next(completion_mask)?);
         let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
-        Ok(Scored { target, scored, positions, t })
+        let weight = match ld_alpha {
+            None => None,
+            Some(alpha) => {
+                // A position's rank among its row's scored positions, against the number its pair's
+                // shorter completion has (rows 0..B chosen, B..2B rejected): TRL's shared part
+                // counts fully, the longer one's tail `alpha` times.
+                let r = scored.size()[0] / t.max(1);
+                let counts = scored.f_reshape([r, t])?.f_sum_dim_intlist(&[1i64][..], false, Kind::Int64)?;
+                let b = r / 2;
+                let shared = counts.f_narrow(0, 0, b)?.f_minimum(&counts.f_narrow(0, b, b)?)?;
+                let shared = Tensor::f_cat(&[&shared, &shared], 0)?;
+                let row_start = counts.f_cumsum(0, Kind::Int64)?.f_sub(&counts)?;
+                let rows = positions.f_div_scalar_mode(t, "floor")?;
+                let n = positions.size()[0];
+                let rank =
+                    Tensor::f_arange(n, (Kind::Int64, dev))?.f_sub(&row_start.f_index_select(0, &rows)?)?;
+                let in_shared = rank.f_lt_tensor(&shared.f_index_select(0, &rows)?)?;
+                let ones = Tensor::f_ones([n], (Kind::Float, dev))?;
+                Some(ones.f_where_self(&in_shared, &ones.f_mul_scalar(alpha)?)?)
+            }
+        };
+        Ok(Scored { target, scored, positions, weight, t })
+    }
+
+    /// `lp` (per scored position, from `start`) times LD-DPO's weights.
+    fn weighted(&self, lp: &Tensor, start: i64) -> Result<Tensor, tch::TchError> {
+        match &self.weight {
+            None => Ok(lp.shallow_clone()),
+            Some(w) => lp.f_mul(&w.f_narrow(0, start, lp.size()[0])?.f_to_device(lp.device())?),
+        }
     }
 
     /// The row of each scored position.
@@ -309,22 +406,57 @@ impl Scored {
         self.positions.f_div_scalar_mode(self.t, "floor")
     }
 
-    /// Log-softmax over the vocabulary `[len, vocab]` (f32, on the head's device) at scored
-    /// positions `start..start + len` of `flat [R * T, hidden]`, and each one's target log-prob.
+    /// At scored positions `start..start + len` of `flat [R * T, hidden]`: the logits and their
+    /// log-softmax over the vocabulary `[len, vocab]` (f32, on the head's device), each
+    /// position's target token and its log-prob.
     fn chunk(
         &self,
         model: &model_loader::CausalLm,
         flat: &Tensor,
         start: i64,
         len: i64,
-    ) -> Result<(Tensor, Tensor), model_loader::Error> {
+    ) -> Result<Chunk, model_loader::Error> {
         let idx = self.positions.f_narrow(0, start, len)?;
         let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
-        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
-        let tgt = self.target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
-        let lp = logp.f_gather(1, &tgt.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
-        Ok((logp, lp))
+        let logits = logits.f_to_kind(Kind::Float)?;
+        let logp = logits.f_log_softmax(-1, Kind::Float)?;
+        let target = self.target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
+        let lp = logp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+        Ok(Chunk { logits, logp, target, lp })
     }
+}
+
+/// One chunk of scored positions through the head.
+struct Chunk {
+    logits: Tensor,
+    logp: Tensor,
+    target: Tensor,
+    lp: Tensor,
+}
+
+impl Chunk {
+    /// Per position: entropy, mean logit over the vocabulary, and 1 where the top-1 prediction is
+    /// the target.
+    fn stats(&self) -> Result<[Tensor; 3], tch::TchError> {
+        let entropy = self
+            .logp
+            .f_exp()?
+            .f_mul(&self.logp)?
+            .f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?
+            .f_neg()?;
+        let mean_logits = self.logits.f_mean_dim(&[-1i64][..], false, Kind::Float)?;
+        let top1 = self.logp.f_argmax(-1, false)?.f_eq_tensor(&self.target)?.f_to_kind(Kind::Float)?;
+        Ok([entropy, mean_logits, top1])
+    }
+}
+
+/// What [`sequence_logps`] computes besides the plain sums.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scoring {
+    /// LD-DPO's weight of each completion's tokens past the pair's shorter completion.
+    pub ld_alpha: Option<f64>,
+    /// The per-token statistics of TRL's logged metrics ([`TokenStats`]).
+    pub stats: bool,
 }
 
 /// The log-probs TRL's DPOTrainer sums: for each row of `input_ids [R, T]`, position `t`
@@ -339,7 +471,9 @@ pub fn sequence_logps(
     input_ids: &Tensor,
     completion_mask: &Tensor,
     chunk_bytes: i64,
+    scoring: Scoring,
 ) -> Result<SequenceLogps, model_loader::Error> {
+    let with_stats = scoring.stats;
     tch::no_grad(|| {
         let size = h.size();
         let [r, t, hidden] = size[..] else {
@@ -349,20 +483,27 @@ pub fn sequence_logps(
         };
         let dev = h.device();
         let flat = h.f_reshape([r * t, hidden])?;
-        let s = Scored::new(input_ids, completion_mask, t, dev)?;
+        let s = Scored::new(input_ids, completion_mask, t, dev, scoring.ld_alpha)?;
         let (n, row_of) = (s.positions.size()[0], s.rows()?);
         let max_rows = (chunk_bytes / (4 * model.vocab_size().max(1))).max(1);
         let mut sums = Tensor::f_zeros([r], (Kind::Float, dev))?;
         let mut wpo = Tensor::f_zeros([r], (Kind::Float, dev))?;
+        let zeros = || Tensor::f_zeros([r], (Kind::Float, dev));
+        let mut stats = if with_stats { Some([zeros()?, zeros()?, zeros()?]) } else { None };
         let mut start = 0;
         while start < n {
             let len = max_rows.min(n - start);
-            let (logp, lp) = s.chunk(model, &flat, start, len)?;
-            let lp = lp.f_to_device(dev)?;
-            let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
+            let c = s.chunk(model, &flat, start, len)?;
+            let lp = c.lp.f_to_device(dev)?;
+            let logsumsq = c.logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
             let rows = row_of.f_narrow(0, start, len)?;
-            let _ = sums.f_index_add_(0, &rows, &lp)?;
+            let _ = sums.f_index_add_(0, &rows, &s.weighted(&lp, start)?)?;
             let _ = wpo.f_index_add_(0, &rows, &lp.f_sub(&logsumsq)?)?;
+            if let Some(acc) = stats.as_mut() {
+                for (acc, per_position) in acc.iter_mut().zip(c.stats()?) {
+                    let _ = acc.f_index_add_(0, &rows, &per_position.f_to_device(dev)?)?;
+                }
+            }
             start += len;
         }
         // TRL counts completion tokens on the unshifted mask, at least 1.
@@ -375,7 +516,19 @@ pub fn sequence_logps(
             .f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?
             .f_clamp_min(1.0)?;
         let weights = wpo.f_div(&scored_per_row)?.f_exp()?;
-        Ok(SequenceLogps { sums, tokens, weights })
+        let stats = match stats {
+            Some([entropy, mean_logits, top1]) => {
+                // The zero-count floor of `scored_per_row` is for the weights only.
+                let scored = s.scored.f_reshape([r, t])?.f_to_kind(Kind::Float)?.f_sum_dim_intlist(
+                    &[1i64][..],
+                    false,
+                    Kind::Float,
+                )?;
+                Some(TokenStats { entropy, mean_logits, top1, scored })
+            }
+            None => None,
+        };
+        Ok(SequenceLogps { sums, tokens, weights, stats })
     })
 }
 
@@ -405,10 +558,12 @@ pub fn reference_logps(
     adapters: &lora::Adapters,
     initial: Option<&[Tensor]>,
     batch: &DpoBatch,
+    ld_alpha: Option<f64>,
 ) -> Result<SequenceLogps, Error> {
     let score = || -> Result<SequenceLogps, model_loader::Error> {
         let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, None))?;
-        sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES)
+        let scoring = Scoring { ld_alpha, stats: false };
+        sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES, scoring)
     };
     // The reference is a fixed model: no dropout in it, whatever the policy's training mode.
     let training = adapters.is_training();
@@ -465,54 +620,157 @@ pub fn forward_backward(
     };
     let mut outcome: Option<Result<DpoStats, Error>> = None;
     let stats = layers.forward_backward(model, |h| {
-        let seq = sequence_logps(model, h, &ids, &mask, super::HEAD_CHUNK_BYTES)?;
+        let scoring = Scoring { ld_alpha: objective.ld_alpha, stats: true };
+        let seq = sequence_logps(model, h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring)?;
         let torch = |e: tch::TchError| model_loader::Error::from(e);
         let leaf = seq.sums.f_detach().map_err(torch)?.set_requires_grad(true);
-        let dev = leaf.device();
-        let chosen = leaf.f_narrow(0, 0, b).map_err(torch)?;
-        let rejected = leaf.f_narrow(0, b, b).map_err(torch)?;
-        let wants_sft = objective.losses.iter().any(|(l, _)| *l == DpoLoss::Sft);
-        let chosen_nll = if wants_sft {
-            // TRL's sft term: the mean negative log-prob over every chosen completion token.
-            let scored = mask.f_narrow(1, 1, t - 1).and_then(|m| m.f_narrow(0, 0, b)).map_err(torch)?;
-            let n = scored.f_sum(Kind::Float).and_then(|n| n.f_clamp_min(1.0)).map_err(torch)?;
-            Some(
-                chosen
-                    .f_sum(Kind::Float)
-                    .and_then(|s| s.f_neg()?.f_div(&n.f_to_device(dev)?))
-                    .map_err(torch)?,
-            )
-        } else {
-            None
-        };
-        let on = |x: &Tensor, start: i64| x.f_narrow(0, start, b).and_then(|x| x.f_to_device(dev));
-        let pair = PairLogps {
-            chosen,
-            rejected,
-            ref_chosen: on(&reference.sums, 0).map_err(torch)?,
-            ref_rejected: on(&reference.sums, b).map_err(torch)?,
-            chosen_tokens: on(&seq.tokens, 0).map_err(torch)?,
-            rejected_tokens: on(&seq.tokens, b).map_err(torch)?,
-            chosen_nll,
-            weights: objective.use_weighting.then(|| seq.weights.shallow_clone()),
-        };
-        let (loss, metrics) = match objective.loss(&pair) {
+        let pair = pair_logps(objective, &leaf, &seq, reference, &mask).map_err(torch)?;
+        let (loss, mut metrics) = match objective.loss(&pair) {
             Ok(x) => x,
             Err(e) => {
                 outcome = Some(Err(e));
                 return Ok((None, h.f_zeros_like().map_err(torch)?));
             }
         };
+        if let Some(st) = &seq.stats {
+            [metrics.logits_chosen, metrics.logits_rejected, metrics.entropy, metrics.mean_token_accuracy] =
+                st.metrics(b).map_err(torch)?;
+        }
         let value = loss.f_double_value(&[]).map_err(torch)?;
         loss.f_mul_scalar(scale).and_then(|l| l.f_backward()).map_err(torch)?;
         let per_sequence = leaf.grad();
-        let grad = head_backward(model, h, &ids, &mask, &per_sequence)?;
+        let grad = head_backward(model, h, &ids, &mask, &per_sequence, objective.ld_alpha)?;
         Ok((Some(DpoStats { loss: value, metrics }), grad))
     })?;
     match (outcome, stats) {
         (Some(Err(e)), _) => Err(e),
         (_, Some(s)) => Ok(s),
         _ => Err(Error::Loss("the DPO head produced no loss".into())),
+    }
+}
+
+/// The pair view of one batch's sums (`sums`: the policy's, `[2B]`, with or without a graph) for
+/// [`DpoObjective::loss`].
+fn pair_logps(
+    objective: &DpoObjective,
+    sums: &Tensor,
+    seq: &SequenceLogps,
+    reference: &SequenceLogps,
+    mask: &Tensor,
+) -> Result<PairLogps, tch::TchError> {
+    let b = sums.size().first().copied().unwrap_or(0) / 2;
+    let t = mask.size().get(1).copied().unwrap_or(0);
+    let dev = sums.device();
+    let chosen = sums.f_narrow(0, 0, b)?;
+    let rejected = sums.f_narrow(0, b, b)?;
+    let chosen_nll = if objective.losses.iter().any(|(l, _)| *l == DpoLoss::Sft) {
+        // TRL's sft term: the mean negative log-prob over every chosen completion token.
+        let scored = mask.f_narrow(1, 1, t - 1)?.f_narrow(0, 0, b)?;
+        let n = scored.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
+        Some(chosen.f_sum(Kind::Float)?.f_neg()?.f_div(&n.f_to_device(dev)?)?)
+    } else {
+        None
+    };
+    let on = |x: &Tensor, start: i64| x.f_narrow(0, start, b).and_then(|x| x.f_to_device(dev));
+    Ok(PairLogps {
+        chosen,
+        rejected,
+        ref_chosen: on(&reference.sums, 0)?,
+        ref_rejected: on(&reference.sums, b)?,
+        chosen_tokens: on(&seq.tokens, 0)?,
+        rejected_tokens: on(&seq.tokens, b)?,
+        chosen_nll,
+        weights: objective.use_weighting.then(|| seq.weights.shallow_clone()),
+    })
+}
+
+/// DPO's eval set: pairs in dataset order, scored as TRL's evaluation scores them: each batch's
+/// loss and metrics without gradients or dropout; `eval_loss` is the mean over pairs, each metric
+/// the mean over batches, logged as `eval_<name>`.
+pub struct DpoEval<'a> {
+    /// The objective (its loss, adapters and reference).
+    pub dpo: &'a Dpo<'a>,
+    /// The eval batches with their pair counts.
+    pub batches: Vec<(DpoMicroBatch, u64)>,
+}
+
+impl DpoEval<'_> {
+    fn run(&self, model: &model_loader::CausalLm, step: u64) -> Result<(f64, Vec<f64>), Error> {
+        let forward = |source: model_loader::Error| Error::Forward { step, source: Box::new(source) };
+        let torch = |e: tch::TchError| forward(model_loader::Error::from(e));
+        let (mut loss_sum, mut pairs) = (0.0, 0.0);
+        let mut metric_sums = vec![0.0; DPO_METRICS.len()];
+        for (mb, n) in &self.batches {
+            let computed;
+            let reference = match &mb.reference {
+                Some(r) => r,
+                None => {
+                    computed = reference_logps(
+                        model,
+                        self.dpo.adapters,
+                        self.dpo.initial.as_deref(),
+                        &mb.batch,
+                        self.dpo.objective.ld_alpha,
+                    )?;
+                    &computed
+                }
+            };
+            let ids = mb.batch.input_ids.f_to_device(model.device()).map_err(torch)?;
+            let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
+            let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).map_err(forward)?;
+            let scoring = Scoring { ld_alpha: self.dpo.objective.ld_alpha, stats: true };
+            let seq =
+                sequence_logps(model, &h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring).map_err(forward)?;
+            let pair = pair_logps(&self.dpo.objective, &seq.sums, &seq, reference, &mask).map_err(torch)?;
+            let (loss, mut m) = tch::no_grad(|| self.dpo.objective.loss(&pair))?;
+            if let Some(st) = &seq.stats {
+                [m.logits_chosen, m.logits_rejected, m.entropy, m.mean_token_accuracy] =
+                    st.metrics(mb.batch.pairs()).map_err(torch)?;
+            }
+            let loss = loss.f_double_value(&[]).map_err(torch)?;
+            loss_sum += loss * *n as f64;
+            pairs += *n as f64;
+            for (acc, v) in metric_sums.iter_mut().zip(m.values()) {
+                *acc += v;
+            }
+        }
+        let batches = self.batches.len().max(1) as f64;
+        Ok((loss_sum / pairs.max(1.0), metric_sums.into_iter().map(|s| s / batches).collect()))
+    }
+}
+
+impl super::Evaluator for DpoEval<'_> {
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    fn evaluate(
+        &self,
+        model: &model_loader::CausalLm,
+        step: u64,
+        epoch: f64,
+    ) -> Result<super::EvalEntry, Error> {
+        let start = std::time::Instant::now();
+        let adapters = self.dpo.adapters;
+        let training = adapters.is_training();
+        adapters.set_training(false);
+        let result = self.run(model, step);
+        adapters.set_training(training);
+        let (eval_loss, values) = result?;
+        if !eval_loss.is_finite() {
+            return Err(Error::NonFiniteEval { step, loss: eval_loss });
+        }
+        let mut metrics: std::collections::BTreeMap<String, f64> =
+            DPO_METRICS.iter().zip(&values).map(|(k, v)| (format!("eval_{k}"), *v)).collect();
+        let accuracy = metrics.remove("eval_mean_token_accuracy").unwrap_or(0.0);
+        Ok(super::EvalEntry {
+            step,
+            epoch,
+            eval_loss,
+            eval_mean_token_accuracy: accuracy,
+            eval_runtime: start.elapsed().as_secs_f64(),
+            metrics,
+        })
     }
 }
 
@@ -524,6 +782,7 @@ fn head_backward(
     input_ids: &Tensor,
     completion_mask: &Tensor,
     per_sequence: &Tensor,
+    ld_alpha: Option<f64>,
 ) -> Result<Tensor, model_loader::Error> {
     let size = h.size();
     let [r, t, hidden] = size[..] else {
@@ -534,14 +793,18 @@ fn head_backward(
     let dev = h.device();
     let leaf = h.f_detach()?.set_requires_grad(true);
     let flat = leaf.f_reshape([r * t, hidden])?;
-    let s = Scored::new(input_ids, completion_mask, t, dev)?;
+    let s = Scored::new(input_ids, completion_mask, t, dev, ld_alpha)?;
     let n = s.positions.size()[0];
     let coeff = per_sequence.f_to_device(dev)?.f_index_select(0, &s.rows()?)?;
+    let coeff = match &s.weight {
+        Some(w) => coeff.f_mul(w)?,
+        None => coeff,
+    };
     let max_rows = (super::HEAD_CHUNK_BYTES / (4 * model.vocab_size().max(1))).max(1);
     let mut start = 0;
     while start < n {
         let len = max_rows.min(n - start);
-        let (_, lp) = s.chunk(model, &flat, start, len)?;
+        let lp = s.chunk(model, &flat, start, len)?.lp;
         let c = coeff.f_narrow(0, start, len)?.f_to_device(lp.device())?;
         lp.f_mul(&c)?.f_sum(Kind::Float)?.f_backward()?;
         start += len;
@@ -589,13 +852,17 @@ impl DpoMicroBatch {
 }
 
 /// The metrics DPO logs, in [`DpoMetrics`]' order.
-pub const DPO_METRICS: [&str; 6] = [
+pub const DPO_METRICS: [&str; 10] = [
     "rewards/chosen",
     "rewards/rejected",
     "rewards/accuracies",
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
 ];
 
 impl super::Objective for Dpo<'_> {
@@ -615,7 +882,13 @@ impl super::Objective for Dpo<'_> {
         let reference = match &b.reference {
             Some(r) => r,
             None => {
-                computed = reference_logps(model, self.adapters, self.initial.as_deref(), &b.batch)?;
+                computed = reference_logps(
+                    model,
+                    self.adapters,
+                    self.initial.as_deref(),
+                    &b.batch,
+                    self.objective.ld_alpha,
+                )?;
                 &computed
             }
         };
@@ -634,17 +907,7 @@ impl super::Objective for Dpo<'_> {
         let m = s.metrics;
         Ok(super::Micro {
             loss: s.loss * scale,
-            metrics: [
-                m.rewards_chosen,
-                m.rewards_rejected,
-                m.rewards_accuracies,
-                m.rewards_margins,
-                m.logps_chosen,
-                m.logps_rejected,
-            ]
-            .into_iter()
-            .map(Some)
-            .collect(),
+            metrics: m.values().into_iter().map(Some).collect(),
             tokens: b.tokens,
         })
     }
@@ -683,6 +946,7 @@ mod tests {
             alpha_coef: num("f_alpha_divergence_coef", 0.5),
             losses: names.iter().map(|n| parse(n.as_str().expect("name"))).zip(weights).collect(),
             use_weighting: cfg.get("use_weighting").and_then(Value::as_bool).unwrap_or(false),
+            ld_alpha: cfg.get("ld_alpha").and_then(Value::as_f64),
         }
     }
 
@@ -749,7 +1013,9 @@ mod tests {
         let model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
         let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).expect("forward");
         // A small chunk size, so several chunks (and rows split across them) are exercised.
-        let got = sequence_logps(&model, &h, &ids, &mask, 4 * model.vocab_size() * 7).expect("logps");
+        let scoring = Scoring { ld_alpha: None, stats: true };
+        let got =
+            sequence_logps(&model, &h, &ids, &mask, 4 * model.vocab_size() * 7, scoring).expect("logps");
         let want: Vec<f64> = [&i["ref_chosen"], &i["ref_rejected"]]
             .iter()
             .flat_map(|v| v.as_array().expect("list").iter().map(|x| x.as_f64().expect("number")))
@@ -818,7 +1084,7 @@ mod tests {
         let mut cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
         cfg.init = lora::LoraInit::False;
         let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
-        let reference = reference_logps(&model, &adapters, None, &batch).expect("reference");
+        let reference = reference_logps(&model, &adapters, None, &batch, None).expect("reference");
         let want: Vec<f64> = ["ref_chosen", "ref_rejected"]
             .iter()
             .flat_map(|k| {
@@ -946,7 +1212,13 @@ mod tests {
         let mut trainer = super::super::Trainer::new(&model, adapters.parameters(), topts).expect("trainer");
         let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters, initial: None };
         let outcome = trainer
-            .train_objective(&dpo, &mut |_| text_pairs(per), &[], &|_| Ok(()), &mut |_| {})
+            .train_objective(
+                &dpo,
+                &mut |_| text_pairs(per),
+                &crate::train::SftEval(&[]),
+                &|_| Ok(()),
+                &mut |_| {},
+            )
             .expect("train");
         assert_eq!(outcome, super::super::Outcome::Finished);
         let params = adapters.parameters().iter().map(Tensor::copy).collect();
@@ -967,8 +1239,10 @@ mod tests {
         let last = log.last().expect("logs");
         assert!(last.loss < log[0].loss, "{:?}", log.iter().map(|e| e.loss).collect::<Vec<_>>());
         assert!(last.metrics["rewards/margins"] > 0.0, "{:?}", last.metrics);
-        assert_eq!(last.metrics.len(), 6);
-        assert!(last.mean_token_accuracy.is_none());
+        // TRL's names: rewards, log-probs, logits and entropy; the accuracy has its own field.
+        assert_eq!(last.metrics.len(), 9, "{:?}", last.metrics.keys());
+        assert!(last.metrics.contains_key("logits/chosen") && last.metrics.contains_key("entropy"));
+        assert!(last.mean_token_accuracy.is_some_and(|a| (0.0..=1.0).contains(&a)));
         let (accumulated, log2) = dpo_run(1, 2, 4);
         assert!(max_rel(&accumulated, &whole) < 1e-4, "{}", max_rel(&accumulated, &whole));
         assert!((log2[0].loss - log[0].loss).abs() < 1e-6);

@@ -186,6 +186,53 @@ fn one() -> u64 {
     1
 }
 
+/// An eval set the loop can evaluate on: SFT's next-token batches, or DPO's pairs
+/// (`dpo::DpoEval`).
+pub trait Evaluator {
+    /// No batches: the loop does not evaluate.
+    fn is_empty(&self) -> bool;
+    /// Loss and metrics over the whole set at `step`, without gradients.
+    fn evaluate(&self, model: &CausalLm, step: u64, epoch: f64) -> Result<EvalEntry, Error>;
+}
+
+/// SFT's eval set: next-token batches with their label-token counts.
+pub struct SftEval<'a>(pub &'a [(DeviceBatch, u64)]);
+
+impl Evaluator for SftEval<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Next-token loss (each batch's token mean weighted by its rows, as transformers does) and
+    /// accuracy.
+    fn evaluate(&self, model: &CausalLm, step: u64, epoch: f64) -> Result<EvalEntry, Error> {
+        let eval = self.0;
+        let start = Instant::now();
+        let (mut weighted, mut rows, mut correct, mut total) = (0.0, 0u64, 0u64, 0u64);
+        for (batch, _) in eval {
+            let (sum, c, t) = evaluate_batch(model, batch)
+                .map_err(|source| Error::Forward { step, source: Box::new(source) })?;
+            let n = batch.input_ids.size()[0] as u64;
+            weighted += if t > 0 { sum / t as f64 } else { 0.0 } * n as f64;
+            rows += n;
+            correct += c;
+            total += t;
+        }
+        let eval_loss = weighted / rows.max(1) as f64;
+        if !eval_loss.is_finite() {
+            return Err(Error::NonFiniteEval { step, loss: eval_loss });
+        }
+        Ok(EvalEntry {
+            step,
+            epoch,
+            eval_loss,
+            eval_mean_token_accuracy: correct as f64 / total.max(1) as f64,
+            eval_runtime: start.elapsed().as_secs_f64(),
+            metrics: Default::default(),
+        })
+    }
+}
+
 /// Drives training of `params` in `model`; `epoch_batches(e)` gives epoch `e`'s micro-batches in
 /// order, `save(dir)` writes the adapter files into `dir`, `on_log` sees each log line.
 pub struct Trainer<'a> {
@@ -221,29 +268,7 @@ impl<'a> Trainer<'a> {
 
     /// Loss and accuracy over `eval` (no gradients).
     pub fn evaluate(&self, eval: &[(DeviceBatch, u64)], epoch: f64) -> Result<EvalEntry, Error> {
-        let start = Instant::now();
-        let step = self.progress.global_step;
-        let (mut weighted, mut rows, mut correct, mut total) = (0.0, 0u64, 0u64, 0u64);
-        for (batch, _) in eval {
-            let (sum, c, t) = evaluate_batch(self.model, batch)
-                .map_err(|source| Error::Forward { step, source: Box::new(source) })?;
-            let n = batch.input_ids.size()[0] as u64;
-            weighted += if t > 0 { sum / t as f64 } else { 0.0 } * n as f64;
-            rows += n;
-            correct += c;
-            total += t;
-        }
-        let eval_loss = weighted / rows.max(1) as f64;
-        if !eval_loss.is_finite() {
-            return Err(Error::NonFiniteEval { step, loss: eval_loss });
-        }
-        Ok(EvalEntry {
-            step,
-            epoch,
-            eval_loss,
-            eval_mean_token_accuracy: correct as f64 / total.max(1) as f64,
-            eval_runtime: start.elapsed().as_secs_f64(),
-        })
+        SftEval(eval).evaluate(self.model, self.progress.global_step, epoch)
     }
 
     /// Run SFT until `total_steps` (or a stop request), evaluating on `eval` and saving
@@ -255,16 +280,16 @@ impl<'a> Trainer<'a> {
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, Error> {
-        self.train_objective(&Sft, epoch_batches, eval, save_adapter, on_event)
+        self.train_objective(&Sft, epoch_batches, &SftEval(eval), save_adapter, on_event)
     }
 
     /// [`Trainer::train`] for any objective; `epoch_batches(e)` gives epoch `e`'s micro-batches
-    /// with their loss-bearing items. `eval` is SFT's next-token evaluation (empty for none).
+    /// with their loss-bearing items. `eval` is the objective's evaluation (empty for none).
     pub fn train_objective<O: Objective>(
         &mut self,
         objective: &O,
         epoch_batches: &mut dyn FnMut(u64) -> Vec<(O::Batch, u64)>,
-        eval: &[(DeviceBatch, u64)],
+        eval: &dyn Evaluator,
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, Error> {
@@ -292,7 +317,7 @@ impl<'a> Trainer<'a> {
         let epoch_now =
             |p: &Progress, len: usize| p.epoch as f64 + p.batch_in_epoch as f64 / len.max(1) as f64;
         if main && self.opts.eval_on_start && !eval.is_empty() && self.progress.global_step == 0 {
-            let e = self.evaluate(eval, 0.0)?;
+            let e = eval.evaluate(self.model, 0, 0.0)?;
             on_event(Event::Eval(&e));
             self.progress.eval_history.push(e);
         }
@@ -428,7 +453,7 @@ impl<'a> Trainer<'a> {
                 && let Some(every) = self.opts.eval_steps
                 && ((every > 0 && gs.is_multiple_of(every)) || last)
             {
-                let e = self.evaluate(eval, epoch_now(&self.progress, batches.len()))?;
+                let e = eval.evaluate(self.model, gs, epoch_now(&self.progress, batches.len()))?;
                 on_event(Event::Eval(&e));
                 self.progress.eval_history.push(e);
             }
