@@ -294,6 +294,68 @@ mod tests {
         ]
     }
 
+    mod garbage {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn sample() -> impl Strategy<Value = Sample> {
+            prop::collection::vec((any::<u32>(), any::<i32>()), 0..12).prop_flat_map(|tokens| {
+                let n = tokens.len();
+                let (input_ids, labels): (Vec<u32>, Vec<i32>) = tokens.into_iter().unzip();
+                // A packed sample's sequence lengths add up to its length.
+                prop::collection::vec(1u32..4, 0..4).prop_map(move |mut lens| {
+                    let mut left = n as u32;
+                    lens.retain_mut(|l| {
+                        *l = (*l).min(left);
+                        left -= *l;
+                        *l > 0
+                    });
+                    if left > 0 {
+                        lens.push(left);
+                    }
+                    Sample { input_ids: input_ids.clone(), labels: labels.clone(), seq_lengths: Some(lens) }
+                })
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+            /// Whatever happens to a cache file (a flipped byte, a cut, bytes appended, or noise
+            /// instead), reading it is an error, never a panic or a huge allocation; intact, it
+            /// reads back.
+            #[test]
+            fn a_damaged_cache_file_is_an_error(
+                samples in prop::collection::vec(sample(), 0..5),
+                at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+                cut in any::<prop::sample::Index>(),
+                noise in prop::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let d = scratch("prop");
+                let p = d.join(format!("{}.bin", std::thread::current().name().unwrap_or("t").replace("::", "-")));
+                let key = [3u8; 32];
+                write_cache(&p, &key, &samples).expect("write");
+                let good = std::fs::read(&p).expect("read");
+                prop_assert_eq!(read_cache(&p, &key).expect("intact"), samples);
+                let mut flipped = good.clone();
+                let i = at.index(flipped.len());
+                flipped[i] ^= flip;
+                let cut_at = cut.index(good.len());
+                let mut longer = good.clone();
+                longer.push(0);
+                // A huge sample count or length in an otherwise valid header.
+                let mut huge = good[..48].to_vec();
+                huge[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+                huge.extend_from_slice(&[0, 0xff, 0xff, 0xff, 0xff]);
+                for bad in [flipped, good[..cut_at].to_vec(), longer, noise.clone(), huge] {
+                    std::fs::write(&p, &bad).expect("write");
+                    prop_assert!(read_cache(&p, &key).is_err());
+                }
+            }
+        }
+    }
+
     #[test]
     fn round_trip() {
         let d = scratch("rt");

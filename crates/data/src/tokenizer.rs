@@ -269,6 +269,74 @@ mod tests {
         Tokenizer::from_dir(&dir).expect("tiny tokenizer loads")
     }
 
+    mod garbage {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn files() -> (Vec<u8>, Vec<u8>) {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+            let read = |f: &str| std::fs::read(dir.join(f)).expect("tiny tokenizer files");
+            (read("tokenizer.json"), read("tokenizer_config.json"))
+        }
+
+        fn json_leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|i| Value::Number(i.into())),
+                "\\PC{0,6}".prop_map(Value::String),
+                Just(serde_json::json!({"content": 5})),
+                Just(serde_json::json!([1, "a"])),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            /// A damaged tokenizer.json (a cut or a flipped byte) is an error naming the file, or
+            /// still a tokenizer; never a panic.
+            #[test]
+            fn a_damaged_tokenizer_json_never_panics(
+                cut in any::<prop::sample::Index>(),
+                at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let (json, cfg) = files();
+                let mut flipped = json.clone();
+                let i = at.index(flipped.len());
+                flipped[i] ^= flip;
+                for bad in [json[..cut.index(json.len())].to_vec(), flipped] {
+                    if let Err(e) = Tokenizer::from_bytes(&bad, Some(&cfg), Path::new("m")) {
+                        prop_assert!(e.to_string().contains("tokenizer.json"), "{}", e);
+                    }
+                }
+            }
+
+            /// tokenizer_config.json with any key set to any kind of value, or not an object, or
+            /// not JSON: a tokenizer or an error naming the file, never a panic.
+            #[test]
+            fn a_wrong_tokenizer_config_never_panics(
+                key in prop::sample::select(vec![
+                    "eos_token", "pad_token", "bos_token", "unk_token", "chat_template",
+                    "added_tokens_decoder", "model_max_length", "padding_side", "additional_special_tokens",
+                ]),
+                value in json_leaf(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let (json, cfg) = files();
+                let mut m: serde_json::Map<String, Value> = serde_json::from_slice(&cfg).expect("config");
+                m.insert(key.to_owned(), value);
+                let changed = serde_json::to_vec(&m).expect("json");
+                let truncated = cfg[..cut.index(cfg.len())].to_vec();
+                for bad in [changed, truncated, b"[1, 2]".to_vec()] {
+                    if let Err(e) = Tokenizer::from_bytes(&json, Some(&bad), Path::new("m")) {
+                        prop_assert!(e.to_string().contains("tokenizer"), "{}", e);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn special_tokens_come_from_the_config() {
         let t = tiny();
