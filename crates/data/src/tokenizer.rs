@@ -87,8 +87,20 @@ impl Tokenizer {
     /// in errors.
     pub fn from_bytes(json: &[u8], config: Option<&[u8]>, origin: &Path) -> Result<Self, Error> {
         let err = |file: &str, message: String| Error::Tokenizer { path: origin.join(file), message };
-        let mut inner =
-            tokenizers::Tokenizer::from_bytes(json).map_err(|e| err("tokenizer.json", e.to_string()))?;
+        // The tokenizers library panics on some damaged files (a cut inside its decoder section):
+        // the JSON is checked first, and a panic left in the library is caught, both named.
+        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+            .map_err(|e| err("tokenizer.json", format!("not valid JSON: {e}")))?;
+        let parsed =
+            std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json)).map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                err("tokenizer.json", format!("the tokenizers library could not read it ({why})"))
+            })?;
+        let mut inner = parsed.map_err(|e| err("tokenizer.json", e.to_string()))?;
         let cfg: serde_json::Map<String, Value> = match config {
             None => serde_json::Map::new(),
             Some(bytes) => match serde_json::from_slice(bytes) {
