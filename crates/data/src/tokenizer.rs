@@ -109,6 +109,36 @@ impl Tokenizer {
                 Err(e) => return Err(err("tokenizer_config.json", format!("not valid JSON: {e}"))),
             },
         };
+        // Each special token is a string or an AddedToken object (`{"content": ...}`); anything
+        // else would silently leave the token unset.
+        let kind = |v: &Value| match v {
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::Array(_) => "a list",
+            Value::Object(_) => "an object without a string `content`",
+            _ => "a string",
+        };
+        let wrong = |key: String, v: &Value| {
+            err(
+                "tokenizer_config.json",
+                format!(
+                    "`{key}` must be a string or an AddedToken object with `content`, found {} ({v})",
+                    kind(v)
+                ),
+            )
+        };
+        for name in SPECIAL_TOKEN_NAMES {
+            if let Some(v) = cfg.get(name).filter(|v| !v.is_null() && token_text(v).is_none()) {
+                return Err(wrong(name.to_owned(), v));
+            }
+        }
+        for key in ["extra_special_tokens", "additional_special_tokens"] {
+            if let Some(Value::Array(items)) = cfg.get(key)
+                && let Some((i, v)) = items.iter().enumerate().find(|(_, v)| token_text(v).is_none())
+            {
+                return Err(wrong(format!("{key}[{i}]"), v));
+            }
+        }
         let special: Vec<(&'static str, String)> = SPECIAL_TOKEN_NAMES
             .iter()
             .filter_map(|&name| cfg.get(name).and_then(token_text).map(|t| (name, t)))
@@ -347,6 +377,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_special_token_of_the_wrong_kind_is_an_error_naming_it() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let json = std::fs::read(dir.join("tokenizer.json")).expect("tokenizer.json");
+        let with = |extra: serde_json::Value| {
+            let mut cfg: serde_json::Map<String, Value> =
+                serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json")).expect("config"))
+                    .expect("object");
+            for (k, v) in extra.as_object().expect("object") {
+                cfg.insert(k.clone(), v.clone());
+            }
+            Tokenizer::from_bytes(&json, Some(&serde_json::to_vec(&cfg).expect("json")), Path::new("m"))
+        };
+        let e = with(serde_json::json!({"eos_token": 5})).expect_err("a number");
+        assert!(
+            e.to_string().contains("tokenizer_config.json") && e.to_string().contains("`eos_token`"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("found a number (5)"), "{e}");
+        let e = with(serde_json::json!({"additional_special_tokens": ["<a>", {"id": 3}]}))
+            .expect_err("no content");
+        assert!(e.to_string().contains("`additional_special_tokens[1]`"), "{e}");
+        assert!(with(serde_json::json!({"pad_token": null, "bos_token": {"content": "<s>"}})).is_ok());
     }
 
     #[test]
