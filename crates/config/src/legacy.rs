@@ -39,9 +39,12 @@ pub const OBSOLETE_DPO: &[(&str, &str)] = &[
     ("max_target_length", "TRL removed it: a pair is truncated only by max_length"),
     ("is_encoder_decoder", "TRL 1.16 removed it; nibble trains decoder-only models"),
     ("generate_during_eval", "TRL 1.16 removed it; nibble does not generate during evaluation"),
-    ("force_use_ref_model", "TRL 1.16 removed it; the reference is the base with the adapter off"),
-    ("model_adapter_name", "TRL 1.16 removed it; the reference is the base with the adapter off"),
-    ("ref_adapter_name", "TRL 1.16 removed it; the reference is the base with the adapter off"),
+    (
+        "force_use_ref_model",
+        "TRL 1.16 removed it; the reference is the policy's own base (with the starting adapter frozen, or the adapter off)",
+    ),
+    ("model_adapter_name", "TRL 1.16 removed it; the reference adapter is a frozen copy of the starting one"),
+    ("ref_adapter_name", "TRL 1.16 removed it; the reference adapter is a frozen copy of the starting one"),
     ("ref_model_init_kwargs", "TRL 1.16 removed it; the reference is the policy's own base"),
     ("padding_value", "TRL 1.16 removed it; the pad token pads"),
     ("label_pad_token_id", "TRL 1.16 removed it; prompt and padding never enter the loss"),
@@ -110,16 +113,15 @@ impl Tx<'_> {
 }
 
 /// Rewrite a layer's old keys in place.
+/// Returns the layer's `rpo_alpha` (DPO), for [`apply_rpo_alpha`] once the layers are merged.
 pub(crate) fn translate(
     layer: &mut Layer,
     trainer: Trainer,
     diags: &mut Vec<Diagnostic>,
     warnings: &mut Vec<Warning>,
-) {
+) -> Option<(f64, crate::diag::Origin)> {
     let mut tx = Tx { layer, diags, warnings };
-    if trainer == Trainer::Dpo {
-        translate_dpo(&mut tx);
-    }
+    let rpo_alpha = if trainer == Trainer::Dpo { translate_dpo(&mut tx) } else { None };
 
     for (old, new) in RENAMES {
         if let Some(v) = tx.layer.values.remove(*old) {
@@ -182,12 +184,13 @@ pub(crate) fn translate(
     }
 
     translate_mixer(&mut tx);
+    rpo_alpha
 }
 
-/// DPOConfig's older keys: a single `loss_type` is a list of one (as DPOConfig reads it),
-/// `rpo_alpha: a` is the `sft` loss added with weight `a` (TRL 1.16's spelling of RPO), removed
-/// keys are announced, and `reference_free: true` is refused.
-fn translate_dpo(tx: &mut Tx<'_>) {
+/// DPOConfig's older keys: a single `loss_type` (or `loss_weights`) is a list of one (as
+/// DPOConfig reads it), removed keys are announced, `reference_free: true` is refused, and
+/// `rpo_alpha` is taken out to be applied after merging ([`apply_rpo_alpha`]).
+fn translate_dpo(tx: &mut Tx<'_>) -> Option<(f64, crate::diag::Origin)> {
     if let Some(J::String(one)) = tx.layer.values.get("loss_type") {
         let list = json!([one]);
         tx.layer.values.insert("loss_type".into(), list);
@@ -203,47 +206,60 @@ fn translate_dpo(tx: &mut Tx<'_>) {
             Kind::Conflict,
             "reference_free",
             "TRL 1.16 removed reference-free DPO and nibble does not train it: the reference is the \
-             base model with the adapter off"
+             policy's own base (with the starting adapter frozen, or the adapter off)"
                 .into(),
         ),
         Some(other) => {
             tx.error(Kind::WrongType, "reference_free", format!("expected a boolean, found {other}"))
         }
     }
-    let Some(alpha) = tx.layer.values.remove("rpo_alpha") else { return };
-    let a = match alpha {
-        J::Null => return,
-        J::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+    if let Some(w @ J::Number(_)) = tx.layer.values.get("loss_weights") {
+        // One weight for one loss, as TRL's command line reads a single value.
+        let list = json!([w]);
+        tx.layer.values.insert("loss_weights".into(), list);
+    }
+    let alpha = tx.layer.values.remove("rpo_alpha")?;
+    match alpha {
+        J::Null => None,
+        J::Number(n) => Some((n.as_f64().unwrap_or(f64::NAN), tx.layer.origin_of("rpo_alpha"))),
         other => {
             tx.error(Kind::WrongType, "rpo_alpha", format!("expected a number, found {other}"));
-            return;
+            None
         }
-    };
-    let mut losses = match tx.layer.values.get("loss_type") {
-        Some(J::Array(l)) => l.clone(),
-        _ => vec![json!("sigmoid")],
-    };
-    if losses.iter().any(|l| l == "sft") {
-        tx.error(
-            Kind::Conflict,
-            "rpo_alpha",
-            "older spelling of the `sft` loss, which loss_type already has; keep only loss_type".into(),
-        );
+    }
+}
+
+/// `rpo_alpha: a` (the highest layer's), applied once the layers are merged: the `sft` loss
+/// added to the winning `loss_type` with weight `a` beside the winning `loss_weights`.
+pub(crate) fn apply_rpo_alpha(
+    dpo: &mut crate::fields::DpoArgs,
+    (alpha, origin): (f64, crate::diag::Origin),
+    diags: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Warning>,
+) {
+    use crate::types::DpoLoss;
+    if dpo.loss_type.contains(&DpoLoss::Sft) {
+        diags.push(Diagnostic {
+            kind: Kind::Conflict,
+            key: "rpo_alpha".into(),
+            origin,
+            message: "older spelling of the `sft` loss, which loss_type already has; keep only loss_type"
+                .into(),
+        });
         return;
     }
-    let mut weights = match tx.layer.values.get("loss_weights") {
-        Some(J::Array(w)) => w.clone(),
-        _ => vec![json!(1.0); losses.len()],
-    };
-    losses.push(json!("sft"));
-    weights.push(json!(a));
-    let origin = tx.layer.origin_of("rpo_alpha");
-    let (l, w) = (J::Array(losses), J::Array(weights));
-    tx.warn("rpo_alpha", format!("older spelling of RPO, read as `loss_type: {l}` with `loss_weights: {w}`"));
-    for (k, v) in [("loss_type", l), ("loss_weights", w)] {
-        tx.layer.origins.entry(k.into()).or_insert_with(|| origin.clone());
-        tx.layer.values.insert(k.into(), v);
-    }
+    let mut weights = dpo.loss_weights.clone().unwrap_or_else(|| vec![1.0; dpo.loss_type.len()]);
+    dpo.loss_type.push(DpoLoss::Sft);
+    weights.push(alpha);
+    let names: Vec<&str> = dpo.loss_type.iter().map(|l| l.as_str()).collect();
+    warnings.push(Warning {
+        key: "rpo_alpha".into(),
+        origin,
+        message: format!(
+            "older spelling of RPO, read as `loss_type: {names:?}` with `loss_weights: {weights:?}`"
+        ),
+    });
+    dpo.loss_weights = Some(weights);
 }
 
 /// `dataset_mixer: {id: fraction}` + `dataset_splits` + `dataset_configs` (handbook < 2025) to

@@ -213,8 +213,10 @@ impl Loader {
         layers.push(Layer::from_env(trainer, self.env));
         layers.push(Layer::from_cli(trainer, self.cli, &mut diags));
 
+        // The highest layer's `rpo_alpha` applies to the merged losses.
+        let mut rpo_alpha = None;
         for layer in layers.iter_mut().skip(1) {
-            legacy::translate(layer, trainer, &mut diags, &mut warnings);
+            rpo_alpha = legacy::translate(layer, trainer, &mut diags, &mut warnings).or(rpo_alpha);
             reject_unknown(layer, trainer, &mut diags);
         }
 
@@ -228,7 +230,7 @@ impl Loader {
         };
         let model = ModelArgs::extract(&mut x);
         let data = DataArgs::extract(&mut x);
-        let dpo = (trainer == Trainer::Dpo).then(|| DpoArgs::extract(&mut x));
+        let mut dpo = (trainer == Trainer::Dpo).then(|| DpoArgs::extract(&mut x));
         // Training keys the trainer does not read keep their defaults (DPO's `loss_type` is its own).
         x.skip = TrainingArgs::FIELDS
             .iter()
@@ -237,6 +239,9 @@ impl Loader {
             .collect();
         let training = TrainingArgs::extract(&mut x);
         let failed = std::mem::take(&mut x.failed);
+        if let (Some(dpo), Some(a)) = (dpo.as_mut(), rpo_alpha) {
+            legacy::apply_rpo_alpha(dpo, a, &mut diags, &mut warnings);
+        }
         let extra = extract_extra(&layers, trainer, &mut diags);
 
         let (mut sources, mut origins) = (BTreeMap::new(), BTreeMap::new());

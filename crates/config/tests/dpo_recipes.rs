@@ -111,6 +111,22 @@ fn rpo_alpha_reads_as_the_sft_loss() {
     assert!(r.warnings.iter().any(|w| w.key == "rpo_alpha"));
     let e = dpo_errors(&format!("{MINIMAL}rpo_alpha: 0.5\nloss_type: [sigmoid, sft]\n"));
     assert_eq!(e[0].key, "rpo_alpha");
+    // Across layers: the merged loss_type gets the sft term, whichever layer set which.
+    let flags = |f: &[&str]| {
+        config::split_flags(&f.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).expect("flags")
+    };
+    let load = |yaml: String, f: &[&str]| {
+        Loader::new().trainer(Trainer::Dpo).yaml("dpo.yaml", yaml).cli(flags(f)).load().expect("loads")
+    };
+    let d = load(format!("{MINIMAL}loss_type: ipo\n"), &["--rpo_alpha", "0.5"]).dpo.expect("DPO keys");
+    assert_eq!(d.loss_type, vec![DpoLoss::Ipo, DpoLoss::Sft]);
+    assert_eq!(d.loss_weights, Some(vec![1.0, 0.5]));
+    let d = load(format!("{MINIMAL}rpo_alpha: 0.5\n"), &["--loss_type", "ipo"]).dpo.expect("DPO keys");
+    assert_eq!(d.loss_type, vec![DpoLoss::Ipo, DpoLoss::Sft]);
+    assert_eq!(d.loss_weights, Some(vec![1.0, 0.5]));
+    // A single weight on the command line is a list of one.
+    let d = load(MINIMAL.to_owned(), &["--loss_weights", "0.8"]).dpo.expect("DPO keys");
+    assert_eq!(d.loss_weights, Some(vec![0.8]));
 }
 
 #[test]

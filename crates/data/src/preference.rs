@@ -232,21 +232,40 @@ pub fn prepare_preferences(
     Ok((kept, dropped))
 }
 
-/// [`prepare_preferences`] over loaded rows: an error names the file and row the bad row came from.
+/// [`prepare_preferences`] over loaded rows: an error names the file and row the bad row came
+/// from; with `skip_invalid` (nibble's `skip_invalid_rows`) such rows are dropped and counted
+/// instead. Returns the pairs, the rows truncation dropped and the rows skipped.
 pub fn prepare_preference_rows(
     rows: &crate::mixture::Rows,
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     max_length: Option<usize>,
     mode: TruncationMode,
-) -> Result<(Vec<PreferenceIds>, usize), Error> {
-    prepare_preferences(&rows.values, tok, template, max_length, mode).map_err(|e| match e {
-        Error::Row { file: None, row, message } => match rows.origins.get(row.wrapping_sub(1)) {
-            Some(o) => Error::Row { file: Some(o.file.to_path_buf()), row: o.row, message },
-            None => Error::Row { file: None, row, message },
-        },
-        e => e,
-    })
+    skip_invalid: bool,
+) -> Result<(Vec<PreferenceIds>, usize, usize), Error> {
+    let mut kept = Vec::with_capacity(rows.len());
+    let (mut dropped, mut skipped) = (0, 0);
+    for (i, v) in rows.values.iter().enumerate() {
+        let ids = match preference_row(v).and_then(|row| tokenize_preference(&row, tok, template)) {
+            Ok(ids) => ids,
+            Err(_) if skip_invalid => {
+                skipped += 1;
+                continue;
+            }
+            Err(message) => {
+                return Err(match rows.origins.get(i) {
+                    Some(o) => Error::Row { file: Some(o.file.to_path_buf()), row: o.row, message },
+                    None => Error::Row { file: None, row: i + 1, message },
+                });
+            }
+        };
+        if mode == TruncationMode::KeepStart && max_length.is_some_and(|m| ids.prompt.len() >= m) {
+            dropped += 1;
+            continue;
+        }
+        kept.push(ids);
+    }
+    Ok((kept, dropped, skipped))
 }
 
 /// A collated DPO batch: `rows` = 2B sequences of `len` tokens (every prompt + chosen, then every

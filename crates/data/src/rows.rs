@@ -143,17 +143,18 @@ fn tool_calls(calls: &Value, path: &str) -> Result<(), String> {
         let Value::Object(c) = call else {
             return Err(format!("`{at}` must be an object, found {}", kind_of(call)));
         };
-        if let Some(t) = c.get("type").filter(|t| !t.is_string()) {
+        if let Some(t) = c.get("type").filter(|t| !t.is_string() && !t.is_null()) {
             return Err(format!("`{at}.type` must be a string, found {}", kind_of(t)));
         }
         // `{"function": {"name", "arguments"}}`, or the flat `{"name", "arguments"}` templates
         // also read (`tool_call.function if defined else tool_call`).
+        // (A null field is a missing one: `datasets` fills the fields of the other form with null.)
         let (f, fpath) = match c.get("function") {
             Some(Value::Object(f)) => (f, format!("{at}.function")),
+            None | Some(Value::Null) => (c, at.clone()),
             Some(other) => {
                 return Err(format!("`{at}.function` must be an object, found {}", kind_of(other)));
             }
-            None => (c, at.clone()),
         };
         match f.get("name") {
             Some(Value::String(n)) if !n.is_empty() => {}
@@ -199,12 +200,12 @@ pub(crate) fn check_tools(tools: &Value) -> Result<(), String> {
         // `{"type": "function", "function": {"name": ...}}`, or a bare function definition.
         let f = match o.get("function") {
             Some(Value::Object(f)) => f,
+            None | Some(Value::Null) => o,
             Some(other) => {
                 return Err(format!("`tools[{j}].function` must be an object, found {}", kind_of(other)));
             }
-            None => o,
         };
-        if let Some(n) = f.get("name").filter(|n| !n.is_string()) {
+        if let Some(n) = f.get("name").filter(|n| !n.is_string() && !n.is_null()) {
             return Err(format!("`tools[{j}]`'s function `name` must be a string, found {}", kind_of(n)));
         }
     }
@@ -300,7 +301,7 @@ mod tests {
         let string_args = json!([{"function": {"name": "f", "arguments": "{\"x\": 1}"}}]);
         let tools_text = Value::String(good_tools.to_string());
         assert!(classify(&row(call(string_args), tools_text), "text").is_ok());
-        let flat = json!([{"name": "add", "arguments": "{\"a\": 1}"}]);
+        let flat = json!([{"name": "add", "arguments": "{\"a\": 1}", "function": null, "type": null}]);
         assert!(
             classify(&row(call(flat), Value::Null), "text").is_ok(),
             "the unwrapped form templates also read"

@@ -83,3 +83,27 @@ fn a_bad_row_is_named() {
     let msg = e.to_string();
     assert!(msg.contains("row 2") && msg.contains("`rejected`") && msg.contains("a number"), "{msg}");
 }
+
+#[test]
+fn loaded_rows_name_their_file_or_are_skipped_when_asked() {
+    use std::sync::Arc;
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+    let tok = Tokenizer::from_dir(&model).expect("tokenizer");
+    let file = Arc::new(std::path::PathBuf::from("pairs.jsonl"));
+    let origin = |row| data::Origin { file: file.clone(), row };
+    let rows = data::Rows {
+        values: vec![
+            serde_json::json!({"prompt": "q", "chosen": "a", "rejected": "b"}),
+            serde_json::json!({"prompt": "q", "chosen": "a"}),
+            serde_json::json!({"prompt": "r", "chosen": "c", "rejected": "d"}),
+        ],
+        origins: vec![origin(1), origin(7), origin(9)],
+    };
+    let mode = TruncationMode::KeepStart;
+    let e =
+        data::preference::prepare_preference_rows(&rows, &tok, None, None, mode, false).expect_err("row 7");
+    assert!(e.to_string().starts_with("pairs.jsonl: row 7: missing `rejected`"), "{e}");
+    let (pairs, dropped, skipped) =
+        data::preference::prepare_preference_rows(&rows, &tok, None, None, mode, true).expect("skipped");
+    assert_eq!((pairs.len(), dropped, skipped), (2, 0, 1));
+}

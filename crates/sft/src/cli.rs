@@ -41,7 +41,7 @@ pub(crate) enum Command {
     /// Train as the recipe says (what `sft RECIPE.yaml` does)
     Train(TrainArgs),
     /// Train a LoRA adapter with DPO on preference pairs, as TRL's DPOTrainer (DPOConfig's keys;
-    /// the reference is the base with the adapter off)
+    /// the reference is a frozen copy of the starting adapter, or the base with the adapter off)
     Dpo(TrainArgs),
     /// Train with N data-parallel ranks on this machine (Gloo on CPU), as `torchrun
     /// --nproc-per-node N --no-python sft RECIPE.yaml` does

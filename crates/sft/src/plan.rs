@@ -142,6 +142,13 @@ impl DpoPlan {
         if let Err(e) = objective.check() {
             p.add(Problem::Conflict, "loss_type", e);
         }
+        if recipe.training.neftune_noise_alpha.is_some() {
+            p.add(
+                Problem::Conflict,
+                "neftune_noise_alpha",
+                "NEFTune is not supported for DPO yet (TRL also perturbs its reference pass); unset it",
+            );
+        }
         Some(DpoPlan {
             objective,
             precompute: d.precompute_ref_log_probs,
@@ -454,10 +461,11 @@ impl RunPlan {
             "dpo": self.dpo.as_ref().map(|d| serde_json::json!({
                 "losses": d.objective.losses.iter().map(|(l, w)| serde_json::json!([l.as_str(), w])).collect::<Vec<_>>(),
                 "beta": d.objective.beta,
-                "reference": if d.precompute {
-                    "precomputed before training (the base with the adapter off)"
-                } else {
-                    "the base with the adapter off, each step"
+                "reference": match (d.precompute, self.lora_init_adapter.is_some()) {
+                    (true, true) => "precomputed before training (a frozen copy of the starting adapter)",
+                    (true, false) => "precomputed before training (the base with the adapter off)",
+                    (false, true) => "a frozen copy of the starting adapter, each step",
+                    (false, false) => "the base with the adapter off, each step",
                 },
                 "precompute_batch_size": d.precompute_batch_size,
                 "dropout": if d.disable_dropout { "off (disable_dropout)" } else { "as lora_dropout" },
@@ -717,6 +725,12 @@ mod tests {
         let _ = DpoPlan::resolve(&mut p, &r);
         let keys: Vec<&str> = p.found.iter().map(|d| d.key.as_str()).collect();
         assert_eq!(keys, ["loss_type"], "{:?}", p.found);
+        // What nibble's DPO does not do yet is refused, not ignored.
+        let r = dpo("loss_type: [sigmoid, sft]\nld_alpha: 0.5\nneftune_noise_alpha: 5\n");
+        let mut p = Problems { recipe: &r, found: Vec::new() };
+        let _ = DpoPlan::resolve(&mut p, &r);
+        let keys: Vec<&str> = p.found.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["loss_type", "neftune_noise_alpha"], "{:?}", p.found);
         // An SFT recipe has no DPO plan.
         let sft = recipe("model_name_or_path: m\n");
         assert!(DpoPlan::resolve(&mut Problems { recipe: &sft, found: Vec::new() }, &sft).is_none());

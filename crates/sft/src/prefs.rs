@@ -48,8 +48,16 @@ pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<P
         .or(tok.eos_token_id())
         .context("the tokenizer has neither a pad nor an EOS token to pad preference batches with")?;
     let prepare = |rows: &data::Rows, what: &str| -> Result<(Vec<PreferenceIds>, usize)> {
-        let (pairs, dropped) = prepare_preference_rows(rows, tok, template.as_ref(), max_length, mode)
-            .with_context(|| format!("preparing the {what} preference pairs"))?;
+        let skip = setup.skip_invalid_rows;
+        let (pairs, dropped, skipped) =
+            prepare_preference_rows(rows, tok, template.as_ref(), max_length, mode, skip)
+                .with_context(|| format!("preparing the {what} preference pairs"))?;
+        if skipped > 0 {
+            tracing::warn!(
+                "{skipped} of {} {what} rows skipped: not preference pairs (skip_invalid_rows)",
+                rows.len()
+            );
+        }
         if dropped > 0 {
             tracing::warn!(
                 "{dropped} of {} {what} pairs dropped: their prompt alone fills max_length ({}), as TRL drops them",

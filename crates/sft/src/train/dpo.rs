@@ -131,6 +131,10 @@ impl DpoObjective {
         if self.use_weighting && (has(DpoLoss::Aot) || has(DpoLoss::AotUnpaired)) {
             return Err("use_weighting is not implemented for aot and aot_unpaired".into());
         }
+        if self.ld_alpha.is_some() && has(DpoLoss::Sft) {
+            // TRL's sft term averages the unweighted log-probs; nibble's sums carry LD's weights.
+            return Err("ld_alpha cannot be combined with the sft loss (RPO) yet".into());
+        }
         if self.use_weighting && has(DpoLoss::Sft) {
             // TRL multiplies an expanded view in place and fails on any batch of two or more.
             return Err("use_weighting cannot be combined with the sft loss".into());
