@@ -19,6 +19,7 @@ pub mod nprandom;
 mod pack;
 mod parquet;
 pub mod preference;
+pub mod preference_cache;
 mod rows;
 pub mod source;
 pub mod template;

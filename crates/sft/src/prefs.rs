@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result, bail};
 use config::types::TruncationMode;
-use data::preference::{PreferenceIds, collate_preferences, prepare_preference_rows};
-use data::template::ChatTemplate;
+use data::preference::{PreferenceIds, collate_preferences};
+use data::preference_cache::{PairOptions, load_or_prepare_preferences};
 use data::{batches_per_epoch, epoch_order, shard_indices};
 use model_loader::CausalLm;
 use sft::train::dpo::{DpoMicroBatch, SequenceLogps, reference_logps};
@@ -36,46 +36,61 @@ pub(crate) struct PreferenceData {
 }
 
 /// Read the plan's training rows (and eval rows, when the data has an eval split) and tokenize
-/// them as preference pairs; rows that cannot be read as pairs are errors naming their file and
-/// row, and a training set left empty by truncation says so.
+/// them as preference pairs, through the tokenization cache (rows are read only when it misses);
+/// rows that cannot be read as pairs are errors naming their file and row, and a training set
+/// left empty by truncation says so.
 pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<PreferenceData>)> {
-    let (train, eval) = setup.sources.load_rows().context("reading the preference rows")?;
     let tok = &setup.tokenizer;
-    let template = setup.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+    let template = setup.chat_template.as_deref();
     let (max_length, mode) = (setup.train.max_length, setup.train.truncation_mode);
     let pad_id = tok
         .pad_token_id()
         .or(tok.eos_token_id())
         .context("the tokenizer has neither a pad nor an EOS token to pad preference batches with")?;
-    let prepare = |rows: &data::Rows, what: &str| -> Result<(Vec<PreferenceIds>, usize)> {
-        let skip = setup.skip_invalid_rows;
-        let (pairs, dropped, skipped) =
-            prepare_preference_rows(rows, tok, template.as_ref(), max_length, mode, skip)
-                .with_context(|| format!("preparing the {what} preference pairs"))?;
-        if skipped > 0 {
+    let opts = PairOptions { max_length, mode, skip_invalid: setup.skip_invalid_rows };
+    let cache = setup.cache_dir.as_deref();
+    // Rows are read at most once, and only when a cache misses.
+    let loaded = std::cell::OnceCell::new();
+    let load = || -> Result<&(data::Rows, Option<data::Rows>), data::Error> {
+        if let Some(l) = loaded.get() {
+            return Ok(l);
+        }
+        let l = setup.sources.load_rows()?;
+        Ok(loaded.get_or_init(|| l))
+    };
+    let prepare = |fingerprint: [u8; 32], eval: bool| -> Result<Vec<PreferenceIds>> {
+        let what = if eval { "eval" } else { "training" };
+        let (p, outcome) = load_or_prepare_preferences(&fingerprint, tok, template, opts, cache, || {
+            let (train, eval_rows) = load()?;
+            Ok(if eval { eval_rows.clone().unwrap_or_default() } else { train.clone() })
+        })
+        .with_context(|| format!("preparing the {what} preference pairs"))?;
+        tracing::debug!("preference cache ({what}): {outcome:?}");
+        let rows = p.pairs.len() + p.dropped + p.skipped;
+        if p.skipped > 0 {
             tracing::warn!(
-                "{skipped} of {} {what} rows skipped: not preference pairs (skip_invalid_rows)",
-                rows.len()
+                "{} of {rows} {what} rows skipped: not preference pairs (skip_invalid_rows)",
+                p.skipped
             );
         }
-        if dropped > 0 {
+        if p.dropped > 0 {
             tracing::warn!(
-                "{dropped} of {} {what} pairs dropped: their prompt alone fills max_length ({}), as TRL drops them",
-                rows.len(),
+                "{} of {rows} {what} pairs dropped: their prompt alone fills max_length ({}), as TRL drops them",
+                p.dropped,
                 max_length.unwrap_or(0)
             );
         }
-        Ok((pairs, dropped))
+        if p.pairs.is_empty() && !eval {
+            bail!(
+                "no preference pair to train on: {rows} rows read, {} dropped because the prompt alone \
+                 fills max_length ({max_length:?}){}; raise max_length or shorten the prompts",
+                p.dropped,
+                if p.skipped > 0 { format!(", {} skipped as invalid", p.skipped) } else { String::new() }
+            );
+        }
+        Ok(p.pairs)
     };
-    let (pairs, dropped) = prepare(&train, "training")?;
-    if pairs.is_empty() {
-        bail!(
-            "no preference pair to train on: {} rows read, {dropped} dropped because the prompt alone \
-             fills max_length ({:?}); raise max_length or shorten the prompts",
-            train.len(),
-            max_length
-        );
-    }
+    let pairs = prepare(setup.sources.train_fingerprint(), false)?;
     let data = |pairs, batch_size, drop_last, sequential| PreferenceData {
         pairs,
         reference: None,
@@ -87,8 +102,8 @@ pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<P
         drop_last,
         sequential,
     };
-    let eval = match eval {
-        Some(rows) => Some(data(prepare(&rows, "eval")?.0, setup.eval_batch_size, false, true)),
+    let eval = match setup.sources.eval_fingerprint() {
+        Some(fp) => Some(data(prepare(fp, true)?, setup.eval_batch_size, false, true)),
         None => None,
     };
     Ok((data(pairs, setup.batch_size, setup.drop_last, setup.sequential), eval))
