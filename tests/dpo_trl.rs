@@ -142,3 +142,37 @@ fn ld_dpo_matches_trl() {
 fn ipo_precomputed_reference_matches_trl() {
     run_variant("ipo_precompute", &["--loss_type", "ipo", "--precompute_ref_log_probs"], &FP32);
 }
+
+/// A second run with a precomputed reference reads the tokenized pairs and the reference's
+/// log-probs from the cache, and trains the same steps.
+#[test]
+fn a_second_precomputing_run_reads_its_reference_from_the_cache() {
+    let golden = repo().join("tests/golden/dpo_trl");
+    let base = std::env::temp_dir().join(format!("nibble-dpo-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let run = |name: &str| {
+        let out = base.join(name);
+        let o = Command::new(nibble_tests::sft())
+            .arg("dpo")
+            .arg(golden.join("recipe.yaml"))
+            .args(["--output_dir", out.to_str().unwrap(), "--precompute_ref_log_probs", "--max_steps", "3"])
+            .current_dir(repo())
+            .env("NIBBLE_CACHE", base.join("cache"))
+            .env("NIBBLE_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let state: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+        let losses: Vec<f64> =
+            state["log_history"].as_array().unwrap().iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+        (String::from_utf8_lossy(&o.stderr).into_owned(), losses)
+    };
+    let (first, l1) = run("one");
+    assert!(!first.contains("read from"), "{first}");
+    let (second, l2) = run("two");
+    assert!(second.contains("tokenized preference pairs from"), "{second}");
+    assert!(second.contains("reference log-probs of 240 pairs read from"), "{second}");
+    assert_eq!(l1, l2);
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -3,13 +3,17 @@
 //! micro-batches of 2B sequences, and, with `precompute_ref_log_probs`, the reference's
 //! log-probs computed once before training and attached to each micro-batch.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result, bail};
 use config::types::TruncationMode;
 use data::preference::{PreferenceIds, collate_preferences};
-use data::preference_cache::{PairOptions, load_or_prepare_preferences};
+use data::preference_cache::{PairOptions, load_or_prepare_preferences, preference_key};
 use data::{batches_per_epoch, epoch_order, shard_indices};
 use model_loader::CausalLm;
 use sft::train::dpo::{DpoMicroBatch, SequenceLogps, reference_logps};
+use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use crate::prepare::DataSetup;
@@ -25,6 +29,8 @@ struct RefPair {
 /// The tokenized preference pairs of a run and how they are batched.
 pub(crate) struct PreferenceData {
     pairs: Vec<PreferenceIds>,
+    /// What identifies the pairs (their cache key).
+    rows_key: [u8; 32],
     reference: Option<Vec<RefPair>>,
     pad_id: i64,
     max_length: Option<usize>,
@@ -58,7 +64,7 @@ pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<P
         let l = setup.sources.load_rows()?;
         Ok(loaded.get_or_init(|| l))
     };
-    let prepare = |fingerprint: [u8; 32], eval: bool| -> Result<Vec<PreferenceIds>> {
+    let prepare = |fingerprint: [u8; 32], eval: bool| -> Result<(Vec<PreferenceIds>, [u8; 32])> {
         let what = if eval { "eval" } else { "training" };
         let (p, outcome) = load_or_prepare_preferences(&fingerprint, tok, template, opts, cache, || {
             let (train, eval_rows) = load()?;
@@ -88,11 +94,12 @@ pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<P
                 if p.skipped > 0 { format!(", {} skipped as invalid", p.skipped) } else { String::new() }
             );
         }
-        Ok(p.pairs)
+        Ok((p.pairs, preference_key(&fingerprint, tok, template, opts)))
     };
     let pairs = prepare(setup.sources.train_fingerprint(), false)?;
-    let data = |pairs, batch_size, drop_last, sequential| PreferenceData {
+    let data = |(pairs, rows_key), batch_size, drop_last, sequential| PreferenceData {
         pairs,
+        rows_key,
         reference: None,
         pad_id: i64::from(pad_id),
         max_length,
@@ -183,23 +190,42 @@ impl PreferenceData {
     }
 
     /// `precompute_ref_log_probs`: the reference's log-probs of every pair (see
-    /// [`reference_logps`]: `initial` is the adapter the run started from), in batches of
-    /// `batch_size` pairs in dataset order, as TRL computes them before training.
+    /// [`reference_logps`]), in batches of `pass.batch_size` pairs in dataset order, as TRL
+    /// computes them before training; read from `cache` (a folder and [`reference_key`]) when a
+    /// previous run left them there, and written there otherwise.
     pub fn precompute_reference(
         &mut self,
         model: &CausalLm,
         adapters: &lora::Adapters,
-        initial: Option<&[Tensor]>,
-        ld_alpha: Option<f64>,
-        batch_size: usize,
+        pass: &ReferencePass<'_>,
+        cache: Option<(&Path, [u8; 32])>,
         progress: &dyn Fn(u64),
     ) -> Result<()> {
         self.reference = None;
+        if let Some((dir, key)) = cache {
+            let path = reference_path(dir, &key);
+            if path.is_file() {
+                match read_reference(&path, &key, self.pairs.len()) {
+                    Ok(r) => {
+                        tracing::info!(
+                            "reference log-probs of {} pairs read from {}",
+                            r.len(),
+                            path.display()
+                        );
+                        self.reference = Some(r);
+                        return Ok(());
+                    }
+                    Err(why) => {
+                        tracing::warn!("ignoring {}: {why}; computing the reference again", path.display())
+                    }
+                }
+            }
+        }
         let mut out = Vec::with_capacity(self.pairs.len());
         let all: Vec<usize> = (0..self.pairs.len()).collect();
-        for chunk in all.chunks(batch_size.max(1)) {
+        for chunk in all.chunks(pass.batch_size.max(1)) {
             let mb = self.micro_batch(chunk)?;
-            let r = reference_logps(model, adapters, initial, &mb.batch, ld_alpha)
+            let r = reference_logps(model, adapters, pass.initial, &mb.batch, pass.ld_alpha)
                 .context("the reference log-probs")?;
             let v = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)
@@ -215,7 +241,142 @@ impl PreferenceData {
             }
             progress(out.len() as u64);
         }
+        if let Some((dir, key)) = cache {
+            let path = reference_path(dir, &key);
+            if let Err(e) = write_reference(&path, &key, &out) {
+                tracing::warn!("could not cache the reference log-probs in {}: {e}", path.display());
+            }
+        }
         self.reference = Some(out);
         Ok(())
+    }
+
+    /// What identifies these pairs (their preference cache key).
+    pub fn rows_key(&self) -> [u8; 32] {
+        self.rows_key
+    }
+}
+
+/// How the reference pass runs.
+pub(crate) struct ReferencePass<'a> {
+    /// The adapter the run started from (its frozen values), else the base alone.
+    pub initial: Option<&'a [Tensor]>,
+    /// LD-DPO's weight.
+    pub ld_alpha: Option<f64>,
+    /// Pairs per batch.
+    pub batch_size: usize,
+}
+
+/// The key of a reference pass: the pairs, the base model's files (name, size, modification
+/// time) and how it loads, the starting adapter's values, LD-DPO's weight and the batch size.
+pub(crate) fn reference_key(
+    rows_key: [u8; 32],
+    model_dir: &Path,
+    load: &model_loader::LoadOptions,
+    pass: &ReferencePass<'_>,
+) -> Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(b"nibble-reference-logps-1\0");
+    h.update(rows_key);
+    let mut files: Vec<_> = std::fs::read_dir(model_dir)
+        .with_context(|| format!("listing {}", model_dir.display()))?
+        .filter_map(Result::ok)
+        .collect();
+    files.sort_by_key(std::fs::DirEntry::file_name);
+    for f in files {
+        let meta = f.metadata().with_context(|| format!("reading {}", f.path().display()))?;
+        let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        h.update(format!("{:?} {} {:?}\n", f.file_name(), meta.len(), modified).as_bytes());
+    }
+    h.update(format!("{load:?} ld={:?} batch={}", pass.ld_alpha, pass.batch_size).as_bytes());
+    for t in pass.initial.unwrap_or_default() {
+        let v =
+            Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_flatten(0, -1)?)?;
+        h.update(format!("{:?}", t.size()).as_bytes());
+        for x in v {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().into())
+}
+
+const REF_MAGIC: &[u8; 8] = b"NIBREF\x00\x01";
+
+fn reference_path(dir: &Path, key: &[u8; 32]) -> PathBuf {
+    let hex: String = key[..16].iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("reference-{hex}.bin"))
+}
+
+/// Magic, key, pair count, six f32 per pair, then a SHA-256 of all of it; written atomically.
+fn write_reference(path: &Path, key: &[u8; 32], pairs: &[RefPair]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut bytes = Vec::with_capacity(48 + 24 * pairs.len() + 32);
+    bytes.extend_from_slice(REF_MAGIC);
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
+    for p in pairs {
+        for x in p.sums.iter().chain(&p.tokens).chain(&p.weights) {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    let digest = Sha256::digest(&bytes);
+    pyfiles::write_atomic_with(path, |f| {
+        f.write_all(&bytes)?;
+        f.write_all(&digest)
+    })
+}
+
+/// The cached pass for `pairs` pairs under `key`, or why not.
+fn read_reference(path: &Path, key: &[u8; 32], pairs: usize) -> Result<Vec<RefPair>, String> {
+    let want = 48 + 24 * pairs + 32;
+    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if size != want as u64 {
+        return Err(format!("{size} bytes where {pairs} pairs take {want}"));
+    }
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let (body, digest) = bytes.split_at(want - 32);
+    if Sha256::digest(body)[..] != digest[..] {
+        return Err("checksum mismatch".into());
+    }
+    if &body[..8] != REF_MAGIC || &body[8..40] != key {
+        return Err("written for other inputs".into());
+    }
+    if body[40..48] != (pairs as u64).to_le_bytes() {
+        return Err("written for another number of pairs".into());
+    }
+    let f: Vec<f32> =
+        body[48..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(f.chunks_exact(6)
+        .map(|x| RefPair { sums: [x[0], x[1]], tokens: [x[2], x[3]], weights: [x[4], x[5]] })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_reference_reads_back_and_damage_is_refused() {
+        let dir = std::env::temp_dir().join(format!("nibble-refcache-{}", std::process::id()));
+        let key = [9u8; 32];
+        let pairs: Vec<RefPair> = (0..3)
+            .map(|i| RefPair { sums: [-(i as f32), -2.5], tokens: [3.0, 4.0], weights: [0.5, 0.25] })
+            .collect();
+        let path = reference_path(&dir, &key);
+        write_reference(&path, &key, &pairs).expect("write");
+        let back = read_reference(&path, &key, 3).expect("read");
+        assert_eq!(
+            back.iter().map(|p| p.sums).collect::<Vec<_>>(),
+            pairs.iter().map(|p| p.sums).collect::<Vec<_>>()
+        );
+        assert!(read_reference(&path, &[1u8; 32], 3).is_err(), "other inputs");
+        assert!(read_reference(&path, &key, 4).is_err(), "another pair count");
+        let mut bytes = std::fs::read(&path).expect("bytes");
+        bytes[60] ^= 1;
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(read_reference(&path, &key, 3).expect_err("flipped").contains("checksum"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

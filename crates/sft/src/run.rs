@@ -17,8 +17,9 @@ use crate::prefs::{self, PreferenceData};
 use crate::prepare::{self, TrainData};
 
 /// The run's data: SFT's token rows, or DPO's preference pairs.
+#[allow(clippy::large_enum_variant, reason = "one value per run")]
 enum RunData {
-    Sft(Box<TrainData>),
+    Sft(TrainData),
     /// Training pairs, and eval pairs when the data has an eval split.
     Dpo(PreferenceData, Option<PreferenceData>),
 }
@@ -272,7 +273,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
             let (train, eval) = prefs::preferences(setup)?;
             RunData::Dpo(train, eval)
         }
-        None => RunData::Sft(Box::new(prepare::dataset(setup)?)),
+        None => RunData::Sft(prepare::dataset(setup)?),
     };
     if main {
         ranks.barrier("the other ranks")?;
@@ -291,13 +292,23 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     };
     if let (RunData::Dpo(train, eval), Some(dpo)) = (&mut data, plan.dpo.as_ref().filter(|d| d.precompute)) {
         // As TRL: `precompute_ref_batch_size`, else each set's own batch size.
+        let cache = plan.data.as_ref().and_then(|d| d.cache_dir.clone());
         for pairs in std::iter::once(train).chain(eval.as_mut()) {
             let pb = bar(pairs.len() as u64, "reference");
-            let batch = dpo.precompute_batch_size.unwrap_or(pairs.batch_size());
-            let ld = dpo.objective.ld_alpha;
-            pairs.precompute_reference(&model, &adapters, initial.as_deref(), ld, batch, &|n| {
-                pb.set_position(n)
-            })?;
+            let pass = prefs::ReferencePass {
+                initial: initial.as_deref(),
+                ld_alpha: dpo.objective.ld_alpha,
+                batch_size: dpo.precompute_batch_size.unwrap_or(pairs.batch_size()),
+            };
+            // Cached beside the tokenized pairs, keyed by what the pass depends on.
+            let key = cache
+                .as_deref()
+                .map(|dir| {
+                    prefs::reference_key(pairs.rows_key(), &plan.model_dir, &plan.load, &pass)
+                        .map(|k| (dir, k))
+                })
+                .transpose()?;
+            pairs.precompute_reference(&model, &adapters, &pass, key, &|n| pb.set_position(n))?;
             pb.finish_and_clear();
         }
         tracing::info!("reference log-probs precomputed");
