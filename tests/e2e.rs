@@ -225,3 +225,39 @@ fn the_tiny_recipe_trains_the_pinned_adapter() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// transformers' `TrainerState.load_from_json` reads the trainer_state.json of the output and of
+/// every checkpoint (it refuses any key the dataclass lacks), and nibble resumes from it.
+#[test]
+fn trainer_state_files_load_in_transformers() {
+    let out = scratch("state");
+    let cache = scratch("state-cache");
+    let log =
+        train(&out, &cache, &["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "5"]);
+    let files: Vec<PathBuf> = ["checkpoint-2", "checkpoint-4", "."]
+        .iter()
+        .map(|d| out.join(d).join("trainer_state.json"))
+        .collect();
+    for f in &files {
+        assert!(f.is_file(), "{} missing:\n{log}", f.display());
+    }
+    // nibble reads its own checkpoint back: a resumed run ends at the same step count.
+    let resumed = scratch("state-resumed");
+    let ck = out.join("checkpoint-4");
+    let log2 = train(&resumed, &cache, &["--resume_from_checkpoint", ck.to_str().unwrap()]);
+    assert!(log2.contains("resumed from") && log2.contains("at step 4"), "{log2}");
+    let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+        eprintln!("skipped the transformers half: NIBBLE_PYTHON is not set (run `cargo xtask setup`)");
+        return;
+    };
+    let script = "import sys\nfrom transformers.trainer_callback import TrainerState\n\
+                  for p in sys.argv[1:]:\n    s = TrainerState.load_from_json(p)\n    \
+                  print(p, s.global_step, s.max_steps, len(s.log_history), sorted(s.stateful_callbacks))\n";
+    let o = Command::new(python).arg("-c").arg(script).args(&files).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "TrainerState refused a file:\n{}", String::from_utf8_lossy(&o.stderr));
+    for (line, step) in text.lines().zip([2, 4, 6]) {
+        assert!(line.contains(&format!(" {step} 6 ")), "{line}");
+        assert!(line.contains("NibbleProgress") && line.contains("TrainerControl"), "{line}");
+    }
+}

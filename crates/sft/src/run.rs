@@ -228,14 +228,16 @@ fn on_event<'r>(
 
 /// What a finished run leaves in `out` besides what the reporter writes: the adapter, the trainer
 /// state, the tokenizer files (and the recipe's chat template, as TRL saves it).
-fn write_outputs(plan: &RunPlan, adapters: &Adapters, progress: &Progress, out: &Path) -> Result<()> {
+fn write_outputs(
+    plan: &RunPlan,
+    adapters: &Adapters,
+    progress: &Progress,
+    info: &sft::train::state::StateInfo,
+    out: &Path,
+) -> Result<()> {
     adapters.save(out).with_context(|| format!("saving the adapter to {}", out.display()))?;
-    let state = serde_json::json!({
-        "global_step": progress.global_step,
-        "num_tokens": progress.num_tokens,
-        "log_history": progress.log_history,
-        "eval_history": progress.eval_history,
-    });
+    // transformers' TrainerState shape (`TrainerState.load_from_json` reads it).
+    let state = sft::train::state::to_json(progress, info, None);
     report::write_atomic(&out.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
     let setup = plan.data.as_ref().context("a training plan has a data section")?;
     report::copy_tokenizer_files(&setup.tokenizer_dir, out)?;
@@ -411,7 +413,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
 
     // Rank 0 writes the outputs while the others wait.
     if let Some(reporter) = reporter {
-        write_outputs(plan, &adapters, &trainer.progress, &out)?;
+        write_outputs(plan, &adapters, &trainer.progress, &trainer.opts.state, &out)?;
         let mut summary = plan.summary.clone();
         summary.set_run_length(total_steps, data.len() as u64);
         let done = reporter.finish(&summary)?;

@@ -53,6 +53,8 @@ pub(crate) struct TrainingPlan {
     pub max_steps: Option<u64>,
     /// `num_train_epochs` (fractions allowed).
     pub num_train_epochs: f64,
+    /// `per_device_train_batch_size` (TrainerState's `train_batch_size`).
+    pub train_batch_size: u64,
     /// `lr_scheduler_type`.
     pub scheduler: Scheduler,
     /// `lr_scheduler_kwargs`.
@@ -95,6 +97,7 @@ impl TrainingPlan {
             ddp_timeout: Duration::from_secs(u64::try_from(t.ddp_timeout).unwrap_or(0).max(1)),
             max_steps: u64::try_from(t.max_steps).ok().filter(|&s| s > 0),
             num_train_epochs: t.num_train_epochs,
+            train_batch_size: u64::try_from(t.per_device_train_batch_size).unwrap_or(1),
             scheduler: t.lr_scheduler_type,
             scheduler_kwargs: t.lr_scheduler_kwargs.clone(),
             learning_rate: t.learning_rate,
@@ -147,6 +150,19 @@ impl TrainingPlan {
         output_dir: PathBuf,
     ) -> Result<TrainOptions, sft::Error> {
         let total_steps = self.total_steps(steps_per_epoch);
+        let logging_steps = self.logging.steps(steps_per_epoch, total_steps).unwrap_or(0);
+        let save_steps = self.save.steps(steps_per_epoch, total_steps);
+        let eval_steps = self.eval.steps(steps_per_epoch, total_steps);
+        let state = sft::train::state::StateInfo {
+            max_steps: total_steps,
+            steps_per_epoch,
+            logging_steps,
+            eval_steps: eval_steps.unwrap_or(0),
+            save_steps: save_steps.unwrap_or(0),
+            train_batch_size: self.train_batch_size,
+            // As transformers records it: the epochs the steps span, rounded up.
+            num_train_epochs: total_steps.div_ceil(steps_per_epoch.max(1)),
+        };
         Ok(TrainOptions {
             total_steps,
             grad_accum,
@@ -154,16 +170,17 @@ impl TrainingPlan {
             schedule: self.schedule(total_steps)?,
             adam: self.adam,
             max_grad_norm: self.max_grad_norm,
-            logging_steps: self.logging.steps(steps_per_epoch, total_steps).unwrap_or(0),
+            logging_steps,
             logging_first_step: self.logging_first_step,
-            save_steps: self.save.steps(steps_per_epoch, total_steps),
+            save_steps,
             save_total_limit: self.save_total_limit,
             output_dir,
             gradient_checkpointing: self.gradient_checkpointing,
             seed: self.seed,
-            eval_steps: self.eval.steps(steps_per_epoch, total_steps),
+            eval_steps,
             eval_on_start: self.eval_on_start,
             neftune_noise_alpha: self.neftune_noise_alpha,
+            state,
         })
     }
 }

@@ -120,6 +120,7 @@ fn options(out: &Path, total: u64, save_steps: Option<u64>) -> TrainOptions {
         eval_steps: None,
         eval_on_start: false,
         neftune_noise_alpha: None,
+        state: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Checkpoints as transformers lays them out (`<output_dir>/checkpoint-<step>/` with the adapter
-//! files, optimizer state and `trainer_state.json`), written into a temporary directory and
-//! renamed into place, so an interrupted save never leaves a half-written checkpoint.
+//! files, optimizer state and `trainer_state.json` in TrainerState's shape, `state.rs`), written
+//! into a temporary directory and renamed into place, so an interrupted save never leaves a
+//! half-written checkpoint.
 
 use crate::Error;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ impl Checkpoint {
         output_dir: &Path,
         progress: &Progress,
         optimizer: &AdamW,
+        info: &super::state::StateInfo,
         save_adapter: &dyn Fn(&Path) -> Result<(), String>,
     ) -> Result<PathBuf, Error> {
         let name = format!("checkpoint-{}", progress.global_step);
@@ -58,9 +60,8 @@ impl Checkpoint {
             .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
         // libtorch writes without syncing: flush it before the folder is renamed into place.
         std::fs::File::open(&opt_path).and_then(|f| f.sync_all()).map_err(io(&opt_path))?;
-        let mut state = serde_json::to_value(progress)
-            .map_err(|e| Error::BadCheckpoint { path: tmp.join(STATE), message: e.to_string() })?;
-        state["optimizer_step"] = serde_json::json!(step);
+        // transformers' TrainerState shape, nibble's resume fields in a callback entry of their own.
+        let state = super::state::to_json(progress, info, Some(step));
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
         pyfiles::write_atomic(&tmp.join(STATE), text.as_bytes()).map_err(io(&tmp.join(STATE)))?;
         // Every entry on disk before the folder gets its real name, and the name before we go on.
@@ -80,11 +81,8 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let bad = |message: String| Error::BadCheckpoint { path: state_path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let optimizer_step = value
-            .get("optimizer_step")
-            .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| bad("no `optimizer_step`".into()))?;
-        let progress: Progress = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let (progress, optimizer_step) = super::state::from_json(&value).map_err(bad)?;
+        let optimizer_step = optimizer_step.ok_or_else(|| bad("no `optimizer_step`".into()))?;
         let opt_path = dir.join(OPTIMIZER);
         let optimizer = Tensor::read_safetensors(&opt_path)
             .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;

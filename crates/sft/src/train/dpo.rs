@@ -1212,6 +1212,7 @@ mod tests {
             eval_steps: None,
             eval_on_start: false,
             neftune_noise_alpha: None,
+            state: Default::default(),
         };
         let mut trainer = super::super::Trainer::new(&model, adapters.parameters(), topts).expect("trainer");
         let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters, initial: None };

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod dpo;
 pub mod optim;
 pub mod schedule;
+pub mod state;
 pub mod step;
 
 use crate::Error;
@@ -64,6 +65,8 @@ pub struct TrainOptions {
     pub eval_on_start: bool,
     /// NEFTune noise on the embeddings while training (`neftune_noise_alpha`).
     pub neftune_noise_alpha: Option<f64>,
+    /// What `trainer_state.json` records of the run's settings.
+    pub state: state::StateInfo,
 }
 
 pub use report::{EvalEntry, LogEntry};
@@ -465,6 +468,7 @@ impl<'a> Trainer<'a> {
                         &self.opts.output_dir,
                         &self.progress,
                         &self.optimizer,
+                        &self.opts.state,
                         save_adapter,
                     )?;
                     on_event(Event::Saved(&dir));
