@@ -130,16 +130,32 @@ pub fn hyperparameters(recipe: &Recipe) -> Vec<(String, String)> {
 /// Whether `id` looks like a Hub repository id (`org/name`) rather than a local path, so the card
 /// links only what exists on the Hub.
 fn is_hub_id(id: &str) -> bool {
+    // A data file's name (`data/train.jsonl`) looks like `org/name` but is no hub repository.
+    const FILE_TYPES: [&str; 7] = [".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt", ".tsv"];
     !id.is_empty()
         && !id.starts_with(['/', '.', '~'])
         && id.matches('/').count() <= 1
         && !id.contains('\\')
-        && !std::path::Path::new(id).is_dir()
+        && !FILE_TYPES.iter().any(|t| id.to_ascii_lowercase().ends_with(t))
+        && !std::path::Path::new(id).exists()
+}
+
+/// The folder name for the quick start: the path as given when it is relative, else its last
+/// component (a card never shows the machine's absolute paths).
+fn quick_start_path(output_dir: &str) -> String {
+    let p = std::path::Path::new(output_dir);
+    if p.is_absolute() {
+        p.file_name().map_or_else(|| "path/to/adapter".to_owned(), |n| n.to_string_lossy().into_owned())
+    } else {
+        output_dir.to_owned()
+    }
 }
 
 #[derive(Serialize)]
 struct FrontMatter<'a> {
-    base_model: &'a str,
+    /// Only a hub id (the hub reads it as a repository).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_model: Option<&'a str>,
     library_name: &'a str,
     model_name: &'a str,
     pipeline_tag: &'a str,
@@ -172,12 +188,12 @@ pub struct CardInput<'a> {
 pub fn render(c: &CardInput<'_>) -> String {
     let s = c.summary;
     let front = FrontMatter {
-        base_model: &s.base_model,
+        base_model: Some(s.base_model.as_str()).filter(|b| is_hub_id(b)),
         library_name: "peft",
         model_name: &s.model_name,
         pipeline_tag: "text-generation",
         tags: [TAGS[0], s.trainer.as_str()].into_iter().chain(TAGS[1..].iter().copied()).collect(),
-        datasets: s.datasets.iter().map(String::as_str).collect(),
+        datasets: s.datasets.iter().map(String::as_str).filter(|d| is_hub_id(d)).collect(),
     };
     let yaml = serde_json::to_value(&front).map(|v| config::yaml::to_string(&v)).unwrap_or_default();
     let mut md = String::new();
@@ -225,7 +241,7 @@ pub fn render(c: &CardInput<'_>) -> String {
         "```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n\
          model = AutoPeftModelForCausalLM.from_pretrained(\"{0}\")\n\
          tokenizer = AutoTokenizer.from_pretrained(\"{0}\")\n```\n",
-        c.output_dir
+        quick_start_path(c.output_dir)
     );
     let _ = writeln!(md, "## Training procedure\n");
     let mut logs = "`log.jsonl` (one JSON object per log)".to_owned();
@@ -338,6 +354,11 @@ mod tests {
         assert!(!is_hub_id("/models/qwen"));
         assert!(!is_hub_id("./data/train.jsonl"));
         assert!(!is_hub_id("a/b/c"));
+        // A local data file or folder is not a hub repository, however it is spelled.
+        assert!(!is_hub_id("data/tiny-prefs.jsonl"));
+        assert!(!is_hub_id("corpus/train.parquet"));
+        assert_eq!(quick_start_path("/home/me/runs/qwen-sft"), "qwen-sft");
+        assert_eq!(quick_start_path("runs/qwen-sft"), "runs/qwen-sft");
     }
 
     #[test]

@@ -513,3 +513,26 @@ fn a_dpo_run_leaves_its_reward_plot_and_says_dpo() {
     let card = std::fs::read_to_string(sft_out.join("README.md")).expect("card");
     assert!(card.contains("- sft") && card.contains("trained with SFT"), "{card}");
 }
+
+/// A run on a local model and a local data file: the card links neither to the hub, names no
+/// local path as `base_model` or a dataset in its front matter, and its quick start shows no
+/// absolute path.
+#[test]
+fn a_local_run_card_links_nothing_to_the_hub() {
+    let tmp = TempDir::new("local-card");
+    let out = tmp.0.join("tiny-run");
+    let mut rep = Reporter::new(&out, ReportOptions::default()).expect("reporter");
+    rep.log_train(&train_log(1)).expect("log");
+    // (`src` exists beside this test's working directory: a local model folder's stand-in.)
+    let summary =
+        RunSummary { base_model: "src".into(), datasets: vec!["data/tiny-chat.jsonl".into()], ..summary() };
+    rep.finish(&summary).expect("finish");
+    let card = std::fs::read_to_string(out.join("README.md")).expect("card");
+    let front = card.split("---").nth(1).expect("front matter");
+    assert!(!front.contains("base_model") && !front.contains("datasets"), "{front}");
+    assert!(!card.contains("huggingface.co/datasets/data"), "{card}");
+    assert!(card.contains("`src`") && card.contains("`data/tiny-chat.jsonl`"), "{card}");
+    let abs = out.to_string_lossy().into_owned();
+    assert!(std::path::Path::new(&abs).is_absolute() && !card.contains(&abs), "{card}");
+    assert!(card.contains("from_pretrained(\"tiny-run\")"), "{card}");
+}
