@@ -6,7 +6,9 @@
 
 Makes the shared initial adapter with PEFT (`init_adapter/`, default LoRA init, seeded), then
 trains it with TRL 1.16's SFTTrainer on transformers + bitsandbytes' 4-bit tiny model exactly as
-the recipe says, and writes the per-step loss and gradient norm to `trl_log.json`.
+the recipe says, and writes the per-step loss and gradient norm to `trl_log.json`; then again with
+the Trainer's default shuffled order (`train_sampling_strategy: random`, accelerate's seedable
+sampler) to `trl_log_random.json`.
 
 One deliberate change to TRL's defaults: SFTTrainer casts a quantized model's LoRA weights to
 bf16; here they are restored to their exact fp32 values, since nibble keeps adapters in fp32
@@ -71,9 +73,15 @@ def main():
     for extra in (GOLDEN / "init_adapter").glob("README.md"):
         extra.unlink()
 
-    model = PeftModel.from_pretrained(base(), GOLDEN / "init_adapter", is_trainable=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset("json", data_files=str(ROOT / r["dataset_name"]), split="train")
+    # The recipe's order (dataset order), then the Trainer's default shuffled one.
+    for strategy, name in [(r["train_sampling_strategy"], "trl_log.json"), ("random", "trl_log_random.json")]:
+        train(r, base, tok, data, strategy, GOLDEN / name)
+
+
+def train(r, base, tok, data, strategy, log_path):
+    model = PeftModel.from_pretrained(base(), GOLDEN / "init_adapter", is_trainable=True)
     args = SFTConfig(
         output_dir=str(GOLDEN / ".trl-run"),
         max_length=r["max_length"],
@@ -88,7 +96,7 @@ def main():
         logging_steps=r["logging_steps"],
         save_strategy="no",
         gradient_checkpointing=r["gradient_checkpointing"],
-        train_sampling_strategy=r["train_sampling_strategy"],
+        train_sampling_strategy=strategy,
         seed=r["seed"],
         bf16=False,
         use_cpu=True,
@@ -108,7 +116,7 @@ def main():
         for e in trainer.state.log_history
         if "loss" in e
     ]
-    (GOLDEN / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    log_path.write_text(json.dumps(log, indent=1) + "\n")
     import shutil
 
     shutil.rmtree(GOLDEN / ".trl-run", ignore_errors=True)

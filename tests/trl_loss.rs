@@ -1,7 +1,7 @@
 //! Loss-curve parity with TRL: the same recipe (`tests/golden/trl_loss/recipe.yaml`) trained by
 //! `sft` and by TRL 1.16's SFTTrainer (`scripts/golden_trl_loss.py`), from the same initial
-//! adapter and in dataset order, gives the same loss, gradient norm and learning rate at every
-//! step.
+//! adapter, in dataset order and in the Trainer's shuffled order, gives the same loss, gradient
+//! norm and learning rate at every step.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::process::Command;
@@ -10,12 +10,24 @@ use nibble_tests::repo;
 
 #[test]
 fn every_step_matches_trl() {
+    compare("trl_log.json", &[]);
+}
+
+/// With the Trainer's default shuffled order, nothing exchanged but the initial adapter: nibble
+/// draws each epoch's permutation as accelerate's seedable sampler does (`sampler_order`).
+#[test]
+fn every_step_matches_trl_in_the_trainers_shuffled_order() {
+    compare("trl_log_random.json", &["--train_sampling_strategy", "random"]);
+}
+
+fn compare(log: &str, flags: &[&str]) {
     let golden = repo().join("tests/golden/trl_loss");
-    let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}-{log}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = Command::new(nibble_tests::sft())
         .arg(golden.join("recipe.yaml"))
         .args(["--output_dir", out.to_str().unwrap()])
+        .args(flags)
         .current_dir(repo())
         .env("NIBBLE_CACHE", out.join("cache"))
         .env_remove("NIBBLE_LOG")
@@ -25,7 +37,7 @@ fn every_step_matches_trl() {
     let ours: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
     let theirs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden.join("trl_log.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden.join(log)).unwrap()).unwrap();
     let ours = ours["log_history"].as_array().unwrap();
     let theirs = theirs.as_array().unwrap();
     assert_eq!(ours.len(), theirs.len(), "logged steps");

@@ -296,7 +296,8 @@ section! {
         dataloader_drop_last: bool = false, Acted;
         /// nibble extension: drop (and count) rows that fit no TRL format instead of failing.
         skip_invalid_rows: bool = false, Acted;
-        /// Sample order: `random` (seeded shuffle each epoch) or `sequential` (dataset order).
+        /// Sample order: `random` (each epoch's permutation as transformers' sampler draws it) or
+        /// `sequential` (dataset order).
         train_sampling_strategy: SamplingStrategy = SamplingStrategy::Random, Acted;
         /// nibble extension: 16-bit matmuls on the CPU: `auto` (f32 where the CPU lacks native
         /// bf16/f16 GEMMs, which run there 4-100x slower), `native` (torch's 16-bit kernels) or `f32`.

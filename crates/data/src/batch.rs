@@ -172,7 +172,8 @@ pub fn shard_indices(num_batches: usize, world: usize, rank: usize) -> Vec<usize
 
 /// The order of samples in an epoch: a permutation from numpy's default generator seeded with
 /// `[seed, epoch]` (`np.random.default_rng([seed, epoch]).permutation(len)`), the same on every
-/// run and machine. It is not the order of transformers' `RandomSampler` (a torch generator).
+/// run and machine. It is not the order of transformers' `RandomSampler` (a torch generator,
+/// which `sft` draws through libtorch: `sft::train::sampler_order`).
 pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     nprandom::permutation(&[seed, epoch], len)
 }
@@ -194,7 +195,7 @@ pub fn sequential_batches(dataset: &Dataset, batch_size: usize) -> impl Iterator
     batches_in_order(dataset, (0..dataset.len()).collect(), batch_size, false)
 }
 
-fn batches_in_order(
+pub(crate) fn batches_in_order(
     dataset: &Dataset,
     order: Vec<usize>,
     batch_size: usize,

@@ -60,6 +60,17 @@ impl Dataset {
         batch::batches(self, batch_size, seed, epoch, drop_last)
     }
 
+    /// One epoch of batches in `order` (a permutation of the samples, e.g. the training loop's
+    /// sampler's).
+    pub fn batches_in(
+        &self,
+        order: Vec<usize>,
+        batch_size: usize,
+        drop_last: bool,
+    ) -> impl Iterator<Item = Batch> + '_ {
+        batch::batches_in_order(self, order, batch_size, drop_last)
+    }
+
     /// Batches in dataset order.
     pub fn sequential_batches(&self, batch_size: usize) -> impl Iterator<Item = Batch> + '_ {
         batch::sequential_batches(self, batch_size)

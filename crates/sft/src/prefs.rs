@@ -10,9 +10,10 @@ use anyhow::{Context, Result, bail};
 use config::types::TruncationMode;
 use data::preference::{PreferenceIds, collate_preferences};
 use data::preference_cache::{PairOptions, load_or_prepare_preferences, preference_key};
-use data::{batches_per_epoch, epoch_order, shard_indices};
+use data::{batches_per_epoch, shard_indices};
 use model_loader::CausalLm;
 use sft::train::dpo::{DpoMicroBatch, SequenceLogps, reference_logps};
+use sft::train::sampler_order;
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
@@ -137,13 +138,13 @@ impl PreferenceData {
         self.batches_per_epoch().div_ceil(world.max(1))
     }
 
-    /// The pairs of each micro-batch of epoch `epoch`, in order (shuffled by `seed` and the epoch
-    /// as SFT's rows are, unless sequential).
+    /// The pairs of each micro-batch of epoch `epoch`, in order (shuffled as transformers' sampler
+    /// shuffles, `sampler_order`, unless sequential).
     fn epoch_batches(&self, epoch: u64, seed: u64) -> Vec<Vec<usize>> {
         let order: Vec<usize> = if self.sequential {
             (0..self.pairs.len()).collect()
         } else {
-            epoch_order(self.pairs.len(), seed, epoch)
+            sampler_order(self.pairs.len(), seed, epoch)
         };
         let mut out: Vec<Vec<usize>> = order.chunks(self.batch_size.max(1)).map(<[usize]>::to_vec).collect();
         if self.drop_last && out.last().is_some_and(|b| b.len() < self.batch_size) {

@@ -193,7 +193,8 @@ impl TrainData {
         let all: Vec<Batch> = if self.sequential {
             self.dataset.sequential_batches(self.batch_size).take(self.batches_per_epoch()).collect()
         } else {
-            self.dataset.batches(self.batch_size, seed, epoch, self.drop_last).collect()
+            let order = sft::train::sampler_order(self.dataset.len(), seed, epoch);
+            self.dataset.batches_in(order, self.batch_size, self.drop_last).collect()
         };
         shard_indices(all.len(), world, rank).into_iter().map(|i| to_device(&all[i])).collect()
     }

@@ -189,6 +189,24 @@ fn one() -> u64 {
     1
 }
 
+/// The order of an epoch's samples as transformers' Trainer draws it under accelerate (its
+/// `SeedableRandomSampler`): `torch.randperm(len)` from a generator seeded with `seed + epoch`
+/// (`seed` is `data_seed`, else `seed`). Drawn from libtorch's own generator, so the same
+/// permutation; it reseeds the process's generator, which every later random draw of a run
+/// reseeds anyway (dropout and NEFTune per layer and micro-batch).
+pub fn sampler_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    if len == 0 {
+        return Vec::new();
+    }
+    tch::manual_seed(seed.wrapping_add(epoch) as i64);
+    let perm = Tensor::randperm(len as i64, (tch::Kind::Int64, tch::Device::Cpu));
+    Vec::<i64>::try_from(perm)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| usize::try_from(i).unwrap_or(0))
+        .collect()
+}
+
 /// An eval set the loop can evaluate on: SFT's next-token batches, or DPO's pairs
 /// (`dpo::DpoEval`).
 pub trait Evaluator {
@@ -487,5 +505,19 @@ impl<'a> Trainer<'a> {
             }
         }
         Ok(Outcome::Finished)
+    }
+}
+
+#[cfg(test)]
+mod sampler_tests {
+    /// The permutations transformers' Trainer draws (accelerate 1.15's seedable sampler, seed 42),
+    /// printed by: `set_seed(42)`, `Accelerator(dataloader_config=DataLoaderConfiguration(
+    /// use_seedable_sampler=True)).prepare(DataLoader(range(10), sampler=RandomSampler(...)))`,
+    /// one epoch after `set_epoch(0)` and `set_epoch(1)`.
+    #[test]
+    fn epochs_are_ordered_as_transformers_sampler_orders_them() {
+        assert_eq!(super::sampler_order(10, 42, 0), [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]);
+        assert_eq!(super::sampler_order(10, 42, 1), [8, 4, 9, 0, 5, 1, 6, 7, 2, 3]);
+        assert!(super::sampler_order(0, 42, 0).is_empty());
     }
 }
