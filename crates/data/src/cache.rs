@@ -81,7 +81,57 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The cache file of a key.
 pub fn cache_path(cache_dir: &Path, key: &[u8; 32]) -> PathBuf {
-    cache_dir.join(format!("tokenized-{}.bin", hex(&key[..16])))
+    keyed_file(cache_dir, "tokenized", key)
+}
+
+/// Where each of nibble's caches keeps the file of a key: `<cache_dir>/<kind>-<key>.bin` (the
+/// key's first 16 bytes in hex).
+pub fn keyed_file(cache_dir: &Path, kind: &str, key: &[u8; 32]) -> PathBuf {
+    cache_dir.join(format!("{kind}-{}.bin", hex(&key[..16])))
+}
+
+/// Write `body` followed by its SHA-256, atomically (temporary file, then rename; the folder is
+/// made first): the sealed files of the preference and reference caches.
+pub fn write_sealed(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let digest = Sha256::digest(body);
+    pyfiles::write_atomic_with(path, |f| {
+        f.write_all(body)?;
+        f.write_all(&digest)
+    })
+}
+
+/// The body of a file written by [`write_sealed`], once its SHA-256 checks; any damage is an
+/// error message.
+pub fn read_sealed(path: &Path) -> Result<Vec<u8>, String> {
+    let mut bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let Some(body_len) = bytes.len().checked_sub(32) else {
+        return Err("truncated".into());
+    };
+    if Sha256::digest(&bytes[..body_len])[..] != bytes[body_len..] {
+        return Err("checksum mismatch".into());
+    }
+    bytes.truncate(body_len);
+    Ok(bytes)
+}
+
+/// Write a freshly prepared entry to `path` (when caching) and say what happened; a failed write
+/// is a warning naming `what`, not an error (the run goes on without the cache).
+pub(crate) fn store(
+    path: Option<&PathBuf>,
+    what: &str,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> CacheOutcome {
+    let Some(path) = path else { return CacheOutcome::NotCached };
+    match write(path) {
+        Ok(()) => CacheOutcome::Written(path.clone()),
+        Err(e) => {
+            tracing::warn!("could not write the {what} {}: {e}", path.display());
+            CacheOutcome::NotCached
+        }
+    }
 }
 
 struct Hashing<W> {
@@ -259,19 +309,10 @@ pub fn load_or_prepare_rows(
         Some(f) => e.in_file(f),
         None => e,
     })?;
-    let outcome = match &path {
-        None => CacheOutcome::NotCached,
-        Some(path) => match write_cache(path, &key, &dataset.samples) {
-            Ok(()) => {
-                tracing::info!("cached {} tokenized samples in {}", dataset.len(), path.display());
-                CacheOutcome::Written(path.clone())
-            }
-            Err(e) => {
-                tracing::warn!("could not write the tokenization cache {}: {e}", path.display());
-                CacheOutcome::NotCached
-            }
-        },
-    };
+    let outcome = store(path.as_ref(), "tokenization cache", |p| write_cache(p, &key, &dataset.samples));
+    if let CacheOutcome::Written(path) = &outcome {
+        tracing::info!("cached {} tokenized samples in {}", dataset.len(), path.display());
+    }
     Ok((dataset, outcome))
 }
 

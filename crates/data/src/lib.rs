@@ -31,8 +31,8 @@ pub use batch::{
     shard_indices, update_steps_per_epoch,
 };
 pub use cache::{
-    CacheOutcome, PIPELINE_VERSION, cache_key, cache_path, load_or_prepare, load_or_prepare_rows, read_cache,
-    write_cache,
+    CacheOutcome, PIPELINE_VERSION, cache_key, cache_path, keyed_file, load_or_prepare, load_or_prepare_rows,
+    read_cache, read_sealed, write_cache, write_sealed,
 };
 pub use dataset::{Dataset, Sample, prepare_dataset};
 pub use error::Error;

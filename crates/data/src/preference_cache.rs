@@ -11,13 +11,12 @@
 //! check is ignored with a warning and rebuilt; nothing in it is trusted for an allocation beyond
 //! the file's own size.
 
-use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use config::types::TruncationMode;
 use sha2::{Digest, Sha256};
 
-use crate::cache::CacheOutcome;
+use crate::cache::{CacheOutcome, keyed_file, read_sealed, store, write_sealed};
 use crate::mixture::Rows;
 use crate::preference::{PreferenceIds, prepare_preference_rows};
 use crate::template::ChatTemplate;
@@ -77,54 +76,37 @@ pub fn preference_key(
 
 /// The cache file of a key.
 pub fn preference_path(cache_dir: &Path, key: &[u8; 32]) -> PathBuf {
-    let hex: String = key[..16].iter().map(|b| format!("{b:02x}")).collect();
-    cache_dir.join(format!("preferences-{hex}.bin"))
+    keyed_file(cache_dir, "preferences", key)
 }
 
-/// Write prepared pairs under a key, atomically (temporary file, then rename).
+/// Write prepared pairs under a key, atomically and sealed ([`write_sealed`]).
 pub fn write_preferences(path: &Path, key: &[u8; 32], p: &PreparedPairs) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(key);
+    for n in [p.pairs.len(), p.dropped, p.skipped] {
+        bytes.extend_from_slice(&(n as u64).to_le_bytes());
     }
-    pyfiles::write_atomic_with(path, |file| {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(key);
-        for n in [p.pairs.len(), p.dropped, p.skipped] {
-            bytes.extend_from_slice(&(n as u64).to_le_bytes());
+    for pair in &p.pairs {
+        let parts = [&pair.prompt, &pair.chosen, &pair.rejected];
+        for part in parts {
+            bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
         }
-        for pair in &p.pairs {
-            let parts = [&pair.prompt, &pair.chosen, &pair.rejected];
-            for part in parts {
-                bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            }
-            for part in parts {
-                for id in part {
-                    bytes.extend_from_slice(&id.to_le_bytes());
-                }
+        for part in parts {
+            for id in part {
+                bytes.extend_from_slice(&id.to_le_bytes());
             }
         }
-        let digest = Sha256::digest(&bytes);
-        file.write_all(&bytes)?;
-        file.write_all(&digest)
-    })
+    }
+    write_sealed(path, &bytes)
 }
 
 /// Read pairs written under `key`; any mismatch or damage is an error message.
 pub fn read_preferences(path: &Path, key: &[u8; 32]) -> Result<PreparedPairs, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let size = file.metadata().map_err(|e| e.to_string())?.len();
     // The whole file is read once (it is what the cache saves), bounded by its real size.
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    BufReader::new(file).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
-    let Some(body_len) = bytes.len().checked_sub(32) else {
-        return Err("truncated".into());
-    };
-    let (body, digest) = bytes.split_at(body_len);
-    if Sha256::digest(body)[..] != digest[..] {
-        return Err("checksum mismatch".into());
-    }
-    let mut c = Cursor { body, at: 0 };
+    let body = read_sealed(path)?;
+    let size = body.len() as u64 + 32;
+    let mut c = Cursor { body: &body, at: 0 };
     if c.take(8)? != MAGIC {
         return Err("not a nibble preference cache".into());
     }
@@ -208,16 +190,7 @@ pub fn load_or_prepare_preferences(
         opts.skip_invalid,
     )?;
     let prepared = PreparedPairs { pairs, dropped, skipped };
-    let outcome = match &path {
-        None => CacheOutcome::NotCached,
-        Some(path) => match write_preferences(path, &key, &prepared) {
-            Ok(()) => CacheOutcome::Written(path.clone()),
-            Err(e) => {
-                tracing::warn!("could not write the preference cache {}: {e}", path.display());
-                CacheOutcome::NotCached
-            }
-        },
-    };
+    let outcome = store(path.as_ref(), "preference cache", |p| write_preferences(p, &key, &prepared));
     Ok((prepared, outcome))
 }
 

@@ -3,7 +3,6 @@
 //! micro-batches of 2B sequences, and, with `precompute_ref_log_probs`, the reference's
 //! log-probs computed once before training and attached to each micro-batch.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -304,16 +303,12 @@ pub(crate) fn reference_key(
 const REF_MAGIC: &[u8; 8] = b"NIBREF\x00\x01";
 
 fn reference_path(dir: &Path, key: &[u8; 32]) -> PathBuf {
-    let hex: String = key[..16].iter().map(|b| format!("{b:02x}")).collect();
-    dir.join(format!("reference-{hex}.bin"))
+    data::keyed_file(dir, "reference", key)
 }
 
-/// Magic, key, pair count, six f32 per pair, then a SHA-256 of all of it; written atomically.
+/// Magic, key, pair count, six f32 per pair, sealed by a SHA-256 (`data::write_sealed`).
 fn write_reference(path: &Path, key: &[u8; 32], pairs: &[RefPair]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut bytes = Vec::with_capacity(48 + 24 * pairs.len() + 32);
+    let mut bytes = Vec::with_capacity(48 + 24 * pairs.len());
     bytes.extend_from_slice(REF_MAGIC);
     bytes.extend_from_slice(key);
     bytes.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
@@ -322,11 +317,7 @@ fn write_reference(path: &Path, key: &[u8; 32], pairs: &[RefPair]) -> std::io::R
             bytes.extend_from_slice(&x.to_le_bytes());
         }
     }
-    let digest = Sha256::digest(&bytes);
-    pyfiles::write_atomic_with(path, |f| {
-        f.write_all(&bytes)?;
-        f.write_all(&digest)
-    })
+    data::write_sealed(path, &bytes)
 }
 
 /// The cached pass for `pairs` pairs under `key`, or why not.
@@ -336,11 +327,7 @@ fn read_reference(path: &Path, key: &[u8; 32], pairs: usize) -> Result<Vec<RefPa
     if size != want as u64 {
         return Err(format!("{size} bytes where {pairs} pairs take {want}"));
     }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let (body, digest) = bytes.split_at(want - 32);
-    if Sha256::digest(body)[..] != digest[..] {
-        return Err("checksum mismatch".into());
-    }
+    let body = data::read_sealed(path)?;
     if &body[..8] != REF_MAGIC || &body[8..40] != key {
         return Err("written for other inputs".into());
     }

@@ -705,33 +705,22 @@ impl DpoEval<'_> {
         let (mut loss_sum, mut pairs) = (0.0, 0.0);
         let mut metric_sums = vec![0.0; DPO_METRICS.len()];
         for (mb, n) in &self.batches {
-            let computed;
-            let reference = match &mb.reference {
-                Some(r) => r,
-                None => {
-                    computed = reference_logps(
-                        model,
-                        self.dpo.adapters,
-                        self.dpo.initial.as_deref(),
-                        &mb.batch,
-                        self.dpo.objective.ld_alpha,
-                    )?;
-                    &computed
+            let (loss, m) = self.dpo.with_reference(model, mb, |reference| {
+                let ids = mb.batch.input_ids.f_to_device(model.device()).map_err(torch)?;
+                let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
+                let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).map_err(forward)?;
+                let scoring = Scoring { ld_alpha: self.dpo.objective.ld_alpha, stats: true };
+                let seq = sequence_logps(model, &h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring)
+                    .map_err(forward)?;
+                let pair =
+                    pair_logps(&self.dpo.objective, &seq.sums, &seq, reference, &mask).map_err(torch)?;
+                let (loss, mut m) = tch::no_grad(|| self.dpo.objective.loss(&pair))?;
+                if let Some(st) = &seq.stats {
+                    [m.logits_chosen, m.logits_rejected, m.entropy, m.mean_token_accuracy] =
+                        st.metrics(mb.batch.pairs()).map_err(torch)?;
                 }
-            };
-            let ids = mb.batch.input_ids.f_to_device(model.device()).map_err(torch)?;
-            let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
-            let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).map_err(forward)?;
-            let scoring = Scoring { ld_alpha: self.dpo.objective.ld_alpha, stats: true };
-            let seq =
-                sequence_logps(model, &h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring).map_err(forward)?;
-            let pair = pair_logps(&self.dpo.objective, &seq.sums, &seq, reference, &mask).map_err(torch)?;
-            let (loss, mut m) = tch::no_grad(|| self.dpo.objective.loss(&pair))?;
-            if let Some(st) = &seq.stats {
-                [m.logits_chosen, m.logits_rejected, m.entropy, m.mean_token_accuracy] =
-                    st.metrics(mb.batch.pairs()).map_err(torch)?;
-            }
-            let loss = loss.f_double_value(&[]).map_err(torch)?;
+                Ok((loss.f_double_value(&[]).map_err(torch)?, m))
+            })?;
             loss_sum += loss * *n as f64;
             pairs += *n as f64;
             for (acc, v) in metric_sums.iter_mut().zip(m.values()) {
@@ -829,6 +818,28 @@ pub struct Dpo<'a> {
     pub initial: Option<Vec<Tensor>>,
 }
 
+impl Dpo<'_> {
+    /// `f` on the batch's reference log-probs: the precomputed ones, else scored now
+    /// ([`reference_logps`]).
+    fn with_reference<R>(
+        &self,
+        model: &model_loader::CausalLm,
+        b: &DpoMicroBatch,
+        f: impl FnOnce(&SequenceLogps) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        match &b.reference {
+            Some(r) => f(r),
+            None => f(&reference_logps(
+                model,
+                self.adapters,
+                self.initial.as_deref(),
+                &b.batch,
+                self.objective.ld_alpha,
+            )?),
+        }
+    }
+}
+
 /// A DPO micro-batch for the loop.
 #[derive(Debug)]
 pub struct DpoMicroBatch {
@@ -882,32 +893,12 @@ impl super::Objective for Dpo<'_> {
         b: &DpoMicroBatch,
         ctx: &super::MicroContext,
     ) -> Result<super::Micro, Error> {
-        let computed;
-        let reference = match &b.reference {
-            Some(r) => r,
-            None => {
-                computed = reference_logps(
-                    model,
-                    self.adapters,
-                    self.initial.as_deref(),
-                    &b.batch,
-                    self.objective.ld_alpha,
-                )?;
-                &computed
-            }
-        };
         // transformers divides DPO's loss by the accumulation steps; ranks sum their gradients
         // here (DDP averages them), so each rank's share is also divided by their number.
         let scale = 1.0 / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64;
-        let s = forward_backward(
-            model,
-            &b.batch,
-            reference,
-            &self.objective,
-            scale,
-            ctx.checkpointing,
-            ctx.seed,
-        )?;
+        let s = self.with_reference(model, b, |reference| {
+            forward_backward(model, &b.batch, reference, &self.objective, scale, ctx.checkpointing, ctx.seed)
+        })?;
         let m = s.metrics;
         Ok(super::Micro {
             loss: s.loss * scale,
