@@ -48,12 +48,11 @@ fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
         .output()
         .unwrap();
     assert!(o.status.success(), "sft dpo ({name}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let ours: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    let ours = nibble_tests::log_history(&out);
     let theirs: Value =
         serde_json::from_str(&std::fs::read_to_string(golden.join(format!("trl_{name}.json"))).unwrap())
             .unwrap();
-    let (ours, theirs) = (ours["log_history"].as_array().unwrap(), theirs.as_array().unwrap());
+    let theirs = theirs.as_array().unwrap();
     assert_eq!(ours.len(), 20, "{name}: logged steps");
     assert_eq!(ours.len(), theirs.len(), "{name}: logged steps");
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"));
@@ -162,10 +161,8 @@ fn a_second_precomputing_run_reads_its_reference_from_the_cache() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let state: Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
         let losses: Vec<f64> =
-            state["log_history"].as_array().unwrap().iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+            nibble_tests::log_history(&out).iter().map(|e| e["loss"].as_f64().unwrap()).collect();
         (String::from_utf8_lossy(&o.stderr).into_owned(), losses)
     };
     let (first, l1) = run("one");

@@ -79,9 +79,7 @@ fn the_tiny_default_trains_an_adapter_that_peft_loads() {
     for f in ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
-    let history = state["log_history"].as_array().unwrap();
+    let history = nibble_tests::log_history(&out);
     assert_eq!(history.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4, 6]);
     let losses: Vec<f64> = history.iter().map(|e| e["loss"].as_f64().unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite()));

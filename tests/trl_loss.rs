@@ -34,11 +34,9 @@ fn compare(log: &str, flags: &[&str]) {
         .output()
         .unwrap();
     assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let ours: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    let ours = nibble_tests::log_history(&out);
     let theirs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden.join(log)).unwrap()).unwrap();
-    let ours = ours["log_history"].as_array().unwrap();
     let theirs = theirs.as_array().unwrap();
     assert_eq!(ours.len(), theirs.len(), "logged steps");
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();

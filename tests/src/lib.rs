@@ -7,6 +7,19 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// The `log_history` of the `trainer_state.json` a run left in `out` (panics with the file's
+/// name when it is missing or not a state file: these are tests).
+pub fn log_history(out: &Path) -> Vec<serde_json::Value> {
+    let path = out.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let state: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    match state.get("log_history") {
+        Some(serde_json::Value::Array(h)) => h.clone(),
+        _ => panic!("{}: no log_history list", path.display()),
+    }
+}
+
 /// The repository root (models/, recipes/, data/, scripts/).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
