@@ -62,6 +62,7 @@ macro_rules! plain_values { ($($t:ty),*) => { $(impl RecipeValue for $t {})* } }
 plain_values!(
     SamplingStrategy,
     CpuMatmul,
+    LoraDtype,
     Dtype,
     QuantType,
     QuantStorage,
@@ -166,6 +167,10 @@ section! {
         /// nibble extension: start the LoRA adapter from this PEFT adapter directory instead of a
         /// fresh init (to compare runs from one init, or to continue training an adapter).
         lora_init_adapter: Option<String> = None, Acted;
+        /// nibble extension: the trained adapters' dtype: `auto` (TRL's SFT/DPO trainers: bf16 on a
+        /// 4-/8-bit base, DoRA magnitudes excepted; float32 otherwise, PEFT's default), `float32`
+        /// or `bfloat16`.
+        lora_dtype: LoraDtype = LoraDtype::Auto, Acted;
     }
 }
 

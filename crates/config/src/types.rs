@@ -85,6 +85,19 @@ choice! {
 }
 
 choice! {
+    /// The trained adapters' dtype (`lora_dtype`, nibble's own key): TRL casts a quantized model's
+    /// adapters to bf16, PEFT alone keeps them in float32.
+    LoraDtype {
+        /// As TRL's trainers: bfloat16 on a 4-/8-bit base (DoRA magnitudes stay float32), else float32.
+        Auto = "auto",
+        /// float32 (PEFT's default).
+        Float32 = "float32",
+        /// bfloat16.
+        Bfloat16 = "bfloat16",
+    }
+}
+
+choice! {
     /// How a bf16/f16 recipe's matmuls run on a CPU (`cpu_matmul`, nibble's own key).
     CpuMatmul {
         /// In f32 where the CPU has no native 16-bit GEMMs (AVX2 hosts), else natively.

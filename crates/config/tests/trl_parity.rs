@@ -19,6 +19,7 @@ const NOT_IN_TRL: &[&str] = &[
     "lora_init_adapter",
     "skip_invalid_rows",
     "cpu_matmul",
+    "lora_dtype",
 ];
 
 fn typed_defaults() -> serde_json::Map<String, serde_json::Value> {

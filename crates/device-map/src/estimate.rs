@@ -131,7 +131,8 @@ pub struct RunShape {
     pub lora_r: u64,
     /// Which block linears get adapters (PEFT names such as `q_proj`).
     pub lora_targets: Vec<String>,
-    /// Bytes per adapter parameter (4 for fp32 adapters).
+    /// Bytes per adapter parameter (4 for fp32 adapters, 2 for bf16); the optimizer's moments
+    /// take the same.
     pub adapter_bytes: u64,
     /// LoRA dropout is on (each adapter then keeps its own dropped copy of its input).
     pub lora_dropout: bool,
@@ -222,7 +223,7 @@ pub fn modules(model: &ModelShape, run: &RunShape) -> Vec<crate::Module> {
         / 8.0;
     let layer = stored.ceil() as u64
         + 2 * model.hidden * run.dtype_bytes
-        + layer_adapter_params(model, run) * (2 * run.adapter_bytes + 8);
+        + layer_adapter_params(model, run) * 4 * run.adapter_bytes;
     let module = |name: String, bytes: u64| crate::Module { name, bytes };
     let embed = model.vocab * model.hidden * run.dtype_bytes;
     let mut out = Vec::with_capacity(model.layers as usize + 3);
@@ -288,7 +289,8 @@ pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
         unquantized,
         lora_weights: lora_params * run.adapter_bytes,
         lora_grads: lora_params * run.adapter_bytes,
-        optimizer: lora_params * 8,
+        // AdamW's two moments, in the adapters' dtype (torch's `zeros_like`).
+        optimizer: lora_params * 2 * run.adapter_bytes,
         activations,
         logits: {
             let all = tokens * model.vocab * 4;

@@ -102,8 +102,9 @@ pub struct Adapters {
     enabled: Arc<AtomicBool>,
 }
 
-/// Wrap each linear `cfg` targets in a [`LoraLinear`] with fresh A and B drawn from `seed` (per
-/// module: the values depend only on the seed and the module's name), in training mode; with
+/// Wrap each linear `cfg` targets in a [`LoraLinear`] with fresh A and B drawn as PEFT draws them
+/// after `set_seed(seed)` (libtorch's global generator is reseeded with `seed`, then consumed in
+/// module order; hold [`crate::global_rng`] around other draws that must not interleave), in training mode; with
 /// `use_dora`, each also gets DoRA's magnitude, `||W + scaling * B A||` per output row as PEFT
 /// initialises it.
 ///
@@ -213,20 +214,26 @@ fn inject_with<'a>(
     let training = Arc::new(AtomicBool::new(training));
     let enabled = Arc::new(AtomicBool::new(true));
     let (r, scaling) = (cfg.r, cfg.scaling());
-    // Make every tensor first, so an error leaves the model untouched.
+    // Make every tensor first, so an error leaves the model untouched. Seeded draws come from
+    // libtorch's global generator in module order, as PEFT draws them after `set_seed`.
+    let rng = seed.map(|seed| {
+        let guard = init::global_rng();
+        tch::manual_seed(seed as i64);
+        guard
+    });
     let mut made = Vec::new();
     for ((name, slot), _) in linears.into_iter().zip(&selected).filter(|(_, s)| **s) {
         let (inp, out, device) = (slot.in_features(), slot.out_features(), slot.device());
+        let r = r as i64;
         let (a, b) = match seed {
-            Some(seed) => init::initial(cfg.init, seed, &name, r, inp as usize, out as usize),
-            None => (vec![0.0; r * inp as usize], vec![0.0; out as usize * r]),
+            Some(_) => init::initial(cfg.init, r, inp, out)?,
+            None => (Tensor::f_zeros([r, inp], (Kind::Float, Device::Cpu))?, Tensor::f_zeros([out, r], (Kind::Float, Device::Cpu))?),
         };
-        let param = |v: Vec<f32>, shape: [i64; 2]| -> Result<Tensor, Error> {
-            let t = Tensor::f_from_slice(&v)?.f_view(shape)?.f_to_kind(cfg.dtype)?.f_to_device(device)?;
-            Ok(t.set_requires_grad(true))
+        let param = |t: Tensor| -> Result<Tensor, Error> {
+            Ok(t.f_to_kind(cfg.dtype)?.f_to_device(device)?.set_requires_grad(true))
         };
-        let lora_a = param(a, [r as i64, inp])?;
-        let lora_b = param(b, [out, r as i64])?;
+        let lora_a = param(a)?;
+        let lora_b = param(b)?;
         let dora = if cfg.use_dora {
             let stats = BaseStats::measure(&name, slot.as_ref())?;
             let magnitude = stats
@@ -238,6 +245,7 @@ fn inject_with<'a>(
         };
         made.push((name, slot, lora_a, lora_b, dora));
     }
+    drop(rng);
     let mut copies = Vec::new();
     for ((name, slot), _) in tensors.into_iter().zip(&saved).filter(|(_, s)| **s) {
         let copy = tch::no_grad(|| -> Result<Tensor, Error> {
@@ -693,13 +701,7 @@ mod tests {
     use quant::linear::Dense;
     use std::path::PathBuf;
 
-    /// Tests that seed or draw from libtorch's global generator hold this, so a test running in
-    /// another thread cannot reseed it between their draws.
-    static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    fn global_rng() -> std::sync::MutexGuard<'static, ()> {
-        GLOBAL_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+    use crate::init::global_rng;
 
     fn dense(out: i64, inp: i64, seed: i64) -> Box<dyn Linear> {
         let w = Tensor::arange(out * inp, (Kind::Float, Device::Cpu))
@@ -806,12 +808,12 @@ mod tests {
 
     #[test]
     fn dropout_only_while_training() {
-        let _rng = global_rng();
         let mut m = model();
         let mut cfg = LoraConfig::new(4, 8.0, list(&["q_proj"]));
         cfg.init = LoraInit::False;
         cfg.dropout = 0.5;
         let a = inject(offer(&mut m), &cfg, 3).expect("inject");
+        let _rng = global_rng();
         assert!(a.is_training());
         let x = input(16, 8);
         let y1 = m[0].1.forward(&x).expect("train");
@@ -887,7 +889,6 @@ mod tests {
 
     #[test]
     fn dora_starts_as_lora_and_follows_peft_formula() {
-        let _rng = global_rng();
         for (bias, dropout) in [(true, 0.0), (false, 0.0), (true, 0.3)] {
             let w =
                 Tensor::arange(8 * 12, (Kind::Float, Device::Cpu)).view([8, 12]).f_sin().expect("w") * 0.5;
@@ -900,6 +901,7 @@ mod tests {
             cfg.use_dora = true;
             cfg.dropout = dropout;
             let a = inject(offer(&mut one), &cfg, 11).expect("inject");
+            let _rng = global_rng();
             let md = &a.modules()[0];
             let (la, lb, mag) = (md.lora_a(), md.lora_b(), md.magnitude().expect("dora"));
             let s = cfg.scaling();

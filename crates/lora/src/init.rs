@@ -1,81 +1,61 @@
-//! Seeded starting values for A and B, made in Rust rather than with libtorch's global generator,
-//! so a run is reproducible from its seed alone, whatever else the process draws, and each
-//! module's values depend only on (seed, module name, which matrix).
+//! Starting values for A and B drawn as PEFT 0.21 draws them, so a recipe's seed gives PEFT's
+//! tensors with nothing exchanged: from libtorch's process-wide generator, seeded as transformers'
+//! `set_seed` seeds it right before TRL's `get_peft_model`, module by module in the model's order.
+//! For each module PEFT builds `nn.Linear(in, r)` and `nn.Linear(r, out)` (each constructor draws
+//! its weight kaiming-uniform), then redraws A as `init_lora_weights` says and zeroes B.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use tch::{Device, Kind, Tensor};
 
 use crate::LoraInit;
 
-/// SplitMix64: small, fast, and statistically good enough for initial weights.
-struct SplitMix64(u64);
+static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
+/// Hold this while seeding or drawing from libtorch's process-wide generator, so threads of one
+/// process (tests, a library user's workers) cannot reseed it between each other's draws.
+pub fn global_rng() -> MutexGuard<'static, ()> {
+    GLOBAL_RNG.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The generator for one matrix: the seed mixed with an FNV-1a hash of `module` and `which`.
-fn stream(seed: u64, module: &str, which: &str) -> SplitMix64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in module.bytes().chain([0]).chain(which.bytes()) {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    let mut g = SplitMix64(seed ^ h);
-    g.next_u64();
-    g
+/// torch's `kaiming_uniform_(w, a=sqrt(5))` bound, computed in the same f64 steps as
+/// `torch.nn.init` (so the f32 draws are bit-identical): `sqrt(3) * gain / sqrt(fan_in)`.
+fn kaiming_bound(fan_in: i64) -> f64 {
+    let a = 5f64.sqrt();
+    let gain = (2.0 / (1.0 + a * a)).sqrt();
+    3f64.sqrt() * (gain / (fan_in as f64).sqrt())
 }
 
-fn uniform(g: &mut SplitMix64, n: usize, bound: f64) -> Vec<f32> {
-    (0..n).map(|_| ((2.0 * g.next_f64() - 1.0) * bound) as f32).collect()
+/// An f32 CPU tensor of `shape` drawn uniform in ±`bound` from the global generator.
+fn uniform(shape: [i64; 2], bound: f64) -> Result<Tensor, tch::TchError> {
+    let mut t = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
+    let _ = t.f_uniform_(-bound, bound)?;
+    Ok(t)
 }
 
-fn normal(g: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        // Box-Muller; 1 - u keeps the logarithm finite.
-        let (u1, u2) = (1.0 - g.next_f64(), g.next_f64());
-        let radius = (-2.0 * u1.ln()).sqrt() * std;
-        let angle = std::f64::consts::TAU * u2;
-        out.push((radius * angle.cos()) as f32);
-        out.push((radius * angle.sin()) as f32);
-    }
-    out.truncate(n);
-    out
-}
-
-/// Starting A `[r, in]` and B `[out, r]`, row-major, as PEFT's `init_lora_weights` makes them:
-/// kaiming-uniform with `a = sqrt(5)` is uniform in ±1/sqrt(fan_in).
-pub(crate) fn initial(
-    init: LoraInit,
-    seed: u64,
-    module: &str,
-    r: usize,
-    inp: usize,
-    out: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let mut ga = stream(seed, module, "lora_A");
-    let a = match init {
-        LoraInit::Default | LoraInit::False => uniform(&mut ga, r * inp, 1.0 / (inp as f64).sqrt()),
-        LoraInit::Gaussian => normal(&mut ga, r * inp, 1.0 / r as f64),
-    };
-    let b = match init {
-        LoraInit::False => uniform(&mut stream(seed, module, "lora_B"), out * r, 1.0 / (r as f64).sqrt()),
-        LoraInit::Default | LoraInit::Gaussian => vec![0.0; out * r],
-    };
-    (a, b)
+/// One module's starting A `[r, in]` and B `[out, r]` (f32, CPU), drawn from the global generator
+/// in PEFT's order; the caller seeds it and holds [`global_rng`].
+pub(crate) fn initial(init: LoraInit, r: i64, inp: i64, out: i64) -> Result<(Tensor, Tensor), tch::TchError> {
+    let a0 = uniform([r, inp], kaiming_bound(inp))?;
+    let b0 = uniform([out, r], kaiming_bound(r))?;
+    Ok(match init {
+        LoraInit::Default => (uniform([r, inp], kaiming_bound(inp))?, b0.f_zeros_like()?),
+        LoraInit::Gaussian => {
+            let mut a = Tensor::f_empty([r, inp], (Kind::Float, Device::Cpu))?;
+            let _ = a.f_normal_(0.0, 1.0 / r as f64)?;
+            (a, b0.f_zeros_like()?)
+        }
+        LoraInit::False => (a0, b0),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.flatten(0, -1)).expect("f32")
+    }
 
     fn mean_std(x: &[f32]) -> (f64, f64) {
         let n = x.len() as f64;
@@ -84,37 +64,60 @@ mod tests {
         (mean, var.sqrt())
     }
 
+    fn seeded(seed: i64, draws: &[(LoraInit, i64, i64, i64)]) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let _g = global_rng();
+        tch::manual_seed(seed);
+        draws
+            .iter()
+            .map(|&(init, r, inp, out)| {
+                let (a, b) = initial(init, r, inp, out).expect("draw");
+                (values(&a), values(&b))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kaiming_bound_is_one_over_sqrt_fan_in() {
+        for fan in [1, 8, 160, 4096] {
+            assert!((kaiming_bound(fan) - 1.0 / (fan as f64).sqrt()).abs() < 1e-15);
+        }
+    }
+
     #[test]
     fn kaiming_uniform_bound_and_spread() {
-        let (a, b) = initial(LoraInit::Default, 1, "m", 64, 400, 10);
+        let (a, b) = seeded(1, &[(LoraInit::Default, 64, 400, 10)]).remove(0);
         let bound = 1.0 / 20.0;
         assert!(a.iter().all(|v| v.abs() <= bound));
         let (mean, std) = mean_std(&a);
         // Uniform(-b, b) has std b / sqrt(3).
-        assert!(mean.abs() < 0.002 && (std - bound as f64 / 3f64.sqrt()).abs() < 0.001, "{mean} {std}");
+        assert!(mean.abs() < 0.002 && (std - f64::from(bound) / 3f64.sqrt()).abs() < 0.001, "{mean} {std}");
         assert!(b.iter().all(|v| *v == 0.0));
     }
 
     #[test]
     fn gaussian_std_is_one_over_r() {
-        let (a, b) = initial(LoraInit::Gaussian, 2, "m", 8, 4000, 3);
+        let (a, b) = seeded(2, &[(LoraInit::Gaussian, 8, 4000, 3)]).remove(0);
         let (mean, std) = mean_std(&a);
         assert!(mean.abs() < 0.003 && (std - 0.125).abs() < 0.003, "{mean} {std}");
         assert!(b.iter().all(|v| *v == 0.0));
     }
 
     #[test]
-    fn init_false_draws_b_too() {
-        let (_, b) = initial(LoraInit::False, 3, "m", 4, 16, 1000);
+    fn init_false_keeps_the_constructor_draws() {
+        let (a, b) = seeded(3, &[(LoraInit::False, 4, 16, 1000)]).remove(0);
         assert!(b.iter().all(|v| v.abs() <= 0.5) && b.iter().any(|v| *v != 0.0));
+        // The constructors' draws come first: the default init's B is zeroed, its A redrawn after them.
+        let (a2, _) = seeded(3, &[(LoraInit::Default, 4, 16, 1000)]).remove(0);
+        assert_ne!(a, a2);
     }
 
     #[test]
-    fn values_depend_on_seed_and_module_only() {
-        let x = initial(LoraInit::False, 7, "model.layers.0.mlp.up_proj", 2, 3, 4);
-        assert_eq!(x, initial(LoraInit::False, 7, "model.layers.0.mlp.up_proj", 2, 3, 4));
-        assert_ne!(x, initial(LoraInit::False, 8, "model.layers.0.mlp.up_proj", 2, 3, 4));
-        assert_ne!(x.0, initial(LoraInit::False, 7, "model.layers.1.mlp.up_proj", 2, 3, 4).0);
-        assert_ne!(x.0, x.1[..6]);
+    fn values_follow_the_seed_and_the_module_order() {
+        let shapes = [(LoraInit::Default, 2, 3, 4), (LoraInit::Default, 2, 3, 4)];
+        let x = seeded(7, &shapes);
+        assert_eq!(x, seeded(7, &shapes));
+        assert_ne!(x, seeded(8, &shapes));
+        // The second module draws after the first: its A differs though its shape is the same.
+        assert_ne!(x[0].0, x[1].0);
     }
 }

@@ -24,6 +24,7 @@ pub use adapters::{
     AdapterModule, Adapters, SavedTensor, inject, inject_from, inject_from_with_modules, inject_with_modules,
 };
 pub use config::{CONFIG_FILE, LoraConfig, LoraInit, PEFT_VERSION, TargetModules, WEIGHTS_FILE};
+pub use init::global_rng;
 pub use layer::LoraLinear;
 pub use target::select as select_targets;
 

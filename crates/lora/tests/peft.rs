@@ -493,8 +493,11 @@ fn peft_dora_adapters_give_peft_outputs_and_gradients() {
                     zero_grad(p);
                 }
                 let x = inputs[&format!("x.{name}")].copy().set_requires_grad(true);
-                tch::manual_seed(1000 + i as i64);
-                let y = layer.forward(&x).expect("forward");
+                let y = {
+                    let _rng = lora::global_rng();
+                    tch::manual_seed(1000 + i as i64);
+                    layer.forward(&x).expect("forward")
+                };
                 (&y * &expected[&format!("g.{name}")]).sum(Kind::Float).backward();
                 let what = |t: &str| format!("{case} {mode} {t} {name}");
                 check(&what("y"), &y, &expected[&format!("{mode}.y.{name}")], 1e-5);
@@ -795,4 +798,60 @@ fn peft_loads_nibble_dora_and_modules_to_save() {
         "{out}"
     );
     std::fs::remove_dir_all(&work).expect("clean up");
+}
+
+/// PEFT's fresh adapter after transformers' `set_seed`, as TRL makes it before training: A and B
+/// for each `init_lora_weights`, on each tiny family, written to `argv[1]/<case>.safetensors`.
+const PEFT_SEEDED_INIT: &str = r#"
+import pathlib, sys, warnings
+sys.path.insert(0, sys.argv[2])
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import set_seed
+import golden_peft as gp
+
+out = pathlib.Path(sys.argv[1])
+for family in ["llama", "qwen3"]:
+    for init in [True, "gaussian", False]:
+        for seed, targets in [(42, "all-linear"), (7, ["q_proj", "v_proj"])]:
+            set_seed(seed)
+            model = gp.tiny_model(family)
+            set_seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init))
+            tensors = {n: p.detach().contiguous() for n, p in m.named_parameters() if "lora_" in n}
+            save_file(tensors, str(out / f"{family}-{str(init).lower()}-{seed}.safetensors"))
+"#;
+
+/// With nothing exchanged, the seed gives PEFT's starting tensors bit for bit: nibble draws from
+/// libtorch's generator in PEFT's order (module order; per module the two constructors' draws,
+/// then A redrawn as `init_lora_weights` says).
+#[test]
+fn the_seed_gives_pefts_starting_adapter_bit_for_bit() {
+    let Some(python) = python() else { return };
+    let dir = temp_dir("seeded-init");
+    let scripts = script().parent().expect("scripts").to_path_buf();
+    run_python(&python, &["-c".as_ref(), PEFT_SEEDED_INIT.as_ref(), dir.as_os_str(), scripts.as_os_str()]);
+    for family in ["llama", "qwen3"] {
+        for (init, label) in [(LoraInit::Default, "true"), (LoraInit::Gaussian, "gaussian"), (LoraInit::False, "false")] {
+            for (seed, targets) in [(42, TargetModules::AllLinear), (7, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]))] {
+                let case = format!("{family}-{label}-{seed}");
+                let theirs = read_tensors(&dir.join(format!("{case}.safetensors")));
+                let mut model = tiny_model(family);
+                let mut cfg = LoraConfig::new(4, 8.0, targets);
+                cfg.init = init;
+                let adapters = inject(model.linears_mut(), &cfg, seed).expect("inject");
+                assert_eq!(theirs.len(), 2 * adapters.modules().len(), "{case}: adapted modules");
+                for m in adapters.modules() {
+                    for (which, ours) in [("lora_A", m.lora_a()), ("lora_B", m.lora_b())] {
+                        let key = format!("base_model.model.{}.{which}.default.weight", m.name());
+                        let want = theirs.get(&key).unwrap_or_else(|| panic!("{case}: PEFT has no {key}"));
+                        assert!(ours.equal(want), "{case}: {key} differs from PEFT's draw");
+                    }
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }

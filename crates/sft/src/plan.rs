@@ -593,7 +593,23 @@ fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str, r: usize) -> lor
     c.modules_to_save = m.lora_modules_to_save.clone().unwrap_or_default();
     c.base_model_name_or_path = Some(model_id.to_owned());
     c.task_type = Some(m.lora_task_type.clone());
+    c.dtype = adapter_kind(recipe, cfg);
     c
+}
+
+/// The trained adapters' dtype (`lora_dtype`). `auto` is TRL's rule: its SFT and DPO trainers cast a
+/// 4-/8-bit model's trainable adapters to bf16 after `get_peft_model`. DoRA stays f32 under `auto`:
+/// TRL keeps its magnitude in f32, and nibble keeps a DoRA layer in one dtype.
+fn adapter_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
+    let m = &recipe.model;
+    match m.lora_dtype {
+        config::types::LoraDtype::Float32 => Kind::Float,
+        config::types::LoraDtype::Bfloat16 => Kind::BFloat16,
+        config::types::LoraDtype::Auto if !m.use_dora && (loads_4bit(recipe, cfg) || loads_8bit(recipe, cfg)) => {
+            Kind::BFloat16
+        }
+        config::types::LoraDtype::Auto => Kind::Float,
+    }
 }
 
 /// The decoder linears of `cfg`'s model by PEFT module name (`model.layers.N.self_attn.q_proj`).
@@ -624,6 +640,10 @@ fn loads_4bit(recipe: &Recipe, cfg: &HfConfig) -> bool {
     recipe.model.load_in_4bit || cfg.quantization == Some(model_loader::Prequantized::FourBit)
 }
 
+fn loads_8bit(recipe: &Recipe, cfg: &HfConfig) -> bool {
+    recipe.model.load_in_8bit || matches!(cfg.quantization, Some(model_loader::Prequantized::EightBit { .. }))
+}
+
 /// sft's resident memory when loading starts (libtorch, tokenizer, the process), measured on the
 /// bench machine (docs/benchmarks.md).
 const RUNTIME_BYTES: u64 = 170 << 20;
@@ -651,7 +671,7 @@ fn run_shape(
         dtype_bytes: if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 },
         lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
         lora_targets: lora_linears.to_vec(),
-        adapter_bytes: 4,
+        adapter_bytes: if adapter_kind(recipe, cfg) == Kind::BFloat16 { 2 } else { 4 },
         lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
         // DPO runs each pair's chosen and rejected sequences in one batch of 2B; its reference pass
         // (no graph, one layer's activations at a time) comes before the policy's and peaks lower.

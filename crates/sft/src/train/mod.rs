@@ -198,6 +198,7 @@ pub fn sampler_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     if len == 0 {
         return Vec::new();
     }
+    let _rng = lora::global_rng();
     tch::manual_seed(seed.wrapping_add(epoch) as i64);
     let perm = Tensor::randperm(len as i64, (tch::Kind::Int64, tch::Device::Cpu));
     Vec::<i64>::try_from(perm)

@@ -45,12 +45,16 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`, from the parameters' current `.grad()`; parameters
-    /// without a gradient are left alone (as torch does).
+    /// without a gradient are left alone (as torch does). Bit for bit torch 2.11's single-tensor
+    /// AdamW on the CPU (its default there), in the parameters' dtype: tch has no `value` argument
+    /// for `addcmul_`/`addcdiv_`, so those two run as torch's CPU kernels compute them (in f32, the
+    /// `addcmul` as one fused multiply-add, rounded once to the moment's dtype).
     pub fn step(&mut self, lr: f64) -> Result<(), tch::TchError> {
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        // Python's `beta ** step` and `bc2 ** 0.5` are libm's pow.
+        let bc1 = 1.0 - beta1.powf(self.step as f64);
+        let bc2_sqrt = (1.0 - beta2.powf(self.step as f64)).powf(0.5);
         let step_size = lr / bc1;
         tch::no_grad(|| -> Result<(), tch::TchError> {
             for ((p, m), v) in self.params.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
@@ -63,9 +67,20 @@ impl AdamW {
                     let _ = p.f_mul_scalar_(1.0 - lr * weight_decay)?;
                 }
                 let _ = m.f_lerp_(&g, 1.0 - beta1)?;
-                let _ = v.f_mul_scalar_(beta2)?.f_addcmul_(&g.f_mul_scalar(1.0 - beta2)?, &g)?;
+                let _ = v.f_mul_scalar_(beta2)?;
+                // v.addcmul_(g, g, value=1 - beta2): fma(f32(value * g), g, v) in f32.
+                let gf = g.f_to_kind(Kind::Float)?;
+                let vg = gf.f_mul_scalar(1.0 - beta2)?.f_to_kind(Kind::Double)?;
+                let fma = vg.f_mul(&gf.f_to_kind(Kind::Double)?)?.f_add(&v.f_to_kind(Kind::Double)?)?;
+                let _ = v.f_copy_(&fma.f_to_kind(Kind::Float)?)?;
                 let denom = v.f_sqrt()?.f_div_scalar(bc2_sqrt)?.f_add_scalar(eps)?;
-                let _ = p.f_addcdiv_(&m.f_mul_scalar(-step_size)?, &denom)?;
+                // p.addcdiv_(m, denom, value=-step_size): p + f32(value * m) / denom in f32.
+                let update = m
+                    .f_to_kind(Kind::Float)?
+                    .f_mul_scalar(-step_size)?
+                    .f_div(&denom.f_to_kind(Kind::Float)?)?
+                    .f_add(&p.f_to_kind(Kind::Float)?)?;
+                let _ = p.f_copy_(&update)?;
             }
             Ok(())
         })
@@ -112,8 +127,16 @@ impl AdamW {
     }
 }
 
+/// torch's `linalg.vector_norm(t, 2)` in `t`'s dtype (tch offers it as `linalg_norm` of the
+/// flattened tensor, which is a vector norm for one dimension).
+fn vector_norm(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    t.f_flatten(0, -1)?.f_linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
+}
+
 /// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping (as torch's `clip_grad_norm_`, with its 1e-6 in the denominator).
+/// clipping. Step for step torch's `clip_grad_norm_` on the CPU, in the gradients' dtype (bf16
+/// adapters get bf16 norms and a bf16 coefficient, as TRL's QLoRA runs do): each gradient's
+/// `vector_norm`, the norm of those, then `grad *= min(max_norm * (1 / (norm + 1e-6)), 1)`.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, tch::TchError> {
     let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
     if grads.is_empty() {
@@ -121,22 +144,34 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, tch::TchE
     }
     // Parameters may sit on several devices (a device map): the norms meet on the first one's.
     let device = grads.first().map_or(tch::Device::Cpu, Tensor::device);
-    let norms = grads
+    // torch groups the gradients by (device, dtype), each group in parameter order ...
+    let mut groups: Vec<((tch::Device, Kind), Vec<&Tensor>)> = Vec::new();
+    for g in &grads {
+        let key = (g.device(), g.kind());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(g),
+            None => groups.push((key, vec![g])),
+        }
+    }
+    // ... and visits them in its hash map's order: for two groups the later-seen first (checked
+    // for every pair of f32, bf16 and f16 in tests/optim_torch.rs' torch).
+    groups.reverse();
+    let norms = groups
         .iter()
-        .map(|g| g.f_to_kind(Kind::Float)?.f_norm()?.f_to_device(device))
+        .flat_map(|(_, gs)| gs.iter())
+        .map(|g| vector_norm(g)?.f_to_device(device))
         .collect::<Result<Vec<_>, _>>()?;
-    let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
+    let total = vector_norm(&Tensor::f_stack(&norms, 0)?)?;
     let total_f = total.f_double_value(&[])?;
     if max_norm > 0.0 {
-        let coef = (max_norm / (total_f + 1e-6)).min(1.0);
-        if coef < 1.0 {
-            tch::no_grad(|| -> Result<(), tch::TchError> {
-                for g in &grads {
-                    let _ = g.shallow_clone().f_mul_scalar_(coef)?;
-                }
-                Ok(())
-            })?;
-        }
+        // `max_norm / (total + 1e-6)` on a tensor is `reciprocal() * max_norm` in torch.
+        let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            for g in &grads {
+                let _ = g.shallow_clone().f_mul_(&coef.f_to_device(g.device())?)?;
+            }
+            Ok(())
+        })?;
     }
     Ok(total_f)
 }

@@ -1,0 +1,119 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["torch==2.11.0", "transformers==5.24.0", "trl==1.16.0", "peft==0.21.2", "bitsandbytes==0.50.2", "datasets", "pyyaml"]
+# ///
+"""TRL's side of the drop-in test (tests/trl_dropin.rs): tests/golden/trl_dropin/{qlora,lora,mixture}.yaml
+trained by TRL 1.16's SFTTrainer exactly as the alignment-handbook's `sft.py` runs a recipe, with
+nothing taken from nibble: the model loaded 4-bit by transformers + bitsandbytes, the adapter made
+by SFTTrainer from the recipe's LoRA keys (`peft_config`, seeded by the Trainer's `set_seed`), the
+data in the Trainer's default shuffled order, the adapters in the bf16 SFTTrainer casts a quantized
+model's adapters to. Writes each recipe's per-step loss, gradient norm and learning rate to
+`trl_log.json`.
+
+Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
+    "$NIBBLE_PYTHON" scripts/golden_trl_dropin.py
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+# bitsandbytes' CPU paths as on the AVX2 host (docs/reference-cpu-paths.md), set before torch.
+nibble_refcpu.apply(default="avx2")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests/golden/trl_dropin"
+
+
+def dataset(r):
+    """The handbook's `get_dataset`: one dataset, or a mixture (each part shuffled with the
+    mixture's seed and cut to its weight, the parts concatenated and shuffled again)."""
+    if r.get("dataset_mixture") is None:
+        return datasets.load_dataset("json", data_files=str(ROOT / r["dataset_name"]), split="train")
+    spec = r["dataset_mixture"]
+    seed = spec.get("seed", 0)
+    parts = []
+    for d in spec["datasets"]:
+        ds = datasets.load_dataset("json", data_files=str(ROOT / d["id"]), split=d.get("split", "train"))
+        if d.get("columns") is not None:
+            ds = ds.select_columns(d["columns"])
+        ds = ds.shuffle(seed=seed).select(range(int(len(ds) * d.get("weight", 1.0))))
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def train(recipe):
+    r = yaml.safe_load((GOLDEN / recipe).read_text())
+    model_dir = ROOT / r["model_name_or_path"]
+    bnb = None if not r.get("load_in_4bit") else BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=r["bnb_4bit_quant_type"],
+        bnb_4bit_use_double_quant=r["use_bnb_nested_quant"],
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+    peft_config = LoraConfig(
+        r=r["lora_r"],
+        lora_alpha=r["lora_alpha"],
+        lora_dropout=r["lora_dropout"],
+        target_modules=r["lora_target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    out = GOLDEN / ".trl-run"
+    args = SFTConfig(
+        output_dir=str(out),
+        max_length=r["max_length"],
+        per_device_train_batch_size=r["per_device_train_batch_size"],
+        gradient_accumulation_steps=r["gradient_accumulation_steps"],
+        learning_rate=r["learning_rate"],
+        lr_scheduler_type=r["lr_scheduler_type"],
+        warmup_steps=r["warmup_steps"],
+        weight_decay=r["weight_decay"],
+        max_grad_norm=r["max_grad_norm"],
+        max_steps=r["max_steps"],
+        logging_steps=r["logging_steps"],
+        save_strategy="no",
+        gradient_checkpointing=r["gradient_checkpointing"],
+        seed=r["seed"],
+        bf16=r["bf16"],
+        use_cpu=True,
+        report_to="none",
+        dataset_num_proc=None,
+    )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(r), processing_class=tok, peft_config=peft_config)
+    kinds = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    want = torch.bfloat16 if r.get("load_in_4bit") else torch.float32
+    assert kinds == {want}, f"SFTTrainer trains the adapters in {kinds}"
+    trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
+    return [
+        {"step": e["step"], "loss": e["loss"], "grad_norm": float(e["grad_norm"]), "learning_rate": e["learning_rate"]}
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
+
+
+def main():
+    logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture"]}
+    (GOLDEN / "trl_log.json").write_text(json.dumps(logs, indent=1) + "\n")
+    print(json.dumps(logs))
+
+
+if __name__ == "__main__":
+    main()

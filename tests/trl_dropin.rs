@@ -1,0 +1,76 @@
+//! Drop-in for TRL: the same recipe and seed, nothing exchanged, give the same run. `sft` and TRL
+//! 1.16's SFTTrainer (`scripts/golden_trl_dropin.py`, run as the alignment-handbook's `sft.py`
+//! runs a recipe) train `tests/golden/trl_dropin/*.yaml`: LoRA and QLoRA on the shipped tiny model,
+//! seed 42, `lora_dropout: 0`, the Trainer's shuffled order, from a plain dataset and from a
+//! handbook mixture. The adapter's init (PEFT's draws from the seed), the order, the bf16 adapters
+//! TRL trains on a 4-bit base, AdamW and clipping as torch computes them.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::process::Command;
+
+use nibble_tests::repo;
+
+/// LoRA on the f32 tiny model: TRL keeps the adapters in f32, and so does nibble.
+#[test]
+fn a_lora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
+    compare("lora", 1e-4, 1e-4);
+}
+
+#[test]
+fn a_mixture_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
+    compare("mixture", 1e-4, 1e-4);
+}
+
+/// QLoRA: TRL casts a 4-bit model's adapters to bf16 and trains them there (AdamW's moments,
+/// clipping and the LoRA matmuls in bf16); `lora_dtype: auto` does the same. Step 1 agrees to
+/// ~1e-5 (the 4-bit base's kernels differ in f32 rounding); from there a last-bit difference
+/// can flip a bf16 weight's rounding (one bf16 step is 0.4-0.8%), so the curves drift apart
+/// by ~5e-4 over 30 steps, and the bf16 gradient norms by a bf16 step now and then.
+#[test]
+fn a_qlora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
+    compare("qlora", 1e-3, 1e-2);
+}
+
+fn compare(name: &str, loss_tol: f64, norm_tol: f64) {
+    let golden = repo().join("tests/golden/trl_dropin");
+    let out = std::env::temp_dir().join(format!("nibble-trl-dropin-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = Command::new(nibble_tests::sft())
+        .arg(golden.join(format!("{name}.yaml")))
+        .args(["--output_dir", out.to_str().unwrap()])
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", out.join("cache"))
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let ours = nibble_tests::log_history(&out);
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden.join("trl_log.json")).unwrap()).unwrap();
+    let theirs = all[name].as_array().unwrap();
+    assert_eq!(theirs.len(), 30, "the comparison covers 30 steps");
+    assert_eq!(ours.len(), theirs.len(), "logged steps");
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    let (mut report, mut worst, mut worst_norm) = (String::new(), 0.0f64, 0.0f64);
+    for (a, b) in ours.iter().zip(theirs) {
+        assert_eq!(a["step"], b["step"]);
+        let lr = (f(a, "learning_rate") - f(b, "learning_rate")).abs();
+        assert!(lr <= 1e-12 + 1e-9 * f(b, "learning_rate"), "learning rate at step {}: {a} vs {b}", b["step"]);
+        let dl = (f(a, "loss") - f(b, "loss")).abs() / f(b, "loss");
+        let dg = (f(a, "grad_norm") - f(b, "grad_norm")).abs() / f(b, "grad_norm");
+        worst = worst.max(dl);
+        worst_norm = worst_norm.max(dg);
+        report += &format!(
+            "step {:>2}: loss {:.6} vs TRL {:.6} ({dl:.1e}), grad_norm {} vs {} ({dg:.1e})\n",
+            b["step"],
+            f(a, "loss"),
+            f(b, "loss"),
+            f(a, "grad_norm"),
+            f(b, "grad_norm")
+        );
+    }
+    eprintln!("{name}:\n{report}");
+    assert!(worst <= loss_tol, "{name}: nibble's loss departs from TRL's by {worst:e}:\n{report}");
+    assert!(worst_norm <= norm_tol, "{name}: gradient norms depart by {worst_norm:e}:\n{report}");
+    let _ = std::fs::remove_dir_all(&out);
+}
