@@ -3,12 +3,14 @@
 # dependencies = ["torch==2.11.0", "transformers==5.24.0", "trl==1.16.0", "peft==0.21.2", "bitsandbytes==0.50.2", "datasets", "pyyaml"]
 # ///
 """TRL's side of the drop-in test (tests/trl_dropin.rs): tests/golden/trl_dropin/{qlora,lora,mixture}.yaml
-trained by TRL 1.16's SFTTrainer exactly as the alignment-handbook's `sft.py` runs a recipe, with
+trained by TRL 1.16's SFTTrainer exactly as the alignment-handbook's `sft.py` runs a recipe, and
+dpo_{lora,qlora}.yaml by its DPOTrainer as the handbook's `dpo.py` does (fresh adapter, so the
+reference is the base with the adapter off), with
 nothing taken from nibble: the model loaded 4-bit by transformers + bitsandbytes, the adapter made
 by SFTTrainer from the recipe's LoRA keys (`peft_config`, seeded by the Trainer's `set_seed`), the
 data in the Trainer's default shuffled order, the adapters in the bf16 SFTTrainer casts a quantized
-model's adapters to. Writes each recipe's per-step loss, gradient norm and learning rate to
-`trl_log.json`.
+model's adapters to. Writes each recipe's per-step loss, gradient norm and learning rate (and
+DPO's rewards) to `trl_log.json`.
 
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_trl_dropin.py
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests/golden/trl_dropin"
@@ -75,7 +77,14 @@ def train(recipe):
         task_type="CAUSAL_LM",
     )
     out = GOLDEN / ".trl-run"
-    args = SFTConfig(
+    dpo = "beta" in r
+    own = (
+        {"beta": r["beta"], "loss_type": [r["loss_type"]]}
+        if dpo
+        else {"dataset_num_proc": None, "weight_decay": r["weight_decay"]}
+    )
+    args = (DPOConfig if dpo else SFTConfig)(
+        **own,
         output_dir=str(out),
         max_length=r["max_length"],
         per_device_train_batch_size=r["per_device_train_batch_size"],
@@ -83,7 +92,6 @@ def train(recipe):
         learning_rate=r["learning_rate"],
         lr_scheduler_type=r["lr_scheduler_type"],
         warmup_steps=r["warmup_steps"],
-        weight_decay=r["weight_decay"],
         max_grad_norm=r["max_grad_norm"],
         max_steps=r["max_steps"],
         logging_steps=r["logging_steps"],
@@ -93,24 +101,22 @@ def train(recipe):
         bf16=r["bf16"],
         use_cpu=True,
         report_to="none",
-        dataset_num_proc=None,
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(r), processing_class=tok, peft_config=peft_config)
+    trainer = (DPOTrainer if dpo else SFTTrainer)(
+        model=model, args=args, train_dataset=dataset(r), processing_class=tok, peft_config=peft_config
+    )
     kinds = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     want = torch.bfloat16 if r.get("load_in_4bit") else torch.float32
     assert kinds == {want}, f"SFTTrainer trains the adapters in {kinds}"
     trainer.train()
     shutil.rmtree(out, ignore_errors=True)
-    return [
-        {"step": e["step"], "loss": e["loss"], "grad_norm": float(e["grad_norm"]), "learning_rate": e["learning_rate"]}
-        for e in trainer.state.log_history
-        if "loss" in e
-    ]
+    keys = ["loss", "grad_norm", "learning_rate"] + (["rewards/chosen", "rewards/rejected", "rewards/margins"] if dpo else [])
+    return [{"step": e["step"], **{k: float(e[k]) for k in keys}} for e in trainer.state.log_history if "loss" in e]
 
 
 def main():
-    logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture"]}
+    logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture", "dpo_lora", "dpo_qlora"]}
     (GOLDEN / "trl_log.json").write_text(json.dumps(logs, indent=1) + "\n")
     print(json.dumps(logs))
 
