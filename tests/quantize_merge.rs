@@ -551,6 +551,11 @@ for tag, d in [("fp32", merged32), ("bf16", merged16)]:
                 "dtype": str(m.dtype), "rel": rel(logits(m), want)}
     if tag == "fp32":
         ours = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    else:
+        # The bf16 file is the f32 merge rounded once, weight by weight.
+        out[tag]["max_diff_vs_f32_rounded"] = max(
+            (v.float() - ours[k].to(torch.bfloat16).float()).abs().max().item() for k, v in m.state_dict().items()
+        )
 peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
 peft_rel = rel(logits(peft), want)
 theirs = peft.merge_and_unload().state_dict()
@@ -587,7 +592,9 @@ fn transformers_loads_the_merged_model_and_peft_merges_the_same() {
     assert_eq!(r["fp32"]["dtype"], "torch.float32");
     assert_eq!(r["bf16"]["dtype"], "torch.bfloat16");
     assert!(r["fp32"]["rel"].as_f64().unwrap() <= 1e-5, "{r}");
-    assert!(r["bf16"]["rel"].as_f64().unwrap() <= 3e-2, "{r}");
+    assert_eq!(r["bf16"]["max_diff_vs_f32_rounded"].as_f64(), Some(0.0), "{r}");
+    // bf16 rounding of the random adapter's large update (no tighter bound holds for every draw).
+    assert!(r["bf16"]["rel"].as_f64().unwrap() <= 0.15, "{r}");
     // PEFT's own merge gives the same weights, and its unmerged model nibble's logits.
     assert_eq!(r["peft"]["keys_equal"], true, "{r}");
     assert_eq!(r["peft"]["max_abs_diff"].as_f64(), Some(0.0), "{r}");
