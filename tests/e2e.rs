@@ -207,7 +207,14 @@ fn the_tiny_recipe_trains_the_pinned_adapter() {
     let o = Command::new(nibble_tests::sft())
         // f32 adapters: the default (`auto`) trains bf16 ones on the 4-bit base as TRL does, and
         // torch's bf16 GEMM takes a different path on CPUs with AVX512-BF16 (oneDNN) than without.
-        .args(["recipes/tiny/config_qlora.yaml", "--max_steps", "6", "--lora_dtype", "float32", "--output_dir"])
+        .args([
+            "recipes/tiny/config_qlora.yaml",
+            "--max_steps",
+            "6",
+            "--lora_dtype",
+            "float32",
+            "--output_dir",
+        ])
         .arg(&out)
         .current_dir(repo())
         .env("NIBBLE_CACHE", &cache)
@@ -260,4 +267,76 @@ fn trainer_state_files_load_in_transformers() {
         assert!(line.contains(&format!(" {step} 6 ")), "{line}");
         assert!(line.contains("NibbleProgress") && line.contains("TrainerControl"), "{line}");
     }
+}
+
+/// The eval metrics of a run's `log_history`, by step.
+fn evals(out: &Path, metric: &str) -> Vec<(u64, f64)> {
+    nibble_tests::log_history(out)
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get(metric)?.as_f64()?)))
+        .collect()
+}
+
+fn state(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+/// `load_best_model_at_end` as the Trainer does it: every evaluation ranks the adapter by
+/// `eval_loss`, the state records the best, rotation (`save_total_limit: 1`) keeps the best
+/// checkpoint beside the newest, and the run's adapter is the best checkpoint's.
+#[test]
+fn load_best_model_at_end_ends_on_the_best_checkpoint() {
+    let out = scratch("best");
+    let cache = scratch("best-cache");
+    let eval = ["--eval_strategy", "steps", "--eval_steps", "2", "--dataset_test_split", "train"];
+    let flags = ["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1"];
+    // A learning rate that overshoots, so the last evaluation is not the best one.
+    let best =
+        ["--load_best_model_at_end", "true", "--learning_rate", "0.05", "--per_device_eval_batch_size", "32"];
+    let log = train(&out, &cache, &[&eval[..], &flags[..], &best[..]].concat());
+    let losses = evals(&out, "eval_loss");
+    assert_eq!(losses.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6], "{log}");
+    let (step, value) = losses.iter().copied().fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+    let s = state(&out);
+    assert_eq!(s["best_metric"].as_f64(), Some(value), "{s}");
+    assert_eq!(s["best_global_step"].as_u64(), Some(step), "{s}");
+    let best_dir = out.join(format!("checkpoint-{step}"));
+    assert_eq!(s["best_model_checkpoint"].as_str(), Some(best_dir.display().to_string().as_str()), "{s}");
+    // Rotation to one checkpoint keeps the best one (and the newest, if it is another).
+    let mut kept: Vec<u64> =
+        sft::train::checkpoint::list(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    kept.sort_unstable();
+    let want: Vec<u64> = if step == 6 { vec![6] } else { vec![step, 6] };
+    assert_eq!(kept, want, "{log}");
+    let adapter = |d: &Path| std::fs::read(d.join(lora::WEIGHTS_FILE)).unwrap();
+    assert!(adapter(&out) == adapter(&best_dir), "the run's adapter is checkpoint-{step}'s");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// `save_strategy: best` with a metric where higher is better: a checkpoint at each evaluation
+/// that improves `eval_mean_token_accuracy`, and none at the others.
+#[test]
+fn save_strategy_best_saves_only_improvements() {
+    let out = scratch("save-best");
+    let cache = scratch("save-best-cache");
+    let eval = ["--eval_strategy", "steps", "--eval_steps", "1", "--dataset_test_split", "train"];
+    let flags = ["--save_strategy", "best", "--metric_for_best_model", "mean_token_accuracy"];
+    let more = ["--learning_rate", "0.05", "--per_device_eval_batch_size", "32"];
+    let log = train(&out, &cache, &[&eval[..], &flags[..], &more[..]].concat());
+    let acc = evals(&out, "eval_mean_token_accuracy");
+    assert_eq!(acc.len(), 6, "{log}");
+    let mut best = f64::NEG_INFINITY;
+    let mut improved = Vec::new();
+    for (step, v) in acc {
+        if v > best {
+            best = v;
+            improved.push(step);
+        }
+    }
+    let saved: Vec<u64> = sft::train::checkpoint::list(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(saved, improved, "{log}");
+    assert_eq!(state(&out)["best_metric"].as_f64(), Some(best));
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&cache);
 }

@@ -71,7 +71,11 @@ fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
     for (a, b) in ours.iter().zip(theirs) {
         assert_eq!(a["step"], b["step"]);
         let lr = (f(a, "learning_rate") - f(b, "learning_rate")).abs();
-        assert!(lr <= 1e-12 + 1e-9 * f(b, "learning_rate"), "learning rate at step {}: {a} vs {b}", b["step"]);
+        assert!(
+            lr <= 1e-12 + 1e-9 * f(b, "learning_rate"),
+            "learning rate at step {}: {a} vs {b}",
+            b["step"]
+        );
         let dl = (f(a, "loss") - f(b, "loss")).abs() / f(b, "loss");
         let dg = (f(a, "grad_norm") - f(b, "grad_norm")).abs() / f(b, "grad_norm");
         worst = worst.max(dl);

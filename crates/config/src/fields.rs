@@ -277,6 +277,13 @@ section! {
         save_steps: f64 = 500.0, Acted;
         /// Keep at most this many checkpoints.
         save_total_limit: Option<i64> = None, Acted;
+        /// At the end, load the adapter of the checkpoint with the best `metric_for_best_model`.
+        load_best_model_at_end: bool = false, Acted;
+        /// The eval metric that ranks checkpoints (`eval_` prepended when missing); `loss` when
+        /// `load_best_model_at_end` is set without it.
+        metric_for_best_model: Option<String> = None, Acted;
+        /// Higher is better; unset: true unless the metric's name ends with `loss`.
+        greater_is_better: Option<bool> = None, Acted;
         /// Save only the adapter, not optimizer and scheduler state.
         save_only_model: bool = false, Planned;
         /// Resume from this checkpoint directory.

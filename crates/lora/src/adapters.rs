@@ -227,7 +227,10 @@ fn inject_with<'a>(
         let r = r as i64;
         let (a, b) = match seed {
             Some(_) => init::initial(cfg.init, r, inp, out)?,
-            None => (Tensor::f_zeros([r, inp], (Kind::Float, Device::Cpu))?, Tensor::f_zeros([out, r], (Kind::Float, Device::Cpu))?),
+            None => (
+                Tensor::f_zeros([r, inp], (Kind::Float, Device::Cpu))?,
+                Tensor::f_zeros([out, r], (Kind::Float, Device::Cpu))?,
+            ),
         };
         let param = |t: Tensor| -> Result<Tensor, Error> {
             Ok(t.f_to_kind(cfg.dtype)?.f_to_device(device)?.set_requires_grad(true))

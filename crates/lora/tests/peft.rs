@@ -834,8 +834,13 @@ fn the_seed_gives_pefts_starting_adapter_bit_for_bit() {
     let scripts = script().parent().expect("scripts").to_path_buf();
     run_python(&python, &["-c".as_ref(), PEFT_SEEDED_INIT.as_ref(), dir.as_os_str(), scripts.as_os_str()]);
     for family in ["llama", "qwen3"] {
-        for (init, label) in [(LoraInit::Default, "true"), (LoraInit::Gaussian, "gaussian"), (LoraInit::False, "false")] {
-            for (seed, targets) in [(42, TargetModules::AllLinear), (7, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]))] {
+        for (init, label) in
+            [(LoraInit::Default, "true"), (LoraInit::Gaussian, "gaussian"), (LoraInit::False, "false")]
+        {
+            for (seed, targets) in [
+                (42, TargetModules::AllLinear),
+                (7, TargetModules::List(vec!["q_proj".into(), "v_proj".into()])),
+            ] {
                 let case = format!("{family}-{label}-{seed}");
                 let theirs = read_tensors(&dir.join(format!("{case}.safetensors")));
                 let mut model = tiny_model(family);

@@ -107,6 +107,14 @@ pub enum Error {
         message: String,
     },
 
+    /// `metric_for_best_model` names no metric the evaluation reports.
+    #[error("metric_for_best_model: `{metric}` is not among the evaluation's metrics {available}")]
+    BestMetric {
+        /// The metric looked for (with its `eval_` prefix).
+        metric: String,
+        /// The metrics the evaluation reported.
+        available: String,
+    },
     /// A libtorch failure while computing a loss from log-probs.
     #[error("computing the loss: {0}")]
     Loss(String),

@@ -225,13 +225,7 @@ impl RunPlan {
             config::types::CpuMatmul::Native => CpuMatmul::Native,
             config::types::CpuMatmul::F32 => CpuMatmul::F32,
         };
-        if t.save_strategy == SaveStrategy::Best {
-            p.add(
-                Problem::OutOfRange,
-                "save_strategy",
-                "`best` is not supported yet (it needs metric_for_best_model); use steps or epoch",
-            );
-        }
+        best_model_problems(&mut p, t);
         if !matches!(t.train_sampling_strategy, SamplingStrategy::Random | SamplingStrategy::Sequential) {
             p.add(
                 Problem::OutOfRange,
@@ -568,6 +562,49 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> LoadOptions 
     LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device, placement: None }
 }
 
+/// transformers' checks of `save_strategy: best` and `load_best_model_at_end` (Trainer and
+/// TrainingArguments): a metric to rank by, and checkpoints at evaluated steps.
+fn best_model_problems(p: &mut Problems<'_>, t: &config::TrainingArgs) {
+    if t.save_strategy == SaveStrategy::Best && t.metric_for_best_model.is_none() && !t.load_best_model_at_end
+    {
+        p.add(
+            Problem::Conflict,
+            "save_strategy",
+            "`best` needs metric_for_best_model (the eval metric to rank by)",
+        );
+    }
+    if !t.load_best_model_at_end || t.save_strategy == SaveStrategy::Best {
+        return;
+    }
+    if t.eval_strategy.to_string() != t.save_strategy.to_string() {
+        p.add(
+            Problem::Conflict,
+            "load_best_model_at_end",
+            format!(
+                "needs save_strategy and eval_strategy to match (or save_strategy: best), found eval_strategy {} and save_strategy {}",
+                t.eval_strategy, t.save_strategy
+            ),
+        );
+    } else if t.save_strategy == SaveStrategy::Steps {
+        let eval = t.eval_steps.unwrap_or(t.logging_steps);
+        let multiple = if eval < 1.0 && t.save_steps < 1.0 {
+            // Both fractions of the run: compared in millionths, as transformers does.
+            ((t.save_steps * 1e6).round() as i64) % ((eval * 1e6).round() as i64).max(1) == 0
+        } else if eval >= 1.0 && t.save_steps >= 1.0 {
+            (t.save_steps.round() as i64) % (eval.round() as i64).max(1) == 0
+        } else {
+            false
+        };
+        if !multiple {
+            p.add(
+                Problem::Conflict,
+                "load_best_model_at_end",
+                format!("needs save_steps ({}) to be a multiple of eval_steps ({eval})", t.save_steps),
+            );
+        }
+    }
+}
+
 /// PEFT's default targets for the families nibble runs, when the recipe names none.
 fn default_targets(arch: Architecture) -> Vec<String> {
     match arch {
@@ -605,7 +642,9 @@ fn adapter_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
     match m.lora_dtype {
         config::types::LoraDtype::Float32 => Kind::Float,
         config::types::LoraDtype::Bfloat16 => Kind::BFloat16,
-        config::types::LoraDtype::Auto if !m.use_dora && (loads_4bit(recipe, cfg) || loads_8bit(recipe, cfg)) => {
+        config::types::LoraDtype::Auto
+            if !m.use_dora && (loads_4bit(recipe, cfg) || loads_8bit(recipe, cfg)) =>
+        {
             Kind::BFloat16
         }
         config::types::LoraDtype::Auto => Kind::Float,

@@ -411,6 +411,18 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
         return Ok(Ended::Interrupted);
     }
 
+    // `load_best_model_at_end`: the run ends on the best checkpoint's adapter, as the Trainer's.
+    if let Some(best) = trainer.opts.best.as_ref().filter(|b| b.load_at_end)
+        && let Some(dir) = trainer.progress.best_model_checkpoint.clone()
+    {
+        tracing::info!(
+            "loading the best adapter from {dir} ({} {})",
+            best.metric,
+            trainer.progress.best_metric.unwrap_or(f64::NAN)
+        );
+        adapters.load_into(Path::new(&dir)).with_context(|| format!("loading the best checkpoint {dir}"))?;
+    }
+
     // Rank 0 writes the outputs while the others wait.
     if let Some(reporter) = reporter {
         write_outputs(plan, &adapters, &trainer.progress, &trainer.opts.state, &out)?;

@@ -85,6 +85,8 @@ pub(crate) struct TrainingPlan {
     pub neftune_noise_alpha: Option<f64>,
     /// `chat_template`: saved beside the adapter, as TRL saves the tokenizer with it.
     pub chat_template: Option<String>,
+    /// `metric_for_best_model` and what acts on it (`save_strategy: best`, `load_best_model_at_end`).
+    pub best: Option<sft::train::BestModel>,
 }
 
 impl TrainingPlan {
@@ -123,6 +125,7 @@ impl TrainingPlan {
             gradient_checkpointing: t.gradient_checkpointing,
             neftune_noise_alpha: t.neftune_noise_alpha.filter(|a| *a > 0.0),
             chat_template: t.chat_template.clone(),
+            best: best_model(t),
         }
     }
 
@@ -181,8 +184,25 @@ impl TrainingPlan {
             eval_on_start: self.eval_on_start,
             neftune_noise_alpha: self.neftune_noise_alpha,
             state,
+            best: self.best.clone(),
         })
     }
+}
+
+/// transformers' rules: the metric defaults to `loss` under `load_best_model_at_end`, gets an
+/// `eval_` prefix, and higher is better unless its name ends with `loss`. `None` when no metric is
+/// set (the plan refuses `save_strategy: best` without one).
+fn best_model(t: &config::TrainingArgs) -> Option<sft::train::BestModel> {
+    let metric =
+        t.metric_for_best_model.clone().or_else(|| t.load_best_model_at_end.then(|| "loss".to_owned()))?;
+    let greater_is_better = t.greater_is_better.unwrap_or(!metric.ends_with("loss"));
+    let metric = if metric.starts_with("eval_") { metric } else { format!("eval_{metric}") };
+    Some(sft::train::BestModel {
+        metric,
+        greater_is_better,
+        save_on_best: t.save_strategy == SaveStrategy::Best,
+        load_at_end: t.load_best_model_at_end,
+    })
 }
 
 #[cfg(test)]

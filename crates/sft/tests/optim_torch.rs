@@ -38,10 +38,12 @@ fn adamw_and_clipping_give_torchs_bits() {
     let file = std::env::temp_dir().join(format!("nibble-optim-torch-{}.safetensors", std::process::id()));
     let o = Command::new(python).args(["-c", TORCH_SIDE]).arg(&file).output().unwrap();
     assert!(o.status.success(), "torch side failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&file).unwrap().into_iter().collect();
+    let t: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&file).unwrap().into_iter().collect();
     let _ = std::fs::remove_file(&file);
     let names = ["a", "b", "m", "f"];
-    let params: Vec<Tensor> = names.iter().map(|n| t[&format!("init.{n}")].copy().set_requires_grad(true)).collect();
+    let params: Vec<Tensor> =
+        names.iter().map(|n| t[&format!("init.{n}")].copy().set_requires_grad(true)).collect();
     let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     let mut opt = AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), cfg).unwrap();
     for step in 0..8 {
@@ -57,7 +59,8 @@ fn adamw_and_clipping_give_torchs_bits() {
         for (n, p) in names.iter().zip(&params) {
             let want = &t[&format!("after.{step}.{n}")];
             assert_eq!(p.kind(), want.kind());
-            let diff = (p.detach().to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
+            let diff =
+                (p.detach().to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
             assert!(p.detach().equal(want), "step {step}: {n} differs from torch's AdamW by up to {diff:e}");
         }
     }

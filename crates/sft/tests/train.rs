@@ -121,6 +121,7 @@ fn options(out: &Path, total: u64, save_steps: Option<u64>) -> TrainOptions {
         eval_on_start: false,
         neftune_noise_alpha: None,
         state: Default::default(),
+        best: None,
     }
 }
 
@@ -160,15 +161,16 @@ fn training_lowers_the_loss_and_resume_matches_an_uninterrupted_run() {
     let (losses, full) = run(&out, 6, Some(2), None);
     assert_eq!(losses.len(), 6);
     assert!(losses.iter().all(|l| l.is_finite()));
-    // save_total_limit 2 keeps the two newest of checkpoint-2 and checkpoint-4.
+    // As transformers' Trainer, the last step is saved too; save_total_limit 2 keeps the two
+    // newest of checkpoint-2, -4 and -6.
     let kept: Vec<String> = sft::train::checkpoint::list(&out)
         .unwrap()
         .into_iter()
         .map(|(s, _)| format!("checkpoint-{s}"))
         .collect();
-    assert_eq!(kept, ["checkpoint-2", "checkpoint-4"]);
-    let (resumed_losses, resumed) = run(&scratch("resume-2"), 6, None, Some(&out.join("checkpoint-2")));
-    assert_eq!(&resumed_losses[..], &losses[2..], "losses after resuming");
+    assert_eq!(kept, ["checkpoint-4", "checkpoint-6"]);
+    let (resumed_losses, resumed) = run(&scratch("resume-2"), 6, None, Some(&out.join("checkpoint-4")));
+    assert_eq!(&resumed_losses[..], &losses[4..], "losses after resuming");
     for (x, y) in full.iter().zip(&resumed) {
         assert!(x.equal(y), "resumed adapter differs from the uninterrupted one");
     }

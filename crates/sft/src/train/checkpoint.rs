@@ -113,14 +113,34 @@ pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>, Error> {
     Ok(list(output_dir)?.pop().map(|(_, p)| p))
 }
 
-/// Delete the oldest checkpoints beyond `limit`.
-pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<(), Error> {
-    let Some(limit) = limit else { return Ok(()) };
-    let all = list(output_dir)?;
-    let excess = all.len().saturating_sub(limit.max(1));
-    for (_, dir) in all.into_iter().take(excess) {
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+/// Delete the oldest checkpoints beyond `limit`, as transformers' `rotate_checkpoints`: the newest
+/// (to resume from) and `best` (`best_model_checkpoint`) are never deleted, and the limit grows to
+/// keep both.
+pub fn rotate(output_dir: &Path, limit: Option<usize>, best: Option<&Path>) -> Result<(), Error> {
+    let Some(limit) = limit.filter(|l| *l > 0) else { return Ok(()) };
+    let all: Vec<PathBuf> = list(output_dir)?.into_iter().map(|(_, p)| p).collect();
+    if all.len() <= limit {
+        return Ok(());
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let newest = all.last().cloned().unwrap_or_default();
+    let protected = |p: &Path| same(p, &newest) || best.is_some_and(|b| same(p, b));
+    let kept = 1 + usize::from(best.is_some_and(|b| all.iter().any(|p| same(p, b)) && !same(b, &newest)));
+    let keep = limit.max(kept);
+    let mut remaining = all.len();
+    for dir in &all {
+        if remaining <= keep {
+            break;
+        }
+        if protected(dir) {
+            continue;
+        }
+        std::fs::remove_dir_all(dir).map_err(io(dir))?;
         tracing::info!(checkpoint = %dir.display(), "removed old checkpoint (save_total_limit)");
+        remaining -= 1;
     }
     Ok(())
 }

@@ -1204,6 +1204,7 @@ mod tests {
             eval_on_start: false,
             neftune_noise_alpha: None,
             state: Default::default(),
+            best: None,
         };
         let mut trainer = super::super::Trainer::new(&model, adapters.parameters(), topts).expect("trainer");
         let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters, initial: None };

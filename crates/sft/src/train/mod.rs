@@ -67,6 +67,40 @@ pub struct TrainOptions {
     pub neftune_noise_alpha: Option<f64>,
     /// What `trainer_state.json` records of the run's settings.
     pub state: state::StateInfo,
+    /// Ranking checkpoints by an eval metric (`metric_for_best_model`), when the recipe asks.
+    pub best: Option<BestModel>,
+}
+
+/// How the Trainer's `metric_for_best_model` machinery acts: each evaluation's metric is compared
+/// with the best so far, checkpoints record the best one, rotation keeps it, and the run can end
+/// on its adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestModel {
+    /// The eval metric's full name (`eval_loss`, `eval_rewards/margins`).
+    pub metric: String,
+    /// Higher is better.
+    pub greater_is_better: bool,
+    /// `save_strategy: best`: a checkpoint whenever the metric improves, and only then.
+    pub save_on_best: bool,
+    /// `load_best_model_at_end`.
+    pub load_at_end: bool,
+}
+
+impl BestModel {
+    /// The metric's value in `e`, or an error listing the metrics there are (as the Trainer's).
+    fn value(&self, e: &EvalEntry) -> Result<f64, Error> {
+        let v = serde_json::to_value(e).unwrap_or_default();
+        v.get(&self.metric).and_then(serde_json::Value::as_f64).ok_or_else(|| {
+            let names: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            Error::BestMetric { metric: self.metric.clone(), available: format!("{names:?}") }
+        })
+    }
+
+    /// Whether `value` beats `best` (none yet: any finite value does).
+    fn improves(&self, value: f64, best: Option<f64>) -> bool {
+        let best = best.unwrap_or(if self.greater_is_better { f64::NEG_INFINITY } else { f64::INFINITY });
+        if self.greater_is_better { value > best } else { value < best }
+    }
 }
 
 pub use report::{EvalEntry, LogEntry};
@@ -179,6 +213,15 @@ pub struct Progress {
     /// Every evaluation so far.
     #[serde(default)]
     pub eval_history: Vec<EvalEntry>,
+    /// The best `metric_for_best_model` value so far.
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    /// The step of that evaluation.
+    #[serde(default)]
+    pub best_global_step: Option<u64>,
+    /// The checkpoint saved at that step, once it exists.
+    #[serde(default)]
+    pub best_model_checkpoint: Option<String>,
     /// Processes the run trains on (a resumed run must have as many); 0 in a fresh `Progress`
     /// means not yet set, 1 in checkpoints written before it was recorded.
     #[serde(default = "one")]
@@ -431,6 +474,7 @@ impl<'a> Trainer<'a> {
 
             let gs = self.progress.global_step;
             let last = gs == self.opts.total_steps;
+            let mut new_best = false;
             let log_now = (self.opts.logging_steps > 0 && gs.is_multiple_of(self.opts.logging_steps))
                 || (gs == 1 && self.opts.logging_first_step)
                 || last;
@@ -477,11 +521,30 @@ impl<'a> Trainer<'a> {
             {
                 let e = eval.evaluate(self.model, gs, epoch_now(&self.progress, batches.len()))?;
                 on_event(Event::Eval(&e));
+                if let Some(best) = &self.opts.best {
+                    let value = best.value(&e)?;
+                    if best.improves(value, self.progress.best_metric) {
+                        self.progress.best_metric = Some(value);
+                        self.progress.best_global_step = Some(gs);
+                        new_best = true;
+                    }
+                }
                 self.progress.eval_history.push(e);
             }
             let stop = stop_now && !last;
-            let scheduled = self.opts.save_steps.is_some_and(|every| every > 0 && gs.is_multiple_of(every));
-            if (scheduled && !last) || stop {
+            // As transformers' Trainer: every `save_steps` and at the end (`steps`/`epoch`), or at
+            // each new best (`best`); an interrupted run saves where it stopped.
+            let scheduled =
+                self.opts.save_steps.is_some_and(|every| every > 0 && (gs.is_multiple_of(every) || last));
+            let on_best = new_best && self.opts.best.as_ref().is_some_and(|b| b.save_on_best);
+            if scheduled || on_best || stop {
+                if let Some(best) = self.progress.best_global_step {
+                    let name = format!("checkpoint-{best}");
+                    if best == gs || self.opts.output_dir.join(&name).is_dir() {
+                        self.progress.best_model_checkpoint =
+                            Some(self.opts.output_dir.join(name).display().to_string());
+                    }
+                }
                 let dir = if main {
                     let dir = Checkpoint::save(
                         &self.opts.output_dir,
@@ -491,7 +554,8 @@ impl<'a> Trainer<'a> {
                         save_adapter,
                     )?;
                     on_event(Event::Saved(&dir));
-                    checkpoint::rotate(&self.opts.output_dir, self.opts.save_total_limit)?;
+                    let keep = self.progress.best_model_checkpoint.as_deref().map(std::path::Path::new);
+                    checkpoint::rotate(&self.opts.output_dir, self.opts.save_total_limit, keep)?;
                     dir
                 } else {
                     self.opts.output_dir.join(format!("checkpoint-{gs}"))

@@ -72,7 +72,7 @@ impl AdamW {
                 let gf = g.f_to_kind(Kind::Float)?;
                 let vg = gf.f_mul_scalar(1.0 - beta2)?.f_to_kind(Kind::Double)?;
                 let fma = vg.f_mul(&gf.f_to_kind(Kind::Double)?)?.f_add(&v.f_to_kind(Kind::Double)?)?;
-                let _ = v.f_copy_(&fma.f_to_kind(Kind::Float)?)?;
+                v.f_copy_(&fma.f_to_kind(Kind::Float)?)?;
                 let denom = v.f_sqrt()?.f_div_scalar(bc2_sqrt)?.f_add_scalar(eps)?;
                 // p.addcdiv_(m, denom, value=-step_size): p + f32(value * m) / denom in f32.
                 let update = m
@@ -80,7 +80,7 @@ impl AdamW {
                     .f_mul_scalar(-step_size)?
                     .f_div(&denom.f_to_kind(Kind::Float)?)?
                     .f_add(&p.f_to_kind(Kind::Float)?)?;
-                let _ = p.f_copy_(&update)?;
+                p.f_copy_(&update)?;
             }
             Ok(())
         })

@@ -58,9 +58,9 @@ pub fn to_json(p: &Progress, info: &StateInfo, optimizer_step: Option<u64>) -> V
         attributes["optimizer_step"] = json!(step);
     }
     json!({
-        "best_global_step": null,
-        "best_metric": null,
-        "best_model_checkpoint": null,
+        "best_global_step": p.best_global_step,
+        "best_metric": p.best_metric,
+        "best_model_checkpoint": p.best_model_checkpoint,
         "epoch": epoch,
         "eval_steps": info.eval_steps,
         "global_step": p.global_step,
@@ -126,6 +126,9 @@ pub fn from_json(v: &Value) -> Result<(Progress, Option<u64>), String> {
         log_history,
         eval_history,
         world_size: num("world_size")?,
+        best_metric: obj.get("best_metric").and_then(Value::as_f64),
+        best_global_step: obj.get("best_global_step").and_then(Value::as_u64),
+        best_model_checkpoint: obj.get("best_model_checkpoint").and_then(Value::as_str).map(str::to_owned),
     };
     Ok((progress, a.get("optimizer_step").and_then(Value::as_u64)))
 }
@@ -170,6 +173,9 @@ mod tests {
             log_history: vec![log(1), log(2), log(3)],
             eval_history: vec![eval],
             world_size: 2,
+            best_metric: Some(1.5),
+            best_global_step: Some(2),
+            best_model_checkpoint: Some("out/checkpoint-2".into()),
         }
     }
 
