@@ -7,6 +7,8 @@
 //! - [`atomic`]: the one atomic writer (temporary file, fsync, rename).
 //! - [`hub`]: the Hugging Face hub cache, found as `huggingface_hub` lays it out (no network).
 //! - [`cache`]: nibble's own cache folder (`NIBBLE_CACHE`, `NIBBLE_HOME`, `XDG_CACHE_HOME`).
+//! - [`torch_save`]: files `torch.save` writes (a Trainer checkpoint's `optimizer.pt`), read with
+//!   no Python or libtorch, executing nothing.
 
 #![deny(missing_docs)]
 
@@ -14,6 +16,7 @@ pub mod atomic;
 pub mod cache;
 pub mod hub;
 pub mod json;
+pub mod torch_save;
 
 pub use atomic::{write_atomic, write_atomic_with};
 pub use hub::{HubCache, RepoKind};
