@@ -14,6 +14,9 @@ DPO's rewards) to `trl_log.json`.
 
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_trl_dropin.py
+
+`golden_trl_dropin.py checkpoint RECIPE OUT` (run by the resume test itself) trains RECIPE with a
+Trainer checkpoint every 20 steps into OUT and writes the run's log to OUT/trl_log.json.
 """
 
 import json
@@ -59,7 +62,7 @@ def dataset(r):
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
 
 
-def train(recipe):
+def train(recipe, out=None, save_steps=None):
     r = yaml.safe_load((GOLDEN / recipe).read_text())
     model_dir = ROOT / r["model_name_or_path"]
     bnb = None if not r.get("load_in_4bit") else BitsAndBytesConfig(
@@ -76,7 +79,8 @@ def train(recipe):
         target_modules=r["lora_target_modules"],
         task_type="CAUSAL_LM",
     )
-    out = GOLDEN / ".trl-run"
+    keep = out is not None
+    out = Path(out) if keep else GOLDEN / ".trl-run"
     dpo = "beta" in r
     own = (
         {"beta": r["beta"], "loss_type": [r["loss_type"]]}
@@ -95,7 +99,8 @@ def train(recipe):
         max_grad_norm=r["max_grad_norm"],
         max_steps=r["max_steps"],
         logging_steps=r["logging_steps"],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         gradient_checkpointing=r["gradient_checkpointing"],
         seed=r["seed"],
         bf16=r["bf16"],
@@ -110,12 +115,20 @@ def train(recipe):
     want = torch.bfloat16 if r.get("load_in_4bit") else torch.float32
     assert kinds == {want}, f"SFTTrainer trains the adapters in {kinds}"
     trainer.train()
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     keys = ["loss", "grad_norm", "learning_rate"] + (["rewards/chosen", "rewards/rejected", "rewards/margins"] if dpo else [])
     return [{"step": e["step"], **{k: float(e[k]) for k in keys}} for e in trainer.state.log_history if "loss" in e]
 
 
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "checkpoint":
+        # For tests/trl_dropin.rs' resume test: RECIPE trained with a Trainer checkpoint every 20
+        # steps into OUT, and the uninterrupted run's log beside it.
+        recipe, out = sys.argv[2], Path(sys.argv[3])
+        log = train(f"{recipe}.yaml", out=out, save_steps=20)
+        (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        return
     logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture", "dpo_lora", "dpo_qlora"]}
     (GOLDEN / "trl_log.json").write_text(json.dumps(logs, indent=1) + "\n")
     print(json.dumps(logs))

@@ -103,3 +103,73 @@ fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
     assert!(worst_norm <= norm_tol, "{name}: gradient norms depart by {worst_norm:e}:\n{report}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A checkpoint TRL's Trainer wrote resumes in nibble: the adapter, the step, the schedule, the
+/// data position (the Trainer's order, whole epochs then micro-batches) and AdamW's moments (from
+/// its `optimizer.pt`, torch's pickle): steps 21-30 give TRL's uninterrupted losses.
+#[test]
+fn a_trl_checkpoint_resumes_in_nibble_where_trl_would_go_on() {
+    for (recipe, tol) in [("lora", 1e-4), ("qlora", 1e-3)] {
+        let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+            panic!(
+                "NIBBLE_PYTHON is unset: run `cargo xtask setup` (it installs the pinned TRL and sets it)"
+            );
+        };
+        let trl = std::env::temp_dir().join(format!("nibble-trl-ck-{}-{recipe}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&trl);
+        let o = Command::new(python)
+            .arg(repo().join("scripts/golden_trl_dropin.py"))
+            .args(["checkpoint", recipe, trl.to_str().unwrap()])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "TRL failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        let ck = trl.join("checkpoint-20");
+        assert!(ck.join("optimizer.pt").is_file(), "TRL wrote no optimizer.pt in {}", ck.display());
+        let out = trl.join("nibble");
+        let o = Command::new(nibble_tests::sft())
+            .arg(repo().join(format!("tests/golden/trl_dropin/{recipe}.yaml")))
+            .args(["--output_dir", out.to_str().unwrap(), "--resume_from_checkpoint", ck.to_str().unwrap()])
+            .current_dir(repo())
+            .env("NIBBLE_CACHE", out.join("cache"))
+            .env_remove("NIBBLE_LOG")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "sft failed:\n{log}");
+        assert!(!log.contains("fresh optimizer"), "the Trainer's optimizer state was not used:\n{log}");
+        let ours = nibble_tests::log_history(&out);
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(trl.join("trl_log.json")).unwrap()).unwrap();
+        let theirs: Vec<&serde_json::Value> =
+            theirs.as_array().unwrap().iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
+        let ours: Vec<&serde_json::Value> = ours.iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
+        assert_eq!(ours.len(), 10, "{recipe}: steps 21-30 logged:\n{log}");
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(a["step"], b["step"]);
+            let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!((x - y).abs() <= tol * y, "{recipe} step {}: loss {x} vs TRL's {y}", b["step"]);
+            let (x, y) = (a["learning_rate"].as_f64().unwrap(), b["learning_rate"].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-12 + 1e-9 * y,
+                "{recipe} step {}: learning rate {x} vs {y}",
+                b["step"]
+            );
+        }
+        // Without its optimizer.pt the checkpoint still resumes, with fresh moments and a warning.
+        std::fs::remove_file(ck.join("optimizer.pt")).unwrap();
+        let again = trl.join("nibble-fresh");
+        let o = Command::new(nibble_tests::sft())
+            .arg(repo().join(format!("tests/golden/trl_dropin/{recipe}.yaml")))
+            .args(["--output_dir", again.to_str().unwrap(), "--resume_from_checkpoint", ck.to_str().unwrap()])
+            .current_dir(repo())
+            .env("NIBBLE_CACHE", again.join("cache"))
+            .env_remove("NIBBLE_LOG")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && log.contains("fresh optimizer"), "{log}");
+        let _ = std::fs::remove_dir_all(&trl);
+    }
+}

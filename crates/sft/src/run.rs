@@ -335,10 +335,33 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     let total_steps = topts.total_steps;
     let mut trainer = Trainer::new(&model, adapters.parameters(), topts)?;
     trainer.group = ranks.group.as_ref();
-    if let Some((ck, c)) = resumed {
-        trainer.optimizer.load_state(&c.optimizer, c.optimizer_step).map_err(anyhow::Error::msg)?;
+    if let Some((ck, mut c)) = resumed {
+        c.place(steps_per_epoch, plan.grad_accum, ranks.world as u64);
+        let from_trainer = c.origin == sft::train::state::Origin::Transformers;
+        match (&c.optimizer_problem, trainer.optimizer.load_state(&c.optimizer, c.optimizer_step)) {
+            (None, Ok(())) => {}
+            (Some(problem), _) => {
+                tracing::warn!("resuming with a fresh optimizer (AdamW's moments at zero): {problem}")
+            }
+            (None, Err(problem)) if from_trainer => tracing::warn!(
+                "resuming with a fresh optimizer (AdamW's moments at zero): the Trainer's optimizer.pt does not fit these adapters: {problem}"
+            ),
+            (None, Err(problem)) => bail!("{}: {problem}", ck.display()),
+        }
         trainer.progress = c.progress;
-        tracing::info!("resumed from {} at step {}", ck.display(), trainer.progress.global_step);
+        tracing::info!(
+            "resumed from {} at step {}{}",
+            ck.display(),
+            trainer.progress.global_step,
+            if from_trainer {
+                format!(
+                    " (a Trainer checkpoint: epoch {}, micro-batch {} of the Trainer's order)",
+                    trainer.progress.epoch, trainer.progress.batch_in_epoch
+                )
+            } else {
+                String::new()
+            }
+        );
     }
     tracing::info!(
         "training: {} rows, {per_epoch} micro-batches of {} per epoch{}, {} accumulation -> {total_steps} steps ({} warmup)",

@@ -28,6 +28,11 @@ pub struct Checkpoint {
     pub optimizer: Vec<(String, Tensor)>,
     /// Optimizer steps taken.
     pub optimizer_step: u64,
+    /// Who wrote it: a Trainer's checkpoint records only the step, not the data position.
+    pub origin: super::state::Origin,
+    /// Why its optimizer state could not be used (a Trainer's `optimizer.pt` missing or in a form
+    /// nibble does not read); the run then resumes with fresh moments.
+    pub optimizer_problem: Option<String>,
 }
 
 impl Checkpoint {
@@ -81,12 +86,117 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let bad = |message: String| Error::BadCheckpoint { path: state_path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let (progress, optimizer_step) = super::state::from_json(&value).map_err(bad)?;
+        let (progress, optimizer_step, origin) = super::state::from_json_any(&value).map_err(bad)?;
+        if origin == super::state::Origin::Transformers {
+            let (optimizer, optimizer_step, optimizer_problem) =
+                match torch_optimizer(&dir.join(TORCH_OPTIMIZER)) {
+                    Ok((tensors, step)) => (tensors, step, None),
+                    Err(problem) => (Vec::new(), 0, Some(problem)),
+                };
+            return Ok(Checkpoint {
+                dir: dir.to_owned(),
+                progress,
+                optimizer,
+                optimizer_step,
+                origin,
+                optimizer_problem,
+            });
+        }
         let optimizer_step = optimizer_step.ok_or_else(|| bad("no `optimizer_step`".into()))?;
         let opt_path = dir.join(OPTIMIZER);
         let optimizer = Tensor::read_safetensors(&opt_path)
             .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
-        Ok(Checkpoint { dir: dir.to_owned(), progress, optimizer, optimizer_step })
+        Ok(Checkpoint {
+            dir: dir.to_owned(),
+            progress,
+            optimizer,
+            optimizer_step,
+            origin,
+            optimizer_problem: None,
+        })
+    }
+}
+
+/// A Trainer checkpoint's optimizer file (torch's pickle).
+const TORCH_OPTIMIZER: &str = "optimizer.pt";
+
+/// A Trainer's `optimizer.pt` (torch AdamW's `state_dict`) as [`AdamW::load_state`] takes it: the
+/// moments of parameter `i` (torch's index over its param groups in order, which for adapters is
+/// the module order with A before B, as nibble orders them) as `state.{i}.exp_avg` /
+/// `exp_avg_sq`, and the step count. Shapes are checked when the state is loaded.
+fn torch_optimizer(path: &Path) -> Result<(Vec<(String, Tensor)>, u64), String> {
+    use pyfiles::torch_save::Value;
+    if !path.is_file() {
+        return Err(format!("{} is missing", path.display()));
+    }
+    let v = pyfiles::torch_save::read(path).map_err(|e| e.to_string())?;
+    let at = |what: &str| format!("{}: {what}", path.display());
+    let groups = match v.get_str("param_groups") {
+        Some(Value::List(g)) => g,
+        _ => return Err(at("no `param_groups` (not an optimizer's state_dict)")),
+    };
+    let state = v.get_str("state").ok_or_else(|| at("no `state`"))?;
+    let mut out = Vec::new();
+    let mut step = None;
+    let mut index = 0usize;
+    for g in groups {
+        if !matches!(g.get_str("amsgrad"), None | Some(Value::Bool(false))) {
+            return Err(at("amsgrad moments are not AdamW's"));
+        }
+        let Some(Value::List(params)) = g.get_str("params") else {
+            return Err(at("a param group without `params`"));
+        };
+        for p in params {
+            let Some(s) = state.get(p) else {
+                // A parameter that never had a gradient: no state, as a fresh one.
+                index += 1;
+                continue;
+            };
+            for key in ["exp_avg", "exp_avg_sq"] {
+                let Some(Value::Tensor(t)) = s.get_str(key) else {
+                    return Err(at(&format!("parameter {p:?} has no `{key}`")));
+                };
+                out.push((format!("state.{index}.{key}"), tensor(t).map_err(|e| at(&e))?));
+            }
+            let this = match s.get_str("step") {
+                Some(Value::Tensor(t)) => tensor(t).map_err(|e| at(&e))?.f_double_value(&[]).ok(),
+                Some(Value::Float(f)) => Some(*f),
+                Some(Value::Int(i)) => Some(*i as f64),
+                _ => None,
+            };
+            step = step.or(this);
+            index += 1;
+        }
+    }
+    let step = step.ok_or_else(|| at("no parameter has a `step`"))?;
+    Ok((out, step.max(0.0) as u64))
+}
+
+/// A tensor from the pickle's bytes.
+fn tensor(t: &pyfiles::torch_save::TensorData) -> Result<Tensor, String> {
+    let kind = match t.dtype {
+        "F32" => tch::Kind::Float,
+        "BF16" => tch::Kind::BFloat16,
+        "F16" => tch::Kind::Half,
+        "F64" => tch::Kind::Double,
+        other => return Err(format!("optimizer tensors of dtype {other}")),
+    };
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Tensor::f_from_data_size(&t.data, &shape, kind).map_err(|e| e.to_string())
+}
+
+impl Checkpoint {
+    /// Where a Trainer's checkpoint leaves the data, as the Trainer computes it on resume: whole
+    /// epochs of `steps_per_epoch` steps, then `grad_accum` micro-batches per step into the next.
+    /// A nibble checkpoint records its own position and is left as it is.
+    pub fn place(&mut self, steps_per_epoch: u64, grad_accum: usize, world_size: u64) {
+        if self.origin != super::state::Origin::Transformers || steps_per_epoch == 0 {
+            return;
+        }
+        let gs = self.progress.global_step;
+        self.progress.epoch = gs / steps_per_epoch;
+        self.progress.batch_in_epoch = usize::try_from(gs % steps_per_epoch).unwrap_or(0) * grad_accum;
+        self.progress.world_size = world_size;
     }
 }
 

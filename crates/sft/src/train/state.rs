@@ -93,15 +93,33 @@ pub fn to_json(p: &Progress, info: &StateInfo, optimizer_step: Option<u64>) -> V
     })
 }
 
-/// The progress and optimizer step a `trainer_state.json` records: the TrainerState shape, or
-/// the flat shape of checkpoints written before it.
+/// Who wrote a `trainer_state.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// nibble: the data position (epoch, micro-batch) is recorded exactly.
+    Nibble,
+    /// transformers' Trainer (TRL): only `global_step`; the position follows from it as the
+    /// Trainer computes it on resume, and `Progress::epoch` / `batch_in_epoch` are 0 until then.
+    Transformers,
+}
+
+/// The progress and optimizer step a `trainer_state.json` records: nibble's (TrainerState shape,
+/// or the flat shape of checkpoints written before it) or transformers' own.
 pub fn from_json(v: &Value) -> Result<(Progress, Option<u64>), String> {
+    from_json_any(v).map(|(p, step, _)| (p, step))
+}
+
+/// [`from_json`], saying who wrote the file.
+pub fn from_json_any(v: &Value) -> Result<(Progress, Option<u64>, Origin), String> {
     let obj = v.as_object().ok_or("not a JSON object")?;
     let Some(ours) = obj.get("stateful_callbacks").and_then(|c| c.get(NIBBLE_STATE)) else {
+        if !obj.contains_key("batch_in_epoch") && obj.contains_key("log_history") {
+            return Ok((from_transformers(obj)?, None, Origin::Transformers));
+        }
         // Written before the TrainerState shape: the progress itself, plus `optimizer_step`.
         let step = obj.get("optimizer_step").and_then(Value::as_u64);
         let p: Progress = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-        return Ok((p, step));
+        return Ok((p, step, Origin::Nibble));
     };
     let a = ours.get("attributes").and_then(Value::as_object).ok_or("no attributes in NibbleProgress")?;
     let num =
@@ -130,12 +148,72 @@ pub fn from_json(v: &Value) -> Result<(Progress, Option<u64>), String> {
         best_global_step: obj.get("best_global_step").and_then(Value::as_u64),
         best_model_checkpoint: obj.get("best_model_checkpoint").and_then(Value::as_str).map(str::to_owned),
     };
-    Ok((progress, a.get("optimizer_step").and_then(Value::as_u64)))
+    Ok((progress, a.get("optimizer_step").and_then(Value::as_u64), Origin::Nibble))
 }
 
 /// The TrainerState keys of a file (for tests and tools that check the shape).
 pub fn keys(v: &Value) -> Vec<String> {
     v.as_object().map(Map::keys).into_iter().flatten().cloned().collect()
+}
+
+/// A Trainer's own state: `global_step`, the best-checkpoint fields, and `log_history` read
+/// leniently (its entries carry what TRL logged: `num_tokens` as a float, `entropy`, no timing).
+fn from_transformers(obj: &Map<String, Value>) -> Result<Progress, String> {
+    let global_step = obj.get("global_step").and_then(Value::as_u64).ok_or("no `global_step`")?;
+    let f = |e: &Map<String, Value>, k: &str| e.get(k).and_then(Value::as_f64);
+    let mut log_history = Vec::new();
+    let mut eval_history = Vec::new();
+    for e in
+        obj.get("log_history").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_object)
+    {
+        let step = e.get("step").and_then(Value::as_u64).unwrap_or(0);
+        let epoch = f(e, "epoch").unwrap_or(0.0);
+        let rest = |skip: &[&str]| -> std::collections::BTreeMap<String, f64> {
+            e.iter()
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect()
+        };
+        if let Some(eval_loss) = f(e, "eval_loss") {
+            eval_history.push(EvalEntry {
+                step,
+                epoch,
+                eval_loss,
+                eval_mean_token_accuracy: f(e, "eval_mean_token_accuracy").unwrap_or(0.0),
+                eval_runtime: f(e, "eval_runtime").unwrap_or(0.0),
+                metrics: rest(&["step", "epoch", "eval_loss", "eval_mean_token_accuracy", "eval_runtime"]),
+            });
+        } else if let Some(loss) = f(e, "loss") {
+            let known =
+                ["step", "epoch", "loss", "grad_norm", "learning_rate", "num_tokens", "mean_token_accuracy"];
+            log_history.push(LogEntry {
+                step,
+                epoch,
+                loss,
+                grad_norm: f(e, "grad_norm").unwrap_or(0.0),
+                learning_rate: f(e, "learning_rate").unwrap_or(0.0),
+                num_tokens: f(e, "num_tokens").map_or(0, |n| n.max(0.0) as u64),
+                mean_token_accuracy: f(e, "mean_token_accuracy"),
+                tokens_per_second: 0.0,
+                elapsed_s: 0.0,
+                eta_s: 0.0,
+                metrics: rest(&known),
+            });
+        }
+        // (The closing summary, `train_runtime` and friends, is the Trainer's and not progress.)
+    }
+    Ok(Progress {
+        global_step,
+        epoch: 0,
+        batch_in_epoch: 0,
+        num_tokens: log_history.last().map_or(0, |e| e.num_tokens),
+        log_history,
+        eval_history,
+        world_size: 0,
+        best_metric: obj.get("best_metric").and_then(Value::as_f64),
+        best_global_step: obj.get("best_global_step").and_then(Value::as_u64),
+        best_model_checkpoint: obj.get("best_model_checkpoint").and_then(Value::as_str).map(str::to_owned),
+    })
 }
 
 #[cfg(test)]
