@@ -23,12 +23,12 @@ fn a_mixture_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
 
 /// QLoRA: TRL casts a 4-bit model's adapters to bf16 and trains them there (AdamW's moments,
 /// clipping and the LoRA matmuls in bf16); `lora_dtype: auto` does the same. Step 1 agrees to
-/// ~1e-5 (the 4-bit base's kernels differ in f32 rounding); from there a last-bit difference
-/// can flip a bf16 weight's rounding (one bf16 step is 0.4-0.8%), so the curves drift apart
-/// by ~5e-4 over 30 steps, and the bf16 gradient norms by a bf16 step now and then.
+/// ~1e-5 (the 4-bit base's kernels differ in f32 rounding); a last-bit difference can flip a bf16
+/// weight's rounding (one bf16 step is 0.4-0.8%), so the curves drift apart slowly (measured:
+/// 1.1e-4 over 30 steps), and the bf16 gradient norms by a bf16 step now and then.
 #[test]
 fn a_qlora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
-    compare("qlora", 1e-3, 1e-2, 0.0);
+    compare("qlora", 2e-4, 1e-2, 0.0);
 }
 
 /// DPO from a fresh adapter (the reference is the base with the adapter off), LoRA in f32: the
@@ -39,10 +39,10 @@ fn a_dpo_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
 }
 
 /// DPO on the 4-bit base with DPOTrainer's bf16 adapters: as for SFT's QLoRA, bf16 rounding lets
-/// the curves drift apart slowly (measured: loss 3e-4, rewards 2e-3 over 30 steps).
+/// the curves drift apart slowly (measured: loss 1.3e-4, rewards 1.9e-3 over 30 steps).
 #[test]
 fn a_dpo_qlora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
-    compare("dpo_qlora", 1e-3, 1e-2, 1e-2);
+    compare("dpo_qlora", 3e-4, 1e-2, 5e-3);
 }
 
 fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {

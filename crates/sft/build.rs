@@ -1,11 +1,28 @@
-//! With the `cuda` feature, keeps libtorch_cuda linked into the `sft` binary: nothing calls into
-//! it by name, so the linker's `--as-needed` would drop it and libtorch would never register its
-//! CUDA backend (quant's build script does the same for quant's own binaries; link arguments do
-//! not reach dependents).
+//! Compiles `csrc/optim.cpp` (torch's fused AdamW step behind a C function) against the libtorch
+//! of `$LIBTORCH`.
+
+use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        println!("cargo:rustc-link-arg-bins=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-    }
+    println!("cargo:rerun-if-changed=csrc");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let include = match std::env::var_os("LIBTORCH").map(PathBuf::from).map(|p| p.join("include")) {
+        Some(inc) if inc.is_dir() => inc,
+        _ => panic!("libtorch not set up: run `cargo xtask setup`"),
+    };
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .extra_warnings(false)
+        .opt_level(2)
+        .debug(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/optim.cpp")
+        .compile("nibble_sft");
 }

@@ -109,6 +109,9 @@ impl TrainingPlan {
                 beta2: t.adam_beta2,
                 eps: t.adam_epsilon,
                 weight_decay: t.weight_decay,
+                // transformers' default; `adamw_torch` (and the optimizers nibble runs as AdamW)
+                // take torch's single-tensor loop.
+                fused: t.optim == config::types::Optim::AdamwTorchFused,
             },
             max_grad_norm: t.max_grad_norm,
             logging: Every::from_interval(t.logging_strategy, t.logging_steps),

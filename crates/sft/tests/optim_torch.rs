@@ -1,6 +1,7 @@
 //! The optimizer step against torch itself (the pinned torch of `NIBBLE_PYTHON`): the same
 //! parameters and gradients through `clip_grad_norm_` and `torch.optim.AdamW` give the same bits,
-//! for f32 adapters and for the bf16 ones TRL trains on a 4-bit base, clipping on and off.
+//! for f32 adapters and for the bf16 ones TRL trains on a 4-bit base, clipping on and off, with
+//! torch's fused kernel (transformers' default) and its single-tensor loop.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::process::Command;
@@ -11,13 +12,13 @@ use tch::{Kind, Tensor};
 const TORCH_SIDE: &str = r#"
 import sys, torch
 from safetensors.torch import save_file
-out, steps = sys.argv[1], 8
+out, fused, steps = sys.argv[1], sys.argv[2] == "fused", 8
 g = torch.Generator().manual_seed(3)
 shapes = [("a", (8, 40), torch.bfloat16), ("b", (40, 8), torch.bfloat16), ("m", (40,), torch.float32), ("f", (16, 16), torch.float32)]
 params = [(torch.randn(s, generator=g) * 0.05).to(d) for _, s, d in shapes]
 t = {f"init.{n}": p.clone() for (n, _, _), p in zip(shapes, params)}
 params = [p.requires_grad_() for p in params]
-opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01, fused=fused)
 for step in range(steps):
     scale = 0.3 if step % 2 else 0.01  # clipping on every other step
     for (n, s, d), p in zip(shapes, params):
@@ -31,12 +32,29 @@ for step in range(steps):
 save_file(t, out)
 "#;
 
+/// transformers' default `adamw_torch_fused`: torch's fused kernel.
 #[test]
-fn adamw_and_clipping_give_torchs_bits() {
+fn fused_adamw_and_clipping_give_torchs_bits() {
+    compare(true);
+}
+
+/// `adamw_torch` on a CPU: torch's single-tensor loop.
+#[test]
+fn single_tensor_adamw_and_clipping_give_torchs_bits() {
+    compare(false);
+}
+
+fn compare(fused: bool) {
     let python = std::env::var("NIBBLE_PYTHON")
         .expect("NIBBLE_PYTHON is unset: run `cargo xtask setup` (it installs the pinned torch and sets it)");
-    let file = std::env::temp_dir().join(format!("nibble-optim-torch-{}.safetensors", std::process::id()));
-    let o = Command::new(python).args(["-c", TORCH_SIDE]).arg(&file).output().unwrap();
+    let file =
+        std::env::temp_dir().join(format!("nibble-optim-torch-{}-{fused}.safetensors", std::process::id()));
+    let o = Command::new(python)
+        .args(["-c", TORCH_SIDE])
+        .arg(&file)
+        .arg(if fused { "fused" } else { "single" })
+        .output()
+        .unwrap();
     assert!(o.status.success(), "torch side failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let t: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&file).unwrap().into_iter().collect();
@@ -44,7 +62,7 @@ fn adamw_and_clipping_give_torchs_bits() {
     let names = ["a", "b", "m", "f"];
     let params: Vec<Tensor> =
         names.iter().map(|n| t[&format!("init.{n}")].copy().set_requires_grad(true)).collect();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, fused };
     let mut opt = AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), cfg).unwrap();
     for step in 0..8 {
         opt.zero_grad();

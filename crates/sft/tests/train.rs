@@ -108,7 +108,7 @@ fn options(out: &Path, total: u64, save_steps: Option<u64>) -> TrainOptions {
         grad_accum: 2,
         learning_rate: 5e-3,
         schedule: Schedule::new(&config::types::Scheduler::Cosine, None, 5e-3, 0.25, total).unwrap(),
-        adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        adam: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, fused: true },
         max_grad_norm: 1.0,
         logging_steps: 1,
         logging_first_step: false,

@@ -1191,7 +1191,13 @@ mod tests {
                 steps,
             )
             .expect("schedule"),
-            adam: super::super::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+            adam: super::super::AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                fused: true,
+            },
             max_grad_norm: 1.0,
             logging_steps: 1,
             logging_first_step: true,

@@ -14,6 +14,10 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// torch's fused kernel (`AdamW(fused=True)`, transformers' default `adamw_torch_fused`)
+    /// rather than its single-tensor loop (`adamw_torch` on a CPU): the same update, rounded
+    /// differently in the last bits.
+    pub fused: bool,
 }
 
 /// AdamW over a fixed list of parameters.
@@ -23,6 +27,8 @@ pub struct AdamW {
     params: Vec<Tensor>,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
+    /// The fused kernel's per-parameter step counts (0-dim f32, as torch keeps them).
+    steps: Vec<Tensor>,
     step: u64,
 }
 
@@ -31,7 +37,15 @@ impl AdamW {
     pub fn new(params: Vec<Tensor>, cfg: AdamWConfig) -> Result<Self, tch::TchError> {
         let exp_avg = params.iter().map(|p| p.f_zeros_like()).collect::<Result<Vec<_>, _>>()?;
         let exp_avg_sq = params.iter().map(|p| p.f_zeros_like()).collect::<Result<Vec<_>, _>>()?;
-        Ok(AdamW { cfg, params, exp_avg, exp_avg_sq, step: 0 })
+        let steps = if cfg.fused {
+            params
+                .iter()
+                .map(|p| Tensor::f_zeros([], (Kind::Float, p.device())))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(AdamW { cfg, params, exp_avg, exp_avg_sq, steps, step: 0 })
     }
 
     /// Optimizer steps taken.
@@ -51,7 +65,10 @@ impl AdamW {
     /// `addcmul` as one fused multiply-add, rounded once to the moment's dtype).
     pub fn step(&mut self, lr: f64) -> Result<(), tch::TchError> {
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        if self.cfg.fused {
+            return self.fused_step(lr);
+        }
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
         // Python's `beta ** step` and `bc2 ** 0.5` are libm's pow.
         let bc1 = 1.0 - beta1.powf(self.step as f64);
         let bc2_sqrt = (1.0 - beta2.powf(self.step as f64)).powf(0.5);
@@ -83,6 +100,58 @@ impl AdamW {
                 p.f_copy_(&update)?;
             }
             Ok(())
+        })
+    }
+
+    /// torch's `_fused_adamw_` over the parameters that have a gradient, their step counts
+    /// first incremented (as torch's optimizer does before calling it).
+    fn fused_step(&mut self, lr: f64) -> Result<(), tch::TchError> {
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
+        let mut with_grad = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            let g = p.grad();
+            if g.defined() {
+                with_grad.push((i, g));
+            }
+        }
+        if with_grad.is_empty() {
+            return Ok(());
+        }
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            for (i, _) in &with_grad {
+                let _ = self.steps[*i].f_add_scalar_(1.0)?;
+            }
+            let ptrs = |v: &[Tensor]| -> Vec<*const std::ffi::c_void> {
+                with_grad.iter().map(|(i, _)| v[*i].as_ptr() as *const std::ffi::c_void).collect()
+            };
+            let (p, m, v, s) =
+                (ptrs(&self.params), ptrs(&self.exp_avg), ptrs(&self.exp_avg_sq), ptrs(&self.steps));
+            let g: Vec<*const std::ffi::c_void> =
+                with_grad.iter().map(|(_, g)| g.as_ptr() as *const std::ffi::c_void).collect();
+            // SAFETY: every pointer is a live `at::Tensor` owned by `self` or `with_grad`, which
+            // outlive the call; the C function copies the handles and catches every exception.
+            let err = unsafe {
+                ffi::nibble_fused_adamw(
+                    p.as_ptr(),
+                    g.as_ptr(),
+                    m.as_ptr(),
+                    v.as_ptr(),
+                    s.as_ptr(),
+                    with_grad.len() as i64,
+                    lr,
+                    beta1,
+                    beta2,
+                    weight_decay,
+                    eps,
+                )
+            };
+            if err.is_null() {
+                return Ok(());
+            }
+            // SAFETY: a non-null return is a NUL-terminated string malloc'd by the C side.
+            let msg = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
+            unsafe { ffi::nibble_sft_free_error(err) };
+            Err(tch::TchError::Torch(msg))
         })
     }
 
@@ -123,7 +192,32 @@ impl AdamW {
             }
         }
         self.step = step;
+        for s in &mut self.steps {
+            let _ = tch::no_grad(|| s.f_fill_(step as f64)).map_err(|e| e.to_string())?;
+        }
         Ok(())
+    }
+}
+
+mod ffi {
+    use std::ffi::{c_char, c_void};
+
+    unsafe extern "C" {
+        pub fn nibble_sft_free_error(err: *mut c_char);
+        #[allow(clippy::too_many_arguments, reason = "torch's own signature")]
+        pub fn nibble_fused_adamw(
+            params: *const *const c_void,
+            grads: *const *const c_void,
+            exp_avgs: *const *const c_void,
+            exp_avg_sqs: *const *const c_void,
+            steps: *const *const c_void,
+            n: i64,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+        ) -> *mut c_char;
     }
 }
 
@@ -184,7 +278,7 @@ mod tests {
     #[test]
     fn matches_the_adamw_formula_by_hand() {
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, fused: false };
         let mut opt = AdamW::new(vec![p.shallow_clone()], cfg).unwrap();
         let mut expect = [1.0f64, -2.0];
         let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
