@@ -16,7 +16,9 @@ Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_trl_dropin.py
 
 `golden_trl_dropin.py checkpoint RECIPE OUT` (run by the resume test itself) trains RECIPE with a
-Trainer checkpoint every 20 steps into OUT and writes the run's log to OUT/trl_log.json.
+Trainer checkpoint every 20 steps into OUT and writes the run's log to OUT/trl_log.json;
+`golden_trl_dropin.py resume RECIPE CHECKPOINT OUT` continues RECIPE from CHECKPOINT (written by
+`sft`) and writes its log to OUT/trl_log.json.
 """
 
 import json
@@ -62,7 +64,7 @@ def dataset(r):
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
 
 
-def train(recipe, out=None, save_steps=None):
+def train(recipe, out=None, save_steps=None, resume=None):
     r = yaml.safe_load((GOLDEN / recipe).read_text())
     model_dir = ROOT / r["model_name_or_path"]
     bnb = None if not r.get("load_in_4bit") else BitsAndBytesConfig(
@@ -114,7 +116,7 @@ def train(recipe, out=None, save_steps=None):
     kinds = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     want = torch.bfloat16 if r.get("load_in_4bit") else torch.float32
     assert kinds == {want}, f"SFTTrainer trains the adapters in {kinds}"
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     keys = ["loss", "grad_norm", "learning_rate"] + (["rewards/chosen", "rewards/rejected", "rewards/margins"] if dpo else [])
@@ -127,6 +129,13 @@ def main():
         # steps into OUT, and the uninterrupted run's log beside it.
         recipe, out = sys.argv[2], Path(sys.argv[3])
         log = train(f"{recipe}.yaml", out=out, save_steps=20)
+        (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        return
+    if len(sys.argv) == 5 and sys.argv[1] == "resume":
+        # For the resume test the other way: RECIPE continued by TRL from CHECKPOINT (one nibble
+        # wrote), its log written to OUT/trl_log.json.
+        recipe, checkpoint, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+        log = train(f"{recipe}.yaml", out=out, resume=checkpoint)
         (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
         return
     logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture", "dpo_lora", "dpo_qlora"]}

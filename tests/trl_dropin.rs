@@ -173,3 +173,54 @@ fn a_trl_checkpoint_resumes_in_nibble_where_trl_would_go_on() {
         let _ = std::fs::remove_dir_all(&trl);
     }
 }
+
+/// The other way: a checkpoint `sft` wrote (the Trainer's layout: adapter, `optimizer.pt`,
+/// `scheduler.pt`, `trainer_state.json`) resumes in TRL's Trainer, whose steps 21-30 then give
+/// nibble's uninterrupted losses and learning rates.
+#[test]
+fn a_nibble_checkpoint_resumes_in_trl_where_nibble_would_go_on() {
+    let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+        panic!("NIBBLE_PYTHON is unset: run `cargo xtask setup` (it installs the pinned TRL and sets it)");
+    };
+    let root = std::env::temp_dir().join(format!("nibble-ck-in-trl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let ours = root.join("nibble");
+    let o = Command::new(nibble_tests::sft())
+        .arg(repo().join("tests/golden/trl_dropin/lora.yaml"))
+        .args(["--output_dir", ours.to_str().unwrap(), "--save_strategy", "steps", "--save_steps", "20"])
+        .current_dir(repo())
+        .env("NIBBLE_CACHE", root.join("cache"))
+        .env_remove("NIBBLE_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let ck = ours.join("checkpoint-20");
+    for f in ["optimizer.pt", "scheduler.pt", "trainer_state.json", "adapter_model.safetensors"] {
+        assert!(ck.join(f).is_file(), "checkpoint-20 has no {f}");
+    }
+    let trl = root.join("trl");
+    let o = Command::new(python)
+        .arg(repo().join("scripts/golden_trl_dropin.py"))
+        .args(["resume", "lora", ck.to_str().unwrap(), trl.to_str().unwrap()])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "TRL failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trl.join("trl_log.json")).unwrap()).unwrap();
+    // TRL's log starts with the history it read from nibble's trainer_state.json.
+    let theirs: Vec<&serde_json::Value> =
+        theirs.as_array().unwrap().iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
+    let ours = nibble_tests::log_history(&ours);
+    let ours: Vec<&serde_json::Value> = ours.iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
+    assert_eq!(theirs.len(), 10, "TRL trained steps 21-30: {theirs:?}");
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(theirs) {
+        assert_eq!(a["step"], b["step"]);
+        let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-4 * y, "step {}: nibble's loss {x} vs TRL's resumed {y}", b["step"]);
+        let (x, y) = (a["learning_rate"].as_f64().unwrap(), b["learning_rate"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-12 + 1e-9 * y, "step {}: learning rate {x} vs {y}", b["step"]);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -447,7 +447,7 @@ impl<'a, F: Fn(&str) -> Result<&'a [u8], String>> Unpickler<'a, F> {
                 let size = i64::try_from(size).map_err(|e| e.to_string())?;
                 Ok(Item::V(Value::Object(
                     STORAGE_TAG.into(),
-                    vec![Value::Str(dtype.into()), Value::Int(size), Value::Str(key.clone())],
+                    vec![Value::Str(dtype.into()), Value::Int(size), Value::Str(key.clone()), Value::Int(*n)],
                 )))
             }
             _ => Err(format!("data.pkl: persistent id {t:?} is not a storage")),
@@ -544,8 +544,278 @@ impl<'a, F: Fn(&str) -> Result<&'a [u8], String>> Unpickler<'a, F> {
     }
 }
 
-const STORAGE_TAG: &str = "<storage>";
+/// The [`Value::Object`] name of a storage reference: `[dtype, element size, archive key, numel]`.
+pub const STORAGE_TAG: &str = "<storage>";
 
 fn storage_dtype_name(name: &str) -> Option<&'static str> {
     ["F32", "F64", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"].into_iter().find(|d| *d == name)
+}
+
+/// Writes a file `torch.load` reads: storages first, each as it is handed over (so a large state
+/// is never held twice), then the pickle of the value that refers to them.
+#[derive(Debug)]
+pub struct Writer {
+    path: std::path::PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    archive: String,
+    offset: u64,
+    entries: Vec<(String, u32, u64, u64)>,
+    storages: usize,
+}
+
+impl Writer {
+    /// Start `path`; torch names the archive's folder after the file's stem.
+    pub fn create(path: &Path) -> Result<Self, Error> {
+        let err = |e: std::io::Error| Error { path: path.to_owned(), message: e.to_string() };
+        let file = std::fs::File::create(path).map_err(err)?;
+        let archive = path.file_stem().and_then(|s| s.to_str()).unwrap_or("archive").to_owned();
+        Ok(Writer {
+            path: path.to_owned(),
+            out: std::io::BufWriter::new(file),
+            archive,
+            offset: 0,
+            entries: Vec::new(),
+            storages: 0,
+        })
+    }
+
+    fn err(&self, message: impl ToString) -> Error {
+        Error { path: self.path.clone(), message: message.to_string() }
+    }
+
+    fn entry(&mut self, name: &str, data: &[u8]) -> Result<(), Error> {
+        use std::io::Write;
+        let name = format!("{}/{name}", self.archive);
+        let size =
+            u32::try_from(data.len()).map_err(|_| self.err("an entry over 4 GiB (zip64 is not written)"))?;
+        let crc = crc32(data);
+        let mut h = Vec::with_capacity(30 + name.len());
+        h.extend_from_slice(&[0x50, 0x4b, 0x03, 0x04, 20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0]);
+        h.extend_from_slice(&crc.to_le_bytes());
+        h.extend_from_slice(&size.to_le_bytes());
+        h.extend_from_slice(&size.to_le_bytes());
+        h.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        h.extend_from_slice(&0u16.to_le_bytes());
+        h.extend_from_slice(name.as_bytes());
+        self.out.write_all(&h).and_then(|()| self.out.write_all(data)).map_err(|e| self.err(e))?;
+        self.entries.push((name, crc, u64::from(size), self.offset));
+        self.offset += (h.len() + data.len()) as u64;
+        Ok(())
+    }
+
+    /// Store one tensor's contiguous little-endian bytes; the value to put in the pickled tree.
+    pub fn tensor(&mut self, dtype: &'static str, shape: &[usize], data: &[u8]) -> Result<Value, Error> {
+        let size = match dtype {
+            "F64" | "I64" => 8,
+            "F32" | "I32" => 4,
+            "F16" | "BF16" | "I16" => 2,
+            "I8" | "U8" | "BOOL" => 1,
+            other => return Err(self.err(format!("tensors of dtype {other}"))),
+        };
+        let numel: usize = shape.iter().product();
+        if numel * size != data.len() {
+            return Err(self.err(format!("{} bytes for a {dtype} tensor of shape {shape:?}", data.len())));
+        }
+        let key = self.storages.to_string();
+        self.storages += 1;
+        self.entry(&format!("data/{key}"), data)?;
+        let mut stride = vec![1i64; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1] as i64;
+        }
+        let ints = |v: Vec<i64>| Value::Tuple(v.into_iter().map(Value::Int).collect());
+        let storage = Value::Object(
+            STORAGE_TAG.into(),
+            vec![
+                Value::Str(dtype.into()),
+                Value::Int(size as i64),
+                Value::Str(key),
+                Value::Int(numel as i64),
+            ],
+        );
+        Ok(Value::Object(
+            "torch._utils._rebuild_tensor_v2".into(),
+            vec![
+                storage,
+                Value::Int(0),
+                ints(shape.iter().map(|&d| d as i64).collect()),
+                ints(stride),
+                Value::Bool(false),
+                Value::Object("collections.OrderedDict".into(), Vec::new()),
+            ],
+        ))
+    }
+
+    /// Pickle `value` (protocol 2, as `torch.save`), write the records torch reads and the zip
+    /// directory, and flush the file to disk.
+    pub fn finish(mut self, value: &Value) -> Result<(), Error> {
+        use std::io::Write;
+        let mut pkl = vec![0x80, 2];
+        pickle(value, &mut pkl).map_err(|m| self.err(m))?;
+        pkl.push(b'.');
+        // The pickle first, as torch writes it; storages may come before it in the file.
+        self.entry("data.pkl", &pkl)?;
+        self.entry("byteorder", b"little")?;
+        self.entry("version", b"3\n")?;
+        let start = self.offset;
+        let mut dir = Vec::new();
+        for (name, crc, size, at) in &self.entries {
+            let at = u32::try_from(*at).map_err(|_| self.err("archive over 4 GiB (zip64 is not written)"))?;
+            dir.extend_from_slice(&[0x50, 0x4b, 0x01, 0x02, 20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0]);
+            dir.extend_from_slice(&crc.to_le_bytes());
+            dir.extend_from_slice(&(*size as u32).to_le_bytes());
+            dir.extend_from_slice(&(*size as u32).to_le_bytes());
+            dir.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            dir.extend_from_slice(&[0; 12]);
+            dir.extend_from_slice(&at.to_le_bytes());
+            dir.extend_from_slice(name.as_bytes());
+        }
+        let n = u16::try_from(self.entries.len()).map_err(|_| self.err("more than 65535 entries"))?;
+        let start =
+            u32::try_from(start).map_err(|_| self.err("archive over 4 GiB (zip64 is not written)"))?;
+        let mut end = vec![0x50, 0x4b, 0x05, 0x06, 0, 0, 0, 0];
+        end.extend_from_slice(&n.to_le_bytes());
+        end.extend_from_slice(&n.to_le_bytes());
+        end.extend_from_slice(&(dir.len() as u32).to_le_bytes());
+        end.extend_from_slice(&start.to_le_bytes());
+        end.extend_from_slice(&0u16.to_le_bytes());
+        self.out.write_all(&dir).and_then(|()| self.out.write_all(&end)).map_err(|e| self.err(e))?;
+        let file =
+            self.out.into_inner().map_err(|e| Error { path: self.path.clone(), message: e.to_string() })?;
+        file.sync_all().map_err(|e| Error { path: self.path.clone(), message: e.to_string() })
+    }
+}
+
+/// The storage class `torch.load` rebuilds a dtype's storage with.
+fn storage_class(dtype: &str) -> Option<&'static str> {
+    Some(match dtype {
+        "F32" => "FloatStorage",
+        "F64" => "DoubleStorage",
+        "F16" => "HalfStorage",
+        "BF16" => "BFloat16Storage",
+        "I64" => "LongStorage",
+        "I32" => "IntStorage",
+        "I16" => "ShortStorage",
+        "I8" => "CharStorage",
+        "U8" => "ByteStorage",
+        "BOOL" => "BoolStorage",
+        _ => return None,
+    })
+}
+
+fn pickle_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'X');
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn pickle_global(module: &str, name: &str, out: &mut Vec<u8>) {
+    out.push(b'c');
+    out.extend_from_slice(module.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'\n');
+}
+
+/// Protocol-2 opcodes for `v`; objects become `GLOBAL` + arguments + `REDUCE`, storages persistent ids.
+fn pickle(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+    match v {
+        Value::None => out.push(b'N'),
+        Value::Bool(b) => out.push(if *b { 0x88 } else { 0x89 }),
+        Value::Int(i) => match *i {
+            0..=0xff => out.extend_from_slice(&[b'K', *i as u8]),
+            0x100..=0xffff => {
+                out.push(b'M');
+                out.extend_from_slice(&(*i as u16).to_le_bytes());
+            }
+            i if i32::try_from(i).is_ok() => {
+                out.push(b'J');
+                out.extend_from_slice(&(i as i32).to_le_bytes());
+            }
+            i => {
+                out.extend_from_slice(&[0x8a, 8]);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+        },
+        Value::Float(f) => {
+            out.push(b'G');
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        Value::Str(s) => pickle_str(s, out),
+        Value::Bytes(b) => {
+            out.push(b'B');
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        Value::List(items) => {
+            out.push(b']');
+            if !items.is_empty() {
+                out.push(b'(');
+                for x in items {
+                    pickle(x, out)?;
+                }
+                out.push(b'e');
+            }
+        }
+        Value::Tuple(items) => {
+            if items.is_empty() {
+                out.push(b')');
+            } else {
+                out.push(b'(');
+                for x in items {
+                    pickle(x, out)?;
+                }
+                out.push(b't');
+            }
+        }
+        Value::Dict(items) => {
+            out.push(b'}');
+            if !items.is_empty() {
+                out.push(b'(');
+                for (k, x) in items {
+                    pickle(k, out)?;
+                    pickle(x, out)?;
+                }
+                out.push(b'u');
+            }
+        }
+        Value::Tensor(_) => return Err("a tensor must be stored with `Writer::tensor` first".into()),
+        Value::Object(name, args) if name == STORAGE_TAG => match args.as_slice() {
+            [Value::Str(dtype), _, Value::Str(key), Value::Int(numel)] => {
+                let class = storage_class(dtype).ok_or_else(|| format!("no storage class for {dtype}"))?;
+                out.push(b'(');
+                pickle_str("storage", out);
+                pickle_global("torch", class, out);
+                pickle_str(key, out);
+                pickle_str("cpu", out);
+                pickle(&Value::Int(*numel), out)?;
+                out.extend_from_slice(&[b't', b'Q']);
+            }
+            _ => return Err("a malformed storage reference".into()),
+        },
+        Value::Object(name, args) => {
+            let (module, short) = name.rsplit_once('.').ok_or_else(|| format!("`{name}` has no module"))?;
+            pickle_global(module, short, out);
+            pickle(&Value::Tuple(args.clone()), out)?;
+            out.push(b'R');
+        }
+    }
+    Ok(())
+}
+
+/// CRC-32 (IEEE), as zip records it.
+fn crc32(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+            *e = c;
+        }
+        t
+    });
+    !data.iter().fold(!0u32, |c, &b| table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8))
 }

@@ -153,3 +153,69 @@ proptest! {
         let _ = parse(&noise);
     }
 }
+
+/// What `Writer` writes, `read` and torch's own `torch.load(weights_only=True)` read back the same:
+/// an optimizer-like state dict with f32 and bf16 tensors, int keys, tuples, None and bools.
+#[test]
+fn torch_loads_what_the_writer_wrote() {
+    use pyfiles::torch_save::Writer;
+    let dir = std::env::temp_dir().join(format!("nibble-torch-write-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("optimizer.pt");
+    let mut w = Writer::create(&path).unwrap();
+    let f32s: Vec<u8> = [1.5f32, -2.0, 0.25, 3.0, 5.5, -0.125].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let bf16s: Vec<u8> = [0x3f80u16, 0xc000, 0x3e80].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let step: Vec<u8> = 7.0f32.to_le_bytes().to_vec();
+    let a = w.tensor("F32", &[2, 3], &f32s).unwrap();
+    let b = w.tensor("BF16", &[3], &bf16s).unwrap();
+    let s = w.tensor("F32", &[], &step).unwrap();
+    let str_ = |x: &str| Value::Str(x.into());
+    let state = Value::Dict(vec![
+        (
+            str_("state"),
+            Value::Dict(vec![(
+                Value::Int(0),
+                Value::Dict(vec![(str_("step"), s), (str_("exp_avg"), a), (str_("exp_avg_sq"), b)]),
+            )]),
+        ),
+        (
+            str_("param_groups"),
+            Value::List(vec![Value::Dict(vec![
+                (str_("lr"), Value::Float(2e-3)),
+                (str_("betas"), Value::Tuple(vec![Value::Float(0.9), Value::Float(0.999)])),
+                (str_("foreach"), Value::None),
+                (str_("fused"), Value::Bool(true)),
+                (str_("big"), Value::Int(-(1i64 << 40))),
+                (str_("params"), Value::List(vec![Value::Int(0), Value::Int(300), Value::Int(70_000)])),
+            ])]),
+        ),
+    ]);
+    w.finish(&state).unwrap();
+    let back = plain(&read(&path).unwrap());
+    let want = json!({"dict": [
+        ["state", {"dict": [[0, {"dict": [
+            ["step", {"dtype": "torch.float32", "shape": [], "values": [7.0]}],
+            ["exp_avg", {"dtype": "torch.float32", "shape": [2, 3], "values": [1.5, -2.0, 0.25, 3.0, 5.5, -0.125]}],
+            ["exp_avg_sq", {"dtype": "torch.bfloat16", "shape": [3], "values": [1.0, -2.0, 0.25]}]
+        ]}]]}],
+        ["param_groups", {"list": [{"dict": [
+            ["lr", 2e-3], ["betas", {"tuple": [0.9, 0.999]}], ["foreach", null], ["fused", true],
+            ["big", -1_099_511_627_776i64], ["params", {"list": [0, 300, 70000]}]
+        ]}]}]
+    ]});
+    same(&back, &want, "round trip");
+    let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+        eprintln!("skipped torch's half: NIBBLE_PYTHON is not set (run `cargo xtask setup`)");
+        return;
+    };
+    let script = format!(
+        "import json, sys, torch\nsys.path.insert(0, {:?})\nfrom golden_torch_save import plain\n\
+         print(json.dumps(plain(torch.load(sys.argv[1], weights_only=True))))",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts")
+    );
+    let o = std::process::Command::new(python).args(["-c", &script]).arg(&path).output().unwrap();
+    assert!(o.status.success(), "torch.load refused the file:\n{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Json = serde_json::from_slice(&o.stdout).unwrap();
+    same(&theirs, &want, "torch.load");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

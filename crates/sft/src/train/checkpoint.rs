@@ -14,6 +14,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::CheckpointIo { path: path.to_owned(), source }
 }
 
+/// The moments of checkpoints written before nibble took the Trainer's layout (read only).
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "trainer_state.json";
 
@@ -36,12 +37,16 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Write `checkpoint-<step>` under `output_dir`; `save_adapter(dir)` writes the adapter files.
+    /// Write `checkpoint-<step>` under `output_dir` as the Trainer lays it out: the adapter files
+    /// (`save_adapter(dir)`), `optimizer.pt` and `scheduler.pt` (torch's AdamW and LambdaLR
+    /// state dicts, so TRL resumes from it too) and `trainer_state.json`. `lr` is the base
+    /// learning rate and the one the next step takes.
     pub fn save(
         output_dir: &Path,
         progress: &Progress,
         optimizer: &AdamW,
         info: &super::state::StateInfo,
+        lr: (f64, f64),
         save_adapter: &dyn Fn(&Path) -> Result<(), String>,
     ) -> Result<PathBuf, Error> {
         let name = format!("checkpoint-{}", progress.global_step);
@@ -52,19 +57,9 @@ impl Checkpoint {
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         save_adapter(&tmp).map_err(|message| Error::BadCheckpoint { path: tmp.clone(), message })?;
-        let (tensors, step) = optimizer.state();
-        let opt_path = tmp.join(OPTIMIZER);
-        // Written from host memory (the moments live on the model's device).
-        let host: Vec<(&str, Tensor)> = tensors
-            .iter()
-            .map(|(n, t)| Ok((n.as_str(), t.f_to_device(tch::Device::Cpu)?)))
-            .collect::<Result<_, tch::TchError>>()
-            .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
-        let named: Vec<(&str, &Tensor)> = host.iter().map(|(n, t)| (*n, t)).collect();
-        Tensor::write_safetensors(&named, &opt_path)
-            .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
-        // libtorch writes without syncing: flush it before the folder is renamed into place.
-        std::fs::File::open(&opt_path).and_then(|f| f.sync_all()).map_err(io(&opt_path))?;
+        let step = optimizer.steps();
+        write_torch_optimizer(&tmp.join(TORCH_OPTIMIZER), optimizer, lr)?;
+        write_torch_scheduler(&tmp.join(TORCH_SCHEDULER), progress.global_step, lr)?;
         // transformers' TrainerState shape, nibble's resume fields in a callback entry of their own.
         let state = super::state::to_json(progress, info, Some(step));
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
@@ -103,9 +98,15 @@ impl Checkpoint {
             });
         }
         let optimizer_step = optimizer_step.ok_or_else(|| bad("no `optimizer_step`".into()))?;
-        let opt_path = dir.join(OPTIMIZER);
-        let optimizer = Tensor::read_safetensors(&opt_path)
-            .map_err(|e| Error::BadCheckpoint { path: opt_path.clone(), message: e.to_string() })?;
+        // Checkpoints before the Trainer's layout kept the moments in a safetensors file.
+        let old_path = dir.join(OPTIMIZER);
+        let optimizer = if old_path.is_file() {
+            Tensor::read_safetensors(&old_path)
+                .map_err(|e| Error::BadCheckpoint { path: old_path.clone(), message: e.to_string() })?
+        } else {
+            let path = dir.join(TORCH_OPTIMIZER);
+            torch_optimizer(&path).map_err(|message| Error::BadCheckpoint { path, message })?.0
+        };
         Ok(Checkpoint {
             dir: dir.to_owned(),
             progress,
@@ -119,6 +120,93 @@ impl Checkpoint {
 
 /// A Trainer checkpoint's optimizer file (torch's pickle).
 const TORCH_OPTIMIZER: &str = "optimizer.pt";
+/// A Trainer checkpoint's learning-rate scheduler file (torch's pickle).
+const TORCH_SCHEDULER: &str = "scheduler.pt";
+
+fn pickle_err(e: pyfiles::torch_save::Error) -> Error {
+    Error::BadCheckpoint { path: e.path, message: e.message }
+}
+
+/// torch's `AdamW.state_dict()` as the Trainer's optimizer holds it: one param group with decay
+/// (every adapter tensor: transformers exempts only biases and norms) and an empty one without,
+/// each parameter's moments and f32 step, the moments written from host memory one at a time.
+fn write_torch_optimizer(path: &Path, optimizer: &AdamW, (base, next): (f64, f64)) -> Result<(), Error> {
+    use pyfiles::torch_save::{Value, Writer};
+    let bad = |message: String| Error::BadCheckpoint { path: path.to_owned(), message };
+    let mut w = Writer::create(path).map_err(pickle_err)?;
+    let (tensors, step) = optimizer.state();
+    let cfg = *optimizer.config();
+    let mut store = |t: &Tensor| -> Result<Value, Error> {
+        let host =
+            t.f_to_device(tch::Device::Cpu).and_then(|t| t.f_contiguous()).map_err(|e| bad(e.to_string()))?;
+        let (dtype, width) = match host.kind() {
+            tch::Kind::Float => ("F32", 4),
+            tch::Kind::BFloat16 => ("BF16", 2),
+            tch::Kind::Half => ("F16", 2),
+            tch::Kind::Double => ("F64", 8),
+            other => return Err(bad(format!("optimizer state of kind {other:?}"))),
+        };
+        let shape: Vec<usize> = host.size().iter().map(|&d| d as usize).collect();
+        let numel = shape.iter().product::<usize>();
+        let mut bytes = vec![0u8; numel * width];
+        host.f_copy_data_u8(&mut bytes, numel).map_err(|e| bad(e.to_string()))?;
+        w.tensor(dtype, &shape, &bytes).map_err(pickle_err)
+    };
+    let str_ = |s: &str| Value::Str(s.to_owned());
+    let n = tensors.len() / 2;
+    let mut state = Vec::with_capacity(n);
+    for i in 0..n {
+        let step_t = store(&Tensor::from(step as f32))?;
+        let m = store(&tensors[2 * i].1)?;
+        let v = store(&tensors[2 * i + 1].1)?;
+        state.push((
+            Value::Int(i as i64),
+            Value::Dict(vec![(str_("step"), step_t), (str_("exp_avg"), m), (str_("exp_avg_sq"), v)]),
+        ));
+    }
+    let group = |weight_decay: f64, params: Vec<Value>| {
+        Value::Dict(vec![
+            (str_("weight_decay"), Value::Float(weight_decay)),
+            (str_("lr"), Value::Float(next)),
+            (str_("betas"), Value::Tuple(vec![Value::Float(cfg.beta1), Value::Float(cfg.beta2)])),
+            (str_("eps"), Value::Float(cfg.eps)),
+            (str_("amsgrad"), Value::Bool(false)),
+            (str_("maximize"), Value::Bool(false)),
+            (str_("foreach"), Value::None),
+            (str_("capturable"), Value::Bool(false)),
+            (str_("differentiable"), Value::Bool(false)),
+            (str_("fused"), if cfg.fused { Value::Bool(true) } else { Value::None }),
+            (str_("decoupled_weight_decay"), Value::Bool(true)),
+            (str_("initial_lr"), Value::Float(base)),
+            (str_("params"), Value::List(params)),
+        ])
+    };
+    let groups =
+        vec![group(cfg.weight_decay, (0..n as i64).map(Value::Int).collect()), group(0.0, Vec::new())];
+    w.finish(&Value::Dict(vec![
+        (str_("state"), Value::Dict(state)),
+        (str_("param_groups"), Value::List(groups)),
+    ]))
+    .map_err(pickle_err)
+}
+
+/// torch's `LambdaLR.state_dict()` after `global_step` steps, for the Trainer's two param groups.
+fn write_torch_scheduler(path: &Path, global_step: u64, (base, next): (f64, f64)) -> Result<(), Error> {
+    use pyfiles::torch_save::{Value, Writer};
+    let str_ = |s: &str| Value::Str(s.to_owned());
+    let two = |v: f64| Value::List(vec![Value::Float(v), Value::Float(v)]);
+    let gs = i64::try_from(global_step).unwrap_or(i64::MAX);
+    let state = Value::Dict(vec![
+        (str_("base_lrs"), two(base)),
+        (str_("last_epoch"), Value::Int(gs)),
+        (str_("_step_count"), Value::Int(gs.saturating_add(1))),
+        (str_("_is_initial"), Value::Bool(false)),
+        (str_("_get_lr_called_within_step"), Value::Bool(false)),
+        (str_("_last_lr"), two(next)),
+        (str_("lr_lambdas"), Value::List(vec![Value::Dict(Vec::new()), Value::Dict(Vec::new())])),
+    ]);
+    Writer::create(path).map_err(pickle_err)?.finish(&state).map_err(pickle_err)
+}
 
 /// A Trainer's `optimizer.pt` (torch AdamW's `state_dict`) as [`AdamW::load_state`] takes it: the
 /// moments of parameter `i` (torch's index over its param groups in order, which for adapters is

@@ -551,6 +551,7 @@ impl<'a> Trainer<'a> {
                         &self.progress,
                         &self.optimizer,
                         &self.opts.state,
+                        (self.opts.learning_rate, self.opts.learning_rate * self.opts.schedule.factor(gs)),
                         save_adapter,
                     )?;
                     on_event(Event::Saved(&dir));

@@ -48,6 +48,11 @@ impl AdamW {
         Ok(AdamW { cfg, params, exp_avg, exp_avg_sq, steps, step: 0 })
     }
 
+    /// The settings it runs with.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
     /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.step
