@@ -789,7 +789,7 @@ fn pickle(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
                 pickle_str(key, out);
                 pickle_str("cpu", out);
                 pickle(&Value::Int(*numel), out)?;
-                out.extend_from_slice(&[b't', b'Q']);
+                out.extend_from_slice(b"tQ");
             }
             _ => return Err("a malformed storage reference".into()),
         },
