@@ -15,6 +15,9 @@ DPO's rewards) to `trl_log.json`.
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_trl_dropin.py
 
+`lora` and `mixture` also run on 2 ranks (`torchrun --nproc-per-node 2`, the `ranks` mode), logged
+as `lora@2` and `mixture@2`.
+
 `golden_trl_dropin.py checkpoint RECIPE OUT` (run by the resume test itself) trains RECIPE with a
 Trainer checkpoint every 20 steps into OUT and writes the run's log to OUT/trl_log.json;
 `golden_trl_dropin.py resume RECIPE CHECKPOINT OUT` continues RECIPE from CHECKPOINT (written by
@@ -131,6 +134,14 @@ def main():
         log = train(f"{recipe}.yaml", out=out, save_steps=20)
         (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
         return
+    if len(sys.argv) == 4 and sys.argv[1] == "ranks":
+        # Under `torchrun --nproc-per-node 2`: RECIPE on 2 ranks (Gloo on the CPU, accelerate's
+        # sharding of the Trainer's order); rank 0 writes the log to OUT/trl_log.json.
+        recipe, out = sys.argv[2], Path(sys.argv[3])
+        log = train(f"{recipe}.yaml", out=out)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        return
     if len(sys.argv) == 5 and sys.argv[1] == "resume":
         # For the resume test the other way: RECIPE continued by TRL from CHECKPOINT (one nibble
         # wrote), its log written to OUT/trl_log.json.
@@ -139,6 +150,16 @@ def main():
         (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
         return
     logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture", "dpo_lora", "dpo_qlora"]}
+    # The same on 2 ranks, started as TRL users start them.
+    import subprocess
+    import tempfile
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    for name in ["lora", "mixture"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [str(torchrun), "--nproc-per-node", "2", __file__, "ranks", name, tmp]
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            logs[f"{name}@2"] = json.loads((Path(tmp) / "trl_log.json").read_text())
     (GOLDEN / "trl_log.json").write_text(json.dumps(logs, indent=1) + "\n")
     print(json.dumps(logs))
 

@@ -2,8 +2,8 @@
 //! 1.16's SFTTrainer (`scripts/golden_trl_dropin.py`, run as the alignment-handbook's `sft.py`
 //! runs a recipe) train `tests/golden/trl_dropin/*.yaml`: LoRA and QLoRA on the shipped tiny model,
 //! seed 42, `lora_dropout: 0`, the Trainer's shuffled order, from a plain dataset and from a
-//! handbook mixture. The adapter's init (PEFT's draws from the seed), the order, the bf16 adapters
-//! TRL trains on a 4-bit base, AdamW and clipping as torch computes them.
+//! handbook mixture, on 1 and 2 ranks. The adapter's init (PEFT's draws from the seed), the order,
+//! the bf16 adapters TRL trains on a 4-bit base, AdamW and clipping as torch computes them.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::process::Command;
@@ -19,6 +19,19 @@ fn a_lora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
 #[test]
 fn a_mixture_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
     compare("mixture", 1e-4, 1e-4, 0.0);
+}
+
+/// On 2 ranks (Gloo on the CPU) against TRL under `torchrun --nproc-per-node 2`: accelerate's
+/// sharding of the Trainer's order, the gradients averaged over ranks, the loss logged as the
+/// ranks' mean.
+#[test]
+fn a_lora_recipe_on_2_ranks_trains_as_trl_on_2_ranks() {
+    compare("lora@2", 1e-4, 1e-4, 0.0);
+}
+
+#[test]
+fn a_mixture_recipe_on_2_ranks_trains_as_trl_on_2_ranks() {
+    compare("mixture@2", 1e-4, 1e-4, 0.0);
 }
 
 /// QLoRA: TRL casts a 4-bit model's adapters to bf16 and trains them there (AdamW's moments,
@@ -50,9 +63,12 @@ fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
     let out = std::env::temp_dir().join(format!("nibble-trl-dropin-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let dpo = name.starts_with("dpo");
+    // `lora@2`: the `lora` recipe on 2 ranks (`sft launch --nproc 2`, as `torchrun` for TRL).
+    let (recipe, ranks) = name.split_once('@').map_or((name, None), |(r, n)| (r, Some(n)));
     let o = Command::new(nibble_tests::sft())
+        .args(ranks.map(|n| ["launch".to_owned(), "--nproc".to_owned(), n.to_owned()]).into_iter().flatten())
         .args(dpo.then_some("dpo"))
-        .arg(golden.join(format!("{name}.yaml")))
+        .arg(golden.join(format!("{recipe}.yaml")))
         .args(["--output_dir", out.to_str().unwrap()])
         .current_dir(repo())
         .env("NIBBLE_CACHE", out.join("cache"))
