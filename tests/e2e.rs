@@ -340,3 +340,45 @@ fn save_strategy_best_saves_only_improvements() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// `sft generate` and `sft merge` take the base model from the run folder when `--model` is not
+/// given (its adapter_config.json, else its recipe.yaml), and say which they took.
+#[test]
+fn generate_and_merge_find_the_base_model_in_the_run_folder() {
+    let out = scratch("run-folder");
+    let cache = scratch("run-folder-cache");
+    train(&out, &cache, &["--max_steps", "2"]);
+    let run = |args: &[&str]| {
+        let o = Command::new(nibble_tests::sft())
+            .args(args)
+            .current_dir(repo())
+            .env("NIBBLE_CACHE", &cache)
+            .env_remove("NIBBLE_LOG")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "sft {args:?} failed:\n{log}");
+        log
+    };
+    let adapter = out.to_str().unwrap();
+    let log = run(&["generate", "--adapter", adapter, "--prompt", "What is", "--max_new_tokens", "3"]);
+    assert!(log.contains("base model models/tiny-llama"), "{log}");
+    let merged = cache.join("merged");
+    let log = run(&["merge", "--adapter", adapter, "--out", merged.to_str().unwrap()]);
+    assert!(log.contains("base model models/tiny-llama") && merged.join("config.json").is_file(), "{log}");
+    // Without the adapter's record of it, the recipe beside it names the model.
+    let bare = scratch("run-folder-bare");
+    for f in [lora::CONFIG_FILE, lora::WEIGHTS_FILE, "recipe.yaml"] {
+        std::fs::copy(out.join(f), bare.join(f)).unwrap();
+    }
+    let cfg = bare.join(lora::CONFIG_FILE);
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["base_model_name_or_path"] = serde_json::Value::Null;
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let log =
+        run(&["generate", "--adapter", bare.to_str().unwrap(), "--prompt", "Hi", "--max_new_tokens", "2"]);
+    assert!(log.contains("recipe.yaml"), "{log}");
+    for d in [&out, &cache, &bare] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

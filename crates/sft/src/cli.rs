@@ -146,9 +146,10 @@ impl QuantizeCli {
 /// `sft merge`'s arguments.
 #[derive(Args, Debug)]
 pub(crate) struct MergeCli {
-    /// The base model: a local directory or a hub id (dense or 4-bit)
+    /// The base model: a local directory or a hub id (dense or 4-bit); default: the one the
+    /// adapter's run trained on (its adapter_config.json, else recipe.yaml)
     #[arg(long, alias = "base")]
-    pub model: String,
+    pub model: Option<String>,
     /// The PEFT adapter folder
     #[arg(long)]
     pub adapter: PathBuf,
@@ -161,6 +162,39 @@ pub(crate) struct MergeCli {
     /// Where the base comes from and how the output is written
     #[command(flatten)]
     pub io: ModelIo,
+}
+
+/// The base model a run folder (an adapter `sft` or PEFT wrote) was trained on, as axolotl's
+/// commands take it from their config: `base_model_name_or_path` in `adapter_config.json`, else
+/// `model_name_or_path` in the `recipe.yaml` `sft` leaves beside it.
+pub(crate) fn model_of_run(dir: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let cfg = dir.join(lora::CONFIG_FILE);
+    if let Ok(text) = std::fs::read_to_string(&cfg) {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", cfg.display()))?;
+        if let Some(m) = v.get("base_model_name_or_path").and_then(|m| m.as_str()).filter(|m| !m.is_empty()) {
+            tracing::info!("base model {m} (from {})", cfg.display());
+            return Ok(m.to_owned());
+        }
+    }
+    let recipe = dir.join("recipe.yaml");
+    if let Ok(text) = std::fs::read_to_string(&recipe) {
+        for line in text.lines() {
+            if let Some(m) = line.strip_prefix("model_name_or_path:") {
+                let m = m.trim().trim_matches(|c| c == '"' || c == '\'');
+                if !m.is_empty() {
+                    tracing::info!("base model {m} (from {})", recipe.display());
+                    return Ok(m.to_owned());
+                }
+            }
+        }
+    }
+    anyhow::bail!(
+        "no --model given, and {} names no base model (neither `base_model_name_or_path` in {} nor `model_name_or_path` in recipe.yaml)",
+        dir.display(),
+        lora::CONFIG_FILE
+    )
 }
 
 /// The model-writing commands' shared flags (`quantize`, `merge`).
@@ -187,9 +221,9 @@ impl ModelIo {
 /// `sft generate`'s arguments.
 #[derive(Args, Debug)]
 pub(crate) struct GenerateCli {
-    /// The model: a local directory or a hub id
+    /// The model: a local directory or a hub id; default: the one --adapter's run trained on
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// A trained PEFT adapter to apply
     #[arg(long)]
     pub adapter: Option<PathBuf>,

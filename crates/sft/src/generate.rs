@@ -14,7 +14,12 @@ use crate::cli::GenerateCli;
 
 /// Run `sft generate`.
 pub(crate) fn run(a: &GenerateCli) -> Result<()> {
-    let dir = resolve_model(&a.model, "main", &HubCache::from_env(|k| std::env::var(k).ok()))?;
+    let model = match (&a.model, &a.adapter) {
+        (Some(m), _) => m.clone(),
+        (None, Some(ad)) => crate::cli::model_of_run(ad)?,
+        (None, None) => anyhow::bail!("give --model, or --adapter to take the model its run trained on"),
+    };
+    let dir = resolve_model(&model, "main", &HubCache::from_env(|k| std::env::var(k).ok()))?;
     let opts = LoadOptions {
         quantize: a
             .load_in_4bit

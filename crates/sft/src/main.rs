@@ -119,6 +119,10 @@ fn show_env() {
         );
         println!("cpu threads: {}", tch::get_num_threads());
         println!("cuda: {cuda} ({devices} device(s)), cudnn: {}", tch::Cuda::cudnn_is_available());
+        println!("built with cuda: {}", cfg!(feature = "cuda"));
+        if let Some(why) = plan::unused_gpu(std::path::Path::new("/"), cfg!(feature = "cuda"), cuda) {
+            println!("note: {why}");
+        }
     }
 }
 
@@ -218,7 +222,11 @@ fn finish(result: Result<()>) -> Result<ExitCode> {
 
 fn merge(a: &cli::MergeCli) -> Result<()> {
     let cache = pyfiles::HubCache::from_env(|k| std::env::var(k).ok());
-    let base = model_loader::resolve_model(&a.model, &a.io.revision, &cache)?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => cli::model_of_run(&a.adapter)?,
+    };
+    let base = model_loader::resolve_model(&model, &a.io.revision, &cache)?;
     tracing::info!(base = %base.display(), adapter = %a.adapter.display(), out = %a.out.display(), "merging");
     let opts = sft::merge::MergeOptions {
         dtype: a.dtype,

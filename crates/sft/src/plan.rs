@@ -56,6 +56,36 @@ impl Machine {
     }
 }
 
+/// Why an NVIDIA GPU on this machine goes unused, if one does: the driver lists GPUs under
+/// `root`/proc/driver/nvidia/gpus (or `root`/dev/nvidia0 exists) while libtorch sees no CUDA
+/// device, because this `sft` was built without CUDA (`cuda_build` false) or its CUDA runtime
+/// does not load.
+pub fn unused_gpu(root: &std::path::Path, cuda_build: bool, cuda_available: bool) -> Option<String> {
+    if cuda_available {
+        return None;
+    }
+    let gpus = std::fs::read_dir(root.join("proc/driver/nvidia/gpus")).map(|d| d.count()).unwrap_or(0);
+    if gpus == 0 && !root.join("dev/nvidia0").exists() {
+        return None;
+    }
+    let seen = if gpus > 0 {
+        format!("{gpus} NVIDIA GPU(s) visible")
+    } else {
+        "an NVIDIA device node visible".to_owned()
+    };
+    Some(if cuda_build {
+        format!(
+            "{seen}, but libtorch finds no CUDA device: check that the driver supports the CUDA runtime of libtorch \
+             (`sft env`, `nvidia-smi`); training runs on the CPU"
+        )
+    } else {
+        format!(
+            "{seen}, but this sft was built without CUDA: build the kernels with `cargo xtask cuda` and the binary with \
+             `--features cuda` to train on the GPU; training runs on the CPU"
+        )
+    })
+}
+
 /// What the plan is for: a training run checks its output folder and checkpoint too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Purpose {
@@ -733,6 +763,20 @@ mod tests {
 
     fn recipe(yaml: &str) -> Recipe {
         config::Loader::new().yaml("r.yaml", format!("dataset_name: d\n{yaml}")).load().expect("recipe")
+    }
+
+    #[test]
+    fn a_gpu_without_cuda_is_named() {
+        let root = std::env::temp_dir().join(format!("nibble-gpu-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(unused_gpu(&root, false, false), None, "no GPU, nothing to say");
+        std::fs::create_dir_all(root.join("proc/driver/nvidia/gpus/0000:01:00.0")).expect("fake gpu");
+        let m = unused_gpu(&root, false, false).expect("a GPU goes unused");
+        assert!(m.contains("1 NVIDIA GPU(s)") && m.contains("--features cuda"), "{m}");
+        let m = unused_gpu(&root, true, false).expect("a CUDA build that sees no device");
+        assert!(m.contains("driver"), "{m}");
+        assert_eq!(unused_gpu(&root, true, true), None, "the GPU is used");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -259,6 +259,11 @@ pub enum Ended {
 /// The main job, as `plan` resolved it: data -> model -> adapters -> trainer -> outputs.
 pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     tracing::info!(device = ?plan.device, "training device");
+    if let Some(why) =
+        crate::plan::unused_gpu(Path::new("/"), cfg!(feature = "cuda"), tch::Cuda::is_available())
+    {
+        tracing::warn!("{why}");
+    }
     plan.cpu_matmul.set();
     announce_precision(plan);
     tch::manual_seed(plan.training.seed as i64);
