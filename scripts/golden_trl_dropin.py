@@ -76,7 +76,9 @@ def train(recipe, out=None, save_steps=None, resume=None):
         bnb_4bit_use_double_quant=r["use_bnb_nested_quant"],
         bnb_4bit_compute_dtype=torch.float32,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+    # A pre-quantized checkpoint brings its own quantization_config (passing None would drop it).
+    extra = {"quantization_config": bnb} if bnb is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu", **extra)
     peft_config = LoraConfig(
         r=r["lora_r"],
         lora_alpha=r["lora_alpha"],
@@ -117,7 +119,7 @@ def train(recipe, out=None, save_steps=None, resume=None):
         model=model, args=args, train_dataset=dataset(r), processing_class=tok, peft_config=peft_config
     )
     kinds = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
-    want = torch.bfloat16 if r.get("load_in_4bit") else torch.float32
+    want = torch.bfloat16 if getattr(model, "is_loaded_in_4bit", False) else torch.float32
     assert kinds == {want}, f"SFTTrainer trains the adapters in {kinds}"
     trainer.train(resume_from_checkpoint=resume)
     if not keep:

@@ -36,7 +36,9 @@ fn a_mixture_recipe_on_2_ranks_trains_as_trl_on_2_ranks() {
 
 /// QLoRA: TRL casts a 4-bit model's adapters to bf16 and trains them there (AdamW's moments,
 /// clipping and the LoRA matmuls in bf16); `lora_dtype: auto` does the same. Step 1 agrees to
-/// ~1e-5 (the 4-bit base's kernels differ in f32 rounding); a last-bit difference can flip a bf16
+/// ~1e-5 (bitsandbytes' CPU quantizer rounds a few double-quantization codes differently from its
+/// CUDA kernel, which nibble follows; from one pre-quantized checkpoint step 1 agrees to 1e-8);
+/// a last-bit difference in a backward matmul can flip a bf16
 /// weight's rounding (one bf16 step is 0.4-0.8%), so the curves drift apart slowly (measured:
 /// 1.1e-4 over 30 steps), and the bf16 gradient norms by a bf16 step now and then.
 #[test]
