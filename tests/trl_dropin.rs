@@ -83,42 +83,33 @@ fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
         serde_json::from_str(&std::fs::read_to_string(golden.join("trl_log.json")).unwrap()).unwrap();
     let theirs = all[name].as_array().unwrap();
     assert_eq!(theirs.len(), 30, "the comparison covers 30 steps");
-    assert_eq!(ours.len(), theirs.len(), "logged steps");
-    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
-    let (mut report, mut worst, mut worst_norm, mut worst_reward) = (String::new(), 0.0f64, 0.0f64, 0.0f64);
-    for (a, b) in ours.iter().zip(theirs) {
-        assert_eq!(a["step"], b["step"]);
-        let lr = (f(a, "learning_rate") - f(b, "learning_rate")).abs();
-        assert!(
-            lr <= 1e-12 + 1e-9 * f(b, "learning_rate"),
-            "learning rate at step {}: {a} vs {b}",
-            b["step"]
-        );
-        let dl = (f(a, "loss") - f(b, "loss")).abs() / f(b, "loss");
-        let dg = (f(a, "grad_norm") - f(b, "grad_norm")).abs() / f(b, "grad_norm");
-        worst = worst.max(dl);
-        if dpo {
-            for k in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
-                // Relative to the value, with a floor: the rewards start at 0 (a fresh adapter is the reference).
-                let d = (f(a, k) - f(b, k)).abs() / f(b, k).abs().max(0.1);
-                worst_reward = worst_reward.max(d);
-                report += &format!("    {k} {:.6} vs {:.6} ({d:.1e})\n", f(a, k), f(b, k));
-            }
-        }
-        worst_norm = worst_norm.max(dg);
-        report += &format!(
-            "step {:>2}: loss {:.6} vs TRL {:.6} ({dl:.1e}), grad_norm {} vs {} ({dg:.1e})\n",
-            b["step"],
-            f(a, "loss"),
-            f(b, "loss"),
-            f(a, "grad_norm"),
-            f(b, "grad_norm")
-        );
+    let mut metrics = vec![("loss", 0.0), ("grad_norm", 0.0)];
+    if dpo {
+        // The rewards start at 0 (a fresh adapter is the reference): relative with a floor.
+        metrics.extend([("rewards/chosen", 0.1), ("rewards/rejected", 0.1), ("rewards/margins", 0.1)]);
     }
+    let d = nibble_tests::compare_curves(
+        &ours.iter().collect::<Vec<_>>(),
+        &theirs.iter().collect::<Vec<_>>(),
+        &metrics,
+    );
+    let report = &d.report;
     eprintln!("{name}:\n{report}");
-    assert!(worst <= loss_tol, "{name}: nibble's loss departs from TRL's by {worst:e}:\n{report}");
+    let worst_reward = ["rewards/chosen", "rewards/rejected", "rewards/margins"]
+        .map(|k| d.of(k))
+        .into_iter()
+        .fold(0.0, f64::max);
+    assert!(
+        d.of("loss") <= loss_tol,
+        "{name}: nibble's loss departs from TRL's by {:e}:\n{report}",
+        d.of("loss")
+    );
     assert!(worst_reward <= reward_tol, "{name}: rewards depart by {worst_reward:e}:\n{report}");
-    assert!(worst_norm <= norm_tol, "{name}: gradient norms depart by {worst_norm:e}:\n{report}");
+    assert!(
+        d.of("grad_norm") <= norm_tol,
+        "{name}: gradient norms depart by {:e}:\n{report}",
+        d.of("grad_norm")
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -163,18 +154,8 @@ fn a_trl_checkpoint_resumes_in_nibble_where_trl_would_go_on() {
             theirs.as_array().unwrap().iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
         let ours: Vec<&serde_json::Value> = ours.iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
         assert_eq!(ours.len(), 10, "{recipe}: steps 21-30 logged:\n{log}");
-        assert_eq!(ours.len(), theirs.len());
-        for (a, b) in ours.iter().zip(&theirs) {
-            assert_eq!(a["step"], b["step"]);
-            let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-            assert!((x - y).abs() <= tol * y, "{recipe} step {}: loss {x} vs TRL's {y}", b["step"]);
-            let (x, y) = (a["learning_rate"].as_f64().unwrap(), b["learning_rate"].as_f64().unwrap());
-            assert!(
-                (x - y).abs() <= 1e-12 + 1e-9 * y,
-                "{recipe} step {}: learning rate {x} vs {y}",
-                b["step"]
-            );
-        }
+        let d = nibble_tests::compare_curves(&ours, &theirs, &[("loss", 0.0)]);
+        assert!(d.of("loss") <= tol, "{recipe}: resumed losses depart from TRL's:\n{}", d.report);
         // Without its optimizer.pt the checkpoint still resumes, with fresh moments and a warning.
         std::fs::remove_file(ck.join("optimizer.pt")).unwrap();
         let again = trl.join("nibble-fresh");
@@ -232,13 +213,7 @@ fn a_nibble_checkpoint_resumes_in_trl_where_nibble_would_go_on() {
     let ours = nibble_tests::log_history(&ours);
     let ours: Vec<&serde_json::Value> = ours.iter().filter(|e| e["step"].as_u64() > Some(20)).collect();
     assert_eq!(theirs.len(), 10, "TRL trained steps 21-30: {theirs:?}");
-    assert_eq!(ours.len(), theirs.len());
-    for (a, b) in ours.iter().zip(theirs) {
-        assert_eq!(a["step"], b["step"]);
-        let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-4 * y, "step {}: nibble's loss {x} vs TRL's resumed {y}", b["step"]);
-        let (x, y) = (a["learning_rate"].as_f64().unwrap(), b["learning_rate"].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-12 + 1e-9 * y, "step {}: learning rate {x} vs {y}", b["step"]);
-    }
+    let d = nibble_tests::compare_curves(&ours, &theirs, &[("loss", 0.0)]);
+    assert!(d.of("loss") <= 1e-4, "TRL's resumed losses depart from nibble's:\n{}", d.report);
     let _ = std::fs::remove_dir_all(&root);
 }

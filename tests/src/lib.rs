@@ -20,6 +20,51 @@ pub fn log_history(out: &Path) -> Vec<serde_json::Value> {
     }
 }
 
+/// Two training curves compared step by step (nibble's and TRL's `log_history` entries).
+#[derive(Debug, Default)]
+pub struct CurveDiff {
+    /// Per metric, the largest difference relative to the reference value (or its floor).
+    pub worst: std::collections::BTreeMap<String, f64>,
+    /// One line per step with each metric's pair of values, for assertion messages.
+    pub report: String,
+}
+
+impl CurveDiff {
+    /// The largest relative difference seen for `metric` (0 when it was not compared).
+    pub fn of(&self, metric: &str) -> f64 {
+        self.worst.get(metric).copied().unwrap_or(0.0)
+    }
+}
+
+/// Compare `ours` with `theirs` entry by entry: the same steps in the same order (panics
+/// otherwise), learning rates equal to 1e-9, and for each `(metric, floor)` the difference
+/// relative to `max(|theirs|, floor)`.
+pub fn compare_curves(
+    ours: &[&serde_json::Value],
+    theirs: &[&serde_json::Value],
+    metrics: &[(&str, f64)],
+) -> CurveDiff {
+    assert_eq!(ours.len(), theirs.len(), "logged steps");
+    let f =
+        |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("no numeric `{k}` in {v}"));
+    let mut diff = CurveDiff::default();
+    for (a, b) in ours.iter().zip(theirs) {
+        assert_eq!(a["step"], b["step"], "steps out of line");
+        let (x, y) = (f(a, "learning_rate"), f(b, "learning_rate"));
+        assert!((x - y).abs() <= 1e-12 + 1e-9 * y, "learning rate at step {}: {x} vs {y}", b["step"]);
+        diff.report += &format!("step {:>2}:", b["step"]);
+        for (k, floor) in metrics {
+            let (x, y) = (f(a, k), f(b, k));
+            let d = (x - y).abs() / y.abs().max(*floor);
+            let w = diff.worst.entry((*k).to_owned()).or_insert(0.0);
+            *w = w.max(d);
+            diff.report += &format!(" {k} {x:.6} vs TRL {y:.6} ({d:.1e})");
+        }
+        diff.report += "\n";
+    }
+    diff
+}
+
 /// The repository root (models/, recipes/, data/, scripts/).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
