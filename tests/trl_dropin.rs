@@ -67,14 +67,11 @@ fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
     let dpo = name.starts_with("dpo");
     // `lora@2`: the `lora` recipe on 2 ranks (`sft launch --nproc 2`, as `torchrun` for TRL).
     let (recipe, ranks) = name.split_once('@').map_or((name, None), |(r, n)| (r, Some(n)));
-    let o = Command::new(nibble_tests::sft())
+    let o = nibble_tests::sft_in(&out.join("cache"))
         .args(ranks.map(|n| ["launch".to_owned(), "--nproc".to_owned(), n.to_owned()]).into_iter().flatten())
         .args(dpo.then_some("dpo"))
         .arg(golden.join(format!("{recipe}.yaml")))
         .args(["--output_dir", out.to_str().unwrap()])
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", out.join("cache"))
-        .env_remove("NIBBLE_LOG")
         .output()
         .unwrap();
     assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
@@ -136,12 +133,9 @@ fn a_trl_checkpoint_resumes_in_nibble_where_trl_would_go_on() {
         let ck = trl.join("checkpoint-20");
         assert!(ck.join("optimizer.pt").is_file(), "TRL wrote no optimizer.pt in {}", ck.display());
         let out = trl.join("nibble");
-        let o = Command::new(nibble_tests::sft())
+        let o = nibble_tests::sft_in(&out.join("cache"))
             .arg(repo().join(format!("tests/golden/trl_dropin/{recipe}.yaml")))
             .args(["--output_dir", out.to_str().unwrap(), "--resume_from_checkpoint", ck.to_str().unwrap()])
-            .current_dir(repo())
-            .env("NIBBLE_CACHE", out.join("cache"))
-            .env_remove("NIBBLE_LOG")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&o.stderr);
@@ -159,12 +153,9 @@ fn a_trl_checkpoint_resumes_in_nibble_where_trl_would_go_on() {
         // Without its optimizer.pt the checkpoint still resumes, with fresh moments and a warning.
         std::fs::remove_file(ck.join("optimizer.pt")).unwrap();
         let again = trl.join("nibble-fresh");
-        let o = Command::new(nibble_tests::sft())
+        let o = nibble_tests::sft_in(&again.join("cache"))
             .arg(repo().join(format!("tests/golden/trl_dropin/{recipe}.yaml")))
             .args(["--output_dir", again.to_str().unwrap(), "--resume_from_checkpoint", ck.to_str().unwrap()])
-            .current_dir(repo())
-            .env("NIBBLE_CACHE", again.join("cache"))
-            .env_remove("NIBBLE_LOG")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&o.stderr);
@@ -184,12 +175,9 @@ fn a_nibble_checkpoint_resumes_in_trl_where_nibble_would_go_on() {
     let root = std::env::temp_dir().join(format!("nibble-ck-in-trl-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let ours = root.join("nibble");
-    let o = Command::new(nibble_tests::sft())
+    let o = nibble_tests::sft_in(&root.join("cache"))
         .arg(repo().join("tests/golden/trl_dropin/lora.yaml"))
         .args(["--output_dir", ours.to_str().unwrap(), "--save_strategy", "steps", "--save_steps", "20"])
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", root.join("cache"))
-        .env_remove("NIBBLE_LOG")
         .output()
         .unwrap();
     assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));

@@ -4,8 +4,6 @@
 //! norm and learning rate at every step.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::process::Command;
-
 use nibble_tests::repo;
 
 #[test]
@@ -24,13 +22,10 @@ fn compare(log: &str, flags: &[&str]) {
     let golden = repo().join("tests/golden/trl_loss");
     let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}-{log}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let o = Command::new(nibble_tests::sft())
+    let o = nibble_tests::sft_in(&out.join("cache"))
         .arg(golden.join("recipe.yaml"))
         .args(["--output_dir", out.to_str().unwrap()])
         .args(flags)
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", out.join("cache"))
-        .env_remove("NIBBLE_LOG")
         .output()
         .unwrap();
     assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));

@@ -65,6 +65,14 @@ pub fn compare_curves(
     diff
 }
 
+/// `sft` as the tests run it: from the repository root, tokenizing into `cache` (not the user's
+/// cache), with the recipe's own log level (`NIBBLE_LOG` unset).
+pub fn sft_in(cache: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(sft());
+    c.current_dir(repo()).env("NIBBLE_CACHE", cache).env_remove("NIBBLE_LOG");
+    c
+}
+
 /// The repository root (models/, recipes/, data/, scripts/).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
