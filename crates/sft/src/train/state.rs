@@ -257,6 +257,34 @@ mod tests {
         }
     }
 
+    /// A Trainer's own state file (TRL wrote it): the step and the best checkpoint read, the log
+    /// read leniently (a float `num_tokens`, `entropy` kept as a metric, the closing summary
+    /// skipped), the data position left for the loop to derive.
+    #[test]
+    fn a_trainers_state_is_read_as_transformers_wrote_it() {
+        let v = json!({
+            "best_global_step": 2, "best_metric": 1.25, "best_model_checkpoint": "out/checkpoint-2",
+            "epoch": 0.5, "global_step": 4, "max_steps": 8,
+            "log_history": [
+                {"step": 2, "epoch": 0.25, "loss": 3.5, "grad_norm": 1.5, "learning_rate": 1e-3,
+                 "num_tokens": 640.0, "mean_token_accuracy": 0.3, "entropy": 2.75},
+                {"step": 2, "epoch": 0.25, "eval_loss": 1.25, "eval_runtime": 0.5, "eval_entropy": 2.5},
+                {"step": 4, "epoch": 0.5, "train_runtime": 3.0, "train_loss": 3.0}
+            ],
+            "stateful_callbacks": {"TrainerControl": {"args": {}, "attributes": {}}}
+        });
+        let (p, step, origin) = from_json_any(&v).expect("a Trainer's state");
+        assert_eq!(
+            (origin, step, p.global_step, p.epoch, p.batch_in_epoch),
+            (Origin::Transformers, None, 4, 0, 0)
+        );
+        assert_eq!((p.log_history.len(), p.eval_history.len(), p.num_tokens), (1, 1, 640));
+        assert_eq!(p.log_history[0].metrics.get("entropy"), Some(&2.75));
+        assert_eq!(p.eval_history[0].metrics.get("eval_entropy"), Some(&2.5));
+        assert_eq!((p.best_metric, p.best_global_step), (Some(1.25), Some(2)));
+        assert_eq!(p.best_model_checkpoint.as_deref(), Some("out/checkpoint-2"));
+    }
+
     #[test]
     fn the_state_reads_back_and_has_trainer_states_keys_only() {
         let info = StateInfo {
