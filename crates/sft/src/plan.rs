@@ -575,7 +575,8 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> LoadOptions 
     // TRL computes 4-bit layers in the model dtype (`bnb_4bit_compute_dtype = dtype`). With
     // `bf16: true` / `fp16: true` on an fp32 model, transformers autocasts: the big matmuls run in
     // 16 bits, norms and softmax in fp32. nibble does the same for the 4-bit linears (compute dtype
-    // 16-bit, output back in the input's dtype); LoRA adapters and the output head stay fp32.
+    // 16-bit, output back in the input's dtype); the output head stays fp32 (the adapters
+    // follow `lora_dtype`: bf16 on a 4-bit base under `auto`, as TRL casts them).
     let t = &recipe.training;
     let compute_dtype = match (dtype, t.bf16 == Some(true), t.fp16) {
         (Kind::Float, true, _) if quantize.is_some() => Kind::BFloat16,
