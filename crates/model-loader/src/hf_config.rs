@@ -54,6 +54,9 @@ pub struct HfConfig {
     pub prequantized: bool,
     /// How it was quantized, when it was (`quantization_config.load_in_8bit` or not).
     pub quantization: Option<Prequantized>,
+    /// A pre-quantized 4-bit checkpoint's `quantization_config.bnb_4bit_compute_dtype` (torch
+    /// name), which transformers computes its 4-bit layers in whatever dtype is asked for.
+    pub bnb_compute_dtype: Option<String>,
     /// How RoPE frequencies are scaled (`rope_parameters.rope_type` or the older `rope_scaling`).
     pub rope_scaling: RopeScaling,
     /// Bias on q/k/v (`attention_bias` for Llama/Mistral/Qwen3; always for Qwen2).
@@ -208,6 +211,11 @@ impl HfConfig {
             rope_theta: float(rope, "rope_theta", 10000.0)?,
             dtype: v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(Value::as_str).map(str::to_owned),
             prequantized: quantization.is_some(),
+            bnb_compute_dtype: v
+                .get("quantization_config")
+                .and_then(|q| q.get("bnb_4bit_compute_dtype"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             quantization,
         })
     }

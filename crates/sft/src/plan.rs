@@ -347,7 +347,10 @@ impl RunPlan {
             let cache = HubCache::from_env(|k| std::env::var(k).ok());
             p.take("model_name_or_path", resolve_model(&model_id, &m.model_revision, &cache)).and_then(
                 |dir| {
-                    let cfg = p.take("model_name_or_path", HfConfig::from_dir(&dir))?;
+                    let mut cfg = p.take("model_name_or_path", HfConfig::from_dir(&dir))?;
+                    if cfg.prequantized {
+                        stored_dtype(&mut cfg, &dir, &recipe);
+                    }
                     Some((dir, cfg))
                 },
             )
@@ -550,6 +553,8 @@ fn resume_dir(p: &mut Problems<'_>, value: Option<&ResumeFrom>, output_dir: &Pat
 /// The dtype the recipe asks for (`auto` = config.json's, else float32).
 fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
     let name = match recipe.model.dtype {
+        // A pre-quantized checkpoint loads in the dtype its tensors are stored in (`stored_dtype`).
+        _ if cfg.prequantized => cfg.dtype.as_deref().unwrap_or("float32"),
         Dtype::Auto => cfg.dtype.as_deref().unwrap_or("float32"),
         d => d.as_str(),
     };
@@ -558,6 +563,25 @@ fn model_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
         "float16" | "fp16" => Kind::Half,
         _ => Kind::Float,
     }
+}
+
+/// transformers 5.24 loads a pre-quantized bitsandbytes checkpoint in the dtype its unquantized
+/// tensors are stored in, whatever `dtype` asks (and computes its 4-bit layers in the recorded
+/// `bnb_4bit_compute_dtype`): `cfg.dtype` becomes the embedding's stored dtype, and a recipe
+/// `dtype` that differs is named in a warning.
+fn stored_dtype(cfg: &mut HfConfig, dir: &std::path::Path, recipe: &Recipe) {
+    let stored = model_loader::Checkpoint::open(dir)
+        .ok()
+        .and_then(|ck| ck.tensor("model.embed_tokens.weight").ok().and_then(|t| t.kind()))
+        .and_then(model_loader::torch_name);
+    let Some(stored) = stored else { return };
+    if recipe.model.dtype != Dtype::Auto && recipe.model.dtype.as_str() != stored {
+        tracing::warn!(
+            "dtype: {} is ignored for a pre-quantized checkpoint, which loads in the dtype it is stored in ({stored}), as transformers loads it",
+            recipe.model.dtype.as_str()
+        );
+    }
+    cfg.dtype = Some(stored.to_owned());
 }
 
 /// How the checkpoint loads on `device` (placement: the default single device, set by the plan).
@@ -578,10 +602,17 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> LoadOptions 
     // 16-bit, output back in the input's dtype); the output head stays fp32 (the adapters
     // follow `lora_dtype`: bf16 on a 4-bit base under `auto`, as TRL casts them).
     let t = &recipe.training;
+    let recorded = match cfg.quantization {
+        Some(model_loader::Prequantized::FourBit) => {
+            cfg.bnb_compute_dtype.as_deref().and_then(model_loader::kind_from_torch_name)
+        }
+        _ => None,
+    };
     let compute_dtype = match (dtype, t.bf16 == Some(true), t.fp16) {
         (Kind::Float, true, _) if quantize.is_some() => Kind::BFloat16,
         (Kind::Float, _, true) if quantize.is_some() => Kind::Half,
-        _ => dtype,
+        // A pre-quantized checkpoint computes in what it recorded, as transformers reads it.
+        _ => recorded.unwrap_or(dtype),
     };
     // LLM.int8 with bitsandbytes' default threshold (TRL's `BitsAndBytesConfig(load_in_8bit=True)`).
     // On the CPU bitsandbytes trains through the dequantized weight (`MatMul8bitFp`); nibble does
@@ -764,6 +795,42 @@ mod tests {
 
     fn recipe(yaml: &str) -> Recipe {
         config::Loader::new().yaml("r.yaml", format!("dataset_name: d\n{yaml}")).load().expect("recipe")
+    }
+
+    /// A pre-quantized checkpoint loads as transformers 5.24 loads it: in its stored dtype
+    /// whatever `dtype` asks, its 4-bit layers computing in the recorded compute dtype; the
+    /// adapters then bf16 under `lora_dtype: auto` (TRL's cast of a 4-bit model's adapters).
+    #[test]
+    fn a_prequantized_checkpoint_loads_in_its_stored_and_recorded_dtypes() {
+        let golden =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-loader/tests/golden/llama-4bit-saved");
+        let copy = std::env::temp_dir().join(format!("nibble-prequant-dtype-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).expect("copy");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(golden.join(f), copy.join(f)).expect("copy");
+        }
+        let text = std::fs::read_to_string(copy.join("config.json")).expect("config");
+        let bf16 = text
+            .replace("\"bnb_4bit_compute_dtype\": \"float32\"", "\"bnb_4bit_compute_dtype\": \"bfloat16\"");
+        assert_ne!(text, bf16, "the golden config records a float32 compute dtype");
+        std::fs::write(copy.join("config.json"), bf16).expect("write");
+        for (dir, compute) in [(&golden, Kind::Float), (&copy, Kind::BFloat16)] {
+            for asked in ["dtype: bfloat16\n", "dtype: float32\n", ""] {
+                let r = recipe(&format!("model_name_or_path: m\nuse_peft: true\n{asked}"));
+                let mut cfg = HfConfig::from_dir(dir).expect("config");
+                stored_dtype(&mut cfg, dir, &r);
+                let load = load_options(&r, &cfg, Device::Cpu);
+                assert_eq!(
+                    (load.dtype, load.compute_dtype),
+                    (Kind::Float, compute),
+                    "{} with `{asked}`",
+                    dir.display()
+                );
+                assert_eq!(adapter_kind(&r, &cfg), Kind::BFloat16);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&copy);
     }
 
     #[test]
