@@ -4,7 +4,7 @@
 # ///
 """TRL's side of the drop-in test (tests/trl_dropin.rs): tests/golden/trl_dropin/{qlora,lora,mixture}.yaml
 trained by TRL 1.16's SFTTrainer exactly as the alignment-handbook's `sft.py` runs a recipe, and
-dpo_{lora,qlora}.yaml by its DPOTrainer as the handbook's `dpo.py` does (fresh adapter, so the
+dpo_{lora,qlora,qlora_init}.yaml by its DPOTrainer as the handbook's `dpo.py` does (fresh adapter, so the
 reference is the base with the adapter off), with
 nothing taken from nibble: the model loaded 4-bit by transformers + bitsandbytes, the adapter made
 by SFTTrainer from the recipe's LoRA keys (`peft_config`, seeded by the Trainer's `set_seed`), the
@@ -42,7 +42,7 @@ nibble_refcpu.apply(default="avx2")
 import datasets  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
@@ -115,6 +115,9 @@ def train(recipe, out=None, save_steps=None, resume=None):
         report_to="none",
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if r.get("lora_init_adapter"):
+        # A starting adapter (DPO after SFT): the trainer gets the PeftModel, no peft_config.
+        model, peft_config = PeftModel.from_pretrained(model, ROOT / r["lora_init_adapter"], is_trainable=True), None
     trainer = (DPOTrainer if dpo else SFTTrainer)(
         model=model, args=args, train_dataset=dataset(r), processing_class=tok, peft_config=peft_config
     )
@@ -151,7 +154,7 @@ def main():
         log = train(f"{recipe}.yaml", out=out, resume=checkpoint)
         (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
         return
-    logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture", "dpo_lora", "dpo_qlora"]}
+    logs = {name: train(f"{name}.yaml") for name in ["qlora", "lora", "mixture", "dpo_lora", "dpo_qlora", "dpo_qlora_init"]}
     # The same on 2 ranks, started as TRL users start them.
     import subprocess
     import tempfile

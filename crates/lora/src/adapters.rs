@@ -386,9 +386,11 @@ impl Adapters {
 
     /// Run `f` with `values` (one per [`Adapters::parameters`] tensor, e.g. a frozen copy of the
     /// adapter a DPO run started from: TRL's "ref" adapter) in place of the trained values, which
-    /// are put back afterwards, also when `f` panics. Meant for forwards without gradients.
+    /// are put back afterwards, also when `f` panics. Meant for forwards without gradients. A
+    /// value of another dtype (TRL's f32 "ref" copy beside bf16 adapters) is swapped in as it is,
+    /// so the layers compute in its dtype, as PEFT's do.
     pub fn with_values<R>(&self, values: &[Tensor], f: impl FnOnce() -> R) -> Result<R, Error> {
-        /// Puts the trained values back when dropped.
+        /// Puts the trained values (and dtypes) back when dropped.
         struct Restore {
             params: Vec<Tensor>,
             trained: Vec<Tensor>,
@@ -396,8 +398,13 @@ impl Adapters {
         impl Drop for Restore {
             fn drop(&mut self) {
                 tch::no_grad(|| {
-                    for (p, t) in self.params.iter().zip(&self.trained) {
-                        if let Err(e) = p.shallow_clone().f_copy_(t) {
+                    for (p, t) in self.params.iter_mut().zip(&self.trained) {
+                        let back = if p.kind() == t.kind() {
+                            p.shallow_clone().f_copy_(t).map(|_| ())
+                        } else {
+                            p.f_set_data(t)
+                        };
+                        if let Err(e) = back {
                             tracing::error!("restoring a trained adapter tensor: {e}");
                         }
                     }
@@ -415,10 +422,15 @@ impl Adapters {
         let trained = tch::no_grad(|| -> Result<Vec<Tensor>, Error> {
             params.iter().map(|p| Ok(p.f_detach_copy()?)).collect()
         })?;
-        let restore = Restore { params, trained };
+        let mut restore = Restore { params, trained };
         tch::no_grad(|| -> Result<(), Error> {
-            for (p, v) in restore.params.iter().zip(values) {
-                p.shallow_clone().f_copy_(v)?;
+            for (p, v) in restore.params.iter_mut().zip(values) {
+                if p.kind() == v.kind() {
+                    p.shallow_clone().f_copy_(v)?;
+                } else {
+                    // Every handle of the parameter (the layer's, the optimizer's) sees the swap.
+                    p.f_set_data(&v.f_detach_copy()?)?;
+                }
             }
             Ok(())
         })?;
@@ -521,6 +533,37 @@ impl Adapters {
             self.saved.iter().map(|s| (s.name.clone(), s.trainable.size())).collect();
         let weights = read_weights(dir, &self.config, &shapes, &saved)?;
         self.copy_in(&weights)
+    }
+
+    /// The adapter file's values in `dir` as [`Adapters::parameters`] orders them, in the file's
+    /// own dtype (not rounded to these adapters' dtype), on the parameters' devices: TRL's
+    /// "ref" adapter, which copies the starting adapter before the trained one is cast to bf16.
+    /// [`Adapters::load_into`]'s checks apply.
+    pub fn file_values(&mut self, dir: &Path) -> Result<Vec<Tensor>, Error> {
+        // The checks and the reading are load_into's; the values are taken before any cast.
+        let shapes: Vec<(String, i64, i64)> =
+            self.modules.iter().map(|m| (m.name.clone(), m.lora_a.size()[1], m.lora_b.size()[0])).collect();
+        let saved: Vec<(String, Vec<i64>)> =
+            self.saved.iter().map(|s| (s.name.clone(), s.trainable.size())).collect();
+        let w = read_weights(dir, &self.config, &shapes, &saved)?;
+        let params = self.parameters();
+        let mut file = Vec::with_capacity(params.len());
+        for (m, t) in self.modules.iter().zip(&w.modules) {
+            file.push(t.a.shallow_clone());
+            file.push(t.b.shallow_clone());
+            if let (Some(_), Some(mag)) = (m.magnitude.as_ref(), t.magnitude.as_ref()) {
+                file.push(mag.shallow_clone());
+            }
+        }
+        file.extend(w.saved.iter().map(Tensor::shallow_clone));
+        if file.len() != params.len() {
+            return Err(Error::InvalidConfig(format!(
+                "{} file tensors for {} adapter tensors",
+                file.len(),
+                params.len()
+            )));
+        }
+        file.iter().zip(&params).map(|(f, p)| Ok(f.f_to_device(p.device())?)).collect()
     }
 
     /// Copy checked tensors (in module order, then saved order) into the parameters.
@@ -1040,6 +1083,39 @@ mod tests {
         assert!(m[0].1.forward(&x).expect("after").equal(&trained), "the trained values are back");
         assert!(a.parameters().iter().all(Tensor::requires_grad));
         assert!(a.with_values(&initial[1..], || ()).is_err(), "one value per parameter");
+    }
+
+    /// TRL's QLoRA DPO reference: f32 values beside bf16 adapters are swapped in as they are, so
+    /// the layer computes in f32 inside (as PEFT's f32 "ref" adapter does), and the bf16 trained
+    /// tensors, values and dtype, come back after.
+    #[test]
+    fn with_values_of_another_dtype_compute_in_that_dtype() {
+        let mut m = model();
+        let mut cfg = LoraConfig::new(4, 8.0, list(&["q_proj"]));
+        cfg.init = LoraInit::False;
+        cfg.dtype = Kind::BFloat16;
+        let a = inject(offer(&mut m), &cfg, 2).expect("inject");
+        a.set_training(false);
+        let x = input(3, 8);
+        let f32_values: Vec<Tensor> =
+            a.parameters().iter().map(|p| (p.to_kind(Kind::Float) * 1.001).detach()).collect();
+        let trained: Vec<Tensor> = a.parameters().iter().map(Tensor::copy).collect();
+        let before = m[0].1.forward(&x).expect("bf16");
+        let inside = a
+            .with_values(&f32_values, || {
+                assert!(a.parameters().iter().all(|p| p.kind() == Kind::Float), "swapped in as f32");
+                m[0].1.forward(&x).expect("inside")
+            })
+            .expect("swapped");
+        // The f32 update by hand: base(x) + B(A(x)) * scaling, all in f32.
+        let (la, lb) = (&f32_values[0], &f32_values[1]);
+        let base = model();
+        let want = base[0].1.forward(&x).expect("base") + x.matmul(&la.tr()).matmul(&lb.tr()) * cfg.scaling();
+        assert!((&inside - &want).abs().max().double_value(&[]) < 1e-6, "computed in f32");
+        for (p, t) in a.parameters().iter().zip(&trained) {
+            assert!(p.kind() == Kind::BFloat16 && p.equal(t) && p.requires_grad(), "bf16 values back");
+        }
+        assert!(m[0].1.forward(&x).expect("after").equal(&before));
     }
 
     #[test]

@@ -293,10 +293,15 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     let mut adapters = inject(plan, &mut model)?;
     // DPO's reference, as TRL 1.16 makes it under PEFT: a frozen copy of the adapter the run starts
     // from (`lora_init_adapter`, e.g. the SFT adapter), else the base with the adapter off.
-    let initial = match (&plan.dpo, &plan.lora_init_adapter) {
-        (Some(_), Some(_)) => Some(adapters.snapshot()?),
-        _ => None,
-    };
+    // TRL copies it in the file's dtype before casting the trained adapter to bf16 (QLoRA), so
+    // the reference computes in f32 then.
+    let initial =
+        match (&plan.dpo, &plan.lora_init_adapter) {
+            (Some(_), Some(dir)) => Some(adapters.file_values(dir).with_context(|| {
+                format!("reading the starting adapter {} for the reference", dir.display())
+            })?),
+            _ => None,
+        };
     if let (RunData::Dpo(train, eval), Some(dpo)) = (&mut data, plan.dpo.as_ref().filter(|d| d.precompute)) {
         // As TRL: `precompute_ref_batch_size`, else each set's own batch size.
         let cache = plan.data.as_ref().and_then(|d| d.cache_dir.clone());
