@@ -146,20 +146,29 @@ fn zip_entries(b: &[u8]) -> Result<HashMap<String, &[u8]>, String> {
     Ok(out)
 }
 
+/// torch's typed storage classes: each one's safetensors dtype name and element size. The one
+/// table the reader and the writer both go by.
+const STORAGES: [(&str, &str, usize); 10] = [
+    ("FloatStorage", "F32", 4),
+    ("DoubleStorage", "F64", 8),
+    ("HalfStorage", "F16", 2),
+    ("BFloat16Storage", "BF16", 2),
+    ("LongStorage", "I64", 8),
+    ("IntStorage", "I32", 4),
+    ("ShortStorage", "I16", 2),
+    ("CharStorage", "I8", 1),
+    ("ByteStorage", "U8", 1),
+    ("BoolStorage", "BOOL", 1),
+];
+
+/// The dtype name and element size of a storage class.
 fn storage_dtype(class: &str) -> Option<(&'static str, usize)> {
-    Some(match class {
-        "FloatStorage" => ("F32", 4),
-        "DoubleStorage" => ("F64", 8),
-        "HalfStorage" => ("F16", 2),
-        "BFloat16Storage" => ("BF16", 2),
-        "LongStorage" => ("I64", 8),
-        "IntStorage" => ("I32", 4),
-        "ShortStorage" => ("I16", 2),
-        "CharStorage" => ("I8", 1),
-        "ByteStorage" => ("U8", 1),
-        "BoolStorage" => ("BOOL", 1),
-        _ => return None,
-    })
+    STORAGES.iter().find(|(c, _, _)| *c == class).map(|&(_, d, size)| (d, size))
+}
+
+/// A dtype name's storage class and element size.
+fn storage_of(dtype: &str) -> Option<(&'static str, &'static str, usize)> {
+    STORAGES.iter().find(|(_, d, _)| *d == dtype).copied()
 }
 
 /// What the pickle machine holds: values, and globals (classes and functions) not yet called.
@@ -539,17 +548,13 @@ impl<'a, F: Fn(&str) -> Result<&'a [u8], String>> Unpickler<'a, F> {
                 index[d] = 0;
             }
         }
-        let dtype = storage_dtype_name(&dtype_name).ok_or("data.pkl: unknown storage dtype")?;
+        let (_, dtype, _) = storage_of(&dtype_name).ok_or("data.pkl: unknown storage dtype")?;
         Ok(Value::Tensor(TensorData { dtype, shape, data }))
     }
 }
 
 /// The [`Value::Object`] name of a storage reference: `[dtype, element size, archive key, numel]`.
 pub const STORAGE_TAG: &str = "<storage>";
-
-fn storage_dtype_name(name: &str) -> Option<&'static str> {
-    ["F32", "F64", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"].into_iter().find(|d| *d == name)
-}
 
 /// Writes a file `torch.load` reads: storages first, each as it is handed over (so a large state
 /// is never held twice), then the pickle of the value that refers to them.
@@ -605,13 +610,7 @@ impl Writer {
 
     /// Store one tensor's contiguous little-endian bytes; the value to put in the pickled tree.
     pub fn tensor(&mut self, dtype: &'static str, shape: &[usize], data: &[u8]) -> Result<Value, Error> {
-        let size = match dtype {
-            "F64" | "I64" => 8,
-            "F32" | "I32" => 4,
-            "F16" | "BF16" | "I16" => 2,
-            "I8" | "U8" | "BOOL" => 1,
-            other => return Err(self.err(format!("tensors of dtype {other}"))),
-        };
+        let (_, _, size) = storage_of(dtype).ok_or_else(|| self.err(format!("tensors of dtype {dtype}")))?;
         let numel: usize = shape.iter().product();
         if numel * size != data.len() {
             return Err(self.err(format!("{} bytes for a {dtype} tensor of shape {shape:?}", data.len())));
@@ -684,23 +683,6 @@ impl Writer {
             self.out.into_inner().map_err(|e| Error { path: self.path.clone(), message: e.to_string() })?;
         file.sync_all().map_err(|e| Error { path: self.path.clone(), message: e.to_string() })
     }
-}
-
-/// The storage class `torch.load` rebuilds a dtype's storage with.
-fn storage_class(dtype: &str) -> Option<&'static str> {
-    Some(match dtype {
-        "F32" => "FloatStorage",
-        "F64" => "DoubleStorage",
-        "F16" => "HalfStorage",
-        "BF16" => "BFloat16Storage",
-        "I64" => "LongStorage",
-        "I32" => "IntStorage",
-        "I16" => "ShortStorage",
-        "I8" => "CharStorage",
-        "U8" => "ByteStorage",
-        "BOOL" => "BoolStorage",
-        _ => return None,
-    })
 }
 
 fn pickle_str(s: &str, out: &mut Vec<u8>) {
@@ -782,7 +764,8 @@ fn pickle(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
         Value::Tensor(_) => return Err("a tensor must be stored with `Writer::tensor` first".into()),
         Value::Object(name, args) if name == STORAGE_TAG => match args.as_slice() {
             [Value::Str(dtype), _, Value::Str(key), Value::Int(numel)] => {
-                let class = storage_class(dtype).ok_or_else(|| format!("no storage class for {dtype}"))?;
+                let (class, _, _) =
+                    storage_of(dtype).ok_or_else(|| format!("no storage class for {dtype}"))?;
                 out.push(b'(');
                 pickle_str("storage", out);
                 pickle_global("torch", class, out);
