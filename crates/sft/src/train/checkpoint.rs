@@ -82,39 +82,39 @@ impl Checkpoint {
         let bad = |message: String| Error::BadCheckpoint { path: state_path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let (progress, optimizer_step, origin) = super::state::from_json_any(&value).map_err(bad)?;
-        if origin == super::state::Origin::Transformers {
-            let (optimizer, optimizer_step, optimizer_problem) =
-                match torch_optimizer(&dir.join(TORCH_OPTIMIZER)) {
-                    Ok((tensors, step)) => (tensors, step, None),
-                    Err(problem) => (Vec::new(), 0, Some(problem)),
-                };
-            return Ok(Checkpoint {
-                dir: dir.to_owned(),
-                progress,
-                optimizer,
-                optimizer_step,
-                origin,
-                optimizer_problem,
-            });
-        }
-        let optimizer_step = optimizer_step.ok_or_else(|| bad("no `optimizer_step`".into()))?;
-        // Checkpoints before the Trainer's layout kept the moments in a safetensors file.
-        let old_path = dir.join(OPTIMIZER);
-        let optimizer = if old_path.is_file() {
-            Tensor::read_safetensors(&old_path)
-                .map_err(|e| Error::BadCheckpoint { path: old_path.clone(), message: e.to_string() })?
+        let (optimizer, optimizer_step, optimizer_problem) = if origin == super::state::Origin::Transformers {
+            // A Trainer's optimizer.pt that nibble cannot use leaves fresh moments, not an error.
+            match torch_optimizer(&dir.join(TORCH_OPTIMIZER)) {
+                Ok((tensors, step)) => (tensors, step, None),
+                Err(problem) => (Vec::new(), 0, Some(problem)),
+            }
         } else {
-            let path = dir.join(TORCH_OPTIMIZER);
-            torch_optimizer(&path).map_err(|message| Error::BadCheckpoint { path, message })?.0
+            let step = optimizer_step.ok_or_else(|| bad("no `optimizer_step`".into()))?;
+            // Checkpoints before the Trainer's layout kept the moments in a safetensors file.
+            let old_path = dir.join(OPTIMIZER);
+            let tensors = if old_path.is_file() {
+                Tensor::read_safetensors(&old_path)
+                    .map_err(|e| Error::BadCheckpoint { path: old_path.clone(), message: e.to_string() })?
+            } else {
+                let path = dir.join(TORCH_OPTIMIZER);
+                torch_optimizer(&path).map_err(|message| Error::BadCheckpoint { path, message })?.0
+            };
+            (tensors, step, None)
         };
-        Ok(Checkpoint {
-            dir: dir.to_owned(),
-            progress,
-            optimizer,
-            optimizer_step,
-            origin,
-            optimizer_problem: None,
-        })
+        Ok(Checkpoint { dir: dir.to_owned(), progress, optimizer, optimizer_step, origin, optimizer_problem })
+    }
+
+    /// Where a Trainer's checkpoint leaves the data, as the Trainer computes it on resume: whole
+    /// epochs of `steps_per_epoch` steps, then `grad_accum` micro-batches per step into the next.
+    /// A nibble checkpoint records its own position and is left as it is.
+    pub fn place(&mut self, steps_per_epoch: u64, grad_accum: usize, world_size: u64) {
+        if self.origin != super::state::Origin::Transformers || steps_per_epoch == 0 {
+            return;
+        }
+        let gs = self.progress.global_step;
+        self.progress.epoch = gs / steps_per_epoch;
+        self.progress.batch_in_epoch = usize::try_from(gs % steps_per_epoch).unwrap_or(0) * grad_accum;
+        self.progress.world_size = world_size;
     }
 }
 
@@ -139,16 +139,16 @@ fn write_torch_optimizer(path: &Path, optimizer: &AdamW, (base, next): (f64, f64
     let mut store = |t: &Tensor| -> Result<Value, Error> {
         let host =
             t.f_to_device(tch::Device::Cpu).and_then(|t| t.f_contiguous()).map_err(|e| bad(e.to_string()))?;
-        let (dtype, width) = match host.kind() {
-            tch::Kind::Float => ("F32", 4),
-            tch::Kind::BFloat16 => ("BF16", 2),
-            tch::Kind::Half => ("F16", 2),
-            tch::Kind::Double => ("F64", 8),
+        let dtype = match host.kind() {
+            tch::Kind::Float => "F32",
+            tch::Kind::BFloat16 => "BF16",
+            tch::Kind::Half => "F16",
+            tch::Kind::Double => "F64",
             other => return Err(bad(format!("optimizer state of kind {other:?}"))),
         };
         let shape: Vec<usize> = host.size().iter().map(|&d| d as usize).collect();
         let numel = shape.iter().product::<usize>();
-        let mut bytes = vec![0u8; numel * width];
+        let mut bytes = vec![0u8; numel * host.kind().elt_size_in_bytes()];
         host.f_copy_data_u8(&mut bytes, numel).map_err(|e| bad(e.to_string()))?;
         w.tensor(dtype, &shape, &bytes).map_err(pickle_err)
     };
@@ -271,21 +271,6 @@ fn tensor(t: &pyfiles::torch_save::TensorData) -> Result<Tensor, String> {
     };
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     Tensor::f_from_data_size(&t.data, &shape, kind).map_err(|e| e.to_string())
-}
-
-impl Checkpoint {
-    /// Where a Trainer's checkpoint leaves the data, as the Trainer computes it on resume: whole
-    /// epochs of `steps_per_epoch` steps, then `grad_accum` micro-batches per step into the next.
-    /// A nibble checkpoint records its own position and is left as it is.
-    pub fn place(&mut self, steps_per_epoch: u64, grad_accum: usize, world_size: u64) {
-        if self.origin != super::state::Origin::Transformers || steps_per_epoch == 0 {
-            return;
-        }
-        let gs = self.progress.global_step;
-        self.progress.epoch = gs / steps_per_epoch;
-        self.progress.batch_in_epoch = usize::try_from(gs % steps_per_epoch).unwrap_or(0) * grad_accum;
-        self.progress.world_size = world_size;
-    }
 }
 
 /// Checkpoint directories under `output_dir`, oldest step first.

@@ -27,8 +27,6 @@ pub struct AdamW {
     params: Vec<Tensor>,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
-    /// The fused kernel's per-parameter step counts (0-dim f32, as torch keeps them).
-    steps: Vec<Tensor>,
     step: u64,
 }
 
@@ -37,15 +35,7 @@ impl AdamW {
     pub fn new(params: Vec<Tensor>, cfg: AdamWConfig) -> Result<Self, tch::TchError> {
         let exp_avg = params.iter().map(|p| p.f_zeros_like()).collect::<Result<Vec<_>, _>>()?;
         let exp_avg_sq = params.iter().map(|p| p.f_zeros_like()).collect::<Result<Vec<_>, _>>()?;
-        let steps = if cfg.fused {
-            params
-                .iter()
-                .map(|p| Tensor::f_zeros([], (Kind::Float, p.device())))
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            Vec::new()
-        };
-        Ok(AdamW { cfg, params, exp_avg, exp_avg_sq, steps, step: 0 })
+        Ok(AdamW { cfg, params, exp_avg, exp_avg_sq, step: 0 })
     }
 
     /// The settings it runs with.
@@ -108,8 +98,9 @@ impl AdamW {
         })
     }
 
-    /// torch's `_fused_adamw_` over the parameters that have a gradient, their step counts
-    /// first incremented (as torch's optimizer does before calling it).
+    /// torch's `_fused_adamw_` over the parameters that have a gradient, each with the step count
+    /// torch would hold for it (0-dim f32, already incremented, as its optimizer passes it): the
+    /// optimizer's one count, as every adapter tensor has a gradient at every step.
     fn fused_step(&mut self, lr: f64) -> Result<(), tch::TchError> {
         let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.cfg;
         let mut with_grad = Vec::new();
@@ -122,18 +113,20 @@ impl AdamW {
         if with_grad.is_empty() {
             return Ok(());
         }
+        let steps = with_grad
+            .iter()
+            .map(|(i, _)| Tensor::f_full([], self.step as f64, (Kind::Float, self.params[*i].device())))
+            .collect::<Result<Vec<_>, _>>()?;
         tch::no_grad(|| -> Result<(), tch::TchError> {
-            for (i, _) in &with_grad {
-                let _ = self.steps[*i].f_add_scalar_(1.0)?;
-            }
             let ptrs = |v: &[Tensor]| -> Vec<*const std::ffi::c_void> {
                 with_grad.iter().map(|(i, _)| v[*i].as_ptr() as *const std::ffi::c_void).collect()
             };
-            let (p, m, v, s) =
-                (ptrs(&self.params), ptrs(&self.exp_avg), ptrs(&self.exp_avg_sq), ptrs(&self.steps));
+            let (p, m, v) = (ptrs(&self.params), ptrs(&self.exp_avg), ptrs(&self.exp_avg_sq));
+            let s: Vec<*const std::ffi::c_void> =
+                steps.iter().map(|t| t.as_ptr() as *const std::ffi::c_void).collect();
             let g: Vec<*const std::ffi::c_void> =
                 with_grad.iter().map(|(_, g)| g.as_ptr() as *const std::ffi::c_void).collect();
-            // SAFETY: every pointer is a live `at::Tensor` owned by `self` or `with_grad`, which
+            // SAFETY: every pointer is a live `at::Tensor` owned by `self`, `with_grad` or `steps`, which
             // outlive the call; the C function copies the handles and catches every exception.
             let err = unsafe {
                 ffi::nibble_fused_adamw(
@@ -197,9 +190,6 @@ impl AdamW {
             }
         }
         self.step = step;
-        for s in &mut self.steps {
-            let _ = tch::no_grad(|| s.f_fill_(step as f64)).map_err(|e| e.to_string())?;
-        }
         Ok(())
     }
 }
