@@ -507,6 +507,13 @@ impl Adapters {
     /// the `.default` adapter name), in F32, F16 or BF16, each of its module's shape. Nothing is
     /// changed if an error is returned.
     pub fn load_into(&mut self, dir: &Path) -> Result<(), Error> {
+        let weights = self.read_file(dir)?;
+        self.copy_in(&weights)
+    }
+
+    /// An adapter directory's tensors for these adapters: its config checked against theirs (r,
+    /// alpha, rsLoRA, DoRA), every tensor taken with its shape and dtype checked.
+    fn read_file(&self, dir: &Path) -> Result<Weights, Error> {
         let file_cfg = LoraConfig::read(dir)?;
         let path = dir.join(CONFIG_FILE);
         let mismatch = |what: &str, file: String, ours: String| Error::Config {
@@ -531,21 +538,16 @@ impl Adapters {
             self.modules.iter().map(|m| (m.name.clone(), m.lora_a.size()[1], m.lora_b.size()[0])).collect();
         let saved: Vec<(String, Vec<i64>)> =
             self.saved.iter().map(|s| (s.name.clone(), s.trainable.size())).collect();
-        let weights = read_weights(dir, &self.config, &shapes, &saved)?;
-        self.copy_in(&weights)
+        read_weights(dir, &self.config, &shapes, &saved)
     }
 
     /// The adapter file's values in `dir` as [`Adapters::parameters`] orders them, in the file's
     /// own dtype (not rounded to these adapters' dtype), on the parameters' devices: TRL's
     /// "ref" adapter, which copies the starting adapter before the trained one is cast to bf16.
     /// [`Adapters::load_into`]'s checks apply.
-    pub fn file_values(&mut self, dir: &Path) -> Result<Vec<Tensor>, Error> {
+    pub fn file_values(&self, dir: &Path) -> Result<Vec<Tensor>, Error> {
         // The checks and the reading are load_into's; the values are taken before any cast.
-        let shapes: Vec<(String, i64, i64)> =
-            self.modules.iter().map(|m| (m.name.clone(), m.lora_a.size()[1], m.lora_b.size()[0])).collect();
-        let saved: Vec<(String, Vec<i64>)> =
-            self.saved.iter().map(|s| (s.name.clone(), s.trainable.size())).collect();
-        let w = read_weights(dir, &self.config, &shapes, &saved)?;
+        let w = self.read_file(dir)?;
         let params = self.parameters();
         let mut file = Vec::with_capacity(params.len());
         for (m, t) in self.modules.iter().zip(&w.modules) {
