@@ -81,7 +81,7 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let bad = |message: String| Error::BadCheckpoint { path: state_path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let (progress, optimizer_step, origin) = super::state::from_json_any(&value).map_err(bad)?;
+        let (progress, optimizer_step, origin) = super::state::from_json(&value).map_err(bad)?;
         let (optimizer, optimizer_step, optimizer_problem) = if origin == super::state::Origin::Transformers {
             // A Trainer's optimizer.pt that nibble cannot use leaves fresh moments, not an error.
             match torch_optimizer(&dir.join(TORCH_OPTIMIZER)) {

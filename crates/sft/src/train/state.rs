@@ -103,14 +103,9 @@ pub enum Origin {
     Transformers,
 }
 
-/// The progress and optimizer step a `trainer_state.json` records: nibble's (TrainerState shape,
-/// or the flat shape of checkpoints written before it) or transformers' own.
-pub fn from_json(v: &Value) -> Result<(Progress, Option<u64>), String> {
-    from_json_any(v).map(|(p, step, _)| (p, step))
-}
-
-/// [`from_json`], saying who wrote the file.
-pub fn from_json_any(v: &Value) -> Result<(Progress, Option<u64>, Origin), String> {
+/// The progress and optimizer step a `trainer_state.json` records, and who wrote it: nibble
+/// (TrainerState shape, or the flat shape of checkpoints written before it) or transformers.
+pub fn from_json(v: &Value) -> Result<(Progress, Option<u64>, Origin), String> {
     let obj = v.as_object().ok_or("not a JSON object")?;
     let Some(ours) = obj.get("stateful_callbacks").and_then(|c| c.get(NIBBLE_STATE)) else {
         if !obj.contains_key("batch_in_epoch") && obj.contains_key("log_history") {
@@ -273,7 +268,7 @@ mod tests {
             ],
             "stateful_callbacks": {"TrainerControl": {"args": {}, "attributes": {}}}
         });
-        let (p, step, origin) = from_json_any(&v).expect("a Trainer's state");
+        let (p, step, origin) = from_json(&v).expect("a Trainer's state");
         assert_eq!(
             (origin, step, p.global_step, p.epoch, p.batch_in_epoch),
             (Origin::Transformers, None, 4, 0, 0)
@@ -331,12 +326,12 @@ mod tests {
             .collect();
         assert_eq!(steps, [(1, false), (2, false), (2, true), (3, false)]);
         assert_eq!(v["epoch"], 0.75);
-        let (back, step) = from_json(&v).expect("reads back");
+        let (back, step, _) = from_json(&v).expect("reads back");
         assert_eq!(back, p);
         assert_eq!(step, Some(3));
         // A checkpoint written before this shape still reads.
         let mut old = serde_json::to_value(&p).expect("json");
         old["optimizer_step"] = json!(3);
-        assert_eq!(from_json(&old).expect("old shape"), (p, Some(3)));
+        assert_eq!(from_json(&old).expect("old shape"), (p, Some(3), Origin::Nibble));
     }
 }
