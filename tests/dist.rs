@@ -48,15 +48,7 @@ fn args(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn sft(args: &[String], cache: &Path) -> Output {
-    Command::new(nibble_tests::sft())
-        .args(args)
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", cache)
-        .env_remove("NIBBLE_LOG")
-        .env_remove("WORLD_SIZE")
-        .env_remove("RANK")
-        .output()
-        .unwrap()
+    nibble_tests::sft_in(cache).args(args).env_remove("WORLD_SIZE").env_remove("RANK").output().unwrap()
 }
 
 fn launch(nproc: usize, args: &[String], cache: &Path) -> Output {
@@ -171,15 +163,8 @@ fn a_killed_rank_stops_the_launch_with_an_error() {
     let out = scratch("kill");
     let mut a = vec!["launch".to_owned(), "--nproc".into(), "2".into()];
     a.extend(args(&out, &["--max_steps", "100000", "--gradient_accumulation_steps", "1"]));
-    let mut child = Command::new(nibble_tests::sft())
-        .args(&a)
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", &cache)
-        .env_remove("NIBBLE_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        nibble_tests::sft_in(&cache).args(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {

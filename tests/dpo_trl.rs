@@ -37,14 +37,11 @@ fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
     let golden = repo().join("tests/golden/dpo_trl");
     let out = std::env::temp_dir().join(format!("nibble-dpo-trl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let o = Command::new(nibble_tests::sft())
+    let o = nibble_tests::sft_in(&out.join("cache"))
         .arg("dpo")
         .arg(golden.join("recipe.yaml"))
         .args(["--output_dir", out.to_str().unwrap()])
         .args(flags)
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", out.join("cache"))
-        .env_remove("NIBBLE_LOG")
         .output()
         .unwrap();
     assert!(o.status.success(), "sft dpo ({name}) failed:\n{}", String::from_utf8_lossy(&o.stderr));

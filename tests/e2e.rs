@@ -38,13 +38,7 @@ fn train(out: &Path, cache: &Path, extra: &[&str]) -> String {
         "false".into(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let o = Command::new(nibble_tests::sft())
-        .args(&args)
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", cache)
-        .env_remove("NIBBLE_LOG")
-        .output()
-        .unwrap();
+    let o = nibble_tests::sft_in(cache).args(&args).output().unwrap();
     let log = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "sft failed:\n{log}");
     log
@@ -143,12 +137,9 @@ fn sigterm_saves_a_checkpoint_that_resumes() {
 fn a_signal_saves_a_checkpoint_that_resumes(signal: &str) {
     let out = scratch(&format!("sig{signal}"));
     let cache = scratch(&format!("sig{signal}-cache"));
-    let mut child = Command::new(nibble_tests::sft())
+    let mut child = nibble_tests::sft_in(&cache)
         .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
         .args(["--max_steps", "100000", "--logging_steps", "1", "--save_strategy", "no"])
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", &cache)
-        .env_remove("NIBBLE_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -173,12 +164,9 @@ fn a_signal_saves_a_checkpoint_that_resumes(signal: &str) {
     let step: u64 = saved.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..].parse().unwrap();
     assert!((2..100_000).contains(&step));
     // Resuming continues from there (to a nearer end).
-    let resumed = Command::new(nibble_tests::sft())
+    let resumed = nibble_tests::sft_in(&cache)
         .args(["recipes/tiny/config_qlora.yaml", "--output_dir", out.to_str().unwrap()])
         .args(["--max_steps", &(step + 2).to_string(), "--resume_from_checkpoint", "true"])
-        .current_dir(repo())
-        .env("NIBBLE_CACHE", &cache)
-        .env_remove("NIBBLE_LOG")
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&resumed.stderr);
@@ -349,13 +337,7 @@ fn generate_and_merge_find_the_base_model_in_the_run_folder() {
     let cache = scratch("run-folder-cache");
     train(&out, &cache, &["--max_steps", "2"]);
     let run = |args: &[&str]| {
-        let o = Command::new(nibble_tests::sft())
-            .args(args)
-            .current_dir(repo())
-            .env("NIBBLE_CACHE", &cache)
-            .env_remove("NIBBLE_LOG")
-            .output()
-            .unwrap();
+        let o = nibble_tests::sft_in(&cache).args(args).output().unwrap();
         let log = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "sft {args:?} failed:\n{log}");
         log
