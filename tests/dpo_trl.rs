@@ -1,22 +1,30 @@
 //! DPO parity with TRL: the recipe `tests/golden/dpo_trl/recipe.yaml` trained by `sft dpo` and by
-//! TRL 1.16's DPOTrainer (`scripts/golden_dpo_trl.py`), from the same initial adapter (so the
-//! reference is TRL's frozen "ref" copy of it) and in dataset order, gives the same loss, reward
-//! margin, gradient norm and learning rate at every one of 20 steps, for the sigmoid and IPO
-//! losses, with the reference computed each step or precomputed; and the same log-probs at step 1.
-//! Tolerances (`Tol`): in fp32, loss 1e-3 relative; margins 2e-3 and gradient norms 5e-3
-//! (relative, with floors for values near zero); step-1 log-prob sums 3e-5; `logits/*` and
-//! `entropy` 1e-3 relative, `mean_token_accuracy` 0.03. bf16 (a bf16 model computing in bf16 in
-//! both stacks) is looser, see `BF16`.
+//! TRL 1.16's DPOTrainer (`scripts/golden_dpo_trl.py`), from the same 4-bit base (bitsandbytes'
+//! codes, saved) and initial adapter (so the reference is TRL's frozen "ref" copy of it) and in
+//! dataset order, gives the same loss, reward margin, gradient norm and learning rate at every
+//! one of 20 steps, for the sigmoid and IPO losses, with the reference computed each step or
+//! precomputed, in fp32 and bf16; and the same log-probs at step 1.
+//!
+//! Both stacks run the same kernels in the same order (transformers' grouped-query attention
+//! under a padding mask, TRL's chunked log-prob head), so the curves agree to float noise:
+//! measured 1.3e-7 on an AVX-512/AMX host, 1.5e-5 in fp32 with AVX2 kernels
+//! (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`) against files made with AVX-512 ones. A
+//! bf16 product rounds as the host's kernels round, so the bf16 variants run TRL live on the
+//! test's host (with `cpu_matmul: native`, torch's own bf16 kernels on any CPU) instead of
+//! reading a committed file.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use nibble_tests::repo;
 use serde_json::Value;
 
-/// How close a variant must come to TRL.
+/// How close a variant must come to TRL (the issue asks for 1e-3 on the curve and 1e-5 on the
+/// step-1 log-probs; measured: 1.5e-5 and 5e-8 at worst, see above).
 struct Tol {
-    /// Loss (relative), reward margin (relative / 2) and gradient norm (relative / 5), the worst.
+    /// Loss, reward margin and gradient norm, relative (with floors near zero), the worst.
     curve: f64,
     /// `logits/*` and `entropy`, relative.
     stats: f64,
@@ -26,14 +34,41 @@ struct Tol {
     logps: f64,
 }
 
-/// fp32: kernel summation order alone.
-const FP32: Tol = Tol { curve: 1e-3, stats: 1e-3, accuracy: 0.03, logps: 3e-5 };
-/// bf16: bf16 rounding where the two stacks' kernels round differently (measured: loss within
-/// 7e-3 relative, margins within 2e-2 absolute (0.2 relative where they are near 0), token
-/// statistics 5e-3, step-1 log-prob sums 5e-4); the issue's 1e-3 is not reached in bf16 yet.
-const BF16: Tol = Tol { curve: 0.15, stats: 1e-2, accuracy: 0.03, logps: 1e-3 };
+const TOL: Tol = Tol { curve: 1e-4, stats: 1e-4, accuracy: 0.01, logps: 1e-6 };
+
+/// The variants `scripts/golden_dpo_trl.py` runs live (`--live`), in one process for all tests.
+const LIVE: [&str; 2] = ["sigmoid_bf16", "ipo_precompute_bf16"];
+
+/// TRL's log of a variant: the committed golden file, or the live run's.
+fn trl_log(name: &str) -> Option<PathBuf> {
+    if !LIVE.contains(&name) {
+        return Some(repo().join(format!("tests/golden/dpo_trl/trl_{name}.json")));
+    }
+    static LIVE_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let dir = LIVE_DIR.get_or_init(|| {
+        let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+            eprintln!("skipped the live bf16 runs: NIBBLE_PYTHON is not set (run `cargo xtask setup`)");
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("nibble-dpo-trl-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new(python)
+            .arg(repo().join("scripts/golden_dpo_trl.py"))
+            .arg("--live")
+            .args(LIVE)
+            .arg("--out")
+            .arg(&dir)
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "TRL's live run failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        Some(dir)
+    });
+    dir.as_ref().map(|d| d.join(format!("trl_{name}.json")))
+}
 
 fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
+    let Some(trl) = trl_log(name) else { return };
     let golden = repo().join("tests/golden/dpo_trl");
     let out = std::env::temp_dir().join(format!("nibble-dpo-trl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -46,9 +81,7 @@ fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
         .unwrap();
     assert!(o.status.success(), "sft dpo ({name}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let ours = nibble_tests::log_history(&out);
-    let theirs: Value =
-        serde_json::from_str(&std::fs::read_to_string(golden.join(format!("trl_{name}.json"))).unwrap())
-            .unwrap();
+    let theirs: Value = serde_json::from_str(&std::fs::read_to_string(trl).unwrap()).unwrap();
     let theirs = theirs.as_array().unwrap();
     assert_eq!(ours.len(), 20, "{name}: logged steps");
     assert_eq!(ours.len(), theirs.len(), "{name}: logged steps");
@@ -68,9 +101,7 @@ fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
         let dl = rel(f(a, "loss"), f(b, "loss"), 1e-3);
         let dm = rel(f(a, "rewards/margins"), f(b, "rewards/margins"), 1e-2);
         let dg = rel(f(a, "grad_norm"), f(b, "grad_norm"), 1e-3);
-        // Margins are differences of differences of log-prob sums (fp32 noise of ~1e-5 relative
-        // in each sum, see below): measured up to 1.5e-3 relative, gradient norms 3e-3.
-        curve = curve.max(dl).max(dm / 2.0).max(dg / 5.0);
+        curve = curve.max(dl).max(dm).max(dg);
         // The token statistics TRL logs beside them.
         for k in ["logits/chosen", "logits/rejected", "entropy"] {
             stats = stats.max(rel(f(a, k), f(b, k), 1e-2));
@@ -102,41 +133,52 @@ fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
 
 #[test]
 fn sigmoid_matches_trl() {
-    run_variant("sigmoid", &[], &FP32);
+    run_variant("sigmoid", &[], &TOL);
 }
 
 #[test]
 fn sigmoid_precomputed_reference_matches_trl() {
-    run_variant("sigmoid_precompute", &["--precompute_ref_log_probs"], &FP32);
+    run_variant("sigmoid_precompute", &["--precompute_ref_log_probs"], &TOL);
 }
 
 #[test]
 fn ipo_matches_trl() {
-    run_variant("ipo", &["--loss_type", "ipo"], &FP32);
+    run_variant("ipo", &["--loss_type", "ipo"], &TOL);
 }
+
+/// A bf16 model computing in bf16 (no autocast) on the bf16 copy of the base, on torch's own bf16
+/// kernels as TRL's side runs.
+const BF16_FLAGS: [&str; 6] = [
+    "--dtype",
+    "bfloat16",
+    "--model_name_or_path",
+    "tests/golden/dpo_trl/base-nf4-bf16",
+    "--cpu_matmul",
+    "native",
+];
 
 #[test]
 fn sigmoid_bf16_matches_trl() {
-    run_variant("sigmoid_bf16", &["--dtype", "bfloat16"], &BF16);
+    run_variant("sigmoid_bf16", &BF16_FLAGS, &TOL);
 }
 
 #[test]
 fn ipo_precomputed_reference_bf16_matches_trl() {
     run_variant(
         "ipo_precompute_bf16",
-        &["--dtype", "bfloat16", "--loss_type", "ipo", "--precompute_ref_log_probs"],
-        &BF16,
+        &[&BF16_FLAGS[..], &["--loss_type", "ipo", "--precompute_ref_log_probs"]].concat(),
+        &TOL,
     );
 }
 
 #[test]
 fn ld_dpo_matches_trl() {
-    run_variant("sigmoid_ld", &["--ld_alpha", "0.5"], &FP32);
+    run_variant("sigmoid_ld", &["--ld_alpha", "0.5"], &TOL);
 }
 
 #[test]
 fn ipo_precomputed_reference_matches_trl() {
-    run_variant("ipo_precompute", &["--loss_type", "ipo", "--precompute_ref_log_probs"], &FP32);
+    run_variant("ipo_precompute", &["--loss_type", "ipo", "--precompute_ref_log_probs"], &TOL);
 }
 
 /// A second run with a precomputed reference reads the tokenized pairs and the reference's

@@ -203,13 +203,16 @@ impl TrainData {
 fn to_device(b: &Batch) -> (DeviceBatch, u64) {
     let shape = [b.rows as i64, b.cols as i64];
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape);
-    // Unpacked rows need only the causal mask (pads come last); packed rows need segments.
-    let packed = b.segment_ids.iter().any(|&s| s > 0);
+    // Packed rows need segments. Padded rows would need only the causal mask (pads come last),
+    // but transformers masks the pads of a padded batch, which makes its grouped-query attention
+    // repeat keys and values (and round their gradients) as nibble then does too; a batch
+    // without padding or packing is plain causal in both.
+    let masked = b.segment_ids.iter().any(|&s| s != 0);
     let batch = DeviceBatch {
         input_ids: t(&b.input_ids),
         labels: t(&b.labels),
         position_ids: t(&b.position_ids),
-        segment_ids: packed.then(|| t(&b.segment_ids)),
+        segment_ids: masked.then(|| t(&b.segment_ids)),
         num_tokens: b.num_tokens() as u64,
     };
     (batch, b.num_loss_tokens() as u64)

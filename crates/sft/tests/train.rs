@@ -260,7 +260,7 @@ fn dpo_batch(seed: i64, pairs: i64) -> (sft::train::dpo::DpoMicroBatch, u64) {
         ],
         1,
     );
-    let batch = sft::train::dpo::DpoBatch { input_ids: ids, completion_mask: mask };
+    let batch = sft::train::dpo::DpoBatch { input_ids: ids, completion_mask: mask, segment_ids: None };
     (sft::train::dpo::DpoMicroBatch { batch, reference: None, tokens: (16 * pairs) as u64 }, pairs as u64)
 }
 

@@ -91,6 +91,13 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, Error> {
     Ok(x.f_mul(&cos)?.f_add(&rotate_half(x)?.f_mul(&sin)?)?)
 }
 
+/// `[B, kv, T, D]` -> `[B, kv * rep, T, D]`, each key/value head repeated for its query group.
+fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor, Error> {
+    let s = x.size();
+    let (b, kv, t, d) = (s[0], s[1], s[2], s[3]);
+    Ok(x.f_unsqueeze(2)?.f_expand([b, kv, rep, t, d], false)?.f_reshape([b, kv * rep, t, d])?)
+}
+
 /// What every layer of one forward pass shares: rotary tables and the attention mask.
 pub(crate) struct DeviceContext {
     pub(crate) cos: Tensor,
@@ -223,6 +230,13 @@ impl Attention {
         // see `quant::ops::matmul_in_f32`) and is rounded back.
         let upcast = quant::ops::matmul_in_f32(kind, q.device());
         let f32_of = |t: &Tensor| if upcast { t.f_to_kind(Kind::Float) } else { Ok(t.shallow_clone()) };
+        // Grouped-query attention as transformers' sdpa path runs it: sdpa's own `enable_gqa`
+        // only without a mask (and head dims up to 256); with one, keys and values repeated per
+        // query group first. The forward is the same either way; the key/value gradients are
+        // not (repeated heads' gradients are summed after rounding), and in bf16 that shows.
+        let rep = self.heads / self.kv_heads;
+        let repeat = rep > 1 && (ctx.mask.is_some() || self.head_dim > 256);
+        let (k, v) = if repeat { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) } else { (k, v) };
         let out = Tensor::f_scaled_dot_product_attention(
             &f32_of(&q)?,
             &f32_of(&k)?,
@@ -231,7 +245,7 @@ impl Attention {
             0.0,
             ctx.mask.is_none() && t > 1 && past == 0,
             None,
-            self.heads != self.kv_heads,
+            rep > 1 && !repeat,
         )?
         .f_to_kind(kind)?;
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;

@@ -480,8 +480,26 @@ impl CausalLm {
 
     /// Final norm and output head: logits `[B, T, vocab]` in the model dtype.
     pub fn head(&self, h: &Tensor) -> Result<Tensor, Error> {
+        self.head_of_normed(&self.final_norm(h)?)
+    }
+
+    /// The output head alone, on final-normed hidden states ([`Self::final_norm`]).
+    pub fn head_of_normed(&self, normed: &Tensor) -> Result<Tensor, Error> {
+        Ok(self.lm_head.forward(normed)?)
+    }
+
+    /// The final norm of `h`, on the output head's device: what [`Self::head`] multiplies by the
+    /// head's weight, for callers that differentiate the head themselves (TRL's chunked log-prob
+    /// head, see sft's DPO).
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor, Error> {
         let h = self.norm.forward(&h.f_to_device(self.placement.norm)?)?;
-        Ok(self.lm_head.forward(&h.f_to_device(self.placement.head)?)?)
+        Ok(h.f_to_device(self.placement.head)?)
+    }
+
+    /// The output head's `[vocab, hidden]` weight when it is a frozen, bias-free product (its
+    /// gradient needs no autograd); `None` when it trains (`modules_to_save`) or has a bias.
+    pub fn frozen_head_weight(&self) -> Option<&Tensor> {
+        (self.lm_head.bias.is_none() && !self.lm_head.weight.requires_grad()).then_some(&self.lm_head.weight)
     }
 
     /// Logits for `input_ids [B, T]`; positions default to `0..T` in every row.

@@ -354,6 +354,8 @@ struct Scored {
     positions: Tensor,
     /// LD-DPO's weight of each scored position (`None`: 1 everywhere).
     weight: Option<Tensor>,
+    /// LD-DPO's split: 1 where a scored position is in its pair's shared part, and `alpha`.
+    shared: Option<(Tensor, f64)>,
     /// Tokens per row.
     t: i64,
 }
@@ -373,8 +375,8 @@ impl Scored {
         };
         let (target, scored) = (next(input_ids)?, next(completion_mask)?);
         let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
-        let weight = match ld_alpha {
-            None => None,
+        let (weight, shared) = match ld_alpha {
+            None => (None, None),
             Some(alpha) => {
                 // A position's rank among its row's scored positions, against the number its pair's
                 // shorter completion has (rows 0..B chosen, B..2B rejected): TRL's shared part
@@ -391,18 +393,11 @@ impl Scored {
                     Tensor::f_arange(n, (Kind::Int64, dev))?.f_sub(&row_start.f_index_select(0, &rows)?)?;
                 let in_shared = rank.f_lt_tensor(&shared.f_index_select(0, &rows)?)?;
                 let ones = Tensor::f_ones([n], (Kind::Float, dev))?;
-                Some(ones.f_where_self(&in_shared, &ones.f_mul_scalar(alpha)?)?)
+                let weight = ones.f_where_self(&in_shared, &ones.f_mul_scalar(alpha)?)?;
+                (Some(weight), Some((in_shared.f_to_kind(Kind::Float)?, alpha)))
             }
         };
-        Ok(Scored { target, scored, positions, weight, t })
-    }
-
-    /// `lp` (per scored position, from `start`) times LD-DPO's weights.
-    fn weighted(&self, lp: &Tensor, start: i64) -> Result<Tensor, tch::TchError> {
-        match &self.weight {
-            None => Ok(lp.shallow_clone()),
-            Some(w) => lp.f_mul(&w.f_narrow(0, start, lp.size()[0])?.f_to_device(lp.device())?),
-        }
+        Ok(Scored { target, scored, positions, weight, shared, t })
     }
 
     /// The row of each scored position.
@@ -423,33 +418,133 @@ impl Scored {
         let idx = self.positions.f_narrow(0, start, len)?;
         let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
         let logits = logits.f_to_kind(Kind::Float)?;
-        let logp = logits.f_log_softmax(-1, Kind::Float)?;
-        let target = self.target.f_index_select(0, &idx)?.f_to_device(logp.device())?;
-        let lp = logp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
-        Ok(Chunk { logits, logp, target, lp })
+        let target = self.target.f_index_select(0, &idx)?.f_to_device(logits.device())?;
+        let (lp, log_z) = target_logps(&logits, &target)?;
+        Ok(Chunk { logits, log_z, target, lp })
+    }
+
+    /// `[R, T]` per-position values (`lp`, one per scored position) summed per row as TRL sums its
+    /// per-token log-probs: zeros elsewhere, one reduction over each row's `T - 1` predicting
+    /// positions; with LD-DPO, the shared part's sum plus `alpha` times the tail's.
+    fn row_sums(&self, lp: &Tensor, r: i64) -> Result<Tensor, tch::TchError> {
+        let t = self.t;
+        let dev = lp.device();
+        let grid = |v: &Tensor| -> Result<Tensor, tch::TchError> {
+            let full = Tensor::f_zeros([r * t], (Kind::Float, dev))?;
+            full.f_index_copy(0, &self.positions.f_to_device(dev)?, v)?
+                .f_reshape([r, t])?
+                .f_narrow(1, 0, t - 1)?
+                .f_contiguous()
+        };
+        let row = |x: &Tensor| x.f_sum_dim_intlist(&[1i64][..], false, Kind::Float);
+        let per_token = grid(lp)?;
+        match &self.shared {
+            None => row(&per_token),
+            Some((shared, alpha)) => {
+                let ones = Tensor::f_ones([lp.size()[0]], (Kind::Float, dev))?;
+                let shared = grid(&shared.f_to_device(dev)?)?;
+                let tail = grid(&ones)?.f_sub(&shared)?;
+                row(&per_token.f_mul(&shared)?)?.f_add(&row(&per_token.f_mul(&tail)?)?.f_mul_scalar(*alpha)?)
+            }
+        }
     }
 }
 
 /// One chunk of scored positions through the head.
 struct Chunk {
+    /// `[len, vocab]` f32.
     logits: Tensor,
-    logp: Tensor,
+    /// `[len]` each position's `log Σ exp(logits)`.
+    log_z: Tensor,
     target: Tensor,
     lp: Tensor,
+}
+
+/// TRL's chunked log-prob head (`trl/kernels/chunked_logprob.py`, the path it takes on CPUs)
+/// works on vocabulary tiles of this many columns: its log-sum-exp folds tile by tile and its
+/// backward accumulates the hidden states' gradient tile by tile, so nibble tiles the same way to
+/// round the same way.
+const VOCAB_TILE: i64 = 32768;
+
+/// Columns of the f32 copy of the head's weight made at once in the head's backward (at most
+/// 8 MiB of it per product): each output element sums over the same tile either way.
+const WEIGHT_SLAB_BYTES: i64 = 8 << 20;
+
+/// Each row's `log Σ exp(z)` as TRL folds it, and the target's log-prob `z[target] - log Σ exp(z)`,
+/// for f32 logits `z [n, vocab]`: a running max and a rescaled sum of exponentials per vocabulary
+/// tile, `max + ln(sum)` at the end.
+fn target_logps(z: &Tensor, target: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
+    let (n, v) = (z.size()[0], z.size()[1]);
+    let mut m = Tensor::f_full([n], f64::NEG_INFINITY, (Kind::Float, z.device()))?;
+    let mut sum = Tensor::f_zeros([n], (Kind::Float, z.device()))?;
+    let mut start = 0;
+    while start < v {
+        let len = VOCAB_TILE.min(v - start);
+        let tile = z.f_narrow(1, start, len)?;
+        let new_m = m.f_maximum(&tile.f_amax(&[-1i64][..], false)?)?;
+        let rescale = m.f_sub(&new_m)?.f_exp()?;
+        let e = tile.f_sub(&new_m.f_unsqueeze(-1)?)?.f_exp()?;
+        sum = sum.f_mul(&rescale)?.f_add(&e.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?)?;
+        m = new_m;
+        start += len;
+    }
+    let log_z = m.f_add(&sum.f_log()?)?;
+    let lp = z.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_sub(&log_z)?;
+    Ok((lp, log_z))
+}
+
+/// `Σ_pos g[pos] · d log p(target[pos]) / d normed[pos]` for the positions of `normed [n, hidden]`
+/// through the frozen head `weight [vocab, hidden]`, as TRL's chunked head computes it: per
+/// vocabulary tile, `g · (onehot - p)` in f32 rounded to the head's dtype, then an f32 product with
+/// the tile's weight rows, accumulated in f32 and rounded once to `normed`'s dtype.
+fn head_input_grad(
+    model: &model_loader::CausalLm,
+    weight: &Tensor,
+    normed: &Tensor,
+    target: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor, model_loader::Error> {
+    let logits = model.head_of_normed(normed)?;
+    let kind = logits.kind();
+    let z = logits.f_to_kind(Kind::Float)?;
+    let (_, log_z) = target_logps(&z, target)?;
+    let (n, v) = (z.size()[0], z.size()[1]);
+    let hidden = weight.size()[1];
+    let dev = z.device();
+    let acc = Tensor::f_zeros([n, hidden], (Kind::Float, dev))?;
+    let g = g.f_to_device(dev)?.f_unsqueeze(-1)?;
+    let target = target.f_unsqueeze(-1)?;
+    let mut start = 0;
+    while start < v {
+        let len = VOCAB_TILE.min(v - start);
+        let p = z.f_narrow(1, start, len)?.f_sub(&log_z.f_unsqueeze(-1)?)?.f_exp()?;
+        let is_target = Tensor::f_arange_start(start, start + len, (Kind::Int64, dev))?
+            .f_eq_tensor(&target)?
+            .f_to_kind(Kind::Float)?;
+        let grad = g.f_mul(&is_target.f_sub(&p)?)?.f_to_kind(kind)?.f_to_kind(Kind::Float)?;
+        let rows = weight.f_narrow(0, start, len)?;
+        let cols = (WEIGHT_SLAB_BYTES / (4 * len)).max(1);
+        let mut j = 0;
+        while j < hidden {
+            let w = cols.min(hidden - j);
+            let slab = rows.f_narrow(1, j, w)?.f_to_device(dev)?.f_to_kind(Kind::Float)?;
+            let _ = acc.f_narrow(1, j, w)?.f_addmm_(&grad, &slab)?;
+            j += w;
+        }
+        start += len;
+    }
+    Ok(acc.f_to_kind(normed.kind())?)
 }
 
 impl Chunk {
     /// Per position: entropy, mean logit over the vocabulary, and 1 where the top-1 prediction is
     /// the target.
     fn stats(&self) -> Result<[Tensor; 3], tch::TchError> {
-        let entropy = self
-            .logp
-            .f_exp()?
-            .f_mul(&self.logp)?
-            .f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?
-            .f_neg()?;
+        let logp = self.logits.f_sub(&self.log_z.f_unsqueeze(-1)?)?;
+        let entropy =
+            logp.f_exp()?.f_mul(&logp)?.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?.f_neg()?;
         let mean_logits = self.logits.f_mean_dim(&[-1i64][..], false, Kind::Float)?;
-        let top1 = self.logp.f_argmax(-1, false)?.f_eq_tensor(&self.target)?.f_to_kind(Kind::Float)?;
+        let top1 = self.logits.f_argmax(-1, false)?.f_eq_tensor(&self.target)?.f_to_kind(Kind::Float)?;
         Ok([entropy, mean_logits, top1])
     }
 }
@@ -490,7 +585,7 @@ pub fn sequence_logps(
         let s = Scored::new(input_ids, completion_mask, t, dev, scoring.ld_alpha)?;
         let (n, row_of) = (s.positions.size()[0], s.rows()?);
         let max_rows = (chunk_bytes / (4 * model.vocab_size().max(1))).max(1);
-        let mut sums = Tensor::f_zeros([r], (Kind::Float, dev))?;
+        let mut lps = Vec::new();
         let mut wpo = Tensor::f_zeros([r], (Kind::Float, dev))?;
         let zeros = || Tensor::f_zeros([r], (Kind::Float, dev));
         let mut stats = if with_stats { Some([zeros()?, zeros()?, zeros()?]) } else { None };
@@ -499,9 +594,10 @@ pub fn sequence_logps(
             let len = max_rows.min(n - start);
             let c = s.chunk(model, &flat, start, len)?;
             let lp = c.lp.f_to_device(dev)?;
-            let logsumsq = c.logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
+            let logp = c.logits.f_sub(&c.log_z.f_unsqueeze(-1)?)?;
+            let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
             let rows = row_of.f_narrow(0, start, len)?;
-            let _ = sums.f_index_add_(0, &rows, &s.weighted(&lp, start)?)?;
+            lps.push(lp.shallow_clone());
             let _ = wpo.f_index_add_(0, &rows, &lp.f_sub(&logsumsq)?)?;
             if let Some(acc) = stats.as_mut() {
                 for (acc, per_position) in acc.iter_mut().zip(c.stats()?) {
@@ -510,6 +606,11 @@ pub fn sequence_logps(
             }
             start += len;
         }
+        let sums = if lps.is_empty() {
+            Tensor::f_zeros([r], (Kind::Float, dev))?
+        } else {
+            s.row_sums(&Tensor::f_cat(&lps, 0)?, r)?
+        };
         // TRL counts completion tokens on the unshifted mask, at least 1.
         let mask = completion_mask.f_to_device(dev)?.f_to_kind(Kind::Float)?;
         let tokens = mask.f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?.f_clamp_min(1.0)?;
@@ -544,12 +645,21 @@ pub struct DpoBatch {
     pub input_ids: Tensor,
     /// `[2B, T]` 1 on completion tokens, 0 on the prompt and padding.
     pub completion_mask: Tensor,
+    /// `[2B, T]` 0 on tokens and -1 on padding, when the batch has any: the model then masks
+    /// attention as transformers does for a padded batch (and runs grouped-query attention the
+    /// way transformers does under a mask, which rounds the key/value gradients its way).
+    pub segment_ids: Option<Tensor>,
 }
 
 impl DpoBatch {
     /// Pairs in the batch.
     pub fn pairs(&self) -> i64 {
         self.input_ids.size().first().copied().unwrap_or(0) / 2
+    }
+
+    /// [`Self::segment_ids`] on `device`.
+    fn segments_on(&self, device: tch::Device) -> Result<Option<Tensor>, tch::TchError> {
+        self.segment_ids.as_ref().map(|s| s.f_to_device(device)).transpose()
     }
 }
 
@@ -565,7 +675,8 @@ pub fn reference_logps(
     ld_alpha: Option<f64>,
 ) -> Result<SequenceLogps, Error> {
     let score = || -> Result<SequenceLogps, model_loader::Error> {
-        let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, None))?;
+        let segments = batch.segments_on(model.device())?;
+        let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, segments.as_ref()))?;
         let scoring = Scoring { ld_alpha, stats: false };
         sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES, scoring)
     };
@@ -614,10 +725,11 @@ pub fn forward_backward(
     let positions = tch::Tensor::f_arange(t, (Kind::Int64, ids.device()))
         .and_then(|p| p.f_expand([r, t], false))
         .map_err(model_loader::Error::from)?;
+    let segments = batch.segments_on(model.device()).map_err(model_loader::Error::from)?;
     let layers = super::step::Layers {
         input_ids: &ids,
         position_ids: &positions,
-        segment_ids: None,
+        segment_ids: segments.as_ref(),
         checkpointing,
         seed,
         neftune_alpha: None,
@@ -708,7 +820,9 @@ impl DpoEval<'_> {
             let (loss, m) = self.dpo.with_reference(model, mb, |reference| {
                 let ids = mb.batch.input_ids.f_to_device(model.device()).map_err(torch)?;
                 let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
-                let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).map_err(forward)?;
+                let segments = mb.batch.segments_on(model.device()).map_err(torch)?;
+                let h =
+                    tch::no_grad(|| model.hidden_states(&ids, None, segments.as_ref())).map_err(forward)?;
                 let scoring = Scoring { ld_alpha: self.dpo.objective.ld_alpha, stats: true };
                 let seq = sequence_logps(model, &h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring)
                     .map_err(forward)?;
@@ -797,9 +911,22 @@ fn head_backward(
     let mut start = 0;
     while start < n {
         let len = max_rows.min(n - start);
-        let lp = s.chunk(model, &flat, start, len)?.lp;
-        let c = coeff.f_narrow(0, start, len)?.f_to_device(lp.device())?;
-        lp.f_mul(&c)?.f_sum(Kind::Float)?.f_backward()?;
+        let c = coeff.f_narrow(0, start, len)?;
+        match model.frozen_head_weight() {
+            // The head's own gradient, as TRL's chunked head computes it; autograd for the norm
+            // below it (`Σ normed · grad` back-propagates exactly `grad` into `normed`).
+            Some(weight) => {
+                let idx = s.positions.f_narrow(0, start, len)?;
+                let normed = model.final_norm(&flat.f_index_select(0, &idx)?)?;
+                let target = s.target.f_index_select(0, &idx)?.f_to_device(normed.device())?;
+                let grad = tch::no_grad(|| head_input_grad(model, weight, &normed, &target, &c))?;
+                normed.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+            }
+            None => {
+                let lp = s.chunk(model, &flat, start, len)?.lp;
+                lp.f_mul(&c.f_to_device(lp.device())?)?.f_sum(Kind::Float)?.f_backward()?;
+            }
+        }
         start += len;
     }
     let g = leaf.grad();
@@ -859,6 +986,12 @@ impl DpoMicroBatch {
             batch: DpoBatch {
                 input_ids: Tensor::f_from_slice(&b.input_ids)?.f_reshape(shape)?,
                 completion_mask: Tensor::f_from_slice(&b.completion_mask)?.f_reshape(shape)?,
+                segment_ids: if b.attention_mask.contains(&0) {
+                    let segments: Vec<i64> = b.attention_mask.iter().map(|&m| m - 1).collect();
+                    Some(Tensor::f_from_slice(&segments)?.f_reshape(shape)?)
+                } else {
+                    None
+                },
             },
             reference: None,
             tokens: b.attention_mask.iter().map(|&m| m as u64).sum(),
@@ -1039,6 +1172,7 @@ mod tests {
         DpoBatch {
             input_ids: matrix(&golden["inputs"]["input_ids"]),
             completion_mask: matrix(&golden["inputs"]["completion_mask"]),
+            segment_ids: None,
         }
     }
 
@@ -1247,7 +1381,10 @@ mod tests {
         assert!(last.metrics.contains_key("logits/chosen") && last.metrics.contains_key("entropy"));
         assert!(last.mean_token_accuracy.is_some_and(|a| (0.0..=1.0).contains(&a)));
         let (accumulated, log2) = dpo_run(1, 2, 4);
-        assert!(max_rel(&accumulated, &whole) < 1e-4, "{}", max_rel(&accumulated, &whole));
+        // Float noise only (the batches pad differently, so attention sums in another order),
+        // which Adam's first steps amplify to about 1e-4; a lost or doubled micro-batch turns
+        // the update's direction.
+        assert!(max_rel(&accumulated, &whole) < 1e-3, "{}", max_rel(&accumulated, &whole));
         assert!((log2[0].loss - log[0].loss).abs() < 1e-6);
     }
 
