@@ -15,6 +15,12 @@ DPO's rewards) to `trl_log.json`.
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_trl_dropin.py
 
+`qlora_prequantized` and `dpo_qlora_prequantized` are qlora and dpo_qlora_init on a checkpoint
+bitsandbytes quantized and saved (tests/golden/dpo_trl/base-nf4, made by
+scripts/golden_dpo_trl.py): nothing is quantized, so both stacks hold the same 4-bit codes. The
+test runs them live (`live RECIPE OUT`): their bf16 adapters' products round as the host's kernels
+round.
+
 `lora` and `mixture` also run on 2 ranks (`torchrun --nproc-per-node 2`, the `ranks` mode), logged
 as `lora@2` and `mixture@2`.
 
@@ -137,6 +143,13 @@ def main():
         # steps into OUT, and the uninterrupted run's log beside it.
         recipe, out = sys.argv[2], Path(sys.argv[3])
         log = train(f"{recipe}.yaml", out=out, save_steps=20)
+        (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "live":
+        # For tests/trl_dropin.rs' live comparisons: RECIPE trained now, its log written to
+        # OUT/trl_log.json (bf16 products round as this host's kernels do, so no committed file).
+        recipe, out = sys.argv[2], Path(sys.argv[3])
+        log = train(f"{recipe}.yaml")
         (out / "trl_log.json").write_text(json.dumps(log, indent=1) + "\n")
         return
     if len(sys.argv) == 4 and sys.argv[1] == "ranks":

@@ -35,41 +35,107 @@ fn a_mixture_recipe_on_2_ranks_trains_as_trl_on_2_ranks() {
 }
 
 /// QLoRA: TRL casts a 4-bit model's adapters to bf16 and trains them there (AdamW's moments,
-/// clipping and the LoRA matmuls in bf16); `lora_dtype: auto` does the same. Step 1 agrees to
-/// ~1e-5 (bitsandbytes' CPU quantizer rounds a few double-quantization codes differently from its
-/// CUDA kernel, which nibble follows; from one pre-quantized checkpoint step 1 agrees to 1e-8);
-/// a last-bit difference in a backward matmul can flip a bf16
-/// weight's rounding (one bf16 step is 0.4-0.8%), so the curves drift apart slowly (measured:
-/// 1.1e-4 over 30 steps), and the bf16 gradient norms by a bf16 step now and then.
+/// clipping and the LoRA matmuls in bf16); `lora_dtype: auto` does the same. Each stack quantizes
+/// the model itself, and bitsandbytes' CPU quantizer rounds a few double-quantization codes
+/// differently from its CUDA kernel, which nibble follows: step 1 differs by ~1e-5 and bf16
+/// rounding carries that forward (measured: 8.9e-5 over 30 steps). From the same codes (the
+/// `prequantized` recipes below) the curves agree to 1e-7.
 #[test]
 fn a_qlora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
     compare("qlora", 2e-4, 1e-2, 0.0);
 }
 
 /// DPO from a fresh adapter (the reference is the base with the adapter off), LoRA in f32: the
-/// loss and the rewards agree within 1e-4 at every step.
+/// loss and the rewards agree within 1e-4 at every step (measured: 7e-8).
 #[test]
 fn a_dpo_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
     compare("dpo_lora", 1e-4, 1e-4, 1e-4);
 }
 
-/// DPO on the 4-bit base with DPOTrainer's bf16 adapters: as for SFT's QLoRA, bf16 rounding lets
-/// the curves drift apart slowly (measured: loss 1.3e-4, rewards 1.9e-3 over 30 steps).
+/// DPO on the 4-bit base with DPOTrainer's bf16 adapters, each stack quantizing for itself: as for
+/// SFT's QLoRA the quantizers' few different codes drift the curves apart slowly (measured: loss
+/// 1.5e-4, rewards 3e-3 over 30 steps, 2.8e-4 with AVX2 kernels against this file made with AMX
+/// ones; 1e-7 from the same codes).
 #[test]
 fn a_dpo_qlora_recipe_trains_as_trl_trains_it_with_nothing_exchanged() {
-    compare("dpo_qlora", 3e-4, 1e-2, 5e-3);
+    compare("dpo_qlora", 5e-4, 1e-2, 5e-3);
 }
 
 /// DPO after SFT on the 4-bit base: DPOTrainer's reference is a frozen f32 copy of the starting
-/// adapter (made before the trained one is cast to bf16), and so is nibble's. At step 1 the bf16
-/// policy already differs from the f32 reference by the rounding, and both give the same small
-/// margin (measured: loss 6e-4, rewards 8e-3 over 30 steps, the rewards being tiny differences).
+/// adapter (made before the trained one is cast to bf16), and so is nibble's. The quantizers'
+/// different codes already move step 1's tiny margin (4e-5 in the loss) and the rewards are tiny
+/// differences of log-probs (measured: loss 9.7e-4, rewards 1.3e-2 over 30 steps; 1e-7 from the
+/// same codes, `dpo_qlora_prequantized`).
 #[test]
 fn a_dpo_qlora_recipe_from_a_starting_adapter_trains_as_trl_trains_it() {
-    compare("dpo_qlora_init", 1e-3, 2e-2, 2e-2);
+    compare("dpo_qlora_init", 2e-3, 2e-2, 3e-2);
 }
 
+/// The QLoRA recipe on a checkpoint bitsandbytes quantized and saved (as hub `*-bnb-4bit`
+/// models come): with the same 4-bit codes on both sides, the bf16 adapters train as TRL trains
+/// them (measured: loss 1e-7 over 30 steps, bf16 gradient norms equal). TRL runs live: bf16
+/// products round as the host's kernels do.
+#[test]
+fn a_qlora_recipe_on_a_prequantized_checkpoint_trains_as_trl_trains_it() {
+    compare_live("qlora_prequantized", 1e-4, 1e-4, 0.0);
+}
+
+/// DPO after SFT on a checkpoint bitsandbytes quantized and saved: the f32 reference adapter
+/// beside the bf16 trained one, the same codes on both sides (measured: loss and rewards 1e-7).
+/// TRL runs live, as above.
+#[test]
+fn a_dpo_qlora_recipe_on_a_prequantized_checkpoint_trains_as_trl_trains_it() {
+    compare_live("dpo_qlora_prequantized", 1e-4, 1e-4, 1e-4);
+}
+
+/// `name` against TRL's committed log of it.
 fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
+    let golden = repo().join("tests/golden/trl_dropin");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden.join("trl_log.json")).unwrap()).unwrap();
+    let theirs = all[name].as_array().unwrap();
+    compare_to(name, theirs, &[], loss_tol, norm_tol, reward_tol);
+}
+
+/// `recipe` against TRL training it now, on this host: its bf16 products then round on the same
+/// kernels as nibble's (`cpu_matmul: native`, torch's own bf16 kernels on any CPU), where a
+/// committed log would carry the rounding of the CPU that made it.
+fn compare_live(recipe: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
+    let Ok(python) = std::env::var("NIBBLE_PYTHON") else {
+        panic!("NIBBLE_PYTHON is unset: run `cargo xtask setup` (it installs the pinned TRL and sets it)");
+    };
+    let dir = std::env::temp_dir().join(format!("nibble-trl-dropin-live-{}-{recipe}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = Command::new(python)
+        .arg(repo().join("scripts/golden_trl_dropin.py"))
+        .args(["live", recipe])
+        .arg(&dir)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "TRL's live run failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trl_log.json")).unwrap()).unwrap();
+    compare_to(
+        recipe,
+        theirs.as_array().unwrap(),
+        &["--cpu_matmul", "native"],
+        loss_tol,
+        norm_tol,
+        reward_tol,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `sft` trains `name` (`recipe@ranks`) with `flags`; its per-step log against TRL's `theirs`.
+fn compare_to(
+    name: &str,
+    theirs: &[serde_json::Value],
+    flags: &[&str],
+    loss_tol: f64,
+    norm_tol: f64,
+    reward_tol: f64,
+) {
     let golden = repo().join("tests/golden/trl_dropin");
     let out = std::env::temp_dir().join(format!("nibble-trl-dropin-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -81,13 +147,11 @@ fn compare(name: &str, loss_tol: f64, norm_tol: f64, reward_tol: f64) {
         .args(dpo.then_some("dpo"))
         .arg(golden.join(format!("{recipe}.yaml")))
         .args(["--output_dir", out.to_str().unwrap()])
+        .args(flags)
         .output()
         .unwrap();
     assert!(o.status.success(), "sft failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let ours = nibble_tests::log_history(&out);
-    let all: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden.join("trl_log.json")).unwrap()).unwrap();
-    let theirs = all[name].as_array().unwrap();
     assert_eq!(theirs.len(), 30, "the comparison covers 30 steps");
     let mut metrics = vec![("loss", 0.0), ("grad_norm", 0.0)];
     if dpo {

@@ -419,7 +419,7 @@ impl Scored {
         let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
         let logits = logits.f_to_kind(Kind::Float)?;
         let target = self.target.f_index_select(0, &idx)?.f_to_device(logits.device())?;
-        let (lp, log_z) = target_logps(&logits, &target)?;
+        let (lp, log_z) = super::head::target_logps(&logits, &target)?;
         Ok(Chunk { logits, log_z, target, lp })
     }
 
@@ -429,13 +429,7 @@ impl Scored {
     fn row_sums(&self, lp: &Tensor, r: i64) -> Result<Tensor, tch::TchError> {
         let t = self.t;
         let dev = lp.device();
-        let grid = |v: &Tensor| -> Result<Tensor, tch::TchError> {
-            let full = Tensor::f_zeros([r * t], (Kind::Float, dev))?;
-            full.f_index_copy(0, &self.positions.f_to_device(dev)?, v)?
-                .f_reshape([r, t])?
-                .f_narrow(1, 0, t - 1)?
-                .f_contiguous()
-        };
+        let grid = |v: &Tensor| super::head::grid(v, &self.positions, r, t);
         let row = |x: &Tensor| x.f_sum_dim_intlist(&[1i64][..], false, Kind::Float);
         let per_token = grid(lp)?;
         match &self.shared {
@@ -458,82 +452,6 @@ struct Chunk {
     log_z: Tensor,
     target: Tensor,
     lp: Tensor,
-}
-
-/// TRL's chunked log-prob head (`trl/kernels/chunked_logprob.py`, the path it takes on CPUs)
-/// works on vocabulary tiles of this many columns: its log-sum-exp folds tile by tile and its
-/// backward accumulates the hidden states' gradient tile by tile, so nibble tiles the same way to
-/// round the same way.
-const VOCAB_TILE: i64 = 32768;
-
-/// Columns of the f32 copy of the head's weight made at once in the head's backward (at most
-/// 8 MiB of it per product): each output element sums over the same tile either way.
-const WEIGHT_SLAB_BYTES: i64 = 8 << 20;
-
-/// Each row's `log Σ exp(z)` as TRL folds it, and the target's log-prob `z[target] - log Σ exp(z)`,
-/// for f32 logits `z [n, vocab]`: a running max and a rescaled sum of exponentials per vocabulary
-/// tile, `max + ln(sum)` at the end.
-fn target_logps(z: &Tensor, target: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
-    let (n, v) = (z.size()[0], z.size()[1]);
-    let mut m = Tensor::f_full([n], f64::NEG_INFINITY, (Kind::Float, z.device()))?;
-    let mut sum = Tensor::f_zeros([n], (Kind::Float, z.device()))?;
-    let mut start = 0;
-    while start < v {
-        let len = VOCAB_TILE.min(v - start);
-        let tile = z.f_narrow(1, start, len)?;
-        let new_m = m.f_maximum(&tile.f_amax(&[-1i64][..], false)?)?;
-        let rescale = m.f_sub(&new_m)?.f_exp()?;
-        let e = tile.f_sub(&new_m.f_unsqueeze(-1)?)?.f_exp()?;
-        sum = sum.f_mul(&rescale)?.f_add(&e.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?)?;
-        m = new_m;
-        start += len;
-    }
-    let log_z = m.f_add(&sum.f_log()?)?;
-    let lp = z.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_sub(&log_z)?;
-    Ok((lp, log_z))
-}
-
-/// `Σ_pos g[pos] · d log p(target[pos]) / d normed[pos]` for the positions of `normed [n, hidden]`
-/// through the frozen head `weight [vocab, hidden]`, as TRL's chunked head computes it: per
-/// vocabulary tile, `g · (onehot - p)` in f32 rounded to the head's dtype, then an f32 product with
-/// the tile's weight rows, accumulated in f32 and rounded once to `normed`'s dtype.
-fn head_input_grad(
-    model: &model_loader::CausalLm,
-    weight: &Tensor,
-    normed: &Tensor,
-    target: &Tensor,
-    g: &Tensor,
-) -> Result<Tensor, model_loader::Error> {
-    let logits = model.head_of_normed(normed)?;
-    let kind = logits.kind();
-    let z = logits.f_to_kind(Kind::Float)?;
-    let (_, log_z) = target_logps(&z, target)?;
-    let (n, v) = (z.size()[0], z.size()[1]);
-    let hidden = weight.size()[1];
-    let dev = z.device();
-    let acc = Tensor::f_zeros([n, hidden], (Kind::Float, dev))?;
-    let g = g.f_to_device(dev)?.f_unsqueeze(-1)?;
-    let target = target.f_unsqueeze(-1)?;
-    let mut start = 0;
-    while start < v {
-        let len = VOCAB_TILE.min(v - start);
-        let p = z.f_narrow(1, start, len)?.f_sub(&log_z.f_unsqueeze(-1)?)?.f_exp()?;
-        let is_target = Tensor::f_arange_start(start, start + len, (Kind::Int64, dev))?
-            .f_eq_tensor(&target)?
-            .f_to_kind(Kind::Float)?;
-        let grad = g.f_mul(&is_target.f_sub(&p)?)?.f_to_kind(kind)?.f_to_kind(Kind::Float)?;
-        let rows = weight.f_narrow(0, start, len)?;
-        let cols = (WEIGHT_SLAB_BYTES / (4 * len)).max(1);
-        let mut j = 0;
-        while j < hidden {
-            let w = cols.min(hidden - j);
-            let slab = rows.f_narrow(1, j, w)?.f_to_device(dev)?.f_to_kind(Kind::Float)?;
-            let _ = acc.f_narrow(1, j, w)?.f_addmm_(&grad, &slab)?;
-            j += w;
-        }
-        start += len;
-    }
-    Ok(acc.f_to_kind(normed.kind())?)
 }
 
 impl Chunk {
@@ -919,7 +837,8 @@ fn head_backward(
                 let idx = s.positions.f_narrow(0, start, len)?;
                 let normed = model.final_norm(&flat.f_index_select(0, &idx)?)?;
                 let target = s.target.f_index_select(0, &idx)?.f_to_device(normed.device())?;
-                let grad = tch::no_grad(|| head_input_grad(model, weight, &normed, &target, &c))?;
+                let grad =
+                    tch::no_grad(|| super::head::recomputed_input_grad(model, weight, &normed, &target, &c))?;
                 normed.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
             }
             None => {

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod dpo;
+mod head;
 pub mod optim;
 pub mod schedule;
 pub mod state;

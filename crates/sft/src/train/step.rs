@@ -116,6 +116,40 @@ fn head_loss(
     let per = if chunks > 0 { (n + chunks - 1) / chunks } else { 0 };
     let (mut loss, mut correct) = (0.0f64, 0u64);
     let mut start = 0;
+    if let Some(weight) = model.frozen_head_weight() {
+        // TRL's SFTTrainer: per-token log-probs from its chunked head, the loss their negated sum
+        // over the `[B, T - 1]` grid divided by the window's tokens, the gradient its head's.
+        let mut lps = Vec::new();
+        let g = -(1.0f32 / num_items as f32);
+        while start < n {
+            let len = per.min(n - start);
+            let idx = rows.f_narrow(0, start, len)?;
+            let normed = model.final_norm(&flat.f_index_select(0, &idx)?)?;
+            let tgt = target.f_index_select(0, &idx)?.f_to_device(normed.device())?;
+            let (logits, z, lp, log_z) = tch::no_grad(|| -> Result<_, model_loader::Error> {
+                let logits = model.head_of_normed(&normed)?;
+                let z = logits.f_to_kind(Kind::Float)?;
+                let (lp, log_z) = super::head::target_logps(&z, &tgt)?;
+                Ok((logits, z, lp, log_z))
+            })?;
+            correct +=
+                logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
+            if backward {
+                let gs = Tensor::f_full([len], f64::from(g), (Kind::Float, z.device()))?;
+                let kind = (logits.f_kind()?, normed.f_kind()?);
+                let grad =
+                    tch::no_grad(|| super::head::input_grad(weight, &z, &log_z, kind.0, &tgt, &gs, kind.1))?;
+                backward_from(&normed, &grad)?;
+            }
+            lps.push(lp.f_to_device(h.device())?);
+            start += len;
+        }
+        if !lps.is_empty() {
+            let per_token = super::head::grid(&Tensor::f_cat(&lps, 0)?, &rows, b, t)?;
+            let sum = per_token.f_neg()?.f_sum(Kind::Float)?.f_div_scalar(f64::from(num_items as f32))?;
+            loss = sum.f_double_value(&[])?;
+        }
+    }
     while start < n {
         let len = per.min(n - start);
         let idx = rows.f_narrow(0, start, len)?;
@@ -130,7 +164,7 @@ fn head_loss(
             -100,
             0.0,
         )?;
-        loss += sum.f_double_value(&[])?;
+        loss += sum.f_double_value(&[])? / num_items;
         if backward {
             sum.f_div_scalar(num_items)?.f_backward()?;
         }
@@ -142,7 +176,7 @@ fn head_loss(
     } else {
         Tensor::new()
     };
-    Ok(HeadLoss { stats: MicroStats { loss: loss / num_items, correct, total: n as u64 }, grad })
+    Ok(HeadLoss { stats: MicroStats { loss, correct, total: n as u64 }, grad })
 }
 
 /// Back-propagate `grad`, the gradient at `y`, through `y`'s graph (autograd's `backward(grad)`:

@@ -1,0 +1,144 @@
+//! The output head's log-probs and their gradient as TRL 1.16's chunked log-prob head computes
+//! them (`trl/kernels/chunked_logprob.py`, the torch path it takes on CPUs), which both its
+//! SFTTrainer and DPOTrainer use: a log-sum-exp folded over vocabulary tiles, and a backward
+//! that forms `g · (onehot - p)` per tile in f32, rounds it to the head's dtype and multiplies it
+//! with the tile's weight rows in f32. The same operations in the same order give the same bits,
+//! so nibble's curves follow TRL's to float noise in fp32 and in bf16 alike.
+
+use tch::{Kind, Tensor};
+
+/// Columns of one vocabulary tile (TRL's `_CHUNKED_LOGPROB_CHUNK_SIZE`): the fold and the
+/// gradient's f32 accumulation go tile by tile, so the tile width decides the rounding.
+const VOCAB_TILE: i64 = 32768;
+
+/// Bytes of the head weight's f32 copy made at once in the backward (TRL upcasts a whole tile,
+/// 512 MiB at hidden 4096): slabs of columns instead; each output element still sums over the
+/// whole tile in one product, so the result is the same.
+const WEIGHT_SLAB_BYTES: i64 = 32 << 20;
+
+/// Each row's target log-prob `z[target] - log Σ exp(z)` and its `log Σ exp(z)`, for f32 logits
+/// `z [n, vocab]` and `target [n]`, folded as TRL folds them: per tile a running max and a
+/// rescaled sum of exponentials, `max + ln(sum)` at the end.
+pub(crate) fn target_logps(z: &Tensor, target: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
+    let (n, v) = (z.size()[0], z.size()[1]);
+    let mut m = Tensor::f_full([n], f64::NEG_INFINITY, (Kind::Float, z.device()))?;
+    let mut sum = Tensor::f_zeros([n], (Kind::Float, z.device()))?;
+    let mut start = 0;
+    while start < v {
+        let len = VOCAB_TILE.min(v - start);
+        let tile = z.f_narrow(1, start, len)?;
+        let new_m = m.f_maximum(&tile.f_amax(&[-1i64][..], false)?)?;
+        let rescale = m.f_sub(&new_m)?.f_exp()?;
+        let e = tile.f_sub(&new_m.f_unsqueeze(-1)?)?.f_exp()?;
+        sum = sum.f_mul(&rescale)?.f_add(&e.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?)?;
+        m = new_m;
+        start += len;
+    }
+    let log_z = m.f_add(&sum.f_log()?)?;
+    let lp = z.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?.f_sub(&log_z)?;
+    Ok((lp, log_z))
+}
+
+/// The gradient at the head's input of `Σ_i g[i] · lp[i]` (`lp` from [`target_logps`] of `z`),
+/// through the frozen `weight [vocab, hidden]`: `z [n, vocab]` the f32 logits the head computed
+/// in `kind`, returned in `out_kind` (the input's dtype).
+pub(crate) fn input_grad(
+    weight: &Tensor,
+    z: &Tensor,
+    log_z: &Tensor,
+    kind: Kind,
+    target: &Tensor,
+    g: &Tensor,
+    out_kind: Kind,
+) -> Result<Tensor, tch::TchError> {
+    let (n, v) = (z.size()[0], z.size()[1]);
+    let hidden = weight.size()[1];
+    let dev = z.device();
+    let acc = Tensor::f_zeros([n, hidden], (Kind::Float, dev))?;
+    let g = g.f_to_device(dev)?.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
+    let target = target.f_to_device(dev)?.f_unsqueeze(-1)?;
+    let log_z = log_z.f_unsqueeze(-1)?;
+    let mut start = 0;
+    while start < v {
+        let len = VOCAB_TILE.min(v - start);
+        let p = z.f_narrow(1, start, len)?.f_sub(&log_z)?.f_exp()?;
+        let is_target = Tensor::f_arange_start(start, start + len, (Kind::Int64, dev))?
+            .f_eq_tensor(&target)?
+            .f_to_kind(Kind::Float)?;
+        // TRL writes the tile's gradient into its logits buffer, in the head's dtype.
+        let grad = g.f_mul(&is_target.f_sub(&p)?)?.f_to_kind(kind)?.f_to_kind(Kind::Float)?;
+        let rows = weight.f_narrow(0, start, len)?;
+        let cols = (WEIGHT_SLAB_BYTES / (4 * len)).max(1);
+        let mut j = 0;
+        while j < hidden {
+            let w = cols.min(hidden - j);
+            let slab = rows.f_narrow(1, j, w)?.f_to_device(dev)?.f_to_kind(Kind::Float)?;
+            let _ = acc.f_narrow(1, j, w)?.f_addmm_(&grad, &slab)?;
+            j += w;
+        }
+        start += len;
+    }
+    acc.f_to_kind(out_kind)
+}
+
+/// [`input_grad`] at final-normed hidden states `normed [n, hidden]`, the logits computed again
+/// (as TRL's backward recomputes each tile).
+pub(crate) fn recomputed_input_grad(
+    model: &model_loader::CausalLm,
+    weight: &Tensor,
+    normed: &Tensor,
+    target: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor, model_loader::Error> {
+    let logits = model.head_of_normed(normed)?;
+    let z = logits.f_to_kind(Kind::Float)?;
+    let (_, log_z) = target_logps(&z, target)?;
+    Ok(input_grad(weight, &z, &log_z, logits.kind(), target, g, normed.kind())?)
+}
+
+/// `[rows, t]` per-position values (`v`, one per position of `positions` in the flattened
+/// `[rows * t]` grid) summed as TRL sums its per-token tensors: zeros elsewhere, over the
+/// `t - 1` predicting positions of each row (the last predicts nothing), `[rows, t - 1]`
+/// contiguous.
+pub(crate) fn grid(v: &Tensor, positions: &Tensor, rows: i64, t: i64) -> Result<Tensor, tch::TchError> {
+    let dev = v.device();
+    Tensor::f_zeros([rows * t], (Kind::Float, dev))?
+        .f_index_copy(0, &positions.f_to_device(dev)?, v)?
+        .f_reshape([rows, t])?
+        .f_narrow(1, 0, t - 1)?
+        .f_contiguous()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    /// Over several vocabulary tiles, the fold gives log-softmax's values and the gradient
+    /// autograd's through log-softmax (to rounding).
+    #[test]
+    fn the_tiled_fold_and_gradient_are_log_softmax_and_its_gradient() {
+        tch::manual_seed(3);
+        let (n, v, hidden) = (5, 2 * VOCAB_TILE + 17, 6);
+        let weight = Tensor::randn([v, hidden], (Kind::Float, tch::Device::Cpu)).f_mul_scalar(0.5).unwrap();
+        let x = Tensor::randn([n, hidden], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let target = Tensor::from_slice(&[0i64, 5, VOCAB_TILE, VOCAB_TILE + 3, v - 1]);
+        let g = Tensor::from_slice(&[1.0f32, -0.5, 0.25, 2.0, 0.0]);
+        let z = x.linear::<Tensor>(&weight, None);
+        let want = z.log_softmax(-1, Kind::Float).gather(1, &target.unsqueeze(1), false).squeeze_dim(1);
+        (&want * &g).sum(Kind::Float).backward();
+        let (lp, log_z) = tch::no_grad(|| target_logps(&z.detach(), &target)).unwrap();
+        assert!(f64::try_from((&lp - &want).abs().max()).unwrap() < 1e-5);
+        let got = input_grad(&weight, &z.detach(), &log_z, Kind::Float, &target, &g, Kind::Float).unwrap();
+        let err = f64::try_from((&got - x.grad()).abs().max()).unwrap();
+        assert!(err < 1e-4, "gradient off by {err}");
+    }
+
+    /// Values land at their flattened positions, each row's last position is dropped.
+    #[test]
+    fn grid_places_values_and_drops_the_last_position() {
+        let v = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let g = grid(&v, &Tensor::from_slice(&[0i64, 2, 4]), 2, 3).unwrap();
+        assert_eq!(Vec::<f32>::try_from(g.reshape([-1])).unwrap(), vec![1.0, 0.0, 0.0, 3.0]);
+    }
+}
