@@ -61,12 +61,19 @@ pub(crate) fn input_grad(
     let mut start = 0;
     while start < v {
         let len = VOCAB_TILE.min(v - start);
-        let p = z.f_narrow(1, start, len)?.f_sub(&log_z)?.f_exp()?;
-        let is_target = Tensor::f_arange_start(start, start + len, (Kind::Int64, dev))?
-            .f_eq_tensor(&target)?
-            .f_to_kind(Kind::Float)?;
+        // TRL's `g * (onehot - p)`, in place on one buffer: `-p`, plus 1 at the target (`1 - p`
+        // and `-p + 1` are the same IEEE sum), times `g`, plus 0 (TRL starts from zeros, so a
+        // `-0` product becomes `+0` there too).
+        let mut grad = z.f_narrow(1, start, len)?.f_sub(&log_z)?.f_exp()?;
+        let _ = grad.f_neg_()?;
+        let local = target.f_sub_scalar(start)?;
+        let in_tile = local.f_ge(0)?.f_logical_and(&local.f_lt(len)?)?;
+        let _ = grad.f_scatter_add_(1, &local.f_clamp(0, len - 1)?, &in_tile.f_to_kind(Kind::Float)?)?;
+        let _ = grad.f_mul_(&g)?.f_add_scalar_(0.0)?;
         // TRL writes the tile's gradient into its logits buffer, in the head's dtype.
-        let grad = g.f_mul(&is_target.f_sub(&p)?)?.f_to_kind(kind)?.f_to_kind(Kind::Float)?;
+        if kind != Kind::Float {
+            grad = grad.f_to_kind(kind)?.f_to_kind(Kind::Float)?;
+        }
         let rows = weight.f_narrow(0, start, len)?;
         let cols = (WEIGHT_SLAB_BYTES / (4 * len)).max(1);
         let mut j = 0;
