@@ -102,7 +102,8 @@ choice! {
     CpuMatmul {
         /// In f32 where the CPU has no native 16-bit GEMMs (AVX2 hosts), else natively.
         Auto = "auto",
-        /// Always torch's own 16-bit kernels.
+        /// Always torch's own 16-bit kernels, and the output head's gradient in f32 as TRL's
+        /// chunked head computes it on a CPU: the reference's arithmetic, bit for bit.
         Native = "native",
         /// Always in f32, rounded back.
         F32 = "f32",
