@@ -14,7 +14,8 @@ pub struct DeviceBatch {
     pub labels: Tensor,
     /// `[B, T]` position of each token in its own sequence.
     pub position_ids: Tensor,
-    /// `[B, T]` sequence index within the row (attention stays inside it), when packed.
+    /// `[B, T]` sequence index within the row (attention stays inside it; -1 on padding), when
+    /// packed or padded.
     pub segment_ids: Option<Tensor>,
     /// Input tokens, pads excluded.
     pub num_tokens: u64,
@@ -84,7 +85,8 @@ struct HeadLoss {
 /// labelled positions of `h [B, T, hidden]` only, in chunks of at most `chunk_bytes` of f32
 /// logits ([`HEAD_CHUNK_BYTES`] in training); with `backward`, each chunk's loss is
 /// back-propagated at once (into trainable head parameters and the returned gradient at `h`), so
-/// no more than one chunk of logits is ever alive. Same per-position values and gradients as the whole-tensor loss; unlabelled positions
+/// no more than one chunk of logits is ever alive. A frozen head computes as TRL's chunked
+/// log-prob head does (`super::head`), so the gradient is TRL's bit for bit. Same per-position values and gradients as the whole-tensor loss; unlabelled positions
 /// get exactly zero gradient, as there.
 fn head_loss(
     model: &CausalLm,
@@ -219,7 +221,7 @@ pub struct Layers<'a> {
     pub input_ids: &'a Tensor,
     /// `[B, T]` positions.
     pub position_ids: &'a Tensor,
-    /// `[B, T]` packed-sequence ids, when packed.
+    /// `[B, T]` sequence ids (attention stays within equal ids), when packed or padded.
     pub segment_ids: Option<&'a Tensor>,
     /// Recompute each layer in backward instead of keeping its activations.
     pub checkpointing: bool,
