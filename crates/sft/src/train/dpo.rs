@@ -352,9 +352,8 @@ struct Scored {
     scored: Tensor,
     /// The scored positions, in order.
     positions: Tensor,
-    /// LD-DPO's weight of each scored position (`None`: 1 everywhere).
-    weight: Option<Tensor>,
-    /// LD-DPO's split: 1 where a scored position is in its pair's shared part, and `alpha`.
+    /// LD-DPO's split: whether each scored position is in its pair's shared part (which counts
+    /// fully; the longer completion's tail counts `alpha` times), and `alpha`.
     shared: Option<(Tensor, f64)>,
     /// Tokens per row.
     t: i64,
@@ -375,8 +374,8 @@ impl Scored {
         };
         let (target, scored) = (next(input_ids)?, next(completion_mask)?);
         let positions = scored.f_ne(0)?.f_nonzero()?.f_reshape([-1])?;
-        let (weight, shared) = match ld_alpha {
-            None => (None, None),
+        let shared = match ld_alpha {
+            None => None,
             Some(alpha) => {
                 // A position's rank among its row's scored positions, against the number its pair's
                 // shorter completion has (rows 0..B chosen, B..2B rejected): TRL's shared part
@@ -392,12 +391,18 @@ impl Scored {
                 let rank =
                     Tensor::f_arange(n, (Kind::Int64, dev))?.f_sub(&row_start.f_index_select(0, &rows)?)?;
                 let in_shared = rank.f_lt_tensor(&shared.f_index_select(0, &rows)?)?;
-                let ones = Tensor::f_ones([n], (Kind::Float, dev))?;
-                let weight = ones.f_where_self(&in_shared, &ones.f_mul_scalar(alpha)?)?;
-                (Some(weight), Some((in_shared.f_to_kind(Kind::Float)?, alpha)))
+                Some((in_shared, alpha))
             }
         };
-        Ok(Scored { target, scored, positions, weight, shared, t })
+        Ok(Scored { target, scored, positions, shared, t })
+    }
+
+    /// LD-DPO's weight of each scored position (1 in the shared part, `alpha` in the tail);
+    /// `None`: 1 everywhere.
+    fn weight(&self) -> Result<Option<Tensor>, tch::TchError> {
+        let Some((in_shared, alpha)) = &self.shared else { return Ok(None) };
+        let ones = in_shared.f_ones_like()?.f_to_kind(Kind::Float)?;
+        Ok(Some(ones.f_where_self(in_shared, &ones.f_mul_scalar(*alpha)?)?))
     }
 
     /// The row of each scored position.
@@ -436,7 +441,7 @@ impl Scored {
             None => row(&per_token),
             Some((shared, alpha)) => {
                 let ones = Tensor::f_ones([lp.size()[0]], (Kind::Float, dev))?;
-                let shared = grid(&shared.f_to_device(dev)?)?;
+                let shared = grid(&shared.f_to_device(dev)?.f_to_kind(Kind::Float)?)?;
                 let tail = grid(&ones)?.f_sub(&shared)?;
                 row(&per_token.f_mul(&shared)?)?.f_add(&row(&per_token.f_mul(&tail)?)?.f_mul_scalar(*alpha)?)
             }
@@ -455,12 +460,16 @@ struct Chunk {
 }
 
 impl Chunk {
-    /// Per position: entropy, mean logit over the vocabulary, and 1 where the top-1 prediction is
-    /// the target.
-    fn stats(&self) -> Result<[Tensor; 3], tch::TchError> {
-        let logp = self.logits.f_sub(&self.log_z.f_unsqueeze(-1)?)?;
+    /// `[len, vocab]` log-softmax of the logits.
+    fn logp(&self) -> Result<Tensor, tch::TchError> {
+        self.logits.f_sub(&self.log_z.f_unsqueeze(-1)?)
+    }
+
+    /// Per position, from the chunk's log-softmax `logp` ([`Chunk::logp`]): entropy, mean logit
+    /// over the vocabulary, and 1 where the top-1 prediction is the target.
+    fn stats(&self, logp: &Tensor) -> Result<[Tensor; 3], tch::TchError> {
         let entropy =
-            logp.f_exp()?.f_mul(&logp)?.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?.f_neg()?;
+            logp.f_exp()?.f_mul(logp)?.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?.f_neg()?;
         let mean_logits = self.logits.f_mean_dim(&[-1i64][..], false, Kind::Float)?;
         let top1 = self.logits.f_argmax(-1, false)?.f_eq_tensor(&self.target)?.f_to_kind(Kind::Float)?;
         Ok([entropy, mean_logits, top1])
@@ -512,13 +521,13 @@ pub fn sequence_logps(
             let len = max_rows.min(n - start);
             let c = s.chunk(model, &flat, start, len)?;
             let lp = c.lp.f_to_device(dev)?;
-            let logp = c.logits.f_sub(&c.log_z.f_unsqueeze(-1)?)?;
+            let logp = c.logp()?;
             let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
             let rows = row_of.f_narrow(0, start, len)?;
             lps.push(lp.shallow_clone());
             let _ = wpo.f_index_add_(0, &rows, &lp.f_sub(&logsumsq)?)?;
             if let Some(acc) = stats.as_mut() {
-                for (acc, per_position) in acc.iter_mut().zip(c.stats()?) {
+                for (acc, per_position) in acc.iter_mut().zip(c.stats(&logp)?) {
                     let _ = acc.f_index_add_(0, &rows, &per_position.f_to_device(dev)?)?;
                 }
             }
@@ -821,8 +830,8 @@ fn head_backward(
     let s = Scored::new(input_ids, completion_mask, t, dev, ld_alpha)?;
     let n = s.positions.size()[0];
     let coeff = per_sequence.f_to_device(dev)?.f_index_select(0, &s.rows()?)?;
-    let coeff = match &s.weight {
-        Some(w) => coeff.f_mul(w)?,
+    let coeff = match s.weight()? {
+        Some(w) => coeff.f_mul(&w)?,
         None => coeff,
     };
     let max_rows = (super::HEAD_CHUNK_BYTES / (4 * model.vocab_size().max(1))).max(1);
@@ -831,15 +840,12 @@ fn head_backward(
         let len = max_rows.min(n - start);
         let c = coeff.f_narrow(0, start, len)?;
         match model.frozen_head_weight() {
-            // The head's own gradient, as TRL's chunked head computes it; autograd for the norm
-            // below it (`Σ normed · grad` back-propagates exactly `grad` into `normed`).
+            // The head's own gradient, as TRL's chunked head computes it (the logits again, as
+            // TRL's backward recomputes them); autograd for the norm below it.
             Some(weight) => {
                 let idx = s.positions.f_narrow(0, start, len)?;
-                let normed = model.final_norm(&flat.f_index_select(0, &idx)?)?;
-                let target = s.target.f_index_select(0, &idx)?.f_to_device(normed.device())?;
-                let grad =
-                    tch::no_grad(|| super::head::recomputed_input_grad(model, weight, &normed, &target, &c))?;
-                normed.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+                let target = s.target.f_index_select(0, &idx)?;
+                let _ = super::head::frozen_chunk(model, weight, &flat, &idx, &target, Some(&c))?;
             }
             None => {
                 let lp = s.chunk(model, &flat, start, len)?.lp;

@@ -109,19 +109,33 @@ pub(crate) fn input_grad(
     acc.f_to_kind(out_kind)
 }
 
-/// [`input_grad`] at final-normed hidden states `normed [n, hidden]`, the logits computed again
-/// (as TRL's backward recomputes each tile).
-pub(crate) fn recomputed_input_grad(
+/// Rows `idx` of the hidden states `flat [positions, hidden]` through the final norm and the
+/// frozen head `weight`: the logits (head dtype) and each row's log-prob of `target [len]`; with
+/// `g` (one per row), the gradient of `Σ g · lp`, computed as TRL's chunked head does, is also
+/// back-propagated through the norm into `flat`'s graph. What SFT's and DPO's heads share.
+pub(crate) fn frozen_chunk(
     model: &model_loader::CausalLm,
     weight: &Tensor,
-    normed: &Tensor,
+    flat: &Tensor,
+    idx: &Tensor,
     target: &Tensor,
-    g: &Tensor,
-) -> Result<Tensor, model_loader::Error> {
-    let logits = model.head_of_normed(normed)?;
-    let z = logits.f_to_kind(Kind::Float)?;
-    let (_, log_z) = target_logps(&z, target)?;
-    Ok(input_grad(weight, &z, &log_z, logits.kind(), target, g, normed.kind())?)
+    g: Option<&Tensor>,
+) -> Result<(Tensor, Tensor), model_loader::Error> {
+    let normed = model.final_norm(&flat.f_index_select(0, idx)?)?;
+    let target = target.f_to_device(normed.device())?;
+    let (logits, lp, grad) = tch::no_grad(|| -> Result<_, model_loader::Error> {
+        let logits = model.head_of_normed(&normed)?;
+        let z = logits.f_to_kind(Kind::Float)?;
+        let (lp, log_z) = target_logps(&z, &target)?;
+        let (kind, out_kind) = (logits.f_kind()?, normed.f_kind()?);
+        let grad = g.map(|g| input_grad(weight, &z, &log_z, kind, &target, g, out_kind)).transpose()?;
+        Ok((logits, lp, grad))
+    })?;
+    if let Some(grad) = grad {
+        // Autograd for the norm below the head.
+        super::step::backward_from(&normed, &grad)?;
+    }
+    Ok((logits, lp))
 }
 
 /// `[rows, t]` per-position values (`v`, one per position of `positions` in the flattened

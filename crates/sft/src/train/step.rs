@@ -126,23 +126,13 @@ fn head_loss(
         while start < n {
             let len = per.min(n - start);
             let idx = rows.f_narrow(0, start, len)?;
-            let normed = model.final_norm(&flat.f_index_select(0, &idx)?)?;
-            let tgt = target.f_index_select(0, &idx)?.f_to_device(normed.device())?;
-            let (logits, z, lp, log_z) = tch::no_grad(|| -> Result<_, model_loader::Error> {
-                let logits = model.head_of_normed(&normed)?;
-                let z = logits.f_to_kind(Kind::Float)?;
-                let (lp, log_z) = super::head::target_logps(&z, &tgt)?;
-                Ok((logits, z, lp, log_z))
-            })?;
+            let tgt = target.f_index_select(0, &idx)?;
+            let gs = Tensor::f_full([len], f64::from(g), (Kind::Float, tgt.device()))?;
+            let (logits, lp) =
+                super::head::frozen_chunk(model, weight, &flat, &idx, &tgt, backward.then_some(&gs))?;
+            let tgt = tgt.f_to_device(logits.device())?;
             correct +=
                 logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
-            if backward {
-                let gs = Tensor::f_full([len], f64::from(g), (Kind::Float, z.device()))?;
-                let kind = (logits.f_kind()?, normed.f_kind()?);
-                let grad =
-                    tch::no_grad(|| super::head::input_grad(weight, &z, &log_z, kind.0, &tgt, &gs, kind.1))?;
-                backward_from(&normed, &grad)?;
-            }
             lps.push(lp.f_to_device(h.device())?);
             start += len;
         }
@@ -183,7 +173,7 @@ fn head_loss(
 
 /// Back-propagate `grad`, the gradient at `y`, through `y`'s graph (autograd's `backward(grad)`:
 /// the gradient of `sum(y * grad)` with respect to `y` is exactly `grad`).
-fn backward_from(y: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
+pub(crate) fn backward_from(y: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
     y.f_mul(grad)?.f_sum(y.f_kind()?)?.f_backward()
 }
 
