@@ -390,6 +390,15 @@ impl Adapters {
     /// value of another dtype (TRL's f32 "ref" copy beside bf16 adapters) is swapped in as it is,
     /// so the layers compute in its dtype, as PEFT's do.
     pub fn with_values<R>(&self, values: &[Tensor], f: impl FnOnce() -> R) -> Result<R, Error> {
+        /// `v` into the parameter `p`: copied in place when the dtypes agree, else swapped in as
+        /// `p`'s data, so every handle of the parameter (the layer's, the optimizer's) sees it.
+        fn put(p: &mut Tensor, v: &Tensor) -> Result<(), tch::TchError> {
+            if p.kind() == v.kind() {
+                p.shallow_clone().f_copy_(v).map(|_| ())
+            } else {
+                p.f_set_data(&v.f_detach_copy()?)
+            }
+        }
         /// Puts the trained values (and dtypes) back when dropped.
         struct Restore {
             params: Vec<Tensor>,
@@ -399,12 +408,7 @@ impl Adapters {
             fn drop(&mut self) {
                 tch::no_grad(|| {
                     for (p, t) in self.params.iter_mut().zip(&self.trained) {
-                        let back = if p.kind() == t.kind() {
-                            p.shallow_clone().f_copy_(t).map(|_| ())
-                        } else {
-                            p.f_set_data(t)
-                        };
-                        if let Err(e) = back {
+                        if let Err(e) = put(p, t) {
                             tracing::error!("restoring a trained adapter tensor: {e}");
                         }
                     }
@@ -425,12 +429,7 @@ impl Adapters {
         let mut restore = Restore { params, trained };
         tch::no_grad(|| -> Result<(), Error> {
             for (p, v) in restore.params.iter_mut().zip(values) {
-                if p.kind() == v.kind() {
-                    p.shallow_clone().f_copy_(v)?;
-                } else {
-                    // Every handle of the parameter (the layer's, the optimizer's) sees the swap.
-                    p.f_set_data(&v.f_detach_copy()?)?;
-                }
+                put(p, v)?;
             }
             Ok(())
         })?;
