@@ -135,7 +135,8 @@ impl Model {
     fn recipe(self, objective: Objective) -> &'static str {
         match (self, objective) {
             (Model::Tiny, Objective::Sft) => "recipes/bench/tiny.yaml",
-            (Model::Llama150m | Model::Llama1b, Objective::Sft) => "recipes/bench/llama-150m.yaml",
+            (Model::Llama150m, Objective::Sft) => "recipes/bench/llama-150m.yaml",
+            (Model::Llama1b, Objective::Sft) => "recipes/bench/llama-1b.yaml",
             (Model::Tiny, Objective::Dpo) => "recipes/bench/tiny-dpo.yaml",
             (Model::Llama150m | Model::Llama1b, Objective::Dpo) => "recipes/bench/llama-150m-dpo.yaml",
         }
@@ -280,6 +281,8 @@ impl Plan {
                     // docs/benchmarks.md): fewer steps, one repeat.
                     (Model::Llama150m, Objective::Sft, llama_cases(o)),
                     (Model::Llama150m, Objective::Dpo, llama_cases(o)),
+                    // The scale people train: 3 steps of 2 x 512 tokens, bf16 with checkpointing.
+                    (Model::Llama1b, Objective::Sft, cases(&[Variant::Bf16Gc], 3, o.repeats.unwrap_or(1))),
                 ],
             }
         }
@@ -730,6 +733,63 @@ struct VariantResult {
     trl: Vec<Run>,
     /// `sft --estimate-memory`'s total for this variant, MiB.
     estimate_mib: Option<f64>,
+    /// `sft --measure-floor` on nibble's matmul path, and on torch's own (`cpu_matmul: native`,
+    /// TRL's), for the tokens the steps trained.
+    floor: Option<Floor>,
+    trl_floor: Option<Floor>,
+    /// nibble's time per step by phase (its log's `time per step by phase`), first repeat.
+    phases: Vec<(String, f64)>,
+}
+
+/// A step's floor (`sft --measure-floor`), scaled to the tokens a measured step trained.
+#[derive(Debug, Clone, Default)]
+struct Floor {
+    /// Matmuls + dequantize traffic, seconds.
+    total_s: f64,
+    matmul_s: f64,
+    dequant_s: f64,
+    /// Matmul FLOP the model needs per step (no recompute).
+    model_flops: f64,
+    /// Matmul seconds by `part/pass`.
+    by: Vec<(String, f64)>,
+}
+
+impl Floor {
+    /// From `--measure-floor`'s JSON line, times `scale` (measured tokens / the floor's tokens).
+    fn from_json(v: &Value, scale: f64) -> Option<Floor> {
+        let f = v.get("floor")?;
+        let by = match f.get("by") {
+            Some(Value::Obj(m)) => {
+                m.iter().filter_map(|(k, v)| v.num(&[]).map(|x| (k.clone(), x * scale))).collect()
+            }
+            _ => Vec::new(),
+        };
+        Some(Floor {
+            total_s: f.num(&["floor_s"])? * scale,
+            matmul_s: f.num(&["matmul_s"])? * scale,
+            dequant_s: f.num(&["dequant_s"])? * scale,
+            model_flops: f.num(&["model_flops"])? * scale,
+            by,
+        })
+    }
+
+    /// Matmul seconds of the parts whose `part/pass` name passes `keep`.
+    fn sum(&self, keep: impl Fn(&str) -> bool) -> f64 {
+        self.by.iter().filter(|(k, _)| keep(k)).map(|(_, s)| s).sum()
+    }
+}
+
+/// The JSON object of the `time per step by phase (seconds): {...}` line of an `sft` log.
+fn read_phases(log: &Path) -> Vec<(String, f64)> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let Some(line) = text.lines().rev().find(|l| l.contains("time per step by phase")) else {
+        return Vec::new();
+    };
+    let Some(start) = line.find('{') else { return Vec::new() };
+    match json::parse(&line[start..]) {
+        Ok(Value::Obj(m)) => m.iter().filter_map(|(k, v)| v.num(&[]).map(|x| (k.clone(), x))).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The `total` line of `sft RECIPE --estimate-memory` ("  total   447.46 MiB"), in MiB.
@@ -790,7 +850,15 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
         tokens_per_step: format!("{batch} x {length} tokens"),
         variants: cases
             .iter()
-            .map(|&case| VariantResult { case, nibble: vec![], trl: vec![], estimate_mib: None })
+            .map(|&case| VariantResult {
+                case,
+                nibble: vec![],
+                trl: vec![],
+                estimate_mib: None,
+                floor: None,
+                trl_floor: None,
+                phases: Vec::new(),
+            })
             .collect(),
     };
     let sft = ctx.target.join("release/sft");
@@ -852,6 +920,9 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
                         &ctx.work.join(format!("train-nibble-{tag}.log")),
                         Some(&trained),
                     )?;
+                    if vr.nibble.is_empty() {
+                        vr.phases = read_phases(&ctx.work.join(format!("train-nibble-{tag}.log")));
+                    }
                     vr.nibble.push(Run { steps: read_steps(&log)?, proc });
                 } else {
                     let log = ctx.work.join(format!("train-trl-{tag}.jsonl"));
@@ -868,6 +939,51 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
                 }
             }
         }
+    }
+    // The floor of each variant, for the tokens its measured steps trained.
+    for vr in &mut result.variants {
+        let w = vr.case.warmup();
+        let steps: Vec<(f64, f64)> =
+            vr.nibble.iter().flat_map(|r| r.step_times().into_iter().skip(w)).collect();
+        let tokens = steps.iter().map(|s| s.1).sum::<f64>() / steps.len().max(1) as f64;
+        // Rows per step: DPO runs chosen and rejected together; the floor's sequences are the
+        // steps' mean row length (pads left out: a floor counts only the work the tokens need).
+        let rows = batch * if objective == Objective::Dpo { 2 } else { 1 };
+        if tokens <= 0.0 || rows == 0 {
+            continue;
+        }
+        let seq = ((tokens / rows as f64).round() as u64).max(1);
+        let scale = tokens / (rows * seq) as f64;
+        let measure_floor = |native: bool| -> Result<Option<Floor>> {
+            let tag = format!(
+                "{}-{}-{}{}",
+                model.name(),
+                objective.label().to_lowercase(),
+                vr.case.variant.slug(),
+                if native { "-native" } else { "" }
+            );
+            step(&format!(
+                "floor of {} {} {}{}",
+                objective.label(),
+                model.label(),
+                vr.case.variant.label(),
+                if native { " (torch's own matmul path, TRL's)" } else { "" }
+            ));
+            let mut cmd = ctx.command(&sft);
+            cmd.args(objective.sft_command()).arg(&recipe).args(vr.case.variant.overrides()).args([
+                "--model_name_or_path",
+                &model_arg,
+                "--max_length",
+                &seq.to_string(),
+            ]);
+            if native {
+                cmd.args(["--cpu_matmul", "native"]);
+            }
+            let p = measure(cmd.arg("--measure-floor"), &ctx.work.join(format!("floor-{tag}.log")))?;
+            Ok(Floor::from_json(&p.json_line()?, scale))
+        };
+        vr.floor = measure_floor(false)?;
+        vr.trl_floor = if vr.case.variant == Variant::Fp32 { vr.floor.clone() } else { measure_floor(true)? };
     }
     Ok(result)
 }
@@ -1022,8 +1138,10 @@ fn secs(s: f64) -> String {
         "—".into()
     } else if s >= 1.0 {
         format!("{s:.2} s")
-    } else {
+    } else if s >= 0.01 {
         format!("{:.0} ms", s * 1e3)
+    } else {
+        format!("{:.1} ms", s * 1e3)
     }
 }
 
@@ -1153,6 +1271,22 @@ fn render(h: &Header, r: &Report) -> (String, String) {
                     "—".into()
                 }
             );
+            if let (Some(f), Some(tf)) = (&v.floor, &v.trl_floor) {
+                let _ = writeln!(
+                    b,
+                    "| {} {} {}: step / floor (matmuls + dequantize traffic) | {:.2} | {:.2} (TRL) | — | {} |",
+                    t.objective.label(),
+                    t.model.label(),
+                    v.case.variant.label(),
+                    n.median / f.total_s,
+                    p.median / tf.total_s,
+                    if target && t.model != Model::Tiny {
+                        format!("<= 1.4: {}", ok(n.median / f.total_s <= 1.4))
+                    } else {
+                        "—".into()
+                    }
+                );
+            }
             let _ = writeln!(
                 b,
                 "| {} {} {}: peak RSS | {} | {} | {} | {} |",
@@ -1367,6 +1501,7 @@ fn render_train(b: &mut String, t: &TrainResult) {
             loss
         );
     }
+    render_floor(b, t);
     // Loss curves side by side (first repeat; both stacks are deterministic).
     let _ = write!(b, "\nLoss per step, nibble / TRL:\n\n| step |");
     for v in &t.variants {
@@ -1392,6 +1527,95 @@ fn render_train(b: &mut String, t: &TrainResult) {
         }
         let _ = writeln!(b);
     }
+}
+
+/// Each variant against the machine's floor, and where nibble's step goes.
+fn render_floor(b: &mut String, t: &TrainResult) {
+    if t.variants.iter().all(|v| v.floor.is_none()) {
+        return;
+    }
+    let _ = writeln!(
+        b,
+        "\nAgainst the floor (`sft --measure-floor` in this run, for the measured steps' tokens: the \
+         step's matmuls, each shape timed alone through the same libtorch, forward, backward, \
+         checkpointing's recompute and DPO's reference pass, on nibble's matmul path and on \
+         torch's own (`--cpu_matmul native`, TRL's), plus the 4-bit weights' dequantize traffic at \
+         memcpy bandwidth). Model FLOP/s: the matmul FLOP the step needs (recompute left out) over \
+         the median step.\n"
+    );
+    let _ = writeln!(
+        b,
+        "| variant | floor: matmuls + dequantize | nibble step / floor | TRL floor (torch's path) | TRL step / its floor | nibble model TFLOP/s | TRL model TFLOP/s | floor's TFLOP/s |"
+    );
+    let _ = writeln!(b, "|---|---|---|---|---|---|---|---|");
+    for v in &t.variants {
+        let (Some(f), Some(tf)) = (&v.floor, &v.trl_floor) else { continue };
+        let w = v.case.warmup();
+        let (n, p) = (step_stats(&v.nibble, w), step_stats(&v.trl, w));
+        let _ = writeln!(
+            b,
+            "| {} | {} ({} + {}) | {:.2} | {} | {:.2} | {:.3} | {:.3} | {:.3} |",
+            v.case.variant.label(),
+            secs(f.total_s),
+            secs(f.matmul_s),
+            secs(f.dequant_s),
+            n.median / f.total_s,
+            secs(tf.total_s),
+            p.median / tf.total_s,
+            f.model_flops / n.median / 1e12,
+            tf.model_flops / p.median / 1e12,
+            f.model_flops / f.matmul_s / 1e12,
+        );
+    }
+    // Where nibble's step goes: its phase timers beside the matmul floor of each phase.
+    let with_phases: Vec<&VariantResult> =
+        t.variants.iter().filter(|v| !v.phases.is_empty() && v.floor.is_some()).collect();
+    if with_phases.is_empty() {
+        return;
+    }
+    let _ = write!(
+        b,
+        "\nWhere nibble's step goes (its phase timers, mean per step after the first, first repeat), \
+         each phase beside the floor of the matmuls it runs (`time / matmul floor`); `other` is \
+         the rest of the step (moving the batch, metrics, logging):\n\n| phase |"
+    );
+    for v in &with_phases {
+        let _ = write!(b, " {} |", v.case.variant.label());
+    }
+    let _ = write!(b, "\n|---|");
+    for _ in &with_phases {
+        let _ = write!(b, "---|");
+    }
+    let _ = writeln!(b);
+    let phase_floor = |f: &Floor, phase: &str| -> Option<f64> {
+        Some(match phase {
+            "reference" => f.sum(|k| k.ends_with("/reference")),
+            "forward" => f.sum(|k| k.ends_with("/forward") && !k.starts_with("head/")),
+            "head" => f.sum(|k| k.starts_with("head/") && !k.ends_with("/reference")),
+            "backward" => {
+                f.sum(|k| (k.ends_with("/backward") || k.ends_with("/recompute")) && !k.starts_with("head/"))
+            }
+            _ => return None,
+        })
+    };
+    for phase in ["reference", "forward", "head", "backward", "optimizer", "other", "step_s"] {
+        let _ = write!(b, "| {} |", if phase == "step_s" { "step (phase timers' wall)" } else { phase });
+        for v in &with_phases {
+            let Some(f) = &v.floor else { continue };
+            let time = v.phases.iter().find(|(k, _)| k == phase).map_or(f64::NAN, |(_, x)| *x);
+            let cell = match phase_floor(f, phase) {
+                Some(fl) if fl > 0.0 => format!("{} / {} ({:.1}x)", secs(time), secs(fl), time / fl),
+                _ => secs(time),
+            };
+            let _ = write!(b, " {cell} |");
+        }
+        let _ = writeln!(b);
+    }
+    let _ = write!(b, "| dequantize traffic at memcpy speed (inside forward, backward, reference) |");
+    for v in &with_phases {
+        let _ = write!(b, " {} |", v.floor.as_ref().map_or_else(String::new, |f| secs(f.dequant_s)));
+    }
+    let _ = writeln!(b);
 }
 
 /// `doc` with the section that starts at the line `heading` replaced by `body` (up to the next

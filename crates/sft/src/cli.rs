@@ -19,7 +19,7 @@ use tch::Kind;
     name = "sft",
     version,
     about = "QLoRA fine-tuning from a TRL / alignment-handbook recipe: the model in 4 bits, LoRA adapters trained on top, PEFT's files out",
-    override_usage = "sft [train] RECIPE.yaml [--key value | --key=value]... [--print-config | --estimate-memory]\n       sft <COMMAND> [OPTIONS]",
+    override_usage = "sft [train] RECIPE.yaml [--key value | --key=value]... [--print-config | --estimate-memory | --measure-floor]\n       sft <COMMAND> [OPTIONS]",
     after_help = "Recipe keys follow TRL (ModelConfig, ScriptArguments, SFTConfig) and the alignment-handbook.\n\
                   Precedence: defaults < RECIPE.yaml < NIBBLE_<KEY> environment variables < --key flags.\n\
                   `sft --help` lists every key with its default.",
@@ -80,6 +80,9 @@ pub(crate) struct TrainArgs {
     /// Print the memory the run will need (per device for a device map) and exit
     #[arg(long, alias = "estimate_memory", conflicts_with = "print_config")]
     pub estimate_memory: bool,
+    /// Time this machine's floor for one step (its matmuls alone, the 4-bit dequantize traffic at memcpy speed) and exit
+    #[arg(long, alias = "measure_floor", conflicts_with_all = ["print_config", "estimate_memory"])]
+    pub measure_floor: bool,
     /// Recipe keys given on the command line (`--key value`), in order
     #[arg(skip)]
     pub overrides: Vec<String>,
@@ -315,6 +318,8 @@ fn is_train_flag(flag: &str) -> bool {
             | "--print_config"
             | "--estimate-memory"
             | "--estimate_memory"
+            | "--measure-floor"
+            | "--measure_floor"
             | "--help"
             | "--version"
     ) || !flag.starts_with("--")

@@ -27,6 +27,7 @@ pub static MALLOC_CONF: &u8 = &b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0"[0];
 
 mod cli;
 mod estimate;
+mod floor;
 mod generate;
 mod launch;
 mod place;
@@ -149,7 +150,11 @@ fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
-    let purpose = if args.estimate_memory { plan::Purpose::Estimate } else { plan::Purpose::Train };
+    let purpose = if args.estimate_memory || args.measure_floor {
+        plan::Purpose::Estimate
+    } else {
+        plan::Purpose::Train
+    };
     if !config_problems.is_empty() {
         let machine = plan::Machine::probe().unwrap_or_else(|_| plan::Machine::alone());
         eprintln!("error: {}", all_problems(recipe, config_problems, &machine, purpose));
@@ -171,7 +176,7 @@ fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let machine = if args.estimate_memory {
+    let machine = if args.estimate_memory || args.measure_floor {
         plan::Machine::alone()
     } else {
         plan::Machine::probe().context("reading torchrun's variables")?
@@ -189,6 +194,11 @@ fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
             _ => device_map::Device::Cpu,
         };
         estimate::print(&plan, device, machine.cuda_devices)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.measure_floor {
+        plan.cpu_matmul.set();
+        floor::print(&plan)?;
         return Ok(ExitCode::SUCCESS);
     }
     tracing::info!(model = plan.model_id.as_str(), "recipe resolved");

@@ -881,13 +881,15 @@ impl Dpo<'_> {
     ) -> Result<R, Error> {
         match &b.reference {
             Some(r) => f(r),
-            None => f(&reference_logps(
-                model,
-                self.adapters,
-                self.initial.as_deref(),
-                &b.batch,
-                self.objective.ld_alpha,
-            )?),
+            None => f(&super::clock::timed(super::clock::Phase::Reference, model.device(), || {
+                reference_logps(
+                    model,
+                    self.adapters,
+                    self.initial.as_deref(),
+                    &b.batch,
+                    self.objective.ld_alpha,
+                )
+            })?),
         }
     }
 }

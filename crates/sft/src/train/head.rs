@@ -46,7 +46,7 @@ pub(crate) fn target_logps(z: &Tensor, target: &Tensor) -> Result<(Tensor, Tenso
 /// in f32 anyway (`auto` without native 16-bit GEMMs, or `f32`). On a CPU with native bf16 GEMMs
 /// under `auto`, and on a GPU, one 16-bit GEMM: 3-4x faster than the f32 one (the 134M model's
 /// head, 512 positions: 27 ms against 90-115 ms), the same sums in another order.
-fn f32_product(kind: Kind, device: tch::Device) -> bool {
+pub fn f32_product(kind: Kind, device: tch::Device) -> bool {
     kind == Kind::Float
         || (device == tch::Device::Cpu
             && (quant::ops::CpuMatmul::current() == quant::ops::CpuMatmul::Native

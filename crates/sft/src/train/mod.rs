@@ -6,6 +6,7 @@
 //! is normalised and the (identical) optimizer step; rank 0 alone logs, evaluates and saves.
 
 pub mod checkpoint;
+pub mod clock;
 pub mod dpo;
 mod head;
 pub mod optim;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 pub use checkpoint::Checkpoint;
+pub use head::f32_product as head_product_in_f32;
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
 pub use schedule::Schedule;
 pub use step::{
@@ -376,6 +378,7 @@ impl<'a> Trainer<'a> {
         // Per metric: the sum of its micro-batch values and their count since the last log.
         let (mut metric_sum, mut metric_n) = (vec![0.0f64; k], vec![0.0f64; k]);
         let (mut tokens_at_log, mut time_at_log) = (self.progress.num_tokens, 0.0f64);
+        let mut phases = clock::PhaseTotals::default();
         let mut batches = epoch_batches(self.progress.epoch);
         if batches.is_empty() {
             return Err(Error::NoData);
@@ -394,6 +397,9 @@ impl<'a> Trainer<'a> {
                 batches = epoch_batches(self.progress.epoch);
             }
             let step = self.progress.global_step;
+            let step_started = Instant::now();
+            // What an evaluation or a save since the last step spent is not this step's.
+            let _ = clock::take();
             let from = self.progress.batch_in_epoch;
             let to = (from + ga).min(batches.len());
             let window = &batches[from..to];
@@ -463,11 +469,15 @@ impl<'a> Trainer<'a> {
             }
             let optim =
                 |e: tch::TchError| Error::Optim { step: step + 1, message: quant::ops::torch_message(&e) };
-            let grad_norm =
-                clip_grad_norm(self.optimizer.params(), self.opts.max_grad_norm).map_err(optim)?;
             let lr = self.opts.learning_rate * self.opts.schedule.factor(step);
-            self.optimizer.step(lr).map_err(optim)?;
-            self.optimizer.zero_grad();
+            let grad_norm = clock::timed(clock::Phase::Optimizer, self.model.device(), || {
+                let norm = clip_grad_norm(self.optimizer.params(), self.opts.max_grad_norm)?;
+                self.optimizer.step(lr)?;
+                self.optimizer.zero_grad();
+                Ok(norm)
+            })
+            .map_err(optim)?;
+            phases.add(clock::take(), step_started.elapsed().as_secs_f64());
             self.progress.global_step += 1;
             self.progress.batch_in_epoch = to;
             window_loss_sum += step_loss;
@@ -567,11 +577,20 @@ impl<'a> Trainer<'a> {
                     g.barrier().map_err(dist_err(gs))?;
                 }
                 if stop {
+                    log_phases(&phases);
                     return Ok(Outcome::Interrupted(dir));
                 }
             }
         }
+        log_phases(&phases);
         Ok(Outcome::Finished)
+    }
+}
+
+/// Logs where the steps' time went ([`clock::PhaseTotals`]), as one JSON object.
+fn log_phases(phases: &clock::PhaseTotals) {
+    if let Some(j) = phases.to_json() {
+        tracing::info!("time per step by phase (seconds): {j}");
     }
 }
 

@@ -2,6 +2,7 @@
 //! accumulation window, as transformers does when it knows `num_items_in_batch`), backward —
 //! optionally recomputing each decoder layer in backward (gradient checkpointing).
 
+use super::clock::{Phase, timed};
 use model_loader::CausalLm;
 use tch::{Kind, Reduction, Tensor};
 
@@ -239,35 +240,46 @@ impl Layers<'_> {
             tch::manual_seed(self.seed.wrapping_add(i as i64));
             model.layer(i, h, &ctx)
         };
+        let device = model.device();
         if !self.checkpointing {
-            let mut h = embed()?;
-            for i in 0..model.num_layers() {
-                h = layer(i, &h)?;
-            }
-            let (stats, grad) = head(&h)?;
+            let h = timed(Phase::Forward, device, || -> Result<Tensor, model_loader::Error> {
+                let mut h = embed()?;
+                for i in 0..model.num_layers() {
+                    h = layer(i, &h)?;
+                }
+                Ok(h)
+            })?;
+            let (stats, grad) = timed(Phase::Head, device, || head(&h))?;
             // Push the head's gradient at the last hidden state through the layers' graph.
-            backward_from(&h, &grad)?;
+            timed(Phase::Backward, device, || backward_from(&h, &grad))?;
             return Ok(stats);
         }
         // Forward without a graph, keeping only each layer's input.
-        let mut inputs = Vec::with_capacity(model.num_layers());
-        let mut h = tch::no_grad(embed)?;
-        for i in 0..model.num_layers() {
-            let next = tch::no_grad(|| layer(i, &h))?;
-            inputs.push(h);
-            h = next;
-        }
+        let (inputs, h) = timed(Phase::Forward, device, || -> Result<_, model_loader::Error> {
+            let mut inputs = Vec::with_capacity(model.num_layers());
+            let mut h = tch::no_grad(embed)?;
+            for i in 0..model.num_layers() {
+                let next = tch::no_grad(|| layer(i, &h))?;
+                inputs.push(h);
+                h = next;
+            }
+            Ok((inputs, h))
+        })?;
         // The objective, giving the gradient at the last hidden state.
-        let (stats, mut grad) = head(&h)?;
+        let (stats, grad) = timed(Phase::Head, device, || head(&h))?;
         drop(h);
         // Then layer by layer, last first: recompute with a graph and push the gradient through.
-        for i in (0..model.num_layers()).rev() {
-            let x = inputs[i].f_detach()?.set_requires_grad(true);
-            let y = layer(i, &x)?;
-            backward_from(&y, &grad)?;
-            grad = x.grad();
-            inputs.truncate(i);
-        }
+        let grad = timed(Phase::Backward, device, || -> Result<Tensor, model_loader::Error> {
+            let (mut inputs, mut grad) = (inputs, grad);
+            for i in (0..model.num_layers()).rev() {
+                let x = inputs[i].f_detach()?.set_requires_grad(true);
+                let y = layer(i, &x)?;
+                backward_from(&y, &grad)?;
+                grad = x.grad();
+                inputs.truncate(i);
+            }
+            Ok(grad)
+        })?;
         // A trainable embedding (`modules_to_save: [embed_tokens]`) gets its gradient from a
         // recomputed embedding lookup (same seed, so the same NEFTune noise).
         if grad.defined() {

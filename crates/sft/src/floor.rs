@@ -1,0 +1,458 @@
+//! `sft RECIPE --measure-floor`: how fast one optimizer step of the recipe could go on this
+//! machine. The step's matmuls (the same shapes, dtypes and `cpu_matmul` path as the run, forward
+//! and backward, each timed alone through the same libtorch) plus the 4-bit weights' dequantize
+//! traffic at this machine's memcpy bandwidth. `cargo xtask bench` sets each training row's step
+//! time beside it, so a ratio says how far a trainer is from the machine, not only from another
+//! trainer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use device_map::estimate::{BaseWeights, ModelShape};
+use tch::{Device, Kind, Tensor};
+
+use crate::plan::RunPlan;
+
+/// What a matmul belongs to, for the breakdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Part {
+    /// A frozen decoder linear (4-bit weights dequantized, or dense).
+    Base,
+    /// A LoRA factor.
+    Lora,
+    /// `q k^T` and `p v` (causal: half the square counted).
+    Attention,
+    /// The output head (vocabulary projection).
+    Head,
+}
+
+/// Which pass of the step a matmul is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Pass {
+    /// The policy's forward.
+    Forward,
+    /// Its backward (input gradients through frozen weights, adapter gradients).
+    Backward,
+    /// Gradient checkpointing's second forward of each decoder layer.
+    Recompute,
+    /// DPO's reference forward (absent when its log-probs are precomputed).
+    Reference,
+}
+
+/// One GEMM `[batch] (m x k) @ (k x n)` in `kind`, `count` times per optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Gemm {
+    pub part: Part,
+    pub pass: Pass,
+    pub batch: i64,
+    pub m: i64,
+    pub k: i64,
+    pub n: i64,
+    pub kind: Kind,
+    pub count: f64,
+}
+
+impl Gemm {
+    /// Floating-point operations of all `count` of it.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.m * self.k * self.n) as f64 * self.count
+    }
+}
+
+/// What the floor needs to know of a step, resolved from the plan (kept apart from it so the
+/// shape arithmetic is testable without a model).
+#[derive(Debug, Clone)]
+pub(crate) struct StepShape {
+    pub model: ModelShape,
+    /// Sequences per micro-batch (DPO: chosen and rejected, 2 x the batch size).
+    pub rows: i64,
+    /// Tokens per sequence.
+    pub seq: i64,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub micro_batches: i64,
+    /// LoRA rank (0: no adapters).
+    pub lora_r: i64,
+    /// Which block linears carry adapters (PEFT names, `q_proj`, ...).
+    pub lora_targets: Vec<String>,
+    /// The dtype the decoder's matmuls run in (f32 where `cpu_matmul` upcasts 16-bit ones).
+    pub compute: Kind,
+    /// The dtype the adapters' matmuls run in.
+    pub adapter: Kind,
+    /// The dtype the head's matmuls run in.
+    pub head: Kind,
+    pub checkpointing: bool,
+    /// DPO's reference forward each step: `Some(with adapters)` (a frozen initial adapter
+    /// scores the reference), `None` without one (SFT, or precomputed log-probs).
+    pub reference: Option<bool>,
+    /// Bytes one dequantize of a weight element reads (codes and block scales), when the base is
+    /// 4-bit.
+    pub four_bit_read: Option<f64>,
+    /// Bytes it writes (the compute dtype's element).
+    pub dequant_write: f64,
+}
+
+/// The decoder linears' `(PEFT name, in, out)`.
+fn linears(s: &ModelShape) -> [(&'static str, i64, i64); 7] {
+    let (h, i) = (s.hidden as i64, s.intermediate as i64);
+    let (q, kv) = ((s.heads * s.head_dim) as i64, (s.kv_heads * s.head_dim) as i64);
+    [
+        ("q_proj", h, q),
+        ("k_proj", h, kv),
+        ("v_proj", h, kv),
+        ("o_proj", q, h),
+        ("gate_proj", h, i),
+        ("up_proj", h, i),
+        ("down_proj", i, h),
+    ]
+}
+
+/// Every matmul of one optimizer step.
+pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
+    let mut out = Vec::new();
+    let layers = s.model.layers as f64;
+    let micro = s.micro_batches as f64;
+    let (n_tok, t) = (s.rows * s.seq, s.seq);
+    let mut add = |part, pass, batch, m, k, n, kind, count: f64| {
+        out.push(Gemm { part, pass, batch, m, k, n, kind, count: count * micro });
+    };
+    let targeted =
+        |name: &str| s.lora_r > 0 && s.lora_targets.iter().any(|t| t.rsplit('.').next() == Some(name));
+    // One forward of the decoder layers: each linear, its adapter, attention's two products.
+    let forward = |add: &mut dyn FnMut(Part, Pass, i64, i64, i64, i64, Kind, f64), pass, adapters: bool| {
+        for (name, fan_in, fan_out) in linears(&s.model) {
+            add(Part::Base, pass, 1, n_tok, fan_in, fan_out, s.compute, layers);
+            if adapters && targeted(name) {
+                add(Part::Lora, pass, 1, n_tok, fan_in, s.lora_r, s.adapter, layers);
+                add(Part::Lora, pass, 1, n_tok, s.lora_r, fan_out, s.adapter, layers);
+            }
+        }
+        let (bh, hd) = (s.rows * s.model.heads as i64, s.model.head_dim as i64);
+        add(Part::Attention, pass, bh, t, hd, t, s.compute, layers * 0.5);
+        add(Part::Attention, pass, bh, t, t, hd, s.compute, layers * 0.5);
+    };
+    let (h, v) = (s.model.hidden as i64, s.model.vocab as i64);
+    forward(&mut add, Pass::Forward, true);
+    add(Part::Head, Pass::Forward, 1, n_tok, h, v, s.head, 1.0);
+    // Backward: the head's input gradient (the head is frozen), then each layer's.
+    add(Part::Head, Pass::Backward, 1, n_tok, v, h, s.head, 1.0);
+    for (name, fan_in, fan_out) in linears(&s.model) {
+        add(Part::Base, Pass::Backward, 1, n_tok, fan_out, fan_in, s.compute, layers);
+        if targeted(name) {
+            let r = s.lora_r;
+            // dB = dY^T (x A^T), d(x A^T) = dY B, dA = d(x A^T)^T x, dx += d(x A^T) A.
+            add(Part::Lora, Pass::Backward, 1, fan_out, n_tok, r, s.adapter, layers);
+            add(Part::Lora, Pass::Backward, 1, n_tok, fan_out, r, s.adapter, layers);
+            add(Part::Lora, Pass::Backward, 1, r, n_tok, fan_in, s.adapter, layers);
+            add(Part::Lora, Pass::Backward, 1, n_tok, r, fan_in, s.adapter, layers);
+        }
+    }
+    // dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
+    let (bh, hd) = (s.rows * s.model.heads as i64, s.model.head_dim as i64);
+    add(Part::Attention, Pass::Backward, bh, t, t, hd, s.compute, layers * 1.5);
+    add(Part::Attention, Pass::Backward, bh, t, hd, t, s.compute, layers * 0.5);
+    if s.checkpointing {
+        forward(&mut add, Pass::Recompute, true);
+    }
+    if let Some(adapters) = s.reference {
+        forward(&mut add, Pass::Reference, adapters);
+        add(Part::Head, Pass::Reference, 1, n_tok, h, v, s.head, 1.0);
+    }
+    out
+}
+
+/// Dequantize passes over every 4-bit weight per micro-batch: forward and backward (the layer
+/// keeps only the codes), the recompute and the reference forward when there are.
+fn dequant_passes(s: &StepShape) -> f64 {
+    (2 + i64::from(s.checkpointing) + i64::from(s.reference.is_some())) as f64 * s.micro_batches as f64
+}
+
+/// The step shape `plan` trains, on the CPU or its device.
+pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
+    let device = match plan.device {
+        Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
+        _ => device_map::Device::Cpu,
+    };
+    let run = plan.run_shape(device);
+    let kind = plan.load.compute_dtype;
+    let upcast = |k: Kind| {
+        if quant::ops::matmul_in_f32_under(plan.cpu_matmul, k, plan.device) { Kind::Float } else { k }
+    };
+    let compute = upcast(kind);
+    let adapter = upcast(if run.adapter_bytes == 4 { Kind::Float } else { Kind::BFloat16 });
+    // The head computes in the model's dtype; its gradient product as `head_product_in_f32` says
+    // (under the process's policy, which `main` set from the recipe).
+    let head = if sft::train::head_product_in_f32(plan.load.dtype, plan.device) {
+        Kind::Float
+    } else {
+        plan.load.dtype
+    };
+    let four_bit_read = match run.base {
+        // Codes, then the block scales: one byte per 64 elements, plus the nested f32 absmax per
+        // 256 blocks, or one f32 per 64 elements.
+        BaseWeights::FourBit { double_quant: true } => Some(0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0)),
+        BaseWeights::FourBit { double_quant: false } => Some(0.5 + 4.0 / 64.0),
+        _ => None,
+    };
+    StepShape {
+        model: plan.model_config.shape,
+        rows: run.batch as i64,
+        seq: run.seq as i64,
+        micro_batches: plan.grad_accum.max(1) as i64,
+        lora_r: run.lora_r as i64,
+        lora_targets: run.lora_targets.clone(),
+        compute,
+        adapter,
+        head,
+        checkpointing: run.gradient_checkpointing,
+        reference: plan.dpo.as_ref().filter(|d| !d.precompute).map(|_| plan.lora_init_adapter.is_some()),
+        four_bit_read,
+        dequant_write: match compute {
+            Kind::Float => 4.0,
+            _ => 2.0,
+        },
+    }
+}
+
+/// The measured floor.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Floor {
+    /// Seconds of the step's matmuls, each shape timed alone.
+    pub matmul_s: f64,
+    /// Seconds to move the dequantize traffic at memcpy bandwidth.
+    pub dequant_s: f64,
+    /// Bytes read + written per second by a large copy.
+    pub memcpy_bytes_per_s: f64,
+    /// Matmul FLOP per step, recompute included.
+    pub flops: f64,
+    /// Matmul FLOP per step the model needs (gradient checkpointing's recompute left out).
+    pub model_flops: f64,
+    /// Seconds by `part/pass`.
+    pub by: BTreeMap<String, f64>,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Median seconds of `f` over repeats that fill about `budget_s` (at least 3, at most 50).
+fn time_median(device: Device, budget_s: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    sync(device);
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 3 || (times.len() < 50 && started.elapsed().as_secs_f64() < budget_s) {
+        let t = Instant::now();
+        f()?;
+        sync(device);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Measures `shape`'s floor on `device`.
+pub(crate) fn measure(shape: &StepShape, device: Device) -> Result<Floor> {
+    let _guard = tch::no_grad_guard();
+    let mut floor = Floor::default();
+    let mut seen: HashMap<(i64, i64, i64, i64, Kind), f64> = HashMap::new();
+    let list = gemms(shape);
+    let bar = indicatif::ProgressBar::new(list.len() as u64).with_message("timing the step's matmuls");
+    for g in &list {
+        let key = (g.batch, g.m, g.k, g.n, g.kind);
+        let secs = match seen.get(&key) {
+            Some(&s) => s,
+            None => {
+                let opts = (g.kind, device);
+                let (a, b) = if g.batch == 1 {
+                    (Tensor::f_randn([g.m, g.k], opts)?, Tensor::f_randn([g.k, g.n], opts)?)
+                } else {
+                    (Tensor::f_randn([g.batch, g.m, g.k], opts)?, Tensor::f_randn([g.batch, g.k, g.n], opts)?)
+                };
+                let s = time_median(device, 0.3, || {
+                    let _ = a.f_matmul(&b)?;
+                    Ok(())
+                })
+                .with_context(|| {
+                    format!("timing a {}x{}x{} x{} matmul in {:?}", g.m, g.k, g.n, g.batch, g.kind)
+                })?;
+                seen.insert(key, s);
+                s
+            }
+        };
+        floor.matmul_s += secs * g.count;
+        floor.flops += g.flops();
+        if g.pass != Pass::Recompute {
+            floor.model_flops += g.flops();
+        }
+        *floor.by.entry(format!("{:?}/{:?}", g.part, g.pass).to_lowercase()).or_insert(0.0) += secs * g.count;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // A copy larger than any cache, read + written.
+    let bytes: i64 = 256 << 20;
+    let src = Tensor::f_ones([bytes], (Kind::Uint8, device))?;
+    let mut dst = Tensor::f_zeros([bytes], (Kind::Uint8, device))?;
+    let copy_s = time_median(device, 0.5, || {
+        dst.f_copy_(&src)?;
+        Ok(())
+    })?;
+    floor.memcpy_bytes_per_s = 2.0 * bytes as f64 / copy_s;
+    if let Some(read) = shape.four_bit_read {
+        let elements: f64 = linears(&shape.model).iter().map(|(_, i, o)| (i * o) as f64).sum::<f64>()
+            * shape.model.layers as f64;
+        let traffic = elements * (read + shape.dequant_write) * dequant_passes(shape);
+        floor.dequant_s = traffic / floor.memcpy_bytes_per_s;
+    }
+    Ok(floor)
+}
+
+/// `sft RECIPE --measure-floor`: measure and print the floor (a table, then one JSON line).
+pub fn print(plan: &RunPlan) -> Result<()> {
+    let shape = step_shape(plan);
+    let floor = measure(&shape, plan.device)?;
+    let total = floor.matmul_s + floor.dequant_s;
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "step: {} x {} tokens x {} micro-batch(es), matmuls in {:?} (adapters {:?}, head {:?}), gradient checkpointing {}{}",
+            shape.rows,
+            shape.seq,
+            shape.micro_batches,
+            shape.compute,
+            shape.adapter,
+            shape.head,
+            shape.checkpointing,
+            match shape.reference {
+                Some(true) => ", DPO reference forward (with the initial adapter)",
+                Some(false) => ", DPO reference forward (adapters off)",
+                None => "",
+            }
+        );
+        for (what, s) in &floor.by {
+            println!("  {what:<24} {:>10.1} ms", s * 1e3);
+        }
+        println!(
+            "  {:<24} {:>10.1} ms ({:.2e} FLOP, {:.2e} of them the model's)",
+            "matmuls",
+            floor.matmul_s * 1e3,
+            floor.flops,
+            floor.model_flops
+        );
+        println!(
+            "  {:<24} {:>10.1} ms (memcpy {:.1} GB/s)",
+            "dequantize traffic",
+            floor.dequant_s * 1e3,
+            floor.memcpy_bytes_per_s / 1e9
+        );
+        println!("  {:<24} {:>10.1} ms", "floor", total * 1e3);
+        let by: serde_json::Map<String, serde_json::Value> =
+            floor.by.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        println!(
+            "{}",
+            serde_json::json!({"floor": {
+                "floor_s": total,
+                "matmul_s": floor.matmul_s,
+                "dequant_s": floor.dequant_s,
+                "memcpy_bytes_per_s": floor.memcpy_bytes_per_s,
+                "flops": floor.flops,
+                "model_flops": floor.model_flops,
+                "tokens": shape.rows * shape.seq * shape.micro_batches,
+                "by": by,
+            }})
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> StepShape {
+        StepShape {
+            model: ModelShape {
+                vocab: 1000,
+                hidden: 64,
+                intermediate: 160,
+                layers: 2,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 16,
+                tied_embeddings: false,
+            },
+            rows: 2,
+            seq: 32,
+            micro_batches: 1,
+            lora_r: 8,
+            lora_targets: vec!["q_proj".into(), "v_proj".into()],
+            compute: Kind::BFloat16,
+            adapter: Kind::Float,
+            head: Kind::BFloat16,
+            checkpointing: false,
+            reference: None,
+            four_bit_read: Some(0.5),
+            dequant_write: 2.0,
+        }
+    }
+
+    fn flops(s: &StepShape, pass: Option<Pass>) -> f64 {
+        gemms(s).iter().filter(|g| pass.is_none_or(|p| g.pass == p)).map(Gemm::flops).sum()
+    }
+
+    #[test]
+    fn counts_the_textbook_flops() {
+        let s = shape();
+        let n = 64.0;
+        // Decoder linears: 2 layers x (64x64 + 2x64x32 + 64x64 + 3x64x160) weights.
+        let weights = 2.0 * (64.0 * 64.0 * 2.0 + 64.0 * 32.0 * 2.0 + 3.0 * 64.0 * 160.0);
+        let lora = 2.0 * 8.0 * ((64.0 + 64.0) + (64.0 + 32.0));
+        // Attention, forward: 2 layers x 2 products x 2 rows x 4 heads x 32 x 32 x 16 (causal half).
+        let attention = 2.0 * 2.0 * (2.0 * 2.0 * 4.0 * 32.0 * 32.0 * 16.0 * 0.5);
+        let head = 64.0 * 1000.0;
+        let forward = 2.0 * n * (weights + lora + head) + attention;
+        assert!((flops(&s, Some(Pass::Forward)) - forward).abs() < 1e-6 * forward);
+        // Backward: input gradients through frozen weights (1x), adapters' four products (2x
+        // their forward), attention 2x.
+        let backward = 2.0 * n * (weights + 2.0 * lora + head) + 2.0 * attention;
+        assert!((flops(&s, Some(Pass::Backward)) - backward).abs() < 1e-6 * backward);
+        assert_eq!(flops(&s, Some(Pass::Recompute)), 0.0);
+    }
+
+    #[test]
+    fn checkpointing_adds_a_forward_and_dpo_a_reference_pass() {
+        let base = shape();
+        let gc = StepShape { checkpointing: true, ..shape() };
+        let fwd = flops(&base, Some(Pass::Forward));
+        let head = 2.0 * 64.0 * 64.0 * 1000.0;
+        assert!((flops(&gc, Some(Pass::Recompute)) - (fwd - head)).abs() < 1e-6 * fwd);
+        let dpo = StepShape { reference: Some(false), ..shape() };
+        let lora_fwd: f64 = gemms(&base)
+            .iter()
+            .filter(|g| g.pass == Pass::Forward && g.part == Part::Lora)
+            .map(Gemm::flops)
+            .sum();
+        assert!(lora_fwd > 0.0);
+        assert!((flops(&dpo, Some(Pass::Reference)) - (fwd - lora_fwd)).abs() < 1e-6 * fwd);
+        let with_init = StepShape { reference: Some(true), ..shape() };
+        assert!((flops(&with_init, Some(Pass::Reference)) - fwd).abs() < 1e-6 * fwd);
+        assert_eq!(dequant_passes(&base), 2.0);
+        assert_eq!(dequant_passes(&StepShape { micro_batches: 3, ..with_init.clone() }), 9.0);
+        let accum = StepShape { micro_batches: 4, ..shape() };
+        assert!((flops(&accum, None) - 4.0 * flops(&base, None)).abs() < 1e-6 * flops(&accum, None));
+    }
+
+    #[test]
+    fn measures_a_small_step() -> Result<()> {
+        let s = StepShape { checkpointing: true, reference: Some(true), ..shape() };
+        let f = measure(&s, Device::Cpu)?;
+        assert!(f.matmul_s > 0.0 && f.dequant_s > 0.0 && f.memcpy_bytes_per_s > 0.0);
+        assert!(f.flops > f.model_flops);
+        let parts: f64 = f.by.values().sum();
+        assert!((parts - f.matmul_s).abs() <= 1e-9 * f.matmul_s.max(1.0));
+        assert!(f.by.contains_key("lora/reference") && f.by.contains_key("head/backward"));
+        Ok(())
+    }
+}
