@@ -11,7 +11,7 @@ use data::preference::{PreferenceIds, collate_preferences};
 use data::preference_cache::{PairOptions, load_or_prepare_preferences, preference_key};
 use data::{batches_per_epoch, shard_indices};
 use model_loader::CausalLm;
-use sft::train::dpo::{DpoMicroBatch, SequenceLogps, reference_logps};
+use sft::train::dpo::{DpoMicroBatch, Scoring, SequenceLogps, reference_logps};
 use sft::train::sampler_order;
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
@@ -168,7 +168,7 @@ impl PreferenceData {
             mb.reference = Some(SequenceLogps {
                 sums: pick(&|p| p.sums)?,
                 tokens: pick(&|p| p.tokens)?,
-                weights: pick(&|p| p.weights)?,
+                weights: Some(pick(&|p| p.weights)?),
                 stats: None,
             });
         }
@@ -225,12 +225,15 @@ impl PreferenceData {
         let all: Vec<usize> = (0..self.pairs.len()).collect();
         for chunk in all.chunks(pass.batch_size.max(1)) {
             let mb = self.micro_batch(chunk)?;
-            let r = reference_logps(model, adapters, pass.initial, &mb.batch, pass.ld_alpha)
+            // The cache keeps the weights too (its format stays the one earlier runs wrote).
+            let scoring = Scoring { ld_alpha: pass.ld_alpha, stats: false, weights: true };
+            let r = reference_logps(model, adapters, pass.initial, &mb.batch, scoring)
                 .context("the reference log-probs")?;
             let v = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)
             };
-            let (sums, tokens, weights) = (v(&r.sums)?, v(&r.tokens)?, v(&r.weights)?);
+            let (sums, tokens, weights) =
+                (v(&r.sums)?, v(&r.tokens)?, v(r.weights.as_ref().context("the reference's weights")?)?);
             let b = chunk.len();
             for j in 0..b {
                 out.push(RefPair {

@@ -307,8 +307,9 @@ pub struct SequenceLogps {
     pub sums: Tensor,
     /// `[rows]` completion tokens of each sequence (f32, at least 1, as TRL counts them).
     pub tokens: Tensor,
-    /// `[rows]` WPO's sequence weight: `exp(mean over completion tokens of (log p - log Σ p²))`.
-    pub weights: Tensor,
+    /// `[rows]` WPO's sequence weight: `exp(mean over completion tokens of (log p - log Σ p²))`,
+    /// when [`Scoring::weights`] asked for it.
+    pub weights: Option<Tensor>,
     /// Per-token statistics for TRL's logged metrics (the policy's pass only).
     pub stats: Option<TokenStats>,
 }
@@ -483,6 +484,9 @@ pub struct Scoring {
     pub ld_alpha: Option<f64>,
     /// The per-token statistics of TRL's logged metrics ([`TokenStats`]).
     pub stats: bool,
+    /// WPO's sequence weights (`use_weighting`; kept with precomputed reference log-probs):
+    /// without them or the statistics, a chunk's log-softmax is never formed.
+    pub weights: bool,
 }
 
 /// The log-probs TRL's DPOTrainer sums: for each row of `input_ids [R, T]`, position `t`
@@ -499,7 +503,7 @@ pub fn sequence_logps(
     chunk_bytes: i64,
     scoring: Scoring,
 ) -> Result<SequenceLogps, model_loader::Error> {
-    let with_stats = scoring.stats;
+    let (with_stats, with_weights) = (scoring.stats, scoring.weights);
     tch::no_grad(|| {
         let size = h.size();
         let [r, t, hidden] = size[..] else {
@@ -521,13 +525,16 @@ pub fn sequence_logps(
             let len = max_rows.min(n - start);
             let c = s.chunk(model, &flat, start, len)?;
             let lp = c.lp.f_to_device(dev)?;
-            let logp = c.logp()?;
-            let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
             let rows = row_of.f_narrow(0, start, len)?;
             lps.push(lp.shallow_clone());
-            let _ = wpo.f_index_add_(0, &rows, &lp.f_sub(&logsumsq)?)?;
-            if let Some(acc) = stats.as_mut() {
-                for (acc, per_position) in acc.iter_mut().zip(c.stats(&logp)?) {
+            // The chunk's log-softmax, a pass over `len x vocab`, only for what needs it.
+            let logp = if with_weights || with_stats { Some(c.logp()?) } else { None };
+            if let (true, Some(logp)) = (with_weights, &logp) {
+                let logsumsq = logp.f_mul_scalar(2.0)?.f_logsumexp(&[-1i64][..], false)?.f_to_device(dev)?;
+                let _ = wpo.f_index_add_(0, &rows, &lp.f_sub(&logsumsq)?)?;
+            }
+            if let (Some(acc), Some(logp)) = (stats.as_mut(), &logp) {
+                for (acc, per_position) in acc.iter_mut().zip(c.stats(logp)?) {
                     let _ = acc.f_index_add_(0, &rows, &per_position.f_to_device(dev)?)?;
                 }
             }
@@ -547,7 +554,7 @@ pub fn sequence_logps(
             .f_to_kind(Kind::Float)?
             .f_sum_dim_intlist(&[1i64][..], false, Kind::Float)?
             .f_clamp_min(1.0)?;
-        let weights = wpo.f_div(&scored_per_row)?.f_exp()?;
+        let weights = if with_weights { Some(wpo.f_div(&scored_per_row)?.f_exp()?) } else { None };
         let stats = match stats {
             Some([entropy, mean_logits, top1]) => {
                 // The zero-count floor of `scored_per_row` is for the weights only.
@@ -599,12 +606,11 @@ pub fn reference_logps(
     adapters: &lora::Adapters,
     initial: Option<&[Tensor]>,
     batch: &DpoBatch,
-    ld_alpha: Option<f64>,
+    scoring: Scoring,
 ) -> Result<SequenceLogps, Error> {
     let score = || -> Result<SequenceLogps, model_loader::Error> {
         let segments = batch.segments_on(model.device())?;
         let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, segments.as_ref()))?;
-        let scoring = Scoring { ld_alpha, stats: false };
         sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES, scoring)
     };
     // The reference is a fixed model: no dropout in it, whatever the policy's training mode.
@@ -663,7 +669,7 @@ pub fn forward_backward(
     };
     let mut outcome: Option<Result<DpoStats, Error>> = None;
     let stats = layers.forward_backward(model, |h| {
-        let scoring = Scoring { ld_alpha: objective.ld_alpha, stats: true };
+        let scoring = Scoring { ld_alpha: objective.ld_alpha, stats: true, weights: objective.use_weighting };
         let seq = sequence_logps(model, h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring)?;
         let torch = |e: tch::TchError| model_loader::Error::from(e);
         let leaf = seq.sums.f_detach().map_err(torch)?.set_requires_grad(true);
@@ -723,7 +729,7 @@ fn pair_logps(
         chosen_tokens: on(&seq.tokens, 0)?,
         rejected_tokens: on(&seq.tokens, b)?,
         chosen_nll,
-        weights: objective.use_weighting.then(|| seq.weights.shallow_clone()),
+        weights: if objective.use_weighting { seq.weights.as_ref().map(Tensor::shallow_clone) } else { None },
     })
 }
 
@@ -750,7 +756,11 @@ impl DpoEval<'_> {
                 let segments = mb.batch.segments_on(model.device()).map_err(torch)?;
                 let h =
                     tch::no_grad(|| model.hidden_states(&ids, None, segments.as_ref())).map_err(forward)?;
-                let scoring = Scoring { ld_alpha: self.dpo.objective.ld_alpha, stats: true };
+                let scoring = Scoring {
+                    ld_alpha: self.dpo.objective.ld_alpha,
+                    stats: true,
+                    weights: self.dpo.objective.use_weighting,
+                };
                 let seq = sequence_logps(model, &h, &ids, &mask, super::HEAD_CHUNK_BYTES, scoring)
                     .map_err(forward)?;
                 let pair =
@@ -887,7 +897,8 @@ impl Dpo<'_> {
                     self.adapters,
                     self.initial.as_deref(),
                     &b.batch,
-                    self.objective.ld_alpha,
+                    // A reference's WPO weights are never used: only the policy's weigh the loss.
+                    Scoring { ld_alpha: self.objective.ld_alpha, stats: false, weights: false },
                 )
             })?),
         }
@@ -1068,7 +1079,7 @@ mod tests {
         let model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
         let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).expect("forward");
         // A small chunk size, so several chunks (and rows split across them) are exercised.
-        let scoring = Scoring { ld_alpha: None, stats: true };
+        let scoring = Scoring { ld_alpha: None, stats: true, weights: true };
         let got =
             sequence_logps(&model, &h, &ids, &mask, 4 * model.vocab_size() * 7, scoring).expect("logps");
         let want: Vec<f64> = [&i["ref_chosen"], &i["ref_rejected"]]
@@ -1086,7 +1097,8 @@ mod tests {
             .flat_map(|v| v.as_array().expect("list").iter().map(|x| x.as_f64().expect("n") as f32))
             .collect();
         assert_eq!(tokens, want_tokens);
-        let w: Vec<f32> = Vec::<f32>::try_from(&got.weights).expect("weights");
+        let w: Vec<f32> =
+            Vec::<f32>::try_from(got.weights.as_ref().expect("weights asked for")).expect("weights");
         assert!(w.len() == 6 && w.iter().all(|x| *x > 0.0 && *x <= 1.0), "{w:?}");
     }
 
@@ -1140,7 +1152,8 @@ mod tests {
         let mut cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
         cfg.init = lora::LoraInit::False;
         let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
-        let reference = reference_logps(&model, &adapters, None, &batch, None).expect("reference");
+        let reference =
+            reference_logps(&model, &adapters, None, &batch, Scoring::default()).expect("reference");
         let want: Vec<f64> = ["ref_chosen", "ref_rejected"]
             .iter()
             .flat_map(|k| {
