@@ -121,7 +121,16 @@ impl Linear for LoraLinear {
             };
             x.f_linear(&self.lora_a, None::<Tensor>)?
         };
-        let update = down.f_linear(&self.lora_b, None::<Tensor>)?.f_mul_scalar(self.scaling)?;
+        let update = if self.scaling == 1.0 {
+            down.f_linear(&self.lora_b, None::<Tensor>)?
+        } else if exact_power_of_two(self.scaling) {
+            // A power of two scales exactly wherever it is applied: on the `[.., r]` input of B
+            // rather than on its `[.., out]` output (and, in backward, on the `[.., r]` gradient),
+            // the same bits as PEFT's order for a pass less over the layer's output each way.
+            down.f_mul_scalar(self.scaling)?.f_linear(&self.lora_b, None::<Tensor>)?
+        } else {
+            down.f_linear(&self.lora_b, None::<Tensor>)?.f_mul_scalar(self.scaling)?
+        };
         let update = if update.kind() == result.kind() { update } else { update.f_to_kind(result.kind())? };
         Ok(result.f_add(&update)?)
     }
@@ -133,6 +142,15 @@ impl Linear for LoraLinear {
     }
     fn device(&self) -> Device {
         self.base.device()
+    }
+}
+
+/// Whether `x` is `2^k` for an integer `k` (so that multiplying by it only moves exponents).
+fn exact_power_of_two(x: f64) -> bool {
+    x > 0.0 && x.is_finite() && {
+        let (mantissa_bits, exponent) = (x.to_bits() & ((1u64 << 52) - 1), (x.to_bits() >> 52) & 0x7ff);
+        // A normal double with an all-zero mantissa, within f32's and bf16's normal range.
+        mantissa_bits == 0 && exponent > 0 && (x as f32).is_normal() && (1.0 / x as f32).is_normal()
     }
 }
 
@@ -164,5 +182,62 @@ impl Linear for Taken {
     }
     fn device(&self) -> Device {
         Device::Cpu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quant::linear::Dense;
+
+    /// `y = base(x) + (x A^T B^T) * s` in PEFT's order, its gradients by autograd.
+    fn peft_order(x: &Tensor, base: &Dense, a: &Tensor, b: &Tensor, s: f64) -> (Tensor, Tensor, Tensor) {
+        let y = base.forward(x).expect("base")
+            + x.to_kind(a.kind())
+                .linear(a, None::<Tensor>)
+                .linear(b, None::<Tensor>)
+                .g_mul_scalar(s)
+                .to_kind(x.kind());
+        y.to_kind(Kind::Float).square().sum(Kind::Float).backward();
+        (y.detach(), a.grad(), b.grad())
+    }
+
+    #[test]
+    fn power_of_two_scaling_gives_peft_bits_and_others_keep_peft_order() {
+        assert!(exact_power_of_two(2.0) && exact_power_of_two(0.25) && exact_power_of_two(4096.0));
+        assert!(!exact_power_of_two(1.5) && !exact_power_of_two(32.0 / 6.0) && !exact_power_of_two(0.0));
+        assert!(
+            !exact_power_of_two(f64::INFINITY) && !exact_power_of_two(1e-60) && !exact_power_of_two(-2.0)
+        );
+        tch::manual_seed(3);
+        for (kind, factors, s) in [
+            (Kind::BFloat16, Kind::Float, 2.0),
+            (Kind::BFloat16, Kind::BFloat16, 4.0),
+            (Kind::Float, Kind::Float, 0.5),
+            (Kind::BFloat16, Kind::Float, 32.0 / 12.0_f64.sqrt()),
+        ] {
+            let x = Tensor::randn([3, 5, 24], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let w = Tensor::randn([40, 24], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let a = Tensor::randn([8, 24], (factors, tch::Device::Cpu)).set_requires_grad(true);
+            let b = Tensor::randn([40, 8], (factors, tch::Device::Cpu)).set_requires_grad(true);
+            let (y0, ga0, gb0) =
+                peft_order(&x, &Dense::new(w.shallow_clone(), None).expect("dense"), &a, &b, s);
+            let (a1, b1) =
+                (a.detach().copy().set_requires_grad(true), b.detach().copy().set_requires_grad(true));
+            let flags = Flags {
+                training: Arc::new(AtomicBool::new(false)),
+                enabled: Arc::new(AtomicBool::new(true)),
+            };
+            let base = Box::new(Dense::new(w.shallow_clone(), None).expect("dense"));
+            let layer = LoraLinear::new(base, a1.shallow_clone(), b1.shallow_clone(), s, 0.0, flags, None);
+            let y1 = layer.forward(&x).expect("forward");
+            y1.to_kind(Kind::Float).square().sum(Kind::Float).backward();
+            let same = |p: &Tensor, q: &Tensor| p.to_kind(Kind::Float).equal(&q.to_kind(Kind::Float));
+            assert!(same(&y0, &y1), "{kind:?} {factors:?} s={s}: outputs differ");
+            assert!(
+                same(&ga0, &a1.grad()) && same(&gb0, &b1.grad()),
+                "{kind:?} {factors:?} s={s}: gradients differ"
+            );
+        }
     }
 }
