@@ -278,7 +278,7 @@ impl Plan {
                     (Model::Tiny, Objective::Sft, cases(&Variant::ALL, 12, o.repeats.unwrap_or(2))),
                     (Model::Tiny, Objective::Dpo, cases(&Variant::ALL, 12, o.repeats.unwrap_or(2))),
                     // bf16 matmuls take minutes per step on CPUs without native bf16 (see
-                    // docs/benchmarks.md): fewer steps, one repeat.
+                    // docs/benchmarks.md): fewer steps, one repeat there.
                     (Model::Llama150m, Objective::Sft, llama_cases(o)),
                     (Model::Llama150m, Objective::Dpo, llama_cases(o)),
                     // The scale people train: 3 steps of 2 x 512 tokens, bf16 with checkpointing.
@@ -289,11 +289,21 @@ impl Plan {
     }
 }
 
-/// The 134M model's cases: fp32 with 8 steps, bf16 (slow without native bf16 GEMMs) with 3.
+/// The 134M model's cases: fp32 with 8 steps and two repeats; bf16 the same on CPUs with native
+/// bf16 GEMMs (a step takes about a second there), else 3 steps once (minutes per step).
 fn llama_cases(o: &Options) -> Vec<Case> {
     let mut c = cases(&[Variant::Fp32], 8, o.repeats.unwrap_or(2));
-    c.extend(cases(&[Variant::Bf16, Variant::Bf16Gc], 3, o.repeats.unwrap_or(1)));
+    let (steps, repeats) = if native_bf16_cpu() { (8, 2) } else { (3, 1) };
+    c.extend(cases(&[Variant::Bf16, Variant::Bf16Gc], steps, o.repeats.unwrap_or(repeats)));
     c
+}
+
+/// Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX), the CPUs where torch's
+/// bf16 GEMMs are fast (`/proc/cpuinfo`'s flags).
+fn native_bf16_cpu() -> bool {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default();
+    flags.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16")
 }
 
 /// Everything a run needs to find.
