@@ -1707,6 +1707,32 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn floors_scale_and_phases_parse() -> Result<()> {
+        let v = json::parse(
+            r#"{"floor": {"floor_s": 2.0, "matmul_s": 1.5, "dequant_s": 0.5, "model_flops": 1e9,
+                "by": {"base/forward": 0.5, "head/backward": 0.25, "base/recompute": 0.75}}}"#,
+        )?;
+        let f = Floor::from_json(&v, 0.5).context("a floor")?;
+        assert_eq!((f.total_s, f.matmul_s, f.dequant_s, f.model_flops), (1.0, 0.75, 0.25, 5e8));
+        assert_eq!(f.sum(|k| k.ends_with("/recompute") || k.ends_with("/forward")), 0.625);
+        assert!(Floor::from_json(&json::parse(r#"{"other": 1}"#)?, 1.0).is_none());
+        let dir = std::env::temp_dir().join(format!("nibble-bench-phases-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let log = dir.join("run.log");
+        fs::write(
+            &log,
+            "INFO step 1/3\n2026-12-07T08:46:49Z  INFO time per step by phase (seconds): \
+             {\"steps\":2,\"step_s\":1.5,\"forward\":0.5,\"other\":0.01}\n",
+        )?;
+        let phases = read_phases(&log);
+        assert_eq!(phases.iter().find(|(k, _)| k == "forward").map(|p| p.1), Some(0.5));
+        assert_eq!(phases.len(), 4);
+        assert!(read_phases(&dir.join("absent.log")).is_empty());
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_owned).collect()
     }

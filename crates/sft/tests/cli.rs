@@ -307,6 +307,41 @@ fn estimate_memory_reads_the_model_config() {
 }
 
 #[test]
+fn measure_floor_times_the_steps_matmuls_for_sft_and_dpo() {
+    for (args, passes) in [
+        (
+            vec!["recipes/tiny/config_qlora.yaml"],
+            &["base/forward", "base/backward", "head/backward", "lora/backward"][..],
+        ),
+        (
+            vec!["dpo", "recipes/bench/tiny-dpo.yaml", "--gradient_checkpointing", "true"],
+            &["base/reference", "base/recompute", "attention/backward"][..],
+        ),
+    ] {
+        let mut all = args.clone();
+        all.push("--measure-floor");
+        let out = sft(&all, &repo());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line");
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        let f = &v["floor"];
+        let num = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+        assert!(num("matmul_s") > 0.0 && num("dequant_s") > 0.0, "{line}");
+        assert!((num("floor_s") - num("matmul_s") - num("dequant_s")).abs() < 1e-9, "{line}");
+        assert!(num("flops") >= num("model_flops") && num("model_flops") > 0.0, "{line}");
+        for p in passes {
+            assert!(f["by"][*p].as_f64().is_some_and(|s| s > 0.0), "{args:?}: no `{p}` in {line}");
+        }
+        // No initial adapter: the reference is the base with the adapters off.
+        assert!(f["by"].get("lora/reference").is_none(), "{line}");
+        let parts: f64 =
+            f["by"].as_object().expect("by").values().filter_map(serde_json::Value::as_f64).sum();
+        assert!((parts - num("matmul_s")).abs() <= 1e-6 * num("matmul_s"), "{line}");
+    }
+}
+
+#[test]
 fn estimate_memory_for_a_model_not_in_the_cache_names_it() {
     let dir = scratch("hub");
     let out = Command::new(env!("CARGO_BIN_EXE_sft"))
