@@ -137,6 +137,10 @@ fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_RECIPE));
         }
     };
+    // OpenMP read OMP_NUM_THREADS when libtorch was loaded, before `main`. Set then (a shell,
+    // `sft launch` or torchrun splitting the cores between ranks), it stands, as the environment
+    // stands over a recipe's keys; unset, the recipe's value sizes libtorch's intra-op pool below.
+    let threads_from_env = std::env::var_os("OMP_NUM_THREADS").is_some();
     // The recipe's `env:` map goes into the environment before anything else runs.
     for (k, v) in &recipe.env {
         // SAFETY: single-threaded here: nothing (logging, libtorch thread pools) has started.
@@ -146,6 +150,13 @@ fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
     if !recipe.env.is_empty() {
         let names: Vec<&str> = recipe.env.keys().map(String::as_str).collect();
         tracing::debug!("exported from the recipe's env: {}", names.join(", "));
+    }
+    if !threads_from_env
+        && let Some(n) =
+            recipe.env.get("OMP_NUM_THREADS").and_then(|v| v.trim().parse::<i32>().ok()).filter(|&n| n > 0)
+    {
+        tch::set_num_threads(n);
+        tracing::debug!("intra-op threads from the recipe's env: {}", tch::get_num_threads());
     }
     for w in &recipe.warnings {
         tracing::warn!("{w}");

@@ -280,12 +280,29 @@ fn environment_overrides_the_file_and_flags_override_the_environment() {
 #[test]
 fn recipe_env_is_exported_before_logging_starts() {
     let dir = scratch("env");
-    std::fs::write(dir.join("r.yaml"), "env:\n  NIBBLE_LOG: debug\nmodel_name_or_path: m\ndataset_name: d\n")
-        .expect("write");
-    let out = sft(&["r.yaml", "--print-config"], &dir);
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("exported from the recipe's env: NIBBLE_LOG"), "{stderr}");
+    std::fs::write(
+        dir.join("r.yaml"),
+        "env:\n  NIBBLE_LOG: debug\n  OMP_NUM_THREADS: \"1\"\nmodel_name_or_path: m\ndataset_name: d\n",
+    )
+    .expect("write");
+    let run = |omp: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
+        cmd.args(["r.yaml", "--print-config"]).current_dir(&dir).env_remove("NIBBLE_LOG");
+        match omp {
+            Some(n) => cmd.env("OMP_NUM_THREADS", n),
+            None => cmd.env_remove("OMP_NUM_THREADS"),
+        };
+        let out = cmd.output().expect("run sft");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(None);
+    assert!(stderr.contains("exported from the recipe's env: NIBBLE_LOG, OMP_NUM_THREADS"), "{stderr}");
+    // OpenMP had read its thread count before the recipe was; the pool is resized to it.
+    assert!(stderr.contains("intra-op threads from the recipe's env: 1"), "{stderr}");
+    // Set in the environment (a shell, `sft launch`), it stands.
+    let stderr = run(Some("2"));
+    assert!(!stderr.contains("intra-op threads from the recipe's env"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
