@@ -79,8 +79,10 @@ pub(crate) struct StepShape {
     pub compute: Kind,
     /// The dtype the adapters' matmuls run in.
     pub adapter: Kind,
-    /// The dtype the head's matmuls run in.
+    /// The dtype the head's forward product runs in.
     pub head: Kind,
+    /// The dtype its gradient product runs in (f32 where the run takes TRL's f32 product).
+    pub head_grad: Kind,
     pub checkpointing: bool,
     /// DPO's reference forward each step: `Some(with adapters)` (a frozen initial adapter
     /// scores the reference), `None` without one (SFT, or precomputed log-probs).
@@ -135,7 +137,7 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     forward(&mut add, Pass::Forward, true);
     add(Part::Head, Pass::Forward, 1, n_tok, h, v, s.head, 1.0);
     // Backward: the head's input gradient (the head is frozen), then each layer's.
-    add(Part::Head, Pass::Backward, 1, n_tok, v, h, s.head, 1.0);
+    add(Part::Head, Pass::Backward, 1, n_tok, v, h, s.head_grad, 1.0);
     for (name, fan_in, fan_out) in linears(&s.model) {
         add(Part::Base, Pass::Backward, 1, n_tok, fan_out, fan_in, s.compute, layers);
         if targeted(name) {
@@ -180,9 +182,11 @@ pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
     };
     let compute = upcast(kind);
     let adapter = upcast(if run.adapter_bytes == 4 { Kind::Float } else { Kind::BFloat16 });
-    // The head computes in the model's dtype; its gradient product as `head_product_in_f32` says
-    // (under the process's policy, which `main` set from the recipe).
-    let head = if sft::train::head_product_in_f32(plan.load.dtype, plan.device) {
+    // The head's logits come from its weight's dtype (upcast as any frozen 16-bit product); its
+    // gradient product as `head_product_in_f32` says (under the process's policy, which `main`
+    // set from the recipe).
+    let head = upcast(plan.load.dtype);
+    let head_grad = if sft::train::head_product_in_f32(plan.load.dtype, plan.device) {
         Kind::Float
     } else {
         plan.load.dtype
@@ -204,6 +208,7 @@ pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
         compute,
         adapter,
         head,
+        head_grad,
         checkpointing: run.gradient_checkpointing,
         reference: plan.dpo.as_ref().filter(|d| !d.precompute).map(|_| plan.lora_init_adapter.is_some()),
         four_bit_read,
@@ -317,13 +322,14 @@ pub fn print(plan: &RunPlan) -> Result<()> {
     #[allow(clippy::print_stdout)]
     {
         println!(
-            "step: {} x {} tokens x {} micro-batch(es), matmuls in {:?} (adapters {:?}, head {:?}), gradient checkpointing {}{}",
+            "step: {} x {} tokens x {} micro-batch(es), matmuls in {:?} (adapters {:?}, head {:?}, its gradient {:?}), gradient checkpointing {}{}",
             shape.rows,
             shape.seq,
             shape.micro_batches,
             shape.compute,
             shape.adapter,
             shape.head,
+            shape.head_grad,
             shape.checkpointing,
             match shape.reference {
                 Some(true) => ", DPO reference forward (with the initial adapter)",
@@ -391,6 +397,7 @@ mod tests {
             compute: Kind::BFloat16,
             adapter: Kind::Float,
             head: Kind::BFloat16,
+            head_grad: Kind::Float,
             checkpointing: false,
             reference: None,
             four_bit_read: Some(0.5),
