@@ -302,8 +302,12 @@ fn llama_cases(o: &Options) -> Vec<Case> {
 /// bf16 GEMMs are fast (`/proc/cpuinfo`'s flags).
 fn native_bf16_cpu() -> bool {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default();
-    flags.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16")
+    cpu_flags(&cpuinfo).split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16")
+}
+
+/// The first `flags` line of a `/proc/cpuinfo` text (empty where there is none).
+fn cpu_flags(cpuinfo: &str) -> &str {
+    cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default()
 }
 
 /// Everything a run needs to find.
@@ -768,12 +772,8 @@ impl Floor {
     /// From `--measure-floor`'s JSON line, times `scale` (measured tokens / the floor's tokens).
     fn from_json(v: &Value, scale: f64) -> Option<Floor> {
         let f = v.get("floor")?;
-        let by = match f.get("by") {
-            Some(Value::Obj(m)) => {
-                m.iter().filter_map(|(k, v)| v.num(&[]).map(|x| (k.clone(), x * scale))).collect()
-            }
-            _ => Vec::new(),
-        };
+        let by =
+            f.get("by").map_or_else(Vec::new, numbers).into_iter().map(|(k, x)| (k, x * scale)).collect();
         Some(Floor {
             total_s: f.num(&["floor_s"])? * scale,
             matmul_s: f.num(&["matmul_s"])? * scale,
@@ -796,8 +796,13 @@ fn read_phases(log: &Path) -> Vec<(String, f64)> {
         return Vec::new();
     };
     let Some(start) = line.find('{') else { return Vec::new() };
-    match json::parse(&line[start..]) {
-        Ok(Value::Obj(m)) => m.iter().filter_map(|(k, v)| v.num(&[]).map(|x| (k.clone(), x))).collect(),
+    json::parse(&line[start..]).map_or_else(|_| Vec::new(), |v| numbers(&v))
+}
+
+/// The numeric members of a JSON object, in order (none for anything else).
+fn numbers(v: &Value) -> Vec<(String, f64)> {
+    match v {
+        Value::Obj(m) => m.iter().filter_map(|(k, v)| v.num(&[]).map(|x| (k.clone(), x))).collect(),
         _ => Vec::new(),
     }
 }
@@ -1091,7 +1096,7 @@ fn machine(cores: usize) -> String {
         .lines()
         .find_map(|l| Some(l.strip_prefix("model name")?.split_once(':')?.1.trim().to_owned()))
         .unwrap_or_else(|| "unknown CPU".into());
-    let flags = cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default();
+    let flags = cpu_flags(&cpuinfo);
     let simd: Vec<&str> = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
         .into_iter()
         .filter(|f| flags.split_whitespace().any(|x| x == *f))

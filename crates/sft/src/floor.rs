@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use device_map::estimate::{BaseWeights, ModelShape};
+use device_map::estimate::{BaseWeights, ModelShape, block_linears};
 use tch::{Device, Kind, Tensor};
 
 use crate::plan::RunPlan;
+use sft::train::clock::sync;
 
 /// What a matmul belongs to, for the breakdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -94,21 +95,6 @@ pub(crate) struct StepShape {
     pub dequant_write: f64,
 }
 
-/// The decoder linears' `(PEFT name, in, out)`.
-fn linears(s: &ModelShape) -> [(&'static str, i64, i64); 7] {
-    let (h, i) = (s.hidden as i64, s.intermediate as i64);
-    let (q, kv) = ((s.heads * s.head_dim) as i64, (s.kv_heads * s.head_dim) as i64);
-    [
-        ("q_proj", h, q),
-        ("k_proj", h, kv),
-        ("v_proj", h, kv),
-        ("o_proj", q, h),
-        ("gate_proj", h, i),
-        ("up_proj", h, i),
-        ("down_proj", i, h),
-    ]
-}
-
 /// Every matmul of one optimizer step.
 pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     let mut out = Vec::new();
@@ -118,11 +104,12 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     let mut add = |part, pass, batch, m, k, n, kind, count: f64| {
         out.push(Gemm { part, pass, batch, m, k, n, kind, count: count * micro });
     };
-    let targeted =
-        |name: &str| s.lora_r > 0 && s.lora_targets.iter().any(|t| t.rsplit('.').next() == Some(name));
+    // A block's linears, `(PEFT name, in, out)`, as the memory estimate knows them.
+    let linears = block_linears(&s.model).map(|(name, i, o)| (name, i as i64, o as i64));
+    let targeted = |name: &str| s.lora_r > 0 && s.lora_targets.iter().any(|t| t == name);
     // One forward of the decoder layers: each linear, its adapter, attention's two products.
     let forward = |add: &mut dyn FnMut(Part, Pass, i64, i64, i64, i64, Kind, f64), pass, adapters: bool| {
-        for (name, fan_in, fan_out) in linears(&s.model) {
+        for (name, fan_in, fan_out) in linears {
             add(Part::Base, pass, 1, n_tok, fan_in, fan_out, s.compute, layers);
             if adapters && targeted(name) {
                 add(Part::Lora, pass, 1, n_tok, fan_in, s.lora_r, s.adapter, layers);
@@ -138,7 +125,7 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     add(Part::Head, Pass::Forward, 1, n_tok, h, v, s.head, 1.0);
     // Backward: the head's input gradient (the head is frozen), then each layer's.
     add(Part::Head, Pass::Backward, 1, n_tok, v, h, s.head_grad, 1.0);
-    for (name, fan_in, fan_out) in linears(&s.model) {
+    for (name, fan_in, fan_out) in linears {
         add(Part::Base, Pass::Backward, 1, n_tok, fan_out, fan_in, s.compute, layers);
         if targeted(name) {
             let r = s.lora_r;
@@ -171,11 +158,7 @@ fn dequant_passes(s: &StepShape) -> f64 {
 
 /// The step shape `plan` trains, on the CPU or its device.
 pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
-    let device = match plan.device {
-        Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
-        _ => device_map::Device::Cpu,
-    };
-    let run = plan.run_shape(device);
+    let run = plan.run_shape(plan.map_device());
     let kind = plan.load.compute_dtype;
     let upcast = |k: Kind| {
         if quant::ops::matmul_in_f32_under(plan.cpu_matmul, k, plan.device) { Kind::Float } else { k }
@@ -234,12 +217,6 @@ pub(crate) struct Floor {
     pub model_flops: f64,
     /// Seconds by `part/pass`.
     pub by: BTreeMap<String, f64>,
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// Median seconds of `f` over repeats that fill about `budget_s` (at least 3, at most 50).
@@ -306,8 +283,7 @@ pub(crate) fn measure(shape: &StepShape, device: Device) -> Result<Floor> {
     })?;
     floor.memcpy_bytes_per_s = 2.0 * bytes as f64 / copy_s;
     if let Some(read) = shape.four_bit_read {
-        let elements: f64 = linears(&shape.model).iter().map(|(_, i, o)| (i * o) as f64).sum::<f64>()
-            * shape.model.layers as f64;
+        let elements = shape.model.linear_params() as f64;
         let traffic = elements * (read + shape.dequant_write) * dequant_passes(shape);
         floor.dequant_s = traffic / floor.memcpy_bytes_per_s;
     }

@@ -200,11 +200,7 @@ fn run(args: cli::TrainArgs, trainer: config::Trainer) -> Result<ExitCode> {
         }
     };
     if args.estimate_memory {
-        let device = match plan.device {
-            tch::Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
-            _ => device_map::Device::Cpu,
-        };
-        estimate::print(&plan, device, machine.cuda_devices)?;
+        estimate::print(&plan, plan.map_device(), machine.cuda_devices)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.measure_floor {

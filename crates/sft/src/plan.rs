@@ -503,6 +503,14 @@ impl RunPlan {
         })
     }
 
+    /// The training device as the device map names it.
+    pub fn map_device(&self) -> device_map::Device {
+        match self.device {
+            Device::Cuda(i) => device_map::Device::Cuda(u32::try_from(i).unwrap_or(0)),
+            _ => device_map::Device::Cpu,
+        }
+    }
+
     /// The run's memory-driving settings for the estimate, training on `device`.
     pub fn run_shape(&self, device: device_map::Device) -> RunShape {
         run_shape(&self.recipe, &self.model_config, &self.lora_linears, self.cpu_matmul, device)

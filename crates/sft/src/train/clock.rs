@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::time::Instant;
 
-/// A part of the step.
+/// A part of the step; declared in the order of [`Phase::ALL`], which indexes the per-phase sums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// DPO's reference log-probs (no graph).
@@ -16,7 +16,8 @@ pub enum Phase {
     Forward,
     /// Final norm, output head, loss and the head's own backward.
     Head,
-    /// Back through the decoder layers (with gradient checkpointing, their recompute too).
+    /// Back through the decoder layers (with gradient checkpointing, their recompute too) and
+    /// into a trainable embedding.
     Backward,
     /// Gradient clipping, the optimizer step and zeroing the gradients.
     Optimizer,
@@ -41,11 +42,13 @@ impl Phase {
 
 thread_local! {
     static SPENT: Cell<[f64; 5]> = const { Cell::new([0.0; 5]) };
-    /// Phases being timed on this thread: an inner phase's time is not counted twice.
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// A phase is being timed on this thread: an inner phase's time is not counted twice.
+    static TIMING: Cell<bool> = const { Cell::new(false) };
 }
 
-fn sync(device: tch::Device) {
+/// Waits for `device`'s queued work (a no-op on the CPU), so a wall-clock interval is the
+/// work's time, not its launch's.
+pub fn sync(device: tch::Device) {
     if let tch::Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
@@ -53,20 +56,19 @@ fn sync(device: tch::Device) {
 
 /// Runs `f`, adding its wall time to `phase` (unless an enclosing phase is being timed already).
 pub fn timed<R>(phase: Phase, device: tch::Device, f: impl FnOnce() -> R) -> R {
-    if DEPTH.get() > 0 {
+    if TIMING.get() {
         return f();
     }
     sync(device);
-    DEPTH.set(1);
+    TIMING.set(true);
     let start = Instant::now();
     let out = f();
     sync(device);
     let secs = start.elapsed().as_secs_f64();
-    DEPTH.set(0);
-    let i = Phase::ALL.iter().position(|&p| p == phase).unwrap_or(0);
+    TIMING.set(false);
     SPENT.with(|s| {
         let mut v = s.get();
-        v[i] += secs;
+        v[phase as usize] += secs;
         s.set(v);
     });
     out

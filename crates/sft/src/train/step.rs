@@ -269,7 +269,7 @@ impl Layers<'_> {
         let (stats, grad) = timed(Phase::Head, device, || head(&h))?;
         drop(h);
         // Then layer by layer, last first: recompute with a graph and push the gradient through.
-        let grad = timed(Phase::Backward, device, || -> Result<Tensor, model_loader::Error> {
+        timed(Phase::Backward, device, || -> Result<(), model_loader::Error> {
             let (mut inputs, mut grad) = (inputs, grad);
             for i in (0..model.num_layers()).rev() {
                 let x = inputs[i].f_detach()?.set_requires_grad(true);
@@ -278,16 +278,16 @@ impl Layers<'_> {
                 grad = x.grad();
                 inputs.truncate(i);
             }
-            Ok(grad)
-        })?;
-        // A trainable embedding (`modules_to_save: [embed_tokens]`) gets its gradient from a
-        // recomputed embedding lookup (same seed, so the same NEFTune noise).
-        if grad.defined() {
-            let h0 = embed()?;
-            if h0.requires_grad() {
-                backward_from(&h0, &grad)?;
+            // A trainable embedding (`modules_to_save: [embed_tokens]`) gets its gradient from a
+            // recomputed embedding lookup (same seed, so the same NEFTune noise).
+            if grad.defined() {
+                let h0 = embed()?;
+                if h0.requires_grad() {
+                    backward_from(&h0, &grad)?;
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok(stats)
     }
 }
