@@ -9,9 +9,15 @@ For each case a folder under the output directory holds the model as transformer
 (config.json + model.safetensors) and `expected.safetensors` with `input_ids`, `position_ids`
 and transformers' `logits` (fp32). The cases exercise what differs between families: Llama with
 llama3 RoPE scaling, tied embeddings and attention/MLP biases; Mistral with a sliding window
-shorter than the sequence; Qwen2's q/k/v bias; Qwen3's q/k norms; and a Llama loaded in 4 bits by
+shorter than the sequence; Qwen2's q/k/v bias; Qwen3's q/k norms; Gemma 2 (sandwich norms, GeGLU,
+scaled embeddings, soft-capped attention scores and logits, alternating sliding layers) and Gemma 3
+(q/k norms, per-layer-type RoPE with linear scaling on the global layers); and a Llama loaded in 4 bits by
 bitsandbytes (NF4 with double quantization, fp32 compute), whose 4-bit checkpoint is saved too
 (`llama-4bit-saved`) so the pre-quantized load path is tested on a file transformers wrote.
+
+The Gemma cases also hold `logits_4bit`: transformers' fp32 forward with every decoder linear
+replaced by its bitsandbytes NF4 codes (double quantization) dequantized, and `greedy_prompt` /
+`greedy_tokens`: 20 tokens of transformers' greedy generation from the fp32 model.
 
 The 8-bit (LLM.int8) cases: `llama-int8` is a Llama whose norms give a few hidden features large
 values (the outlier features LLM.int8 computes in floating point; a small random model has none),
@@ -25,6 +31,8 @@ Deterministic (fixed seeds). Regenerate (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_models.py crates/model-loader/tests/golden
 or only the 8-bit cases:
     "$NIBBLE_PYTHON" scripts/golden_models.py crates/model-loader/tests/golden --int8
+or only some families (their folders alone are rewritten):
+    "$NIBBLE_PYTHON" scripts/golden_models.py crates/model-loader/tests/golden --only gemma2,gemma3
 """
 
 import os
@@ -46,6 +54,8 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -85,6 +95,30 @@ def cases():
     yield "mistral", MistralConfig(**COMMON, sliding_window=5, head_dim=8)
     yield "qwen2", Qwen2Config(**COMMON, use_sliding_window=False)
     yield "qwen3", Qwen3Config(**COMMON, head_dim=8, use_sliding_window=False)
+    # Small caps so the tanh is far from linear on a random model's scores and logits.
+    yield "gemma2", Gemma2Config(
+        **COMMON,
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=5,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    )
+    yield "gemma3", Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=3.0,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )
+
+
+GEMMA = ("gemma2", "gemma3")
 
 
 def inputs():
@@ -101,7 +135,7 @@ def logits_of(model, ids, pos):
 
 def random_model(cfg):
     torch.manual_seed(0)
-    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    cfg.architectures = [type(cfg).__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # from_config leaves norms at one and biases at zero; make them count.
     with torch.no_grad():
@@ -109,6 +143,42 @@ def random_model(cfg):
             if pname.endswith("norm.weight") or pname.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.2)
     return model
+
+
+def dequantized_4bit_logits(d: Path, model, ids, pos):
+    """transformers' fp32 forward with each decoder linear's weight replaced by its NF4 codes
+    (bitsandbytes, double quantization) dequantized."""
+    import bitsandbytes as bnb
+
+    bnb_cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    q = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_cfg, dtype=torch.float32, device_map="cpu")
+    deq = {
+        name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        for name, m in q.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert deq, "nothing was quantized"
+    import copy
+
+    fp = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in deq.items():
+            fp.get_submodule(name).weight.copy_(w)
+    return logits_of(fp, ids, pos)
+
+
+def greedy(model, ids):
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, min_new_tokens=20
+        )
+    return prompt.clone(), out[:, prompt.shape[1] :].contiguous()
 
 
 def int8_cases(out: Path):
@@ -171,16 +241,27 @@ def int8_cases(out: Path):
     print("outlier columns per layer:", {k: v for k, v in outliers.items() if v})
 
 
-def main(out: Path):
+def main(out: Path, only=None):
     out.mkdir(parents=True, exist_ok=True)
     ids, pos = inputs()
     for name, cfg in cases():
+        if only is not None and name not in only:
+            continue
         model = random_model(cfg)
         model.eval()
         d = out / name
         shutil.rmtree(d, ignore_errors=True)
         model.save_pretrained(d)
-        save_file({"input_ids": ids, "position_ids": pos, "logits": logits_of(model, ids, pos)}, d / "expected.safetensors")
+        expected = {"input_ids": ids, "position_ids": pos, "logits": logits_of(model, ids, pos)}
+        if name in GEMMA:
+            expected["logits_4bit"] = dequantized_4bit_logits(d, model, ids, pos)
+            expected["greedy_prompt"], expected["greedy_tokens"] = greedy(model, ids)
+        save_file(expected, d / "expected.safetensors")
+    if only is not None:
+        for f in out.rglob("generation_config.json"):
+            f.unlink()
+        print(f"wrote {', '.join(sorted(only))} under {out}")
+        return
 
     # The same Llama through bitsandbytes: quantized while loading, then saved pre-quantized.
     bnb = BitsAndBytesConfig(
@@ -203,9 +284,15 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--int8"]
+    argv = sys.argv[1:]
+    only = None
+    if "--only" in argv:
+        i = argv.index("--only")
+        only = set(argv[i + 1].split(","))
+        del argv[i : i + 2]
+    args = [a for a in argv if a != "--int8"]
     target = Path(args[0] if args else "crates/model-loader/tests/golden")
-    if "--int8" in sys.argv[1:]:
+    if "--int8" in argv:
         int8_cases(target)
     else:
-        main(target)
+        main(target, only)

@@ -16,6 +16,8 @@ bf16; here they are restored to their exact fp32 values, since nibble keeps adap
 
 Deterministic. Regenerate from the repository root (after `cargo xtask setup`):
     "$NIBBLE_PYTHON" scripts/golden_trl_loss.py
+Another golden folder with its own recipe.yaml (the per-family curves, dataset order only):
+    "$NIBBLE_PYTHON" scripts/golden_trl_loss.py tests/golden/families/gemma2 --sequential-only
 """
 
 import json
@@ -45,6 +47,10 @@ GOLDEN = ROOT / "tests/golden/trl_loss"
 
 
 def main():
+    global GOLDEN
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        GOLDEN = (ROOT / args[0]).resolve()
     r = yaml.safe_load((GOLDEN / "recipe.yaml").read_text())
     model_dir = ROOT / r["model_name_or_path"]
     bnb = BitsAndBytesConfig(
@@ -76,7 +82,10 @@ def main():
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset("json", data_files=str(ROOT / r["dataset_name"]), split="train")
     # The recipe's order (dataset order), then the Trainer's default shuffled one.
-    for strategy, name in [(r["train_sampling_strategy"], "trl_log.json"), ("random", "trl_log_random.json")]:
+    runs = [(r["train_sampling_strategy"], "trl_log.json"), ("random", "trl_log_random.json")]
+    if "--sequential-only" in sys.argv[1:]:
+        runs = runs[:1]
+    for strategy, name in runs:
         train(r, base, tok, data, strategy, GOLDEN / name)
 
 

@@ -1,26 +1,42 @@
 //! Loss-curve parity with TRL: the same recipe (`tests/golden/trl_loss/recipe.yaml`) trained by
 //! `sft` and by TRL 1.16's SFTTrainer (`scripts/golden_trl_loss.py`), from the same initial
 //! adapter, in dataset order and in the Trainer's shuffled order, gives the same loss, gradient
-//! norm and learning rate at every step.
+//! norm and learning rate at every step; and the same for each model family beyond Llama's layout
+//! (`tests/golden/families/<family>`: a tiny random model from `scripts/make_tiny_families.py`,
+//! its recipe and TRL's curve from `scripts/golden_trl_loss.py <folder> --sequential-only`).
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use nibble_tests::repo;
 
 #[test]
 fn every_step_matches_trl() {
-    compare("trl_log.json", &[]);
+    compare("trl_loss", "trl_log.json", &[], 50);
+}
+
+/// Gemma 2: soft-capped attention scores and logits (TRL caps its head's f32 tiles, nibble too),
+/// sandwich norms, GeGLU, alternating sliding layers.
+#[test]
+fn gemma2_steps_match_trl() {
+    compare("families/gemma2", "trl_log.json", &[], 20);
+}
+
+/// Gemma 3: q/k norms, per-layer-type RoPE, scaled-dot-product attention with Gemma's scale.
+#[test]
+fn gemma3_steps_match_trl() {
+    compare("families/gemma3", "trl_log.json", &[], 20);
 }
 
 /// With the Trainer's default shuffled order, nothing exchanged but the initial adapter: nibble
 /// draws each epoch's permutation as accelerate's seedable sampler does (`sampler_order`).
 #[test]
 fn every_step_matches_trl_in_the_trainers_shuffled_order() {
-    compare("trl_log_random.json", &["--train_sampling_strategy", "random"]);
+    compare("trl_loss", "trl_log_random.json", &["--train_sampling_strategy", "random"], 50);
 }
 
-fn compare(log: &str, flags: &[&str]) {
-    let golden = repo().join("tests/golden/trl_loss");
-    let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}-{log}", std::process::id()));
+fn compare(folder: &str, log: &str, flags: &[&str], steps: usize) {
+    let golden = repo().join("tests/golden").join(folder);
+    let tag = folder.replace('/', "-");
+    let out = std::env::temp_dir().join(format!("nibble-trl-loss-{}-{tag}-{log}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = nibble_tests::sft_in(&out.join("cache"))
         .arg(golden.join("recipe.yaml"))
@@ -33,7 +49,7 @@ fn compare(log: &str, flags: &[&str]) {
     let theirs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden.join(log)).unwrap()).unwrap();
     let theirs = theirs.as_array().unwrap();
-    assert!(theirs.len() >= 50, "the comparison covers at least 50 steps");
+    assert!(theirs.len() >= steps, "the comparison covers at least {steps} steps");
     let d = nibble_tests::compare_curves(
         &ours.iter().collect::<Vec<_>>(),
         &theirs.iter().collect::<Vec<_>>(),
@@ -42,6 +58,6 @@ fn compare(log: &str, flags: &[&str]) {
     eprintln!("{}", d.report);
     let worst = d.of("loss").max(d.of("grad_norm"));
     // fp32 rounding (kernel summation order) drifts by ~1e-5 over 50 steps; the issue allows 2%.
-    assert!(worst <= 1e-3, "nibble's curve departs from TRL's by {worst:e}:\n{}", d.report);
+    assert!(worst <= 1e-3, "{folder}: nibble's curve departs from TRL's by {worst:e}:\n{}", d.report);
     let _ = std::fs::remove_dir_all(&out);
 }

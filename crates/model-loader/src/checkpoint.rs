@@ -430,9 +430,13 @@ pub fn expected_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.mlp.up_proj.bias"), vec![i]));
             out.push((format!("{p}.mlp.down_proj.bias"), vec![h]));
         }
-        if cfg.architecture == Architecture::Qwen3 {
+        if matches!(cfg.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
             out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
             out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+        }
+        if cfg.gemma.is_some() {
+            out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
         }
     }
     out

@@ -19,12 +19,22 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3 (RMSNorm on q and k).
     Qwen3,
+    /// Gemma 2 (sandwich norms, GeGLU, logit soft-capping, alternating sliding layers).
+    Gemma2,
+    /// Gemma 3, text only (Gemma 2's layout with q/k norms and a local RoPE base).
+    Gemma3,
 }
 
 impl Architecture {
     /// The `architectures` names accepted, as transformers writes them.
-    pub const SUPPORTED: [&'static str; 4] =
-        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+    pub const SUPPORTED: [&'static str; 6] = [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+    ];
 
     fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -32,6 +42,8 @@ impl Architecture {
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
             "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
+            "Gemma2ForCausalLM" => Some(Architecture::Gemma2),
+            "Gemma3ForCausalLM" => Some(Architecture::Gemma3),
             _ => None,
         }
     }
@@ -65,8 +77,28 @@ pub struct HfConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections (`mlp_bias`, Llama only).
     pub mlp_bias: bool,
-    /// Mistral's sliding attention window, when set and the sequence is longer.
+    /// The sliding attention window, when set and the sequence is longer: every layer's
+    /// (Mistral) or only the layers `sliding_layers` marks (Gemma).
     pub sliding_window: Option<u64>,
+    /// Per decoder layer, whether it attends within `sliding_window` only (`layer_types`'
+    /// `sliding_attention`); empty when every layer does the same.
+    pub sliding_layers: Vec<bool>,
+    /// What Gemma 2/3 add to the shared decoder; `None` for the Llama-shaped families.
+    pub gemma: Option<GemmaConfig>,
+}
+
+/// Gemma 2/3's options from config.json: what their decoder computes differently.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaConfig {
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`, not `head_dim^-1/2`.
+    pub query_pre_attn_scalar: f64,
+    /// `cap * tanh(score / cap)` on attention scores (Gemma 2; Gemma 3's transformers ignores it).
+    pub attn_logit_softcapping: Option<f64>,
+    /// `cap * tanh(logit / cap)` on the output logits.
+    pub final_logit_softcapping: Option<f64>,
+    /// The sliding layers' own RoPE base and scaling (Gemma 3's `sliding_attention` parameters);
+    /// `None` when they share the global one.
+    pub local_rope: Option<(f64, RopeScaling)>,
 }
 
 /// How a pre-quantized checkpoint's linears are stored (its `quantization_config`).
@@ -170,20 +202,44 @@ impl HfConfig {
             head_dim,
             tied_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
         };
+        let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
         let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64, Error> {
             match x {
                 None | Some(Value::Null) => Ok(default),
                 Some(x) => x.as_f64().ok_or_else(|| bad(format!("`{key}` must be a number, found {x}"))),
             }
         };
-        let rope = v.get("rope_theta").or_else(|| v.get("rope_parameters").and_then(|p| p.get("rope_theta")));
-        let rope_scaling = parse_rope_scaling(&v).map_err(bad)?;
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
-            && act != "silu"
+        let is_gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+        // Gemma 3 in transformers 5 keeps one RoPE parameter set per layer type.
+        let per_type =
+            v.get("rope_parameters").filter(|p| is_gemma && p.get("full_attention").is_some()).cloned();
+        let (rope, rope_scaling) = match &per_type {
+            Some(p) => {
+                let full = &p["full_attention"];
+                (full.get("rope_theta"), parse_rope_params(full).map_err(bad)?)
+            }
+            None => (
+                v.get("rope_theta").or_else(|| v.get("rope_parameters").and_then(|p| p.get("rope_theta"))),
+                parse_rope_scaling(&v).map_err(bad)?,
+            ),
+        };
+        // Gemma's MLP reads `hidden_activation` (Gemma 2 configs also carry `hidden_act`).
+        let (act_key, want_act) =
+            if is_gemma { ("hidden_activation", "gelu_pytorch_tanh") } else { ("hidden_act", "silu") };
+        let act = v.get(act_key).or_else(|| if is_gemma { v.get("hidden_act") } else { None });
+        if let Some(act) = act.and_then(Value::as_str)
+            && act != want_act
         {
-            return Err(bad(format!("`hidden_act` `{act}` is not supported (nibble's decoder uses silu)")));
+            return Err(bad(format!(
+                "`{act_key}` `{act}` is not supported (this family's decoder uses {want_act})"
+            )));
         }
-        let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
+        if flag("use_bidirectional_attention") {
+            return Err(bad(
+                "`use_bidirectional_attention: true` (an embedding model) is not supported: nibble trains causal LMs"
+                    .into(),
+            ));
+        }
         if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3) && flag("use_sliding_window") {
             return Err(bad("`use_sliding_window: true` is not supported for Qwen models yet".into()));
         }
@@ -192,9 +248,53 @@ impl HfConfig {
             _ => (flag("attention_bias"), flag("attention_bias")),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral => opt_int("sliding_window")?,
+            Architecture::Mistral | Architecture::Gemma2 | Architecture::Gemma3 => opt_int("sliding_window")?,
             _ => None,
         };
+        let sliding_layers = if is_gemma {
+            parse_layer_types(&v, architecture, shape.layers).map_err(bad)?
+        } else {
+            Vec::new()
+        };
+        let opt_float = |key: &str| -> Result<Option<f64>, Error> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => {
+                    x.as_f64().map(Some).ok_or_else(|| bad(format!("`{key}` must be a number, found {x}")))
+                }
+            }
+        };
+        let gemma = if is_gemma {
+            // transformers' defaults where config.json leaves a key out.
+            let (attn_cap, final_cap) = match architecture {
+                Architecture::Gemma2 => (Some(50.0), Some(30.0)),
+                _ => (None, None),
+            };
+            let cap = |key: &str, default: Option<f64>| -> Result<Option<f64>, Error> {
+                if v.get(key).is_some() { opt_float(key) } else { Ok(default) }
+            };
+            let local_rope = match (&per_type, architecture) {
+                (Some(p), _) => {
+                    let local = &p["sliding_attention"];
+                    let theta = local.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0);
+                    Some((theta, parse_rope_params(local).map_err(bad)?))
+                }
+                (None, Architecture::Gemma3) => {
+                    Some((opt_float("rope_local_base_freq")?.unwrap_or(10000.0), RopeScaling::Default))
+                }
+                (None, _) => None,
+            };
+            Some(GemmaConfig {
+                query_pre_attn_scalar: opt_float("query_pre_attn_scalar")?.unwrap_or(256.0),
+                attn_logit_softcapping: cap("attn_logit_softcapping", attn_cap)?,
+                final_logit_softcapping: cap("final_logit_softcapping", final_cap)?,
+                local_rope,
+            })
+        } else {
+            None
+        };
+        // Gemma 3's default global base when config.json gives none (transformers' `default_theta`).
+        let default_theta = if architecture == Architecture::Gemma3 { 1_000_000.0 } else { 10000.0 };
         let quantization = match v.get("quantization_config").filter(|q| !q.is_null()) {
             None => None,
             Some(q) => Some(parse_quantization(q).map_err(bad)?),
@@ -205,10 +305,12 @@ impl HfConfig {
             o_bias,
             mlp_bias: architecture == Architecture::Llama && flag("mlp_bias"),
             sliding_window,
+            sliding_layers,
+            gemma,
             architecture,
             shape,
             rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
-            rope_theta: float(rope, "rope_theta", 10000.0)?,
+            rope_theta: float(rope, "rope_theta", default_theta)?,
             dtype: v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(Value::as_str).map(str::to_owned),
             prequantized: quantization.is_some(),
             bnb_compute_dtype: v
@@ -253,6 +355,41 @@ fn parse_quantization(q: &Value) -> Result<Prequantized, String> {
     Ok(Prequantized::EightBit { threshold })
 }
 
+/// Gemma's `layer_types` (each `sliding_attention` or `full_attention`), or transformers'
+/// default pattern where config.json has none: every second layer global for Gemma 2, every
+/// `sliding_window_pattern`-th (6) for Gemma 3.
+fn parse_layer_types(v: &Value, arch: Architecture, layers: u64) -> Result<Vec<bool>, String> {
+    match v.get("layer_types").filter(|x| !x.is_null()) {
+        Some(list) => {
+            let list = list.as_array().ok_or("`layer_types` must be a list of strings")?;
+            if list.len() as u64 != layers {
+                return Err(format!(
+                    "`layer_types` has {} entries, `num_hidden_layers` is {layers}",
+                    list.len()
+                ));
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(format!(
+                        "`layer_types[{i}]` is {t}; supported: \"sliding_attention\", \"full_attention\""
+                    )),
+                })
+                .collect()
+        }
+        None => {
+            let every = match arch {
+                Architecture::Gemma3 => v.get("sliding_window_pattern").and_then(Value::as_u64).unwrap_or(6),
+                _ => 2,
+            }
+            .max(1);
+            Ok((0..layers).map(|i| (i + 1) % every != 0).collect())
+        }
+    }
+}
+
 /// Read `rope_parameters` (transformers 5) or `rope_scaling` (older configs).
 fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
     let params = match v.get("rope_scaling").filter(|x| !x.is_null()) {
@@ -262,6 +399,11 @@ fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
             None => return Ok(RopeScaling::Default),
         },
     };
+    parse_rope_params(params)
+}
+
+/// One RoPE parameter set (`rope_type` and the numbers it needs).
+fn parse_rope_params(params: &Value) -> Result<RopeScaling, String> {
     let kind =
         params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64, String> {

@@ -678,7 +678,12 @@ fn best_model_problems(p: &mut Problems<'_>, t: &config::TrainingArgs) {
 /// PEFT's default targets for the families nibble runs, when the recipe names none.
 fn default_targets(arch: Architecture) -> Vec<String> {
     match arch {
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
+        Architecture::Llama
+        | Architecture::Mistral
+        | Architecture::Qwen2
+        | Architecture::Qwen3
+        | Architecture::Gemma2
+        | Architecture::Gemma3 => {
             vec!["q_proj".into(), "v_proj".into()]
         }
     }

@@ -8,10 +8,12 @@ use tch::{Kind, Tensor};
 use crate::Error;
 use crate::hf_config::RopeScaling;
 
-/// Root-mean-square norm, computed in f32 and cast back before the weight multiplies.
+/// Root-mean-square norm, computed in f32. Llama's casts back before its weight multiplies;
+/// Gemma's (`offset`) multiplies by `1 + weight` in f32 and casts after.
 pub(crate) struct RmsNorm {
     pub(crate) weight: Tensor,
     pub(crate) eps: f64,
+    pub(crate) offset: bool,
 }
 
 impl RmsNorm {
@@ -20,8 +22,17 @@ impl RmsNorm {
         let h = x.f_to_kind(Kind::Float)?;
         let var = h.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
         let h = h.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        if self.offset {
+            let scale = self.weight.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?;
+            return Ok(h.f_mul(&scale)?.f_to_kind(kind)?);
+        }
         Ok(self.weight.f_mul(&h.f_to_kind(kind)?)?)
     }
+}
+
+/// `cap * tanh(x / cap)`: Gemma's soft-capping of attention scores and logits.
+pub(crate) fn softcap(x: &Tensor, cap: f64) -> Result<Tensor, tch::TchError> {
+    x.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)
 }
 
 /// Rotary position embedding frequencies (f32, as transformers computes them).
@@ -104,6 +115,9 @@ pub(crate) struct DeviceContext {
     pub(crate) sin: Tensor,
     /// Boolean `[B, 1, T, T]` (true = may attend); `None` means plain causal.
     pub(crate) mask: Option<Tensor>,
+    /// The sliding-window layers' own tables, for models that alternate (Gemma); `None` when
+    /// every layer uses the ones above.
+    pub(crate) sliding: Option<Box<DeviceContext>>,
 }
 
 impl DeviceContext {
@@ -113,7 +127,16 @@ impl DeviceContext {
             cos: self.cos.f_to_device(device)?,
             sin: self.sin.f_to_device(device)?,
             mask: self.mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
+            sliding: self.sliding.as_ref().map(|s| s.to_device(device).map(Box::new)).transpose()?,
         })
+    }
+
+    /// The tables of a layer that attends globally or within the sliding window.
+    pub(crate) fn for_layer(&self, sliding: bool) -> &DeviceContext {
+        match &self.sliding {
+            Some(s) if sliding => s,
+            _ => self,
+        }
     }
 }
 
@@ -168,6 +191,18 @@ pub(crate) fn attention_mask(
     Ok(Some(allowed.f_unsqueeze(1)?))
 }
 
+/// How attention scores are formed where families differ.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ScoreOptions {
+    /// The scores' scale (`None`: `head_dim^-1/2`).
+    pub(crate) scale: Option<f64>,
+    /// Soft-capping of the scores (Gemma 2).
+    pub(crate) softcap: Option<f64>,
+    /// Materialised scores and softmax (transformers' eager attention, the only one Gemma 2
+    /// runs) instead of scaled-dot-product attention.
+    pub(crate) eager: bool,
+}
+
 /// Grouped-query self-attention with rotary embeddings and, for Qwen3, RMSNorm on q and k.
 pub(crate) struct Attention {
     pub(crate) q_proj: Box<dyn Linear>,
@@ -179,6 +214,7 @@ pub(crate) struct Attention {
     pub(crate) heads: i64,
     pub(crate) kv_heads: i64,
     pub(crate) head_dim: i64,
+    pub(crate) scores: ScoreOptions,
 }
 
 impl Attention {
@@ -235,6 +271,11 @@ impl Attention {
         // query group first. The forward is the same either way; the key/value gradients are
         // not (repeated heads' gradients are summed after rounding), and in bf16 that shows.
         let rep = self.heads / self.kv_heads;
+        if self.scores.eager {
+            let out = self.eager(&q, &k, &v, ctx.mask.as_ref(), past, upcast)?;
+            let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
+            return Ok(self.o_proj.forward(&out)?);
+        }
         let repeat = rep > 1 && (ctx.mask.is_some() || self.head_dim > 256);
         let (k, v) = if repeat { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) } else { (k, v) };
         let out = Tensor::f_scaled_dot_product_attention(
@@ -244,12 +285,76 @@ impl Attention {
             ctx.mask.as_ref(), // boolean
             0.0,
             ctx.mask.is_none() && t > 1 && past == 0,
-            None,
+            self.scores.scale,
             rep > 1 && !repeat,
         )?
         .f_to_kind(kind)?;
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
         Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+impl Attention {
+    /// transformers' eager attention: keys and values repeated per group, `q k^T * scale`
+    /// (soft-capped), the mask added as the dtype's lowest value, softmax in f32 rounded to the
+    /// dtype, times `v`. With `upcast` each product runs in f32 and is rounded once (see
+    /// `quant::ops::matmul_in_f32`).
+    fn eager(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        past: i64,
+        upcast: bool,
+    ) -> Result<Tensor, Error> {
+        let kind = q.f_kind()?;
+        let rep = self.heads / self.kv_heads;
+        let (k, v) = if rep > 1 {
+            (repeat_kv(k, rep)?, repeat_kv(v, rep)?)
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let product = |a: &Tensor, b: &Tensor| -> Result<Tensor, tch::TchError> {
+            if upcast {
+                a.f_to_kind(Kind::Float)?.f_matmul(&b.f_to_kind(Kind::Float)?)?.f_to_kind(kind)
+            } else {
+                a.f_matmul(b)
+            }
+        };
+        let scale = self.scores.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+        let mut w = product(q, &k.f_transpose(2, 3)?)?.f_mul_scalar(scale)?;
+        if let Some(cap) = self.scores.softcap {
+            w = softcap(&w, cap)?;
+        }
+        let (t, total) = (q.size()[2], k.size()[2]);
+        let causal;
+        let allowed = match mask {
+            Some(m) => Some(m),
+            None if t > 1 && past == 0 => {
+                causal = Tensor::f_ones([t, total], (Kind::Bool, q.device()))?.f_tril(0)?;
+                Some(&causal)
+            }
+            None => None,
+        };
+        if let Some(m) = allowed {
+            let lowest = Tensor::f_scalar_tensor(lowest_value(kind), (kind, q.device()))?;
+            let zero = Tensor::f_zeros([], (kind, q.device()))?;
+            w = w.f_add(&zero.f_where_self(m, &lowest)?)?;
+        }
+        let p = w.f_softmax(-1, Kind::Float)?.f_to_kind(kind)?;
+        Ok(product(&p, &v)?)
+    }
+}
+
+/// The lowest finite value of a floating dtype (`torch.finfo(dtype).min`), which transformers
+/// adds at masked positions.
+fn lowest_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Half => -65504.0,
+        Kind::Double => f64::MIN,
+        _ => f64::from(f32::MIN),
     }
 }
 
@@ -260,27 +365,34 @@ pub(crate) struct KvCache {
     pub(crate) v: Option<Tensor>,
 }
 
-/// `down(silu(gate(x)) * up(x))`.
+/// `down(act(gate(x)) * up(x))`: SwiGLU (silu) or, for Gemma, GeGLU (gelu, tanh approximation).
 pub(crate) struct Mlp {
     pub(crate) gate_proj: Box<dyn Linear>,
     pub(crate) up_proj: Box<dyn Linear>,
     pub(crate) down_proj: Box<dyn Linear>,
+    pub(crate) gelu: bool,
 }
 
 impl Mlp {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
-        let g = self.gate_proj.forward(x)?.f_silu()?;
+        let g = self.gate_proj.forward(x)?;
+        let g = if self.gelu { g.f_gelu("tanh")? } else { g.f_silu()? };
         let u = self.up_proj.forward(x)?;
         Ok(self.down_proj.forward(&g.f_mul(&u)?)?)
     }
 }
 
-/// A pre-norm decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+/// A pre-norm decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`. Gemma's also norms
+/// each sub-block's output (`post_attention_layernorm` then normalises the attention output, and
+/// `pre_`/`post_feedforward_layernorm` wrap the MLP).
 pub(crate) struct DecoderLayer {
     pub(crate) input_layernorm: RmsNorm,
     pub(crate) self_attn: Attention,
     pub(crate) post_attention_layernorm: RmsNorm,
     pub(crate) mlp: Mlp,
+    pub(crate) feedforward_norms: Option<(RmsNorm, RmsNorm)>,
+    /// Attends within the sliding window only (its tables from `DeviceContext::for_layer`).
+    pub(crate) sliding: bool,
 }
 
 impl DecoderLayer {
@@ -294,9 +406,14 @@ impl DecoderLayer {
         ctx: &DeviceContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, Error> {
+        let ctx = ctx.for_layer(self.sliding);
         let a = self.self_attn.forward_cached(&self.input_layernorm.forward(x)?, ctx, cache)?;
-        let h = x.f_add(&a)?;
-        Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let Some((pre, post)) = &self.feedforward_norms else {
+            let h = x.f_add(&a)?;
+            return Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?);
+        };
+        let h = x.f_add(&self.post_attention_layernorm.forward(&a)?)?;
+        Ok(h.f_add(&post.forward(&self.mlp.forward(&pre.forward(&h)?)?)?)?)
     }
 
     /// The layer's linears by their transformers names relative to the layer.

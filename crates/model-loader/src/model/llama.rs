@@ -6,5 +6,5 @@ use crate::hf_config::HfConfig;
 
 /// Llama uses every shared block as is; its options come straight from config.json.
 pub(super) fn spec(cfg: &HfConfig) -> DecoderSpec {
-    DecoderSpec { qk_norm: false, sliding_window: None, rope_scaling: cfg.rope_scaling }
+    DecoderSpec { qk_norm: false, sliding_window: None, ..DecoderSpec::llama(cfg) }
 }

@@ -6,5 +6,5 @@ use crate::hf_config::HfConfig;
 
 /// Mistral differs from Llama only by the attention window.
 pub(super) fn spec(cfg: &HfConfig) -> DecoderSpec {
-    DecoderSpec { qk_norm: false, sliding_window: cfg.sliding_window, rope_scaling: cfg.rope_scaling }
+    DecoderSpec { qk_norm: false, sliding_window: cfg.sliding_window, ..DecoderSpec::llama(cfg) }
 }

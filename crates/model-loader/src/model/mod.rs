@@ -6,6 +6,8 @@
 //! (gradient checkpointing) without this crate knowing about training.
 
 mod blocks;
+mod gemma2;
+mod gemma3;
 mod llama;
 mod mistral;
 mod placement;
@@ -19,7 +21,7 @@ use quant::ops::{QuantizeOptions, Quantized4bit, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
-use blocks::{Attention, DecoderLayer, DeviceContext, KvCache, Mlp, RmsNorm, Rope};
+use blocks::{Attention, DecoderLayer, DeviceContext, KvCache, Mlp, RmsNorm, Rope, ScoreOptions};
 pub use placement::{LayerPlacement, Placement};
 
 use crate::Error;
@@ -29,8 +31,49 @@ use crate::hf_config::{Architecture, HfConfig, Prequantized, RopeScaling};
 /// What distinguishes a family's decoder from the shared Llama one.
 pub(crate) struct DecoderSpec {
     qk_norm: bool,
+    /// Every layer's attention window (Mistral).
     sliding_window: Option<u64>,
     rope_scaling: RopeScaling,
+    /// Norms multiply by `1 + weight` in f32 (Gemma).
+    norm_offset: bool,
+    /// GeGLU instead of SwiGLU.
+    gelu: bool,
+    /// Norms after each sub-block too (Gemma's four per layer).
+    feedforward_norms: bool,
+    /// Embeddings times `sqrt(hidden_size)`, rounded to their dtype.
+    embed_scale: bool,
+    scores: ScoreOptions,
+    /// Soft-capping of the output logits.
+    final_softcap: Option<f64>,
+    /// Sliding-window layers among global ones.
+    alternating: Option<Alternating>,
+}
+
+impl DecoderSpec {
+    /// The shared decoder as Llama runs it, with config.json's RoPE scaling.
+    fn llama(cfg: &HfConfig) -> Self {
+        DecoderSpec {
+            qk_norm: false,
+            sliding_window: None,
+            rope_scaling: cfg.rope_scaling,
+            norm_offset: false,
+            gelu: false,
+            feedforward_norms: false,
+            embed_scale: false,
+            scores: ScoreOptions::default(),
+            final_softcap: None,
+            alternating: None,
+        }
+    }
+}
+
+/// Layers that attend within a window among global ones (Gemma's `layer_types`).
+pub(crate) struct Alternating {
+    window: u64,
+    /// Per layer, whether it is a sliding one.
+    layers: Vec<bool>,
+    /// The sliding layers' RoPE base and scaling, when not the global one.
+    rope: Option<(f64, RopeScaling)>,
 }
 
 /// How to materialise a checkpoint: dtypes, 4- or 8-bit quantization, devices.
@@ -158,6 +201,11 @@ pub struct CausalLm {
     lm_head: Dense,
     rope: Rope,
     sliding_window: Option<u64>,
+    /// The sliding layers' window and, when they have their own, RoPE (Gemma).
+    alternating: Option<(u64, Option<Rope>)>,
+    /// `sqrt(hidden_size)` as f32, multiplied into embeddings in their dtype (Gemma).
+    embed_scale: Option<f32>,
+    final_softcap: Option<f64>,
     dtype: Kind,
     placement: Placement,
 }
@@ -188,7 +236,23 @@ fn decoder_linears(layers: &mut [DecoderLayer]) -> Vec<LinearSlot<'_>> {
     out
 }
 
-/// Reads tensors out of a checkpoint into libtorch, naming the tensor in every error.
+/// The mask of `n` new queries after `past` cached positions: every cached key, causal among the
+/// new ones, within `window`; `None` where that is plain causal attention (or everything).
+fn cached_mask(past: i64, n: i64, window: Option<u64>, device: Device) -> Result<Option<Tensor>, Error> {
+    match window.filter(|&w| (w as i64) < past + n) {
+        None if past == 0 || n == 1 => Ok(None),
+        window => {
+            let q = Tensor::f_arange_start(past, past + n, (Kind::Int64, device))?.f_unsqueeze(1)?;
+            let k = Tensor::f_arange(past + n, (Kind::Int64, device))?.f_unsqueeze(0)?;
+            let mut allowed = k.f_le_tensor(&q)?;
+            if let Some(w) = window {
+                allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w as i64)?)?;
+            }
+            Ok(Some(allowed.f_view([1, 1, n, past + n])?))
+        }
+    }
+}
+
 /// Return free heap memory to the OS (glibc's `malloc_trim`, which also releases free pages in
 /// the middle of the heap); elsewhere a no-op.
 fn trim_heap() {
@@ -204,6 +268,7 @@ fn trim_heap() {
     }
 }
 
+/// Reads tensors out of a checkpoint into libtorch, naming the tensor in every error.
 struct Reader<'a> {
     ck: &'a Checkpoint,
     opts: &'a LoadOptions,
@@ -222,8 +287,8 @@ impl Reader<'_> {
         Ok(self.read(name)?.f_to_kind(kind)?.f_to_device(device)?)
     }
 
-    fn norm(&self, name: &str, eps: f64, device: Device) -> Result<RmsNorm, Error> {
-        Ok(RmsNorm { weight: self.dense(name, self.opts.dtype, device)?, eps })
+    fn norm(&self, name: &str, eps: f64, offset: bool, device: Device) -> Result<RmsNorm, Error> {
+        Ok(RmsNorm { weight: self.dense(name, self.opts.dtype, device)?, eps, offset })
     }
 
     /// A decoder linear: pre-quantized, quantized now, or dense; stored and computing where
@@ -331,7 +396,18 @@ impl CausalLm {
             Architecture::Mistral => mistral::spec(&config),
             Architecture::Qwen2 => qwen2::spec(&config),
             Architecture::Qwen3 => qwen3::spec(&config),
+            Architecture::Gemma2 | Architecture::Gemma3 => {
+                let Some(g) = config.gemma.as_ref() else {
+                    return Err(Error::BadOption("a Gemma config without its Gemma options".into()));
+                };
+                if config.architecture == Architecture::Gemma2 {
+                    gemma2::spec(&config, g)
+                } else {
+                    gemma3::spec(&config, g)
+                }
+            }
         };
+        let offset = spec.norm_offset;
         if opts.quantize.is_some() && opts.quantize_8bit.is_some() {
             return Err(Error::BadOption(
                 "4-bit (`quantize`) and 8-bit (`quantize_8bit`) quantization cannot both be set; pick one"
@@ -355,7 +431,7 @@ impl CausalLm {
             let p = format!("model.layers.{l}");
             let head_norm = |which: &str| -> Result<Option<RmsNorm>, Error> {
                 if spec.qk_norm {
-                    Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps, place.compute)?))
+                    Ok(Some(r.norm(&format!("{p}.self_attn.{which}.weight"), eps, offset, place.compute)?))
                 } else {
                     Ok(None)
                 }
@@ -370,21 +446,41 @@ impl CausalLm {
                 heads: s.heads as i64,
                 kv_heads: s.kv_heads as i64,
                 head_dim: s.head_dim as i64,
+                scores: spec.scores,
             };
             let mlp = Mlp {
                 gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias, place)?,
                 up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias, place)?,
                 down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias, place)?,
+                gelu: spec.gelu,
             };
+            let feedforward_norms = if spec.feedforward_norms {
+                Some((
+                    r.norm(&format!("{p}.pre_feedforward_layernorm.weight"), eps, offset, place.compute)?,
+                    r.norm(&format!("{p}.post_feedforward_layernorm.weight"), eps, offset, place.compute)?,
+                ))
+            } else {
+                None
+            };
+            let sliding =
+                spec.alternating.as_ref().is_some_and(|a| a.layers.get(l).copied().unwrap_or(false));
             layers.push(DecoderLayer {
-                input_layernorm: r.norm(&format!("{p}.input_layernorm.weight"), eps, place.compute)?,
+                input_layernorm: r.norm(
+                    &format!("{p}.input_layernorm.weight"),
+                    eps,
+                    offset,
+                    place.compute,
+                )?,
                 self_attn,
                 post_attention_layernorm: r.norm(
                     &format!("{p}.post_attention_layernorm.weight"),
                     eps,
+                    offset,
                     place.compute,
                 )?,
                 mlp,
+                feedforward_norms,
+                sliding,
             });
             // The layer's temporaries (a float copy of each weight) were freed between the
             // quantized tensors it keeps; give those holes back so RSS tracks the model.
@@ -392,7 +488,7 @@ impl CausalLm {
             tracing::debug!(layer = l, "loaded decoder layer");
             progress(l + 1, total);
         }
-        let norm = r.norm("model.norm.weight", eps, placement.norm)?;
+        let norm = r.norm("model.norm.weight", eps, offset, placement.norm)?;
         let head_weight = if s.tied_embeddings {
             // Tied: the same tensor, or its copy where the head computes.
             embed_tokens.f_to_device(placement.head)?
@@ -402,7 +498,19 @@ impl CausalLm {
         let lm_head = Dense::new(head_weight, None)
             .map_err(|source| Error::Quant { name: "lm_head.weight".into(), source })?;
         let rope = Rope::new(s.head_dim as i64, config.rope_theta, spec.rope_scaling)?;
+        let alternating = match &spec.alternating {
+            None => None,
+            Some(a) => Some((
+                a.window,
+                a.rope.map(|(theta, scaling)| Rope::new(s.head_dim as i64, theta, scaling)).transpose()?,
+            )),
+        };
+        // transformers keeps sqrt(hidden_size) as an f32 buffer and casts it to the weight's dtype.
+        let embed_scale = spec.embed_scale.then(|| (s.hidden as f64).sqrt() as f32);
         Ok(CausalLm {
+            alternating,
+            embed_scale,
+            final_softcap: spec.final_softcap,
             config,
             embed_tokens,
             layers,
@@ -448,7 +556,16 @@ impl CausalLm {
     /// Token embeddings `[B, T, hidden]` of `input_ids [B, T]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor, Error> {
         let ids = input_ids.f_to_device(self.placement.embed)?;
-        Ok(Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?)
+        let e = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+        match self.embed_scale {
+            None => Ok(e),
+            Some(scale) => {
+                let kind = self.embed_tokens.f_kind()?;
+                let scale =
+                    Tensor::f_scalar_tensor(f64::from(scale), (Kind::Float, e.device()))?.f_to_kind(kind)?;
+                Ok(e.f_mul(&scale)?)
+            }
+        }
     }
 
     /// Rotary tables and attention mask for a batch: `position_ids [B, T]` (per-sequence
@@ -459,9 +576,21 @@ impl CausalLm {
         segment_ids: Option<&Tensor>,
     ) -> Result<LayerContext, Error> {
         let seq = position_ids.size().last().copied().unwrap_or(0);
+        let device = position_ids.device();
         let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
-        let mask = blocks::attention_mask(segment_ids, seq, self.sliding_window, position_ids.device())?;
-        LayerContext::spread(DeviceContext { cos, sin, mask }, &self.placement.compute_devices())
+        let sliding = match &self.alternating {
+            None => None,
+            Some((window, rope)) => {
+                let (cos, sin) = match rope {
+                    Some(r) => r.cos_sin(position_ids, self.dtype)?,
+                    None => (cos.shallow_clone(), sin.shallow_clone()),
+                };
+                let mask = blocks::attention_mask(segment_ids, seq, Some(*window), device)?;
+                Some(Box::new(DeviceContext { cos, sin, mask, sliding: None }))
+            }
+        };
+        let mask = blocks::attention_mask(segment_ids, seq, self.sliding_window, device)?;
+        LayerContext::spread(DeviceContext { cos, sin, mask, sliding }, &self.placement.compute_devices())
     }
 
     /// Run decoder layer `index` on hidden states `h`, moved first to where the layer computes
@@ -478,12 +607,33 @@ impl CausalLm {
         self.lm_head.out_features()
     }
 
-    /// Final norm and output head: logits `[B, T, vocab]` in the model dtype.
+    /// Final norm and output head: logits `[B, T, vocab]` in the model dtype, soft-capped in it
+    /// where the family caps them (as transformers' forward does).
     pub fn head(&self, h: &Tensor) -> Result<Tensor, Error> {
-        self.head_of_normed(&self.final_norm(h)?)
+        let logits = self.head_of_normed(&self.final_norm(h)?)?;
+        match self.final_softcap {
+            None => Ok(logits),
+            Some(cap) => Ok(blocks::softcap(&logits, cap)?),
+        }
     }
 
-    /// The output head alone, on final-normed hidden states ([`Self::final_norm`]).
+    /// The logits' soft-cap (`final_logit_softcapping`, Gemma 2), which callers that take the
+    /// head's raw product ([`Self::head_of_normed`]) apply themselves.
+    pub fn final_logit_softcapping(&self) -> Option<f64> {
+        self.final_softcap
+    }
+
+    /// `cap * tanh(z / cap)` with this model's logit cap (identity without one), for callers
+    /// that take the head's raw product and cap it in f32 (TRL's chunked head).
+    pub fn cap_logits(&self, z: &Tensor) -> Result<Tensor, Error> {
+        match self.final_softcap {
+            None => Ok(z.shallow_clone()),
+            Some(cap) => Ok(blocks::softcap(z, cap)?),
+        }
+    }
+
+    /// The output head's raw product alone (before any soft-cap), on final-normed hidden states
+    /// ([`Self::final_norm`]).
     pub fn head_of_normed(&self, normed: &Tensor) -> Result<Tensor, Error> {
         Ok(self.lm_head.forward(normed)?)
     }
@@ -580,21 +730,22 @@ impl CausalLm {
         let past = caches.first().and_then(|c| c.k.as_ref()).map_or(0, |k| k.size()[2]);
         let device = pos.device();
         let (cos, sin) = self.rope.cos_sin(pos, self.dtype)?;
-        // Queries see every cached key, causally among the new ones, within the sliding window.
-        let mask = match self.sliding_window.filter(|&w| (w as i64) < past + n) {
-            None if past == 0 => None,
-            None if n == 1 => None,
-            window => {
-                let q = Tensor::f_arange_start(past, past + n, (Kind::Int64, device))?.f_unsqueeze(1)?;
-                let k = Tensor::f_arange(past + n, (Kind::Int64, device))?.f_unsqueeze(0)?;
-                let mut allowed = k.f_le_tensor(&q)?;
-                if let Some(w) = window {
-                    allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w as i64)?)?;
-                }
-                Some(allowed.f_view([1, 1, n, past + n])?)
+        let sliding = match &self.alternating {
+            None => None,
+            Some((window, rope)) => {
+                let (cos, sin) = match rope {
+                    Some(r) => r.cos_sin(pos, self.dtype)?,
+                    None => (cos.shallow_clone(), sin.shallow_clone()),
+                };
+                let mask = cached_mask(past, n, Some(*window), device)?;
+                Some(Box::new(DeviceContext { cos, sin, mask, sliding: None }))
             }
         };
-        let ctx = LayerContext::spread(DeviceContext { cos, sin, mask }, &self.placement.compute_devices())?;
+        let mask = cached_mask(past, n, self.sliding_window, device)?;
+        let ctx = LayerContext::spread(
+            DeviceContext { cos, sin, mask, sliding },
+            &self.placement.compute_devices(),
+        )?;
         let mut h = self.embed(ids)?;
         for ((layer, cache), place) in self.layers.iter().zip(caches.iter_mut()).zip(&self.placement.layers) {
             h = layer.forward_cached(&h.f_to_device(place.compute)?, ctx.on(place.compute)?, Some(cache))?;
@@ -664,7 +815,8 @@ impl CausalLm {
         let q = s.heads * s.head_dim;
         let kv = s.kv_heads * s.head_dim;
         let per_layer_weights = s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate;
-        let mut per_layer = per_layer_weights + 2 * s.hidden;
+        let norms = if self.config.gemma.is_some() { 4 } else { 2 };
+        let mut per_layer = per_layer_weights + norms * s.hidden;
         if self.config.qkv_bias {
             per_layer += q + 2 * kv;
         }
@@ -674,7 +826,7 @@ impl CausalLm {
         if self.config.mlp_bias {
             per_layer += 2 * s.intermediate + s.hidden;
         }
-        if self.config.architecture == Architecture::Qwen3 {
+        if matches!(self.config.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
             per_layer += 2 * s.head_dim;
         }
         n += per_layer * s.layers;

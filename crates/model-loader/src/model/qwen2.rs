@@ -6,5 +6,5 @@ use crate::hf_config::HfConfig;
 
 /// Qwen2's q/k/v biases are loaded from the checkpoint (`HfConfig::qkv_bias` is always true).
 pub(super) fn spec(cfg: &HfConfig) -> DecoderSpec {
-    DecoderSpec { qk_norm: false, sliding_window: None, rope_scaling: cfg.rope_scaling }
+    DecoderSpec { qk_norm: false, sliding_window: None, ..DecoderSpec::llama(cfg) }
 }

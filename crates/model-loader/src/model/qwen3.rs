@@ -6,5 +6,5 @@ use crate::hf_config::HfConfig;
 
 /// Qwen3 adds the per-head q/k norms.
 pub(super) fn spec(cfg: &HfConfig) -> DecoderSpec {
-    DecoderSpec { qk_norm: true, sliding_window: None, rope_scaling: cfg.rope_scaling }
+    DecoderSpec { qk_norm: true, sliding_window: None, ..DecoderSpec::llama(cfg) }
 }

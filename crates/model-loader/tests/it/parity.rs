@@ -32,7 +32,7 @@ fn load(dir: &Path, opts: LoadOptions) -> CausalLm {
 
 #[test]
 fn every_family_matches_transformers_in_fp32() {
-    for name in ["llama", "mistral", "qwen2", "qwen3"] {
+    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] {
         let dir = golden(name);
         let model = load(&dir, LoadOptions::default());
         let (ids, pos, want) = expected(&dir);
@@ -40,6 +40,48 @@ fn every_family_matches_transformers_in_fp32() {
         assert_eq!(got.size(), want.size(), "{name}: logits shape");
         let err = max_rel_err(&got, &want);
         assert!(err < 1e-5, "{name}: logits differ from transformers by {err:e} (relative to max)");
+    }
+}
+
+/// A tensor of a golden's expected.safetensors by key.
+fn expected_key(dir: &Path, key: &str) -> Tensor {
+    let t = Tensor::read_safetensors(dir.join("expected.safetensors")).expect("expected.safetensors");
+    t.into_iter().find(|(n, _)| n == key).map(|(_, v)| v).unwrap_or_else(|| panic!("{key}"))
+}
+
+const NF4: QuantizeOptions =
+    QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true };
+
+/// Gemma 2 and 3 quantized while loading give transformers' fp32 forward on bitsandbytes' codes
+/// dequantized (so the codes are bitsandbytes' and the rest of the 4-bit forward is the fp32 one).
+#[test]
+fn gemma_4bit_forward_matches_transformers_on_dequantized_codes() {
+    for name in ["gemma2", "gemma3"] {
+        let dir = golden(name);
+        let model = load(&dir, LoadOptions { quantize: Some(NF4), ..LoadOptions::default() });
+        let (ids, pos, fp32) = expected(&dir);
+        let want = expected_key(&dir, "logits_4bit");
+        let got = tch::no_grad(|| model.forward(&ids, Some(&pos), None)).unwrap();
+        let err = max_rel_err(&got, &want);
+        assert!(err < 1e-4, "{name}: 4-bit logits differ from the dequantized fp32 forward by {err:e}");
+        assert!(max_rel_err(&got, &fp32) > 1e-3, "{name}: 4-bit logits equal the fp32 ones");
+    }
+}
+
+/// 20 greedy tokens through the KV cache (sliding and global layers, soft-capped logits) are
+/// transformers' own.
+#[test]
+fn gemma_greedy_generation_matches_transformers() {
+    for name in ["gemma2", "gemma3"] {
+        let dir = golden(name);
+        let model = load(&dir, LoadOptions::default());
+        let prompt = Vec::<i64>::try_from(expected_key(&dir, "greedy_prompt").reshape([-1])).unwrap();
+        let want = Vec::<i64>::try_from(expected_key(&dir, "greedy_tokens").reshape([-1])).unwrap();
+        let sampling = model_loader::Sampling { max_new_tokens: 20, ..Default::default() };
+        let got = model.generate(&prompt, &sampling).unwrap().tokens;
+        assert_eq!(got, want, "{name}: greedy tokens differ from transformers'");
+        // The uncached path agrees.
+        assert_eq!(model.generate_greedy(&prompt, 20, &[]).unwrap(), want, "{name}: uncached greedy");
     }
 }
 
@@ -233,6 +275,18 @@ fn sliding_window_limits_attention() {
         assert!(max_rel_err(&x.narrow(1, 11, 1), &y.narrow(1, 11, 1)) < 1e-6);
         assert!(max_rel_err(&x.narrow(1, 2, 1), &y.narrow(1, 2, 1)) > 1e-4);
     });
+}
+
+#[test]
+fn gemma_parameter_count_and_linears_follow_the_checkpoint() {
+    for name in ["gemma2", "gemma3"] {
+        let mut model = load(&golden(name), LoadOptions::default());
+        // Tied head counted once, four norms per layer, Gemma 3's q/k norms.
+        let ck = safetensors_numel(&golden(name).join("model.safetensors"));
+        assert_eq!(model.num_parameters(), ck, "{name}");
+        let layers = model.num_layers();
+        assert_eq!(model.linears_mut().len(), 7 * layers, "{name}");
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use model_loader::{Architecture, Error, HfConfig, HubCache, resolve_model};
+use model_loader::{Architecture, Error, HfConfig, HubCache, RopeScaling, resolve_model};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -71,6 +71,64 @@ fn the_tiny_model_config_reads() {
     );
     assert_eq!(c.rope_theta, 10000.0, "read from transformers 5's rope_parameters");
     assert!(!c.prequantized);
+}
+
+/// Hub-era Gemma configs (before transformers 5): no `layer_types`, Gemma 3's local RoPE base in
+/// `rope_local_base_freq` and its global scaling in `rope_scaling`, read with transformers' defaults.
+#[test]
+fn older_gemma_configs_read_with_transformers_defaults() {
+    let p = Path::new("g/config.json");
+    let dims = r#""hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+        "intermediate_size": 128, "num_hidden_layers": 7, "vocab_size": 32"#;
+    let g2 = HfConfig::parse(
+        p,
+        &format!(
+            r#"{{"architectures": ["Gemma2ForCausalLM"], {dims}, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096, "rope_theta": 10000.0}}"#
+        ),
+    )
+    .expect("gemma2");
+    assert_eq!(
+        g2.sliding_layers,
+        vec![true, false, true, false, true, false, true],
+        "every second layer global"
+    );
+    let g = g2.gemma.as_ref().expect("gemma options");
+    assert_eq!((g.attn_logit_softcapping, g.final_logit_softcapping), (Some(50.0), Some(30.0)));
+    assert_eq!((g.query_pre_attn_scalar, g.local_rope), (256.0, None));
+    let g3 = HfConfig::parse(
+        p,
+        &format!(
+            r#"{{"architectures": ["Gemma3ForCausalLM"], {dims}, "sliding_window": 512,
+            "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "rope_scaling": {{"rope_type": "linear", "factor": 8.0}}, "final_logit_softcapping": null,
+            "query_pre_attn_scalar": 16}}"#
+        ),
+    )
+    .expect("gemma3");
+    assert_eq!(
+        g3.sliding_layers,
+        vec![true, true, true, true, true, false, true],
+        "every sixth layer global"
+    );
+    assert_eq!((g3.rope_theta, g3.rope_scaling), (1e6, RopeScaling::Linear { factor: 8.0 }));
+    let g = g3.gemma.as_ref().expect("gemma options");
+    assert_eq!(g.local_rope, Some((10000.0, RopeScaling::Default)));
+    assert_eq!(
+        (g.attn_logit_softcapping, g.final_logit_softcapping, g.query_pre_attn_scalar),
+        (None, None, 16.0)
+    );
+    // What nibble's decoder does not compute is refused by key.
+    for (extra, want) in [
+        (r#""hidden_activation": "gelu""#, "`hidden_activation` `gelu` is not supported"),
+        (r#""use_bidirectional_attention": true"#, "use_bidirectional_attention"),
+        (r#""layer_types": ["full_attention"]"#, "`layer_types` has 1 entries"),
+        (r#""layer_types": ["sliding_attention", "x", 1, 2, 3, 4, 5]"#, "`layer_types[1]`"),
+    ] {
+        let text = format!(r#"{{"architectures": ["Gemma3ForCausalLM"], {dims}, {extra}}}"#);
+        let e = HfConfig::parse(p, &text).expect_err(&text).to_string();
+        assert!(e.starts_with("g/config.json: ") && e.contains(want), "{extra}: {e}");
+    }
 }
 
 #[test]

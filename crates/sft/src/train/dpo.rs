@@ -422,8 +422,7 @@ impl Scored {
         len: i64,
     ) -> Result<Chunk, model_loader::Error> {
         let idx = self.positions.f_narrow(0, start, len)?;
-        let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
-        let logits = logits.f_to_kind(Kind::Float)?;
+        let logits = super::head::f32_logits(model, &flat.f_index_select(0, &idx)?)?;
         let target = self.target.f_index_select(0, &idx)?.f_to_device(logits.device())?;
         let (lp, log_z) = super::head::target_logps(&logits, &target)?;
         Ok(Chunk { logits, log_z, target, lp })

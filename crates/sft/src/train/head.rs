@@ -53,9 +53,12 @@ pub fn f32_product(kind: Kind, device: tch::Device) -> bool {
                 || quant::ops::matmul_in_f32(kind, device)))
 }
 
-/// The gradient at the head's input of `Σ_i g[i] · lp[i]` (`lp` from [`target_logps`] of `z`),
-/// through the frozen `weight [vocab, hidden]`: `z [n, vocab]` the f32 logits the head computed
-/// in `kind`, returned in `out_kind` (the input's dtype).
+/// The gradient at the head's input of `Σ_i g[i] · lp[i]` (`lp` from [`target_logps`] of the
+/// capped `z`), through the frozen `weight [vocab, hidden]`: `z [n, vocab]` the f32 logits the
+/// head computed in `kind` (before any soft-cap), returned in `out_kind` (the input's dtype).
+/// With a logit soft-cap `cap` (Gemma 2), the tile's gradient is multiplied by `1 - t²`,
+/// `t = tanh(z / cap)`, after `g · (onehot - p)`, as TRL's torch path orders it.
+#[allow(clippy::too_many_arguments, reason = "the head's pieces, each needed once")]
 pub(crate) fn input_grad(
     weight: &Tensor,
     z: &Tensor,
@@ -64,6 +67,7 @@ pub(crate) fn input_grad(
     target: &Tensor,
     g: &Tensor,
     out_kind: Kind,
+    cap: Option<f64>,
 ) -> Result<Tensor, tch::TchError> {
     let (n, v) = (z.size()[0], z.size()[1]);
     let hidden = weight.size()[1];
@@ -78,12 +82,22 @@ pub(crate) fn input_grad(
         // TRL's `g * (onehot - p)`, in place on one buffer: `-p`, plus 1 at the target (`1 - p`
         // and `-p + 1` are the same IEEE sum), times `g`, plus 0 (TRL starts from zeros, so a
         // `-0` product becomes `+0` there too).
-        let mut grad = z.f_narrow(1, start, len)?.f_sub(&log_z)?.f_exp()?;
+        let raw = z.f_narrow(1, start, len)?;
+        let tanh = cap.map(|c| raw.f_div_scalar(c)?.f_tanh()).transpose()?;
+        let capped = match (&tanh, cap) {
+            (Some(t), Some(c)) => t.f_mul_scalar(c)?,
+            _ => raw,
+        };
+        let mut grad = capped.f_sub(&log_z)?.f_exp()?;
         let _ = grad.f_neg_()?;
         let local = target.f_sub_scalar(start)?;
         let in_tile = local.f_ge(0)?.f_logical_and(&local.f_lt(len)?)?;
         let _ = grad.f_scatter_add_(1, &local.f_clamp(0, len - 1)?, &in_tile.f_to_kind(Kind::Float)?)?;
         let _ = grad.f_mul_(&g)?.f_add_scalar_(0.0)?;
+        if let Some(t) = &tanh {
+            // d(cap · tanh(z / cap)) / dz = 1 - t², formed as TRL forms it.
+            let _ = grad.f_mul_(&t.f_mul(t)?.f_neg()?.f_add_scalar(1.0)?)?;
+        }
         let rows = weight.f_narrow(0, start, len)?;
         if !f32_product(kind, dev) {
             // One 16-bit GEMM per tile (f32 sums inside, one rounding), into the f32 sum.
@@ -126,9 +140,11 @@ pub(crate) fn frozen_chunk(
     let (logits, lp, grad) = tch::no_grad(|| -> Result<_, model_loader::Error> {
         let logits = model.head_of_normed(&normed)?;
         let z = logits.f_to_kind(Kind::Float)?;
-        let (lp, log_z) = target_logps(&z, &target)?;
+        // TRL caps the f32 tile (Gemma 2's `final_logit_softcapping`).
+        let (lp, log_z) = target_logps(&model.cap_logits(&z)?, &target)?;
         let (kind, out_kind) = (logits.f_kind()?, normed.f_kind()?);
-        let grad = g.map(|g| input_grad(weight, &z, &log_z, kind, &target, g, out_kind)).transpose()?;
+        let cap = model.final_logit_softcapping();
+        let grad = g.map(|g| input_grad(weight, &z, &log_z, kind, &target, g, out_kind, cap)).transpose()?;
         Ok((logits, lp, grad))
     })?;
     if let Some(grad) = grad {
@@ -136,6 +152,14 @@ pub(crate) fn frozen_chunk(
         super::step::backward_from(&normed, &grad)?;
     }
     Ok((logits, lp))
+}
+
+/// f32 logits of hidden states `x [.., hidden]` through the final norm and the head, soft-capped
+/// in f32 where the model caps its logits (as TRL's chunked head caps its f32 tiles); autograd
+/// follows them when the head or the input needs it.
+pub(crate) fn f32_logits(model: &model_loader::CausalLm, x: &Tensor) -> Result<Tensor, model_loader::Error> {
+    let z = model.head_of_normed(&model.final_norm(x)?)?.f_to_kind(Kind::Float)?;
+    model.cap_logits(&z)
 }
 
 /// `[rows, t]` per-position values (`v`, one per position of `positions` in the flattened
@@ -171,9 +195,37 @@ mod tests {
         (&want * &g).sum(Kind::Float).backward();
         let (lp, log_z) = tch::no_grad(|| target_logps(&z.detach(), &target)).unwrap();
         assert!(f64::try_from((&lp - &want).abs().max()).unwrap() < 1e-5);
-        let got = input_grad(&weight, &z.detach(), &log_z, Kind::Float, &target, &g, Kind::Float).unwrap();
+        let got =
+            input_grad(&weight, &z.detach(), &log_z, Kind::Float, &target, &g, Kind::Float, None).unwrap();
         let err = f64::try_from((&got - x.grad()).abs().max()).unwrap();
         assert!(err < 1e-4, "gradient off by {err}");
+    }
+
+    /// With a logit soft-cap the fold takes the capped logits and the gradient is autograd's
+    /// through `cap · tanh(z / cap)` and log-softmax.
+    #[test]
+    fn the_soft_capped_gradient_is_autograds() {
+        tch::manual_seed(4);
+        let (n, v, hidden, cap) = (4, VOCAB_TILE + 9, 5, 3.0);
+        let weight = Tensor::randn([v, hidden], (Kind::Float, tch::Device::Cpu)).f_mul_scalar(2.0).unwrap();
+        let x = Tensor::randn([n, hidden], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let target = Tensor::from_slice(&[1i64, VOCAB_TILE + 2, 7, v - 1]);
+        let g = Tensor::from_slice(&[1.0f32, -0.5, 2.0, 0.25]);
+        let z = x.linear::<Tensor>(&weight, None);
+        let capped = (&z / cap).tanh() * cap;
+        let want = capped.log_softmax(-1, Kind::Float).gather(1, &target.unsqueeze(1), false).squeeze_dim(1);
+        (&want * &g).sum(Kind::Float).backward();
+        let zc = tch::no_grad(|| (&z.detach() / cap).tanh() * cap);
+        let (lp, log_z) = tch::no_grad(|| target_logps(&zc, &target)).unwrap();
+        assert!(f64::try_from((&lp - &want).abs().max()).unwrap() < 1e-5);
+        let got = input_grad(&weight, &z.detach(), &log_z, Kind::Float, &target, &g, Kind::Float, Some(cap))
+            .unwrap();
+        let err = f64::try_from((&got - x.grad()).abs().max()).unwrap();
+        assert!(err < 1e-4, "capped gradient off by {err}");
+        // And the cap matters: without it the gradient is another one.
+        let plain =
+            input_grad(&weight, &z.detach(), &log_z, Kind::Float, &target, &g, Kind::Float, None).unwrap();
+        assert!(f64::try_from((&plain - x.grad()).abs().max()).unwrap() > 1e-2);
     }
 
     /// Values land at their flattened positions, each row's last position is dropped.

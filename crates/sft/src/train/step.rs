@@ -146,17 +146,11 @@ fn head_loss(
     while start < n {
         let len = per.min(n - start);
         let idx = rows.f_narrow(0, start, len)?;
-        let logits = model.head(&flat.f_index_select(0, &idx)?.f_unsqueeze(0)?)?.f_reshape([len, -1])?;
+        let logits = super::head::f32_logits(model, &flat.f_index_select(0, &idx)?)?;
         let tgt = target.f_index_select(0, &idx)?.f_to_device(logits.device())?;
         correct +=
             logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
-        let sum = logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
-            &tgt,
-            None,
-            Reduction::Sum,
-            -100,
-            0.0,
-        )?;
+        let sum = logits.f_cross_entropy_loss::<Tensor>(&tgt, None, Reduction::Sum, -100, 0.0)?;
         loss += sum.f_double_value(&[])? / num_items;
         if backward {
             sum.f_div_scalar(num_items)?.f_backward()?;

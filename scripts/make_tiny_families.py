@@ -1,0 +1,90 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["torch==2.11.0", "transformers==5.24.0"]
+# ///
+"""Tiny random models of the families beyond Llama's layout, for the per-family training tests
+(tests/families.rs, scripts/golden_trl_loss.py): each with the shipped tiny model's tokenizer
+(models/tiny-llama), so every recipe and dataset made for that model runs on them.
+
+For each family a folder tests/golden/families/<family>/model holds config.json,
+model.safetensors and the tokenizer files; `model-bf16` is the same model saved in bf16.
+
+Deterministic (fixed seeds). Regenerate from the repository root (after `cargo xtask setup`):
+    "$NIBBLE_PYTHON" scripts/make_tiny_families.py
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "refcpu"))
+import nibble_refcpu  # noqa: E402
+
+nibble_refcpu.apply(default="avx2")
+
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "models" / "tiny-llama"
+OUT = ROOT / "tests" / "golden" / "families"
+
+
+def shape():
+    base = json.loads((TOKENIZER / "config.json").read_text())
+    return dict(
+        vocab_size=base["vocab_size"],
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=base["bos_token_id"],
+        eos_token_id=base["eos_token_id"],
+        pad_token_id=base["pad_token_id"],
+        # Larger than transformers' 0.02 so the soft-caps and norms are far from their linear range.
+        initializer_range=0.2,
+    )
+
+
+def families():
+    # A window shorter than the chats, so sliding layers differ from global ones in training.
+    yield "gemma2", Gemma2Config(
+        **shape(), sliding_window=16, query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=2.0
+    )
+    yield "gemma3", Gemma3TextConfig(
+        **shape(),
+        sliding_window=16,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )
+
+
+def main():
+    for name, cfg in families():
+        torch.manual_seed(0)
+        cfg.architectures = [type(cfg).__name__.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "norm" in pname:
+                    p.add_(torch.randn_like(p) * 0.2)
+        for sub, dtype in (("model", torch.float32), ("model-bf16", torch.bfloat16)):
+            d = OUT / name / sub
+            shutil.rmtree(d, ignore_errors=True)
+            model.to(dtype).save_pretrained(d)
+            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                shutil.copy(TOKENIZER / f, d / f)
+            (d / "generation_config.json").unlink(missing_ok=True)
+        print(f"wrote {OUT / name}")
+
+
+if __name__ == "__main__":
+    main()
