@@ -17,7 +17,8 @@ bitsandbytes (NF4 with double quantization, fp32 compute), whose 4-bit checkpoin
 
 The Gemma cases also hold `logits_4bit`: transformers' fp32 forward with every decoder linear
 replaced by its bitsandbytes NF4 codes (double quantization) dequantized, and `greedy_prompt` /
-`greedy_tokens`: 20 tokens of transformers' greedy generation from the fp32 model.
+`greedy_tokens`: 20 tokens of transformers' greedy generation from the fp32 model; and
+`logits_bf16`, transformers' forward of the same model saved in bf16 (`<family>-bf16`).
 
 The 8-bit (LLM.int8) cases: `llama-int8` is a Llama whose norms give a few hidden features large
 values (the outlier features LLM.int8 computes in floating point; a small random model has none),
@@ -256,6 +257,15 @@ def main(out: Path, only=None):
         if name in GEMMA:
             expected["logits_4bit"] = dequantized_4bit_logits(d, model, ids, pos)
             expected["greedy_prompt"], expected["greedy_tokens"] = greedy(model, ids)
+            # The bf16-saved copy and transformers' bf16 forward of it.
+            b = out / f"{name}-bf16"
+            shutil.rmtree(b, ignore_errors=True)
+            model.to(torch.bfloat16).save_pretrained(b)
+            # Loaded as a user loads it (an in-memory `.to(bfloat16)` would round the RoPE
+            # frequency buffers too, which a load in bf16 keeps in f32).
+            bf16 = AutoModelForCausalLM.from_pretrained(b, dtype=torch.bfloat16)
+            bf16.eval()
+            expected["logits_bf16"] = logits_of(bf16, ids, pos)
         save_file(expected, d / "expected.safetensors")
     if only is not None:
         for f in out.rglob("generation_config.json"):

@@ -292,8 +292,10 @@ fn transformers_loads_the_quantized_model_with_its_own_logits() {
     let root = scratch("tf-quantize");
     tiny_bf16(&root.join("tiny-bf16"));
     // (source, flags, quant type, double quant, bytes equal to bitsandbytes' CPU quantization)
-    let cases: [(PathBuf, &[&str], QuantType, bool, bool); 5] = [
+    let cases: [(PathBuf, &[&str], QuantType, bool, bool); 7] = [
         (tiny(), &[], QuantType::Nf4, false, true),
+        (golden("gemma2"), &[], QuantType::Nf4, false, true),
+        (golden("gemma3"), &[], QuantType::Nf4, false, true),
         (root.join("tiny-bf16"), &["--max-shard-size", "30KB"], QuantType::Nf4, false, true),
         (golden("llama"), &["--double-quant"], QuantType::Nf4, true, false),
         (golden("qwen3"), &[], QuantType::Nf4, false, true),
@@ -346,11 +348,16 @@ fn transformers_loads_the_quantized_model_with_its_own_logits() {
 /// Put a random adapter (`init_lora_weights=False`: B is not zero) on the tiny model's linears and
 /// save it as PEFT does.
 fn random_adapter(dir: &Path, targets: TargetModules, rslora: bool) -> LoraConfig {
-    let mut model = load(&tiny(), LoadOptions::default());
+    random_adapter_on(&tiny(), dir, targets, rslora)
+}
+
+/// [`random_adapter`] on the model in `base`.
+fn random_adapter_on(base: &Path, dir: &Path, targets: TargetModules, rslora: bool) -> LoraConfig {
+    let mut model = load(base, LoadOptions::default());
     let mut cfg = LoraConfig::new(4, 6.0, targets);
     cfg.init = LoraInit::False;
     cfg.use_rslora = rslora;
-    cfg.base_model_name_or_path = Some(tiny().display().to_string());
+    cfg.base_model_name_or_path = Some(base.display().to_string());
     let adapters = lora::inject(model.linears_mut(), &cfg, 7).unwrap();
     adapters.save(dir).unwrap();
     cfg
@@ -570,21 +577,41 @@ print(json.dumps(out))
 #[test]
 fn transformers_loads_the_merged_model_and_peft_merges_the_same() {
     let Some(py) = python() else { return };
-    let root = scratch("tf-merge");
+    check_merge_in_transformers(&py, &tiny(), "tf-merge");
+}
+
+/// The same for each family beyond Llama's layout: nibble's adapter loads in PEFT with nibble's
+/// logits, and nibble's merge loads in transformers with them.
+#[test]
+fn gemma_merges_and_adapters_load_in_transformers_and_peft() {
+    let Some(py) = python() else { return };
+    for family in ["gemma2", "gemma3"] {
+        check_merge_in_transformers(
+            &py,
+            &repo().join("tests/golden/families").join(family).join("model"),
+            family,
+        );
+    }
+}
+
+/// A random all-linear adapter on `model`, merged by nibble in fp32 and bf16, checked in
+/// transformers and PEFT ([`TRANSFORMERS_MERGE_CHECK`]).
+fn check_merge_in_transformers(py: &str, model: &Path, tag: &str) {
+    let root = scratch(&format!("tf-merge-{tag}"));
     let adapter = root.join("adapter");
-    random_adapter(&adapter, TargetModules::AllLinear, true);
+    random_adapter_on(model, &adapter, TargetModules::AllLinear, true);
     let (m32, m16) = (root.join("merged-fp32"), root.join("merged-bf16"));
-    ok(&merge(&tiny(), &adapter, &m32, &["--max-shard-size", "150KB"]));
-    ok(&merge(&tiny(), &adapter, &m16, &["--dtype", "bf16"]));
-    let mut base = load(&tiny(), LoadOptions::default());
+    ok(&merge(model, &adapter, &m32, &["--max-shard-size", "150KB"]));
+    ok(&merge(model, &adapter, &m16, &["--dtype", "bf16"]));
+    let mut base = load(model, LoadOptions::default());
     lora::inject_from(base.linears_mut(), &adapter).unwrap();
     save_logits(&root.join("nibble.safetensors"), &logits(&base));
     let r = run_python(
-        &py,
+        py,
         TRANSFORMERS_MERGE_CHECK,
-        &[s(&tiny()), s(&adapter), s(&m32), s(&m16), s(&root.join("nibble.safetensors"))],
+        &[s(model), s(&adapter), s(&m32), s(&m16), s(&root.join("nibble.safetensors"))],
     );
-    eprintln!("transformers and PEFT on the merged model: {r}");
+    eprintln!("{tag}: transformers and PEFT on the merged model: {r}");
     for tag in ["fp32", "bf16"] {
         assert_eq!(r[tag]["missing"], serde_json::json!([]), "{r}");
         assert_eq!(r[tag]["unexpected"], serde_json::json!([]), "{r}");
