@@ -780,6 +780,7 @@ fn run_shape(
     let t = &recipe.training;
     let sixteen = if recipe.model.dtype == Dtype::Float16 { Kind::Half } else { Kind::BFloat16 };
     let on_cpu = device == device_map::Device::Cpu;
+    let seq = t.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024);
     RunShape {
         base,
         dtype_bytes: if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 },
@@ -791,10 +792,13 @@ fn run_shape(
         // (no graph, one layer's activations at a time) comes before the policy's and peaks lower.
         batch: u64::try_from(t.per_device_train_batch_size).unwrap_or(1)
             * if recipe.dpo.is_some() { 2 } else { 1 },
-        seq: t.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024),
+        seq,
         gradient_checkpointing: t.gradient_checkpointing,
-        // Packed rows attend through an explicit mask, which keeps the probabilities.
-        attention_scores: t.packing,
+        // Packed rows, and a sliding window shorter than the rows, attend through an explicit
+        // mask, which keeps the probabilities; Gemma 2's eager attention always keeps them.
+        attention_scores: t.packing
+            || cfg.sliding_window.is_some_and(|w| w < seq)
+            || cfg.architecture == Architecture::Gemma2,
         matmul_in_f32: on_cpu && quant::ops::matmul_in_f32_under(cpu_matmul, sixteen, Device::Cpu),
         logits_chunk_bytes: sft::train::HEAD_CHUNK_BYTES as u64,
         runtime: if on_cpu { RUNTIME_BYTES } else { 0 },
@@ -808,6 +812,24 @@ mod tests {
 
     fn recipe(yaml: &str) -> Recipe {
         config::Loader::new().yaml("r.yaml", format!("dataset_name: d\n{yaml}")).load().expect("recipe")
+    }
+
+    /// The estimate keeps attention's `seq x seq` probabilities where the model's attention
+    /// materialises them: packed rows, a sliding window shorter than the rows, Gemma 2's eager
+    /// attention; not for plain causal rows of Llama or Gemma 3 within the window.
+    #[test]
+    fn attention_scores_are_counted_where_the_attention_keeps_them() {
+        let families = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families");
+        let scores = |dir: &str, yaml: &str| {
+            let cfg = HfConfig::from_dir(&families.join(dir).join("model")).expect("config");
+            let r = recipe(&format!("model_name_or_path: m\n{yaml}"));
+            run_shape(&r, &cfg, &[], CpuMatmul::Auto, device_map::Device::Cpu).attention_scores
+        };
+        // The tiny Gemma 3's window is 16 positions.
+        assert!(!scores("gemma3", "max_length: 16\n"));
+        assert!(scores("gemma3", "max_length: 17\n"));
+        assert!(scores("gemma3", "max_length: 16\npacking: true\n"));
+        assert!(scores("gemma2", "max_length: 8\n"), "eager attention");
     }
 
     /// A pre-quantized checkpoint loads as transformers 5.24 loads it: in its stored dtype
