@@ -15,10 +15,11 @@ scaled embeddings, soft-capped attention scores and logits, alternating sliding 
 bitsandbytes (NF4 with double quantization, fp32 compute), whose 4-bit checkpoint is saved too
 (`llama-4bit-saved`) so the pre-quantized load path is tested on a file transformers wrote.
 
-The Gemma cases also hold `logits_4bit`: transformers' fp32 forward with every decoder linear
+The Gemma and Phi-3 cases also hold `logits_4bit`: transformers' fp32 forward with every decoder linear
 replaced by its bitsandbytes NF4 codes (double quantization) dequantized, and `greedy_prompt` /
 `greedy_tokens`: 20 tokens of transformers' greedy generation from the fp32 model; and
-`logits_bf16`, transformers' forward of the same model saved in bf16 (`<family>-bf16`).
+`logits_bf16`, transformers' forward of the same model saved in bf16 (`<family>-bf16`); and
+`logits_short`, the fp32 logits of the first 6 positions (within Phi-3's LongRoPE pretraining length).
 
 The 8-bit (LLM.int8) cases: `llama-int8` is a Llama whose norms give a few hidden features large
 values (the outlier features LLM.int8 computes in floating point; a small random model has none),
@@ -59,6 +60,7 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -119,7 +121,19 @@ def cases():
     )
 
 
-GEMMA = ("gemma2", "gemma3")
+    # LongRoPE with a pretraining length (8) shorter than the inputs (12): the long factors and
+    # the attention factor sqrt(1 + ln 8 / ln 8); rotary on half of each head; tied head.
+    yield "phi3", Phi3Config(
+        **{k: v for k, v in COMMON.items()},
+        partial_rotary_factor=0.5,
+        original_max_position_embeddings=8,
+        sliding_window=6,
+        tie_word_embeddings=True,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.25], "long_factor": [2.0, 3.5]},
+    )
+
+
+GEMMA = ("gemma2", "gemma3", "phi3")
 
 
 def inputs():
@@ -257,10 +271,12 @@ def main(out: Path, only=None):
         if name in GEMMA:
             expected["logits_4bit"] = dequantized_4bit_logits(d, model, ids, pos)
             expected["greedy_prompt"], expected["greedy_tokens"] = greedy(model, ids)
+            # Within the pretraining length (LongRoPE's short factors).
+            expected["logits_short"] = logits_of(model, ids[:, :6], pos[:, :6])
             # The bf16-saved copy and transformers' bf16 forward of it.
             b = out / f"{name}-bf16"
             shutil.rmtree(b, ignore_errors=True)
-            model.to(torch.bfloat16).save_pretrained(b)
+            model.to(torch.bfloat16).save_pretrained(b)  # in place: the fp32 results come first
             # Loaded as a user loads it (an in-memory `.to(bfloat16)` would round the RoPE
             # frequency buffers too, which a load in bf16 keeps in f32).
             bf16 = AutoModelForCausalLM.from_pretrained(b, dtype=torch.bfloat16)

@@ -2,7 +2,7 @@
 # requires-python = ">=3.11"
 # dependencies = ["torch==2.11.0", "transformers==5.24.0"]
 # ///
-"""Tiny random models of the families beyond Llama's layout, for the per-family training tests
+"""Tiny random models of the families beyond Llama's layout (Gemma 2, Gemma 3, Phi-3), for the per-family training tests
 (tests/families.rs, scripts/golden_trl_loss.py): each with the shipped tiny model's tokenizer
 (models/tiny-llama), so every recipe and dataset made for that model runs on them.
 
@@ -24,7 +24,7 @@ import nibble_refcpu  # noqa: E402
 nibble_refcpu.apply(default="avx2")
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "models" / "tiny-llama"
@@ -63,6 +63,22 @@ def families():
         rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )
+
+
+    # Phi-4-mini's shape of RoPE: a quarter of each head passes unrotated; LongRoPE's pretraining
+    # length inside the chats' lengths, so some batches take the long factors and some the short.
+    phi = {k: v for k, v in shape().items() if k != "head_dim"}
+    yield "phi3", Phi3Config(
+        **phi,
+        partial_rotary_factor=0.75,
+        original_max_position_embeddings=64,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+            "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
         },
     )
 

@@ -292,10 +292,11 @@ fn transformers_loads_the_quantized_model_with_its_own_logits() {
     let root = scratch("tf-quantize");
     tiny_bf16(&root.join("tiny-bf16"));
     // (source, flags, quant type, double quant, bytes equal to bitsandbytes' CPU quantization)
-    let cases: [(PathBuf, &[&str], QuantType, bool, bool); 7] = [
+    let cases: [(PathBuf, &[&str], QuantType, bool, bool); 8] = [
         (tiny(), &[], QuantType::Nf4, false, true),
         (golden("gemma2"), &[], QuantType::Nf4, false, true),
         (golden("gemma3"), &[], QuantType::Nf4, false, true),
+        (golden("phi3"), &[], QuantType::Nf4, false, true),
         (root.join("tiny-bf16"), &["--max-shard-size", "30KB"], QuantType::Nf4, false, true),
         (golden("llama"), &["--double-quant"], QuantType::Nf4, true, false),
         (golden("qwen3"), &[], QuantType::Nf4, false, true),
@@ -581,11 +582,11 @@ fn transformers_loads_the_merged_model_and_peft_merges_the_same() {
 }
 
 /// The same for each family beyond Llama's layout: nibble's adapter loads in PEFT with nibble's
-/// logits, and nibble's merge loads in transformers with them.
+/// logits, and nibble's merge loads in transformers with them (Phi-3's fused linears included).
 #[test]
-fn gemma_merges_and_adapters_load_in_transformers_and_peft() {
+fn newer_families_merges_and_adapters_load_in_transformers_and_peft() {
     let Some(py) = python() else { return };
-    for family in ["gemma2", "gemma3"] {
+    for family in ["gemma2", "gemma3", "phi3"] {
         check_merge_in_transformers(
             &py,
             &repo().join("tests/golden/families").join(family).join("model"),

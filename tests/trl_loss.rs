@@ -26,6 +26,13 @@ fn gemma3_steps_match_trl() {
     compare("families/gemma3", "trl_log.json", &[], 20);
 }
 
+/// Phi-3 / Phi-4-mini: fused `qkv_proj` and `gate_up_proj` adapted as PEFT adapts them, partial
+/// rotary, LongRoPE switching factors by batch length.
+#[test]
+fn phi3_steps_match_trl() {
+    compare("families/phi3", "trl_log.json", &[], 20);
+}
+
 /// With the Trainer's default shuffled order, nothing exchanged but the initial adapter: nibble
 /// draws each epoch's permutation as accelerate's seedable sampler does (`sampler_order`).
 #[test]

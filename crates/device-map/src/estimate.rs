@@ -41,6 +41,8 @@ pub struct ModelShape {
     pub head_dim: u64,
     /// Whether the output head shares the embedding matrix.
     pub tied_embeddings: bool,
+    /// q/k/v and gate/up are one linear each (Phi-3's `qkv_proj`, `gate_up_proj`).
+    pub fused_projections: bool,
 }
 
 /// nibble's one table of a decoder block's linear layers: each one's transformers path inside
@@ -56,26 +58,39 @@ pub const DECODER_LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// A block's linear layers where q/k/v and gate/up are fused (Phi-3), in transformers' order.
+pub const FUSED_DECODER_LINEARS: [&str; 4] =
+    ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
+
+/// The linear layers of one of `s`'s blocks: [`DECODER_LINEARS`] or [`FUSED_DECODER_LINEARS`].
+pub fn decoder_linears(s: &ModelShape) -> &'static [&'static str] {
+    if s.fused_projections { &FUSED_DECODER_LINEARS } else { &DECODER_LINEARS }
+}
+
 /// The last part of a [`DECODER_LINEARS`] path: the module name PEFT's targets match.
 pub fn module_name(path: &'static str) -> &'static str {
     path.rsplit_once('.').map_or(path, |(_, name)| name)
 }
 
-/// The seven linear layers of a decoder block, by PEFT module name, with (in, out) features, in
-/// [`DECODER_LINEARS`] order.
-pub fn block_linears(s: &ModelShape) -> [(&'static str, u64, u64); 7] {
+/// The linear layers of a decoder block, by PEFT module name, with (in, out) features, in
+/// [`decoder_linears`] order.
+pub fn block_linears(s: &ModelShape) -> Vec<(&'static str, u64, u64)> {
     let q = s.heads * s.head_dim;
     let kv = s.kv_heads * s.head_dim;
-    let features = [
-        (s.hidden, q),
-        (s.hidden, kv),
-        (s.hidden, kv),
-        (q, s.hidden),
-        (s.hidden, s.intermediate),
-        (s.hidden, s.intermediate),
-        (s.intermediate, s.hidden),
-    ];
-    std::array::from_fn(|i| (module_name(DECODER_LINEARS[i]), features[i].0, features[i].1))
+    let features: &[(u64, u64)] = if s.fused_projections {
+        &[(s.hidden, q + 2 * kv), (q, s.hidden), (s.hidden, 2 * s.intermediate), (s.intermediate, s.hidden)]
+    } else {
+        &[
+            (s.hidden, q),
+            (s.hidden, kv),
+            (s.hidden, kv),
+            (q, s.hidden),
+            (s.hidden, s.intermediate),
+            (s.hidden, s.intermediate),
+            (s.intermediate, s.hidden),
+        ]
+    };
+    decoder_linears(s).iter().zip(features).map(|(path, &(i, o))| (module_name(path), i, o)).collect()
 }
 
 impl ModelShape {
@@ -249,7 +264,7 @@ fn saved_per_token(s: &ModelShape) -> u64 {
 
 /// The decoder linears of one block that carry a LoRA adapter (none without LoRA).
 fn adapted_linears(model: &ModelShape, run: &RunShape) -> impl Iterator<Item = (&'static str, u64, u64)> {
-    let linears = if run.lora_r == 0 { Vec::new() } else { block_linears(model).to_vec() };
+    let linears = if run.lora_r == 0 { Vec::new() } else { block_linears(model) };
     linears.into_iter().filter(|(name, ..)| run.lora_targets.iter().any(|t| t == name))
 }
 
@@ -317,7 +332,19 @@ mod tests {
             kv_heads: 32,
             head_dim: 128,
             tied_embeddings: false,
+            fused_projections: false,
         }
+    }
+
+    /// Fusing q/k/v and gate/up changes the names, not the parameters.
+    #[test]
+    fn fused_projections_hold_the_same_parameters() {
+        let m = llama2_7b();
+        let fused = ModelShape { fused_projections: true, ..m };
+        assert_eq!(fused.linear_params(), m.linear_params());
+        let names: Vec<&str> = block_linears(&fused).iter().map(|l| l.0).collect();
+        assert_eq!(names, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
+        assert_eq!(block_linears(&fused)[0], ("qkv_proj", 4096, 3 * 4096));
     }
 
     #[test]
@@ -390,6 +417,7 @@ mod tests {
             kv_heads: 1,
             head_dim: 4,
             tied_embeddings: true,
+            fused_projections: false,
         };
         let plain = RunShape {
             base: BaseWeights::FourBit { double_quant: true },

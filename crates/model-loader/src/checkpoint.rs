@@ -411,7 +411,7 @@ pub fn expected_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         // The decoder linears from device-map's one table: [out, in] as torch stores them.
-        let linears = device_map::estimate::DECODER_LINEARS.iter().zip(block_linears(s));
+        let linears = device_map::estimate::decoder_linears(s).iter().zip(block_linears(s));
         out.extend(
             linears.map(|(path, (_, fan_in, fan_out))| {
                 (format!("{p}.{path}.weight"), vec![u(fan_out), u(fan_in)])

@@ -499,15 +499,15 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// Whether `name` is a decoder linear's weight nibble quantizes
-/// (`model.layers.<n>.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}.weight`); returns the
-/// module prefix.
+/// (`model.layers.<n>.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}.weight`, or Phi-3's
+/// fused `qkv_proj` / `gate_up_proj`); returns the module prefix.
 pub fn decoder_linear_prefix(name: &str) -> Option<&str> {
-    const MODULES: [&str; 7] = device_map::estimate::DECODER_LINEARS;
+    use device_map::estimate::{DECODER_LINEARS, FUSED_DECODER_LINEARS};
     let prefix = name.strip_suffix(".weight")?;
     let rest = prefix.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;
-    (!layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit()) && MODULES.contains(&module))
-        .then_some(prefix)
+    let known = DECODER_LINEARS.contains(&module) || FUSED_DECODER_LINEARS.contains(&module);
+    (!layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit()) && known).then_some(prefix)
 }
 
 /// Read `dir/config.json` as a JSON object, naming the file in errors.

@@ -23,17 +23,20 @@ pub enum Architecture {
     Gemma2,
     /// Gemma 3, text only (Gemma 2's layout with q/k norms and a local RoPE base).
     Gemma3,
+    /// Phi-3 and Phi-4-mini (fused `qkv_proj` / `gate_up_proj`, LongRoPE, partial rotary).
+    Phi3,
 }
 
 impl Architecture {
     /// The `architectures` names accepted, as transformers writes them.
-    pub const SUPPORTED: [&'static str; 6] = [
+    pub const SUPPORTED: [&'static str; 7] = [
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
     ];
 
     fn from_name(name: &str) -> Option<Self> {
@@ -44,6 +47,7 @@ impl Architecture {
             "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
             "Gemma2ForCausalLM" => Some(Architecture::Gemma2),
             "Gemma3ForCausalLM" => Some(Architecture::Gemma3),
+            "Phi3ForCausalLM" => Some(Architecture::Phi3),
             _ => None,
         }
     }
@@ -71,6 +75,9 @@ pub struct HfConfig {
     pub bnb_compute_dtype: Option<String>,
     /// How RoPE frequencies are scaled (`rope_parameters.rope_type` or the older `rope_scaling`).
     pub rope_scaling: RopeScaling,
+    /// Leading dimensions of each head the rotary embedding turns (`head_dim *
+    /// partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: u64,
     /// Bias on q/k/v (`attention_bias` for Llama/Mistral/Qwen3; always for Qwen2).
     pub qkv_bias: bool,
     /// Bias on o_proj (`attention_bias` for Llama/Mistral/Qwen3; never for Qwen2).
@@ -115,7 +122,7 @@ pub enum Prequantized {
 }
 
 /// RoPE frequency scaling, as transformers' `rope_type`s compute it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// Plain RoPE.
     Default,
@@ -134,6 +141,18 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         /// Context length of pretraining.
         original_max_position_embeddings: f64,
+    },
+    /// Phi-3's LongRoPE (`longrope`, older `su`): each frequency divided by its short factor,
+    /// or its long one once a batch's positions pass the pretraining length, and cos/sin scaled.
+    LongRope {
+        /// Per-frequency divisors up to `original_max_position_embeddings` positions.
+        short_factor: Vec<f64>,
+        /// Per-frequency divisors beyond.
+        long_factor: Vec<f64>,
+        /// Context length of pretraining.
+        original_max_position_embeddings: f64,
+        /// The factor cos and sin are multiplied by.
+        attention_factor: f64,
     },
 }
 
@@ -201,6 +220,7 @@ impl HfConfig {
             kv_heads,
             head_dim,
             tied_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            fused_projections: architecture == Architecture::Phi3,
         };
         let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
         let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64, Error> {
@@ -220,9 +240,42 @@ impl HfConfig {
             }
             None => (
                 v.get("rope_theta").or_else(|| v.get("rope_parameters").and_then(|p| p.get("rope_theta"))),
-                parse_rope_scaling(&v).map_err(bad)?,
+                parse_rope_scaling(&v, architecture).map_err(bad)?,
             ),
         };
+        let partial = v
+            .get("partial_rotary_factor")
+            .or_else(|| v.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")))
+            .filter(|x| !x.is_null());
+        let rotary_dim = match partial {
+            None => head_dim,
+            Some(f) => match f.as_f64() {
+                Some(f) if f > 0.0 && f <= 1.0 => ((head_dim as f64 * f) as u64).max(2) / 2 * 2,
+                _ => {
+                    return Err(bad(format!("`partial_rotary_factor` must be a number in (0, 1], found {f}")));
+                }
+            },
+        };
+        if let RopeScaling::LongRope { short_factor, long_factor, .. } = &rope_scaling {
+            let want = (rotary_dim / 2) as usize;
+            if short_factor.len() != want || long_factor.len() != want {
+                return Err(bad(format!(
+                    "longrope's `short_factor` and `long_factor` need {want} entries each (half the rotary \
+                     dimensions), found {} and {}",
+                    short_factor.len(),
+                    long_factor.len()
+                )));
+            }
+        }
+        if architecture == Architecture::Phi3 {
+            for key in ["resid_pdrop", "embd_pdrop"] {
+                if v.get(key).and_then(Value::as_f64).is_some_and(|p| p != 0.0) {
+                    return Err(bad(format!(
+                        "`{key}` is not 0: nibble's Phi-3 decoder has no residual or embedding dropout"
+                    )));
+                }
+            }
+        }
         // Gemma's MLP reads `hidden_activation` (Gemma 2 configs also carry `hidden_act`).
         let (act_key, want_act) =
             if is_gemma { ("hidden_activation", "gelu_pytorch_tanh") } else { ("hidden_act", "silu") };
@@ -248,7 +301,9 @@ impl HfConfig {
             _ => (flag("attention_bias"), flag("attention_bias")),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral | Architecture::Gemma2 | Architecture::Gemma3 => opt_int("sliding_window")?,
+            Architecture::Mistral | Architecture::Gemma2 | Architecture::Gemma3 | Architecture::Phi3 => {
+                opt_int("sliding_window")?
+            }
             _ => None,
         };
         let sliding_layers = if is_gemma {
@@ -301,6 +356,7 @@ impl HfConfig {
         };
         Ok(HfConfig {
             rope_scaling,
+            rotary_dim,
             qkv_bias,
             o_bias,
             mlp_bias: architecture == Architecture::Llama && flag("mlp_bias"),
@@ -391,7 +447,7 @@ fn parse_layer_types(v: &Value, arch: Architecture, layers: u64) -> Result<Vec<b
 }
 
 /// Read `rope_parameters` (transformers 5) or `rope_scaling` (older configs).
-fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
+fn parse_rope_scaling(v: &Value, arch: Architecture) -> Result<RopeScaling, String> {
     let params = match v.get("rope_scaling").filter(|x| !x.is_null()) {
         Some(p) => p,
         None => match v.get("rope_parameters") {
@@ -399,7 +455,47 @@ fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
             None => return Ok(RopeScaling::Default),
         },
     };
-    parse_rope_params(params)
+    let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str);
+    // transformers reads Phi-3's older `su` and `yarn` as `longrope`.
+    let longrope =
+        matches!(kind, Some("longrope" | "su")) || (arch == Architecture::Phi3 && kind == Some("yarn"));
+    if !longrope {
+        return parse_rope_params(params);
+    }
+    let factors = |key: &str| -> Result<Vec<f64>, String> {
+        params
+            .get(key)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+            .ok_or_else(|| format!("rope type `longrope` needs a list of numbers `{key}`"))
+    };
+    let num = |x: Option<&Value>| x.and_then(Value::as_f64);
+    // Phi-3 keeps the pretraining length at the top level (4096 when absent), which wins.
+    let original = match arch {
+        Architecture::Phi3 => num(v.get("original_max_position_embeddings")).unwrap_or(4096.0),
+        _ => num(params.get("original_max_position_embeddings"))
+            .or_else(|| num(v.get("original_max_position_embeddings")))
+            .or_else(|| num(v.get("max_position_embeddings")))
+            .ok_or("rope type `longrope` needs `original_max_position_embeddings`")?,
+    };
+    if original < 1.0 {
+        return Err(format!("`original_max_position_embeddings` must be at least 1, found {original}"));
+    }
+    let factor = match num(params.get("factor")) {
+        Some(f) => f,
+        None => num(v.get("max_position_embeddings")).unwrap_or(original) / original,
+    };
+    let attention_factor = match num(params.get("attention_factor")) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / original.ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
 }
 
 /// One RoPE parameter set (`rope_type` and the numbers it needs).
@@ -421,6 +517,8 @@ fn parse_rope_params(params: &Value) -> Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(format!("rope type `{other}` is not supported (supported: default, linear, llama3)")),
+        other => Err(format!(
+            "rope type `{other}` is not supported (supported: default, linear, llama3, longrope for Phi-3)"
+        )),
     }
 }

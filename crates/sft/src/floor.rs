@@ -105,11 +105,12 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
         out.push(Gemm { part, pass, batch, m, k, n, kind, count: count * micro });
     };
     // A block's linears, `(PEFT name, in, out)`, as the memory estimate knows them.
-    let linears = block_linears(&s.model).map(|(name, i, o)| (name, i as i64, o as i64));
+    let linears: Vec<_> =
+        block_linears(&s.model).into_iter().map(|(name, i, o)| (name, i as i64, o as i64)).collect();
     let targeted = |name: &str| s.lora_r > 0 && s.lora_targets.iter().any(|t| t == name);
     // One forward of the decoder layers: each linear, its adapter, attention's two products.
     let forward = |add: &mut dyn FnMut(Part, Pass, i64, i64, i64, i64, Kind, f64), pass, adapters: bool| {
-        for (name, fan_in, fan_out) in linears {
+        for &(name, fan_in, fan_out) in &linears {
             add(Part::Base, pass, 1, n_tok, fan_in, fan_out, s.compute, layers);
             if adapters && targeted(name) {
                 add(Part::Lora, pass, 1, n_tok, fan_in, s.lora_r, s.adapter, layers);
@@ -125,7 +126,7 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     add(Part::Head, Pass::Forward, 1, n_tok, h, v, s.head, 1.0);
     // Backward: the head's input gradient (the head is frozen), then each layer's.
     add(Part::Head, Pass::Backward, 1, n_tok, v, h, s.head_grad, 1.0);
-    for (name, fan_in, fan_out) in linears {
+    for &(name, fan_in, fan_out) in &linears {
         add(Part::Base, Pass::Backward, 1, n_tok, fan_out, fan_in, s.compute, layers);
         if targeted(name) {
             let r = s.lora_r;
@@ -364,6 +365,7 @@ mod tests {
                 kv_heads: 2,
                 head_dim: 16,
                 tied_embeddings: false,
+                fused_projections: false,
             },
             rows: 2,
             seq: 32,

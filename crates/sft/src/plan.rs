@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use config::types::{Dtype, ResumeFrom, SamplingStrategy, SaveStrategy, TargetModules};
 use config::{Diagnostic, Kind as Problem, Recipe};
-use device_map::estimate::{BaseWeights, DECODER_LINEARS, RunShape};
+use device_map::estimate::{BaseWeights, RunShape, decoder_linears};
 use model_loader::{Architecture, HfConfig, HubCache, LoadOptions, resolve_model};
 use quant::ops::{CpuMatmul, QuantizeOptions};
 use report::ReportOptions;
@@ -675,9 +675,11 @@ fn best_model_problems(p: &mut Problems<'_>, t: &config::TrainingArgs) {
     }
 }
 
-/// PEFT's default targets for the families nibble runs, when the recipe names none.
+/// PEFT's default targets for the families nibble runs, when the recipe names none (none for
+/// Phi-3: PEFT asks for `target_modules` there).
 fn default_targets(arch: Architecture) -> Vec<String> {
     match arch {
+        Architecture::Phi3 => Vec::new(),
         Architecture::Llama
         | Architecture::Mistral
         | Architecture::Qwen2
@@ -729,13 +731,33 @@ fn adapter_kind(recipe: &Recipe, cfg: &HfConfig) -> Kind {
 /// The decoder linears of `cfg`'s model by PEFT module name (`model.layers.N.self_attn.q_proj`).
 fn linear_names(cfg: &HfConfig) -> Vec<String> {
     (0..cfg.shape.layers)
-        .flat_map(|layer| DECODER_LINEARS.iter().map(move |path| format!("model.layers.{layer}.{path}")))
+        .flat_map(|layer| {
+            decoder_linears(&cfg.shape).iter().map(move |path| format!("model.layers.{layer}.{path}"))
+        })
         .collect()
 }
 
 /// Layer 0's linears that `lora` targets, checked by PEFT's rules against every linear of the
 /// model (a target that matches nothing is a problem now, not after loading).
 fn layer_targets(p: &mut Problems<'_>, cfg: &HfConfig, lora: &lora::LoraConfig) -> Option<Vec<String>> {
+    if matches!(&lora.target_modules, lora::TargetModules::List(l) if l.is_empty())
+        && p.recipe.model.lora_target_modules.is_none()
+    {
+        p.add(
+            Problem::Missing,
+            "lora_target_modules",
+            format!(
+                "PEFT has no default LoRA targets for {:?} models; name them, e.g. `all-linear` or [{}]",
+                cfg.architecture,
+                device_map::estimate::block_linears(&cfg.shape)
+                    .iter()
+                    .map(|l| l.0)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        return None;
+    }
     let names = linear_names(cfg);
     let selected = p.take("lora_target_modules", lora::select_targets(&names, lora))?;
     let prefix = "model.layers.0.";
@@ -830,6 +852,31 @@ mod tests {
         assert!(scores("gemma3", "max_length: 17\n"));
         assert!(scores("gemma3", "max_length: 16\npacking: true\n"));
         assert!(scores("gemma2", "max_length: 8\n"), "eager attention");
+    }
+
+    /// PEFT has no default targets for Phi-3: a recipe without `lora_target_modules` is told to
+    /// name them (with the model's own linears), and `all-linear` finds the fused ones.
+    #[test]
+    fn phi3_needs_named_targets_and_all_linear_finds_the_fused_linears() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families/phi3/model");
+        let cfg = HfConfig::from_dir(&dir).expect("config");
+        let r = recipe("model_name_or_path: m\n");
+        let mut p = Problems { recipe: &r, found: Vec::new() };
+        assert_eq!(layer_targets(&mut p, &cfg, &lora_config(&r, &cfg, "m", 8)), None);
+        assert_eq!(p.found.len(), 1);
+        let message = p.found[0].to_string();
+        assert!(
+            message.contains("lora_target_modules") && message.contains("qkv_proj, o_proj, gate_up_proj"),
+            "{message}"
+        );
+        let all = recipe("model_name_or_path: m\nlora_target_modules: all-linear\n");
+        let mut p = Problems { recipe: &all, found: Vec::new() };
+        let got = layer_targets(&mut p, &cfg, &lora_config(&all, &cfg, "m", 8));
+        assert_eq!(
+            got,
+            Some(vec!["qkv_proj".into(), "o_proj".into(), "gate_up_proj".into(), "down_proj".into()])
+        );
     }
 
     /// A pre-quantized checkpoint loads as transformers 5.24 loads it: in its stored dtype

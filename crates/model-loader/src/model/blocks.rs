@@ -38,16 +38,39 @@ pub(crate) fn softcap(x: &Tensor, cap: f64) -> Result<Tensor, tch::TchError> {
 /// Rotary position embedding frequencies (f32, as transformers computes them).
 pub(crate) struct Rope {
     inv_freq: Tensor,
+    /// LongRoPE: the frequencies past `.1` positions, and the factor cos/sin are scaled by.
+    long: Option<(Tensor, i64)>,
+    attention_factor: f64,
 }
 
 impl Rope {
-    pub(crate) fn new(head_dim: i64, theta: f64, scaling: RopeScaling) -> Result<Self, Error> {
-        let exps = Tensor::f_arange_start_step(0, head_dim, 2, (Kind::Int64, tch::Device::Cpu))?
+    /// Frequencies for the leading `dim` dimensions of each head (the rotary ones).
+    pub(crate) fn new(dim: i64, theta: f64, scaling: &RopeScaling) -> Result<Self, Error> {
+        let exps = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, tch::Device::Cpu))?
             .f_to_kind(Kind::Float)?
-            .f_div_scalar(head_dim as f64)?;
-        let inv_freq = Tensor::f_pow_scalar(theta, &exps)?.f_reciprocal()?;
-        let inv_freq = match scaling {
-            RopeScaling::Default => inv_freq,
+            .f_div_scalar(dim as f64)?;
+        let powers = Tensor::f_pow_scalar(theta, &exps)?;
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } = scaling
+        {
+            // `1 / (factors * base^(2i/dim))`, the factors as an f32 tensor.
+            let scaled = |f: &[f64]| -> Result<Tensor, tch::TchError> {
+                let f: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+                Tensor::from_slice(&f).f_mul(&powers)?.f_reciprocal()
+            };
+            return Ok(Rope {
+                inv_freq: scaled(short_factor)?,
+                long: Some((scaled(long_factor)?, *original_max_position_embeddings as i64)),
+                attention_factor: *attention_factor,
+            });
+        }
+        let inv_freq = powers.f_reciprocal()?;
+        let inv_freq = match *scaling {
+            RopeScaling::Default | RopeScaling::LongRope { .. } => inv_freq,
             RopeScaling::Linear { factor } => inv_freq.f_div_scalar(factor)?,
             RopeScaling::Llama3 {
                 factor,
@@ -76,15 +99,31 @@ impl Rope {
                 smoothed.f_where_self(&medium, &scaled)?
             }
         };
-        Ok(Rope { inv_freq })
+        Ok(Rope { inv_freq, long: None, attention_factor: 1.0 })
     }
 
-    /// `(cos, sin)`, each `[B, T, head_dim]` in `kind`, for integer `positions [B, T]`.
+    /// `(cos, sin)`, each `[B, T, dim]` in `kind`, for integer `positions [B, T]`. LongRoPE takes
+    /// its long factors when the batch's largest position reaches past the pretraining length,
+    /// as transformers decides per forward.
     pub(crate) fn cos_sin(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor), Error> {
-        let inv = self.inv_freq.f_to_device(positions.device())?;
+        let inv = match &self.long {
+            Some((long, original))
+                if positions.numel() > 0 && positions.f_max()?.f_int64_value(&[])? + 1 > *original =>
+            {
+                long
+            }
+            _ => &self.inv_freq,
+        };
+        let inv = inv.f_to_device(positions.device())?;
         let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&inv)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
-        Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+        let (cos, sin) = (emb.f_cos()?, emb.f_sin()?);
+        let (cos, sin) = if self.long.is_some() {
+            (cos.f_mul_scalar(self.attention_factor)?, sin.f_mul_scalar(self.attention_factor)?)
+        } else {
+            (cos, sin)
+        };
+        Ok((cos.f_to_kind(kind)?, sin.f_to_kind(kind)?))
     }
 }
 
@@ -95,10 +134,17 @@ fn rotate_half(x: &Tensor) -> Result<Tensor, Error> {
     Ok(Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?)
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x [B, H, T, D]` and `cos, sin [B, T, D]`.
+/// `x * cos + rotate_half(x) * sin` for `x [B, H, T, D]` and `cos, sin [B, T, R]`: on the
+/// leading `R` dimensions of each head, the rest passed through (partial rotary, Phi-4-mini).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, Error> {
     let cos = cos.f_unsqueeze(1)?;
     let sin = sin.f_unsqueeze(1)?;
+    let (d, r) = (x.size().last().copied().unwrap_or(0), cos.size().last().copied().unwrap_or(0));
+    if r < d {
+        let rot = x.f_narrow(-1, 0, r)?;
+        let turned = rot.f_mul(&cos)?.f_add(&rotate_half(&rot)?.f_mul(&sin)?)?;
+        return Ok(Tensor::f_cat(&[&turned, &x.f_narrow(-1, r, d - r)?], -1)?);
+    }
     Ok(x.f_mul(&cos)?.f_add(&rotate_half(x)?.f_mul(&sin)?)?)
 }
 
@@ -203,11 +249,16 @@ pub(crate) struct ScoreOptions {
     pub(crate) eager: bool,
 }
 
+/// Query, key and value projections: three linears, or one whose output holds q, k and v in
+/// that order (Phi-3's `qkv_proj`).
+pub(crate) enum Qkv {
+    Separate { q_proj: Box<dyn Linear>, k_proj: Box<dyn Linear>, v_proj: Box<dyn Linear> },
+    Fused { qkv_proj: Box<dyn Linear> },
+}
+
 /// Grouped-query self-attention with rotary embeddings and, for Qwen3, RMSNorm on q and k.
 pub(crate) struct Attention {
-    pub(crate) q_proj: Box<dyn Linear>,
-    pub(crate) k_proj: Box<dyn Linear>,
-    pub(crate) v_proj: Box<dyn Linear>,
+    pub(crate) qkv: Qkv,
     pub(crate) o_proj: Box<dyn Linear>,
     pub(crate) q_norm: Option<RmsNorm>,
     pub(crate) k_norm: Option<RmsNorm>,
@@ -218,19 +269,37 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    fn project(
-        &self,
-        proj: &dyn Linear,
-        norm: Option<&RmsNorm>,
-        x: &Tensor,
-        heads: i64,
-    ) -> Result<Tensor, Error> {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let mut h = proj.forward(x)?.f_view([b, t, heads, self.head_dim])?;
+    /// `[B, T, heads * head_dim]` projections as `[B, heads, T, head_dim]`, normed per head.
+    fn heads_of(&self, y: &Tensor, norm: Option<&RmsNorm>, heads: i64) -> Result<Tensor, Error> {
+        let (b, t) = (y.size()[0], y.size()[1]);
+        let mut h = y.f_view([b, t, heads, self.head_dim])?;
         if let Some(n) = norm {
             h = n.forward(&h)?;
         }
         Ok(h.f_transpose(1, 2)?)
+    }
+
+    /// q, k, v as `[B, heads, T, head_dim]`.
+    fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor), Error> {
+        let (ys, norms) =
+            ([self.heads, self.kv_heads, self.kv_heads], [self.q_norm.as_ref(), self.k_norm.as_ref(), None]);
+        let outs: [Tensor; 3] = match &self.qkv {
+            Qkv::Separate { q_proj, k_proj, v_proj } => {
+                [q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?]
+            }
+            Qkv::Fused { qkv_proj } => {
+                let y = qkv_proj.forward(x)?;
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                [y.f_narrow(-1, 0, q)?, y.f_narrow(-1, q, kv)?, y.f_narrow(-1, q + kv, kv)?]
+            }
+        };
+        // A slice of the fused output splits its last dimension into heads as a view, as there.
+        let [q, k, v] = outs;
+        Ok((
+            self.heads_of(&q, norms[0], ys[0])?,
+            self.heads_of(&k, norms[1], ys[1])?,
+            self.heads_of(&v, norms[2], ys[2])?,
+        ))
     }
 
     /// Attention over the cached keys/values (if any) plus this call's; the new ones are appended
@@ -242,9 +311,7 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, Error> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let q = self.project(self.q_proj.as_ref(), self.q_norm.as_ref(), x, self.heads)?;
-        let k = self.project(self.k_proj.as_ref(), self.k_norm.as_ref(), x, self.kv_heads)?;
-        let v = self.project(self.v_proj.as_ref(), None, x, self.kv_heads)?;
+        let (q, k, v) = self.project_qkv(x)?;
         let kind = q.f_kind()?;
         let (cos, sin) = (ctx.cos.f_to_kind(kind)?, ctx.sin.f_to_kind(kind)?);
         let q = apply_rope(&q, &cos, &sin)?;
@@ -365,19 +432,31 @@ pub(crate) struct KvCache {
     pub(crate) v: Option<Tensor>,
 }
 
+/// The gate and up projections: two linears, or one whose output holds gate then up (Phi-3's
+/// `gate_up_proj`).
+pub(crate) enum GateUp {
+    Separate { gate_proj: Box<dyn Linear>, up_proj: Box<dyn Linear> },
+    Fused { gate_up_proj: Box<dyn Linear> },
+}
+
 /// `down(act(gate(x)) * up(x))`: SwiGLU (silu) or, for Gemma, GeGLU (gelu, tanh approximation).
 pub(crate) struct Mlp {
-    pub(crate) gate_proj: Box<dyn Linear>,
-    pub(crate) up_proj: Box<dyn Linear>,
+    pub(crate) gate_up: GateUp,
     pub(crate) down_proj: Box<dyn Linear>,
     pub(crate) gelu: bool,
 }
 
 impl Mlp {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
-        let g = self.gate_proj.forward(x)?;
+        let (g, u) = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => (gate_proj.forward(x)?, up_proj.forward(x)?),
+            GateUp::Fused { gate_up_proj } => {
+                let y = gate_up_proj.forward(x)?;
+                let half = y.size().last().copied().unwrap_or(0) / 2;
+                (y.f_narrow(-1, 0, half)?, y.f_narrow(-1, half, half)?)
+            }
+        };
         let g = if self.gelu { g.f_gelu("tanh")? } else { g.f_silu()? };
-        let u = self.up_proj.forward(x)?;
         Ok(self.down_proj.forward(&g.f_mul(&u)?)?)
     }
 }
@@ -417,20 +496,26 @@ impl DecoderLayer {
     }
 
     /// The layer's linears by their transformers names relative to the layer.
-    pub(crate) fn linears_mut(&mut self) -> [(&'static str, &mut Box<dyn Linear>); 7] {
+    pub(crate) fn linears_mut(&mut self) -> Vec<(&'static str, &mut Box<dyn Linear>)> {
         let a = &mut self.self_attn;
         let m = &mut self.mlp;
         // In device-map's table order (the names come from there).
-        let slots = [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ];
-        let mut names = device_map::estimate::DECODER_LINEARS.into_iter();
-        slots.map(|slot| (names.next().unwrap_or_default(), slot))
+        let mut slots: Vec<&mut Box<dyn Linear>> = Vec::with_capacity(7);
+        match &mut a.qkv {
+            Qkv::Separate { q_proj, k_proj, v_proj } => slots.extend([q_proj, k_proj, v_proj]),
+            Qkv::Fused { qkv_proj } => slots.push(qkv_proj),
+        }
+        slots.push(&mut a.o_proj);
+        match &mut m.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => slots.extend([gate_proj, up_proj]),
+            GateUp::Fused { gate_up_proj } => slots.push(gate_up_proj),
+        }
+        slots.push(&mut m.down_proj);
+        let names: &[&'static str] = if slots.len() == 7 {
+            &device_map::estimate::DECODER_LINEARS
+        } else {
+            &device_map::estimate::FUSED_DECODER_LINEARS
+        };
+        names.iter().copied().zip(slots).collect()
     }
 }

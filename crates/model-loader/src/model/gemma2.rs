@@ -31,7 +31,7 @@ pub(super) fn gemma(cfg: &HfConfig, g: &GemmaConfig) -> DecoderSpec {
         alternating: cfg.sliding_window.map(|window| Alternating {
             window,
             layers: cfg.sliding_layers.clone(),
-            rope: g.local_rope,
+            rope: g.local_rope.clone(),
         }),
         ..DecoderSpec::llama(cfg)
     }

@@ -10,6 +10,7 @@ mod gemma2;
 mod gemma3;
 mod llama;
 mod mistral;
+mod phi3;
 mod placement;
 mod qwen2;
 mod qwen3;
@@ -21,7 +22,9 @@ use quant::ops::{QuantizeOptions, Quantized4bit, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
-use blocks::{Attention, DecoderLayer, DeviceContext, KvCache, Mlp, RmsNorm, Rope, ScoreOptions};
+use blocks::{
+    Attention, DecoderLayer, DeviceContext, GateUp, KvCache, Mlp, Qkv, RmsNorm, Rope, ScoreOptions,
+};
 pub use placement::{LayerPlacement, Placement};
 
 use crate::Error;
@@ -55,7 +58,7 @@ impl DecoderSpec {
         DecoderSpec {
             qk_norm: false,
             sliding_window: None,
-            rope_scaling: cfg.rope_scaling,
+            rope_scaling: cfg.rope_scaling.clone(),
             norm_offset: false,
             gelu: false,
             feedforward_norms: false,
@@ -396,6 +399,7 @@ impl CausalLm {
             Architecture::Mistral => mistral::spec(&config),
             Architecture::Qwen2 => qwen2::spec(&config),
             Architecture::Qwen3 => qwen3::spec(&config),
+            Architecture::Phi3 => phi3::spec(&config),
             Architecture::Gemma2 | Architecture::Gemma3 => {
                 let Some(g) = config.gemma.as_ref() else {
                     return Err(Error::BadOption("a Gemma config without its Gemma options".into()));
@@ -436,10 +440,27 @@ impl CausalLm {
                     Ok(None)
                 }
             };
+            let qkv = if s.fused_projections {
+                Qkv::Fused { qkv_proj: r.linear(&format!("{p}.self_attn.qkv_proj"), config.qkv_bias, place)? }
+            } else {
+                Qkv::Separate {
+                    q_proj: r.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias, place)?,
+                    k_proj: r.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias, place)?,
+                    v_proj: r.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias, place)?,
+                }
+            };
+            let gate_up = if s.fused_projections {
+                GateUp::Fused {
+                    gate_up_proj: r.linear(&format!("{p}.mlp.gate_up_proj"), config.mlp_bias, place)?,
+                }
+            } else {
+                GateUp::Separate {
+                    gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias, place)?,
+                    up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias, place)?,
+                }
+            };
             let self_attn = Attention {
-                q_proj: r.linear(&format!("{p}.self_attn.q_proj"), config.qkv_bias, place)?,
-                k_proj: r.linear(&format!("{p}.self_attn.k_proj"), config.qkv_bias, place)?,
-                v_proj: r.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias, place)?,
+                qkv,
                 o_proj: r.linear(&format!("{p}.self_attn.o_proj"), config.o_bias, place)?,
                 q_norm: head_norm("q_norm")?,
                 k_norm: head_norm("k_norm")?,
@@ -449,8 +470,7 @@ impl CausalLm {
                 scores: spec.scores,
             };
             let mlp = Mlp {
-                gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias, place)?,
-                up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias, place)?,
+                gate_up,
                 down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias, place)?,
                 gelu: spec.gelu,
             };
@@ -497,12 +517,15 @@ impl CausalLm {
         };
         let lm_head = Dense::new(head_weight, None)
             .map_err(|source| Error::Quant { name: "lm_head.weight".into(), source })?;
-        let rope = Rope::new(s.head_dim as i64, config.rope_theta, spec.rope_scaling)?;
+        let rope = Rope::new(config.rotary_dim as i64, config.rope_theta, &spec.rope_scaling)?;
         let alternating = match &spec.alternating {
             None => None,
             Some(a) => Some((
                 a.window,
-                a.rope.map(|(theta, scaling)| Rope::new(s.head_dim as i64, theta, scaling)).transpose()?,
+                a.rope
+                    .as_ref()
+                    .map(|(theta, scaling)| Rope::new(s.head_dim as i64, *theta, scaling))
+                    .transpose()?,
             )),
         };
         // transformers keeps sqrt(hidden_size) as an f32 buffer and casts it to the weight's dtype.

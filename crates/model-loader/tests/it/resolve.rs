@@ -95,7 +95,7 @@ fn older_gemma_configs_read_with_transformers_defaults() {
     );
     let g = g2.gemma.as_ref().expect("gemma options");
     assert_eq!((g.attn_logit_softcapping, g.final_logit_softcapping), (Some(50.0), Some(30.0)));
-    assert_eq!((g.query_pre_attn_scalar, g.local_rope), (256.0, None));
+    assert_eq!((g.query_pre_attn_scalar, g.local_rope.clone()), (256.0, None));
     let g3 = HfConfig::parse(
         p,
         &format!(
@@ -111,7 +111,7 @@ fn older_gemma_configs_read_with_transformers_defaults() {
         vec![true, true, true, true, true, false, true],
         "every sixth layer global"
     );
-    assert_eq!((g3.rope_theta, g3.rope_scaling), (1e6, RopeScaling::Linear { factor: 8.0 }));
+    assert_eq!((g3.rope_theta, g3.rope_scaling.clone()), (1e6, RopeScaling::Linear { factor: 8.0 }));
     let g = g3.gemma.as_ref().expect("gemma options");
     assert_eq!(g.local_rope, Some((10000.0, RopeScaling::Default)));
     assert_eq!(
@@ -128,6 +128,51 @@ fn older_gemma_configs_read_with_transformers_defaults() {
         let text = format!(r#"{{"architectures": ["Gemma3ForCausalLM"], {dims}, {extra}}}"#);
         let e = HfConfig::parse(p, &text).expect_err(&text).to_string();
         assert!(e.starts_with("g/config.json: ") && e.contains(want), "{extra}: {e}");
+    }
+}
+
+/// Phi-3 configs as the hub has them: LongRoPE under the older `rope_scaling` with `type: su`,
+/// the pretraining length at the top level, the attention factor derived from the two lengths;
+/// Phi-4-mini's partial rotary; what the decoder cannot compute refused by key.
+#[test]
+fn phi3_configs_read_longrope_and_partial_rotary() {
+    let p = Path::new("phi/config.json");
+    let dims = r#""hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 32"#;
+    let factors = |n: usize| format!("[{}]", vec!["1.0"; n].join(", "));
+    let su = format!(
+        r#"{{"architectures": ["Phi3ForCausalLM"], {dims}, "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "sliding_window": 262144,
+            "rope_scaling": {{"type": "su", "short_factor": {f}, "long_factor": {f}}}}}"#,
+        f = factors(8)
+    );
+    let c = HfConfig::parse(p, &su).expect("phi3");
+    assert!(c.shape.fused_projections);
+    assert_eq!((c.rotary_dim, c.sliding_window), (16, Some(262144)));
+    let RopeScaling::LongRope { original_max_position_embeddings, attention_factor, .. } = c.rope_scaling
+    else {
+        panic!("{:?}", c.rope_scaling)
+    };
+    assert_eq!(original_max_position_embeddings, 4096.0);
+    let want = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+    assert!((attention_factor - want).abs() < 1e-12, "{attention_factor} vs {want}");
+    // Phi-4-mini: a quarter of each head unrotated, factors for the rotated part only.
+    let mini = format!(
+        r#"{{"architectures": ["Phi3ForCausalLM"], {dims}, "partial_rotary_factor": 0.75,
+            "rope_scaling": {{"type": "longrope", "short_factor": {f}, "long_factor": {f}}}}}"#,
+        f = factors(6)
+    );
+    assert_eq!(HfConfig::parse(p, &mini).expect("phi4-mini").rotary_dim, 12);
+    for (text, want) in [
+        (su.replace(&factors(8), &factors(7)), "need 8 entries each"),
+        (mini.replace("0.75", "1.5"), "`partial_rotary_factor` must be a number in (0, 1]"),
+        (
+            su.replace("\"sliding_window\"", "\"resid_pdrop\": 0.1, \"sliding_window\""),
+            "`resid_pdrop` is not 0",
+        ),
+    ] {
+        let e = HfConfig::parse(p, &text).expect_err(&text).to_string();
+        assert!(e.starts_with("phi/config.json: ") && e.contains(want), "{want}: {e}");
     }
 }
 
