@@ -60,7 +60,9 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
+    Qwen3MoeConfig,
     Qwen2Config,
     Qwen3Config,
 )
@@ -133,7 +135,15 @@ def cases():
     )
 
 
-GEMMA = ("gemma2", "gemma3", "phi3")
+    # Mixtures of experts: Mixtral renormalises its top-2 and weights in f32; Qwen3-MoE (q/k norms)
+    # keeps the raw top-2 probabilities (`norm_topk_prob: false`) rounded to the dtype.
+    yield "mixtral", MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    yield "qwen3moe", Qwen3MoeConfig(
+        **COMMON, head_dim=8, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2, use_sliding_window=False
+    )
+
+
+GEMMA = ("gemma2", "gemma3", "phi3", "mixtral", "qwen3moe")
 
 
 def inputs():
@@ -184,7 +194,25 @@ def dequantized_4bit_logits(d: Path, model, ids, pos):
     with torch.no_grad():
         for name, w in deq.items():
             fp.get_submodule(name).weight.copy_(w)
+        # transformers keeps experts as 3-D parameters, which bitsandbytes leaves in full
+        # precision; nibble stores each expert's linears in 4 bits: the same codes, made here by
+        # bitsandbytes' own quantizer, expert by expert and linear by linear.
+        for m in fp.modules():
+            if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj") and m.gate_up_proj.dim() == 3:
+                inter = m.gate_up_proj.shape[1] // 2
+                for e in range(m.gate_up_proj.shape[0]):
+                    for rows in (slice(0, inter), slice(inter, 2 * inter)):
+                        m.gate_up_proj[e, rows] = nf4_round_trip(m.gate_up_proj[e, rows])
+                    m.down_proj[e] = nf4_round_trip(m.down_proj[e])
     return logits_of(fp, ids, pos)
+
+
+def nf4_round_trip(w):
+    """bitsandbytes' NF4 codes of `w` (blocksize 64, double quantization), dequantized."""
+    import bitsandbytes.functional as F
+
+    q, state = F.quantize_4bit(w.contiguous().float(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    return F.dequantize_4bit(q, state).float()
 
 
 def greedy(model, ids):

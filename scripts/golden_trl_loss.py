@@ -56,7 +56,7 @@ def main():
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=r["bnb_4bit_quant_type"],
-        bnb_4bit_use_double_quant=r["use_bnb_nested_quant"],
+        bnb_4bit_use_double_quant=r.get("use_bnb_nested_quant", False),
         bnb_4bit_compute_dtype=torch.float32,
     )
 
@@ -107,6 +107,8 @@ def train(r, base, tok, data, strategy, log_path):
         gradient_checkpointing=r["gradient_checkpointing"],
         train_sampling_strategy=strategy,
         seed=r["seed"],
+        # A mixture of experts' load-balancing loss (TRL's default: the model config's coefficient).
+        **({"router_aux_loss_coef": r["router_aux_loss_coef"]} if "router_aux_loss_coef" in r else {}),
         bf16=False,
         use_cpu=True,
         report_to="none",

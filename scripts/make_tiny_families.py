@@ -2,7 +2,8 @@
 # requires-python = ">=3.11"
 # dependencies = ["torch==2.11.0", "transformers==5.24.0"]
 # ///
-"""Tiny random models of the families beyond Llama's layout (Gemma 2, Gemma 3, Phi-3), for the per-family training tests
+"""Tiny random models of the families beyond Llama's layout (Gemma 2, Gemma 3, Phi-3, Mixtral,
+Qwen3-MoE), for the per-family training tests
 (tests/families.rs, scripts/golden_trl_loss.py): each with the shipped tiny model's tokenizer
 (models/tiny-llama), so every recipe and dataset made for that model runs on them.
 
@@ -24,7 +25,7 @@ import nibble_refcpu  # noqa: E402
 nibble_refcpu.apply(default="avx2")
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MixtralConfig, Phi3Config, Qwen3MoeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "models" / "tiny-llama"
@@ -83,6 +84,34 @@ def families():
     )
 
 
+    # Mixtures of experts. transformers + bitsandbytes leave the experts in full precision
+    # (3-D parameters), nibble stores them in 4 bits: their weights are made NF4 values here
+    # (bitsandbytes' quantizer, no double quantization), which 4-bit storage keeps exactly, so both
+    # stacks train on the same experts.
+    yield "mixtral", MixtralConfig(**{**shape(), "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2)
+    yield "qwen3moe", Qwen3MoeConfig(
+        **shape(), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, norm_topk_prob=False
+    )
+
+
+def nf4_values(model):
+    """Every expert weight replaced by its NF4 codes (blocksize 64) dequantized."""
+    import bitsandbytes.functional as F
+
+    def round_trip(w):
+        q, state = F.quantize_4bit(w.contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4")
+        return F.dequantize_4bit(q, state)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "gate_up_proj") and getattr(m.gate_up_proj, "dim", lambda: 0)() == 3:
+                inter = m.gate_up_proj.shape[1] // 2
+                for e in range(m.gate_up_proj.shape[0]):
+                    for rows in (slice(0, inter), slice(inter, 2 * inter)):
+                        m.gate_up_proj[e, rows] = round_trip(m.gate_up_proj[e, rows])
+                    m.down_proj[e] = round_trip(m.down_proj[e])
+
+
 def main():
     for name, cfg in families():
         torch.manual_seed(0)
@@ -92,6 +121,8 @@ def main():
             for pname, p in model.named_parameters():
                 if "norm" in pname:
                     p.add_(torch.randn_like(p) * 0.2)
+        if name in ("mixtral", "qwen3moe"):
+            nf4_values(model)
         for sub, dtype in (("model", torch.float32), ("model-bf16", torch.bfloat16)):
             d = OUT / name / sub
             shutil.rmtree(d, ignore_errors=True)

@@ -173,6 +173,38 @@ fn quantize_writes_what_nibble_loads_pre_quantized() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A mixture of experts quantized by `sft quantize`: every expert's linears in 4 bits under the
+/// checkpoint's own per-expert names (bitsandbytes' tensor layout), the routers left in float, and
+/// nibble reloads it without quantizing, with the logits of quantizing while loading.
+#[test]
+fn quantized_experts_keep_their_names_and_reload_unchanged() {
+    let root = scratch("quantize-moe");
+    for (family, expert) in [
+        ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2"),
+        ("qwen3moe", "model.layers.1.mlp.experts.3.down_proj"),
+    ] {
+        let out = root.join(family);
+        ok(&sft(&["quantize".as_ref(), s(&golden(family)), s(&out), "--double-quant".as_ref()]));
+        let (tensors, _) = quant::file::read(&out.join("model.safetensors")).unwrap();
+        let find = |name: String| tensors.iter().find(|t| t.name == name);
+        let w = find(format!("{expert}.weight")).unwrap_or_else(|| panic!("{family}: {expert}.weight"));
+        assert_eq!(w.dtype, "U8", "{family}: an expert's weight is packed 4-bit");
+        assert!(find(format!("{expert}.weight.absmax")).is_some(), "{family}: its quant state");
+        let router = if family == "mixtral" { "block_sparse_moe" } else { "mlp" };
+        let gate = find(format!("model.layers.1.{router}.gate.weight")).expect("router");
+        assert_eq!(gate.dtype, "F32", "{family}: the router stays float");
+        let pre = load(&out, LoadOptions::default());
+        assert!(pre.config().prequantized);
+        let quant = QuantizeOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true };
+        let on_load = load(&golden(family), LoadOptions { quantize: Some(quant), ..LoadOptions::default() });
+        assert!(
+            logits(&pre).equal(&logits(&on_load)),
+            "{family}: pre-quantized differs from quantized while loading"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn quantize_takes_a_hub_id_from_the_cache_with_symlinked_files() {
     // The layout huggingface_hub leaves: refs/main -> a snapshot whose files link to blobs.

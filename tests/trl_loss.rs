@@ -33,6 +33,19 @@ fn phi3_steps_match_trl() {
     compare("families/phi3", "trl_log.json", &[], 20);
 }
 
+/// Mixtral: top-2 routing renormalised, weighted in f32, 4-bit experts (the tiny model's experts
+/// hold NF4 values, which transformers + bitsandbytes keep in full precision), attention adapters.
+#[test]
+fn mixtral_steps_match_trl() {
+    compare("families/mixtral", "trl_log.json", &[], 20);
+}
+
+/// Qwen3-MoE: raw top-2 probabilities rounded to the dtype, q/k norms.
+#[test]
+fn qwen3moe_steps_match_trl() {
+    compare("families/qwen3moe", "trl_log.json", &[], 20);
+}
+
 /// With the Trainer's default shuffled order, nothing exchanged but the initial adapter: nibble
 /// draws each epoch's permutation as accelerate's seedable sampler does (`sampler_order`).
 #[test]

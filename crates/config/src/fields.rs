@@ -253,6 +253,8 @@ section! {
         label_smoothing_factor: f64 = 0.0, Planned;
         /// NEFTune embedding noise.
         neftune_noise_alpha: Option<f64> = None, Acted;
+        /// Weight of a mixture of experts' load-balancing loss (unset: the model config's).
+        router_aux_loss_coef: Option<f64> = None, Acted;
         /// Log by steps or epochs.
         logging_strategy: Interval = Interval::Steps, Acted;
         /// Log every N steps (below 1: a fraction of total steps).

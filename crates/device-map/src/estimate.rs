@@ -43,6 +43,20 @@ pub struct ModelShape {
     pub tied_embeddings: bool,
     /// q/k/v and gate/up are one linear each (Phi-3's `qkv_proj`, `gate_up_proj`).
     pub fused_projections: bool,
+    /// A mixture of experts in place of every layer's MLP (Mixtral, Qwen3-MoE).
+    pub moe: Option<MoeShape>,
+}
+
+/// The experts of a mixture-of-experts layer: `experts` SwiGLU MLPs of width `intermediate`,
+/// `top_k` of them per token, chosen by a router (`experts x hidden`, unquantized).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeShape {
+    /// Experts per layer.
+    pub experts: u64,
+    /// Experts each token goes through.
+    pub top_k: u64,
+    /// Each expert's MLP width.
+    pub intermediate: u64,
 }
 
 /// nibble's one table of a decoder block's linear layers: each one's transformers path inside
@@ -62,9 +76,21 @@ pub const DECODER_LINEARS: [&str; 7] = [
 pub const FUSED_DECODER_LINEARS: [&str; 4] =
     ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
 
-/// The linear layers of one of `s`'s blocks: [`DECODER_LINEARS`] or [`FUSED_DECODER_LINEARS`].
+/// A mixture-of-experts block's linear layers outside the experts: its attention's.
+pub const ATTENTION_LINEARS: [&str; 4] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"];
+
+/// The linear layers of one of `s`'s blocks as adapters see them: [`DECODER_LINEARS`],
+/// [`FUSED_DECODER_LINEARS`], or for a mixture of experts [`ATTENTION_LINEARS`] (its experts are
+/// parameters of one module in transformers, which PEFT's `target_modules` do not reach).
 pub fn decoder_linears(s: &ModelShape) -> &'static [&'static str] {
-    if s.fused_projections { &FUSED_DECODER_LINEARS } else { &DECODER_LINEARS }
+    if s.fused_projections {
+        &FUSED_DECODER_LINEARS
+    } else if s.moe.is_some() {
+        &ATTENTION_LINEARS
+    } else {
+        &DECODER_LINEARS
+    }
 }
 
 /// The last part of a [`DECODER_LINEARS`] path: the module name PEFT's targets match.
@@ -94,16 +120,19 @@ pub fn block_linears(s: &ModelShape) -> Vec<(&'static str, u64, u64)> {
 }
 
 impl ModelShape {
-    /// Parameters in the decoder blocks' linear layers (what 4-bit quantization stores).
+    /// Parameters in the decoder blocks' linear layers (what 4-bit quantization stores), every
+    /// expert's included.
     pub fn linear_params(&self) -> u64 {
-        self.layers * block_linears(self).iter().map(|(_, i, o)| i * o).sum::<u64>()
+        let experts = self.moe.map_or(0, |m| m.experts * 3 * self.hidden * m.intermediate);
+        self.layers * (block_linears(self).iter().map(|(_, i, o)| i * o).sum::<u64>() + experts)
     }
 
-    /// Parameters kept unquantized: embeddings, the head (unless tied) and all norms.
+    /// Parameters kept unquantized: embeddings, the head (unless tied), all norms and routers.
     pub fn other_params(&self) -> u64 {
         let emb = self.vocab * self.hidden;
         let head = if self.tied_embeddings { 0 } else { emb };
-        emb + head + self.layers * 2 * self.hidden + self.hidden
+        let router = self.moe.map_or(0, |m| m.experts * self.hidden);
+        emb + head + self.layers * (2 * self.hidden + router) + self.hidden
     }
 }
 
@@ -232,12 +261,11 @@ impl fmt::Display for Estimate {
 /// head (none of its own when tied: it shares the embedding's matrix). Names are transformers'
 /// module paths (`model.embed_tokens`, `model.layers.N`, `model.norm`, `lm_head`).
 pub fn modules(model: &ModelShape, run: &RunShape) -> Vec<crate::Module> {
-    let linears = block_linears(model);
-    let stored: f64 = linears.iter().map(|(_, i, o)| (i * o) as f64).sum::<f64>()
-        * run.base.bits_per_param(run.dtype_bytes)
-        / 8.0;
+    let per_layer_params = model.linear_params() / model.layers.max(1);
+    let stored = per_layer_params as f64 * run.base.bits_per_param(run.dtype_bytes) / 8.0;
+    let router = model.moe.map_or(0, |m| m.experts * model.hidden);
     let layer = stored.ceil() as u64
-        + 2 * model.hidden * run.dtype_bytes
+        + (2 * model.hidden + router) * run.dtype_bytes
         + layer_adapter_params(model, run) * 4 * run.adapter_bytes;
     let module = |name: String, bytes: u64| crate::Module { name, bytes };
     let embed = model.vocab * model.hidden * run.dtype_bytes;
@@ -259,7 +287,14 @@ fn saved_per_token(s: &ModelShape) -> u64 {
     let kv = s.kv_heads * s.head_dim;
     // norm 1 input + output, q/k/v, attention output (o_proj input), log-sum-exp per head,
     // norm 2 input + output, gate, up, silu(gate) * up (down_proj input).
-    2 * s.hidden + q + 2 * kv + q + s.heads + 2 * s.hidden + 3 * s.intermediate
+    let attention = 2 * s.hidden + q + 2 * kv + q + s.heads + 2 * s.hidden;
+    match s.moe {
+        None => attention + 3 * s.intermediate,
+        // Only the routed copies: per token and chosen expert its gathered input, gate, up,
+        // silu(gate) * up and output; the router's logits and probabilities (f32, as two of the
+        // dtype's elements each at most).
+        Some(m) => attention + m.top_k * (2 * s.hidden + 3 * m.intermediate) + 4 * m.experts,
+    }
 }
 
 /// The decoder linears of one block that carry a LoRA adapter (none without LoRA).
@@ -333,7 +368,33 @@ mod tests {
             head_dim: 128,
             tied_embeddings: false,
             fused_projections: false,
+            moe: None,
         }
+    }
+
+    /// A mixture of experts stores every expert in 4 bits and keeps its router; adapters see its
+    /// attention; activations count only each token's routed experts.
+    #[test]
+    fn experts_are_stored_and_only_routed_tokens_kept() {
+        // Mixtral 8x7B: 46.7B parameters, 45.1B of them in the linears.
+        let mixtral = ModelShape {
+            intermediate: 14336,
+            kv_heads: 8,
+            moe: Some(MoeShape { experts: 8, top_k: 2, intermediate: 14336 }),
+            ..llama2_7b()
+        };
+        let total = mixtral.linear_params() + mixtral.other_params();
+        assert!((46.6e9..46.8e9).contains(&(total as f64)), "{total}");
+        let names: Vec<&str> = block_linears(&mixtral).iter().map(|l| l.0).collect();
+        assert_eq!(names, ["q_proj", "k_proj", "v_proj", "o_proj"]);
+        let dense = ModelShape { moe: None, ..mixtral };
+        // Two of eight experts' activations per token, not eight.
+        assert!(saved_per_token(&mixtral) < saved_per_token(&dense) * 3);
+        assert!(saved_per_token(&mixtral) > saved_per_token(&dense));
+        // The device map's layers hold every expert (plus norms, routers and adapters: < 1%).
+        let layers: u64 = modules(&mixtral, &qlora(true)).iter().skip(1).take(32).map(|m| m.bytes).sum();
+        let e = estimate(&mixtral, &qlora(true));
+        assert!(layers >= e.base_linears && layers < e.base_linears + e.base_linears / 100, "{layers} {e:?}");
     }
 
     /// Fusing q/k/v and gate/up changes the names, not the parameters.
@@ -418,6 +479,7 @@ mod tests {
             head_dim: 4,
             tied_embeddings: true,
             fused_projections: false,
+            moe: None,
         };
         let plain = RunShape {
             base: BaseWeights::FourBit { double_quant: true },

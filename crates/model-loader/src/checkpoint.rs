@@ -360,8 +360,7 @@ impl Checkpoint {
     /// checked for its shape, a packed 4-bit one not at all).
     pub fn check_against(&self, cfg: &HfConfig) -> Result<(), Error> {
         for (name, shape) in expected_shapes(cfg) {
-            let quantized_linear =
-                cfg.prequantized && name.starts_with("model.layers.") && name.ends_with("_proj.weight");
+            let quantized_linear = cfg.prequantized && crate::export::decoder_linear_prefix(&name).is_some();
             let t = self.tensor(&name)?;
             if quantized_linear && t.dtype != Dtype::I8 {
                 continue;
@@ -437,6 +436,17 @@ pub fn expected_shapes(cfg: &HfConfig) -> Vec<(String, Vec<usize>)> {
         if cfg.gemma.is_some() {
             out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
             out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
+        }
+        if let Some(moe) = &cfg.moe {
+            let block = format!("{p}.{}", moe.names.block);
+            let (n, inter) = (u(moe.experts), u(moe.expert_intermediate));
+            out.push((format!("{block}.gate.weight"), vec![n, h]));
+            let [gate, up, down] = moe.names.linears;
+            for e in 0..moe.experts {
+                out.push((format!("{block}.experts.{e}.{gate}.weight"), vec![inter, h]));
+                out.push((format!("{block}.experts.{e}.{up}.weight"), vec![inter, h]));
+                out.push((format!("{block}.experts.{e}.{down}.weight"), vec![h, inter]));
+            }
         }
     }
     out

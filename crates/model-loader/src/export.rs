@@ -499,15 +499,27 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// Whether `name` is a decoder linear's weight nibble quantizes
-/// (`model.layers.<n>.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}.weight`, or Phi-3's
-/// fused `qkv_proj` / `gate_up_proj`); returns the module prefix.
+/// (`model.layers.<n>.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}.weight`, Phi-3's
+/// fused `qkv_proj` / `gate_up_proj`, or an expert's linear,
+/// `{block_sparse_moe,mlp}.experts.<e>.{w1,w2,w3,gate_proj,up_proj,down_proj}`; a router, `gate`,
+/// is not one); returns the module prefix.
 pub fn decoder_linear_prefix(name: &str) -> Option<&str> {
     use device_map::estimate::{DECODER_LINEARS, FUSED_DECODER_LINEARS};
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let prefix = name.strip_suffix(".weight")?;
     let rest = prefix.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;
-    let known = DECODER_LINEARS.contains(&module) || FUSED_DECODER_LINEARS.contains(&module);
-    (!layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit()) && known).then_some(prefix)
+    let expert = || -> Option<()> {
+        let rest = module
+            .strip_prefix("block_sparse_moe.experts.")
+            .or_else(|| module.strip_prefix("mlp.experts."))?;
+        let (e, linear) = rest.split_once('.')?;
+        let known = ["w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"].contains(&linear);
+        (digits(e) && known).then_some(())
+    };
+    let known =
+        DECODER_LINEARS.contains(&module) || FUSED_DECODER_LINEARS.contains(&module) || expert().is_some();
+    (digits(layer) && known).then_some(prefix)
 }
 
 /// Read `dir/config.json` as a JSON object, naming the file in errors.

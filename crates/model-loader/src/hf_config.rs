@@ -25,11 +25,15 @@ pub enum Architecture {
     Gemma3,
     /// Phi-3 and Phi-4-mini (fused `qkv_proj` / `gate_up_proj`, LongRoPE, partial rotary).
     Phi3,
+    /// Mixtral (Mistral's decoder with a top-k mixture of SwiGLU experts).
+    Mixtral,
+    /// Qwen3-MoE (Qwen3's decoder with a top-k mixture of experts).
+    Qwen3Moe,
 }
 
 impl Architecture {
     /// The `architectures` names accepted, as transformers writes them.
-    pub const SUPPORTED: [&'static str; 7] = [
+    pub const SUPPORTED: [&'static str; 9] = [
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
@@ -37,6 +41,8 @@ impl Architecture {
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
         "Phi3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen3MoeForCausalLM",
     ];
 
     fn from_name(name: &str) -> Option<Self> {
@@ -48,6 +54,8 @@ impl Architecture {
             "Gemma2ForCausalLM" => Some(Architecture::Gemma2),
             "Gemma3ForCausalLM" => Some(Architecture::Gemma3),
             "Phi3ForCausalLM" => Some(Architecture::Phi3),
+            "MixtralForCausalLM" => Some(Architecture::Mixtral),
+            "Qwen3MoeForCausalLM" => Some(Architecture::Qwen3Moe),
             _ => None,
         }
     }
@@ -92,6 +100,42 @@ pub struct HfConfig {
     pub sliding_layers: Vec<bool>,
     /// What Gemma 2/3 add to the shared decoder; `None` for the Llama-shaped families.
     pub gemma: Option<GemmaConfig>,
+    /// The mixture of experts replacing the MLP (Mixtral, Qwen3-MoE); `None` for dense models.
+    pub moe: Option<MoeConfig>,
+}
+
+/// A mixture-of-experts model's routing, from config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per MoE layer (`num_local_experts`, `num_experts`).
+    pub experts: u64,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub top_k: u64,
+    /// Each expert's SwiGLU width (`intermediate_size` for Mixtral, `moe_intermediate_size`).
+    pub expert_intermediate: u64,
+    /// The top-k probabilities are renormalised to sum to one (always for Mixtral;
+    /// `norm_topk_prob` for Qwen3-MoE).
+    pub norm_topk_prob: bool,
+    /// Each expert's output is weighted in f32 (Mixtral) or in the model's dtype (Qwen3-MoE,
+    /// which rounds the routing weights first).
+    pub weights_in_f32: bool,
+    /// The router's load-balancing loss is added to the training loss (`output_router_logits`).
+    pub output_router_logits: bool,
+    /// Its coefficient (`router_aux_loss_coef`).
+    pub router_aux_loss_coef: f64,
+    /// The hub checkpoint's module names under each layer: the block (`block_sparse_moe` or
+    /// `mlp`) and the expert linears in gate, up, down order (`w1, w3, w2` or
+    /// `gate_proj, up_proj, down_proj`).
+    pub names: MoeNames,
+}
+
+/// Where a family's checkpoint keeps its router and experts (see [`MoeConfig::names`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeNames {
+    /// The block under `model.layers.N.`.
+    pub block: &'static str,
+    /// Gate, up and down projections under `experts.E.`.
+    pub linears: [&'static str; 3],
 }
 
 /// Gemma 2/3's options from config.json: what their decoder computes differently.
@@ -221,6 +265,7 @@ impl HfConfig {
             head_dim,
             tied_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             fused_projections: architecture == Architecture::Phi3,
+            moe: None,
         };
         let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
         let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64, Error> {
@@ -252,7 +297,9 @@ impl HfConfig {
             Some(f) => match f.as_f64() {
                 Some(f) if f > 0.0 && f <= 1.0 => ((head_dim as f64 * f) as u64).max(2) / 2 * 2,
                 _ => {
-                    return Err(bad(format!("`partial_rotary_factor` must be a number in (0, 1], found {f}")));
+                    return Err(bad(format!(
+                        "`partial_rotary_factor` must be a number in (0, 1], found {f}"
+                    )));
                 }
             },
         };
@@ -293,7 +340,9 @@ impl HfConfig {
                     .into(),
             ));
         }
-        if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3) && flag("use_sliding_window") {
+        if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe)
+            && flag("use_sliding_window")
+        {
             return Err(bad("`use_sliding_window: true` is not supported for Qwen models yet".into()));
         }
         let (qkv_bias, o_bias) = match architecture {
@@ -301,9 +350,11 @@ impl HfConfig {
             _ => (flag("attention_bias"), flag("attention_bias")),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral | Architecture::Gemma2 | Architecture::Gemma3 | Architecture::Phi3 => {
-                opt_int("sliding_window")?
-            }
+            Architecture::Mistral
+            | Architecture::Mixtral
+            | Architecture::Gemma2
+            | Architecture::Gemma3
+            | Architecture::Phi3 => opt_int("sliding_window")?,
             _ => None,
         };
         let sliding_layers = if is_gemma {
@@ -348,6 +399,18 @@ impl HfConfig {
         } else {
             None
         };
+        let moe = match architecture {
+            Architecture::Mixtral | Architecture::Qwen3Moe => {
+                Some(parse_moe(&v, architecture, shape.layers).map_err(bad)?)
+            }
+            _ => None,
+        };
+        let mut shape = shape;
+        shape.moe = moe.as_ref().map(|m| device_map::estimate::MoeShape {
+            experts: m.experts,
+            top_k: m.top_k,
+            intermediate: m.expert_intermediate,
+        });
         // Gemma 3's default global base when config.json gives none (transformers' `default_theta`).
         let default_theta = if architecture == Architecture::Gemma3 { 1_000_000.0 } else { 10000.0 };
         let quantization = match v.get("quantization_config").filter(|q| !q.is_null()) {
@@ -363,6 +426,7 @@ impl HfConfig {
             sliding_window,
             sliding_layers,
             gemma,
+            moe,
             architecture,
             shape,
             rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
@@ -409,6 +473,69 @@ fn parse_quantization(q: &Value) -> Result<Prequantized, String> {
         },
     };
     Ok(Prequantized::EightBit { threshold })
+}
+
+/// A mixture of experts' routing (Mixtral's or Qwen3-MoE's keys and defaults).
+fn parse_moe(v: &Value, arch: Architecture, layers: u64) -> Result<MoeConfig, String> {
+    let uint = |key: &str| -> Result<Option<u64>, String> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("`{key}` must be a non-negative integer, found {x}")),
+        }
+    };
+    let flag = |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
+    let mixtral = arch == Architecture::Mixtral;
+    // transformers 5 writes `num_local_experts` for both (Qwen3-MoE's hub configs `num_experts`).
+    let experts = match uint("num_local_experts")? {
+        Some(n) => n,
+        None => uint("num_experts")?.unwrap_or(if mixtral { 8 } else { 128 }),
+    };
+    let top_k = uint("num_experts_per_tok")?.unwrap_or(if mixtral { 2 } else { 8 });
+    if experts == 0 || top_k == 0 || top_k > experts {
+        return Err(format!(
+            "`num_experts_per_tok` {top_k} must be between 1 and the number of experts {experts}"
+        ));
+    }
+    let expert_intermediate =
+        if mixtral { uint("intermediate_size")? } else { uint("moe_intermediate_size")? }
+            .unwrap_or(if mixtral { 14336 } else { 768 });
+    if mixtral && v.get("router_jitter_noise").and_then(Value::as_f64).is_some_and(|j| j != 0.0) {
+        return Err("`router_jitter_noise` is not 0: nibble's router does not jitter its inputs".into());
+    }
+    if !mixtral {
+        // Qwen3-MoE can leave layers dense (`mlp_only_layers`, `decoder_sparse_step`); its
+        // released models route every layer, and so does nibble.
+        let step = uint("decoder_sparse_step")?.unwrap_or(1).max(1);
+        let dense = v.get("mlp_only_layers").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+        if dense || (step > 1 && layers > 0) {
+            return Err(
+                "dense layers among the experts (`mlp_only_layers`, `decoder_sparse_step` > 1) are not supported: \
+                 nibble routes every layer"
+                    .into(),
+            );
+        }
+    }
+    let coef = match v.get("router_aux_loss_coef") {
+        None | Some(Value::Null) => 0.001,
+        Some(x) => x.as_f64().ok_or_else(|| format!("`router_aux_loss_coef` must be a number, found {x}"))?,
+    };
+    Ok(MoeConfig {
+        experts,
+        top_k,
+        expert_intermediate,
+        norm_topk_prob: mixtral || flag("norm_topk_prob", false),
+        weights_in_f32: mixtral,
+        output_router_logits: flag("output_router_logits", false),
+        router_aux_loss_coef: coef,
+        names: if mixtral {
+            MoeNames { block: "block_sparse_moe", linears: ["w1", "w3", "w2"] }
+        } else {
+            MoeNames { block: "mlp", linears: ["gate_proj", "up_proj", "down_proj"] }
+        },
+    })
 }
 
 /// Gemma's `layer_types` (each `sliding_attention` or `full_attention`), or transformers'

@@ -108,6 +108,17 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     let linears: Vec<_> =
         block_linears(&s.model).into_iter().map(|(name, i, o)| (name, i as i64, o as i64)).collect();
     let targeted = |name: &str| s.lora_r > 0 && s.lora_targets.iter().any(|t| t == name);
+    // A mixture's experts, `(in, out)` per expert linear, each over an even share of the routed
+    // rows (`tokens * top_k / experts`), and its router.
+    let (experts, expert_rows, router) = match s.model.moe {
+        None => (Vec::new(), 0, 0),
+        Some(m) => {
+            let (h, i) = (s.model.hidden as i64, m.intermediate as i64);
+            let rows = (n_tok * m.top_k as i64 + m.experts as i64 - 1) / m.experts as i64;
+            (vec![(h, i), (h, i), (i, h)], rows, m.experts as i64)
+        }
+    };
+    let per_expert = s.model.moe.map_or(0.0, |m| m.experts as f64) * layers;
     // One forward of the decoder layers: each linear, its adapter, attention's two products.
     let forward = |add: &mut dyn FnMut(Part, Pass, i64, i64, i64, i64, Kind, f64), pass, adapters: bool| {
         for &(name, fan_in, fan_out) in &linears {
@@ -116,6 +127,12 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
                 add(Part::Lora, pass, 1, n_tok, fan_in, s.lora_r, s.adapter, layers);
                 add(Part::Lora, pass, 1, n_tok, s.lora_r, fan_out, s.adapter, layers);
             }
+        }
+        if router > 0 {
+            add(Part::Base, pass, 1, n_tok, s.model.hidden as i64, router, s.compute, layers);
+        }
+        for &(fan_in, fan_out) in &experts {
+            add(Part::Base, pass, 1, expert_rows, fan_in, fan_out, s.compute, per_expert);
         }
         let (bh, hd) = (s.rows * s.model.heads as i64, s.model.head_dim as i64);
         add(Part::Attention, pass, bh, t, hd, t, s.compute, layers * 0.5);
@@ -136,6 +153,13 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
             add(Part::Lora, Pass::Backward, 1, r, n_tok, fan_in, s.adapter, layers);
             add(Part::Lora, Pass::Backward, 1, n_tok, r, fan_in, s.adapter, layers);
         }
+    }
+    // The experts and router are frozen: their inputs' gradients only.
+    if router > 0 {
+        add(Part::Base, Pass::Backward, 1, n_tok, router, s.model.hidden as i64, s.compute, layers);
+    }
+    for &(fan_in, fan_out) in &experts {
+        add(Part::Base, Pass::Backward, 1, expert_rows, fan_out, fan_in, s.compute, per_expert);
     }
     // dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
     let (bh, hd) = (s.rows * s.model.heads as i64, s.model.head_dim as i64);
@@ -354,6 +378,34 @@ pub fn print(plan: &RunPlan) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A mixture's step counts its routed tokens through `top_k` experts, not every expert: the
+    /// FLOPs of the experts' products are `top_k / experts` of all experts on all tokens.
+    #[test]
+    fn experts_count_only_routed_tokens() {
+        let dense = shape();
+        let moe = StepShape {
+            model: ModelShape {
+                moe: Some(device_map::estimate::MoeShape { experts: 8, top_k: 2, intermediate: 160 }),
+                ..dense.model
+            },
+            lora_targets: vec!["q_proj".into()],
+            ..shape()
+        };
+        let base = |s: &StepShape| -> f64 {
+            gemms(s).iter().filter(|g| g.part == Part::Base).map(|g| g.flops()).sum()
+        };
+        let attention_only = StepShape { lora_targets: vec!["q_proj".into()], ..shape() };
+        // The dense MLP is 3 linears of 64 x 160 on every token; the mixture runs them on 2/8 of
+        // the tokens for each of 8 experts (twice the dense MLP), plus a 64 x 8 router.
+        let tokens = (moe.rows * moe.seq) as f64;
+        // 2 FLOPs per multiply-add, forward + input gradient, 2 layers.
+        let mlp = 3.0 * 2.0 * 2.0 * tokens * 64.0 * 160.0 * 2.0;
+        let router = 2.0 * 2.0 * tokens * 64.0 * 8.0 * 2.0;
+        let attention = base(&attention_only) - mlp;
+        let want = attention + 2.0 * mlp + router;
+        assert!((base(&moe) - want).abs() < 1e-6 * want, "{} vs {want}", base(&moe));
+    }
+
     fn shape() -> StepShape {
         StepShape {
             model: ModelShape {
@@ -366,6 +418,7 @@ mod tests {
                 head_dim: 16,
                 tied_embeddings: false,
                 fused_projections: false,
+                moe: None,
             },
             rows: 2,
             seq: 32,

@@ -367,6 +367,9 @@ impl RunPlan {
         if let Some((dir, cfg)) = model {
             let lora = lora_r.map(|r| lora_config(&recipe, &cfg, &model_id, r));
             let lora_linears = lora.as_ref().and_then(|l| layer_targets(&mut p, &cfg, l)).unwrap_or_default();
+            if purpose == Purpose::Train {
+                moe_problems(&mut p, &cfg);
+            }
             let mut load = load_options(&recipe, &cfg, device);
             let shape = run_shape(&recipe, &cfg, &lora_linears, cpu_matmul, device_map::Device::Cpu);
             // Where the model goes (the estimate splits its own figure per device instead: it plans
@@ -679,7 +682,8 @@ fn best_model_problems(p: &mut Problems<'_>, t: &config::TrainingArgs) {
 /// Phi-3: PEFT asks for `target_modules` there).
 fn default_targets(arch: Architecture) -> Vec<String> {
     match arch {
-        Architecture::Phi3 => Vec::new(),
+        Architecture::Phi3 | Architecture::Qwen3Moe => Vec::new(),
+        Architecture::Mixtral => vec!["q_proj".into(), "v_proj".into()],
         Architecture::Llama
         | Architecture::Mistral
         | Architecture::Qwen2
@@ -739,6 +743,59 @@ fn linear_names(cfg: &HfConfig) -> Vec<String> {
 
 /// Layer 0's linears that `lora` targets, checked by PEFT's rules against every linear of the
 /// model (a target that matches nothing is a problem now, not after loading).
+/// What nibble does not train yet on a mixture of experts, as recipe problems: TRL's
+/// load-balancing loss (on by default there, with the model config's coefficient) and adapters
+/// on experts or router, which PEFT makes for `all-linear` and the experts' and router's own
+/// names (`target_parameters`); and a coefficient set for a model without experts, as TRL refuses.
+fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
+    let recipe = p.recipe;
+    let set = recipe.training.router_aux_loss_coef;
+    let Some(moe) = &cfg.moe else {
+        if let Some(c) = set.filter(|&c| c != 0.0) {
+            p.add(
+                Problem::Conflict,
+                "router_aux_loss_coef",
+                format!(
+                    "is {c}, but {:?} is not a mixture-of-experts model: there is no router loss to weight",
+                    cfg.architecture
+                ),
+            );
+        }
+        return;
+    };
+    let coef = set.unwrap_or(moe.router_aux_loss_coef);
+    if coef != 0.0 {
+        let from = if set.is_some() { "the recipe's" } else { "config.json's, which TRL takes by default" };
+        p.add(
+            Problem::Conflict,
+            "router_aux_loss_coef",
+            format!(
+                "TRL adds the router's load-balancing loss to a mixture of experts' loss (coefficient {coef}, {from}); \
+                 nibble does not compute it yet: set `router_aux_loss_coef: 0` to train without it"
+            ),
+        );
+    }
+    if !recipe.model.use_peft {
+        return;
+    }
+    let expert_names = ["gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "experts"];
+    let reaches_experts = match &recipe.model.lora_target_modules {
+        Some(TargetModules::Pattern(p)) if p == "all-linear" => true,
+        Some(TargetModules::List(l)) => {
+            l.iter().any(|t| expert_names.iter().any(|n| t == n || t.ends_with(&format!(".{n}"))))
+        }
+        _ => false,
+    };
+    if reaches_experts || recipe.model.lora_target_parameters.as_ref().is_some_and(|t| !t.is_empty()) {
+        p.add(
+            Problem::Conflict,
+            "lora_target_modules",
+            "on a mixture of experts PEFT adapts the experts and the router for these targets (`target_parameters`); \
+             nibble does not train expert or router adapters yet: target the attention, e.g. [q_proj, k_proj, v_proj, o_proj]",
+        );
+    }
+}
+
 fn layer_targets(p: &mut Problems<'_>, cfg: &HfConfig, lora: &lora::LoraConfig) -> Option<Vec<String>> {
     if matches!(&lora.target_modules, lora::TargetModules::List(l) if l.is_empty())
         && p.recipe.model.lora_target_modules.is_none()
@@ -852,6 +909,41 @@ mod tests {
         assert!(scores("gemma3", "max_length: 17\n"));
         assert!(scores("gemma3", "max_length: 16\npacking: true\n"));
         assert!(scores("gemma2", "max_length: 8\n"), "eager attention");
+    }
+
+    /// On a mixture of experts what nibble does not train yet is refused by key: TRL's default
+    /// router loss (config.json's coefficient) and targets PEFT would put on experts or router;
+    /// with the loss off and attention targets the recipe plans; a coefficient for a dense model
+    /// is refused as TRL refuses it.
+    #[test]
+    fn moe_recipes_name_what_nibble_does_not_train_yet() {
+        let families = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families");
+        let cfg = HfConfig::from_dir(&families.join("mixtral/model")).expect("config");
+        let keys = |yaml: &str| {
+            let r = recipe(&format!("model_name_or_path: m\nuse_peft: true\n{yaml}"));
+            let mut p = Problems { recipe: &r, found: Vec::new() };
+            moe_problems(&mut p, &cfg);
+            p.found.iter().map(|d| d.key.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(keys("lora_target_modules: [q_proj, v_proj]\n"), ["router_aux_loss_coef"]);
+        assert_eq!(
+            keys("router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\n"),
+            ["router_aux_loss_coef", "lora_target_modules"]
+        );
+        assert_eq!(
+            keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, w1, w3]\n"),
+            ["lora_target_modules"]
+        );
+        assert!(
+            keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, k_proj, v_proj, o_proj]\n")
+                .is_empty()
+        );
+        let dense = HfConfig::from_dir(&families.join("phi3/model")).expect("config");
+        let r = recipe("model_name_or_path: m\nrouter_aux_loss_coef: 0.5\n");
+        let mut p = Problems { recipe: &r, found: Vec::new() };
+        moe_problems(&mut p, &dense);
+        assert_eq!(p.found.len(), 1);
+        assert!(p.found[0].to_string().contains("not a mixture-of-experts model"), "{}", p.found[0]);
     }
 
     /// PEFT has no default targets for Phi-3: a recipe without `lora_target_modules` is told to

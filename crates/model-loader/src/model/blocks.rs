@@ -461,6 +461,69 @@ impl Mlp {
     }
 }
 
+/// A top-k mixture of SwiGLU experts in place of the MLP (Mixtral, Qwen3-MoE), computed as
+/// transformers 5 computes it: the router's logits in the model's dtype, softmax in f32, the top
+/// `k` (renormalised where the family does), then expert by expert in index order only the tokens
+/// routed to it (gathered, through the expert, weighted, added back in place).
+pub(crate) struct Experts {
+    /// `[experts, hidden]`, unquantized (transformers 5's router is not a linear module).
+    pub(crate) router: quant::linear::Dense,
+    /// Each expert's gate/up/down (separate linears, SwiGLU).
+    pub(crate) experts: Vec<Mlp>,
+    pub(crate) top_k: i64,
+    pub(crate) norm_topk_prob: bool,
+    /// Weight each expert's output in f32 (Mixtral) or round the weights to the dtype first.
+    pub(crate) weights_in_f32: bool,
+}
+
+impl Experts {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let shape = x.size();
+        let hidden = shape.last().copied().unwrap_or(0);
+        let kind = x.f_kind()?;
+        let h = x.f_reshape([-1, hidden])?;
+        let logits = self.router.forward(&h)?;
+        let probs = logits.f_softmax(-1, Kind::Float)?;
+        let (mut top, index) = probs.f_topk(self.top_k, -1, true, true)?;
+        if self.norm_topk_prob {
+            top = top.f_div(&top.f_sum_dim_intlist(&[-1i64][..], true, Kind::Float)?)?;
+        }
+        if !self.weights_in_f32 {
+            top = top.f_to_kind(logits.f_kind()?)?;
+        }
+        let mut out = h.f_zeros_like()?;
+        // `[k, tokens]` choices, read row-major per expert as `torch.where` reads its mask.
+        let choices = index.f_transpose(0, 1)?.f_contiguous()?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let hit = choices.f_eq(e as i64)?.f_nonzero()?;
+            if hit.size()[0] == 0 {
+                continue;
+            }
+            let (slot, token) = (hit.f_select(1, 0)?, hit.f_select(1, 1)?);
+            let y = expert.forward(&h.f_index_select(0, &token)?)?;
+            let w = top.f_index_select(0, &token)?.f_gather(1, &slot.f_unsqueeze(1)?, false)?;
+            let y = y.f_mul(&w)?.f_to_kind(kind)?;
+            out = out.f_index_add(0, &token, &y)?;
+        }
+        Ok(out.f_reshape(&shape)?)
+    }
+}
+
+/// What follows attention in a decoder layer: one MLP, or a mixture of experts.
+pub(crate) enum FeedForward {
+    Mlp(Mlp),
+    Experts(Experts),
+}
+
+impl FeedForward {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        match self {
+            FeedForward::Mlp(m) => m.forward(x),
+            FeedForward::Experts(e) => e.forward(x),
+        }
+    }
+}
+
 /// A pre-norm decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`. Gemma's also norms
 /// each sub-block's output (`post_attention_layernorm` then normalises the attention output, and
 /// `pre_`/`post_feedforward_layernorm` wrap the MLP).
@@ -468,7 +531,7 @@ pub(crate) struct DecoderLayer {
     pub(crate) input_layernorm: RmsNorm,
     pub(crate) self_attn: Attention,
     pub(crate) post_attention_layernorm: RmsNorm,
-    pub(crate) mlp: Mlp,
+    pub(crate) mlp: FeedForward,
     pub(crate) feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     /// Attends within the sliding window only (its tables from `DeviceContext::for_layer`).
     pub(crate) sliding: bool,
@@ -497,8 +560,8 @@ impl DecoderLayer {
 
     /// The layer's linears by their transformers names relative to the layer.
     pub(crate) fn linears_mut(&mut self) -> Vec<(&'static str, &mut Box<dyn Linear>)> {
+        use device_map::estimate::{ATTENTION_LINEARS, DECODER_LINEARS, FUSED_DECODER_LINEARS};
         let a = &mut self.self_attn;
-        let m = &mut self.mlp;
         // In device-map's table order (the names come from there).
         let mut slots: Vec<&mut Box<dyn Linear>> = Vec::with_capacity(7);
         match &mut a.qkv {
@@ -506,15 +569,18 @@ impl DecoderLayer {
             Qkv::Fused { qkv_proj } => slots.push(qkv_proj),
         }
         slots.push(&mut a.o_proj);
-        match &mut m.gate_up {
-            GateUp::Separate { gate_proj, up_proj } => slots.extend([gate_proj, up_proj]),
-            GateUp::Fused { gate_up_proj } => slots.push(gate_up_proj),
-        }
-        slots.push(&mut m.down_proj);
-        let names: &[&'static str] = if slots.len() == 7 {
-            &device_map::estimate::DECODER_LINEARS
-        } else {
-            &device_map::estimate::FUSED_DECODER_LINEARS
+        // A mixture's experts are not offered (transformers keeps them as one module's
+        // parameters, out of reach of PEFT's `target_modules`).
+        let names: &[&'static str] = match &mut self.mlp {
+            FeedForward::Experts(_) => &ATTENTION_LINEARS,
+            FeedForward::Mlp(m) => {
+                match &mut m.gate_up {
+                    GateUp::Separate { gate_proj, up_proj } => slots.extend([gate_proj, up_proj]),
+                    GateUp::Fused { gate_up_proj } => slots.push(gate_up_proj),
+                }
+                slots.push(&mut m.down_proj);
+                if slots.len() == 7 { &DECODER_LINEARS } else { &FUSED_DECODER_LINEARS }
+            }
         };
         names.iter().copied().zip(slots).collect()
     }

@@ -23,13 +23,14 @@ use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
 use blocks::{
-    Attention, DecoderLayer, DeviceContext, GateUp, KvCache, Mlp, Qkv, RmsNorm, Rope, ScoreOptions,
+    Attention, DecoderLayer, DeviceContext, Experts, FeedForward, GateUp, KvCache, Mlp, Qkv, RmsNorm, Rope,
+    ScoreOptions,
 };
 pub use placement::{LayerPlacement, Placement};
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
-use crate::hf_config::{Architecture, HfConfig, Prequantized, RopeScaling};
+use crate::hf_config::{Architecture, HfConfig, MoeConfig, Prequantized, RopeScaling};
 
 /// What distinguishes a family's decoder from the shared Llama one.
 pub(crate) struct DecoderSpec {
@@ -365,6 +366,39 @@ impl Reader<'_> {
     }
 }
 
+impl Reader<'_> {
+    /// Layer `p`'s mixture of experts: its router (dense, in the load dtype) and each expert's
+    /// gate/up/down linears under the checkpoint's per-expert names, each 4-bit like any
+    /// other decoder linear.
+    fn experts(&self, p: &str, moe: &MoeConfig, place: LayerPlacement) -> Result<Experts, Error> {
+        let block = format!("{p}.{}", moe.names.block);
+        let router = self.dense(&format!("{block}.gate.weight"), self.opts.dtype, place.compute)?;
+        let router = Dense::new(router, None)
+            .map_err(|source| Error::Quant { name: format!("{block}.gate.weight"), source })?;
+        let [gate, up, down] = moe.names.linears;
+        let experts = (0..moe.experts)
+            .map(|e| {
+                let x = format!("{block}.experts.{e}");
+                Ok(Mlp {
+                    gate_up: GateUp::Separate {
+                        gate_proj: self.linear(&format!("{x}.{gate}"), false, place)?,
+                        up_proj: self.linear(&format!("{x}.{up}"), false, place)?,
+                    },
+                    down_proj: self.linear(&format!("{x}.{down}"), false, place)?,
+                    gelu: false,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Experts {
+            router,
+            experts,
+            top_k: moe.top_k as i64,
+            norm_topk_prob: moe.norm_topk_prob,
+            weights_in_f32: moe.weights_in_f32,
+        })
+    }
+}
+
 /// An int8 weight on `device` (its ops run on any device).
 fn to_device_8bit(q: Quantized8bit, device: Device) -> Result<Quantized8bit, Error> {
     if device == Device::Cpu {
@@ -398,7 +432,8 @@ impl CausalLm {
             Architecture::Llama => llama::spec(&config),
             Architecture::Mistral => mistral::spec(&config),
             Architecture::Qwen2 => qwen2::spec(&config),
-            Architecture::Qwen3 => qwen3::spec(&config),
+            Architecture::Qwen3 | Architecture::Qwen3Moe => qwen3::spec(&config),
+            Architecture::Mixtral => mistral::spec(&config),
             Architecture::Phi3 => phi3::spec(&config),
             Architecture::Gemma2 | Architecture::Gemma3 => {
                 let Some(g) = config.gemma.as_ref() else {
@@ -449,15 +484,17 @@ impl CausalLm {
                     v_proj: r.linear(&format!("{p}.self_attn.v_proj"), config.qkv_bias, place)?,
                 }
             };
-            let gate_up = if s.fused_projections {
-                GateUp::Fused {
+            let gate_up = if config.moe.is_some() {
+                None
+            } else if s.fused_projections {
+                Some(GateUp::Fused {
                     gate_up_proj: r.linear(&format!("{p}.mlp.gate_up_proj"), config.mlp_bias, place)?,
-                }
+                })
             } else {
-                GateUp::Separate {
+                Some(GateUp::Separate {
                     gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias, place)?,
                     up_proj: r.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias, place)?,
-                }
+                })
             };
             let self_attn = Attention {
                 qkv,
@@ -469,10 +506,14 @@ impl CausalLm {
                 head_dim: s.head_dim as i64,
                 scores: spec.scores,
             };
-            let mlp = Mlp {
-                gate_up,
-                down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias, place)?,
-                gelu: spec.gelu,
+            let mlp = match (gate_up, &config.moe) {
+                (Some(gate_up), _) => FeedForward::Mlp(Mlp {
+                    gate_up,
+                    down_proj: r.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias, place)?,
+                    gelu: spec.gelu,
+                }),
+                (None, Some(moe)) => FeedForward::Experts(r.experts(&p, moe, place)?),
+                (None, None) => return Err(Error::BadOption("a dense layer without its MLP".into())),
             };
             let feedforward_norms = if spec.feedforward_norms {
                 Some((
@@ -834,12 +875,8 @@ impl CausalLm {
     /// tied head counted once.
     pub fn num_parameters(&self) -> u64 {
         let s = &self.config.shape;
-        let mut n = s.vocab * s.hidden * if s.tied_embeddings { 1 } else { 2 } + s.hidden;
-        let q = s.heads * s.head_dim;
-        let kv = s.kv_heads * s.head_dim;
-        let per_layer_weights = s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate;
-        let norms = if self.config.gemma.is_some() { 4 } else { 2 };
-        let mut per_layer = per_layer_weights + norms * s.hidden;
+        let mut per_layer = 0;
+        let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
         if self.config.qkv_bias {
             per_layer += q + 2 * kv;
         }
@@ -849,10 +886,17 @@ impl CausalLm {
         if self.config.mlp_bias {
             per_layer += 2 * s.intermediate + s.hidden;
         }
-        if matches!(self.config.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
+        if matches!(
+            self.config.architecture,
+            Architecture::Qwen3 | Architecture::Gemma3 | Architecture::Qwen3Moe
+        ) {
             per_layer += 2 * s.head_dim;
         }
-        n += per_layer * s.layers;
-        n
+        if self.config.gemma.is_some() {
+            // The norms after each sub-block.
+            per_layer += 2 * s.hidden;
+        }
+        // Linears (experts included), embeddings, head, two norms per layer, routers, final norm.
+        s.linear_params() + s.other_params() + per_layer * s.layers
     }
 }
