@@ -34,13 +34,17 @@ fn phi3_steps_match_trl() {
 }
 
 /// Mixtral: top-2 routing renormalised, weighted in f32, 4-bit experts (the tiny model's experts
-/// hold NF4 values, which transformers + bitsandbytes keep in full precision), attention adapters.
+/// hold NF4 values, which transformers + bitsandbytes keep in full precision), attention adapters,
+/// the router's load-balancing loss at 0.5; and the same with gradient checkpointing, where each
+/// recomputed layer adds its share of the router loss's gradient.
 #[test]
 fn mixtral_steps_match_trl() {
     compare("families/mixtral", "trl_log.json", &[], 20);
+    compare("families/mixtral", "trl_log.json", &["--gradient_checkpointing", "true"], 20);
 }
 
-/// Qwen3-MoE: raw top-2 probabilities rounded to the dtype, q/k norms.
+/// Qwen3-MoE: raw top-2 probabilities rounded to the dtype, q/k norms, the router loss at
+/// config.json's coefficient (TRL's default).
 #[test]
 fn qwen3moe_steps_match_trl() {
     compare("families/qwen3moe", "trl_log.json", &[], 20);

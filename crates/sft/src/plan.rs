@@ -764,14 +764,22 @@ fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
         return;
     };
     let coef = set.unwrap_or(moe.router_aux_loss_coef);
-    if coef != 0.0 {
-        let from = if set.is_some() { "the recipe's" } else { "config.json's, which TRL takes by default" };
+    let from = if set.is_some() { "the recipe's" } else { "config.json's, which TRL takes by default" };
+    // SFT adds the router loss to its training loss; DPO's and an evaluation's do not have it yet.
+    let missing = if recipe.dpo.is_some() {
+        Some("nibble's DPO does not compute it yet")
+    } else if recipe.training.eval_strategy != config::types::Interval::No {
+        Some("TRL's eval_loss includes it, and nibble's evaluation does not compute it yet")
+    } else {
+        None
+    };
+    if let (true, Some(missing)) = (coef != 0.0, missing) {
         p.add(
             Problem::Conflict,
             "router_aux_loss_coef",
             format!(
                 "TRL adds the router's load-balancing loss to a mixture of experts' loss (coefficient {coef}, {from}); \
-                 nibble does not compute it yet: set `router_aux_loss_coef: 0` to train without it"
+                 {missing}: set `router_aux_loss_coef: 0` to train without it"
             ),
         );
     }
@@ -911,8 +919,9 @@ mod tests {
         assert!(scores("gemma2", "max_length: 8\n"), "eager attention");
     }
 
-    /// On a mixture of experts what nibble does not train yet is refused by key: TRL's default
-    /// router loss (config.json's coefficient) and targets PEFT would put on experts or router;
+    /// On a mixture of experts what nibble does not train yet is refused by key: the router loss
+    /// in an evaluation (TRL's eval_loss has it) or DPO, and targets PEFT would put on experts or
+    /// router;
     /// with the loss off and attention targets the recipe plans; a coefficient for a dense model
     /// is refused as TRL refuses it.
     #[test]
@@ -925,10 +934,18 @@ mod tests {
             moe_problems(&mut p, &cfg);
             p.found.iter().map(|d| d.key.clone()).collect::<Vec<_>>()
         };
-        assert_eq!(keys("lora_target_modules: [q_proj, v_proj]\n"), ["router_aux_loss_coef"]);
+        // SFT trains with the router loss; an evaluation of it is not there yet.
+        assert!(keys("lora_target_modules: [q_proj, v_proj]\n").is_empty());
         assert_eq!(
-            keys("router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\n"),
+            keys("lora_target_modules: [q_proj, v_proj]\neval_strategy: steps\n"),
+            ["router_aux_loss_coef"]
+        );
+        assert_eq!(
+            keys("router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\neval_strategy: epoch\n"),
             ["router_aux_loss_coef", "lora_target_modules"]
+        );
+        assert!(
+            keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj]\neval_strategy: steps\n").is_empty()
         );
         assert_eq!(
             keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, w1, w3]\n"),

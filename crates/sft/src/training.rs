@@ -83,6 +83,8 @@ pub(crate) struct TrainingPlan {
     pub gradient_checkpointing: bool,
     /// `neftune_noise_alpha` when positive.
     pub neftune_noise_alpha: Option<f64>,
+    /// `router_aux_loss_coef` (unset: a mixture of experts' config.json's).
+    pub router_aux_loss_coef: Option<f64>,
     /// `chat_template`: saved beside the adapter, as TRL saves the tokenizer with it.
     pub chat_template: Option<String>,
     /// `metric_for_best_model` and what acts on it (`save_strategy: best`, `load_best_model_at_end`).
@@ -127,6 +129,7 @@ impl TrainingPlan {
             eval_on_start: t.eval_on_start,
             gradient_checkpointing: t.gradient_checkpointing,
             neftune_noise_alpha: t.neftune_noise_alpha.filter(|a| *a > 0.0),
+            router_aux_loss_coef: t.router_aux_loss_coef,
             chat_template: t.chat_template.clone(),
             best: best_model(t),
         }
@@ -186,6 +189,7 @@ impl TrainingPlan {
             eval_steps,
             eval_on_start: self.eval_on_start,
             neftune_noise_alpha: self.neftune_noise_alpha,
+            router_aux_loss_coef: self.router_aux_loss_coef,
             state,
             best: self.best.clone(),
         })

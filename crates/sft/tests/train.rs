@@ -120,6 +120,7 @@ fn options(out: &Path, total: u64, save_steps: Option<u64>) -> TrainOptions {
         eval_steps: None,
         eval_on_start: false,
         neftune_noise_alpha: None,
+        router_aux_loss_coef: None,
         state: Default::default(),
         best: None,
     }
@@ -226,20 +227,21 @@ fn neftune_noise_changes_the_loss_and_checkpointing_replays_it() {
     let mut model = model_4bit();
     let a = adapters(&mut model, 0.0);
     let (b, n) = batch(3, 2, 24);
-    let clean = sft::train::forward_backward_with(&model, &b, n as f64, false, 7, None).unwrap().loss;
-    let noisy = sft::train::forward_backward_with(&model, &b, n as f64, false, 7, Some(5.0)).unwrap().loss;
+    let clean = sft::train::forward_backward_with(&model, &b, n as f64, false, 7, None, None).unwrap().loss;
+    let noisy =
+        sft::train::forward_backward_with(&model, &b, n as f64, false, 7, Some(5.0), None).unwrap().loss;
     assert!((clean - noisy).abs() > 1e-4, "NEFTune noise had no effect: {clean} vs {noisy}");
     for p in a.parameters() {
         let _ = p.grad().zero_();
     }
     let g1 = {
-        sft::train::forward_backward_with(&model, &b, n as f64, false, 7, Some(5.0)).unwrap();
+        sft::train::forward_backward_with(&model, &b, n as f64, false, 7, Some(5.0), None).unwrap();
         grads(&a)
     };
     for p in a.parameters() {
         let _ = p.grad().zero_();
     }
-    sft::train::forward_backward_with(&model, &b, n as f64, true, 7, Some(5.0)).unwrap();
+    sft::train::forward_backward_with(&model, &b, n as f64, true, 7, Some(5.0), None).unwrap();
     for (x, y) in g1.iter().zip(&grads(&a)) {
         let err = (x - y).abs().max().double_value(&[]) / x.abs().max().double_value(&[]).max(1e-12);
         assert!(err < 1e-5, "checkpointed recompute saw different noise: {err:e}");

@@ -477,7 +477,9 @@ pub(crate) struct Experts {
 }
 
 impl Experts {
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+    /// The mixture's output and the router's logits `[tokens, experts]` (in the model's dtype;
+    /// the load-balancing loss reads them).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor), Error> {
         let shape = x.size();
         let hidden = shape.last().copied().unwrap_or(0);
         let kind = x.f_kind()?;
@@ -505,7 +507,7 @@ impl Experts {
             let y = y.f_mul(&w)?.f_to_kind(kind)?;
             out = out.f_index_add(0, &token, &y)?;
         }
-        Ok(out.f_reshape(&shape)?)
+        Ok((out.f_reshape(&shape)?, logits))
     }
 }
 
@@ -516,10 +518,11 @@ pub(crate) enum FeedForward {
 }
 
 impl FeedForward {
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+    /// The output and, for a mixture, the router's logits.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>), Error> {
         match self {
-            FeedForward::Mlp(m) => m.forward(x),
-            FeedForward::Experts(e) => e.forward(x),
+            FeedForward::Mlp(m) => Ok((m.forward(x)?, None)),
+            FeedForward::Experts(e) => e.forward(x).map(|(y, logits)| (y, Some(logits))),
         }
     }
 }
@@ -538,8 +541,9 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(crate) fn forward(&self, x: &Tensor, ctx: &DeviceContext) -> Result<Tensor, Error> {
-        self.forward_cached(x, ctx, None)
+    /// The layer's output and, for a mixture of experts, its router's logits.
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &DeviceContext) -> Result<(Tensor, Option<Tensor>), Error> {
+        self.forward_routed(x, ctx, None)
     }
 
     pub(crate) fn forward_cached(
@@ -548,14 +552,25 @@ impl DecoderLayer {
         ctx: &DeviceContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, Error> {
+        Ok(self.forward_routed(x, ctx, cache)?.0)
+    }
+
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        ctx: &DeviceContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Option<Tensor>), Error> {
         let ctx = ctx.for_layer(self.sliding);
         let a = self.self_attn.forward_cached(&self.input_layernorm.forward(x)?, ctx, cache)?;
         let Some((pre, post)) = &self.feedforward_norms else {
             let h = x.f_add(&a)?;
-            return Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?);
+            let (m, logits) = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
+            return Ok((h.f_add(&m)?, logits));
         };
         let h = x.f_add(&self.post_attention_layernorm.forward(&a)?)?;
-        Ok(h.f_add(&post.forward(&self.mlp.forward(&pre.forward(&h)?)?)?)?)
+        let (m, logits) = self.mlp.forward(&pre.forward(&h)?)?;
+        Ok((h.f_add(&post.forward(&m)?)?, logits))
     }
 
     /// The layer's linears by their transformers names relative to the layer.

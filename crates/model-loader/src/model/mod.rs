@@ -660,10 +660,27 @@ impl CausalLm {
     /// Run decoder layer `index` on hidden states `h`, moved first to where the layer computes
     /// (autograd carries the gradient back to `h`'s device).
     pub fn layer(&self, index: usize, h: &Tensor, ctx: &LayerContext) -> Result<Tensor, Error> {
+        Ok(self.layer_routed(index, h, ctx)?.0)
+    }
+
+    /// [`Self::layer`], also giving a mixture of experts' router logits `[tokens, experts]` (in
+    /// the model's dtype, on the layer's device; `None` for a dense layer), which the router's
+    /// load-balancing loss reads.
+    pub fn layer_routed(
+        &self,
+        index: usize,
+        h: &Tensor,
+        ctx: &LayerContext,
+    ) -> Result<(Tensor, Option<Tensor>), Error> {
         let layer =
             self.layers.get(index).ok_or_else(|| Error::BadInput(format!("no decoder layer {index}")))?;
         let device = self.placement.layers[index].compute;
         layer.forward(&h.f_to_device(device)?, ctx.on(device)?)
+    }
+
+    /// A mixture of experts' `(experts, top_k)`, for its load-balancing loss; `None` when dense.
+    pub fn routing(&self) -> Option<(i64, i64)> {
+        self.config.moe.as_ref().map(|m| (m.experts as i64, m.top_k as i64))
     }
 
     /// Logits per position (the output head's width), for callers that size work by it.

@@ -665,6 +665,7 @@ pub fn forward_backward(
         checkpointing,
         seed,
         neftune_alpha: None,
+        router: None,
     };
     let mut outcome: Option<Result<DpoStats, Error>> = None;
     let stats = layers.forward_backward(model, |h| {
@@ -1282,6 +1283,7 @@ mod tests {
             eval_steps: None,
             eval_on_start: false,
             neftune_noise_alpha: None,
+            router_aux_loss_coef: None,
             state: Default::default(),
             best: None,
         };

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod dpo;
 mod head;
 pub mod optim;
+pub mod router;
 pub mod schedule;
 pub mod state;
 pub mod step;
@@ -68,6 +69,9 @@ pub struct TrainOptions {
     pub eval_on_start: bool,
     /// NEFTune noise on the embeddings while training (`neftune_noise_alpha`).
     pub neftune_noise_alpha: Option<f64>,
+    /// The weight of a mixture of experts' load-balancing loss (`router_aux_loss_coef`; unset:
+    /// the model config's, as TRL takes it; 0 or a dense model: none).
+    pub router_aux_loss_coef: Option<f64>,
     /// What `trainer_state.json` records of the run's settings.
     pub state: state::StateInfo,
     /// Ranking checkpoints by an eval metric (`metric_for_best_model`), when the recipe asks.
@@ -175,18 +179,43 @@ pub trait Objective {
 }
 
 /// Supervised fine-tuning: next-token cross-entropy over the label tokens, summed and divided by
-/// the window's label tokens (transformers with `num_items_in_batch`).
+/// the window's label tokens (transformers with `num_items_in_batch`); for a mixture of experts
+/// plus its router's load-balancing loss, as TRL's SFTTrainer adds it.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Sft;
+pub struct Sft {
+    /// The router loss's coefficient (`None`: no router loss).
+    pub router_aux_loss_coef: Option<f64>,
+}
 
 impl Objective for Sft {
     type Batch = DeviceBatch;
 
     fn metric_names(&self) -> &'static [&'static str] {
-        &["mean_token_accuracy"]
+        if self.router_aux_loss_coef.is_some() {
+            &["mean_token_accuracy", "aux_loss"]
+        } else {
+            &["mean_token_accuracy"]
+        }
     }
 
     fn step(&self, model: &CausalLm, batch: &DeviceBatch, ctx: &MicroContext) -> Result<Micro, Error> {
+        // TRL adds `coef * aux / accumulation steps` to each micro-batch's loss and DDP averages
+        // over ranks; the loop sums shares over both, so each share carries both divisors.
+        let router = match (self.router_aux_loss_coef, model.routing()) {
+            (Some(coef), Some((experts, top_k))) => Some(router::RouterLoss {
+                experts,
+                top_k,
+                mask: batch
+                    .segment_ids
+                    .as_ref()
+                    .map(|s| s.f_ge(0)?.f_to_kind(tch::Kind::Float)?.f_reshape([-1]))
+                    .transpose()
+                    .map_err(model_loader::Error::from)?,
+                scale: coef / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64,
+                value: std::cell::Cell::new(None),
+            }),
+            _ => None,
+        };
         let m = forward_backward_with(
             model,
             batch,
@@ -194,9 +223,16 @@ impl Objective for Sft {
             ctx.checkpointing,
             ctx.seed,
             ctx.neftune_alpha,
+            router.as_ref(),
         )?;
         let accuracy = (m.total > 0).then(|| m.correct as f64 / m.total as f64);
-        Ok(Micro { loss: m.loss, metrics: vec![accuracy], tokens: batch.num_tokens })
+        let aux = router.as_ref().and_then(|r| r.value.get().map(|v| (v, r.scale)));
+        let mut metrics = vec![accuracy];
+        if self.router_aux_loss_coef.is_some() {
+            metrics.push(aux.map(|(v, _)| v));
+        }
+        let loss = m.loss + aux.map_or(0.0, |(v, scale)| v * scale);
+        Ok(Micro { loss, metrics, tokens: batch.num_tokens })
     }
 }
 
@@ -348,7 +384,11 @@ impl<'a> Trainer<'a> {
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, Error> {
-        self.train_objective(&Sft, epoch_batches, &SftEval(eval), save_adapter, on_event)
+        // TRL's default for a mixture of experts: the config's coefficient, unless the recipe sets one.
+        let moe_coef = self.model.config().moe.as_ref().map(|m| m.router_aux_loss_coef);
+        let coef = moe_coef.map(|c| self.opts.router_aux_loss_coef.unwrap_or(c)).filter(|&c| c != 0.0);
+        let objective = Sft { router_aux_loss_coef: coef };
+        self.train_objective(&objective, epoch_batches, &SftEval(eval), save_adapter, on_event)
     }
 
     /// [`Trainer::train`] for any objective; `epoch_batches(e)` gives epoch `e`'s micro-batches

@@ -59,7 +59,7 @@ pub fn forward_backward(
     checkpointing: bool,
     seed: i64,
 ) -> Result<MicroStats, model_loader::Error> {
-    forward_backward_with(model, batch, num_items, checkpointing, seed, None)
+    forward_backward_with(model, batch, num_items, checkpointing, seed, None, None)
 }
 
 /// NEFTune: uniform noise of magnitude `alpha / sqrt(T * hidden)` added to the token embeddings
@@ -181,6 +181,7 @@ pub fn forward_backward_with(
     checkpointing: bool,
     seed: i64,
     neftune_alpha: Option<f64>,
+    router: Option<&super::router::RouterLoss>,
 ) -> Result<MicroStats, model_loader::Error> {
     let batch = &batch.to_device(model.device())?;
     let labels = &batch.labels;
@@ -191,6 +192,7 @@ pub fn forward_backward_with(
         checkpointing,
         seed,
         neftune_alpha,
+        router,
     };
     layers.forward_backward(model, |h| {
         let head = head_loss(model, h, labels, num_items, true, HEAD_CHUNK_BYTES)?;
@@ -214,6 +216,9 @@ pub struct Layers<'a> {
     pub seed: i64,
     /// NEFTune's alpha, while training.
     pub neftune_alpha: Option<f64>,
+    /// A mixture of experts' load-balancing loss, added to the objective's (its value is left in
+    /// it once the forward has run).
+    pub router: Option<&'a super::router::RouterLoss>,
 }
 
 impl Layers<'_> {
@@ -232,43 +237,74 @@ impl Layers<'_> {
         };
         let layer = |i: usize, h: &Tensor| {
             tch::manual_seed(self.seed.wrapping_add(i as i64));
-            model.layer(i, h, &ctx)
+            model.layer_routed(i, h, &ctx)
         };
         let device = model.device();
+        let router = self.router.filter(|_| model.routing().is_some());
+        let mut counts = router.map(|r| r.counts(device)).transpose()?;
         if !self.checkpointing {
-            let h = timed(Phase::Forward, device, || -> Result<Tensor, model_loader::Error> {
+            let (h, logits) = timed(Phase::Forward, device, || -> Result<_, model_loader::Error> {
                 let mut h = embed()?;
+                let mut logits = Vec::new();
                 for i in 0..model.num_layers() {
-                    h = layer(i, &h)?;
+                    let (next, l) = layer(i, &h)?;
+                    if let (Some(r), Some(c), Some(l)) = (router, counts.as_mut(), l) {
+                        r.add(c, &l)?;
+                        logits.push(l);
+                    }
+                    h = next;
                 }
-                Ok(h)
+                Ok((h, logits))
             })?;
             let (stats, grad) = timed(Phase::Head, device, || head(&h))?;
-            // Push the head's gradient at the last hidden state through the layers' graph.
-            timed(Phase::Backward, device, || backward_from(&h, &grad))?;
+            // Push the head's gradient at the last hidden state through the layers' graph, with
+            // the router loss's own.
+            timed(Phase::Backward, device, || -> Result<(), model_loader::Error> {
+                let mut root = h.f_mul(&grad)?.f_sum(h.f_kind()?)?;
+                if let (Some(r), Some(c)) = (router, counts.as_ref()) {
+                    r.value.set(Some(r.value_of(c)?));
+                    for l in &logits {
+                        root = root.f_add(&r.layer_term(c, l)?.f_to_device(root.device())?)?;
+                    }
+                }
+                Ok(root.f_backward()?)
+            })?;
             return Ok(stats);
         }
-        // Forward without a graph, keeping only each layer's input.
+        // Forward without a graph, keeping only each layer's input (and the router's counts).
         let (inputs, h) = timed(Phase::Forward, device, || -> Result<_, model_loader::Error> {
             let mut inputs = Vec::with_capacity(model.num_layers());
             let mut h = tch::no_grad(embed)?;
             for i in 0..model.num_layers() {
-                let next = tch::no_grad(|| layer(i, &h))?;
+                let (next, l) = tch::no_grad(|| layer(i, &h))?;
+                if let (Some(r), Some(c), Some(l)) = (router, counts.as_mut(), l) {
+                    r.add(c, &l)?;
+                }
                 inputs.push(h);
                 h = next;
             }
             Ok((inputs, h))
         })?;
+        if let (Some(r), Some(c)) = (router, counts.as_ref()) {
+            r.value.set(Some(r.value_of(c)?));
+        }
         // The objective, giving the gradient at the last hidden state.
         let (stats, grad) = timed(Phase::Head, device, || head(&h))?;
         drop(h);
-        // Then layer by layer, last first: recompute with a graph and push the gradient through.
+        // Then layer by layer, last first: recompute with a graph and push the gradient through,
+        // with the layer's share of the router loss.
         timed(Phase::Backward, device, || -> Result<(), model_loader::Error> {
             let (mut inputs, mut grad) = (inputs, grad);
             for i in (0..model.num_layers()).rev() {
                 let x = inputs[i].f_detach()?.set_requires_grad(true);
-                let y = layer(i, &x)?;
-                backward_from(&y, &grad)?;
+                let (y, l) = layer(i, &x)?;
+                match (router, counts.as_ref(), l) {
+                    (Some(r), Some(c), Some(l)) => {
+                        let root = y.f_mul(&grad)?.f_sum(y.f_kind()?)?;
+                        root.f_add(&r.layer_term(c, &l)?.f_to_device(root.device())?)?.f_backward()?;
+                    }
+                    _ => backward_from(&y, &grad)?,
+                }
                 grad = x.grad();
                 inputs.truncate(i);
             }
