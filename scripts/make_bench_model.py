@@ -11,6 +11,8 @@ Presets:
     150m  12 layers, hidden 768, intermediate 2048, 12 heads (12 kv), vocab 32000 (134M parameters)
     1b    22 layers, hidden 2048, intermediate 5632, 32 heads (4 kv), vocab 32000 (TinyLlama's
           shape, 1.10B parameters)
+    moe   a Mixtral: 4 layers, hidden 1024, 8 experts of width 2048 (top-2), 8 heads (4 kv), vocab
+          32000 (270M parameters, 201M of them in the experts)
 
 Deterministic (seed 0, weights drawn N(0, 0.02) in f32 per tensor in a fixed order, then cast):
 the same preset gives the same bytes. Written to a temporary folder renamed into place, so an
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
@@ -35,6 +37,8 @@ PRESETS = {
                  num_key_value_heads=12, shard="100MB"),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, shard="500MB"),
+    "moe": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, shard="200MB"),
 }
 
 
@@ -47,7 +51,9 @@ def main():
     shard = p.pop("shard")
     tiny = ROOT / "models" / "tiny-llama"
     tiny_cfg = LlamaConfig.from_pretrained(tiny)
-    config = LlamaConfig(
+    moe = "num_local_experts" in p
+    Config, Model = (MixtralConfig, MixtralForCausalLM) if moe else (LlamaConfig, LlamaForCausalLM)
+    config = Config(
         vocab_size=32000,
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
@@ -58,8 +64,9 @@ def main():
         pad_token_id=tiny_cfg.pad_token_id,
         **p,
     )
+    config.architectures = [Model.__name__]
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = Model(config)
     # Materialise in bf16, drawing each tensor in f32 from one seeded generator in name order
     # (independent of transformers' init order, which may change between versions).
     gen = torch.Generator().manual_seed(0)

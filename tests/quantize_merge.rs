@@ -614,11 +614,12 @@ fn transformers_loads_the_merged_model_and_peft_merges_the_same() {
 }
 
 /// The same for each family beyond Llama's layout: nibble's adapter loads in PEFT with nibble's
-/// logits, and nibble's merge loads in transformers with them (Phi-3's fused linears included).
+/// logits, and nibble's merge loads in transformers with them (Phi-3's fused linears included; a
+/// mixture's attention adapters, its experts written back under their per-expert names).
 #[test]
 fn newer_families_merges_and_adapters_load_in_transformers_and_peft() {
     let Some(py) = python() else { return };
-    for family in ["gemma2", "gemma3", "phi3"] {
+    for family in ["gemma2", "gemma3", "phi3", "mixtral", "qwen3moe"] {
         check_merge_in_transformers(
             &py,
             &repo().join("tests/golden/families").join(family).join("model"),
@@ -653,8 +654,11 @@ fn check_merge_in_transformers(py: &str, model: &Path, tag: &str) {
     assert_eq!(r["bf16"]["dtype"], "torch.bfloat16");
     assert!(r["fp32"]["rel"].as_f64().unwrap() <= 1e-5, "{r}");
     assert_eq!(r["bf16"]["max_diff_vs_f32_rounded"].as_f64(), Some(0.0), "{r}");
-    // bf16 rounding of the random adapter's large update (no tighter bound holds for every draw).
-    assert!(r["bf16"]["rel"].as_f64().unwrap() <= 0.15, "{r}");
+    // bf16 rounding of the random adapter's large update (no tighter bound holds for every draw);
+    // a mixture of experts' bf16 routing can pick other experts than its f32 one, so its bf16
+    // logits have no such bound (the file itself is checked above: the f32 merge rounded once).
+    let moe = model_loader::HfConfig::from_dir(model).unwrap().moe.is_some();
+    assert!(moe || r["bf16"]["rel"].as_f64().unwrap() <= 0.15, "{r}");
     // PEFT's own merge gives the same weights, and its unmerged model nibble's logits.
     assert_eq!(r["peft"]["keys_equal"], true, "{r}");
     assert_eq!(r["peft"]["max_abs_diff"].as_f64(), Some(0.0), "{r}");
