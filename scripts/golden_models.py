@@ -13,7 +13,8 @@ shorter than the sequence; Qwen2's q/k/v bias; Qwen3's q/k norms; Gemma 2 (sandw
 scaled embeddings, soft-capped attention scores and logits, alternating sliding layers) and Gemma 3
 (q/k norms, per-layer-type RoPE with linear scaling on the global layers); and a Llama loaded in 4 bits by
 bitsandbytes (NF4 with double quantization, fp32 compute), whose 4-bit checkpoint is saved too
-(`llama-4bit-saved`) so the pre-quantized load path is tested on a file transformers wrote.
+(`llama-4bit-saved`) so the pre-quantized load path is tested on a file transformers wrote; and
+the Mixtral saved the same way (`mixtral-4bit-saved`: attention packed, experts left in float).
 
 The Gemma and Phi-3 cases also hold `logits_4bit`: transformers' fp32 forward with every decoder linear
 replaced by its bitsandbytes NF4 codes (double quantization) dequantized, and `greedy_prompt` /
@@ -312,6 +313,13 @@ def main(out: Path, only=None):
             expected["logits_bf16"] = logits_of(bf16, ids, pos)
         save_file(expected, d / "expected.safetensors")
     if only is not None:
+        if "mixtral-4bit-saved" in only:
+            mixtral_4bit_saved(out, BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ))
         for f in out.rglob("generation_config.json"):
             f.unlink()
         print(f"wrote {', '.join(sorted(only))} under {out}")
@@ -331,10 +339,25 @@ def main(out: Path, only=None):
     shutil.rmtree(d, ignore_errors=True)
     q.save_pretrained(d)
     save_file({"input_ids": ids, "position_ids": pos, "logits": logits_of(q, ids, pos)}, d / "expected.safetensors")
+    mixtral_4bit_saved(out, bnb)
     for f in out.rglob("generation_config.json"):
         f.unlink()
     int8_cases(out)
     print(f"wrote {out}")
+
+
+def mixtral_4bit_saved(out: Path, bnb):
+    """The golden Mixtral loaded in 4 bits by transformers + bitsandbytes and saved: its attention
+    packed, its experts (3-D parameters bitsandbytes leaves alone) in float under their
+    per-expert names, as transformers writes such a model."""
+    q = AutoModelForCausalLM.from_pretrained(out / "mixtral", quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+    q.eval()
+    nibble_refcpu.portable_4bit(q)
+    d = out / "mixtral-4bit-saved"
+    shutil.rmtree(d, ignore_errors=True)
+    q.save_pretrained(d)
+    for f in d.rglob("generation_config.json"):
+        f.unlink()
 
 
 if __name__ == "__main__":

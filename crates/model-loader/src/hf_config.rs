@@ -78,6 +78,11 @@ pub struct HfConfig {
     pub prequantized: bool,
     /// How it was quantized, when it was (`quantization_config.load_in_8bit` or not).
     pub quantization: Option<Prequantized>,
+    /// A 4-bit checkpoint's quantization settings (`bnb_4bit_quant_type`,
+    /// `bnb_4bit_use_double_quant`, blocksize 64): how a float weight found among its linears
+    /// (a mixture's experts, which transformers + bitsandbytes leave in full precision) is
+    /// quantized while loading, to match the rest.
+    pub bnb_4bit: Option<quant::ops::QuantizeOptions>,
     /// A pre-quantized 4-bit checkpoint's `quantization_config.bnb_4bit_compute_dtype` (torch
     /// name), which transformers computes its 4-bit layers in whatever dtype is asked for.
     pub bnb_compute_dtype: Option<String>,
@@ -438,6 +443,22 @@ impl HfConfig {
                 .and_then(|q| q.get("bnb_4bit_compute_dtype"))
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            bnb_4bit: match (&quantization, v.get("quantization_config")) {
+                (Some(Prequantized::FourBit), Some(q)) => Some(quant::ops::QuantizeOptions {
+                    quant_type: match q.get("bnb_4bit_quant_type").and_then(Value::as_str) {
+                        None => quant::QuantType::Fp4,
+                        Some(t) => t
+                            .parse()
+                            .map_err(|e| bad(format!("`quantization_config.bnb_4bit_quant_type`: {e}")))?,
+                    },
+                    blocksize: 64,
+                    double_quant: q
+                        .get("bnb_4bit_use_double_quant")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
+                }),
+                _ => None,
+            },
             quantization,
         })
     }

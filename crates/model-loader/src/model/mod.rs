@@ -277,6 +277,8 @@ struct Reader<'a> {
     ck: &'a Checkpoint,
     opts: &'a LoadOptions,
     prequantized: Option<Prequantized>,
+    /// A 4-bit checkpoint's own settings, for its float linears.
+    bnb_4bit: Option<QuantizeOptions>,
 }
 
 impl Reader<'_> {
@@ -330,6 +332,13 @@ impl Reader<'_> {
         }
         let device = place.weights;
         match self.prequantized {
+            // A float weight among a 4-bit checkpoint's linears: a mixture's expert, which
+            // transformers + bitsandbytes keep in full precision; quantized now as the rest was.
+            Some(Prequantized::FourBit) if self.ck.tensor(&name)?.kind().is_some() => {
+                let q = self.bnb_4bit.unwrap_or_default();
+                let w = self.read(&name)?.f_to_kind(self.opts.dtype)?;
+                return four_bit(Quantized4bit::quantize(&w, q));
+            }
             Some(Prequantized::FourBit) => return four_bit(Ok(self.ck.quantized_weight(prefix)?)),
             // A float weight in an 8-bit checkpoint is a module bitsandbytes skipped
             // (`llm_int8_skip_modules`): it stays dense.
@@ -453,7 +462,7 @@ impl CausalLm {
                     .into(),
             ));
         }
-        let r = Reader { ck, opts, prequantized: config.quantization };
+        let r = Reader { ck, opts, prequantized: config.quantization, bnb_4bit: config.bnb_4bit };
         let s = &config.shape;
         let eps = config.rms_norm_eps;
         let total = s.layers as usize;

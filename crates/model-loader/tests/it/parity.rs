@@ -111,6 +111,27 @@ fn quantized_while_loading_matches_bitsandbytes() {
     assert!(max_rel_err(&got, &fp32) > 1e-3, "4-bit logits equal the fp32 ones");
 }
 
+/// A Mixtral as transformers + bitsandbytes save it in 4 bits: attention packed, experts in float
+/// (bitsandbytes leaves 3-D parameters alone). nibble quantizes those experts while loading with
+/// the checkpoint's own settings, so the model is the one it makes quantizing the fp32 golden.
+#[test]
+fn a_transformers_saved_4bit_mixture_quantizes_its_float_experts() {
+    let dir = golden("mixtral-4bit-saved");
+    let model = load(&dir, LoadOptions::default());
+    assert!(model.config().prequantized);
+    assert_eq!(model.config().bnb_4bit, Some(NF4));
+    let on_load = load(&golden("mixtral"), LoadOptions { quantize: Some(NF4), ..LoadOptions::default() });
+    let (ids, pos, _) = expected(&golden("mixtral"));
+    let (a, b) = tch::no_grad(|| {
+        (model.forward(&ids, Some(&pos), None).unwrap(), on_load.forward(&ids, Some(&pos), None).unwrap())
+    });
+    assert!(
+        a.equal(&b),
+        "the saved 4-bit Mixtral differs from quantizing the fp32 one: {:e}",
+        max_rel_err(&a, &b)
+    );
+}
+
 #[test]
 fn prequantized_checkpoint_loads_without_requantizing() {
     let dir = golden("llama-4bit-saved");
