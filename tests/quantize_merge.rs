@@ -173,6 +173,65 @@ fn quantize_writes_what_nibble_loads_pre_quantized() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// PEFT loads an adapter nibble trained on a mixture with `all-linear` (attention linears, and
+/// as `target_parameters` the router and both expert banks, in PEFT's key nesting and layout),
+/// and gives nibble's logits with it; `sft merge` refuses such an adapter by name.
+const PEFT_MOE_CHECK: &str = r#"
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+base, adapter, nibble_logits = sys.argv[1:4]
+m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+vocab = m.config.vocab_size
+ids = (torch.arange(24).view(2, 12) * 7 + 3) % vocab
+with torch.no_grad():
+    got = m(input_ids=ids).logits.float()
+want = load_file(nibble_logits)["logits"]
+keys = sorted(k for k in load_file(adapter + "/adapter_model.safetensors") if ".layers.0." in k)
+print(json.dumps({"rel": ((got - want).abs().max() / want.abs().max()).item(), "keys": keys}))
+"#;
+
+#[test]
+fn a_mixtures_expert_and_router_adapters_load_in_peft() {
+    let Some(py) = python() else { return };
+    let root = scratch("peft-moe");
+    let model = repo().join("tests/golden/families/mixtral/model");
+    let recipe = repo().join("tests/golden/families/mixtral/recipe.yaml");
+    let out = root.join("run");
+    let run = nibble_tests::sft_in(&root.join("cache"))
+        .arg(&recipe)
+        .args(["--output_dir", out.to_str().unwrap(), "--max_steps", "3"])
+        .output()
+        .unwrap();
+    ok(&run);
+    // nibble's logits with its adapter on the fp32 base (experts dense here, as in transformers).
+    let mut base = load(&model, LoadOptions::default());
+    let slots = sft::params::slots(&base);
+    let (linears, tensors) = base.adaptable_mut();
+    let (_adapters, made) = lora::inject_from_with_params(linears, tensors, &slots, &out).unwrap();
+    assert_eq!(made.len(), 3 * 2, "router and both banks in each of 2 layers");
+    sft::params::install(&mut base, made).unwrap();
+    save_logits(&root.join("nibble.safetensors"), &logits(&base));
+    let r = run_python(&py, PEFT_MOE_CHECK, &[s(&model), s(&out), s(&root.join("nibble.safetensors"))]);
+    eprintln!("PEFT on nibble's MoE adapter: {r}");
+    assert!(r["rel"].as_f64().unwrap() <= 1e-5, "{r}");
+    let keys: Vec<&str> = r["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    for k in [
+        "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight",
+        "base_model.model.model.layers.0.mlp.experts.lora_B.weight",
+        "base_model.model.model.layers.0.mlp.gate.lora_A.weight",
+    ] {
+        assert!(keys.contains(&k), "{k} not in {keys:?}");
+    }
+    // Merging such an adapter is not there yet, and says so.
+    let m = merge(&model, &out, &root.join("merged"), &[]);
+    assert!(!m.status.success() && stderr(&m).contains("target_parameters"), "{}", stderr(&m));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A mixture of experts quantized by `sft quantize`: every expert's linears in 4 bits under the
 /// checkpoint's own per-expert names (bitsandbytes' tensor layout), the routers left in float, and
 /// nibble reloads it without quantizing, with the logits of quantizing while loading.

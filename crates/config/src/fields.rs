@@ -143,7 +143,7 @@ section! {
         /// Which linear modules get adapters.
         lora_target_modules: Option<TargetModules> = None, Acted;
         /// Parameters (not modules) to adapt, for MoE experts.
-        lora_target_parameters: Option<Vec<String>> = None, Ignored;
+        lora_target_parameters: Option<Vec<String>> = None, Acted;
         /// Modules trained in full and saved with the adapter.
         lora_modules_to_save: Option<Vec<String>> = None, Acted;
         /// PEFT task type written to adapter_config.json.

@@ -175,6 +175,9 @@ pub struct RunShape {
     pub lora_r: u64,
     /// Which block linears get adapters (PEFT names such as `q_proj`).
     pub lora_targets: Vec<String>,
+    /// Adapter parameters per decoder layer outside its linears (a mixture's router and expert
+    /// banks, PEFT's `target_parameters`).
+    pub lora_param_params: u64,
     /// Bytes per adapter parameter (4 for fp32 adapters, 2 for bf16); the optimizer's moments
     /// take the same.
     pub adapter_bytes: u64,
@@ -305,7 +308,7 @@ fn adapted_linears(model: &ModelShape, run: &RunShape) -> impl Iterator<Item = (
 
 /// Adapter parameters of one decoder layer: r * (in + out) per adapted linear.
 fn layer_adapter_params(model: &ModelShape, run: &RunShape) -> u64 {
-    adapted_linears(model, run).map(|(_, i, o)| run.lora_r * (i + o)).sum()
+    adapted_linears(model, run).map(|(_, i, o)| run.lora_r * (i + o)).sum::<u64>() + run.lora_param_params
 }
 
 /// Estimate memory for a model and run.
@@ -436,6 +439,7 @@ mod tests {
             lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
                 .map(String::from)
                 .to_vec(),
+            lora_param_params: 0,
             adapter_bytes: 4,
             lora_dropout: false,
             batch: 4,
@@ -486,6 +490,7 @@ mod tests {
             dtype_bytes: 2,
             lora_r: 0,
             lora_targets: vec![],
+            lora_param_params: 0,
             adapter_bytes: 4,
             lora_dropout: false,
             batch: 3,

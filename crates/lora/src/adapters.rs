@@ -27,12 +27,99 @@ pub struct AdapterModule {
     lora_a: Tensor,
     lora_b: Tensor,
     magnitude: Option<Tensor>,
+    /// For an adapted parameter (PEFT's `ParamWrapper`), which one; `None` for a linear.
+    param: Option<ParamAdapter>,
+}
+
+/// The parameters `cfg.target_parameters` selects among `slots`, each with its PEFT module key
+/// (of several adapted parameters of one module, each earlier one sits one `base_layer` deeper),
+/// rank and scaling.
+fn param_plan<'s>(
+    cfg: &LoraConfig,
+    slots: &'s [ParamSlot],
+) -> Result<Vec<(String, &'s ParamSlot, usize, f64)>, Error> {
+    let chosen: Vec<&ParamSlot> = slots
+        .iter()
+        .filter(|s| {
+            let key = format!("{}.{}", s.module, s.param);
+            cfg.target_parameters.iter().any(|t| key == *t || key.ends_with(&format!(".{t}")))
+        })
+        .collect();
+    if !cfg.target_parameters.is_empty() && chosen.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "target_parameters {:?} match no parameter of the model",
+            cfg.target_parameters
+        )));
+    }
+    Ok(chosen
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let (r, _, scaling) = cfg.rank_of(&format!("{}.{}", slot.module, slot.param));
+            let deeper = chosen[i + 1..].iter().filter(|o| o.module == slot.module).count();
+            (format!("{}{}", slot.module, ".base_layer".repeat(deeper)), *slot, r, scaling)
+        })
+        .collect())
+}
+
+impl ParamAdapter {
+    /// Another handle on the same tensors.
+    fn share(&self) -> Result<ParamAdapter, Error> {
+        Ok(ParamAdapter {
+            slot: self.slot.clone(),
+            lora_a: self.lora_a.shallow_clone(),
+            lora_b: self.lora_b.shallow_clone(),
+            scaling: self.scaling,
+            enabled: self.enabled.clone(),
+        })
+    }
+}
+
+/// A model parameter PEFT's `target_parameters` can adapt: a mixture of experts' router weight
+/// (2-D) or an expert bank (3-D, one matrix per expert), with its layout as an update sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSlot {
+    /// The module holding it (`model.layers.0.mlp.experts`, `model.layers.0.mlp.gate`).
+    pub module: String,
+    /// Its name in the module (`gate_up_proj`, `down_proj`, `weight`).
+    pub param: String,
+    /// Experts in the bank (`None` for a 2-D weight).
+    pub experts: Option<i64>,
+    /// Input features of one matrix.
+    pub in_features: i64,
+    /// Output features of one matrix.
+    pub out_features: i64,
+    /// Where the parameter computes.
+    pub device: Device,
+}
+
+/// An adapted parameter, for the model to compute with: `delta = scaling * B A` (a 2-D weight),
+/// or for expert `e` of a bank `scaling * B[:, e::E] A[e*r .. (e+1)*r]` (PEFT's layout: A's rows
+/// blocked by expert, B's columns interleaved).
+#[derive(Debug)]
+pub struct ParamAdapter {
+    /// The parameter, as offered.
+    pub slot: ParamSlot,
+    /// A, `[experts * r, in_features]` (`[r, in_features]` for a 2-D weight); shares storage
+    /// and gradient with the adapters'.
+    pub lora_a: Tensor,
+    /// B, `[out_features, experts * r]`.
+    pub lora_b: Tensor,
+    /// The update's factor.
+    pub scaling: f64,
+    /// Off inside [`Adapters::without_adapters`].
+    pub enabled: Arc<AtomicBool>,
 }
 
 impl AdapterModule {
-    /// The module's name in the model (`model.layers.0.self_attn.q_proj`).
+    /// The module's name in the model (`model.layers.0.self_attn.q_proj`; for an adapted
+    /// parameter its PEFT module key, `model.layers.0.mlp.experts.base_layer`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// The adapted parameter, when this is one.
+    pub fn param(&self) -> Option<&ParamSlot> {
+        self.param.as_ref().map(|p| &p.slot)
     }
     /// A, `[r, in_features]`.
     pub fn lora_a(&self) -> &Tensor {
@@ -163,11 +250,11 @@ pub fn inject_from_with_modules<'a>(
     let selected = target::select(&names, &cfg)?;
     let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     let saved = target::select_saved(&names, &tensor_names, &cfg)?;
-    let shapes: Vec<(String, i64, i64)> = linears
+    let shapes: Vec<(String, i64, i64, i64)> = linears
         .iter()
         .zip(&selected)
         .filter(|(_, s)| **s)
-        .map(|((n, l), _)| (n.clone(), l.in_features(), l.out_features()))
+        .map(|((n, l), _)| (n.clone(), cfg.rank_of(n).0 as i64, l.in_features(), l.out_features()))
         .collect();
     let saved_shapes: Vec<(String, Vec<i64>)> =
         tensors.iter().zip(&saved).filter(|(_, s)| **s).map(|((n, t), _)| (n.clone(), t.size())).collect();
@@ -175,6 +262,46 @@ pub fn inject_from_with_modules<'a>(
     let mut adapters = inject_with(linears, tensors, &cfg, None, false)?;
     adapters.copy_in(&weights)?;
     Ok(adapters)
+}
+
+/// [`inject_from_with_modules`] for an adapter that also adapts parameters (PEFT's
+/// `target_parameters`, a mixture's router and experts): `params` are the model's adaptable
+/// parameters; the file is read and checked against linears and parameters before the model is
+/// touched. Returns the parameter adapters for the model to compute with.
+pub fn inject_from_with_params<'a>(
+    linears: impl IntoIterator<Item = (String, &'a mut Box<dyn Linear>)>,
+    tensors: impl IntoIterator<Item = (String, &'a mut Tensor)>,
+    params: &[ParamSlot],
+    dir: &Path,
+) -> Result<(Adapters, Vec<ParamAdapter>), Error> {
+    let cfg = LoraConfig::read(dir)?;
+    let linears: Vec<(String, &'a mut Box<dyn Linear>)> = linears.into_iter().collect();
+    let tensors: Vec<(String, &'a mut Tensor)> = tensors.into_iter().collect();
+    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
+    let selected = if matches!(&cfg.target_modules, TargetModules::List(l) if l.is_empty()) {
+        vec![false; names.len()]
+    } else {
+        target::select(&names, &cfg)?
+    };
+    let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let saved = target::select_saved(&names, &tensor_names, &cfg)?;
+    let mut shapes: Vec<(String, i64, i64, i64)> = linears
+        .iter()
+        .zip(&selected)
+        .filter(|(_, s)| **s)
+        .map(|((n, l), _)| (n.clone(), cfg.rank_of(n).0 as i64, l.in_features(), l.out_features()))
+        .collect();
+    for (name, slot, r, _) in param_plan(&cfg, params)? {
+        let rows = r as i64 * slot.experts.unwrap_or(1);
+        shapes.push((name, rows, slot.in_features, slot.out_features));
+    }
+    let saved_shapes: Vec<(String, Vec<i64>)> =
+        tensors.iter().zip(&saved).filter(|(_, s)| **s).map(|((n, t), _)| (n.clone(), t.size())).collect();
+    let weights = read_weights(dir, &cfg, &shapes, &saved_shapes)?;
+    let mut adapters = inject_with(linears, tensors, &cfg, None, false)?;
+    let made = adapters.add_params(params, None)?;
+    adapters.copy_in(&weights)?;
+    Ok((adapters, made))
 }
 
 /// The other offered tensors that share storage with tensor `i` (tied weights), by name.
@@ -197,7 +324,12 @@ fn inject_with<'a>(
 ) -> Result<Adapters, Error> {
     cfg.validate()?;
     let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-    let selected = target::select(&names, cfg)?;
+    // Only parameters adapted (`target_parameters` with no `target_modules`).
+    let selected = if matches!(&cfg.target_modules, TargetModules::List(l) if l.is_empty()) {
+        vec![false; names.len()]
+    } else {
+        target::select(&names, cfg)?
+    };
     let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     let saved = target::select_saved(&names, &tensor_names, cfg)?;
     for (i, _) in saved.iter().enumerate().filter(|(_, s)| **s) {
@@ -213,7 +345,6 @@ fn inject_with<'a>(
     }
     let training = Arc::new(AtomicBool::new(training));
     let enabled = Arc::new(AtomicBool::new(true));
-    let (r, scaling) = (cfg.r, cfg.scaling());
     // Make every tensor first, so an error leaves the model untouched. Seeded draws come from
     // libtorch's global generator in module order, as PEFT draws them after `set_seed`.
     let rng = seed.map(|seed| {
@@ -224,6 +355,7 @@ fn inject_with<'a>(
     let mut made = Vec::new();
     for ((name, slot), _) in linears.into_iter().zip(&selected).filter(|(_, s)| **s) {
         let (inp, out, device) = (slot.in_features(), slot.out_features(), slot.device());
+        let (r, _, scaling) = cfg.rank_of(&name);
         let r = r as i64;
         let (a, b) = match seed {
             Some(_) => init::initial(cfg.init, r, inp, out)?,
@@ -246,7 +378,7 @@ fn inject_with<'a>(
         } else {
             None
         };
-        made.push((name, slot, lora_a, lora_b, dora));
+        made.push((name, slot, lora_a, lora_b, dora, scaling));
     }
     drop(rng);
     let mut copies = Vec::new();
@@ -259,12 +391,13 @@ fn inject_with<'a>(
         copies.push((name, slot, copy.set_requires_grad(true)));
     }
     let mut modules = Vec::with_capacity(made.len());
-    for (name, slot, lora_a, lora_b, dora) in made {
+    for (name, slot, lora_a, lora_b, dora, scaling) in made {
         let module = AdapterModule {
             name,
             lora_a: lora_a.shallow_clone(),
             lora_b: lora_b.shallow_clone(),
             magnitude: dora.as_ref().map(|d| d.magnitude.shallow_clone()),
+            param: None,
         };
         let base = std::mem::replace(slot, Box::new(Taken));
         *slot = Box::new(LoraLinear::new(
@@ -290,7 +423,7 @@ fn inject_with<'a>(
         modules = adapters.modules.len(),
         r = cfg.r,
         alpha = cfg.alpha,
-        scaling,
+        scaling = cfg.scaling(),
         dora = cfg.use_dora,
         saved = ?adapters.saved.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         trainable = adapters.num_trainable(),
@@ -300,6 +433,58 @@ fn inject_with<'a>(
 }
 
 impl Adapters {
+    /// Adapt the parameters `cfg.target_parameters` selects among `slots` (PEFT's
+    /// `ParamWrapper`: a parameter's `<module>.<param>` ends with an entry), each with its rank
+    /// and alpha from the patterns, A and B drawn as for a linear of `[experts * r, in]` and
+    /// `[out, experts * r]` after `seed` (or zeros, for a file to fill: `None`). Their keys
+    /// follow PEFT's nesting: of several adapted parameters of one module, each earlier one
+    /// (in the module's order) sits one `base_layer` deeper. Returns them for the model.
+    pub fn add_params(&mut self, slots: &[ParamSlot], seed: Option<u64>) -> Result<Vec<ParamAdapter>, Error> {
+        let cfg = &self.config;
+        let plan = param_plan(cfg, slots)?;
+        let rng = seed.map(|seed| {
+            let guard = init::global_rng();
+            tch::manual_seed(seed.wrapping_add(1) as i64);
+            guard
+        });
+        let mut made = Vec::with_capacity(plan.len());
+        for (name, slot, r, scaling) in plan {
+            let rows = r as i64 * slot.experts.unwrap_or(1);
+            let (a, b) = match seed {
+                Some(_) => init::initial(cfg.init, rows, slot.in_features, slot.out_features)?,
+                None => (
+                    Tensor::f_zeros([rows, slot.in_features], (Kind::Float, Device::Cpu))?,
+                    Tensor::f_zeros([slot.out_features, rows], (Kind::Float, Device::Cpu))?,
+                ),
+            };
+            let param = |t: Tensor| -> Result<Tensor, Error> {
+                Ok(t.f_to_kind(cfg.dtype)?.f_to_device(slot.device)?.set_requires_grad(true))
+            };
+            made.push((name, slot.clone(), param(a)?, param(b)?, scaling));
+        }
+        drop(rng);
+        let mut out = Vec::with_capacity(made.len());
+        for (name, slot, lora_a, lora_b, scaling) in made {
+            let adapter = ParamAdapter {
+                slot,
+                lora_a: lora_a.shallow_clone(),
+                lora_b: lora_b.shallow_clone(),
+                scaling,
+                enabled: self.enabled.clone(),
+            };
+            self.modules.push(AdapterModule {
+                name,
+                lora_a,
+                lora_b,
+                magnitude: None,
+                param: Some(ParamAdapter { enabled: self.enabled.clone(), ..adapter.share()? }),
+            });
+            out.push(adapter);
+        }
+        tracing::info!(parameters = out.len(), "LoRA adapters on parameters (target_parameters) added");
+        Ok(out)
+    }
+
     /// The settings the adapters were made with.
     pub fn config(&self) -> &LoraConfig {
         &self.config
@@ -475,9 +660,9 @@ impl Adapters {
     /// the list of the adapted modules' full names.
     fn written_targets(&self) -> TargetModules {
         match &self.config.target_modules {
-            TargetModules::AllLinear => {
-                TargetModules::List(self.modules.iter().map(|m| m.name.clone()).collect())
-            }
+            TargetModules::AllLinear => TargetModules::List(
+                self.modules.iter().filter(|m| m.param.is_none()).map(|m| m.name.clone()).collect(),
+            ),
             other => other.clone(),
         }
     }
@@ -533,8 +718,11 @@ impl Adapters {
                 return Err(mismatch(what, file.to_string(), ours.to_string()));
             }
         }
-        let shapes: Vec<(String, i64, i64)> =
-            self.modules.iter().map(|m| (m.name.clone(), m.lora_a.size()[1], m.lora_b.size()[0])).collect();
+        let shapes: Vec<(String, i64, i64, i64)> = self
+            .modules
+            .iter()
+            .map(|m| (m.name.clone(), m.lora_a.size()[0], m.lora_a.size()[1], m.lora_b.size()[0]))
+            .collect();
         let saved: Vec<(String, Vec<i64>)> =
             self.saved.iter().map(|s| (s.name.clone(), s.trainable.size())).collect();
         read_weights(dir, &self.config, &shapes, &saved)
@@ -637,13 +825,13 @@ fn checked(path: &Path, t: &RawTensor, expected: &[i64], dims: &str) -> Result<T
 fn read_weights(
     dir: &Path,
     cfg: &LoraConfig,
-    modules: &[(String, i64, i64)],
+    modules: &[(String, i64, i64, i64)],
     saved: &[(String, Vec<i64>)],
 ) -> Result<Weights, Error> {
     let path = dir.join(WEIGHTS_FILE);
     let (raw, _) = quant::file::read(&path)?;
     let index: HashMap<&str, usize> =
-        modules.iter().enumerate().map(|(i, (n, _, _))| (n.as_str(), i)).collect();
+        modules.iter().enumerate().map(|(i, (n, ..))| (n.as_str(), i)).collect();
     let saved_index: HashMap<&str, usize> =
         saved.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
     let mut found: Vec<[Option<&RawTensor>; 3]> = vec![[None, None, None]; modules.len()];
@@ -677,10 +865,10 @@ fn read_weights(
             return Err(unexpected("the same weight appears twice (with and without `.default`)"));
         }
     }
-    let r = cfg.r as i64;
     let missing = |key: String| Error::MissingTensor { path: path.clone(), key };
     let mut out = Vec::with_capacity(modules.len());
-    for ((name, inp, outf), parts) in modules.iter().zip(&found) {
+    for ((name, r, inp, outf), parts) in modules.iter().zip(&found) {
+        let r = *r;
         let get = |part: Part, key: String| parts[part as usize].ok_or_else(|| missing(key));
         let a = get(Part::A, format!("{KEY_PREFIX}{name}.lora_A.weight"))?;
         let b = get(Part::B, format!("{KEY_PREFIX}{name}.lora_B.weight"))?;

@@ -2,6 +2,7 @@
 //! set and defaults, so an adapter nibble writes is one PEFT would have written and a PEFT adapter
 //! that uses a feature nibble lacks is refused instead of silently computed differently.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
@@ -72,6 +73,15 @@ pub struct LoraConfig {
     pub task_type: Option<String>,
     /// Which biases train (`"none"` is the only value nibble supports).
     pub bias: String,
+    /// Parameters adapted in place of modules (PEFT's `target_parameters`, its `ParamWrapper`):
+    /// a mixture of experts' router weight (`gate.weight`) and expert banks (`gate_up_proj`,
+    /// `down_proj`), matched as `<module>.<param>` ends with an entry.
+    pub target_parameters: Vec<String>,
+    /// Per-target rank (PEFT's `rank_pattern`: a key matches a target whose name it ends, as a
+    /// regex, after a dot), else `r`.
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-target alpha (PEFT's `alpha_pattern`, matched as `rank_pattern`), else `alpha`.
+    pub alpha_pattern: BTreeMap<String, f64>,
 }
 
 impl LoraConfig {
@@ -91,12 +101,30 @@ impl LoraConfig {
             base_model_name_or_path: None,
             task_type: Some("CAUSAL_LM".to_owned()),
             bias: "none".to_owned(),
+            target_parameters: Vec::new(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
         }
     }
 
     /// The factor on `B(A(x))`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+        self.scaling_of(self.r, self.alpha)
+    }
+
+    fn scaling_of(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
+    }
+
+    /// The rank, alpha and scaling of the target named `name` (a module, or `<module>.<param>`),
+    /// after `rank_pattern` and `alpha_pattern` as PEFT reads them: the first key (in the
+    /// patterns' order) that matches `(.*\.)?(key)$`.
+    pub fn rank_of(&self, name: &str) -> (usize, f64, f64) {
+        let matches =
+            |k: &str| regex::Regex::new(&format!("^(.*\\.)?({k})$")).is_ok_and(|re| re.is_match(name));
+        let r = self.rank_pattern.iter().find(|(k, _)| matches(k)).map_or(self.r, |(_, &r)| r);
+        let alpha = self.alpha_pattern.iter().find(|(k, _)| matches(k)).map_or(self.alpha, |(_, &a)| a);
+        (r, alpha, self.scaling_of(r, alpha))
     }
 
     /// Refuse values nibble cannot honour, before any layer is touched.
@@ -124,8 +152,18 @@ impl LoraConfig {
         }
         if let TargetModules::List(l) = &self.target_modules
             && l.is_empty()
+            && self.target_parameters.is_empty()
         {
             return Err(Error::InvalidConfig("target_modules is an empty list".into()));
+        }
+        if !self.target_parameters.is_empty() && (self.dropout != 0.0 || self.use_dora) {
+            return Err(Error::Unsupported(
+                "target_parameters with lora_dropout or use_dora (PEFT's ParamWrapper supports neither)"
+                    .into(),
+            ));
+        }
+        if self.rank_pattern.values().any(|&r| r == 0) {
+            return Err(Error::InvalidConfig("rank_pattern has a rank of 0".into()));
         }
         if self.modules_to_save.iter().any(String::is_empty) {
             return Err(Error::InvalidConfig("modules_to_save has an empty entry".into()));
@@ -186,6 +224,32 @@ impl LoraConfig {
         set("task_type", self.task_type.clone().map_or(Value::Null, Value::from));
         set("use_dora", Value::Bool(self.use_dora));
         set("use_rslora", Value::Bool(self.use_rslora));
+        if !self.target_parameters.is_empty() {
+            let mut t = self.target_parameters.clone();
+            t.sort();
+            t.dedup();
+            set("target_parameters", Value::from(t));
+        }
+        set(
+            "rank_pattern",
+            Value::Object(self.rank_pattern.iter().map(|(k, &v)| (k.clone(), Value::from(v))).collect()),
+        );
+        set(
+            "alpha_pattern",
+            Value::Object(
+                self.alpha_pattern
+                    .iter()
+                    .map(|(k, &v)| {
+                        let v = if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                            Value::from(v as i64)
+                        } else {
+                            Value::from(v)
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            ),
+        );
         fields.sort_by(|a, b| a.0.cmp(b.0));
         pyfiles::json::dumps_sorted(&Value::Object(
             fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
@@ -285,7 +349,35 @@ impl LoraConfig {
                 path.display()
             )));
         }
+        let pattern = |k: &str| -> Result<Vec<(String, f64)>, Error> {
+            match get(k) {
+                None => Ok(Vec::new()),
+                Some(Value::Object(o)) => o
+                    .iter()
+                    .map(|(key, v)| {
+                        v.as_f64()
+                            .map(|x| (key.clone(), x))
+                            .ok_or_else(|| field_err(k, "an object of numbers"))
+                    })
+                    .collect(),
+                Some(_) => Err(field_err(k, "an object of numbers")),
+            }
+        };
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(k, v)| {
+                if v >= 1.0 && v.fract() == 0.0 {
+                    Ok((k, v as usize))
+                } else {
+                    Err(field_err("rank_pattern", "positive integers"))
+                }
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let alpha_pattern: BTreeMap<String, f64> = pattern("alpha_pattern")?.into_iter().collect();
         Ok(LoraConfig {
+            target_parameters: strings("target_parameters")?.unwrap_or_default(),
+            rank_pattern,
+            alpha_pattern,
             r,
             alpha: number("lora_alpha", 8.0)?,
             dropout: number("lora_dropout", 0.0)?,
@@ -318,7 +410,7 @@ use Key::{Is, MustBe};
 /// Every key PEFT 0.21.2's `LoraConfig.save_pretrained` writes, with its default as JSON.
 const DEFAULTS: &[(&str, Key)] = &[
     ("alora_invocation_tokens", MustBe("null")),
-    ("alpha_pattern", MustBe("{}")),
+    ("alpha_pattern", Is("{}")),
     ("arrow_config", MustBe("null")),
     ("auto_mapping", Is("null")),
     ("base_model_name_or_path", Is("null")),
@@ -347,10 +439,10 @@ const DEFAULTS: &[(&str, Key)] = &[
     ("peft_version", Is("\"0.21.2\"")),
     ("qalora_group_size", Is("16")),
     ("r", Is("8")),
-    ("rank_pattern", MustBe("{}")),
+    ("rank_pattern", Is("{}")),
     ("revision", Is("null")),
     ("target_modules", Is("null")),
-    ("target_parameters", MustBe("null")),
+    ("target_parameters", Is("null")),
     ("task_type", Is("null")),
     ("trainable_token_indices", MustBe("null")),
     ("use_bdlora", MustBe("null")),
@@ -464,11 +556,37 @@ mod tests {
         assert!(!text.ends_with('\n'));
     }
 
+    /// PEFT's rank and alpha patterns and `target_parameters` read, apply as PEFT matches them
+    /// (a key ends the target's name after a dot, as a regex), and write back.
+    #[test]
+    fn patterns_and_target_parameters_round_trip_and_apply() {
+        let mut v: Value =
+            serde_json::from_str(&LoraConfig::new(4, 8.0, TargetModules::AllLinear).to_json()).expect("JSON");
+        v["rank_pattern"] = serde_json::json!({".*\\.gate_up_proj": 8});
+        v["alpha_pattern"] = serde_json::json!({".*\\.gate_up_proj": 16});
+        v["target_parameters"] = serde_json::json!(["gate_up_proj", "gate.weight", "down_proj"]);
+        let c = LoraConfig::from_json(&v.to_string(), Path::new("a.json")).expect("config");
+        assert_eq!(c.target_parameters, ["gate_up_proj", "gate.weight", "down_proj"]);
+        assert_eq!(c.rank_of("model.layers.0.mlp.experts.gate_up_proj"), (8, 16.0, 2.0));
+        assert_eq!(c.rank_of("model.layers.0.mlp.experts.down_proj"), (4, 8.0, 2.0));
+        assert_eq!(c.rank_of("model.layers.0.self_attn.q_proj"), (4, 8.0, 2.0));
+        let back: Value = serde_json::from_str(&c.to_json()).expect("JSON");
+        assert_eq!(back["rank_pattern"], v["rank_pattern"]);
+        assert_eq!(back["alpha_pattern"], v["alpha_pattern"]);
+        assert_eq!(
+            back["target_parameters"],
+            serde_json::json!(["down_proj", "gate.weight", "gate_up_proj"])
+        );
+        // PEFT's ParamWrapper has no dropout or DoRA.
+        let mut d = c.clone();
+        d.dropout = 0.1;
+        assert!(d.validate().is_err());
+    }
+
     #[test]
     fn unsupported_features_are_refused_with_the_key() {
         let base = LoraConfig::new(8, 8.0, TargetModules::AllLinear).to_json();
         for (key, value) in [
-            ("rank_pattern", r#"{"q_proj": 4}"#),
             ("fan_in_fan_out", "true"),
             ("layers_to_transform", "[0]"),
             ("lora_bias", "true"),

@@ -21,7 +21,8 @@ mod target;
 use std::path::PathBuf;
 
 pub use adapters::{
-    AdapterModule, Adapters, SavedTensor, inject, inject_from, inject_from_with_modules, inject_with_modules,
+    AdapterModule, Adapters, ParamAdapter, ParamSlot, SavedTensor, inject, inject_from,
+    inject_from_with_modules, inject_from_with_params, inject_with_modules,
 };
 pub use config::{CONFIG_FILE, LoraConfig, LoraInit, PEFT_VERSION, TargetModules, WEIGHTS_FILE};
 pub use init::global_rng;

@@ -12,10 +12,10 @@ mod model;
 mod resolve;
 
 pub use checkpoint::{Checkpoint, TensorView, expected_shapes, kind_from_torch_name, torch_name};
-pub use hf_config::{Architecture, HfConfig, Prequantized, RopeScaling};
+pub use hf_config::{Architecture, GemmaConfig, HfConfig, MoeConfig, MoeNames, Prequantized, RopeScaling};
 pub use model::{
-    CausalLm, Generation, LayerContext, LayerPlacement, LinearSlot, LoadOptions, Placement, Sampling,
-    TensorSlot,
+    CausalLm, Generation, LayerContext, LayerPlacement, LinearSlot, LoadOptions, ParamLora, ParamSlotInfo,
+    Placement, Sampling, TensorSlot,
 };
 pub use resolve::{HubCache, resolve_model};
 

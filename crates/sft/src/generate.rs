@@ -30,9 +30,11 @@ pub(crate) fn run(a: &GenerateCli) -> Result<()> {
         CausalLm::load(&dir, &opts, &mut |_, _| {}).with_context(|| format!("loading {}", dir.display()))?;
     let mut dirs: Vec<&Path> = Vec::new();
     if let Some(ad) = &a.adapter {
+        let slots = sft::params::slots(&model);
         let (linears, tensors) = model.adaptable_mut();
-        let adapters = lora::inject_from_with_modules(linears, tensors, ad)
+        let (adapters, made) = lora::inject_from_with_params(linears, tensors, &slots, ad)
             .with_context(|| format!("loading the adapter in {}", ad.display()))?;
+        sft::params::install(&mut model, made)?;
         adapters.set_training(false);
         dirs.push(ad);
     }

@@ -7,6 +7,7 @@
 
 mod error;
 pub mod merge;
+pub mod params;
 pub mod train;
 
 pub use error::Error;

@@ -74,6 +74,14 @@ fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f
         })
         .collect();
     let lcfg = lora::LoraConfig::read(dir)?;
+    if !lcfg.target_parameters.is_empty() {
+        return Err(Error::Config {
+            path: dir.join(lora::CONFIG_FILE),
+            message:
+                "merging adapters on a mixture's router or experts (`target_parameters`) is not supported yet"
+                    .into(),
+        });
+    }
     if lcfg.use_dora || !lcfg.modules_to_save.is_empty() {
         return Err(Error::Config {
             path: dir.join(lora::CONFIG_FILE),

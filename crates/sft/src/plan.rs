@@ -712,7 +712,79 @@ fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str, r: usize) -> lor
     c.base_model_name_or_path = Some(model_id.to_owned());
     c.task_type = Some(m.lora_task_type.clone());
     c.dtype = adapter_kind(recipe, cfg);
+    c.target_parameters = m.lora_target_parameters.clone().unwrap_or_default();
+    if let Some(moe) = &cfg.moe {
+        moe_targets(&mut c, moe);
+    }
     c
+}
+
+/// Adapter parameters per layer on a mixture's router and expert banks (PEFT's
+/// `target_parameters`): `r * (in + out)` per matrix, with each parameter's rank from the
+/// patterns (the fused gate/up bank at twice the rank).
+fn moe_adapter_params(recipe: &Recipe, cfg: &HfConfig) -> u64 {
+    let Some(moe) = &cfg.moe else { return 0 };
+    let r = u64::try_from(recipe.model.lora_r).unwrap_or(0) as usize;
+    let c = lora_config(recipe, cfg, "", r.max(1));
+    let (h, i, e) = (cfg.shape.hidden, moe.expert_intermediate, moe.experts);
+    let adapted =
+        |name: &str| c.target_parameters.iter().any(|t| name == t || name.ends_with(&format!(".{t}")));
+    let rank = |name: &str| c.rank_of(name).0 as u64;
+    let mut n = 0;
+    if adapted("mlp.gate.weight") {
+        n += rank("mlp.gate.weight") * (h + e);
+    }
+    if adapted("mlp.experts.gate_up_proj") {
+        n += e * rank("mlp.experts.gate_up_proj") * (h + 2 * i);
+    }
+    if adapted("mlp.experts.down_proj") {
+        n += e * rank("mlp.experts.down_proj") * (i + h);
+    }
+    n
+}
+
+/// PEFT's rewrite of a mixture of experts' targets (transformers 5 keeps its experts as 3-D
+/// parameters and its router as a parameter, out of reach of `target_modules`): `all-linear`
+/// adapts the attention and, as parameters, the router (`gate.weight`) and both expert banks;
+/// the hub names of the experts' linears become their banks (gate and up together, as
+/// `gate_up_proj`, which then takes twice the rank and alpha: one update per fused linear's
+/// rows), and the router's module name its weight. A name left alone is a linear target.
+fn moe_targets(c: &mut lora::LoraConfig, moe: &model_loader::MoeConfig) {
+    let [gate, up, down] = moe.names.linears;
+    let mut params: Vec<String> = Vec::new();
+    let mut fused = false;
+    match &mut c.target_modules {
+        lora::TargetModules::AllLinear => {
+            params.extend(["gate_up_proj", "gate.weight", "down_proj"].map(String::from));
+            fused = true;
+        }
+        lora::TargetModules::List(list) => {
+            let has = |n: &str| list.iter().any(|t| t == n);
+            if has(gate) && has(up) {
+                params.push("gate_up_proj".into());
+                fused = true;
+            }
+            if has(down) {
+                params.push("down_proj".into());
+            }
+            if has("gate") {
+                params.push("gate.weight".into());
+            }
+            // Half of a fused pair stays in the list, for the plan to refuse by name.
+            list.retain(|t| !((fused && (t == gate || t == up)) || t == down || t == "gate"));
+        }
+        lora::TargetModules::Regex(_) => {}
+    }
+    for p in params {
+        if !c.target_parameters.contains(&p) {
+            c.target_parameters.push(p);
+        }
+    }
+    if fused {
+        let key = ".*\\.gate_up_proj".to_owned();
+        c.rank_pattern.insert(key.clone(), 2 * c.r);
+        c.alpha_pattern.insert(key, 2.0 * c.alpha);
+    }
 }
 
 /// The trained adapters' dtype (`lora_dtype`). `auto` is TRL's rule: its SFT and DPO trainers cast a
@@ -786,28 +858,42 @@ fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
     if !recipe.model.use_peft {
         return;
     }
-    let expert_names = ["gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "experts"];
-    let reaches_experts = match &recipe.model.lora_target_modules {
-        Some(TargetModules::Pattern(p)) if p == "all-linear" => true,
-        Some(TargetModules::List(l)) => {
-            l.iter().any(|t| expert_names.iter().any(|n| t == n || t.ends_with(&format!(".{n}"))))
+    // PEFT fuses the experts' gate and up linears into one bank: naming one alone is its error.
+    let [gate, up, down] = moe.names.linears;
+    if let Some(TargetModules::List(l)) = &recipe.model.lora_target_modules {
+        let has = |n: &str| l.iter().any(|t| t == n);
+        if has(gate) != has(up) {
+            let (named, other) = if has(gate) { (gate, up) } else { (up, gate) };
+            p.add(
+                Problem::Conflict,
+                "lora_target_modules",
+                format!(
+                    "names `{named}` without `{other}`: the experts' {gate} and {up} are one fused bank \
+                     (`gate_up_proj`) in transformers, which PEFT adapts together; name both"
+                ),
+            );
         }
-        _ => false,
-    };
-    if reaches_experts || recipe.model.lora_target_parameters.as_ref().is_some_and(|t| !t.is_empty()) {
+    }
+    let params = recipe.model.lora_target_modules.as_ref().is_some_and(|t| match t {
+        TargetModules::Pattern(p) => p == "all-linear",
+        TargetModules::List(l) => l.iter().any(|t| [gate, up, down, "gate"].contains(&t.as_str())),
+    }) || recipe.model.lora_target_parameters.as_ref().is_some_and(|t| !t.is_empty());
+    if params && (recipe.model.lora_dropout != 0.0 || recipe.model.use_dora) {
         p.add(
             Problem::Conflict,
-            "lora_target_modules",
-            "on a mixture of experts PEFT adapts the experts and the router for these targets (`target_parameters`); \
-             nibble does not train expert or router adapters yet: target the attention, e.g. [q_proj, k_proj, v_proj, o_proj]",
+            "lora_dropout",
+            "adapters on a mixture's router and experts (PEFT's ParamWrapper) have no dropout or DoRA: \
+             set lora_dropout: 0 and use_dora: false, or target the attention only",
         );
     }
 }
 
 fn layer_targets(p: &mut Problems<'_>, cfg: &HfConfig, lora: &lora::LoraConfig) -> Option<Vec<String>> {
-    if matches!(&lora.target_modules, lora::TargetModules::List(l) if l.is_empty())
-        && p.recipe.model.lora_target_modules.is_none()
-    {
+    let empty = matches!(&lora.target_modules, lora::TargetModules::List(l) if l.is_empty());
+    if empty && !lora.target_parameters.is_empty() {
+        return Some(Vec::new());
+    }
+    if empty && p.recipe.model.lora_target_modules.is_none() {
         p.add(
             Problem::Missing,
             "lora_target_modules",
@@ -873,6 +959,7 @@ fn run_shape(
         dtype_bytes: if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 },
         lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
         lora_targets: lora_linears.to_vec(),
+        lora_param_params: if recipe.model.use_peft { moe_adapter_params(recipe, cfg) } else { 0 },
         adapter_bytes: if adapter_kind(recipe, cfg) == Kind::BFloat16 { 2 } else { 4 },
         lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
         // DPO runs each pair's chosen and rejected sequences in one batch of 2B; its reference pass
@@ -926,6 +1013,7 @@ mod tests {
     /// is refused as TRL refuses it.
     #[test]
     fn moe_recipes_name_what_nibble_does_not_train_yet() {
+        // (and what PEFT refuses on a mixture's targets)
         let families = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families");
         let cfg = HfConfig::from_dir(&families.join("mixtral/model")).expect("config");
         let keys = |yaml: &str| {
@@ -941,15 +1029,32 @@ mod tests {
             ["router_aux_loss_coef"]
         );
         assert_eq!(
-            keys("router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\neval_strategy: epoch\n"),
-            ["router_aux_loss_coef", "lora_target_modules"]
+            keys(
+                "router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\neval_strategy: epoch\nlora_dropout: 0\n"
+            ),
+            ["router_aux_loss_coef"]
         );
         assert!(
             keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj]\neval_strategy: steps\n").is_empty()
         );
+        // Experts and router adapt as PEFT adapts them; half of the fused gate/up pair is refused
+        // as PEFT refuses it, and so are dropout and DoRA on them.
+        assert!(
+            keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, w1, w3]\nlora_dropout: 0\n")
+                .is_empty()
+        );
+        // TRL's default lora_dropout (0.05) on them is PEFT's error too.
         assert_eq!(
             keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, w1, w3]\n"),
+            ["lora_dropout"]
+        );
+        assert_eq!(
+            keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, w1]\nlora_dropout: 0\n"),
             ["lora_target_modules"]
+        );
+        assert_eq!(
+            keys("router_aux_loss_coef: 0\nlora_target_modules: all-linear\nlora_dropout: 0.05\n"),
+            ["lora_dropout"]
         );
         assert!(
             keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj, k_proj, v_proj, o_proj]\n")
@@ -961,6 +1066,42 @@ mod tests {
         moe_problems(&mut p, &dense);
         assert_eq!(p.found.len(), 1);
         assert!(p.found[0].to_string().contains("not a mixture-of-experts model"), "{}", p.found[0]);
+    }
+
+    /// PEFT's rewrite of a mixture's targets: all-linear adds the router and both expert banks
+    /// as parameters, gate/up fused at twice the rank and alpha; hub names of expert linears
+    /// become their banks.
+    #[test]
+    fn moe_targets_follow_peft() {
+        let families = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families");
+        for (family, gate, up, down) in
+            [("mixtral", "w1", "w3", "w2"), ("qwen3moe", "gate_proj", "up_proj", "down_proj")]
+        {
+            let cfg = HfConfig::from_dir(&families.join(family).join("model")).expect("config");
+            let all = recipe(
+                "model_name_or_path: m\nuse_peft: true\nlora_target_modules: all-linear\nlora_alpha: 16\n",
+            );
+            let c = lora_config(&all, &cfg, "m", 4);
+            assert_eq!(c.target_modules, lora::TargetModules::AllLinear);
+            assert_eq!(c.target_parameters, ["gate_up_proj", "gate.weight", "down_proj"]);
+            assert_eq!(c.rank_of("model.layers.0.mlp.experts.gate_up_proj"), (8, 32.0, 4.0));
+            assert_eq!(c.rank_of("model.layers.0.mlp.experts.down_proj"), (4, 16.0, 4.0));
+            // The estimate counts their parameters: router r(H + E), gate/up E 2r (H + 2I),
+            // down E r (I + H), with r = 4, H = 64, I = 96, E = 4.
+            let all4 = recipe(
+                "model_name_or_path: m\nuse_peft: true\nlora_target_modules: all-linear\nlora_alpha: 16\nlora_r: 4\n",
+            );
+            assert_eq!(
+                moe_adapter_params(&all4, &cfg),
+                4 * (64 + 4) + 4 * 8 * (64 + 192) + 4 * 4 * (96 + 64)
+            );
+            let named = recipe(&format!(
+                "model_name_or_path: m\nuse_peft: true\nlora_target_modules: [q_proj, {gate}, {up}, {down}, gate]\n"
+            ));
+            let c = lora_config(&named, &cfg, "m", 4);
+            assert_eq!(c.target_modules, lora::TargetModules::List(vec!["q_proj".into()]), "{family}");
+            assert_eq!(c.target_parameters, ["gate_up_proj", "down_proj", "gate.weight"], "{family}");
+        }
     }
 
     /// PEFT has no default targets for Phi-3: a recipe without `lora_target_modules` is told to

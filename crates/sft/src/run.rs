@@ -176,6 +176,10 @@ fn inject(plan: &RunPlan, model: &mut CausalLm) -> Result<Adapters> {
     let params = model.num_parameters();
     let (linears, tensors) = model.adaptable_mut();
     let mut adapters = lora::inject_with_modules(linears, tensors, &plan.lora, plan.training.seed)?;
+    if !plan.lora.target_parameters.is_empty() {
+        let made = adapters.add_params(&sft::params::slots(model), Some(plan.training.seed))?;
+        sft::params::install(model, made)?;
+    }
     if let Some(init) = &plan.lora_init_adapter {
         adapters
             .load_into(init)

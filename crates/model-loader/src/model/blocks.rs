@@ -468,6 +468,8 @@ impl Mlp {
 pub(crate) struct Experts {
     /// `[experts, hidden]`, unquantized (transformers 5's router is not a linear module).
     pub(crate) router: quant::linear::Dense,
+    /// LoRA updates on the router's weight and the expert banks (PEFT's `target_parameters`).
+    pub(crate) lora: ExpertLora,
     /// Each expert's gate/up/down (separate linears, SwiGLU).
     pub(crate) experts: Vec<Mlp>,
     pub(crate) top_k: i64,
@@ -476,7 +478,98 @@ pub(crate) struct Experts {
     pub(crate) weights_in_f32: bool,
 }
 
+/// A LoRA update on a parameter, in PEFT's `ParamWrapper` layout: for a 2-D weight
+/// `scaling * B A`; for expert `e` of a bank of `experts`, `scaling * B[:, e::E] A[e*r..(e+1)*r]`.
+pub struct ParamLora {
+    /// A, `[experts * r, in]`.
+    pub a: Tensor,
+    /// B, `[out, experts * r]`.
+    pub b: Tensor,
+    /// The update's factor.
+    pub scaling: f64,
+    /// Experts in the bank (`None`: a 2-D weight).
+    pub experts: Option<i64>,
+    /// Read at each forward: off computes the base alone (a DPO reference).
+    pub enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ParamLora {
+    fn on(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Expert `e`'s `(A_e, B_e)`.
+    fn of_expert(&self, e: i64) -> Result<(Tensor, Tensor), tch::TchError> {
+        let n = self.experts.unwrap_or(1);
+        let r = self.a.size()[0] / n;
+        let cols = Tensor::f_arange_start_step(e, n * r, n, (Kind::Int64, self.b.device()))?;
+        Ok((self.a.f_narrow(0, e * r, r)?, self.b.f_index_select(1, &cols)?))
+    }
+
+    /// The update for inputs `x [n, in]` through expert `e`'s factors, in `x`'s dtype: computed
+    /// in the factors' dtype, as a LoRA linear computes.
+    fn update(&self, x: &Tensor, e: i64) -> Result<Tensor, tch::TchError> {
+        let (a, b) = self.of_expert(e)?;
+        let kind = x.f_kind()?;
+        x.f_to_kind(a.f_kind()?)?
+            .f_matmul(&a.f_transpose(0, 1)?)?
+            .f_matmul(&b.f_transpose(0, 1)?)?
+            .f_mul_scalar(self.scaling)?
+            .f_to_kind(kind)
+    }
+}
+
+/// A mixture's LoRA updates (each `None` when not adapted).
+#[derive(Default)]
+pub(crate) struct ExpertLora {
+    pub(crate) router: Option<ParamLora>,
+    pub(crate) gate_up: Option<ParamLora>,
+    pub(crate) down: Option<ParamLora>,
+}
+
 impl Experts {
+    /// The router's logits `[tokens, experts]` for `h [tokens, hidden]`; with a LoRA update, over
+    /// the merged weight `W + scaling * B A` (PEFT's `ParamWrapper` merges before the product).
+    fn route(&self, h: &Tensor) -> Result<Tensor, Error> {
+        match self.lora.router.as_ref().filter(|l| l.on()) {
+            None => Ok(self.router.forward(h)?),
+            Some(l) => {
+                let w = &self.router.weight;
+                let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?.f_to_kind(w.f_kind()?)?;
+                let merged = quant::linear::Dense::new(w.f_add(&delta)?, None)
+                    .map_err(|source| Error::Quant { name: "router".into(), source })?;
+                Ok(merged.forward(h)?)
+            }
+        }
+    }
+
+    /// Expert `e`'s SwiGLU on its gathered rows, with the banks' LoRA updates.
+    fn expert(&self, e: usize, x: &Tensor) -> Result<Tensor, Error> {
+        let mlp = &self.experts[e];
+        let (gate_up, down) =
+            (self.lora.gate_up.as_ref().filter(|l| l.on()), self.lora.down.as_ref().filter(|l| l.on()));
+        if gate_up.is_none() && down.is_none() {
+            return mlp.forward(x);
+        }
+        let GateUp::Separate { gate_proj, up_proj } = &mlp.gate_up else {
+            return Err(Error::BadInput("an expert with a fused gate/up linear".into()));
+        };
+        let (mut g, mut u) = (gate_proj.forward(x)?, up_proj.forward(x)?);
+        if let Some(l) = gate_up {
+            // The bank's rows are gate then up.
+            let d = l.update(x, e as i64)?;
+            let inter = g.size().last().copied().unwrap_or(0);
+            g = g.f_add(&d.f_narrow(-1, 0, inter)?)?;
+            u = u.f_add(&d.f_narrow(-1, inter, inter)?)?;
+        }
+        let z = g.f_silu()?.f_mul(&u)?;
+        let mut y = mlp.down_proj.forward(&z)?;
+        if let Some(l) = down {
+            y = y.f_add(&l.update(&z, e as i64)?)?;
+        }
+        Ok(y)
+    }
+
     /// The mixture's output and the router's logits `[tokens, experts]` (in the model's dtype;
     /// the load-balancing loss reads them).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor), Error> {
@@ -484,7 +577,7 @@ impl Experts {
         let hidden = shape.last().copied().unwrap_or(0);
         let kind = x.f_kind()?;
         let h = x.f_reshape([-1, hidden])?;
-        let logits = self.router.forward(&h)?;
+        let logits = self.route(&h)?;
         let probs = logits.f_softmax(-1, Kind::Float)?;
         let (mut top, index) = probs.f_topk(self.top_k, -1, true, true)?;
         if self.norm_topk_prob {
@@ -496,13 +589,13 @@ impl Experts {
         let mut out = h.f_zeros_like()?;
         // `[k, tokens]` choices, read row-major per expert as `torch.where` reads its mask.
         let choices = index.f_transpose(0, 1)?.f_contiguous()?;
-        for (e, expert) in self.experts.iter().enumerate() {
+        for e in 0..self.experts.len() {
             let hit = choices.f_eq(e as i64)?.f_nonzero()?;
             if hit.size()[0] == 0 {
                 continue;
             }
             let (slot, token) = (hit.f_select(1, 0)?, hit.f_select(1, 1)?);
-            let y = expert.forward(&h.f_index_select(0, &token)?)?;
+            let y = self.expert(e, &h.f_index_select(0, &token)?)?;
             let w = top.f_index_select(0, &token)?.f_gather(1, &slot.f_unsqueeze(1)?, false)?;
             let y = y.f_mul(&w)?.f_to_kind(kind)?;
             out = out.f_index_add(0, &token, &y)?;

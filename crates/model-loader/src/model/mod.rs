@@ -22,15 +22,33 @@ use quant::ops::{QuantizeOptions, Quantized4bit, Quantized8bit};
 use tch::{Device, Kind, Tensor};
 
 pub use blocks::LayerContext;
+pub use blocks::ParamLora;
 use blocks::{
-    Attention, DecoderLayer, DeviceContext, Experts, FeedForward, GateUp, KvCache, Mlp, Qkv, RmsNorm, Rope,
-    ScoreOptions,
+    Attention, DecoderLayer, DeviceContext, ExpertLora, Experts, FeedForward, GateUp, KvCache, Mlp, Qkv,
+    RmsNorm, Rope, ScoreOptions,
 };
 pub use placement::{LayerPlacement, Placement};
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
 use crate::hf_config::{Architecture, HfConfig, MoeConfig, Prequantized, RopeScaling};
+
+/// A parameter LoRA can adapt in place of a module (see [`CausalLm::param_slots`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSlotInfo {
+    /// The module holding it, by transformers 5's name.
+    pub module: String,
+    /// Its name in the module.
+    pub param: String,
+    /// Experts in the bank (`None` for a 2-D weight).
+    pub experts: Option<i64>,
+    /// Input features of one matrix.
+    pub in_features: i64,
+    /// Output features of one matrix.
+    pub out_features: i64,
+    /// Where it computes.
+    pub device: Device,
+}
 
 /// What distinguishes a family's decoder from the shared Llama one.
 pub(crate) struct DecoderSpec {
@@ -400,6 +418,7 @@ impl Reader<'_> {
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Experts {
             router,
+            lora: ExpertLora::default(),
             experts,
             top_k: moe.top_k as i64,
             norm_topk_prob: moe.norm_topk_prob,
@@ -873,6 +892,77 @@ impl CausalLm {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The parameters PEFT's `target_parameters` can adapt, by transformers 5's module names: per
+    /// mixture-of-experts layer its router (`model.layers.N.mlp.gate`, `weight`, `[experts,
+    /// hidden]`) and expert banks (`model.layers.N.mlp.experts`: `gate_up_proj`, each expert's
+    /// `[2 * intermediate, hidden]`, gate rows then up; `down_proj`, `[hidden, intermediate]`), in
+    /// the order transformers creates them. Empty for a dense model.
+    pub fn param_slots(&self) -> Vec<ParamSlotInfo> {
+        let s = &self.config.shape;
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let FeedForward::Experts(x) = &layer.mlp else { continue };
+            let device = self.placement.layers[l].compute;
+            let (h, n) = (s.hidden as i64, x.experts.len() as i64);
+            let inter = x.experts.first().map_or(0, |m| match &m.gate_up {
+                GateUp::Separate { gate_proj, .. } => gate_proj.out_features(),
+                GateUp::Fused { gate_up_proj } => gate_up_proj.out_features() / 2,
+            });
+            let slot = |module: &str, param: &str, experts, in_features, out_features| ParamSlotInfo {
+                module: format!("model.layers.{l}.mlp.{module}"),
+                param: param.to_owned(),
+                experts,
+                in_features,
+                out_features,
+                device,
+            };
+            out.push(slot("gate", "weight", None, h, n));
+            out.push(slot("experts", "gate_up_proj", Some(n), h, 2 * inter));
+            out.push(slot("experts", "down_proj", Some(n), inter, h));
+        }
+        out
+    }
+
+    /// Put a LoRA update on a parameter [`Self::param_slots`] offers (`module`, `param`); its
+    /// factors' shapes must be the slot's.
+    pub fn set_param_lora(&mut self, module: &str, param: &str, lora: ParamLora) -> Result<(), Error> {
+        let slot =
+            self.param_slots().into_iter().find(|s| s.module == module && s.param == param).ok_or_else(
+                || Error::BadInput(format!("{module}.{param} is not a parameter LoRA can adapt")),
+            )?;
+        let rows = lora.a.size()[0];
+        let want_a = [rows, slot.in_features];
+        let want_b = [slot.out_features, rows];
+        if lora.a.size() != want_a
+            || lora.b.size() != want_b
+            || lora.experts != slot.experts
+            || rows % slot.experts.unwrap_or(1) != 0
+        {
+            return Err(Error::BadInput(format!(
+                "{module}.{param}: LoRA factors {:?} and {:?} for {:?} experts, expected [r * experts, {}] and [{}, r * experts]",
+                lora.a.size(),
+                lora.b.size(),
+                lora.experts,
+                slot.in_features,
+                slot.out_features
+            )));
+        }
+        let l: usize = module
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Error::BadInput(format!("{module}: no layer index")))?;
+        let Some(FeedForward::Experts(x)) = self.layers.get_mut(l).map(|layer| &mut layer.mlp) else {
+            return Err(Error::BadInput(format!("{module}: not a mixture of experts")));
+        };
+        match param {
+            "weight" => x.lora.router = Some(lora),
+            "gate_up_proj" => x.lora.gate_up = Some(lora),
+            _ => x.lora.down = Some(lora),
+        }
+        Ok(())
     }
 
     /// Every decoder linear by its transformers module name (`model.layers.0.self_attn.q_proj`),
