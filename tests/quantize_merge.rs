@@ -175,7 +175,8 @@ fn quantize_writes_what_nibble_loads_pre_quantized() {
 
 /// PEFT loads an adapter nibble trained on a mixture with `all-linear` (attention linears, and
 /// as `target_parameters` the router and both expert banks, in PEFT's key nesting and layout),
-/// and gives nibble's logits with it; `sft merge` refuses such an adapter by name.
+/// and gives nibble's logits with it; `sft merge` folds it into the checkpoint's own router and
+/// per-expert linears, which transformers loads with the same logits.
 const PEFT_MOE_CHECK: &str = r#"
 import json, sys
 import torch
@@ -191,7 +192,14 @@ with torch.no_grad():
     got = m(input_ids=ids).logits.float()
 want = load_file(nibble_logits)["logits"]
 keys = sorted(k for k in load_file(adapter + "/adapter_model.safetensors") if ".layers.0." in k)
-print(json.dumps({"rel": ((got - want).abs().max() / want.abs().max()).item(), "keys": keys}))
+out = {"rel": ((got - want).abs().max() / want.abs().max()).item(), "keys": keys}
+if len(sys.argv) > 4:
+    merged, info = AutoModelForCausalLM.from_pretrained(sys.argv[4], dtype=torch.float32, output_loading_info=True)
+    with torch.no_grad():
+        mine = merged(input_ids=ids).logits.float()
+    out["merged_rel"] = ((mine - want).abs().max() / want.abs().max()).item()
+    out["merged_missing"] = list(info["missing_keys"]) + list(info["unexpected_keys"])
+print(json.dumps(out))
 "#;
 
 #[test]
@@ -215,9 +223,18 @@ fn a_mixtures_expert_and_router_adapters_load_in_peft() {
     assert_eq!(made.len(), 3 * 2, "router and both banks in each of 2 layers");
     sft::params::install(&mut base, made).unwrap();
     save_logits(&root.join("nibble.safetensors"), &logits(&base));
-    let r = run_python(&py, PEFT_MOE_CHECK, &[s(&model), s(&out), s(&root.join("nibble.safetensors"))]);
+    let merged = root.join("merged");
+    ok(&merge(&model, &out, &merged, &[]));
+    let r = run_python(
+        &py,
+        PEFT_MOE_CHECK,
+        &[s(&model), s(&out), s(&root.join("nibble.safetensors")), s(&merged)],
+    );
     eprintln!("PEFT on nibble's MoE adapter: {r}");
     assert!(r["rel"].as_f64().unwrap() <= 1e-5, "{r}");
+    // The merge: each expert's slice of the banks' updates in its own linears, the router's in it.
+    assert!(r["merged_rel"].as_f64().unwrap() <= 1e-5, "{r}");
+    assert_eq!(r["merged_missing"], serde_json::json!([]), "{r}");
     let keys: Vec<&str> = r["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
     for k in [
         "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight",
@@ -226,9 +243,6 @@ fn a_mixtures_expert_and_router_adapters_load_in_peft() {
     ] {
         assert!(keys.contains(&k), "{k} not in {keys:?}");
     }
-    // Merging such an adapter is not there yet, and says so.
-    let m = merge(&model, &out, &root.join("merged"), &[]);
-    assert!(!m.status.success() && stderr(&m).contains("target_parameters"), "{}", stderr(&m));
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -15,7 +15,7 @@ pub use checkpoint::{Checkpoint, TensorView, expected_shapes, kind_from_torch_na
 pub use hf_config::{Architecture, GemmaConfig, HfConfig, MoeConfig, MoeNames, Prequantized, RopeScaling};
 pub use model::{
     CausalLm, Generation, LayerContext, LayerPlacement, LinearSlot, LoadOptions, ParamLora, ParamSlotInfo,
-    Placement, Sampling, TensorSlot,
+    Placement, Sampling, TensorSlot, param_slots_of,
 };
 pub use resolve::{HubCache, resolve_model};
 

@@ -1,7 +1,10 @@
 //! Merging a trained LoRA adapter into its base model (`sft merge`), so the result is a plain
 //! transformers checkpoint that needs neither PEFT nor bitsandbytes: each adapted weight becomes
 //! `W + B A * scaling`, computed in f32 tensor by tensor (a 4-bit base dequantized exactly first),
-//! then cast to the output dtype; everything else is cast and copied.
+//! then cast to the output dtype; everything else is cast and copied. A mixture's router and
+//! expert banks adapted as parameters (PEFT's `target_parameters`) merge into the checkpoint's
+//! own router and per-expert linears, each expert's slice of the bank's update (gate and up rows
+//! apart).
 
 use crate::Error;
 use std::collections::{HashMap, HashSet};
@@ -55,15 +58,40 @@ impl Linear for ShapeOnly {
     }
 }
 
-/// One adapted module's `B A * scaling` inputs: A `[r, in]`, B `[out, r]` (Float).
+/// How one checkpoint weight changes: `(B A) * scaling` with A `[r, in]`, B `[out, r]` (Float);
+/// for one expert of a bank adapted as a parameter, that expert's factors (`A[e*r..(e+1)*r]`,
+/// `B[:, e::E]`, PEFT's layout) and, where the bank fuses two of the checkpoint's linears
+/// (gate then up), the rows of this one.
 struct Delta {
     a: Tensor,
     b: Tensor,
+    scaling: f64,
+    expert: Option<(i64, i64)>,
+    rows: Option<(i64, i64)>,
 }
 
-/// Read the adapter in `dir` for the decoder linears `cfg` implies: A and B by module name, and
-/// the scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
-fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f64), Error> {
+impl Delta {
+    /// `(B A) * scaling` in f32, PEFT's order.
+    fn weight(&self) -> Result<Tensor, tch::TchError> {
+        let (a, b) = match self.expert {
+            None => (self.a.shallow_clone(), self.b.shallow_clone()),
+            Some((e, n)) => {
+                let r = self.a.size()[0] / n;
+                let cols = Tensor::f_arange_start_step(e, n * r, n, (Kind::Int64, self.b.device()))?;
+                (self.a.f_narrow(0, e * r, r)?, self.b.f_index_select(1, &cols)?)
+            }
+        };
+        let d = b.f_matmul(&a)?.f_mul_scalar(self.scaling)?;
+        match self.rows {
+            None => Ok(d),
+            Some((start, len)) => d.f_narrow(0, start, len),
+        }
+    }
+}
+
+/// Read the adapter in `dir` for the decoder linears (and a mixture's router and expert banks)
+/// `cfg` implies: each adapted checkpoint weight's delta by its module name.
+fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<HashMap<String, Delta>, Error> {
     let mut stubs: Vec<(String, Box<dyn Linear>)> = expected_shapes(cfg)
         .into_iter()
         .filter_map(|(name, shape)| {
@@ -74,14 +102,6 @@ fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f
         })
         .collect();
     let lcfg = lora::LoraConfig::read(dir)?;
-    if !lcfg.target_parameters.is_empty() {
-        return Err(Error::Config {
-            path: dir.join(lora::CONFIG_FILE),
-            message:
-                "merging adapters on a mixture's router or experts (`target_parameters`) is not supported yet"
-                    .into(),
-        });
-    }
     if lcfg.use_dora || !lcfg.modules_to_save.is_empty() {
         return Err(Error::Config {
             path: dir.join(lora::CONFIG_FILE),
@@ -89,17 +109,51 @@ fn read_adapter(cfg: &HfConfig, dir: &Path) -> Result<(HashMap<String, Delta>, f
                 .into(),
         });
     }
-    let adapters = lora::inject_from(stubs.iter_mut().map(|(n, l)| (n.clone(), l)), dir)?;
-    let scaling = adapters.config().scaling();
-    let deltas = adapters
-        .modules()
-        .iter()
-        .map(|m| {
-            let d = Delta { a: m.lora_a().detach(), b: m.lora_b().detach() };
-            (m.name().to_owned(), d)
-        })
-        .collect();
-    Ok((deltas, scaling))
+    let slots = crate::params::slots_of(cfg);
+    let (adapters, _) = lora::inject_from_with_params(
+        stubs.iter_mut().map(|(n, l)| (n.clone(), l)),
+        Vec::new(),
+        &slots,
+        dir,
+    )?;
+    let mut deltas = HashMap::new();
+    for m in adapters.modules() {
+        let (a, b) = (m.lora_a().detach(), m.lora_b().detach());
+        let Some(slot) = m.param() else {
+            let scaling = lcfg.rank_of(m.name()).2;
+            deltas.insert(m.name().to_owned(), Delta { a, b, scaling, expert: None, rows: None });
+            continue;
+        };
+        let scaling = lcfg.rank_of(&format!("{}.{}", slot.module, slot.param)).2;
+        let Some(moe) = &cfg.moe else { continue };
+        // transformers 5's module (`model.layers.N.mlp`) under the checkpoint's own block name.
+        let block = slot
+            .module
+            .rsplit_once(".mlp.")
+            .map_or(slot.module.clone(), |(layer, _)| format!("{layer}.{}", moe.names.block));
+        let [gate, up, down] = moe.names.linears;
+        let share =
+            |expert, rows| Delta { a: a.shallow_clone(), b: b.shallow_clone(), scaling, expert, rows };
+        match (slot.param.as_str(), slot.experts) {
+            ("weight", _) => {
+                deltas.insert(format!("{block}.gate"), share(None, None));
+            }
+            (param, Some(n)) => {
+                let inter = slot.out_features / 2;
+                for e in 0..n {
+                    let x = format!("{block}.experts.{e}");
+                    if param == "gate_up_proj" {
+                        deltas.insert(format!("{x}.{gate}"), share(Some((e, n)), Some((0, inter))));
+                        deltas.insert(format!("{x}.{up}"), share(Some((e, n)), Some((inter, inter))));
+                    } else {
+                        deltas.insert(format!("{x}.{down}"), share(Some((e, n)), None));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(deltas)
 }
 
 /// The dtype to write when none is asked for.
@@ -164,9 +218,8 @@ fn tensor_error(name: &str, e: tch::TchError) -> Error {
 }
 
 /// `w + B A * scaling`, all f32, in PEFT's order (`(B @ A) * scaling`, then added).
-fn add_delta(name: &str, w: Tensor, d: &Delta, scaling: f64) -> Result<Tensor, Error> {
-    let delta =
-        d.b.f_matmul(&d.a).and_then(|ba| ba.f_mul_scalar(scaling)).map_err(|e| tensor_error(name, e))?;
+fn add_delta(name: &str, w: Tensor, d: &Delta) -> Result<Tensor, Error> {
+    let delta = d.weight().map_err(|e| tensor_error(name, e))?;
     if delta.size() != w.size() {
         return Err(Error::Tensor {
             name: name.to_owned(),
@@ -192,7 +245,7 @@ pub fn merge(
     let mut config = export::read_config_json(base)?;
     let ck = Checkpoint::open(base)?;
     ck.check_against(&cfg)?;
-    let (deltas, scaling) = read_adapter(&cfg, adapter)?;
+    let deltas = read_adapter(&cfg, adapter)?;
     let config_path = base.join("config.json");
     let dtype = match opts.dtype {
         Some(k) => k,
@@ -236,7 +289,7 @@ pub fn merge(
         let w = match name.strip_suffix(".weight").and_then(|p| deltas.get(p)) {
             Some(d) => {
                 merged += 1;
-                add_delta(name, w, d, scaling)?
+                add_delta(name, w, d)?
             }
             None => w,
         };
@@ -264,7 +317,6 @@ pub fn merge(
     tracing::info!(
         dir = %dir.display(),
         merged,
-        scaling,
         dtype = dtype_name,
         size = %device_map::format_bytes(written.total_size),
         files = written.shards.len(),

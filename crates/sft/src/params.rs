@@ -7,8 +7,16 @@ use model_loader::CausalLm;
 
 /// The parameters of `model` that PEFT's `target_parameters` can adapt, as lora takes them.
 pub fn slots(model: &CausalLm) -> Vec<lora::ParamSlot> {
-    model
-        .param_slots()
+    convert(model.param_slots())
+}
+
+/// [`slots`] from config.json alone (on the CPU), for an adapter file read without the model.
+pub fn slots_of(cfg: &model_loader::HfConfig) -> Vec<lora::ParamSlot> {
+    convert(model_loader::param_slots_of(cfg))
+}
+
+fn convert(slots: Vec<model_loader::ParamSlotInfo>) -> Vec<lora::ParamSlot> {
+    slots
         .into_iter()
         .map(|s| lora::ParamSlot {
             module: s.module,

@@ -50,6 +50,34 @@ pub struct ParamSlotInfo {
     pub device: Device,
 }
 
+/// [`CausalLm::param_slots`] from config.json alone (devices: the CPU), for callers that do not
+/// load the model (merging an adapter file).
+pub fn param_slots_of(cfg: &HfConfig) -> Vec<ParamSlotInfo> {
+    let Some(moe) = &cfg.moe else { return Vec::new() };
+    let s = &cfg.shape;
+    let (h, n, inter) = (s.hidden as i64, moe.experts as i64, moe.expert_intermediate as i64);
+    let mut out = Vec::new();
+    for l in 0..s.layers {
+        let slot = |module: &str, param: &str, experts, in_features, out_features| ParamSlotInfo {
+            module: format!("model.layers.{l}.mlp.{module}"),
+            param: param.to_owned(),
+            experts,
+            in_features,
+            out_features,
+            device: Device::Cpu,
+        };
+        out.push(slot("gate", "weight", None, h, n));
+        out.push(slot("experts", "gate_up_proj", Some(n), h, 2 * inter));
+        out.push(slot("experts", "down_proj", Some(n), inter, h));
+    }
+    out
+}
+
+/// The layer index in `model.layers.N....`.
+fn layer_of(module: &str) -> Option<usize> {
+    module.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
 /// What distinguishes a family's decoder from the shared Llama one.
 pub(crate) struct DecoderSpec {
     qk_norm: bool,
@@ -900,27 +928,10 @@ impl CausalLm {
     /// `[2 * intermediate, hidden]`, gate rows then up; `down_proj`, `[hidden, intermediate]`), in
     /// the order transformers creates them. Empty for a dense model.
     pub fn param_slots(&self) -> Vec<ParamSlotInfo> {
-        let s = &self.config.shape;
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let FeedForward::Experts(x) = &layer.mlp else { continue };
-            let device = self.placement.layers[l].compute;
-            let (h, n) = (s.hidden as i64, x.experts.len() as i64);
-            let inter = x.experts.first().map_or(0, |m| match &m.gate_up {
-                GateUp::Separate { gate_proj, .. } => gate_proj.out_features(),
-                GateUp::Fused { gate_up_proj } => gate_up_proj.out_features() / 2,
-            });
-            let slot = |module: &str, param: &str, experts, in_features, out_features| ParamSlotInfo {
-                module: format!("model.layers.{l}.mlp.{module}"),
-                param: param.to_owned(),
-                experts,
-                in_features,
-                out_features,
-                device,
-            };
-            out.push(slot("gate", "weight", None, h, n));
-            out.push(slot("experts", "gate_up_proj", Some(n), h, 2 * inter));
-            out.push(slot("experts", "down_proj", Some(n), inter, h));
+        let mut out = param_slots_of(&self.config);
+        for slot in &mut out {
+            let l = layer_of(&slot.module).unwrap_or(0);
+            slot.device = self.placement.layers.get(l).map_or(Device::Cpu, |p| p.compute);
         }
         out
     }
@@ -949,11 +960,7 @@ impl CausalLm {
                 slot.out_features
             )));
         }
-        let l: usize = module
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| Error::BadInput(format!("{module}: no layer index")))?;
+        let l = layer_of(module).ok_or_else(|| Error::BadInput(format!("{module}: no layer index")))?;
         let Some(FeedForward::Experts(x)) = self.layers.get_mut(l).map(|layer| &mut layer.mlp) else {
             return Err(Error::BadInput(format!("{module}: not a mixture of experts")));
         };
