@@ -837,10 +837,8 @@ fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
     };
     let coef = set.unwrap_or(moe.router_aux_loss_coef);
     let from = if set.is_some() { "the recipe's" } else { "config.json's, which TRL takes by default" };
-    // SFT adds the router loss to its training loss; DPO's and an evaluation's do not have it yet.
-    let missing = if recipe.dpo.is_some() {
-        Some("nibble's DPO does not compute it yet")
-    } else if recipe.training.eval_strategy != config::types::Interval::No {
+    // SFT and DPO add the router loss to their training loss; an evaluation does not have it yet.
+    let missing = if recipe.training.eval_strategy != config::types::Interval::No {
         Some("TRL's eval_loss includes it, and nibble's evaluation does not compute it yet")
     } else {
         None
@@ -1007,7 +1005,7 @@ mod tests {
     }
 
     /// On a mixture of experts what nibble does not train yet is refused by key: the router loss
-    /// in an evaluation (TRL's eval_loss has it) or DPO, and targets PEFT would put on experts or
+    /// in an evaluation (TRL's eval_loss has it), and targets PEFT would put on experts or
     /// router;
     /// with the loss off and attention targets the recipe plans; a coefficient for a dense model
     /// is refused as TRL refuses it.

@@ -419,7 +419,12 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
     let mut events = on_event(&pb, &mut reporter, total_steps);
     let outcome = match (&data, &plan.dpo) {
         (RunData::Dpo(pairs, eval_pairs), Some(dpo)) => {
-            let objective = Dpo { objective: dpo.objective.clone(), adapters: &adapters, initial };
+            let objective = Dpo {
+                objective: dpo.objective.clone(),
+                adapters: &adapters,
+                initial,
+                router_aux_loss_coef: trainer.router_aux_loss_coef(),
+            };
             let mut epoch_batches = |epoch: u64| pairs.epoch_shard(epoch, data_seed, rank, world);
             // Rank 0 alone evaluates (over the whole eval set, in order).
             let batches = match eval_pairs {

@@ -275,7 +275,12 @@ fn a_non_finite_dpo_loss_is_an_error_naming_the_step() {
     let mut model = model_4bit();
     let a = adapters(&mut model, 0.0);
     let out = scratch("nan-dpo");
-    let dpo = Dpo { objective: DpoObjective::default(), adapters: &a, initial: Some(a.snapshot().unwrap()) };
+    let dpo = Dpo {
+        objective: DpoObjective::default(),
+        adapters: &a,
+        initial: Some(a.snapshot().unwrap()),
+        router_aux_loss_coef: None,
+    };
     let eval = DpoEval { dpo: &dpo, batches: vec![dpo_batch(3, 2)] };
     let e = eval.evaluate(&model, 0, 0.0).expect("a finite eval loss");
     // The policy is the reference here: every reward is 0 and the sigmoid loss is ln 2.
@@ -294,4 +299,98 @@ fn a_non_finite_dpo_loss_is_an_error_naming_the_step() {
     let err =
         trainer.train_objective(&dpo, &mut batches, &no_eval, &save, &mut |_| {}).expect_err("NaN loss");
     assert!(matches!(err, sft::Error::NonFinite { step: 1, .. }), "{err}");
+}
+
+/// DPO on a mixture of experts adds the router's load-balancing loss as TRL's DPOTrainer does
+/// (`coef * aux` on the policy's loss, divided like it): the micro-batch's loss grows by
+/// `coef * aux * scale`, with `aux` over the concatenated chosen and rejected rows and padding
+/// masked, and the adapters' gradients by that term's own gradient.
+#[test]
+fn dpo_on_a_mixture_adds_the_router_loss() {
+    use sft::train::Objective;
+    use sft::train::dpo::{Dpo, DpoObjective};
+    use sft::train::router::RouterLoss;
+    let _rng = rng_lock();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families/mixtral/model");
+    let mut model = CausalLm::load(&dir, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let mut cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
+    cfg.init = lora::LoraInit::False;
+    let a = lora::inject(model.linears_mut(), &cfg, 3).unwrap();
+    // Two pairs, the second row of each half padded at its end (segment -1).
+    let (mut mb, _) = dpo_batch(11, 2);
+    let seg = Tensor::zeros([4, 8], (Kind::Int64, tch::Device::Cpu));
+    let _ = seg.narrow(0, 1, 1).narrow(1, 6, 2).fill_(-1);
+    let _ = seg.narrow(0, 3, 1).narrow(1, 6, 2).fill_(-1);
+    mb.batch.segment_ids = Some(seg.shallow_clone());
+    let ctx = sft::train::MicroContext {
+        window_items: 1.0,
+        grad_accum: 2,
+        world: 1,
+        checkpointing: false,
+        seed: 5,
+        neftune_alpha: None,
+    };
+    let step = |coef: Option<f64>| {
+        for p in a.parameters() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let dpo = Dpo {
+            objective: DpoObjective::default(),
+            adapters: &a,
+            initial: None,
+            router_aux_loss_coef: coef,
+        };
+        let m = dpo.step(&model, &mb, &ctx).unwrap();
+        (m, grads(&a))
+    };
+    let (plain, g0) = step(None);
+    let (routed, g1) = step(Some(0.3));
+    assert_eq!(plain.metrics.len() + 1, routed.metrics.len(), "aux_loss is logged");
+    // The router loss by itself, on the same rows: every layer's router over the policy's forward.
+    let (experts, top_k) = model.routing().unwrap();
+    let mask = seg.ge(0).to_kind(Kind::Float).reshape([-1]);
+    let loss =
+        RouterLoss { experts, top_k, mask: Some(mask), scale: 0.3 / 2.0, value: std::cell::Cell::new(None) };
+    let ids = &mb.batch.input_ids;
+    let pos = Tensor::arange(8, (Kind::Int64, tch::Device::Cpu)).expand([4, 8], false).contiguous();
+    let ctx_l = model.context(&pos, Some(&seg)).unwrap();
+    let mut h = model.embed(ids).unwrap();
+    let mut logits = Vec::new();
+    for i in 0..model.num_layers() {
+        let (next, l) = model.layer_routed(i, &h, &ctx_l).unwrap();
+        logits.push(l.unwrap());
+        h = next;
+    }
+    let aux = {
+        let mut c = loss.counts(tch::Device::Cpu).unwrap();
+        for l in &logits {
+            loss.add(&mut c, l).unwrap();
+        }
+        let v = loss.value_of(&c).unwrap();
+        for p in a.parameters() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let term =
+            logits.iter().map(|l| loss.layer_term(&c, l).unwrap()).fold(Tensor::from(0.0f32), |x, y| x + y);
+        term.backward();
+        v
+    };
+    let want = plain.loss + 0.3 / 2.0 * aux;
+    assert!((routed.loss - want).abs() < 1e-7 * want.abs().max(1.0), "{} vs {want}", routed.loss);
+    assert!((routed.metrics.last().unwrap().unwrap() - aux).abs() < 1e-9);
+    // Gradients: the router loss's own added to the DPO loss's.
+    let g_aux = grads(&a);
+    let mut moved = 0.0f64;
+    for ((x, y), z) in g0.iter().zip(&g1).zip(&g_aux) {
+        let d = (y - x - z).abs().max().double_value(&[]);
+        assert!(d < 1e-6 * (1.0 + z.abs().max().double_value(&[])), "gradient off by {d}");
+        moved = moved.max(z.abs().max().double_value(&[]));
+    }
+    assert!(moved > 1e-6, "the router loss moves the attention adapters");
 }

@@ -641,6 +641,7 @@ pub struct DpoStats {
 /// gradient with respect to every sum follow; then again with a graph, back-propagating each
 /// chunk's `Σ dL/d(sum of its sequence) · log p` at once. The layers below run through
 /// [`super::step::Layers`] (checkpointing, dropout seeds) as SFT's do.
+#[allow(clippy::too_many_arguments, reason = "the micro-batch's settings, each needed once")]
 pub fn forward_backward(
     model: &model_loader::CausalLm,
     batch: &DpoBatch,
@@ -649,6 +650,7 @@ pub fn forward_backward(
     scale: f64,
     checkpointing: bool,
     seed: i64,
+    router: Option<&super::router::RouterLoss>,
 ) -> Result<DpoStats, Error> {
     let b = batch.pairs();
     let ids = batch.input_ids.f_to_device(model.device()).map_err(model_loader::Error::from)?;
@@ -665,7 +667,7 @@ pub fn forward_backward(
         checkpointing,
         seed,
         neftune_alpha: None,
-        router: None,
+        router,
     };
     let mut outcome: Option<Result<DpoStats, Error>> = None;
     let stats = layers.forward_backward(model, |h| {
@@ -878,6 +880,9 @@ pub struct Dpo<'a> {
     /// The frozen values of the adapter the run started from, when it started from one (see
     /// [`reference_logps`]).
     pub initial: Option<Vec<Tensor>>,
+    /// A mixture of experts' router-loss coefficient (`None`: no router loss), as TRL's
+    /// DPOTrainer adds `coef * aux` to the policy's loss.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 impl Dpo<'_> {
@@ -937,8 +942,8 @@ impl DpoMicroBatch {
     }
 }
 
-/// The metrics DPO logs, in [`DpoMetrics`]' order.
-pub const DPO_METRICS: [&str; 10] = [
+/// The metrics DPO logs, in [`DpoMetrics`]' order, then a mixture of experts' router loss.
+pub const DPO_METRICS_AUX: [&str; 11] = [
     "rewards/chosen",
     "rewards/rejected",
     "rewards/accuracies",
@@ -949,13 +954,17 @@ pub const DPO_METRICS: [&str; 10] = [
     "logits/rejected",
     "entropy",
     "mean_token_accuracy",
+    "aux_loss",
 ];
+
+/// The metrics DPO logs, in [`DpoMetrics`]' order.
+pub const DPO_METRICS: &[&str] = DPO_METRICS_AUX.split_at(10).0;
 
 impl super::Objective for Dpo<'_> {
     type Batch = DpoMicroBatch;
 
     fn metric_names(&self) -> &'static [&'static str] {
-        &DPO_METRICS
+        if self.router_aux_loss_coef.is_some() { &DPO_METRICS_AUX } else { DPO_METRICS }
     }
 
     fn step(
@@ -967,13 +976,44 @@ impl super::Objective for Dpo<'_> {
         // transformers divides DPO's loss by the accumulation steps; ranks sum their gradients
         // here (DDP averages them), so each rank's share is also divided by their number.
         let scale = 1.0 / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64;
+        // TRL adds `coef * aux` to the policy's loss, divided as the loss is.
+        let router = match (self.router_aux_loss_coef, model.routing()) {
+            (Some(coef), Some((experts, top_k))) => Some(super::router::RouterLoss {
+                experts,
+                top_k,
+                mask: b
+                    .batch
+                    .segment_ids
+                    .as_ref()
+                    .map(|s| s.f_ge(0)?.f_to_kind(Kind::Float)?.f_reshape([-1]))
+                    .transpose()
+                    .map_err(model_loader::Error::from)?,
+                scale: coef * scale,
+                value: std::cell::Cell::new(None),
+            }),
+            _ => None,
+        };
         let s = self.with_reference(model, b, |reference| {
-            forward_backward(model, &b.batch, reference, &self.objective, scale, ctx.checkpointing, ctx.seed)
+            forward_backward(
+                model,
+                &b.batch,
+                reference,
+                &self.objective,
+                scale,
+                ctx.checkpointing,
+                ctx.seed,
+                router.as_ref(),
+            )
         })?;
         let m = s.metrics;
+        let aux = router.as_ref().and_then(|r| r.value.get().map(|v| (v, r.scale)));
+        let mut metrics: Vec<Option<f64>> = m.values().into_iter().map(Some).collect();
+        if self.router_aux_loss_coef.is_some() {
+            metrics.push(aux.map(|(v, _)| v));
+        }
         Ok(super::Micro {
-            loss: s.loss * scale,
-            metrics: m.values().into_iter().map(Some).collect(),
+            loss: s.loss * scale + aux.map_or(0.0, |(v, sc)| v * sc),
+            metrics,
             tokens: b.tokens,
         })
     }
@@ -1171,7 +1211,7 @@ mod tests {
         let scale = 0.5;
         let step = |checkpointing: bool| {
             zero_grads(&adapters);
-            let s = forward_backward(&model, &batch, &reference, &objective, scale, checkpointing, 7)
+            let s = forward_backward(&model, &batch, &reference, &objective, scale, checkpointing, 7, None)
                 .expect("step");
             (s, grads(&adapters))
         };
@@ -1288,7 +1328,12 @@ mod tests {
             best: None,
         };
         let mut trainer = super::super::Trainer::new(&model, adapters.parameters(), topts).expect("trainer");
-        let dpo = Dpo { objective: DpoObjective::default(), adapters: &adapters, initial: None };
+        let dpo = Dpo {
+            objective: DpoObjective::default(),
+            adapters: &adapters,
+            initial: None,
+            router_aux_loss_coef: None,
+        };
         let outcome = trainer
             .train_objective(
                 &dpo,

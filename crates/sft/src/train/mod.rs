@@ -384,11 +384,15 @@ impl<'a> Trainer<'a> {
         save_adapter: &dyn Fn(&std::path::Path) -> Result<(), String>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, Error> {
-        // TRL's default for a mixture of experts: the config's coefficient, unless the recipe sets one.
-        let moe_coef = self.model.config().moe.as_ref().map(|m| m.router_aux_loss_coef);
-        let coef = moe_coef.map(|c| self.opts.router_aux_loss_coef.unwrap_or(c)).filter(|&c| c != 0.0);
-        let objective = Sft { router_aux_loss_coef: coef };
+        let objective = Sft { router_aux_loss_coef: self.router_aux_loss_coef() };
         self.train_objective(&objective, epoch_batches, &SftEval(eval), save_adapter, on_event)
+    }
+
+    /// A mixture of experts' router-loss coefficient as TRL takes it: the recipe's
+    /// `router_aux_loss_coef`, else the model config's; `None` when 0 or the model is dense.
+    pub fn router_aux_loss_coef(&self) -> Option<f64> {
+        let moe_coef = self.model.config().moe.as_ref().map(|m| m.router_aux_loss_coef);
+        moe_coef.map(|c| self.opts.router_aux_loss_coef.unwrap_or(c)).filter(|&c| c != 0.0)
     }
 
     /// [`Trainer::train`] for any objective; `epoch_batches(e)` gives epoch `e`'s micro-batches

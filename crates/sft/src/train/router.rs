@@ -27,7 +27,7 @@ pub struct RouterLoss {
 }
 
 /// Sums over the layers seen so far (no graph).
-pub(crate) struct Counts {
+pub struct Counts {
     tokens: Tensor,
     probs: Tensor,
     rows: Tensor,
@@ -39,13 +39,13 @@ impl RouterLoss {
     }
 
     /// Empty sums on `device`.
-    pub(crate) fn counts(&self, device: tch::Device) -> Result<Counts, tch::TchError> {
+    pub fn counts(&self, device: tch::Device) -> Result<Counts, tch::TchError> {
         let zeros = || Tensor::f_zeros([self.experts], (Kind::Float, device));
         Ok(Counts { tokens: zeros()?, probs: zeros()?, rows: Tensor::f_zeros([], (Kind::Float, device))? })
     }
 
     /// Add one layer's router logits `[tokens, experts]`.
-    pub(crate) fn add(&self, counts: &mut Counts, logits: &Tensor) -> Result<(), tch::TchError> {
+    pub fn add(&self, counts: &mut Counts, logits: &Tensor) -> Result<(), tch::TchError> {
         tch::no_grad(|| {
             let logits = logits.f_to_device(counts.tokens.device())?;
             let weights = logits.f_softmax(-1, logits.f_kind()?)?;
@@ -73,7 +73,7 @@ impl RouterLoss {
     }
 
     /// `aux` over the layers summed in `counts`.
-    pub(crate) fn value_of(&self, counts: &Counts) -> Result<f64, tch::TchError> {
+    pub fn value_of(&self, counts: &Counts) -> Result<f64, tch::TchError> {
         let f = counts.tokens.f_div(&counts.rows)?;
         let p = counts.probs.f_div(&counts.rows)?;
         f.f_mul(&p.f_unsqueeze(0)?)?
@@ -84,7 +84,7 @@ impl RouterLoss {
 
     /// One layer's share of `scale * aux`, differentiable in its `logits`, `f` fixed from all
     /// layers' `counts`.
-    pub(crate) fn layer_term(&self, counts: &Counts, logits: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub fn layer_term(&self, counts: &Counts, logits: &Tensor) -> Result<Tensor, tch::TchError> {
         let device = logits.device();
         let f = counts.tokens.f_div(&counts.rows)?.f_to_device(device)?;
         let rows = counts.rows.f_to_device(device)?;
