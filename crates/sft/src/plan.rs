@@ -835,24 +835,6 @@ fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
         }
         return;
     };
-    let coef = set.unwrap_or(moe.router_aux_loss_coef);
-    let from = if set.is_some() { "the recipe's" } else { "config.json's, which TRL takes by default" };
-    // SFT and DPO add the router loss to their training loss; an evaluation does not have it yet.
-    let missing = if recipe.training.eval_strategy != config::types::Interval::No {
-        Some("TRL's eval_loss includes it, and nibble's evaluation does not compute it yet")
-    } else {
-        None
-    };
-    if let (true, Some(missing)) = (coef != 0.0, missing) {
-        p.add(
-            Problem::Conflict,
-            "router_aux_loss_coef",
-            format!(
-                "TRL adds the router's load-balancing loss to a mixture of experts' loss (coefficient {coef}, {from}); \
-                 {missing}: set `router_aux_loss_coef: 0` to train without it"
-            ),
-        );
-    }
     if !recipe.model.use_peft {
         return;
     }
@@ -1004,14 +986,11 @@ mod tests {
         assert!(scores("gemma2", "max_length: 8\n"), "eager attention");
     }
 
-    /// On a mixture of experts what nibble does not train yet is refused by key: the router loss
-    /// in an evaluation (TRL's eval_loss has it), and targets PEFT would put on experts or
-    /// router;
-    /// with the loss off and attention targets the recipe plans; a coefficient for a dense model
-    /// is refused as TRL refuses it.
+    /// On a mixture of experts what PEFT refuses is refused by key: half of a fused gate/up pair,
+    /// dropout or DoRA on parameter adapters; the router loss trains and evaluates with any
+    /// targets; a coefficient for a dense model is refused as TRL refuses it.
     #[test]
-    fn moe_recipes_name_what_nibble_does_not_train_yet() {
-        // (and what PEFT refuses on a mixture's targets)
+    fn moe_recipes_refuse_what_peft_refuses() {
         let families = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families");
         let cfg = HfConfig::from_dir(&families.join("mixtral/model")).expect("config");
         let keys = |yaml: &str| {
@@ -1020,17 +999,12 @@ mod tests {
             moe_problems(&mut p, &cfg);
             p.found.iter().map(|d| d.key.clone()).collect::<Vec<_>>()
         };
-        // SFT trains with the router loss; an evaluation of it is not there yet.
+        // The router loss trains and evaluates.
         assert!(keys("lora_target_modules: [q_proj, v_proj]\n").is_empty());
-        assert_eq!(
-            keys("lora_target_modules: [q_proj, v_proj]\neval_strategy: steps\n"),
-            ["router_aux_loss_coef"]
-        );
-        assert_eq!(
-            keys(
-                "router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\neval_strategy: epoch\nlora_dropout: 0\n"
-            ),
-            ["router_aux_loss_coef"]
+        assert!(keys("lora_target_modules: [q_proj, v_proj]\neval_strategy: steps\n").is_empty());
+        assert!(
+            keys("router_aux_loss_coef: 0.01\nlora_target_modules: all-linear\neval_strategy: epoch\nlora_dropout: 0\n")
+                .is_empty()
         );
         assert!(
             keys("router_aux_loss_coef: 0\nlora_target_modules: [q_proj]\neval_strategy: steps\n").is_empty()

@@ -394,3 +394,62 @@ fn dpo_on_a_mixture_adds_the_router_loss() {
     }
     assert!(moved > 1e-6, "the router loss moves the attention adapters");
 }
+
+/// An evaluation of a mixture with its router loss, as TRL's: each batch's token-mean loss plus
+/// `coef * aux` (no accumulation to divide by), weighted by rows, and `eval_aux_loss` the mean of
+/// the batches' `aux`.
+#[test]
+fn evaluating_a_mixture_adds_each_batchs_router_loss() {
+    use sft::train::Evaluator;
+    use sft::train::router::RouterLoss;
+    let _rng = rng_lock();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families/mixtral/model");
+    let model = CausalLm::load(&dir, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let (mut b1, n1) = batch(21, 3, 9);
+    let seg = Tensor::zeros([3, 9], (Kind::Int64, tch::Device::Cpu));
+    let _ = seg.narrow(0, 2, 1).narrow(1, 6, 3).fill_(-1);
+    b1.segment_ids = Some(seg.shallow_clone());
+    let b2 = batch(22, 2, 7);
+    let eval = vec![(b1, n1), b2];
+    let plain = sft::train::SftEval(&eval, None).evaluate(&model, 0, 0.0).unwrap();
+    let routed = sft::train::SftEval(&eval, Some(0.25)).evaluate(&model, 0, 0.0).unwrap();
+    // Each batch's aux on its own, its padding masked.
+    let (experts, top_k) = model.routing().unwrap();
+    let aux: Vec<f64> = eval
+        .iter()
+        .map(|(b, _)| {
+            let mask = b.segment_ids.as_ref().map(|s| s.ge(0).to_kind(Kind::Float).reshape([-1]));
+            let r = RouterLoss { experts, top_k, mask, scale: 0.25, value: std::cell::Cell::new(None) };
+            sft::train::hidden_states_routed(
+                &model,
+                &b.input_ids,
+                Some(&b.position_ids),
+                b.segment_ids.as_ref(),
+                Some(&r),
+            )
+            .unwrap()
+            .1
+            .unwrap()
+        })
+        .collect();
+    assert!(aux[0] != aux[1]);
+    let want = plain.eval_loss + 0.25 * (3.0 * aux[0] + 2.0 * aux[1]) / 5.0;
+    assert!((routed.eval_loss - want).abs() < 1e-9, "{} vs {want}", routed.eval_loss);
+    let mean = routed.metrics["eval_aux_loss"];
+    assert!((mean - (aux[0] + aux[1]) / 2.0).abs() < 1e-12);
+    // Padding is masked: the same rows without the mask give another aux.
+    let (experts, top_k) = model.routing().unwrap();
+    let unmasked = RouterLoss { experts, top_k, mask: None, scale: 1.0, value: std::cell::Cell::new(None) };
+    let (b, _) = &eval[0];
+    let all = sft::train::hidden_states_routed(
+        &model,
+        &b.input_ids,
+        Some(&b.position_ids),
+        b.segment_ids.as_ref(),
+        Some(&unmasked),
+    )
+    .unwrap()
+    .1
+    .unwrap();
+    assert!((all - aux[0]).abs() > 1e-6);
+}

@@ -750,14 +750,21 @@ impl DpoEval<'_> {
         let forward = |source: model_loader::Error| Error::Forward { step, source: Box::new(source) };
         let torch = |e: tch::TchError| forward(model_loader::Error::from(e));
         let (mut loss_sum, mut pairs) = (0.0, 0.0);
-        let mut metric_sums = vec![0.0; DPO_METRICS.len()];
+        let coef = self.dpo.router_aux_loss_coef;
+        let names = if coef.is_some() { DPO_METRICS_AUX.len() } else { DPO_METRICS.len() };
+        let mut metric_sums = vec![0.0; names];
         for (mb, n) in &self.batches {
-            let (loss, m) = self.dpo.with_reference(model, mb, |reference| {
+            let (loss, m, aux) = self.dpo.with_reference(model, mb, |reference| {
                 let ids = mb.batch.input_ids.f_to_device(model.device()).map_err(torch)?;
                 let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
                 let segments = mb.batch.segments_on(model.device()).map_err(torch)?;
-                let h =
-                    tch::no_grad(|| model.hidden_states(&ids, None, segments.as_ref())).map_err(forward)?;
+                let router = match coef {
+                    Some(c) => super::router_loss_of(model, segments.as_ref(), c).map_err(forward)?,
+                    None => None,
+                };
+                let (h, aux) =
+                    super::step::hidden_states_routed(model, &ids, None, segments.as_ref(), router.as_ref())
+                        .map_err(forward)?;
                 let scoring = Scoring {
                     ld_alpha: self.dpo.objective.ld_alpha,
                     stats: true,
@@ -772,11 +779,14 @@ impl DpoEval<'_> {
                     [m.logits_chosen, m.logits_rejected, m.entropy, m.mean_token_accuracy] =
                         st.metrics(mb.batch.pairs()).map_err(torch)?;
                 }
-                Ok((loss.f_double_value(&[]).map_err(torch)?, m))
+                Ok((loss.f_double_value(&[]).map_err(torch)?, m, aux))
             })?;
-            loss_sum += loss * *n as f64;
+            // TRL adds `coef * aux` to each batch's loss (and logs aux beside its metrics).
+            let routed = aux.zip(coef).map_or(0.0, |(a, c)| a * c);
+            loss_sum += (loss + routed) * *n as f64;
             pairs += *n as f64;
-            for (acc, v) in metric_sums.iter_mut().zip(m.values()) {
+            let values = m.values().into_iter().chain(aux);
+            for (acc, v) in metric_sums.iter_mut().zip(values) {
                 *acc += v;
             }
         }
@@ -807,7 +817,7 @@ impl super::Evaluator for DpoEval<'_> {
             return Err(Error::NonFiniteEval { step, loss: eval_loss });
         }
         let mut metrics: std::collections::BTreeMap<String, f64> =
-            DPO_METRICS.iter().zip(&values).map(|(k, v)| (format!("eval_{k}"), *v)).collect();
+            DPO_METRICS_AUX.iter().zip(&values).map(|(k, v)| (format!("eval_{k}"), *v)).collect();
         let accuracy = metrics.remove("eval_mean_token_accuracy").unwrap_or(0.0);
         Ok(super::EvalEntry {
             step,
@@ -1338,7 +1348,7 @@ mod tests {
             .train_objective(
                 &dpo,
                 &mut |_| text_pairs(per),
-                &crate::train::SftEval(&[]),
+                &crate::train::SftEval(&[], None),
                 &|_| Ok(()),
                 &mut |_| {},
             )

@@ -32,6 +32,7 @@ pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
 pub use schedule::Schedule;
 pub use step::{
     DeviceBatch, HEAD_CHUNK_BYTES, MicroStats, evaluate_batch, forward_backward, forward_backward_with,
+    hidden_states_routed,
 };
 
 /// Everything the loop needs to know, resolved from the recipe.
@@ -300,7 +301,18 @@ pub trait Evaluator {
 }
 
 /// SFT's eval set: next-token batches with their label-token counts.
-pub struct SftEval<'a>(pub &'a [(DeviceBatch, u64)]);
+pub struct SftEval<'a>(pub &'a [(DeviceBatch, u64)], pub Option<f64>);
+
+/// A mixture of experts' router loss for one batch whose padding is `segment_ids < 0`.
+fn router_loss_of(
+    model: &CausalLm,
+    segment_ids: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<router::RouterLoss>, model_loader::Error> {
+    let Some((experts, top_k)) = model.routing() else { return Ok(None) };
+    let mask = segment_ids.map(|s| s.f_ge(0)?.f_to_kind(tch::Kind::Float)?.f_reshape([-1])).transpose()?;
+    Ok(Some(router::RouterLoss { experts, top_k, mask, scale, value: std::cell::Cell::new(None) }))
+}
 
 impl Evaluator for SftEval<'_> {
     fn is_empty(&self) -> bool {
@@ -308,16 +320,28 @@ impl Evaluator for SftEval<'_> {
     }
 
     /// Next-token loss (each batch's token mean weighted by its rows, as transformers does) and
-    /// accuracy.
+    /// accuracy; for a mixture with its router loss (`self.1`'s coefficient), each batch's loss
+    /// plus `coef * aux` (TRL's evaluation, no accumulation to divide by) and `eval_aux_loss` the
+    /// mean over batches.
     fn evaluate(&self, model: &CausalLm, step: u64, epoch: f64) -> Result<EvalEntry, Error> {
         let eval = self.0;
         let start = Instant::now();
+        let forward = |source| Error::Forward { step, source: Box::new(source) };
         let (mut weighted, mut rows, mut correct, mut total) = (0.0, 0u64, 0u64, 0u64);
+        let (mut aux_sum, mut aux_n) = (0.0, 0usize);
         for (batch, _) in eval {
-            let (sum, c, t) = evaluate_batch(model, batch)
-                .map_err(|source| Error::Forward { step, source: Box::new(source) })?;
+            let router = match self.1 {
+                Some(coef) => router_loss_of(model, batch.segment_ids.as_ref(), coef).map_err(forward)?,
+                None => None,
+            };
+            let (sum, c, t, aux) = evaluate_batch(model, batch, router.as_ref()).map_err(forward)?;
             let n = batch.input_ids.size()[0] as u64;
-            weighted += if t > 0 { sum / t as f64 } else { 0.0 } * n as f64;
+            let routed = aux.zip(self.1).map_or(0.0, |(a, coef)| coef * a);
+            weighted += (if t > 0 { sum / t as f64 } else { 0.0 } + routed) * n as f64;
+            if let Some(a) = aux {
+                aux_sum += a;
+                aux_n += 1;
+            }
             rows += n;
             correct += c;
             total += t;
@@ -326,13 +350,17 @@ impl Evaluator for SftEval<'_> {
         if !eval_loss.is_finite() {
             return Err(Error::NonFiniteEval { step, loss: eval_loss });
         }
+        let mut metrics = std::collections::BTreeMap::new();
+        if aux_n > 0 {
+            metrics.insert("eval_aux_loss".to_owned(), aux_sum / aux_n as f64);
+        }
         Ok(EvalEntry {
             step,
             epoch,
             eval_loss,
             eval_mean_token_accuracy: correct as f64 / total.max(1) as f64,
             eval_runtime: start.elapsed().as_secs_f64(),
-            metrics: Default::default(),
+            metrics,
         })
     }
 }
@@ -372,7 +400,7 @@ impl<'a> Trainer<'a> {
 
     /// Loss and accuracy over `eval` (no gradients).
     pub fn evaluate(&self, eval: &[(DeviceBatch, u64)], epoch: f64) -> Result<EvalEntry, Error> {
-        SftEval(eval).evaluate(self.model, self.progress.global_step, epoch)
+        SftEval(eval, self.router_aux_loss_coef()).evaluate(self.model, self.progress.global_step, epoch)
     }
 
     /// Run SFT until `total_steps` (or a stop request), evaluating on `eval` and saving
@@ -385,7 +413,8 @@ impl<'a> Trainer<'a> {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome, Error> {
         let objective = Sft { router_aux_loss_coef: self.router_aux_loss_coef() };
-        self.train_objective(&objective, epoch_batches, &SftEval(eval), save_adapter, on_event)
+        let evaluator = SftEval(eval, objective.router_aux_loss_coef);
+        self.train_objective(&objective, epoch_batches, &evaluator, save_adapter, on_event)
     }
 
     /// A mixture of experts' router-loss coefficient as TRL takes it: the recipe's

@@ -322,14 +322,61 @@ impl Layers<'_> {
     }
 }
 
-/// Evaluation of one batch without a graph: summed token loss and accuracy counts.
-pub fn evaluate_batch(model: &CausalLm, batch: &DeviceBatch) -> Result<(f64, u64, u64), model_loader::Error> {
+/// The last hidden states of `input_ids` without a graph (positions default to `0..T`) and,
+/// with `router`, its load-balancing loss over every layer's router (an evaluation's).
+pub fn hidden_states_routed(
+    model: &CausalLm,
+    input_ids: &Tensor,
+    position_ids: Option<&Tensor>,
+    segment_ids: Option<&Tensor>,
+    router: Option<&super::router::RouterLoss>,
+) -> Result<(Tensor, Option<f64>), model_loader::Error> {
+    let Some(router) = router.filter(|_| model.routing().is_some()) else {
+        return Ok((tch::no_grad(|| model.hidden_states(input_ids, position_ids, segment_ids))?, None));
+    };
+    tch::no_grad(|| {
+        let size = input_ids.size();
+        let default_pos;
+        let pos = match position_ids {
+            Some(p) => p,
+            None => {
+                default_pos = Tensor::f_arange(size[1], (Kind::Int64, input_ids.device()))?
+                    .f_expand([size[0], size[1]], false)?;
+                &default_pos
+            }
+        };
+        let ctx = model.context(pos, segment_ids)?;
+        let mut counts = router.counts(model.device())?;
+        let mut h = model.embed(input_ids)?;
+        for i in 0..model.num_layers() {
+            let (next, logits) = model.layer_routed(i, &h, &ctx)?;
+            if let Some(l) = logits {
+                router.add(&mut counts, &l)?;
+            }
+            h = next;
+        }
+        Ok((h, Some(router.value_of(&counts)?)))
+    })
+}
+
+/// Evaluation of one batch without a graph: summed token loss and accuracy counts, and with
+/// `router` a mixture's load-balancing loss of the batch.
+pub fn evaluate_batch(
+    model: &CausalLm,
+    batch: &DeviceBatch,
+    router: Option<&super::router::RouterLoss>,
+) -> Result<(f64, u64, u64, Option<f64>), model_loader::Error> {
     tch::no_grad(|| {
         let batch = &batch.to_device(model.device())?;
-        let h =
-            model.hidden_states(&batch.input_ids, Some(&batch.position_ids), batch.segment_ids.as_ref())?;
+        let (h, aux) = hidden_states_routed(
+            model,
+            &batch.input_ids,
+            Some(&batch.position_ids),
+            batch.segment_ids.as_ref(),
+            router,
+        )?;
         let head = head_loss(model, &h, &batch.labels, 1.0, false, HEAD_CHUNK_BYTES)?;
-        Ok((head.stats.loss, head.stats.correct, head.stats.total))
+        Ok((head.stats.loss, head.stats.correct, head.stats.total, aux))
     })
 }
 
