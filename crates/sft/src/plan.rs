@@ -368,7 +368,7 @@ impl RunPlan {
             let lora = lora_r.map(|r| lora_config(&recipe, &cfg, &model_id, r));
             let lora_linears = lora.as_ref().and_then(|l| layer_targets(&mut p, &cfg, l)).unwrap_or_default();
             if purpose == Purpose::Train {
-                moe_problems(&mut p, &cfg);
+                moe_problems(&mut p, &cfg, lora.as_ref());
             }
             let mut load = load_options(&recipe, &cfg, device);
             let shape = run_shape(&recipe, &cfg, &lora_linears, cpu_matmul, device_map::Device::Cpu);
@@ -819,7 +819,7 @@ fn linear_names(cfg: &HfConfig) -> Vec<String> {
 /// load-balancing loss (on by default there, with the model config's coefficient) and adapters
 /// on experts or router, which PEFT makes for `all-linear` and the experts' and router's own
 /// names (`target_parameters`); and a coefficient set for a model without experts, as TRL refuses.
-fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
+fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig, lora: Option<&lora::LoraConfig>) {
     let recipe = p.recipe;
     let set = recipe.training.router_aux_loss_coef;
     let Some(moe) = &cfg.moe else {
@@ -839,7 +839,7 @@ fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
         return;
     }
     // PEFT fuses the experts' gate and up linears into one bank: naming one alone is its error.
-    let [gate, up, down] = moe.names.linears;
+    let [gate, up, _] = moe.names.linears;
     if let Some(TargetModules::List(l)) = &recipe.model.lora_target_modules {
         let has = |n: &str| l.iter().any(|t| t == n);
         if has(gate) != has(up) {
@@ -854,10 +854,8 @@ fn moe_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
             );
         }
     }
-    let params = recipe.model.lora_target_modules.as_ref().is_some_and(|t| match t {
-        TargetModules::Pattern(p) => p == "all-linear",
-        TargetModules::List(l) => l.iter().any(|t| [gate, up, down, "gate"].contains(&t.as_str())),
-    }) || recipe.model.lora_target_parameters.as_ref().is_some_and(|t| !t.is_empty());
+    // The resolved adapter (`moe_targets` rewrote the targets as PEFT does).
+    let params = lora.is_some_and(|l| !l.target_parameters.is_empty());
     if params && (recipe.model.lora_dropout != 0.0 || recipe.model.use_dora) {
         p.add(
             Problem::Conflict,
@@ -995,8 +993,9 @@ mod tests {
         let cfg = HfConfig::from_dir(&families.join("mixtral/model")).expect("config");
         let keys = |yaml: &str| {
             let r = recipe(&format!("model_name_or_path: m\nuse_peft: true\n{yaml}"));
+            let lora = lora_config(&r, &cfg, "m", 8);
             let mut p = Problems { recipe: &r, found: Vec::new() };
-            moe_problems(&mut p, &cfg);
+            moe_problems(&mut p, &cfg, Some(&lora));
             p.found.iter().map(|d| d.key.clone()).collect::<Vec<_>>()
         };
         // The router loss trains and evaluates.
@@ -1035,7 +1034,7 @@ mod tests {
         let dense = HfConfig::from_dir(&families.join("phi3/model")).expect("config");
         let r = recipe("model_name_or_path: m\nrouter_aux_loss_coef: 0.5\n");
         let mut p = Problems { recipe: &r, found: Vec::new() };
-        moe_problems(&mut p, &dense);
+        moe_problems(&mut p, &dense, None);
         assert_eq!(p.found.len(), 1);
         assert!(p.found[0].to_string().contains("not a mixture-of-experts model"), "{}", p.found[0]);
     }

@@ -446,9 +446,24 @@ pub(crate) struct Mlp {
     pub(crate) gelu: bool,
 }
 
+/// An update added to a projection's output, from that projection's input (a LoRA of a
+/// mixture's expert bank).
+type Update<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>;
+
 impl Mlp {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
-        let (g, u) = match &self.gate_up {
+        self.forward_with(x, None, None)
+    }
+
+    /// The MLP with `gate_up` added to the gate and up outputs (`[.., 2 * intermediate]`, gate
+    /// rows then up) and `down` to the down projection's.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        gate_up: Option<Update<'_>>,
+        down: Option<Update<'_>>,
+    ) -> Result<Tensor, Error> {
+        let (mut g, mut u) = match &self.gate_up {
             GateUp::Separate { gate_proj, up_proj } => (gate_proj.forward(x)?, up_proj.forward(x)?),
             GateUp::Fused { gate_up_proj } => {
                 let y = gate_up_proj.forward(x)?;
@@ -456,8 +471,19 @@ impl Mlp {
                 (y.f_narrow(-1, 0, half)?, y.f_narrow(-1, half, half)?)
             }
         };
+        if let Some(update) = gate_up {
+            let d = update(x)?;
+            let inter = g.size().last().copied().unwrap_or(0);
+            g = g.f_add(&d.f_narrow(-1, 0, inter)?)?;
+            u = u.f_add(&d.f_narrow(-1, inter, inter)?)?;
+        }
         let g = if self.gelu { g.f_gelu("tanh")? } else { g.f_silu()? };
-        Ok(self.down_proj.forward(&g.f_mul(&u)?)?)
+        let z = g.f_mul(&u)?;
+        let y = self.down_proj.forward(&z)?;
+        match down {
+            None => Ok(y),
+            Some(update) => Ok(y.f_add(&update(&z)?)?),
+        }
     }
 }
 
@@ -506,6 +532,14 @@ impl ParamLora {
         Ok((self.a.f_narrow(0, e * r, r)?, self.b.f_index_select(1, &cols)?))
     }
 
+    /// Expert `e`'s update as a function of its rows, when `lora` is there and on.
+    fn of(
+        lora: Option<&ParamLora>,
+        e: i64,
+    ) -> Option<impl Fn(&Tensor) -> Result<Tensor, tch::TchError> + '_> {
+        lora.filter(|l| l.on()).map(move |l| move |x: &Tensor| l.update(x, e))
+    }
+
     /// The update for inputs `x [n, in]` through expert `e`'s factors, in `x`'s dtype: computed
     /// in the factors' dtype, as a LoRA linear computes.
     fn update(&self, x: &Tensor, e: i64) -> Result<Tensor, tch::TchError> {
@@ -545,29 +579,13 @@ impl Experts {
 
     /// Expert `e`'s SwiGLU on its gathered rows, with the banks' LoRA updates.
     fn expert(&self, e: usize, x: &Tensor) -> Result<Tensor, Error> {
-        let mlp = &self.experts[e];
-        let (gate_up, down) =
-            (self.lora.gate_up.as_ref().filter(|l| l.on()), self.lora.down.as_ref().filter(|l| l.on()));
-        if gate_up.is_none() && down.is_none() {
-            return mlp.forward(x);
-        }
-        let GateUp::Separate { gate_proj, up_proj } = &mlp.gate_up else {
-            return Err(Error::BadInput("an expert with a fused gate/up linear".into()));
-        };
-        let (mut g, mut u) = (gate_proj.forward(x)?, up_proj.forward(x)?);
-        if let Some(l) = gate_up {
-            // The bank's rows are gate then up.
-            let d = l.update(x, e as i64)?;
-            let inter = g.size().last().copied().unwrap_or(0);
-            g = g.f_add(&d.f_narrow(-1, 0, inter)?)?;
-            u = u.f_add(&d.f_narrow(-1, inter, inter)?)?;
-        }
-        let z = g.f_silu()?.f_mul(&u)?;
-        let mut y = mlp.down_proj.forward(&z)?;
-        if let Some(l) = down {
-            y = y.f_add(&l.update(&z, e as i64)?)?;
-        }
-        Ok(y)
+        let (gate_up, down) = (self.lora.gate_up.as_ref(), self.lora.down.as_ref());
+        let (gate_up, down) = (ParamLora::of(gate_up, e as i64), ParamLora::of(down, e as i64));
+        self.experts[e].forward_with(
+            x,
+            gate_up.as_ref().map(|f| f as Update<'_>),
+            down.as_ref().map(|f| f as Update<'_>),
+        )
     }
 
     /// The mixture's output and the router's logits `[tokens, experts]` (in the model's dtype;

@@ -697,20 +697,31 @@ impl CausalLm {
     ) -> Result<LayerContext, Error> {
         let seq = position_ids.size().last().copied().unwrap_or(0);
         let device = position_ids.device();
-        let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
+        let tables =
+            self.tables(position_ids, |window| blocks::attention_mask(segment_ids, seq, window, device))?;
+        LayerContext::spread(tables, &self.placement.compute_devices())
+    }
+
+    /// Rotary tables for `positions` and the masks `mask(window)` gives, for every layer's
+    /// window: the global one (`sliding_window`, Mistral's) and, for a model that alternates,
+    /// the sliding layers' with their own RoPE where they have one.
+    fn tables(
+        &self,
+        positions: &Tensor,
+        mask: impl Fn(Option<u64>) -> Result<Option<Tensor>, Error>,
+    ) -> Result<DeviceContext, Error> {
+        let (cos, sin) = self.rope.cos_sin(positions, self.dtype)?;
         let sliding = match &self.alternating {
             None => None,
             Some((window, rope)) => {
                 let (cos, sin) = match rope {
-                    Some(r) => r.cos_sin(position_ids, self.dtype)?,
+                    Some(r) => r.cos_sin(positions, self.dtype)?,
                     None => (cos.shallow_clone(), sin.shallow_clone()),
                 };
-                let mask = blocks::attention_mask(segment_ids, seq, Some(*window), device)?;
-                Some(Box::new(DeviceContext { cos, sin, mask, sliding: None }))
+                Some(Box::new(DeviceContext { cos, sin, mask: mask(Some(*window))?, sliding: None }))
             }
         };
-        let mask = blocks::attention_mask(segment_ids, seq, self.sliding_window, device)?;
-        LayerContext::spread(DeviceContext { cos, sin, mask, sliding }, &self.placement.compute_devices())
+        Ok(DeviceContext { cos, sin, mask: mask(self.sliding_window)?, sliding })
     }
 
     /// Run decoder layer `index` on hidden states `h`, moved first to where the layer computes
@@ -807,6 +818,18 @@ impl CausalLm {
         position_ids: Option<&Tensor>,
         segment_ids: Option<&Tensor>,
     ) -> Result<Tensor, Error> {
+        self.hidden_states_routed(input_ids, position_ids, segment_ids, &mut |_| Ok(()))
+    }
+
+    /// [`Self::hidden_states`], handing each mixture-of-experts layer's router logits to
+    /// `router` as the layer runs (a load-balancing loss over the forward).
+    pub fn hidden_states_routed(
+        &self,
+        input_ids: &Tensor,
+        position_ids: Option<&Tensor>,
+        segment_ids: Option<&Tensor>,
+        router: &mut dyn FnMut(Tensor) -> Result<(), Error>,
+    ) -> Result<Tensor, Error> {
         let size = input_ids.size();
         let [b, t] = size[..] else {
             return Err(Error::BadInput(format!("input_ids must be [batch, seq], got {size:?}")));
@@ -823,7 +846,11 @@ impl CausalLm {
         let ctx = self.context(pos, segment_ids)?;
         let mut h = self.embed(input_ids)?;
         for i in 0..self.layers.len() {
-            h = self.layer(i, &h, &ctx)?;
+            let (next, logits) = self.layer_routed(i, &h, &ctx)?;
+            if let Some(l) = logits {
+                router(l)?;
+            }
+            h = next;
         }
         Ok(h)
     }
@@ -866,23 +893,8 @@ impl CausalLm {
         let n = ids.size()[1];
         let past = caches.first().and_then(|c| c.k.as_ref()).map_or(0, |k| k.size()[2]);
         let device = pos.device();
-        let (cos, sin) = self.rope.cos_sin(pos, self.dtype)?;
-        let sliding = match &self.alternating {
-            None => None,
-            Some((window, rope)) => {
-                let (cos, sin) = match rope {
-                    Some(r) => r.cos_sin(pos, self.dtype)?,
-                    None => (cos.shallow_clone(), sin.shallow_clone()),
-                };
-                let mask = cached_mask(past, n, Some(*window), device)?;
-                Some(Box::new(DeviceContext { cos, sin, mask, sliding: None }))
-            }
-        };
-        let mask = cached_mask(past, n, self.sliding_window, device)?;
-        let ctx = LayerContext::spread(
-            DeviceContext { cos, sin, mask, sliding },
-            &self.placement.compute_devices(),
-        )?;
+        let tables = self.tables(pos, |window| cached_mask(past, n, window, device))?;
+        let ctx = LayerContext::spread(tables, &self.placement.compute_devices())?;
         let mut h = self.embed(ids)?;
         for ((layer, cache), place) in self.layers.iter().zip(caches.iter_mut()).zip(&self.placement.layers) {
             h = layer.forward_cached(&h.f_to_device(place.compute)?, ctx.on(place.compute)?, Some(cache))?;

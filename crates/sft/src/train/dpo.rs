@@ -759,7 +759,9 @@ impl DpoEval<'_> {
                 let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
                 let segments = mb.batch.segments_on(model.device()).map_err(torch)?;
                 let router = match coef {
-                    Some(c) => super::router_loss_of(model, segments.as_ref(), c).map_err(forward)?,
+                    Some(c) => {
+                        super::router::RouterLoss::for_batch(model, segments.as_ref(), c).map_err(torch)?
+                    }
                     None => None,
                 };
                 let (h, aux) =
@@ -987,21 +989,12 @@ impl super::Objective for Dpo<'_> {
         // here (DDP averages them), so each rank's share is also divided by their number.
         let scale = 1.0 / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64;
         // TRL adds `coef * aux` to the policy's loss, divided as the loss is.
-        let router = match (self.router_aux_loss_coef, model.routing()) {
-            (Some(coef), Some((experts, top_k))) => Some(super::router::RouterLoss {
-                experts,
-                top_k,
-                mask: b
-                    .batch
-                    .segment_ids
-                    .as_ref()
-                    .map(|s| s.f_ge(0)?.f_to_kind(Kind::Float)?.f_reshape([-1]))
-                    .transpose()
-                    .map_err(model_loader::Error::from)?,
-                scale: coef * scale,
-                value: std::cell::Cell::new(None),
-            }),
-            _ => None,
+        let router = match self.router_aux_loss_coef {
+            Some(coef) => {
+                super::router::RouterLoss::for_batch(model, b.batch.segment_ids.as_ref(), coef * scale)
+                    .map_err(model_loader::Error::from)?
+            }
+            None => None,
         };
         let s = self.with_reference(model, b, |reference| {
             forward_backward(

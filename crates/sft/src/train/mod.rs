@@ -202,20 +202,13 @@ impl Objective for Sft {
     fn step(&self, model: &CausalLm, batch: &DeviceBatch, ctx: &MicroContext) -> Result<Micro, Error> {
         // TRL adds `coef * aux / accumulation steps` to each micro-batch's loss and DDP averages
         // over ranks; the loop sums shares over both, so each share carries both divisors.
-        let router = match (self.router_aux_loss_coef, model.routing()) {
-            (Some(coef), Some((experts, top_k))) => Some(router::RouterLoss {
-                experts,
-                top_k,
-                mask: batch
-                    .segment_ids
-                    .as_ref()
-                    .map(|s| s.f_ge(0)?.f_to_kind(tch::Kind::Float)?.f_reshape([-1]))
-                    .transpose()
-                    .map_err(model_loader::Error::from)?,
-                scale: coef / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64,
-                value: std::cell::Cell::new(None),
-            }),
-            _ => None,
+        let router = match self.router_aux_loss_coef {
+            Some(coef) => {
+                let scale = coef / (ctx.grad_accum.max(1) * ctx.world.max(1)) as f64;
+                router::RouterLoss::for_batch(model, batch.segment_ids.as_ref(), scale)
+                    .map_err(model_loader::Error::from)?
+            }
+            None => None,
         };
         let m = forward_backward_with(
             model,
@@ -303,17 +296,6 @@ pub trait Evaluator {
 /// SFT's eval set: next-token batches with their label-token counts.
 pub struct SftEval<'a>(pub &'a [(DeviceBatch, u64)], pub Option<f64>);
 
-/// A mixture of experts' router loss for one batch whose padding is `segment_ids < 0`.
-fn router_loss_of(
-    model: &CausalLm,
-    segment_ids: Option<&Tensor>,
-    scale: f64,
-) -> Result<Option<router::RouterLoss>, model_loader::Error> {
-    let Some((experts, top_k)) = model.routing() else { return Ok(None) };
-    let mask = segment_ids.map(|s| s.f_ge(0)?.f_to_kind(tch::Kind::Float)?.f_reshape([-1])).transpose()?;
-    Ok(Some(router::RouterLoss { experts, top_k, mask, scale, value: std::cell::Cell::new(None) }))
-}
-
 impl Evaluator for SftEval<'_> {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -331,7 +313,8 @@ impl Evaluator for SftEval<'_> {
         let (mut aux_sum, mut aux_n) = (0.0, 0usize);
         for (batch, _) in eval {
             let router = match self.1 {
-                Some(coef) => router_loss_of(model, batch.segment_ids.as_ref(), coef).map_err(forward)?,
+                Some(coef) => router::RouterLoss::for_batch(model, batch.segment_ids.as_ref(), coef)
+                    .map_err(|e| forward(e.into()))?,
                 None => None,
             };
             let (sum, c, t, aux) = evaluate_batch(model, batch, router.as_ref()).map_err(forward)?;

@@ -34,6 +34,18 @@ pub struct Counts {
 }
 
 impl RouterLoss {
+    /// The router loss of a batch whose padding is `segment_ids < 0` (all tokens count without
+    /// segments), weighted by `scale`; `None` for a dense model.
+    pub fn for_batch(
+        model: &model_loader::CausalLm,
+        segment_ids: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Option<RouterLoss>, tch::TchError> {
+        let Some((experts, top_k)) = model.routing() else { return Ok(None) };
+        let mask = segment_ids.map(|s| s.f_ge(0)?.f_to_kind(Kind::Float)?.f_reshape([-1])).transpose()?;
+        Ok(Some(RouterLoss { experts, top_k, mask, scale, value: Cell::new(None) }))
+    }
+
     fn mask_on(&self, device: tch::Device) -> Result<Option<Tensor>, tch::TchError> {
         self.mask.as_ref().map(|m| m.f_to_device(device)).transpose()
     }

@@ -335,26 +335,10 @@ pub fn hidden_states_routed(
         return Ok((tch::no_grad(|| model.hidden_states(input_ids, position_ids, segment_ids))?, None));
     };
     tch::no_grad(|| {
-        let size = input_ids.size();
-        let default_pos;
-        let pos = match position_ids {
-            Some(p) => p,
-            None => {
-                default_pos = Tensor::f_arange(size[1], (Kind::Int64, input_ids.device()))?
-                    .f_expand([size[0], size[1]], false)?;
-                &default_pos
-            }
-        };
-        let ctx = model.context(pos, segment_ids)?;
         let mut counts = router.counts(model.device())?;
-        let mut h = model.embed(input_ids)?;
-        for i in 0..model.num_layers() {
-            let (next, logits) = model.layer_routed(i, &h, &ctx)?;
-            if let Some(l) = logits {
-                router.add(&mut counts, &l)?;
-            }
-            h = next;
-        }
+        let h = model.hidden_states_routed(input_ids, position_ids, segment_ids, &mut |l| {
+            Ok(router.add(&mut counts, &l)?)
+        })?;
         Ok((h, Some(router.value_of(&counts)?)))
     })
 }
