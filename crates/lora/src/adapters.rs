@@ -28,7 +28,7 @@ pub struct AdapterModule {
     lora_b: Tensor,
     magnitude: Option<Tensor>,
     /// For an adapted parameter (PEFT's `ParamWrapper`), which one; `None` for a linear.
-    param: Option<ParamAdapter>,
+    param: Option<ParamSlot>,
 }
 
 /// The parameters `cfg.target_parameters` selects among `slots`, each with its PEFT module key
@@ -38,13 +38,8 @@ fn param_plan<'s>(
     cfg: &LoraConfig,
     slots: &'s [ParamSlot],
 ) -> Result<Vec<(String, &'s ParamSlot, usize, f64)>, Error> {
-    let chosen: Vec<&ParamSlot> = slots
-        .iter()
-        .filter(|s| {
-            let key = format!("{}.{}", s.module, s.param);
-            cfg.target_parameters.iter().any(|t| key == *t || key.ends_with(&format!(".{t}")))
-        })
-        .collect();
+    let chosen: Vec<&ParamSlot> =
+        slots.iter().filter(|s| cfg.adapts_param(&format!("{}.{}", s.module, s.param))).collect();
     if !cfg.target_parameters.is_empty() && chosen.is_empty() {
         return Err(Error::InvalidConfig(format!(
             "target_parameters {:?} match no parameter of the model",
@@ -60,19 +55,6 @@ fn param_plan<'s>(
             (format!("{}{}", slot.module, ".base_layer".repeat(deeper)), *slot, r, scaling)
         })
         .collect())
-}
-
-impl ParamAdapter {
-    /// Another handle on the same tensors.
-    fn share(&self) -> Result<ParamAdapter, Error> {
-        Ok(ParamAdapter {
-            slot: self.slot.clone(),
-            lora_a: self.lora_a.shallow_clone(),
-            lora_b: self.lora_b.shallow_clone(),
-            scaling: self.scaling,
-            enabled: self.enabled.clone(),
-        })
-    }
 }
 
 /// A model parameter PEFT's `target_parameters` can adapt: a mixture of experts' router weight
@@ -119,7 +101,7 @@ impl AdapterModule {
     }
     /// The adapted parameter, when this is one.
     pub fn param(&self) -> Option<&ParamSlot> {
-        self.param.as_ref().map(|p| &p.slot)
+        self.param.as_ref()
     }
     /// A, `[r, in_features]`.
     pub fn lora_a(&self) -> &Tensor {
@@ -242,29 +224,10 @@ pub fn inject_from_with_modules<'a>(
     tensors: impl IntoIterator<Item = (String, &'a mut Tensor)>,
     dir: &Path,
 ) -> Result<Adapters, Error> {
-    let cfg = LoraConfig::read(dir)?;
-    let linears: Vec<(String, &'a mut Box<dyn Linear>)> = linears.into_iter().collect();
-    let tensors: Vec<(String, &'a mut Tensor)> = tensors.into_iter().collect();
-    // Check the file against the targets before touching the model.
-    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-    let selected = target::select(&names, &cfg)?;
-    let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-    let saved = target::select_saved(&names, &tensor_names, &cfg)?;
-    let shapes: Vec<(String, i64, i64, i64)> = linears
-        .iter()
-        .zip(&selected)
-        .filter(|(_, s)| **s)
-        .map(|((n, l), _)| (n.clone(), cfg.rank_of(n).0 as i64, l.in_features(), l.out_features()))
-        .collect();
-    let saved_shapes: Vec<(String, Vec<i64>)> =
-        tensors.iter().zip(&saved).filter(|(_, s)| **s).map(|((n, t), _)| (n.clone(), t.size())).collect();
-    let weights = read_weights(dir, &cfg, &shapes, &saved_shapes)?;
-    let mut adapters = inject_with(linears, tensors, &cfg, None, false)?;
-    adapters.copy_in(&weights)?;
-    Ok(adapters)
+    inject_from_with_params(linears, tensors, &[], dir).map(|(adapters, _)| adapters)
 }
 
-/// [`inject_from_with_modules`] for an adapter that also adapts parameters (PEFT's
+/// [`inject_from_with_modules`] for an adapter that may also adapt parameters (PEFT's
 /// `target_parameters`, a mixture's router and experts): `params` are the model's adaptable
 /// parameters; the file is read and checked against linears and parameters before the model is
 /// touched. Returns the parameter adapters for the model to compute with.
@@ -277,12 +240,9 @@ pub fn inject_from_with_params<'a>(
     let cfg = LoraConfig::read(dir)?;
     let linears: Vec<(String, &'a mut Box<dyn Linear>)> = linears.into_iter().collect();
     let tensors: Vec<(String, &'a mut Tensor)> = tensors.into_iter().collect();
+    // Check the file against the targets before touching the model.
     let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-    let selected = if matches!(&cfg.target_modules, TargetModules::List(l) if l.is_empty()) {
-        vec![false; names.len()]
-    } else {
-        target::select(&names, &cfg)?
-    };
+    let selected = selected_linears(&names, &cfg)?;
     let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     let saved = target::select_saved(&names, &tensor_names, &cfg)?;
     let mut shapes: Vec<(String, i64, i64, i64)> = linears
@@ -302,6 +262,14 @@ pub fn inject_from_with_params<'a>(
     let made = adapters.add_params(params, None)?;
     adapters.copy_in(&weights)?;
     Ok((adapters, made))
+}
+
+/// Which of the linears `names` `cfg` targets: PEFT's rules, or none when it adapts only
+/// parameters (`target_parameters` with an empty `target_modules`).
+fn selected_linears(names: &[String], cfg: &LoraConfig) -> Result<Vec<bool>, Error> {
+    let only_params = matches!(&cfg.target_modules, TargetModules::List(l) if l.is_empty())
+        && !cfg.target_parameters.is_empty();
+    if only_params { Ok(vec![false; names.len()]) } else { target::select(names, cfg) }
 }
 
 /// The other offered tensors that share storage with tensor `i` (tied weights), by name.
@@ -324,12 +292,7 @@ fn inject_with<'a>(
 ) -> Result<Adapters, Error> {
     cfg.validate()?;
     let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-    // Only parameters adapted (`target_parameters` with no `target_modules`).
-    let selected = if matches!(&cfg.target_modules, TargetModules::List(l) if l.is_empty()) {
-        vec![false; names.len()]
-    } else {
-        target::select(&names, cfg)?
-    };
+    let selected = selected_linears(&names, cfg)?;
     let tensor_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     let saved = target::select_saved(&names, &tensor_names, cfg)?;
     for (i, _) in saved.iter().enumerate().filter(|(_, s)| **s) {
@@ -465,21 +428,14 @@ impl Adapters {
         drop(rng);
         let mut out = Vec::with_capacity(made.len());
         for (name, slot, lora_a, lora_b, scaling) in made {
-            let adapter = ParamAdapter {
-                slot,
-                lora_a: lora_a.shallow_clone(),
-                lora_b: lora_b.shallow_clone(),
-                scaling,
-                enabled: self.enabled.clone(),
-            };
             self.modules.push(AdapterModule {
                 name,
-                lora_a,
-                lora_b,
+                lora_a: lora_a.shallow_clone(),
+                lora_b: lora_b.shallow_clone(),
                 magnitude: None,
-                param: Some(ParamAdapter { enabled: self.enabled.clone(), ..adapter.share()? }),
+                param: Some(slot.clone()),
             });
-            out.push(adapter);
+            out.push(ParamAdapter { slot, lora_a, lora_b, scaling, enabled: self.enabled.clone() });
         }
         tracing::info!(parameters = out.len(), "LoRA adapters on parameters (target_parameters) added");
         Ok(out)

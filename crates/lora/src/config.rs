@@ -116,6 +116,12 @@ impl LoraConfig {
         if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
     }
 
+    /// Whether `target_parameters` adapt the parameter `<module>.<param>` (PEFT's rule: the name
+    /// is an entry or ends with `.` and an entry).
+    pub fn adapts_param(&self, key: &str) -> bool {
+        self.target_parameters.iter().any(|t| key == t || key.ends_with(&format!(".{t}")))
+    }
+
     /// The rank, alpha and scaling of the target named `name` (a module, or `<module>.<param>`),
     /// after `rank_pattern` and `alpha_pattern` as PEFT reads them: the first key (in the
     /// patterns' order) that matches `(.*\.)?(key)$`.

@@ -273,12 +273,17 @@ impl HfConfig {
             moe: None,
         };
         let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
-        let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64, Error> {
+        let number = |x: Option<&Value>, key: &str| -> Result<Option<f64>, Error> {
             match x {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_f64().ok_or_else(|| bad(format!("`{key}` must be a number, found {x}"))),
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => {
+                    x.as_f64().map(Some).ok_or_else(|| bad(format!("`{key}` must be a number, found {x}")))
+                }
             }
         };
+        let float =
+            |x: Option<&Value>, key: &str, default: f64| Ok::<_, Error>(number(x, key)?.unwrap_or(default));
+        let opt_float = |key: &str| number(v.get(key), key);
         let is_gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
         // Gemma 3 in transformers 5 keeps one RoPE parameter set per layer type.
         let per_type =
@@ -367,14 +372,6 @@ impl HfConfig {
         } else {
             Vec::new()
         };
-        let opt_float = |key: &str| -> Result<Option<f64>, Error> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => {
-                    x.as_f64().map(Some).ok_or_else(|| bad(format!("`{key}` must be a number, found {x}")))
-                }
-            }
-        };
         let gemma = if is_gemma {
             // transformers' defaults where config.json leaves a key out.
             let (attn_cap, final_cap) = match architecture {
@@ -387,7 +384,11 @@ impl HfConfig {
             let local_rope = match (&per_type, architecture) {
                 (Some(p), _) => {
                     let local = &p["sliding_attention"];
-                    let theta = local.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0);
+                    let theta = float(
+                        local.get("rope_theta"),
+                        "rope_parameters.sliding_attention.rope_theta",
+                        10000.0,
+                    )?;
                     Some((theta, parse_rope_params(local).map_err(bad)?))
                 }
                 (None, Architecture::Gemma3) => {

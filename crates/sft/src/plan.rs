@@ -371,7 +371,8 @@ impl RunPlan {
                 moe_problems(&mut p, &cfg, lora.as_ref());
             }
             let mut load = load_options(&recipe, &cfg, device);
-            let shape = run_shape(&recipe, &cfg, &lora_linears, cpu_matmul, device_map::Device::Cpu);
+            let shape =
+                run_shape(&recipe, &cfg, lora.as_ref(), &lora_linears, cpu_matmul, device_map::Device::Cpu);
             // Where the model goes (the estimate splits its own figure per device instead: it plans
             // for the recipe's budgets, whether the GPUs are here or not).
             if purpose == Purpose::Train {
@@ -516,7 +517,8 @@ impl RunPlan {
 
     /// The run's memory-driving settings for the estimate, training on `device`.
     pub fn run_shape(&self, device: device_map::Device) -> RunShape {
-        run_shape(&self.recipe, &self.model_config, &self.lora_linears, self.cpu_matmul, device)
+        let lora = self.recipe.model.use_peft.then_some(&self.lora);
+        run_shape(&self.recipe, &self.model_config, lora, &self.lora_linears, self.cpu_matmul, device)
     }
 }
 
@@ -722,25 +724,17 @@ fn lora_config(recipe: &Recipe, cfg: &HfConfig, model_id: &str, r: usize) -> lor
 /// Adapter parameters per layer on a mixture's router and expert banks (PEFT's
 /// `target_parameters`): `r * (in + out)` per matrix, with each parameter's rank from the
 /// patterns (the fused gate/up bank at twice the rank).
-fn moe_adapter_params(recipe: &Recipe, cfg: &HfConfig) -> u64 {
-    let Some(moe) = &cfg.moe else { return 0 };
-    let r = u64::try_from(recipe.model.lora_r).unwrap_or(0) as usize;
-    let c = lora_config(recipe, cfg, "", r.max(1));
-    let (h, i, e) = (cfg.shape.hidden, moe.expert_intermediate, moe.experts);
-    let adapted =
-        |name: &str| c.target_parameters.iter().any(|t| name == t || name.ends_with(&format!(".{t}")));
-    let rank = |name: &str| c.rank_of(name).0 as u64;
-    let mut n = 0;
-    if adapted("mlp.gate.weight") {
-        n += rank("mlp.gate.weight") * (h + e);
-    }
-    if adapted("mlp.experts.gate_up_proj") {
-        n += e * rank("mlp.experts.gate_up_proj") * (h + 2 * i);
-    }
-    if adapted("mlp.experts.down_proj") {
-        n += e * rank("mlp.experts.down_proj") * (i + h);
-    }
-    n
+fn moe_adapter_params(cfg: &HfConfig, lora: &lora::LoraConfig) -> u64 {
+    sft::params::slots_of(cfg)
+        .iter()
+        .filter(|s| s.module.starts_with("model.layers.0."))
+        .map(|s| (format!("{}.{}", s.module, s.param), s))
+        .filter(|(key, _)| lora.adapts_param(key))
+        .map(|(key, s)| {
+            let r = lora.rank_of(&key).0 as u64;
+            r * s.experts.unwrap_or(1) as u64 * (s.in_features + s.out_features) as u64
+        })
+        .sum()
 }
 
 /// PEFT's rewrite of a mixture of experts' targets (transformers 5 keeps its experts as 3-D
@@ -917,6 +911,7 @@ const RUNTIME_BYTES: u64 = 170 << 20;
 fn run_shape(
     recipe: &Recipe,
     cfg: &HfConfig,
+    lora: Option<&lora::LoraConfig>,
     lora_linears: &[String],
     cpu_matmul: CpuMatmul,
     device: device_map::Device,
@@ -937,7 +932,7 @@ fn run_shape(
         dtype_bytes: if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 },
         lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
         lora_targets: lora_linears.to_vec(),
-        lora_param_params: if recipe.model.use_peft { moe_adapter_params(recipe, cfg) } else { 0 },
+        lora_param_params: lora.map_or(0, |l| moe_adapter_params(cfg, l)),
         adapter_bytes: if adapter_kind(recipe, cfg) == Kind::BFloat16 { 2 } else { 4 },
         lora_dropout: recipe.model.use_peft && recipe.model.lora_dropout > 0.0,
         // DPO runs each pair's chosen and rejected sequences in one batch of 2B; its reference pass
@@ -975,7 +970,7 @@ mod tests {
         let scores = |dir: &str, yaml: &str| {
             let cfg = HfConfig::from_dir(&families.join(dir).join("model")).expect("config");
             let r = recipe(&format!("model_name_or_path: m\n{yaml}"));
-            run_shape(&r, &cfg, &[], CpuMatmul::Auto, device_map::Device::Cpu).attention_scores
+            run_shape(&r, &cfg, None, &[], CpuMatmul::Auto, device_map::Device::Cpu).attention_scores
         };
         // The tiny Gemma 3's window is 16 positions.
         assert!(!scores("gemma3", "max_length: 16\n"));
@@ -1063,7 +1058,7 @@ mod tests {
                 "model_name_or_path: m\nuse_peft: true\nlora_target_modules: all-linear\nlora_alpha: 16\nlora_r: 4\n",
             );
             assert_eq!(
-                moe_adapter_params(&all4, &cfg),
+                moe_adapter_params(&cfg, &lora_config(&all4, &cfg, "m", 4)),
                 4 * (64 + 4) + 4 * 8 * (64 + 192) + 4 * 4 * (96 + 64)
             );
             let named = recipe(&format!(
@@ -1191,7 +1186,7 @@ mod tests {
         assert!(p.found.is_empty(), "{:?}", p.found);
         assert_eq!(plan.objective.losses, vec![(DpoLoss::Sigmoid, 1.0), (DpoLoss::Sft, 0.5)]);
         assert!(plan.disable_dropout && !plan.precompute);
-        let shape = run_shape(&r, &cfg, &[], CpuMatmul::Auto, device_map::Device::Cpu);
+        let shape = run_shape(&r, &cfg, None, &[], CpuMatmul::Auto, device_map::Device::Cpu);
         assert_eq!(shape.batch, 6, "chosen and rejected run as one batch");
         // DPOTrainer's start-up checks become recipe problems on their keys.
         let r = dpo("loss_type: [exo_pair]\n");
