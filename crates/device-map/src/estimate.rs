@@ -17,6 +17,11 @@
 //! probabilities) when 16-bit matmuls run in f32; and the process's own footprint before
 //! loading. The loss runs over chunks of positions (`logits_chunk_bytes` of f32 logits at a
 //! time), so logits cost a few chunks, not `tokens x vocab`.
+//!
+//! A mixture of experts on a CPU with native 16-bit GEMMs also keeps compiled GEMM kernels per
+//! shape (oneDNN's primitive cache, about `gemm_kernel_bytes` each): its per-expert row counts
+//! vary every step, so nibble pads them to [`expert_rows_bucket`]'s few sizes, and the estimate
+//! counts every bucket a micro-batch can reach.
 
 use std::fmt;
 
@@ -197,6 +202,11 @@ pub struct RunShape {
     pub logits_chunk_bytes: u64,
     /// The process before loading anything (runtime libraries, tokenizer), bytes.
     pub runtime: u64,
+    /// Bytes a CPU GEMM library keeps per distinct GEMM shape it has run (oneDNN's cached
+    /// primitives for native 16-bit GEMMs; 0 where nothing is kept per shape: f32 GEMMs, CUDA).
+    pub gemm_kernel_bytes: u64,
+    /// Most GEMM kernels that library keeps at once (its cache's capacity in entries).
+    pub gemm_kernel_cache: u64,
 }
 
 /// The estimate, by component, in bytes.
@@ -219,6 +229,8 @@ pub struct Estimate {
     pub logits: u64,
     /// The process before loading (runtime libraries).
     pub runtime: u64,
+    /// GEMM kernels a CPU library keeps for a mixture's per-expert row counts.
+    pub gemm_kernels: u64,
 }
 
 impl Estimate {
@@ -232,10 +244,11 @@ impl Estimate {
             + self.activations
             + self.logits
             + self.runtime
+            + self.gemm_kernels
     }
 
     /// Each component with a name, for display.
-    pub fn parts(&self) -> [(&'static str, u64); 8] {
+    pub fn parts(&self) -> [(&'static str, u64); 9] {
         [
             ("base weights (decoder linears)", self.base_linears),
             ("embeddings, head, norms", self.unquantized),
@@ -245,13 +258,19 @@ impl Estimate {
             ("activations", self.activations),
             ("logits (fp32) and their grad", self.logits),
             ("runtime (process before loading)", self.runtime),
+            ("GEMM kernels (expert row sizes)", self.gemm_kernels),
         ]
     }
 }
 
 impl fmt::Display for Estimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (name, b) in self.parts() {
+        let kernels = self.parts().len() - 1;
+        // Kernels cached per expert row size appear only where a mixture keeps them.
+        for (i, (name, b)) in self.parts().into_iter().enumerate() {
+            if i == kernels && b == 0 {
+                continue;
+            }
             writeln!(f, "  {name:<32} {:>12}", format_bytes(b))?;
         }
         write!(f, "  {:<32} {:>12}", "total", format_bytes(self.total()))
@@ -353,7 +372,50 @@ pub fn estimate(model: &ModelShape, run: &RunShape) -> Estimate {
             4 * chunk + if upcast { (model.vocab * model.hidden * 4).min(HEAD_SLAB_BYTES) } else { 0 }
         },
         runtime: run.runtime,
+        gemm_kernels: gemm_kernels(model, run),
     }
+}
+
+/// Row counts below which an expert's GEMMs run unpadded (decoding and small batches see few
+/// distinct counts anyway).
+const UNPADDED_EXPERT_ROWS: u64 = 16;
+
+/// Significant bits an expert's padded row count keeps: four sizes per octave, at most 25% (on
+/// average about 10%) more rows than routed.
+const EXPERT_ROW_BITS: u32 = 3;
+
+/// The row count an expert's GEMMs run with on a CPU for `rows` routed rows: a mixture's
+/// per-expert counts change every step, and CPU GEMM libraries compile and keep kernels per shape,
+/// so unpadded counts grow memory step after step; padded to a few sizes they repeat.
+pub fn expert_rows_bucket(rows: u64) -> u64 {
+    if rows <= UNPADDED_EXPERT_ROWS {
+        return rows;
+    }
+    let shift = (u64::BITS - rows.leading_zeros()).saturating_sub(EXPERT_ROW_BITS);
+    rows.div_ceil(1 << shift) << shift
+}
+
+/// Distinct padded row counts of `1..=rows` (the buckets an expert can see in a micro-batch of
+/// `rows` tokens: each token goes to an expert at most once).
+fn expert_row_buckets(rows: u64) -> u64 {
+    let (mut count, mut size) = (0, 0);
+    while size < rows {
+        size = expert_rows_bucket(size + 1);
+        count += 1;
+    }
+    count
+}
+
+/// Kernels a CPU GEMM library keeps for a mixture's expert GEMMs: every row bucket a
+/// micro-batch can reach, times the distinct GEMMs an expert runs per row count (gate/up and down
+/// forward, and their input gradients; with 16-bit expert adapters, their products too).
+fn gemm_kernels(model: &ModelShape, run: &RunShape) -> u64 {
+    if model.moe.is_none() || run.gemm_kernel_bytes == 0 {
+        return 0;
+    }
+    let per_bucket = 4 + if run.lora_param_params > 0 && run.adapter_bytes < 4 { 12 } else { 0 };
+    let entries = (expert_row_buckets(run.batch * run.seq) * per_bucket).min(run.gemm_kernel_cache);
+    entries * run.gemm_kernel_bytes
 }
 
 #[cfg(test)]
@@ -398,6 +460,34 @@ mod tests {
         let layers: u64 = modules(&mixtral, &qlora(true)).iter().skip(1).take(32).map(|m| m.bytes).sum();
         let e = estimate(&mixtral, &qlora(true));
         assert!(layers >= e.base_linears && layers < e.base_linears + e.base_linears / 100, "{layers} {e:?}");
+        // Where the GEMM library keeps no kernels per shape, a mixture costs none; where it does,
+        // every reachable row bucket's (4 x 2048 tokens: 16 unpadded counts, 4 per octave above).
+        assert_eq!(e.gemm_kernels, 0);
+        let cached = estimate(&mixtral, &RunShape { gemm_kernel_bytes: 1000, ..qlora(true) });
+        assert_eq!(cached.gemm_kernels, (16 + 4 * 9) * 4 * 1000);
+        // No more than the cache holds.
+        let small = RunShape { gemm_kernel_bytes: 1000, gemm_kernel_cache: 100, ..qlora(true) };
+        assert_eq!(estimate(&mixtral, &small).gemm_kernels, 100 * 1000);
+        assert_eq!(estimate(&dense, &RunShape { gemm_kernel_bytes: 1000, ..qlora(true) }).gemm_kernels, 0);
+    }
+
+    /// Padded expert row counts cover the routed rows with at most 25% more, take four sizes per
+    /// octave above 16, and are counted as the padding produces them.
+    #[test]
+    fn expert_rows_pad_to_few_sizes() {
+        let sizes: Vec<u64> = (1..=100).map(expert_rows_bucket).collect();
+        for (n, &b) in (1..).zip(&sizes) {
+            assert!(b >= n && b * 4 <= n * 5 + 4, "{n} -> {b}");
+            assert_eq!(expert_rows_bucket(b), b, "a bucket is its own bucket");
+        }
+        let mut distinct = sizes.clone();
+        distinct.dedup();
+        let above: Vec<u64> = distinct.iter().copied().filter(|&b| b > 16).collect();
+        assert_eq!(above, [20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112]);
+        assert_eq!(expert_row_buckets(100), distinct.len() as u64);
+        assert_eq!(expert_row_buckets(16), 16);
+        assert_eq!(expert_row_buckets(1024), 16 + 4 * 6);
+        assert_eq!(expert_row_buckets(1025), 16 + 4 * 6 + 1);
     }
 
     /// Fusing q/k/v and gate/up changes the names, not the parameters.
@@ -449,6 +539,8 @@ mod tests {
             matmul_in_f32: false,
             logits_chunk_bytes: 0,
             runtime: 0,
+            gemm_kernel_bytes: 0,
+            gemm_kernel_cache: 1024,
         }
     }
 
@@ -500,6 +592,8 @@ mod tests {
             matmul_in_f32: false,
             logits_chunk_bytes: 0,
             runtime: 7,
+            gemm_kernel_bytes: 0,
+            gemm_kernel_cache: 1024,
         };
         let base = estimate(&m, &plain);
         assert_eq!(base.runtime, 7);

@@ -38,7 +38,8 @@ pub(crate) fn per_device(
     if let Some(head) = plan.device_of("lm_head") {
         *out.entry(head).or_insert(0) += e.logits;
     }
-    *out.entry(Device::Cpu).or_insert(0) += e.runtime;
+    // The process and the CPU GEMM library's cached kernels (counted for CPU runs only).
+    *out.entry(Device::Cpu).or_insert(0) += e.runtime + e.gemm_kernels;
     out
 }
 
@@ -105,6 +106,7 @@ mod tests {
             activations: 1000,
             logits: 7,
             runtime: 3,
+            gemm_kernels: 0,
         };
         let names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"];
         let devices = [Device::Cuda(0), Device::Cuda(0), Device::Cpu, Device::Cpu, Device::Cpu];

@@ -268,6 +268,11 @@ fn main() -> ExitCode {
         // SAFETY: the first thing the process does, single-threaded: anyhow captures from now on.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "1") };
     }
+    for var in plan::GEMM_KERNEL_CACHE_VARS.into_iter().filter(|v| std::env::var_os(v).is_none()) {
+        // SAFETY: as above, before anything reads the environment on another thread (oneDNN and
+        // ideep read these once, at their first GEMM).
+        unsafe { std::env::set_var(var, plan::GEMM_KERNEL_CACHE_ENTRIES.to_string()) };
+    }
     match command() {
         Ok(code) => code,
         Err(e) => {

@@ -907,6 +907,25 @@ fn loads_8bit(recipe: &Recipe, cfg: &HfConfig) -> bool {
 /// bench machine (docs/benchmarks.md).
 const RUNTIME_BYTES: u64 = 170 << 20;
 
+/// What oneDNN keeps per native 16-bit GEMM shape on a CPU (its cached primitive): 0.6-0.9 MiB
+/// measured for shapes from 1024x2048 to 4096x14336 on an AVX512-BF16 host, docs/benchmarks.md.
+const GEMM_KERNEL_BYTES: u64 = 768 << 10;
+
+/// The oneDNN and ideep cache capacities sft sets unless the environment does: torch's default
+/// of 1024 entries each holds ~0.75 GiB of kernels once GEMM shapes vary (a mixture's expert
+/// rows, decoding's growing attention, batches of varying length); 256 still holds a step's.
+pub const GEMM_KERNEL_CACHE_ENTRIES: u64 = 256;
+
+/// The environment variables that size oneDNN's primitive cache and ideep's above it.
+pub const GEMM_KERNEL_CACHE_VARS: [&str; 2] = ["ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"];
+
+/// The kernels those caches keep at most: the larger capacity in effect (a kernel either holds
+/// stays alive), torch's default 1024 where unset.
+fn gemm_kernel_cache_entries() -> u64 {
+    let capacity = |var: &str| std::env::var(var).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(1024);
+    GEMM_KERNEL_CACHE_VARS.iter().map(|v| capacity(v)).max().unwrap_or(1024)
+}
+
 /// The run's memory-driving settings, training on `device`.
 fn run_shape(
     recipe: &Recipe,
@@ -927,9 +946,11 @@ fn run_shape(
     let sixteen = if recipe.model.dtype == Dtype::Float16 { Kind::Half } else { Kind::BFloat16 };
     let on_cpu = device == device_map::Device::Cpu;
     let seq = t.max_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(1024);
+    let dtype_bytes = if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 };
+    let matmul_in_f32 = on_cpu && quant::ops::matmul_in_f32_under(cpu_matmul, sixteen, Device::Cpu);
     RunShape {
         base,
-        dtype_bytes: if model_kind(recipe, cfg) == Kind::Float { 4 } else { 2 },
+        dtype_bytes,
         lora_r: if recipe.model.use_peft { u64::try_from(recipe.model.lora_r).unwrap_or(0) } else { 0 },
         lora_targets: lora_linears.to_vec(),
         lora_param_params: lora.map_or(0, |l| moe_adapter_params(cfg, l)),
@@ -946,9 +967,11 @@ fn run_shape(
         attention_scores: t.packing
             || cfg.sliding_window.is_some_and(|w| w < seq)
             || cfg.architecture == Architecture::Gemma2,
-        matmul_in_f32: on_cpu && quant::ops::matmul_in_f32_under(cpu_matmul, sixteen, Device::Cpu),
+        matmul_in_f32,
         logits_chunk_bytes: sft::train::HEAD_CHUNK_BYTES as u64,
         runtime: if on_cpu { RUNTIME_BYTES } else { 0 },
+        gemm_kernel_bytes: if on_cpu && dtype_bytes == 2 && !matmul_in_f32 { GEMM_KERNEL_BYTES } else { 0 },
+        gemm_kernel_cache: gemm_kernel_cache_entries(),
     }
 }
 

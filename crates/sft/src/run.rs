@@ -493,7 +493,9 @@ fn sample(model: &CausalLm, tok: &data::Tokenizer, prompt: &str) -> Result<()> {
         tok.encode(prompt, false).map_err(anyhow::Error::msg)?.into_iter().map(i64::from).collect();
     let mut stop: Vec<i64> = tok.eos_token_id().map(i64::from).into_iter().collect();
     stop.extend(tok.token_to_id("<|im_end|>").map(i64::from));
-    let new = model.generate_greedy(&ids, 48, &stop)?;
+    // KV-cached: each new token runs one position through the model, not the whole sequence.
+    let sampling = model_loader::Sampling { max_new_tokens: 48, stop_ids: stop, ..Default::default() };
+    let new = model.generate(&ids, &sampling)?.tokens;
     let new_u32: Vec<u32> = new.iter().map(|&t| t as u32).collect();
     let text = tok.inner().decode(&new_u32, true).map_err(|e| anyhow::anyhow!("decoding the sample: {e}"))?;
     #[allow(clippy::print_stdout)]

@@ -593,7 +593,6 @@ impl Experts {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor), Error> {
         let shape = x.size();
         let hidden = shape.last().copied().unwrap_or(0);
-        let kind = x.f_kind()?;
         let h = x.f_reshape([-1, hidden])?;
         let logits = self.route(&h)?;
         let probs = logits.f_softmax(-1, Kind::Float)?;
@@ -604,21 +603,40 @@ impl Experts {
         if !self.weights_in_f32 {
             top = top.f_to_kind(logits.f_kind()?)?;
         }
+        let pad = h.device() == tch::Device::Cpu;
+        Ok((self.mix(&h, &top, &index, pad)?.f_reshape(&shape)?, logits))
+    }
+
+    /// The experts' weighted outputs for `h [tokens, hidden]` routed by `index [tokens, k]`
+    /// with weights `top`. With `pad`, each expert's gathered rows are padded (repeating its first
+    /// row, whose copies' outputs are dropped) to device-map's row bucket: a CPU GEMM library
+    /// compiles and keeps kernels per shape, and routed counts change every step.
+    fn mix(&self, h: &Tensor, top: &Tensor, index: &Tensor, pad: bool) -> Result<Tensor, Error> {
+        let kind = h.f_kind()?;
         let mut out = h.f_zeros_like()?;
         // `[k, tokens]` choices, read row-major per expert as `torch.where` reads its mask.
         let choices = index.f_transpose(0, 1)?.f_contiguous()?;
         for e in 0..self.experts.len() {
             let hit = choices.f_eq(e as i64)?.f_nonzero()?;
-            if hit.size()[0] == 0 {
+            let rows = hit.size()[0];
+            if rows == 0 {
                 continue;
             }
             let (slot, token) = (hit.f_select(1, 0)?, hit.f_select(1, 1)?);
-            let y = self.expert(e, &h.f_index_select(0, &token)?)?;
+            let padded =
+                if pad { device_map::estimate::expert_rows_bucket(rows as u64) as i64 } else { rows };
+            let y = if padded == rows {
+                self.expert(e, &h.f_index_select(0, &token)?)?
+            } else {
+                let fill = token.f_narrow(0, 0, 1)?.f_expand([padded - rows], false)?;
+                let gather = Tensor::f_cat(&[&token, &fill], 0)?;
+                self.expert(e, &h.f_index_select(0, &gather)?)?.f_narrow(0, 0, rows)?
+            };
             let w = top.f_index_select(0, &token)?.f_gather(1, &slot.f_unsqueeze(1)?, false)?;
             let y = y.f_mul(&w)?.f_to_kind(kind)?;
             out = out.f_index_add(0, &token, &y)?;
         }
-        Ok((out.f_reshape(&shape)?, logits))
+        Ok(out)
     }
 }
 
@@ -709,5 +727,64 @@ impl DecoderLayer {
             }
         };
         names.iter().copied().zip(slots).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(out: i64, inp: i64) -> Box<dyn Linear> {
+        let w = Tensor::randn([out, inp], (Kind::Float, tch::Device::Cpu)) * 0.1;
+        Box::new(quant::linear::Dense::new(w, None).expect("dense"))
+    }
+
+    /// Padding each expert's rows to its bucket changes no routed token's output nor the input's
+    /// gradient: the padded copies' outputs are dropped before the weighting.
+    #[test]
+    fn padded_expert_rows_give_the_unpadded_mixture() {
+        tch::manual_seed(0);
+        let (hidden, width, n_experts, tokens) = (8, 12, 4, 150);
+        let experts = (0..n_experts)
+            .map(|_| Mlp {
+                gate_up: GateUp::Separate { gate_proj: dense(width, hidden), up_proj: dense(width, hidden) },
+                down_proj: dense(hidden, width),
+                gelu: false,
+            })
+            .collect();
+        let router = quant::linear::Dense::new(
+            Tensor::randn([n_experts, hidden], (Kind::Float, tch::Device::Cpu)),
+            None,
+        )
+        .expect("router");
+        let moe = Experts {
+            router,
+            lora: ExpertLora::default(),
+            experts,
+            top_k: 2,
+            norm_topk_prob: true,
+            weights_in_f32: true,
+        };
+        let h = Tensor::randn([tokens, hidden], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let probs = moe.route(&h).expect("route").softmax(-1, Kind::Float);
+        let (top, index) = probs.topk(2, -1, true, true);
+        // At least one expert gets a row count that pads (150 * 2 / 4 = 75 rows on average).
+        let rows = |e: i64| index.eq(e).sum(Kind::Int64).int64_value(&[]) as u64;
+        assert!((0..n_experts).any(|e| device_map::estimate::expert_rows_bucket(rows(e)) != rows(e)));
+        let run = |pad: bool| {
+            let y = moe.mix(&h, &top.detach(), &index, pad).expect("mix");
+            let g = Tensor::randn_like(&y);
+            let dh = Tensor::run_backward(&[y.f_mul(&g).expect("mul").sum(Kind::Float)], &[&h], false, false);
+            (y.detach(), dh[0].shallow_clone())
+        };
+        let ((y0, g0), (y1, g1)) = {
+            tch::manual_seed(1);
+            let a = run(false);
+            tch::manual_seed(1);
+            (a, run(true))
+        };
+        let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(close(&y0, &y1) < 1e-6, "outputs differ by {}", close(&y0, &y1));
+        assert!(close(&g0, &g1) < 1e-6, "input gradients differ by {}", close(&g0, &g1));
     }
 }
