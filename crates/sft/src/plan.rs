@@ -369,6 +369,7 @@ impl RunPlan {
             let lora_linears = lora.as_ref().and_then(|l| layer_targets(&mut p, &cfg, l)).unwrap_or_default();
             if purpose == Purpose::Train {
                 moe_problems(&mut p, &cfg, lora.as_ref());
+                best_metric_problems(&mut p, &cfg);
             }
             let mut load = load_options(&recipe, &cfg, device);
             let shape =
@@ -635,6 +636,28 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> LoadOptions 
         ..quant::linear::Int8Options::default()
     });
     LoadOptions { dtype, quantize, quantize_8bit, compute_dtype, device, placement: None }
+}
+
+/// `metric_for_best_model` names a metric this run's evaluations report (as transformers takes
+/// it: `eval_` prefixed where it is not), checked before training rather than at the first
+/// evaluation.
+fn best_metric_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
+    let recipe = p.recipe;
+    let Some(metric) = recipe.training.metric_for_best_model.as_deref() else { return };
+    let routed = cfg
+        .moe
+        .as_ref()
+        .is_some_and(|m| recipe.training.router_aux_loss_coef.unwrap_or(m.router_aux_loss_coef) != 0.0);
+    let names = sft::train::eval_metric_names(recipe.dpo.is_some(), routed);
+    let full = if metric.starts_with("eval_") { metric.to_owned() } else { format!("eval_{metric}") };
+    if !names.contains(&full) {
+        let names: Vec<&str> = names.iter().map(|n| n.trim_start_matches("eval_")).collect();
+        p.add(
+            Problem::OutOfRange,
+            "metric_for_best_model",
+            format!("`{metric}` is not among this run's evaluation metrics: {}", names.join(", ")),
+        );
+    }
 }
 
 /// transformers' checks of `save_strategy: best` and `load_best_model_at_end` (Trainer and
@@ -1055,6 +1078,52 @@ mod tests {
         moe_problems(&mut p, &dense, None);
         assert_eq!(p.found.len(), 1);
         assert!(p.found[0].to_string().contains("not a mixture-of-experts model"), "{}", p.found[0]);
+    }
+
+    /// `metric_for_best_model` is checked against the run's evaluation metrics before training:
+    /// with or without its `eval_` prefix; DPO's own only for DPO; the router loss only where a
+    /// mixture's is on.
+    #[test]
+    fn the_best_model_metric_is_one_the_evaluation_reports() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dense = HfConfig::from_dir(&root.join("models/tiny-llama")).expect("config");
+        let moe = HfConfig::from_dir(&root.join("tests/golden/families/mixtral/model")).expect("config");
+        let problems = |trainer: config::Trainer, cfg: &HfConfig, yaml: &str| {
+            let r = config::Loader::new()
+                .trainer(trainer)
+                .yaml("r.yaml", format!("dataset_name: d\nmodel_name_or_path: m\nuse_peft: true\n{yaml}"))
+                .load()
+                .expect("recipe");
+            let mut p = Problems { recipe: &r, found: Vec::new() };
+            best_metric_problems(&mut p, cfg);
+            p.found.iter().map(|d| d.to_string()).collect::<Vec<_>>()
+        };
+        let sft = |cfg: &HfConfig, metric: &str| {
+            problems(config::Trainer::Sft, cfg, &format!("metric_for_best_model: {metric}\n"))
+        };
+        let dpo = |metric: &str| {
+            problems(config::Trainer::Dpo, &dense, &format!("metric_for_best_model: '{metric}'\n"))
+        };
+        for ok in ["loss", "eval_loss", "mean_token_accuracy", "eval_runtime"] {
+            assert!(sft(&dense, ok).is_empty(), "{ok}");
+            assert!(dpo(ok).is_empty(), "{ok}");
+        }
+        assert!(dpo("rewards/margins").is_empty() && dpo("eval_rewards/accuracies").is_empty());
+        assert!(sft(&moe, "aux_loss").is_empty());
+        let off = problems(
+            config::Trainer::Sft,
+            &moe,
+            "metric_for_best_model: aux_loss\nrouter_aux_loss_coef: 0\n",
+        );
+        for wrong in [sft(&dense, "rewards/margins"), sft(&dense, "aux_loss"), sft(&dense, "acuracy"), off] {
+            assert_eq!(wrong.len(), 1, "{wrong:?}");
+            assert!(
+                wrong[0].contains("metric_for_best_model") && wrong[0].contains("mean_token_accuracy"),
+                "{}",
+                wrong[0]
+            );
+        }
+        assert!(problems(config::Trainer::Sft, &dense, "").is_empty());
     }
 
     /// PEFT's rewrite of a mixture's targets: all-linear adds the router and both expert banks

@@ -1290,6 +1290,45 @@ mod tests {
             .collect()
     }
 
+    /// A DPO evaluation reports exactly the metrics the plan lets `metric_for_best_model` name.
+    #[test]
+    fn a_dpo_evaluation_reports_the_names_the_plan_checks() {
+        use super::super::Evaluator;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
+        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
+        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        let dpo = Dpo {
+            objective: DpoObjective::default(),
+            adapters: &adapters,
+            initial: None,
+            router_aux_loss_coef: None,
+        };
+        let entry =
+            DpoEval { dpo: &dpo, batches: text_pairs(2) }.evaluate(&model, 1, 0.5).expect("evaluation");
+        let names = |entry: &super::super::EvalEntry| {
+            let json = serde_json::to_value(entry).expect("json");
+            let mut keys: Vec<String> = json
+                .as_object()
+                .expect("object")
+                .keys()
+                .filter(|k| k.starts_with("eval_"))
+                .cloned()
+                .collect();
+            keys.sort();
+            keys
+        };
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(names(&entry), sorted(super::super::eval_metric_names(true, false)));
+        // SFT's, on the same model.
+        let sft = crate::train::SftEval(&[], None).evaluate(&model, 1, 0.5).expect("evaluation");
+        assert_eq!(names(&sft), sorted(super::super::eval_metric_names(false, false)));
+    }
+
     fn dpo_run(per: usize, grad_accum: usize, steps: u64) -> (Vec<Tensor>, Vec<report::LogEntry>) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
         let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };

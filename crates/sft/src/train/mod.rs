@@ -94,6 +94,23 @@ pub struct BestModel {
     pub load_at_end: bool,
 }
 
+/// The metrics an evaluation reports (each with its `eval_` prefix): the loss, token accuracy and
+/// runtime; DPO's own ([`dpo::DPO_METRICS`]); `eval_aux_loss` where a mixture's router loss is on
+/// (`routed`). What `metric_for_best_model` may name, checked before a run starts.
+pub fn eval_metric_names(dpo: bool, routed: bool) -> Vec<String> {
+    let mut names: Vec<String> =
+        ["eval_loss", "eval_mean_token_accuracy", "eval_runtime"].map(String::from).to_vec();
+    if dpo {
+        // DPO's token accuracy is the entry's own field (above).
+        let own = dpo::DPO_METRICS.iter().filter(|m| **m != "mean_token_accuracy");
+        names.extend(own.map(|m| format!("eval_{m}")));
+    }
+    if routed {
+        names.push("eval_aux_loss".to_owned());
+    }
+    names
+}
+
 impl BestModel {
     /// The metric's value in `e`, or an error listing the metrics there are (as the Trainer's).
     fn value(&self, e: &EvalEntry) -> Result<f64, Error> {
