@@ -172,6 +172,12 @@ impl DpoPlan {
         if let Err(e) = objective.check() {
             p.add(Problem::Conflict, "loss_type", e);
         }
+        if recipe.training.padding_free {
+            // TRL 1.16's DPOTrainer says the same and pads; so does nibble.
+            tracing::warn!(
+                "padding_free: DPO pads its batches as TRL 1.16's DPOTrainer does (it turns padding_free off)"
+            );
+        }
         if recipe.training.neftune_noise_alpha.is_some() {
             p.add(
                 Problem::Conflict,
