@@ -68,20 +68,27 @@ fn trl_log(name: &str) -> Option<PathBuf> {
     dir.as_ref().map(|d| d.join(format!("trl_{name}.json")))
 }
 
-fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
-    let Some(trl) = trl_log(name) else { return };
-    let golden = repo().join("tests/golden/dpo_trl");
+/// `sft dpo RECIPE FLAGS` in a scratch folder named after `name`: the log history it wrote (the
+/// folder is removed again).
+fn train_dpo(name: &str, recipe: &std::path::Path, flags: &[&str]) -> Vec<Value> {
     let out = std::env::temp_dir().join(format!("nibble-dpo-trl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = nibble_tests::sft_in(&out.join("cache"))
         .arg("dpo")
-        .arg(golden.join("recipe.yaml"))
+        .arg(recipe)
         .args(["--output_dir", out.to_str().unwrap()])
         .args(flags)
         .output()
         .unwrap();
     assert!(o.status.success(), "sft dpo ({name}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let ours = nibble_tests::log_history(&out);
+    let history = nibble_tests::log_history(&out);
+    let _ = std::fs::remove_dir_all(&out);
+    history
+}
+
+fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
+    let Some(trl) = trl_log(name) else { return };
+    let ours = train_dpo(name, &repo().join("tests/golden/dpo_trl/recipe.yaml"), flags);
     let theirs: Value = serde_json::from_str(&std::fs::read_to_string(trl).unwrap()).unwrap();
     let theirs = theirs.as_array().unwrap();
     assert_eq!(ours.len(), 20, "{name}: logged steps");
@@ -129,7 +136,6 @@ fn run_variant(name: &str, flags: &[&str], tol: &Tol) {
     assert!(stats <= tol.stats, "{name}: logits/entropy depart from TRL's by {stats:e}");
     assert!(accuracy <= tol.accuracy, "{name}: mean_token_accuracy departs from TRL's by {accuracy}");
     assert!(logps <= tol.logps, "{name}: step-1 log-probs depart from TRL's by {logps:e}");
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -229,17 +235,7 @@ fn mixture_of_experts_dpo_with_the_router_loss_matches_trl() {
         serde_json::from_str(&std::fs::read_to_string(golden.join("trl_dpo_log.json")).unwrap()).unwrap();
     let theirs = theirs.as_array().unwrap();
     for (name, flags) in [("plain", &[][..]), ("checkpointed", &["--gradient_checkpointing", "true"][..])] {
-        let out = std::env::temp_dir().join(format!("nibble-dpo-moe-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
-        let o = nibble_tests::sft_in(&out.join("cache"))
-            .arg("dpo")
-            .arg(golden.join("dpo_recipe.yaml"))
-            .args(["--output_dir", out.to_str().unwrap()])
-            .args(flags)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "sft dpo ({name}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
-        let ours = nibble_tests::log_history(&out);
+        let ours = train_dpo(&format!("moe-{name}"), &golden.join("dpo_recipe.yaml"), flags);
         assert_eq!(ours.len(), 10, "{name}: logged steps");
         assert_eq!(ours.len(), theirs.len(), "{name}: logged steps");
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"));
@@ -266,6 +262,5 @@ fn mixture_of_experts_dpo_with_the_router_loss_matches_trl() {
             }
         }
         eprintln!("mixture-of-experts DPO ({name}): worst relative difference from TRL {worst:.1e}");
-        let _ = std::fs::remove_dir_all(&out);
     }
 }

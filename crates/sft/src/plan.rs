@@ -650,13 +650,11 @@ fn load_options(recipe: &Recipe, cfg: &HfConfig, device: Device) -> LoadOptions 
 fn best_metric_problems(p: &mut Problems<'_>, cfg: &HfConfig) {
     let recipe = p.recipe;
     let Some(metric) = recipe.training.metric_for_best_model.as_deref() else { return };
-    let routed = cfg
-        .moe
-        .as_ref()
-        .is_some_and(|m| recipe.training.router_aux_loss_coef.unwrap_or(m.router_aux_loss_coef) != 0.0);
+    let Some(best) = crate::training::best_model(&recipe.training) else { return };
+    let config_coef = cfg.moe.as_ref().map(|m| m.router_aux_loss_coef);
+    let routed = sft::train::router::coefficient(config_coef, recipe.training.router_aux_loss_coef).is_some();
     let names = sft::train::eval_metric_names(recipe.dpo.is_some(), routed);
-    let full = if metric.starts_with("eval_") { metric.to_owned() } else { format!("eval_{metric}") };
-    if !names.contains(&full) {
+    if !names.contains(&best.metric) {
         let names: Vec<&str> = names.iter().map(|n| n.trim_start_matches("eval_")).collect();
         p.add(
             Problem::OutOfRange,

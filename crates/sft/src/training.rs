@@ -199,7 +199,7 @@ impl TrainingPlan {
 /// transformers' rules: the metric defaults to `loss` under `load_best_model_at_end`, gets an
 /// `eval_` prefix, and higher is better unless its name ends with `loss`. `None` when no metric is
 /// set (the plan refuses `save_strategy: best` without one).
-fn best_model(t: &config::TrainingArgs) -> Option<sft::train::BestModel> {
+pub(crate) fn best_model(t: &config::TrainingArgs) -> Option<sft::train::BestModel> {
     let metric =
         t.metric_for_best_model.clone().or_else(|| t.load_best_model_at_end.then(|| "loss".to_owned()))?;
     let greater_is_better = t.greater_is_better.unwrap_or(!metric.ends_with("loss"));

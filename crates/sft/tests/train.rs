@@ -415,21 +415,22 @@ fn evaluating_a_mixture_adds_each_batchs_router_loss() {
     let routed = sft::train::SftEval(&eval, Some(0.25)).evaluate(&model, 0, 0.0).unwrap();
     // Each batch's aux on its own, its padding masked.
     let (experts, top_k) = model.routing().unwrap();
+    // A batch's router loss under `mask` (and `scale`), from an evaluation's forward.
+    let aux_of = |b: &DeviceBatch, mask: Option<Tensor>, scale: f64| {
+        let r = RouterLoss { experts, top_k, mask, scale, value: std::cell::Cell::new(None) };
+        let routed = sft::train::hidden_states_routed(
+            &model,
+            &b.input_ids,
+            Some(&b.position_ids),
+            b.segment_ids.as_ref(),
+            Some(&r),
+        );
+        routed.unwrap().1.unwrap()
+    };
     let aux: Vec<f64> = eval
         .iter()
         .map(|(b, _)| {
-            let mask = b.segment_ids.as_ref().map(|s| s.ge(0).to_kind(Kind::Float).reshape([-1]));
-            let r = RouterLoss { experts, top_k, mask, scale: 0.25, value: std::cell::Cell::new(None) };
-            sft::train::hidden_states_routed(
-                &model,
-                &b.input_ids,
-                Some(&b.position_ids),
-                b.segment_ids.as_ref(),
-                Some(&r),
-            )
-            .unwrap()
-            .1
-            .unwrap()
+            aux_of(b, b.segment_ids.as_ref().map(|s| s.ge(0).to_kind(Kind::Float).reshape([-1])), 0.25)
         })
         .collect();
     assert!(aux[0] != aux[1]);
@@ -438,18 +439,6 @@ fn evaluating_a_mixture_adds_each_batchs_router_loss() {
     let mean = routed.metrics["eval_aux_loss"];
     assert!((mean - (aux[0] + aux[1]) / 2.0).abs() < 1e-12);
     // Padding is masked: the same rows without the mask give another aux.
-    let (experts, top_k) = model.routing().unwrap();
-    let unmasked = RouterLoss { experts, top_k, mask: None, scale: 1.0, value: std::cell::Cell::new(None) };
-    let (b, _) = &eval[0];
-    let all = sft::train::hidden_states_routed(
-        &model,
-        &b.input_ids,
-        Some(&b.position_ids),
-        b.segment_ids.as_ref(),
-        Some(&unmasked),
-    )
-    .unwrap()
-    .1
-    .unwrap();
+    let all = aux_of(&eval[0].0, None, 1.0);
     assert!((all - aux[0]).abs() > 1e-6);
 }

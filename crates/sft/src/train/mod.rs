@@ -421,7 +421,7 @@ impl<'a> Trainer<'a> {
     /// `router_aux_loss_coef`, else the model config's; `None` when 0 or the model is dense.
     pub fn router_aux_loss_coef(&self) -> Option<f64> {
         let moe_coef = self.model.config().moe.as_ref().map(|m| m.router_aux_loss_coef);
-        moe_coef.map(|c| self.opts.router_aux_loss_coef.unwrap_or(c)).filter(|&c| c != 0.0)
+        router::coefficient(moe_coef, self.opts.router_aux_loss_coef)
     }
 
     /// [`Trainer::train`] for any objective; `epoch_batches(e)` gives epoch `e`'s micro-batches

@@ -11,6 +11,13 @@ use std::cell::Cell;
 
 use tch::{Kind, Tensor};
 
+/// The router loss's coefficient as TRL takes it: the recipe's `router_aux_loss_coef` (`set`),
+/// else the model config's (`config`, present for a mixture of experts only); `None` when 0 or
+/// the model is dense.
+pub fn coefficient(config: Option<f64>, set: Option<f64>) -> Option<f64> {
+    config.map(|c| set.unwrap_or(c)).filter(|&c| c != 0.0)
+}
+
 /// The router loss of one micro-batch: its routing shape, the tokens that count, and the weight
 /// its gradient takes in the step (`coef / (accumulation steps * ranks)`, as TRL averages it).
 pub struct RouterLoss {
