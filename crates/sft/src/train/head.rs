@@ -184,6 +184,7 @@ mod tests {
     /// autograd's through log-softmax (to rounding).
     #[test]
     fn the_tiled_fold_and_gradient_are_log_softmax_and_its_gradient() {
+        let _rng = lora::global_rng();
         tch::manual_seed(3);
         let (n, v, hidden) = (5, 2 * VOCAB_TILE + 17, 6);
         let weight = Tensor::randn([v, hidden], (Kind::Float, tch::Device::Cpu)).f_mul_scalar(0.5).unwrap();
@@ -205,6 +206,7 @@ mod tests {
     /// through `cap · tanh(z / cap)` and log-softmax.
     #[test]
     fn the_soft_capped_gradient_is_autograds() {
+        let _rng = lora::global_rng();
         tch::manual_seed(4);
         let (n, v, hidden, cap) = (4, VOCAB_TILE + 9, 5, 3.0);
         let weight = Tensor::randn([v, hidden], (Kind::Float, tch::Device::Cpu)).f_mul_scalar(2.0).unwrap();

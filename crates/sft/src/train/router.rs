@@ -126,6 +126,7 @@ mod tests {
     /// terms' gradients equal to autograd's through the whole formula.
     #[test]
     fn the_loss_and_its_layer_by_layer_gradient_follow_the_definition() {
+        let _rng = lora::global_rng();
         tch::manual_seed(5);
         let (n, e, k) = (6, 4, 2);
         let mask = Tensor::from_slice(&[1.0f32, 1.0, 0.0, 1.0, 1.0, 0.0]);

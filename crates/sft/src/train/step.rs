@@ -231,11 +231,15 @@ impl Layers<'_> {
         head: impl FnOnce(&Tensor) -> Result<(S, Tensor), model_loader::Error>,
     ) -> Result<S, model_loader::Error> {
         let ctx = model.context(self.position_ids, self.segment_ids)?;
+        // Each seeding holds libtorch's process-wide generator through the draws it seeds for
+        // (NEFTune's noise, dropout masks), so no other thread reseeds it in between.
         let embed = || -> Result<Tensor, model_loader::Error> {
+            let _rng = lora::global_rng();
             tch::manual_seed(self.seed.wrapping_sub(1));
             Ok(neftune(model.embed(self.input_ids)?, self.neftune_alpha)?)
         };
         let layer = |i: usize, h: &Tensor| {
+            let _rng = lora::global_rng();
             tch::manual_seed(self.seed.wrapping_add(i as i64));
             model.layer_routed(i, h, &ctx)
         };
@@ -385,8 +389,11 @@ mod tests {
         let (b, t) = (3, 11);
         // Hidden states of the model's width and dtype.
         let probe = model.embed(&Tensor::zeros([1, 1], (Kind::Int64, tch::Device::Cpu))).unwrap();
-        let h = Tensor::randn([b, t, probe.size()[2]], (probe.kind(), tch::Device::Cpu));
-        let labels = Tensor::randint_low(0, model.vocab_size(), [b, t], (Kind::Int64, tch::Device::Cpu));
+        let (h, labels) = {
+            let _rng = lora::global_rng();
+            let h = Tensor::randn([b, t, probe.size()[2]], (probe.kind(), tch::Device::Cpu));
+            (h, Tensor::randint_low(0, model.vocab_size(), [b, t], (Kind::Int64, tch::Device::Cpu)))
+        };
         // Masked positions: a prompt, and a whole row with nothing to learn.
         let _ = labels.narrow(1, 0, 4).fill_(-100);
         let _ = labels.get(2).fill_(-100);
