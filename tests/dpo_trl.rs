@@ -71,7 +71,10 @@ fn trl_log(name: &str) -> Option<PathBuf> {
 /// `sft dpo RECIPE FLAGS` in a scratch folder named after `name`: the log history it wrote (the
 /// folder is removed again).
 fn train_dpo(name: &str, recipe: &std::path::Path, flags: &[&str]) -> Vec<Value> {
-    let out = std::env::temp_dir().join(format!("nibble-dpo-trl-{name}-{}", std::process::id()));
+    // Tests comparing against the same TRL file run at once: one folder each.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!("nibble-dpo-trl-{name}-{}-{run}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = nibble_tests::sft_in(&out.join("cache"))
         .arg("dpo")
@@ -146,6 +149,16 @@ fn sigmoid_matches_trl() {
 #[test]
 fn sigmoid_precomputed_reference_matches_trl() {
     run_variant("sigmoid_precompute", &["--precompute_ref_log_probs"], &TOL);
+}
+
+/// `padding_free: true` (nibble's: the layers skip each batch's padding, attention keeps the
+/// padded layout) against the same TRL runs (TRL 1.16 turns `padding_free` off and pads): the
+/// same maths, so the same curve to f32 rounding, with the reference scored each step or
+/// precomputed (that pass skips the padding too).
+#[test]
+fn padding_free_matches_trl() {
+    run_variant("sigmoid", &["--padding_free", "true"], &TOL);
+    run_variant("sigmoid_precompute", &["--padding_free", "true", "--precompute_ref_log_probs"], &TOL);
 }
 
 #[test]
@@ -224,7 +237,7 @@ fn a_second_precomputing_run_reads_its_reference_from_the_cache() {
 /// family's all-linear adapter (attention, router and expert banks): per-step loss, reward
 /// margin, gradient norm and `aux_loss` equal TRL's (`scripts/golden_dpo_families.py`), with and
 /// without gradient checkpointing (which adds each layer's share of the router loss where that
-/// layer is recomputed). Within the 1e-3 (measured 2.4e-5 on the AVX512-BF16 host the
+/// layer is recomputed), and with `padding_free`. Within the 1e-3 (measured 2.4e-5 on the AVX512-BF16 host the
 /// golden was made on; the routing's top-k and the experts' gathers leave more room for a
 /// kernel's rounding than the dense tiny model's curves do).
 #[test]
@@ -234,7 +247,12 @@ fn mixture_of_experts_dpo_with_the_router_loss_matches_trl() {
     let theirs: Value =
         serde_json::from_str(&std::fs::read_to_string(golden.join("trl_dpo_log.json")).unwrap()).unwrap();
     let theirs = theirs.as_array().unwrap();
-    for (name, flags) in [("plain", &[][..]), ("checkpointed", &["--gradient_checkpointing", "true"][..])] {
+    // With `padding_free` the router sees the real tokens alone instead of masking the padding.
+    for (name, flags) in [
+        ("plain", &[][..]),
+        ("checkpointed", &["--gradient_checkpointing", "true"][..]),
+        ("padding-free", &["--padding_free", "true"][..]),
+    ] {
         let ours = train_dpo(&format!("moe-{name}"), &golden.join("dpo_recipe.yaml"), flags);
         assert_eq!(ours.len(), 10, "{name}: logged steps");
         assert_eq!(ours.len(), theirs.len(), "{name}: logged steps");

@@ -173,9 +173,11 @@ impl DpoPlan {
             p.add(Problem::Conflict, "loss_type", e);
         }
         if recipe.training.padding_free {
-            // TRL 1.16's DPOTrainer says the same and pads; so does nibble.
-            tracing::warn!(
-                "padding_free: DPO pads its batches as TRL 1.16's DPOTrainer does (it turns padding_free off)"
+            // TRL 1.16's DPOTrainer turns padding_free off and pads; nibble keeps the padded
+            // layout for attention only (see `train::dpo::DpoBatch::skip_padding`).
+            tracing::info!(
+                "padding_free: the layers skip each DPO batch's padding (attention keeps the padded layout); \
+                 TRL 1.16's DPOTrainer turns padding_free off, so the rounding differs from its"
             );
         }
         if recipe.training.neftune_noise_alpha.is_some() {

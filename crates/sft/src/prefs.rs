@@ -39,6 +39,8 @@ pub(crate) struct PreferenceData {
     batch_size: usize,
     drop_last: bool,
     sequential: bool,
+    /// `padding_free`: the layers skip each batch's padding ([`DpoBatch::skip_padding`]).
+    padding_free: bool,
 }
 
 /// Read the plan's training rows (and eval rows, when the data has an eval split) and tokenize
@@ -108,6 +110,7 @@ pub(crate) fn preferences(setup: &DataSetup) -> Result<(PreferenceData, Option<P
         batch_size,
         drop_last,
         sequential,
+        padding_free: setup.train.padding_free,
     };
     let eval = match setup.sources.eval_fingerprint() {
         Some(fp) => Some(data(prepare(fp, true)?, setup.eval_batch_size, false, true)),
@@ -125,6 +128,11 @@ impl PreferenceData {
     /// Pairs per micro-batch.
     pub fn batch_size(&self) -> usize {
         self.batch_size
+    }
+
+    /// Whether the layers skip each batch's padding (`padding_free`).
+    pub fn padding_free(&self) -> bool {
+        self.padding_free
     }
 
     /// Micro-batches per epoch.
@@ -158,7 +166,7 @@ impl PreferenceData {
         let examples: Vec<&PreferenceIds> = idx.iter().map(|&i| &self.pairs[i]).collect();
         let collated =
             collate_preferences(&examples, self.pad_id, self.max_length, self.mode, self.pad_to_multiple_of);
-        let mut mb = DpoMicroBatch::from_collated(&collated)?;
+        let mut mb = DpoMicroBatch::from_collated(&collated, self.padding_free)?;
         if let Some(reference) = &self.reference {
             let pick = |f: &dyn Fn(&RefPair) -> [f32; 2]| -> Result<Tensor, tch::TchError> {
                 let (c, r): (Vec<f32>, Vec<f32>) =
@@ -268,10 +276,13 @@ pub(crate) struct ReferencePass<'a> {
     pub ld_alpha: Option<f64>,
     /// Pairs per batch.
     pub batch_size: usize,
+    /// `padding_free`: the pass skips each batch's padding (rounds its products otherwise).
+    pub padding_free: bool,
 }
 
 /// The key of a reference pass: the pairs, the base model's files (name, size, modification
-/// time) and how it loads, the starting adapter's values, LD-DPO's weight and the batch size.
+/// time) and how it loads, the starting adapter's values, LD-DPO's weight, the batch size and
+/// whether the pass skips padding.
 pub(crate) fn reference_key(
     rows_key: [u8; 32],
     model_dir: &Path,
@@ -292,6 +303,10 @@ pub(crate) fn reference_key(
         h.update(format!("{:?} {} {:?}\n", f.file_name(), meta.len(), modified).as_bytes());
     }
     h.update(format!("{load:?} ld={:?} batch={}", pass.ld_alpha, pass.batch_size).as_bytes());
+    if pass.padding_free {
+        // Appended only when set, so the keys of earlier (padded) caches stay valid.
+        h.update(b" padding_free");
+    }
     for t in pass.initial.unwrap_or_default() {
         let v =
             Vec::<f32>::try_from(t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_flatten(0, -1)?)?;

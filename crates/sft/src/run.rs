@@ -315,6 +315,7 @@ pub fn train(plan: &RunPlan, machine: &Machine) -> Result<Ended> {
                 initial: initial.as_deref(),
                 ld_alpha: dpo.objective.ld_alpha,
                 batch_size: dpo.precompute_batch_size.unwrap_or(pairs.batch_size()),
+                padding_free: pairs.padding_free(),
             };
             // Cached beside the tokenized pairs, keyed by what the pass depends on.
             let key = cache

@@ -262,7 +262,12 @@ fn dpo_batch(seed: i64, pairs: i64) -> (sft::train::dpo::DpoMicroBatch, u64) {
         ],
         1,
     );
-    let batch = sft::train::dpo::DpoBatch { input_ids: ids, completion_mask: mask, segment_ids: None };
+    let batch = sft::train::dpo::DpoBatch {
+        input_ids: ids,
+        completion_mask: mask,
+        segment_ids: None,
+        skip_padding: false,
+    };
     (sft::train::dpo::DpoMicroBatch { batch, reference: None, tokens: (16 * pairs) as u64 }, pairs as u64)
 }
 
@@ -424,6 +429,7 @@ fn evaluating_a_mixture_adds_each_batchs_router_loss() {
             Some(&b.position_ids),
             b.segment_ids.as_ref(),
             Some(&r),
+            false,
         );
         routed.unwrap().1.unwrap()
     };

@@ -164,6 +164,41 @@ pub(crate) struct DeviceContext {
     /// The sliding-window layers' own tables, for models that alternate (Gemma); `None` when
     /// every layer uses the ones above.
     pub(crate) sliding: Option<Box<DeviceContext>>,
+    /// Where the layers run on the batch's tokens only (padding skipped): hidden states are
+    /// `[1, N, hidden]` and attention alone works on the `[B, T]` grid.
+    pub(crate) unpad: Option<Unpad>,
+}
+
+/// The real tokens of a padded `[rows, cols]` batch, in row-major order: the layers' linears,
+/// norms and MLPs run on these `N` tokens only; attention scatters its queries, keys and values
+/// back onto the grid (zeros at padding, which no real token attends) and gathers its output.
+#[derive(Debug)]
+pub(crate) struct Unpad {
+    /// `[N]` flat grid positions (`row * cols + col`) of the real tokens.
+    pub(crate) index: Tensor,
+    pub(crate) rows: i64,
+    pub(crate) cols: i64,
+}
+
+impl Unpad {
+    fn to_device(&self, device: tch::Device) -> Result<Unpad, Error> {
+        Ok(Unpad { index: self.index.f_to_device(device)?, rows: self.rows, cols: self.cols })
+    }
+
+    /// `[1, N, C]` -> `[rows, cols, C]`, zeros at padding.
+    pub(crate) fn scatter_to_grid(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let c = x.size().last().copied().unwrap_or(0);
+        let index = self.index.f_to_device(x.device())?;
+        let grid = Tensor::f_zeros([self.rows * self.cols, c], (x.f_kind()?, x.device()))?;
+        Ok(grid.f_index_copy(0, &index, &x.f_reshape([-1, c])?)?.f_view([self.rows, self.cols, c])?)
+    }
+
+    /// `[rows, cols, C]` -> `[1, N, C]`, the real tokens' rows.
+    pub(crate) fn gather_real(&self, x: &Tensor) -> Result<Tensor, Error> {
+        let c = x.size().last().copied().unwrap_or(0);
+        let index = self.index.f_to_device(x.device())?;
+        Ok(x.f_reshape([-1, c])?.f_index_select(0, &index)?.f_unsqueeze(0)?)
+    }
 }
 
 impl DeviceContext {
@@ -174,6 +209,7 @@ impl DeviceContext {
             sin: self.sin.f_to_device(device)?,
             mask: self.mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
             sliding: self.sliding.as_ref().map(|s| s.to_device(device).map(Box::new)).transpose()?,
+            unpad: self.unpad.as_ref().map(|u| u.to_device(device)).transpose()?,
         })
     }
 
@@ -208,6 +244,28 @@ impl LayerContext {
                 "this batch context was not built for {device:?} (built by another model?)"
             ))
         })
+    }
+
+    fn unpad(&self) -> Option<&Unpad> {
+        self.by_device.first().and_then(|(_, c)| c.unpad.as_ref())
+    }
+
+    /// The layers' input from the embeddings `[B, T, hidden]`: unchanged, or `[1, N, hidden]`
+    /// (the real tokens) where this context skips padding.
+    pub fn pack(&self, h: &Tensor) -> Result<Tensor, Error> {
+        match self.unpad() {
+            None => Ok(h.shallow_clone()),
+            Some(u) => u.gather_real(h),
+        }
+    }
+
+    /// The last layer's output back on the batch's `[B, T, hidden]` grid (zeros at padding where
+    /// this context skips padding); the inverse of [`Self::pack`].
+    pub fn unpack(&self, h: &Tensor) -> Result<Tensor, Error> {
+        match self.unpad() {
+            None => Ok(h.shallow_clone()),
+            Some(u) => u.scatter_to_grid(h),
+        }
     }
 }
 
@@ -279,8 +337,9 @@ impl Attention {
         Ok(h.f_transpose(1, 2)?)
     }
 
-    /// q, k, v as `[B, heads, T, head_dim]`.
-    fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor), Error> {
+    /// q, k, v as `[B, heads, T, head_dim]` (projected from the real tokens alone and scattered
+    /// onto the batch's grid where the layers skip padding).
+    fn project_qkv(&self, x: &Tensor, unpad: Option<&Unpad>) -> Result<(Tensor, Tensor, Tensor), Error> {
         let (ys, norms) =
             ([self.heads, self.kv_heads, self.kv_heads], [self.q_norm.as_ref(), self.k_norm.as_ref(), None]);
         let outs: [Tensor; 3] = match &self.qkv {
@@ -294,7 +353,13 @@ impl Attention {
             }
         };
         // A slice of the fused output splits its last dimension into heads as a view, as there.
-        let [q, k, v] = outs;
+        let [q, k, v] = match unpad {
+            Some(u) => {
+                let [q, k, v] = outs;
+                [u.scatter_to_grid(&q)?, u.scatter_to_grid(&k)?, u.scatter_to_grid(&v)?]
+            }
+            None => outs,
+        };
         Ok((
             self.heads_of(&q, norms[0], ys[0])?,
             self.heads_of(&k, norms[1], ys[1])?,
@@ -310,8 +375,15 @@ impl Attention {
         ctx: &DeviceContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor, Error> {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let (q, k, v) = self.project_qkv(x)?;
+        let unpad = ctx.unpad.as_ref();
+        if unpad.is_some() && cache.is_some() {
+            return Err(Error::BadInput("a key/value cache needs the padded layout".into()));
+        }
+        let (b, t) = match unpad {
+            Some(u) => (u.rows, u.cols),
+            None => (x.size()[0], x.size()[1]),
+        };
+        let (q, k, v) = self.project_qkv(x, unpad)?;
         let kind = q.f_kind()?;
         let (cos, sin) = (ctx.cos.f_to_kind(kind)?, ctx.sin.f_to_kind(kind)?);
         let q = apply_rope(&q, &cos, &sin)?;
@@ -340,8 +412,7 @@ impl Attention {
         let rep = self.heads / self.kv_heads;
         if self.scores.eager {
             let out = self.eager(&q, &k, &v, ctx.mask.as_ref(), past, upcast)?;
-            let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
-            return Ok(self.o_proj.forward(&out)?);
+            return self.output(&out, b, t, unpad);
         }
         let repeat = rep > 1 && (ctx.mask.is_some() || self.head_dim > 256);
         let (k, v) = if repeat { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) } else { (k, v) };
@@ -356,7 +427,17 @@ impl Attention {
             rep > 1 && !repeat,
         )?
         .f_to_kind(kind)?;
+        self.output(&out, b, t, unpad)
+    }
+
+    /// `o_proj` of the heads' outputs `[B, heads, T, head_dim]`, on the real tokens only where
+    /// the layers skip padding.
+    fn output(&self, out: &Tensor, b: i64, t: i64, unpad: Option<&Unpad>) -> Result<Tensor, Error> {
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, self.heads * self.head_dim])?;
+        let out = match unpad {
+            Some(u) => u.gather_real(&out)?,
+            None => out,
+        };
         Ok(self.o_proj.forward(&out)?)
     }
 }

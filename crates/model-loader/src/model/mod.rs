@@ -702,6 +702,38 @@ impl CausalLm {
         LayerContext::spread(tables, &self.placement.compute_devices())
     }
 
+    /// [`Self::context`] for layers that run on the batch's real tokens only: where
+    /// `segment_ids` marks padding (-1), the linears, norms and MLPs skip it (the layers take
+    /// and give `[1, N, hidden]`, see [`LayerContext::pack`]) and attention alone works on the
+    /// `[B, T]` grid, with the same mask. Real tokens get what the padded layout gives them; a
+    /// batch without padding gets [`Self::context`].
+    pub fn context_skipping_padding(
+        &self,
+        position_ids: &Tensor,
+        segment_ids: Option<&Tensor>,
+    ) -> Result<LayerContext, Error> {
+        let Some(seg) = segment_ids else { return self.context(position_ids, None) };
+        let real = seg.f_reshape([-1])?.f_ge(0)?;
+        let n = real.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        if n == real.numel() as i64 {
+            return self.context(position_ids, segment_ids);
+        }
+        let size = seg.size();
+        let [rows, cols] = size[..] else {
+            return Err(Error::BadInput(format!("segment_ids must be [batch, seq], got {size:?}")));
+        };
+        let device = position_ids.device();
+        let mut tables =
+            self.tables(position_ids, |window| blocks::attention_mask(segment_ids, cols, window, device))?;
+        let index = real.f_nonzero()?.f_reshape([-1])?.f_to_device(device)?;
+        let unpad = || blocks::Unpad { index: index.shallow_clone(), rows, cols };
+        if let Some(s) = tables.sliding.as_mut() {
+            s.unpad = Some(unpad());
+        }
+        tables.unpad = Some(unpad());
+        LayerContext::spread(tables, &self.placement.compute_devices())
+    }
+
     /// Rotary tables for `positions` and the masks `mask(window)` gives, for every layer's
     /// window: the global one (`sliding_window`, Mistral's) and, for a model that alternates,
     /// the sliding layers' with their own RoPE where they have one.
@@ -718,10 +750,16 @@ impl CausalLm {
                     Some(r) => r.cos_sin(positions, self.dtype)?,
                     None => (cos.shallow_clone(), sin.shallow_clone()),
                 };
-                Some(Box::new(DeviceContext { cos, sin, mask: mask(Some(*window))?, sliding: None }))
+                Some(Box::new(DeviceContext {
+                    cos,
+                    sin,
+                    mask: mask(Some(*window))?,
+                    sliding: None,
+                    unpad: None,
+                }))
             }
         };
-        Ok(DeviceContext { cos, sin, mask: mask(self.sliding_window)?, sliding })
+        Ok(DeviceContext { cos, sin, mask: mask(self.sliding_window)?, sliding, unpad: None })
     }
 
     /// Run decoder layer `index` on hidden states `h`, moved first to where the layer computes
@@ -843,16 +881,26 @@ impl CausalLm {
                 &default_pos
             }
         };
-        let ctx = self.context(pos, segment_ids)?;
-        let mut h = self.embed(input_ids)?;
+        self.hidden_states_in(&self.context(pos, segment_ids)?, input_ids, router)
+    }
+
+    /// [`Self::hidden_states_routed`] in a context the caller built (one that skips padding,
+    /// say: [`Self::context_skipping_padding`]); `[B, T, hidden]` either way.
+    pub fn hidden_states_in(
+        &self,
+        ctx: &LayerContext,
+        input_ids: &Tensor,
+        router: &mut dyn FnMut(Tensor) -> Result<(), Error>,
+    ) -> Result<Tensor, Error> {
+        let mut h = ctx.pack(&self.embed(input_ids)?)?;
         for i in 0..self.layers.len() {
-            let (next, logits) = self.layer_routed(i, &h, &ctx)?;
+            let (next, logits) = self.layer_routed(i, &h, ctx)?;
             if let Some(l) = logits {
                 router(l)?;
             }
             h = next;
         }
-        Ok(h)
+        ctx.unpack(&h)
     }
 
     /// KV-cached decoding after `prompt` (a batch of one): greedy at temperature 0, else sampled

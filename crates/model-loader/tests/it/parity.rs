@@ -292,6 +292,58 @@ fn packed_sequences_do_not_see_each_other() {
     });
 }
 
+/// Layers that skip a batch's padding (`context_skipping_padding`: linears, norms and MLPs on
+/// the real tokens, attention on the padded grid) give every real token the padded layout's
+/// hidden state and its embedding the same gradient, in every family (Gemma 2's eager
+/// attention, Phi-3's fused projection, the mixtures' experts, Mistral's window included), and
+/// zeros at padding.
+#[test]
+fn skipping_padding_changes_nothing_for_real_tokens() {
+    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3moe"] {
+        let model = load(&golden(name), LoadOptions::default());
+        let (rows, cols) = (3i64, 9i64);
+        let lens = [9i64, 4, 6];
+        let ids = Tensor::from_slice(&(0..rows * cols).map(|i| 3 + (i * 7) % 50).collect::<Vec<_>>())
+            .view([rows, cols]);
+        let seg: Vec<i64> =
+            lens.iter().flat_map(|&l| (0..cols).map(move |c| if c < l { 0 } else { -1 })).collect();
+        let seg = Tensor::from_slice(&seg).view([rows, cols]);
+        let pos = Tensor::arange(cols, (Kind::Int64, tch::Device::Cpu)).expand([rows, cols], false);
+        let real = seg.ge(0).unsqueeze(-1);
+        let run = |skip: bool| {
+            let ctx = if skip {
+                model.context_skipping_padding(&pos, Some(&seg)).unwrap()
+            } else {
+                model.context(&pos, Some(&seg)).unwrap()
+            };
+            let e = model.embed(&ids).unwrap().detach().set_requires_grad(true);
+            let mut h = ctx.pack(&e).unwrap();
+            let tokens = if skip { lens.iter().sum::<i64>() } else { cols };
+            assert_eq!(h.size()[..2], [if skip { 1 } else { rows }, tokens], "{name}: the layers' layout");
+            for i in 0..model.num_layers() {
+                h = model.layer(i, &h, &ctx).unwrap();
+            }
+            let h = ctx.unpack(&h).unwrap();
+            // A loss on real tokens only, as training's.
+            let w = Tensor::arange(h.size()[2], (Kind::Float, tch::Device::Cpu)).sin();
+            (&h * &w * &real).sum(Kind::Float).backward();
+            (h.detach(), e.grad())
+        };
+        let (padded, padded_grad) = run(false);
+        let (skipped, skipped_grad) = run(true);
+        let err = max_rel_err(&(&skipped * &real), &(&padded * &real));
+        assert!(err < 1e-5, "{name}: real tokens' hidden states differ by {err:e}");
+        let err = max_rel_err(&skipped_grad, &padded_grad);
+        assert!(err < 1e-5, "{name}: embeddings' gradients differ by {err:e}");
+        let at_padding = (&skipped * real.logical_not()).abs().max().double_value(&[]);
+        assert_eq!(at_padding, 0.0, "{name}: padding must come back as zeros");
+        // The whole-model entry point agrees.
+        let ctx = model.context_skipping_padding(&pos, Some(&seg)).unwrap();
+        let h = tch::no_grad(|| model.hidden_states_in(&ctx, &ids, &mut |_| Ok(()))).unwrap();
+        assert!(max_rel_err(&(&h * &real), &(&padded * &real)) < 1e-5, "{name}: hidden_states_in");
+    }
+}
+
 #[test]
 fn sliding_window_limits_attention() {
     // Mistral's window is 5: with 12 tokens, the last position ignores the first ones.

@@ -582,6 +582,11 @@ pub struct DpoBatch {
     /// attention as transformers does for a padded batch (and runs grouped-query attention the
     /// way transformers does under a mask, which rounds the key/value gradients its way).
     pub segment_ids: Option<Tensor>,
+    /// `padding_free`: the layers' linears, norms and MLPs run on the real tokens only, while
+    /// attention keeps the padded layout ([`model_loader::CausalLm::context_skipping_padding`]).
+    /// Every real token gets the same value as padded; only the rounding of products over a
+    /// different number of rows differs (TRL 1.16's DPOTrainer turns `padding_free` off and pads).
+    pub skip_padding: bool,
 }
 
 impl DpoBatch {
@@ -593,6 +598,12 @@ impl DpoBatch {
     /// [`Self::segment_ids`] on `device`.
     fn segments_on(&self, device: tch::Device) -> Result<Option<Tensor>, tch::TchError> {
         self.segment_ids.as_ref().map(|s| s.f_to_device(device)).transpose()
+    }
+
+    /// What a router loss over this batch masks: its padding, unless the layers skip it (the
+    /// router then sees real tokens only).
+    fn router_segments(&self) -> Option<&Tensor> {
+        self.segment_ids.as_ref().filter(|_| !self.skip_padding)
     }
 }
 
@@ -609,7 +620,14 @@ pub fn reference_logps(
 ) -> Result<SequenceLogps, Error> {
     let score = || -> Result<SequenceLogps, model_loader::Error> {
         let segments = batch.segments_on(model.device())?;
-        let h = tch::no_grad(|| model.hidden_states(&batch.input_ids, None, segments.as_ref()))?;
+        let (h, _) = super::step::hidden_states_routed(
+            model,
+            &batch.input_ids,
+            None,
+            segments.as_ref(),
+            None,
+            batch.skip_padding,
+        )?;
         sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES, scoring)
     };
     // The reference is a fixed model: no dropout in it, whatever the policy's training mode.
@@ -640,7 +658,9 @@ pub struct DpoStats {
 /// logits: once without a graph for each sequence's log-prob sum, from which the loss and its
 /// gradient with respect to every sum follow; then again with a graph, back-propagating each
 /// chunk's `Σ dL/d(sum of its sequence) · log p` at once. The layers below run through
-/// [`super::step::Layers`] (checkpointing, dropout seeds) as SFT's do.
+/// [`super::step::Layers`] (checkpointing, dropout seeds) as SFT's do; with
+/// [`DpoBatch::skip_padding`] on the batch's real tokens only (a `router` built for the batch,
+/// `DpoBatch::router_segments`).
 #[allow(clippy::too_many_arguments, reason = "the micro-batch's settings, each needed once")]
 pub fn forward_backward(
     model: &model_loader::CausalLm,
@@ -668,6 +688,7 @@ pub fn forward_backward(
         seed,
         neftune_alpha: None,
         router,
+        skip_padding: batch.skip_padding,
     };
     let mut outcome: Option<Result<DpoStats, Error>> = None;
     let stats = layers.forward_backward(model, |h| {
@@ -759,14 +780,19 @@ impl DpoEval<'_> {
                 let mask = mb.batch.completion_mask.f_to_device(model.device()).map_err(torch)?;
                 let segments = mb.batch.segments_on(model.device()).map_err(torch)?;
                 let router = match coef {
-                    Some(c) => {
-                        super::router::RouterLoss::for_batch(model, segments.as_ref(), c).map_err(torch)?
-                    }
+                    Some(c) => super::router::RouterLoss::for_batch(model, mb.batch.router_segments(), c)
+                        .map_err(torch)?,
                     None => None,
                 };
-                let (h, aux) =
-                    super::step::hidden_states_routed(model, &ids, None, segments.as_ref(), router.as_ref())
-                        .map_err(forward)?;
+                let (h, aux) = super::step::hidden_states_routed(
+                    model,
+                    &ids,
+                    None,
+                    segments.as_ref(),
+                    router.as_ref(),
+                    mb.batch.skip_padding,
+                )
+                .map_err(forward)?;
                 let scoring = Scoring {
                     ld_alpha: self.dpo.objective.ld_alpha,
                     stats: true,
@@ -934,8 +960,12 @@ pub struct DpoMicroBatch {
 }
 
 impl DpoMicroBatch {
-    /// A micro-batch from a collated preference batch.
-    pub fn from_collated(b: &data::preference::PreferenceBatch) -> Result<Self, tch::TchError> {
+    /// A micro-batch from a collated preference batch, its layers skipping the padding when
+    /// `skip_padding` ([`DpoBatch::skip_padding`]).
+    pub fn from_collated(
+        b: &data::preference::PreferenceBatch,
+        skip_padding: bool,
+    ) -> Result<Self, tch::TchError> {
         let shape = [b.rows as i64, b.len as i64];
         Ok(DpoMicroBatch {
             batch: DpoBatch {
@@ -947,6 +977,7 @@ impl DpoMicroBatch {
                 } else {
                     None
                 },
+                skip_padding,
             },
             reference: None,
             tokens: b.attention_mask.iter().map(|&m| m as u64).sum(),
@@ -991,7 +1022,7 @@ impl super::Objective for Dpo<'_> {
         // TRL adds `coef * aux` to the policy's loss, divided as the loss is.
         let router = match self.router_aux_loss_coef {
             Some(coef) => {
-                super::router::RouterLoss::for_batch(model, b.batch.segment_ids.as_ref(), coef * scale)
+                super::router::RouterLoss::for_batch(model, b.batch.router_segments(), coef * scale)
                     .map_err(model_loader::Error::from)?
             }
             None => None,
@@ -1155,6 +1186,7 @@ mod tests {
             input_ids: matrix(&golden["inputs"]["input_ids"]),
             completion_mask: matrix(&golden["inputs"]["completion_mask"]),
             segment_ids: None,
+            skip_padding: false,
         }
     }
 
@@ -1259,8 +1291,9 @@ mod tests {
         );
     }
 
-    /// The text pairs of the data golden as collated micro-batches of `per` pairs.
-    fn text_pairs(per: usize) -> Vec<(DpoMicroBatch, u64)> {
+    /// The text pairs of the data golden as collated micro-batches of `per` pairs (their layers
+    /// skipping the padding when `skip_padding`).
+    fn text_pairs(per: usize, skip_padding: bool) -> Vec<(DpoMicroBatch, u64)> {
         let golden: Value =
             serde_json::from_str(include_str!("../../../data/tests/golden/dpo_data.json")).expect("golden");
         let rows = golden["groups"]["text_explicit"]["rows"].as_array().expect("rows").clone();
@@ -1285,9 +1318,55 @@ mod tests {
                     config::types::TruncationMode::KeepStart,
                     None,
                 );
-                (DpoMicroBatch::from_collated(&b).expect("batch"), c.len() as u64)
+                (DpoMicroBatch::from_collated(&b, skip_padding).expect("batch"), c.len() as u64)
             })
             .collect()
+    }
+
+    /// `padding_free`: layers that skip a batch's padding give the padded layout's reference
+    /// log-probs, loss and adapter gradients (to f32 rounding), with and without checkpointing.
+    #[test]
+    fn skipping_padding_gives_the_padded_step() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
+        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
+        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        // B starts at zero: give it values so the adapters change the reference and the policy.
+        tch::no_grad(|| {
+            let _rng = lora::global_rng();
+            tch::manual_seed(11);
+            for mut p in adapters.parameters() {
+                let _ = p.f_add_(&(p.randn_like() * 0.02)).expect("perturb");
+            }
+        });
+        let initial: Vec<Tensor> = adapters.parameters().iter().map(|p| p.detach().copy()).collect();
+        let objective = DpoObjective::default();
+        let (padded, skipped) = (text_pairs(3, false), text_pairs(3, true));
+        assert!(
+            padded.iter().any(|(b, _)| b.batch.segment_ids.is_some()),
+            "the golden's batches have padding"
+        );
+        for ((p, _), (s, _)) in padded.iter().zip(&skipped) {
+            let mut out = Vec::new();
+            for (mb, checkpointing) in [(p, false), (s, false), (s, true)] {
+                zero_grads(&adapters);
+                let reference =
+                    reference_logps(&model, &adapters, Some(&initial), &mb.batch, Scoring::default())
+                        .expect("reference");
+                let st =
+                    forward_backward(&model, &mb.batch, &reference, &objective, 1.0, checkpointing, 7, None)
+                        .expect("step");
+                out.push((reference.sums, st.loss, grads(&adapters)));
+            }
+            let (want_ref, want_loss, want_grads) = &out[0];
+            for (got_ref, got_loss, got_grads) in &out[1..] {
+                assert!(max_rel(std::slice::from_ref(got_ref), std::slice::from_ref(want_ref)) < 1e-5);
+                assert!((got_loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{got_loss} vs {want_loss}");
+                let err = max_rel(got_grads, want_grads);
+                assert!(err < 1e-4, "adapter gradients differ by {err:e}");
+            }
+        }
     }
 
     /// A DPO evaluation reports exactly the metrics the plan lets `metric_for_best_model` name.
@@ -1305,8 +1384,9 @@ mod tests {
             initial: None,
             router_aux_loss_coef: None,
         };
-        let entry =
-            DpoEval { dpo: &dpo, batches: text_pairs(2) }.evaluate(&model, 1, 0.5).expect("evaluation");
+        let entry = DpoEval { dpo: &dpo, batches: text_pairs(2, false) }
+            .evaluate(&model, 1, 0.5)
+            .expect("evaluation");
         let names = |entry: &super::super::EvalEntry| {
             let json = serde_json::to_value(entry).expect("json");
             let mut keys: Vec<String> = json
@@ -1379,7 +1459,7 @@ mod tests {
         let outcome = trainer
             .train_objective(
                 &dpo,
-                &mut |_| text_pairs(per),
+                &mut |_| text_pairs(per, false),
                 &crate::train::SftEval(&[], None),
                 &|_| Ok(()),
                 &mut |_| {},

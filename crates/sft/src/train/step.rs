@@ -193,6 +193,7 @@ pub fn forward_backward_with(
         seed,
         neftune_alpha,
         router,
+        skip_padding: false,
     };
     layers.forward_backward(model, |h| {
         let head = head_loss(model, h, labels, num_items, true, HEAD_CHUNK_BYTES)?;
@@ -217,8 +218,12 @@ pub struct Layers<'a> {
     /// NEFTune's alpha, while training.
     pub neftune_alpha: Option<f64>,
     /// A mixture of experts' load-balancing loss, added to the objective's (its value is left in
-    /// it once the forward has run).
+    /// it once the forward has run). With `skip_padding` its mask must be `None`: the router
+    /// then sees the real tokens only.
     pub router: Option<&'a super::router::RouterLoss>,
+    /// Run the layers on the real tokens only ([`CausalLm::context_skipping_padding`]); the
+    /// head still gets `[B, T, hidden]`.
+    pub skip_padding: bool,
 }
 
 impl Layers<'_> {
@@ -230,13 +235,18 @@ impl Layers<'_> {
         model: &CausalLm,
         head: impl FnOnce(&Tensor) -> Result<(S, Tensor), model_loader::Error>,
     ) -> Result<S, model_loader::Error> {
-        let ctx = model.context(self.position_ids, self.segment_ids)?;
+        let ctx = if self.skip_padding {
+            model.context_skipping_padding(self.position_ids, self.segment_ids)?
+        } else {
+            model.context(self.position_ids, self.segment_ids)?
+        };
         // Each seeding holds libtorch's process-wide generator through the draws it seeds for
-        // (NEFTune's noise, dropout masks), so no other thread reseeds it in between.
+        // (NEFTune's noise, dropout masks), so no other thread reseeds it in between. The noise
+        // is drawn on the batch's grid, then the layers' layout is taken.
         let embed = || -> Result<Tensor, model_loader::Error> {
             let _rng = lora::global_rng();
             tch::manual_seed(self.seed.wrapping_sub(1));
-            Ok(neftune(model.embed(self.input_ids)?, self.neftune_alpha)?)
+            ctx.pack(&neftune(model.embed(self.input_ids)?, self.neftune_alpha)?)
         };
         let layer = |i: usize, h: &Tensor| {
             let _rng = lora::global_rng();
@@ -258,7 +268,7 @@ impl Layers<'_> {
                     }
                     h = next;
                 }
-                Ok((h, logits))
+                Ok((ctx.unpack(&h)?, logits))
             })?;
             let (stats, grad) = timed(Phase::Head, device, || head(&h))?;
             // Push the head's gradient at the last hidden state through the layers' graph, with
@@ -287,7 +297,7 @@ impl Layers<'_> {
                 inputs.push(h);
                 h = next;
             }
-            Ok((inputs, h))
+            Ok((inputs, ctx.unpack(&h)?))
         })?;
         if let (Some(r), Some(c)) = (router, counts.as_ref()) {
             r.value.set(Some(r.value_of(c)?));
@@ -298,7 +308,7 @@ impl Layers<'_> {
         // Then layer by layer, last first: recompute with a graph and push the gradient through,
         // with the layer's share of the router loss.
         timed(Phase::Backward, device, || -> Result<(), model_loader::Error> {
-            let (mut inputs, mut grad) = (inputs, grad);
+            let (mut inputs, mut grad) = (inputs, ctx.pack(&grad)?);
             for i in (0..model.num_layers()).rev() {
                 let x = inputs[i].f_detach()?.set_requires_grad(true);
                 let (y, l) = layer(i, &x)?;
@@ -326,23 +336,40 @@ impl Layers<'_> {
     }
 }
 
-/// The last hidden states of `input_ids` without a graph (positions default to `0..T`) and,
-/// with `router`, its load-balancing loss over every layer's router (an evaluation's).
+/// The last hidden states of `input_ids` without a graph (positions default to `0..T`),
+/// with the layers on the real tokens only when `skip_padding` (see [`Layers::skip_padding`]),
+/// and, with `router`, its load-balancing loss over every layer's router (an evaluation's; with
+/// `skip_padding` its mask must be `None`).
 pub fn hidden_states_routed(
     model: &CausalLm,
     input_ids: &Tensor,
     position_ids: Option<&Tensor>,
     segment_ids: Option<&Tensor>,
     router: Option<&super::router::RouterLoss>,
+    skip_padding: bool,
 ) -> Result<(Tensor, Option<f64>), model_loader::Error> {
-    let Some(router) = router.filter(|_| model.routing().is_some()) else {
-        return Ok((tch::no_grad(|| model.hidden_states(input_ids, position_ids, segment_ids))?, None));
-    };
     tch::no_grad(|| {
+        let default_positions;
+        let positions = match position_ids {
+            Some(p) => p,
+            None => {
+                let size = input_ids.size();
+                let t = size.last().copied().unwrap_or(0);
+                default_positions =
+                    Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?.f_expand(&size, false)?;
+                &default_positions
+            }
+        };
+        let ctx = if skip_padding {
+            model.context_skipping_padding(positions, segment_ids)?
+        } else {
+            model.context(positions, segment_ids)?
+        };
+        let Some(router) = router.filter(|_| model.routing().is_some()) else {
+            return Ok((model.hidden_states_in(&ctx, input_ids, &mut |_| Ok(()))?, None));
+        };
         let mut counts = router.counts(model.device())?;
-        let h = model.hidden_states_routed(input_ids, position_ids, segment_ids, &mut |l| {
-            Ok(router.add(&mut counts, &l)?)
-        })?;
+        let h = model.hidden_states_in(&ctx, input_ids, &mut |l| Ok(router.add(&mut counts, &l)?))?;
         Ok((h, Some(router.value_of(&counts)?)))
     })
 }
@@ -362,6 +389,7 @@ pub fn evaluate_batch(
             Some(&batch.position_ids),
             batch.segment_ids.as_ref(),
             router,
+            false,
         )?;
         let head = head_loss(model, &h, &batch.labels, 1.0, false, HEAD_CHUNK_BYTES)?;
         Ok((head.stats.loss, head.stats.correct, head.stats.total, aux))
