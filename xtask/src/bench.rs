@@ -400,7 +400,7 @@ pub fn bench(root: &Path, env: &Setup, o: &Options) -> Result<()> {
     }
     let load_after = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let header = Header {
-        date: now.date(),
+        date: now.minute(),
         quick: o.quick,
         command: o.command.clone(),
         machine: machine(cores),
@@ -1675,6 +1675,11 @@ struct Utc {
 impl Utc {
     fn date(&self) -> String {
         format!("{:04}-{:02}-{:02}", self.y, self.m, self.d)
+    }
+    /// The date and the minute, which name a report's section: a later run appends its own
+    /// section instead of replacing an earlier one (and the notes written under it).
+    fn minute(&self) -> String {
+        format!("{} {:02}:{:02} UTC", self.date(), self.hh, self.mm)
     }
     fn stamp(&self) -> String {
         format!("{:04}{:02}{:02}-{:02}{:02}{:02}", self.y, self.m, self.d, self.hh, self.mm, self.ss)
