@@ -1340,7 +1340,7 @@ mod tests {
                 let _ = p.f_add_(&(p.randn_like() * 0.02)).expect("perturb");
             }
         });
-        let initial: Vec<Tensor> = adapters.parameters().iter().map(|p| p.detach().copy()).collect();
+        // The reference is the base alone (adapters off), so policy and reference differ.
         let objective = DpoObjective::default();
         let (padded, skipped) = (text_pairs(3, false), text_pairs(3, true));
         assert!(
@@ -1351,21 +1351,33 @@ mod tests {
             let mut out = Vec::new();
             for (mb, checkpointing) in [(p, false), (s, false), (s, true)] {
                 zero_grads(&adapters);
-                let reference =
-                    reference_logps(&model, &adapters, Some(&initial), &mb.batch, Scoring::default())
-                        .expect("reference");
+                let reference = reference_logps(&model, &adapters, None, &mb.batch, Scoring::default())
+                    .expect("reference");
                 let st =
                     forward_backward(&model, &mb.batch, &reference, &objective, 1.0, checkpointing, 7, None)
                         .expect("step");
                 out.push((reference.sums, st.loss, grads(&adapters)));
             }
             let (want_ref, want_loss, want_grads) = &out[0];
+            assert!((want_loss - std::f64::consts::LN_2).abs() > 1e-4, "policy and reference differ");
             for (got_ref, got_loss, got_grads) in &out[1..] {
                 assert!(max_rel(std::slice::from_ref(got_ref), std::slice::from_ref(want_ref)) < 1e-5);
                 assert!((got_loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{got_loss} vs {want_loss}");
                 let err = max_rel(got_grads, want_grads);
                 assert!(err < 1e-4, "adapter gradients differ by {err:e}");
             }
+        }
+        // An evaluation over the same batches, too.
+        use super::super::Evaluator;
+        let dpo = Dpo { objective, adapters: &adapters, initial: None, router_aux_loss_coef: None };
+        let eval = |batches| DpoEval { dpo: &dpo, batches }.evaluate(&model, 1, 0.5).expect("evaluation");
+        let (want, got) = (eval(padded), eval(skipped));
+        assert!((want.eval_loss - std::f64::consts::LN_2).abs() > 1e-4, "policy and reference differ");
+        assert!((got.eval_loss - want.eval_loss).abs() <= 1e-5 * want.eval_loss.abs());
+        let (w, g) = (serde_json::to_value(&want).expect("json"), serde_json::to_value(&got).expect("json"));
+        for (k, v) in w.as_object().expect("object").iter().filter(|(k, _)| k.starts_with("eval_rewards")) {
+            let (a, b) = (v.as_f64().expect("number"), g[k].as_f64().expect("number"));
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "{k}: {b} vs {a}");
         }
     }
 
