@@ -745,6 +745,10 @@ struct VariantResult {
     case: Case,
     nibble: Vec<Run>,
     trl: Vec<Run>,
+    /// The tiny model's TRL run on bitsandbytes' portable (AVX2) paths, for the loss comparison:
+    /// on the host's native paths an AVX-512 CPU dequantizes the tiny model's 160-wide rows
+    /// wrongly (docs/reference-cpu-paths.md), so the timed runs' losses are not the reference's.
+    trl_portable: Option<Run>,
     /// `sft --estimate-memory`'s total for this variant, MiB.
     estimate_mib: Option<f64>,
     /// `sft --measure-floor` on nibble's matmul path, and on torch's own (`cpu_matmul: native`,
@@ -753,6 +757,14 @@ struct VariantResult {
     trl_floor: Option<Floor>,
     /// nibble's time per step by phase (its log's `time per step by phase`), first repeat.
     phases: Vec<(String, f64)>,
+}
+
+impl VariantResult {
+    /// The TRL run whose losses nibble's are compared with: the portable-path run where there is
+    /// one, else the first timed run.
+    fn loss_reference(&self) -> Option<&Run> {
+        self.trl_portable.as_ref().or(self.trl.first())
+    }
 }
 
 /// A step's floor (`sft --measure-floor`), scaled to the tokens a measured step trained.
@@ -869,6 +881,7 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
                 case,
                 nibble: vec![],
                 trl: vec![],
+                trl_portable: None,
                 estimate_mib: None,
                 floor: None,
                 trl_floor: None,
@@ -953,6 +966,37 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
                     let _ = fs::remove_dir_all(&out);
                 }
             }
+        }
+    }
+    // The tiny model's losses against TRL pinned to its portable paths (see `trl_portable`).
+    if model == Model::Tiny {
+        for vr in &mut result.variants {
+            let v = vr.case.variant;
+            let tag = format!("{}-{}-{}-portable", model.name(), objective.label().to_lowercase(), v.slug());
+            step(&format!(
+                "{} {} {}: TRL on its portable CPU paths (loss only)",
+                objective.label(),
+                model.label(),
+                v.label()
+            ));
+            let out = ctx.work.join(format!("train-trl-{tag}"));
+            let log = ctx.work.join(format!("train-trl-{tag}.jsonl"));
+            let mut cmd = ctx.python("bench_trl.py");
+            cmd.env("NIBBLE_REF_CPU", "avx2")
+                .arg(objective.trl_command())
+                .arg(&recipe)
+                .arg(&log)
+                .args(v.overrides())
+                .args(["--model_name_or_path", &model_arg, "--lora_init_adapter", &init_arg])
+                .args([
+                    "--max_steps",
+                    &vr.case.steps.to_string(),
+                    "--output_dir",
+                    &out.display().to_string(),
+                ]);
+            let proc = measure(&mut cmd, &ctx.work.join(format!("train-trl-{tag}.log")))?;
+            vr.trl_portable = Some(Run { steps: read_steps(&log)?, proc });
+            let _ = fs::remove_dir_all(&out);
         }
     }
     // The floor of each variant, for the tokens its measured steps trained.
@@ -1268,7 +1312,7 @@ fn render(h: &Header, r: &Report) -> (String, String) {
             let loss = v
                 .nibble
                 .first()
-                .zip(v.trl.first())
+                .zip(v.loss_reference())
                 .map_or(f64::NAN, |(a, b)| max_rel_diff(&a.steps, &b.steps));
             let target = matches!(v.case.variant, Variant::Bf16 | Variant::Bf16Gc);
             let _ = writeln!(
@@ -1484,6 +1528,15 @@ fn render_train(b: &mut String, t: &TrainResult) {
         t.objective.sft_command().iter().map(|c| format!("{c} ")).collect::<String>(),
         t.model.recipe(t.objective)
     );
+    if t.variants.iter().any(|v| v.trl_portable.is_some()) {
+        let _ = writeln!(
+            b,
+            "Losses (the `loss max rel. diff` column and the loss table) are compared with one more \
+             TRL run per variant on bitsandbytes' portable CPU paths (`NIBBLE_REF_CPU=avx2`, as the \
+             tests pin them): on an AVX-512 host its native dequantize is wrong on this model's \
+             160-wide rows (docs/reference-cpu-paths.md). Times and RSS are the native runs'.\n"
+        );
+    }
     let _ = writeln!(
         b,
         "| variant | steps (warmup) x repeats | nibble step | TRL step | ratio | nibble tok/s | TRL tok/s | nibble peak RSS | TRL peak RSS | ratio | nibble `--estimate-memory` | loss max rel. diff |"
@@ -1496,8 +1549,11 @@ fn render_train(b: &mut String, t: &TrainResult) {
     for v in &t.variants {
         let w = v.case.warmup();
         let (n, p) = (step_stats(&v.nibble, w), step_stats(&v.trl, w));
-        let loss =
-            v.nibble.first().zip(v.trl.first()).map_or(f64::NAN, |(a, b)| max_rel_diff(&a.steps, &b.steps));
+        let loss = v
+            .nibble
+            .first()
+            .zip(v.loss_reference())
+            .map_or(f64::NAN, |(a, b)| max_rel_diff(&a.steps, &b.steps));
         let _ = writeln!(
             b,
             "| {} | {} ({w}) x {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {:.1e} |",
@@ -1533,7 +1589,7 @@ fn render_train(b: &mut String, t: &TrainResult) {
         let _ = write!(b, "| {} |", i + 1);
         for v in &t.variants {
             let a = v.nibble.first().and_then(|r| r.steps.get(i)).map_or(f64::NAN, |s| s.loss);
-            let c = v.trl.first().and_then(|r| r.steps.get(i)).map_or(f64::NAN, |s| s.loss);
+            let c = v.loss_reference().and_then(|r| r.steps.get(i)).map_or(f64::NAN, |s| s.loss);
             if a.is_nan() && c.is_nan() {
                 let _ = write!(b, " |");
             } else {
