@@ -177,7 +177,7 @@ impl DpoPlan {
             // layout for attention only (see `train::dpo::DpoBatch::skip_padding`).
             tracing::info!(
                 "padding_free: the layers skip each DPO batch's padding (attention keeps the padded layout); \
-                 TRL 1.16's DPOTrainer turns padding_free off, so the rounding differs from its"
+                 TRL 1.16's DPOTrainer turns padding_free off and pads, so products round differently than there"
             );
         }
         if recipe.training.neftune_noise_alpha.is_some() {

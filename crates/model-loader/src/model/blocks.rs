@@ -155,7 +155,8 @@ fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor, Error> {
     Ok(x.f_unsqueeze(2)?.f_expand([b, kv, rep, t, d], false)?.f_reshape([b, kv * rep, t, d])?)
 }
 
-/// What every layer of one forward pass shares: rotary tables and the attention mask.
+/// What every layer of one forward pass shares: rotary tables, the attention mask and, where the
+/// layers skip the batch's padding, where its real tokens sit on the grid.
 pub(crate) struct DeviceContext {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
@@ -222,7 +223,8 @@ impl DeviceContext {
     }
 }
 
-/// Rotary tables and attention mask of one batch, on every device a decoder layer computes on.
+/// Rotary tables and attention mask of one batch (and where its real tokens sit, when the layers
+/// skip padding: [`LayerContext::pack`]), on every device a decoder layer computes on.
 pub struct LayerContext {
     by_device: Vec<(tch::Device, DeviceContext)>,
 }
@@ -368,7 +370,8 @@ impl Attention {
     }
 
     /// Attention over the cached keys/values (if any) plus this call's; the new ones are appended
-    /// to the cache. With a cache, `ctx`'s mask must cover `[new, cached + new]` positions.
+    /// to the cache. With a cache, `ctx`'s mask must cover `[new, cached + new]` positions. Where
+    /// `ctx` skips padding, `x` and the output are `[1, N, hidden]` (no cache then).
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,

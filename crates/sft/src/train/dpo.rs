@@ -585,7 +585,9 @@ pub struct DpoBatch {
     /// `padding_free`: the layers' linears, norms and MLPs run on the real tokens only, while
     /// attention keeps the padded layout ([`model_loader::CausalLm::context_skipping_padding`]).
     /// Every real token gets the same value as padded; only the rounding of products over a
-    /// different number of rows differs (TRL 1.16's DPOTrainer turns `padding_free` off and pads).
+    /// different number of rows differs, and with adapter dropout on (`disable_dropout: false`)
+    /// the masks are drawn over the real tokens, so they differ from the padded layout's (TRL
+    /// 1.16's DPOTrainer turns `padding_free` off and pads).
     pub skip_padding: bool,
 }
 
@@ -619,16 +621,18 @@ pub fn reference_logps(
     scoring: Scoring,
 ) -> Result<SequenceLogps, Error> {
     let score = || -> Result<SequenceLogps, model_loader::Error> {
+        // On the model's device, as the positions and mask built from them must be.
+        let ids = batch.input_ids.f_to_device(model.device())?;
         let segments = batch.segments_on(model.device())?;
         let (h, _) = super::step::hidden_states_routed(
             model,
-            &batch.input_ids,
+            &ids,
             None,
             segments.as_ref(),
             None,
             batch.skip_padding,
         )?;
-        sequence_logps(model, &h, &batch.input_ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES, scoring)
+        sequence_logps(model, &h, &ids, &batch.completion_mask, super::HEAD_CHUNK_BYTES, scoring)
     };
     // The reference is a fixed model: no dropout in it, whatever the policy's training mode.
     let training = adapters.is_training();
