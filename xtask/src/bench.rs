@@ -767,6 +767,23 @@ impl VariantResult {
     }
 }
 
+/// The flags both stacks' training runs take after the recipe: the variant's overrides, the
+/// model, the shared initial adapter, the steps and the output folder.
+fn run_args(v: Variant, model_arg: &str, init_arg: &str, steps: u64, out: &Path) -> Vec<String> {
+    let mut a: Vec<String> = v.overrides().iter().map(|s| (*s).to_owned()).collect();
+    a.extend([
+        "--model_name_or_path".into(),
+        model_arg.to_owned(),
+        "--lora_init_adapter".into(),
+        init_arg.to_owned(),
+        "--max_steps".into(),
+        steps.to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+    ]);
+    a
+}
+
 /// A step's floor (`sft --measure-floor`), scaled to the tokens a measured step trained.
 #[derive(Debug, Clone, Default)]
 struct Floor {
@@ -908,20 +925,7 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
         for vr in result.variants.iter_mut().filter(|vr| rep < vr.case.repeats) {
             let (v, steps) = (vr.case.variant, vr.case.steps);
             let tag = format!("{}-{}-{}-{rep}", model.name(), objective.label().to_lowercase(), v.slug());
-            let args = |out: &Path| -> Vec<String> {
-                let mut a: Vec<String> = v.overrides().iter().map(|s| (*s).to_owned()).collect();
-                a.extend([
-                    "--model_name_or_path".into(),
-                    model_arg.clone(),
-                    "--lora_init_adapter".into(),
-                    init_arg.clone(),
-                    "--max_steps".into(),
-                    steps.to_string(),
-                    "--output_dir".into(),
-                    out.display().to_string(),
-                ]);
-                a
-            };
+            let args = |out: &Path| run_args(v, &model_arg, &init_arg, steps, out);
             // Alternate which stack goes first, so slow drifts in machine load hit both.
             for stack in if rep % 2 == 0 { ["nibble", "trl"] } else { ["trl", "nibble"] } {
                 step(&format!(
@@ -986,14 +990,7 @@ fn train(ctx: &Ctx<'_>, model: Model, objective: Objective, cases: &[Case]) -> R
                 .arg(objective.trl_command())
                 .arg(&recipe)
                 .arg(&log)
-                .args(v.overrides())
-                .args(["--model_name_or_path", &model_arg, "--lora_init_adapter", &init_arg])
-                .args([
-                    "--max_steps",
-                    &vr.case.steps.to_string(),
-                    "--output_dir",
-                    &out.display().to_string(),
-                ]);
+                .args(run_args(v, &model_arg, &init_arg, vr.case.steps, &out));
             let proc = measure(&mut cmd, &ctx.work.join(format!("train-trl-{tag}.log")))?;
             vr.trl_portable = Some(Run { steps: read_steps(&log)?, proc });
             let _ = fs::remove_dir_all(&out);

@@ -868,6 +868,20 @@ impl CausalLm {
         segment_ids: Option<&Tensor>,
         router: &mut dyn FnMut(Tensor) -> Result<(), Error>,
     ) -> Result<Tensor, Error> {
+        let ctx = self.context_for(input_ids, position_ids, segment_ids, false)?;
+        self.hidden_states_in(&ctx, input_ids, router)
+    }
+
+    /// The context of a forward over `input_ids [B, T]`: positions default to `0..T` in every
+    /// row; with `skip_padding` the layers run on the real tokens only
+    /// ([`Self::context_skipping_padding`]), else [`Self::context`].
+    pub fn context_for(
+        &self,
+        input_ids: &Tensor,
+        position_ids: Option<&Tensor>,
+        segment_ids: Option<&Tensor>,
+        skip_padding: bool,
+    ) -> Result<LayerContext, Error> {
         let size = input_ids.size();
         let [b, t] = size[..] else {
             return Err(Error::BadInput(format!("input_ids must be [batch, seq], got {size:?}")));
@@ -881,7 +895,11 @@ impl CausalLm {
                 &default_pos
             }
         };
-        self.hidden_states_in(&self.context(pos, segment_ids)?, input_ids, router)
+        if skip_padding {
+            self.context_skipping_padding(pos, segment_ids)
+        } else {
+            self.context(pos, segment_ids)
+        }
     }
 
     /// [`Self::hidden_states_routed`] in a context the caller built (one that skips padding,

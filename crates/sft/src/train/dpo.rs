@@ -1152,9 +1152,7 @@ mod tests {
             Tensor::from_slice(&rows.concat()).reshape([r, t])
         };
         let (ids, mask) = (matrix(&i["input_ids"]), matrix(&i["completion_mask"]));
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
-        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
-        let model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let model = tiny_f32();
         let h = tch::no_grad(|| model.hidden_states(&ids, None, None)).expect("forward");
         // A small chunk size, so several chunks (and rows split across them) are exercised.
         let scoring = Scoring { ld_alpha: None, stats: true, weights: true };
@@ -1178,6 +1176,19 @@ mod tests {
         let w: Vec<f32> =
             Vec::<f32>::try_from(got.weights.as_ref().expect("weights asked for")).expect("weights");
         assert!(w.len() == 6 && w.iter().all(|x| *x > 0.0 && *x <= 1.0), "{w:?}");
+    }
+
+    /// The shipped tiny model in f32.
+    fn tiny_f32() -> model_loader::CausalLm {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
+        model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model")
+    }
+
+    /// Rank-4 adapters (alpha 8) on every linear of `model`, PEFT's default init with seed 3.
+    fn rank4_adapters(model: &mut model_loader::CausalLm) -> lora::Adapters {
+        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
+        lora::inject(model.linears_mut(), &cfg, 3).expect("adapters")
     }
 
     fn golden_batch(golden: &Value) -> DpoBatch {
@@ -1225,9 +1236,7 @@ mod tests {
         let golden: Value =
             serde_json::from_str(include_str!("../../tests/golden/dpo_loss.json")).expect("golden JSON");
         let batch = golden_batch(&golden);
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
-        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
-        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
+        let mut model = tiny_f32();
         let mut cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
         cfg.init = lora::LoraInit::False;
         let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
@@ -1331,11 +1340,8 @@ mod tests {
     /// log-probs, loss and adapter gradients (to f32 rounding), with and without checkpointing.
     #[test]
     fn skipping_padding_gives_the_padded_step() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
-        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
-        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
-        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
-        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        let mut model = tiny_f32();
+        let adapters = rank4_adapters(&mut model);
         // B starts at zero: give it values so the adapters change the reference and the policy.
         tch::no_grad(|| {
             let _rng = lora::global_rng();
@@ -1389,11 +1395,8 @@ mod tests {
     #[test]
     fn a_dpo_evaluation_reports_the_names_the_plan_checks() {
         use super::super::Evaluator;
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
-        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
-        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
-        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
-        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        let mut model = tiny_f32();
+        let adapters = rank4_adapters(&mut model);
         let dpo = Dpo {
             objective: DpoObjective::default(),
             adapters: &adapters,
@@ -1426,11 +1429,8 @@ mod tests {
     }
 
     fn dpo_run(per: usize, grad_accum: usize, steps: u64) -> (Vec<Tensor>, Vec<report::LogEntry>) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
-        let opts = model_loader::LoadOptions { dtype: Kind::Float, ..Default::default() };
-        let mut model = model_loader::CausalLm::load(&dir, &opts, &mut |_, _| {}).expect("tiny model");
-        let cfg = lora::LoraConfig::new(4, 8.0, lora::TargetModules::AllLinear);
-        let adapters = lora::inject(model.linears_mut(), &cfg, 3).expect("adapters");
+        let mut model = tiny_f32();
+        let adapters = rank4_adapters(&mut model);
         let topts = super::super::TrainOptions {
             total_steps: steps,
             grad_accum,

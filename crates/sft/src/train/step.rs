@@ -235,11 +235,12 @@ impl Layers<'_> {
         model: &CausalLm,
         head: impl FnOnce(&Tensor) -> Result<(S, Tensor), model_loader::Error>,
     ) -> Result<S, model_loader::Error> {
-        let ctx = if self.skip_padding {
-            model.context_skipping_padding(self.position_ids, self.segment_ids)?
-        } else {
-            model.context(self.position_ids, self.segment_ids)?
-        };
+        let ctx = model.context_for(
+            self.input_ids,
+            Some(self.position_ids),
+            self.segment_ids,
+            self.skip_padding,
+        )?;
         // Each seeding holds libtorch's process-wide generator through the draws it seeds for
         // (NEFTune's noise, dropout masks), so no other thread reseeds it in between. The noise
         // is drawn on the batch's grid, then the layers' layout is taken.
@@ -349,22 +350,7 @@ pub fn hidden_states_routed(
     skip_padding: bool,
 ) -> Result<(Tensor, Option<f64>), model_loader::Error> {
     tch::no_grad(|| {
-        let default_positions;
-        let positions = match position_ids {
-            Some(p) => p,
-            None => {
-                let size = input_ids.size();
-                let t = size.last().copied().unwrap_or(0);
-                default_positions =
-                    Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?.f_expand(&size, false)?;
-                &default_positions
-            }
-        };
-        let ctx = if skip_padding {
-            model.context_skipping_padding(positions, segment_ids)?
-        } else {
-            model.context(positions, segment_ids)?
-        };
+        let ctx = model.context_for(input_ids, position_ids, segment_ids, skip_padding)?;
         let Some(router) = router.filter(|_| model.routing().is_some()) else {
             return Ok((model.hidden_states_in(&ctx, input_ids, &mut |_| Ok(()))?, None));
         };
