@@ -7,7 +7,8 @@
 //! Llama-shaped block with memory-efficient attention (no `seq x seq` score matrix is stored):
 //! the inputs of both norms and of every linear, q/k/v, the attention output and log-sum-exp,
 //! the MLP's gate, up and their product. With checkpointing, only each layer's input is kept,
-//! plus one layer's full set while it is recomputed. The loss keeps fp32 logits and their grad.
+//! plus one layer's full set (the last layer's, kept through the head, or the one recomputed).
+//! The loss keeps fp32 logits and their grad.
 //!
 //! On top of that block, what nibble's CPU path keeps (measured against the RSS of runs in
 //! docs/benchmarks.md): each adapter's `r`-wide intermediate, and with LoRA dropout its dropped

@@ -119,27 +119,30 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
         }
     };
     let per_expert = s.model.moe.map_or(0.0, |m| m.experts as f64) * layers;
-    // One forward of the decoder layers: each linear, its adapter, attention's two products.
-    let forward = |add: &mut dyn FnMut(Part, Pass, i64, i64, i64, i64, Kind, f64), pass, adapters: bool| {
-        for &(name, fan_in, fan_out) in &linears {
-            add(Part::Base, pass, 1, n_tok, fan_in, fan_out, s.compute, layers);
-            if adapters && targeted(name) {
-                add(Part::Lora, pass, 1, n_tok, fan_in, s.lora_r, s.adapter, layers);
-                add(Part::Lora, pass, 1, n_tok, s.lora_r, fan_out, s.adapter, layers);
+    // One forward of `share` of the decoder layers: each linear, its adapter, attention's two
+    // products.
+    let forward =
+        |add: &mut dyn FnMut(Part, Pass, i64, i64, i64, i64, Kind, f64), pass, adapters: bool, share: f64| {
+            let (layers, per_expert) = (layers * share, per_expert * share);
+            for &(name, fan_in, fan_out) in &linears {
+                add(Part::Base, pass, 1, n_tok, fan_in, fan_out, s.compute, layers);
+                if adapters && targeted(name) {
+                    add(Part::Lora, pass, 1, n_tok, fan_in, s.lora_r, s.adapter, layers);
+                    add(Part::Lora, pass, 1, n_tok, s.lora_r, fan_out, s.adapter, layers);
+                }
             }
-        }
-        if router > 0 {
-            add(Part::Base, pass, 1, n_tok, s.model.hidden as i64, router, s.compute, layers);
-        }
-        for &(fan_in, fan_out) in &experts {
-            add(Part::Base, pass, 1, expert_rows, fan_in, fan_out, s.compute, per_expert);
-        }
-        let (bh, hd) = (s.rows * s.model.heads as i64, s.model.head_dim as i64);
-        add(Part::Attention, pass, bh, t, hd, t, s.compute, layers * 0.5);
-        add(Part::Attention, pass, bh, t, t, hd, s.compute, layers * 0.5);
-    };
+            if router > 0 {
+                add(Part::Base, pass, 1, n_tok, s.model.hidden as i64, router, s.compute, layers);
+            }
+            for &(fan_in, fan_out) in &experts {
+                add(Part::Base, pass, 1, expert_rows, fan_in, fan_out, s.compute, per_expert);
+            }
+            let (bh, hd) = (s.rows * s.model.heads as i64, s.model.head_dim as i64);
+            add(Part::Attention, pass, bh, t, hd, t, s.compute, layers * 0.5);
+            add(Part::Attention, pass, bh, t, t, hd, s.compute, layers * 0.5);
+        };
     let (h, v) = (s.model.hidden as i64, s.model.vocab as i64);
-    forward(&mut add, Pass::Forward, true);
+    forward(&mut add, Pass::Forward, true, 1.0);
     add(Part::Head, Pass::Forward, 1, n_tok, h, v, s.head, 1.0);
     // Backward: the head's input gradient (the head is frozen), then each layer's.
     add(Part::Head, Pass::Backward, 1, n_tok, v, h, s.head_grad, 1.0);
@@ -166,19 +169,27 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     add(Part::Attention, Pass::Backward, bh, t, t, hd, s.compute, layers * 1.5);
     add(Part::Attention, Pass::Backward, bh, t, hd, t, s.compute, layers * 0.5);
     if s.checkpointing {
-        forward(&mut add, Pass::Recompute, true);
+        forward(&mut add, Pass::Recompute, true, recomputed_share(s));
     }
     if let Some(adapters) = s.reference {
-        forward(&mut add, Pass::Reference, adapters);
+        forward(&mut add, Pass::Reference, adapters, 1.0);
         add(Part::Head, Pass::Reference, 1, n_tok, h, v, s.head, 1.0);
     }
     out
 }
 
+/// The share of the decoder layers checkpointing runs twice: all but the last, whose graph the
+/// step keeps from its forward (`train::step::Layers`).
+fn recomputed_share(s: &StepShape) -> f64 {
+    let layers = s.model.layers as f64;
+    if s.checkpointing && layers > 0.0 { (layers - 1.0) / layers } else { 0.0 }
+}
+
 /// Dequantize passes over every 4-bit weight per micro-batch: forward and backward (the layer
-/// keeps only the codes), the recompute and the reference forward when there are.
+/// keeps only the codes), the recompute (all layers but the last) and the reference forward
+/// when there are.
 fn dequant_passes(s: &StepShape) -> f64 {
-    (2 + i64::from(s.checkpointing) + i64::from(s.reference.is_some())) as f64 * s.micro_batches as f64
+    (2.0 + recomputed_share(s) + f64::from(u8::from(s.reference.is_some()))) * s.micro_batches as f64
 }
 
 /// The step shape `plan` trains, on the CPU or its device.
@@ -465,7 +476,9 @@ mod tests {
         let gc = StepShape { checkpointing: true, ..shape() };
         let fwd = flops(&base, Some(Pass::Forward));
         let head = 2.0 * 64.0 * 64.0 * 1000.0;
-        assert!((flops(&gc, Some(Pass::Recompute)) - (fwd - head)).abs() < 1e-6 * fwd);
+        // The recompute is the forward of all layers but the last (of 2 here), without the head.
+        assert!((flops(&gc, Some(Pass::Recompute)) - (fwd - head) / 2.0).abs() < 1e-6 * fwd);
+        assert_eq!(dequant_passes(&gc), 2.5);
         let dpo = StepShape { reference: Some(false), ..shape() };
         let lora_fwd: f64 = gemms(&base)
             .iter()

@@ -471,7 +471,7 @@ impl Chunk {
         let entropy =
             logp.f_exp()?.f_mul(logp)?.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)?.f_neg()?;
         let mean_logits = self.logits.f_mean_dim(&[-1i64][..], false, Kind::Float)?;
-        let top1 = self.logits.f_argmax(-1, false)?.f_eq_tensor(&self.target)?.f_to_kind(Kind::Float)?;
+        let top1 = super::head::top1_is_target(&self.logits, &self.target)?.f_to_kind(Kind::Float)?;
         Ok([entropy, mean_logits, top1])
     }
 }

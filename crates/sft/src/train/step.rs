@@ -132,8 +132,7 @@ fn head_loss(
             let (logits, lp) =
                 super::head::frozen_chunk(model, weight, &flat, &idx, &tgt, backward.then_some(&gs))?;
             let tgt = tgt.f_to_device(logits.device())?;
-            correct +=
-                logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
+            correct += super::head::top1_hits(&logits, &tgt)?;
             lps.push(lp.f_to_device(h.device())?);
             start += len;
         }
@@ -148,8 +147,7 @@ fn head_loss(
         let idx = rows.f_narrow(0, start, len)?;
         let logits = super::head::f32_logits(model, &flat.f_index_select(0, &idx)?)?;
         let tgt = target.f_index_select(0, &idx)?.f_to_device(logits.device())?;
-        correct +=
-            logits.f_argmax(-1, false)?.f_eq_tensor(&tgt)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as u64;
+        correct += super::head::top1_hits(&logits, &tgt)?;
         let sum = logits.f_cross_entropy_loss::<Tensor>(&tgt, None, Reduction::Sum, -100, 0.0)?;
         loss += sum.f_double_value(&[])? / num_items;
         if backward {
@@ -286,19 +284,31 @@ impl Layers<'_> {
             })?;
             return Ok(stats);
         }
-        // Forward without a graph, keeping only each layer's input (and the router's counts).
-        let (inputs, h) = timed(Phase::Forward, device, || -> Result<_, model_loader::Error> {
+        // Forward without a graph, keeping only each layer's input (and the router's counts);
+        // the last layer alone keeps its graph: its backward comes right after the head, so a
+        // recompute would redo the same forward to rebuild what is still fresh (one layer's
+        // activations held through the head, 1/L of the recompute saved).
+        let last = model.num_layers().checked_sub(1);
+        let (inputs, mut kept, h) = timed(Phase::Forward, device, || -> Result<_, model_loader::Error> {
             let mut inputs = Vec::with_capacity(model.num_layers());
+            let mut kept = None;
             let mut h = tch::no_grad(embed)?;
             for i in 0..model.num_layers() {
-                let (next, l) = tch::no_grad(|| layer(i, &h))?;
+                let (next, l) = if Some(i) == last {
+                    let x = h.f_detach()?.set_requires_grad(true);
+                    let (y, l) = layer(i, &x)?;
+                    kept = Some((x, y.shallow_clone(), l.as_ref().map(Tensor::shallow_clone)));
+                    (y.f_detach()?, l)
+                } else {
+                    tch::no_grad(|| layer(i, &h))?
+                };
                 if let (Some(r), Some(c), Some(l)) = (router, counts.as_mut(), l) {
                     r.add(c, &l)?;
                 }
                 inputs.push(h);
                 h = next;
             }
-            Ok((inputs, ctx.unpack(&h)?))
+            Ok((inputs, kept, ctx.unpack(&h)?))
         })?;
         if let (Some(r), Some(c)) = (router, counts.as_ref()) {
             r.value.set(Some(r.value_of(c)?));
@@ -311,8 +321,14 @@ impl Layers<'_> {
         timed(Phase::Backward, device, || -> Result<(), model_loader::Error> {
             let (mut inputs, mut grad) = (inputs, ctx.pack(&grad)?);
             for i in (0..model.num_layers()).rev() {
-                let x = inputs[i].f_detach()?.set_requires_grad(true);
-                let (y, l) = layer(i, &x)?;
+                let (x, y, l) = match kept.take().filter(|_| Some(i) == last) {
+                    Some(graph) => graph,
+                    None => {
+                        let x = inputs[i].f_detach()?.set_requires_grad(true);
+                        let (y, l) = layer(i, &x)?;
+                        (x, y, l)
+                    }
+                };
                 match (router, counts.as_ref(), l) {
                     (Some(r), Some(c), Some(l)) => {
                         let root = y.f_mul(&grad)?.f_sum(y.f_kind()?)?;
