@@ -89,26 +89,29 @@ impl LoraLinear {
     }
 }
 
-impl Linear for LoraLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor, quant::Error> {
-        // Adapters switched off (the reference model of DPO): the base layer alone, as PEFT's
-        // `disable_adapter()` computes it, DoRA included.
-        if !self.flags.enabled.load(Ordering::Relaxed) {
-            return self.base.forward(x);
-        }
-        if let Some(dora) = &self.dora {
-            let step = Step {
-                base: self.base.as_ref(),
-                lora_a: &self.lora_a,
-                lora_b: &self.lora_b,
-                scaling: self.scaling,
-                dropout: self.active_dropout(),
-            };
-            return dora.forward(&step, x);
-        }
-        let result = self.base.forward(x)?;
+impl LoraLinear {
+    /// Whether the update can run as nibble's fused CPU kernels ([`quant::ops::lora_update`]):
+    /// f32 factors of rank <= 64 on bf16 or f32 CPU activations, a CPU with AVX-512, and a
+    /// `cpu_matmul` policy other than `native` (which keeps torch's products, PEFT's bits).
+    fn kernels_fit(&self, x: &Tensor, result: &Tensor) -> bool {
+        let kinds = self.lora_a.kind() == Kind::Float
+            && self.lora_b.kind() == Kind::Float
+            && x.kind() == result.kind()
+            && matches!(x.kind(), Kind::BFloat16 | Kind::Float);
+        let cpu = [x.device(), result.device(), self.lora_a.device(), self.lora_b.device()]
+            .iter()
+            .all(|d| *d == Device::Cpu);
+        kinds
+            && cpu
+            && self.lora_a.size()[0] <= quant::ops::LORA_KERNEL_MAX_RANK
+            && quant::ops::CpuMatmul::current() != quant::ops::CpuMatmul::Native
+            && quant::ops::lora_kernels_available()
+    }
+
+    /// `result + B(A(dropout(x))) * scaling` as PEFT's bitsandbytes layer orders it (bit for bit
+    /// where the scaling is a power of two, see below).
+    fn peft_update(&self, x: &Tensor, result: Tensor, dropout: Option<f64>) -> Result<Tensor, quant::Error> {
         let kind = self.lora_a.kind();
-        let dropout = self.active_dropout();
         let down = if dropout.is_none() && kind == Kind::Float && x.kind() != kind {
             // PEFT casts the input to the factor's dtype; autograd would then keep that f32
             // copy for lora_A's gradient, where the 16-bit input itself suffices.
@@ -133,6 +136,32 @@ impl Linear for LoraLinear {
         };
         let update = if update.kind() == result.kind() { update } else { update.f_to_kind(result.kind())? };
         Ok(result.f_add(&update)?)
+    }
+}
+
+impl Linear for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, quant::Error> {
+        // Adapters switched off (the reference model of DPO): the base layer alone, as PEFT's
+        // `disable_adapter()` computes it, DoRA included.
+        if !self.flags.enabled.load(Ordering::Relaxed) {
+            return self.base.forward(x);
+        }
+        if let Some(dora) = &self.dora {
+            let step = Step {
+                base: self.base.as_ref(),
+                lora_a: &self.lora_a,
+                lora_b: &self.lora_b,
+                scaling: self.scaling,
+                dropout: self.active_dropout(),
+            };
+            return dora.forward(&step, x);
+        }
+        let result = self.base.forward(x)?;
+        let dropout = self.active_dropout();
+        if dropout.is_none() && self.kernels_fit(x, &result) {
+            return quant::ops::lora_update(x, &result, &self.lora_a, &self.lora_b, self.scaling);
+        }
+        self.peft_update(x, result, dropout)
     }
     fn in_features(&self) -> i64 {
         self.base.in_features()
@@ -230,7 +259,9 @@ mod tests {
             };
             let base = Box::new(Dense::new(w.shallow_clone(), None).expect("dense"));
             let layer = LoraLinear::new(base, a1.shallow_clone(), b1.shallow_clone(), s, 0.0, flags, None);
-            let y1 = layer.forward(&x).expect("forward");
+            // PEFT's order, which `forward` takes where the fused kernels do not fit (and always
+            // under `cpu_matmul: native`).
+            let y1 = layer.peft_update(&x, layer.base().forward(&x).expect("base"), None).expect("forward");
             y1.to_kind(Kind::Float).square().sum(Kind::Float).backward();
             let same = |p: &Tensor, q: &Tensor| p.to_kind(Kind::Float).equal(&q.to_kind(Kind::Float));
             assert!(same(&y0, &y1), "{kind:?} {factors:?} s={s}: outputs differ");
@@ -238,6 +269,39 @@ mod tests {
                 same(&ga0, &a1.grad()) && same(&gb0, &b1.grad()),
                 "{kind:?} {factors:?} s={s}: gradients differ"
             );
+        }
+    }
+
+    /// Where the fused kernels fit (f32 factors on bf16 or f32 CPU activations, AVX-512, a
+    /// policy other than `native`), `forward` is `quant::ops::lora_update`; with f32 factors on
+    /// f16 activations it keeps PEFT's order.
+    #[test]
+    fn forward_takes_the_fused_kernels_where_they_fit() {
+        if !quant::ops::lora_kernels_available()
+            || quant::ops::CpuMatmul::current() == quant::ops::CpuMatmul::Native
+        {
+            return;
+        }
+        tch::manual_seed(4);
+        for kind in [Kind::BFloat16, Kind::Float, Kind::Half] {
+            let x = Tensor::randn([2, 3, 24], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let w = Tensor::randn([40, 24], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let a = Tensor::randn([8, 24], (Kind::Float, tch::Device::Cpu));
+            let b = Tensor::randn([40, 8], (Kind::Float, tch::Device::Cpu));
+            let flags = Flags {
+                training: Arc::new(AtomicBool::new(false)),
+                enabled: Arc::new(AtomicBool::new(true)),
+            };
+            let base = Box::new(Dense::new(w.shallow_clone(), None).expect("dense"));
+            let layer = LoraLinear::new(base, a.shallow_clone(), b.shallow_clone(), 2.0, 0.0, flags, None);
+            let got = layer.forward(&x).expect("forward");
+            let base_out = layer.base().forward(&x).expect("base");
+            let want = if kind == Kind::Half {
+                layer.peft_update(&x, base_out, None).expect("peft")
+            } else {
+                quant::ops::lora_update(&x, &base_out, &a, &b, 2.0).expect("fused")
+            };
+            assert!(got.equal(&want), "{kind:?}");
         }
     }
 }

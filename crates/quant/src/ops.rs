@@ -88,6 +88,15 @@ mod ffi {
             weight: *const c_void,
             result: *mut *mut c_void,
         ) -> *mut c_char;
+        pub fn nibble_lora_kernels_available() -> i32;
+        pub fn nibble_lora_update(
+            x: *const c_void,
+            base: *const c_void,
+            a: *const c_void,
+            b: *const c_void,
+            scaling: f64,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
         pub fn nibble_linear4bit_forward(
             x: *const c_void,
             packed: *const c_void,
@@ -721,6 +730,31 @@ pub fn upcast_input_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor, Error>
     let mut result = std::ptr::null_mut();
     // SAFETY: the tensors live for the call; `result` is a valid local.
     let err = unsafe { ffi::nibble_upcast_input_linear(ptr(x), ptr(weight), &mut result) };
+    check(err)?;
+    take(result, "output")
+}
+
+/// The widest LoRA rank [`lora_update`] takes.
+pub const LORA_KERNEL_MAX_RANK: i64 = 64;
+
+/// Whether [`lora_update`] can run here (an x86-64 CPU with AVX-512 F, BW and VL): elsewhere adapters keep
+/// torch's products.
+pub fn lora_kernels_available() -> bool {
+    // SAFETY: a pure query of CPU features.
+    unsafe { ffi::nibble_lora_kernels_available() == 1 }
+}
+
+/// `base + ((x A^T) * scaling) B^T` for f32 LoRA factors `a [r, in]`, `b [out, r]` (r up to
+/// [`LORA_KERNEL_MAX_RANK`]) on CPU activations `x [.., in]` and the base layer's output
+/// `base [.., out]` of one dtype (bf16 or f32), as one autograd Function whose six rank-r
+/// products are nibble's AVX-512 kernels, reading 16-bit operands directly: PEFT's update up to
+/// summation order (the update is rounded to the base dtype before the sum, as PEFT does; the
+/// scaling multiplies the r-wide intermediate). `x` keeps its own dtype for backward; gradients
+/// flow to `x`, `base`, `a` and `b`. Needs [`lora_kernels_available`].
+pub fn lora_update(x: &Tensor, base: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor, Error> {
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err = unsafe { ffi::nibble_lora_update(ptr(x), ptr(base), ptr(a), ptr(b), scaling, &mut result) };
     check(err)?;
     take(result, "output")
 }
