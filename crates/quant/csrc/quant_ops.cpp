@@ -1115,11 +1115,21 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   return w;
 }
 
-// The weight of a Linear4bit for one matmul, dequantized into a per-thread buffer that grows
-// to the largest layer and is reused by every call: a fresh tensor per call would be fresh
-// memory, and on Linux a large one comes from mmap, whose page faults cost several times the
-// dequantization itself (docs/benchmarks.md). The result is only valid until the same thread
-// dequantizes again, which is fine for the synchronous CPU matmuls below: nothing keeps it.
+// Per-thread dequantize buffers in turn, and the bytes they may hold together beyond the
+// largest layer's: writing a weight into the buffer the previous product has just read took 3-4
+// times as long as into one last used several products ago (a 134M bf16 step: 46-55 ms of
+// dequantize with one buffer, 19-23 ms with four, 16-17 with eight; docs/benchmarks.md), the
+// lines that product's threads still held being taken back first.
+constexpr int64_t kScratchRing = 4;
+constexpr int64_t kScratchRingBytes = 32 << 20;
+
+// The weight of a Linear4bit for one matmul, dequantized into one of a few per-thread buffers
+// (kScratchRing, fewer for layers over kScratchRingBytes / kScratchRing) that grow to the layers
+// they serve and are reused in turn: a fresh tensor per call would be fresh memory, and on Linux
+// a large one comes from mmap, whose page faults cost several times the dequantization itself
+// (docs/benchmarks.md). The result stays valid until the same thread has dequantized as many
+// times again as there are buffers (at least once more), which is fine for the synchronous CPU
+// matmuls below: nothing keeps it.
 at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& absmax,
                                    int64_t out_features, int64_t in_features, int64_t blocksize,
                                    int32_t qt, at::ScalarType dtype, at::ScalarType round_to) {
@@ -1131,8 +1141,12 @@ at::Tensor dequantize_4bit_scratch(const at::Tensor& packed, const at::Tensor& a
   }
   TORCH_CHECK(packed.device().is_cpu(), "4-bit weight on ", packed.device(),
               ": only CPU and CUDA are supported");
-  thread_local at::Tensor buffer;
+  thread_local std::array<at::Tensor, kScratchRing> ring;
+  thread_local int64_t turn = 0;
   const int64_t bytes = out_features * in_features * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t depth = std::clamp<int64_t>(kScratchRingBytes / std::max<int64_t>(bytes, 1), 1, kScratchRing);
+  at::Tensor& buffer = ring[turn % depth];
+  turn = (turn + 1) % kScratchRing;
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::Tensor();  // free the old one first
     buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
