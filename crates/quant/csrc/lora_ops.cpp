@@ -364,6 +364,46 @@ struct LoraUpdateFn : public torch::autograd::Function<LoraUpdateFn> {
 
 extern "C" {
 
+// One rank-r product on its own (what the floor times, and tests check): op 0 `a [m, k] @ b [k,
+// r]` (a bf16 or f32), op 1 `a [m, r] @ b [r, n]` (f32, result f32), op 2 `a^T @ b` for a [k, r]
+// f32 and b [k, n] (bf16 or f32), r <= 64.
+char* nibble_lora_rank_product(int32_t op, const at::Tensor* a, const at::Tensor* b,
+                               at::Tensor** result) {
+  return guarded([&] {
+    *result = nullptr;
+    TORCH_CHECK(kernels_available(), "the LoRA kernels need a CPU with AVX-512 (F, BW, VL)");
+    TORCH_CHECK(a->dim() == 2 && b->dim() == 2 && a->device().is_cpu() && b->device().is_cpu(),
+                "rank products take 2-D CPU tensors");
+    const at::Tensor x = a->contiguous(), y = b->contiguous();
+#ifdef NIBBLE_LORA_X86
+    at::Tensor z;
+    switch (op) {
+      case 0:
+        TORCH_CHECK(x.size(1) == y.size(0) && y.size(1) >= 1 && y.size(1) <= kMaxRank &&
+                        y.scalar_type() == at::kFloat,
+                    "contract: a [m, k] @ b [k, r <= 64] f32");
+        z = contract_t(x, y);
+        break;
+      case 1:
+        TORCH_CHECK(x.size(1) == y.size(0) && x.size(1) >= 1 && x.size(1) <= kMaxRank &&
+                        x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat,
+                    "expand: a [m, r <= 64] f32 @ b [r, n] f32");
+        z = expand_t<Epilogue::Store>(x, y, at::kFloat, nullptr);
+        break;
+      case 2:
+        TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) >= 1 && x.size(1) <= kMaxRank &&
+                        x.scalar_type() == at::kFloat,
+                    "reduce: a [k, r <= 64] f32, b [k, n]");
+        z = reduce_t(x, y);
+        break;
+      default:
+        TORCH_CHECK(false, "unknown rank product ", op);
+    }
+    *result = new at::Tensor(std::move(z));
+#endif
+  });
+}
+
 // 1 where this CPU runs the LoRA kernels (AVX-512 F, BW and VL), else 0.
 int32_t nibble_lora_kernels_available() { return kernels_available() ? 1 : 0; }
 

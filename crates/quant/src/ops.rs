@@ -89,6 +89,12 @@ mod ffi {
             result: *mut *mut c_void,
         ) -> *mut c_char;
         pub fn nibble_lora_kernels_available() -> i32;
+        pub fn nibble_lora_rank_product(
+            op: i32,
+            a: *const c_void,
+            b: *const c_void,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
         pub fn nibble_lora_update(
             x: *const c_void,
             base: *const c_void,
@@ -757,6 +763,33 @@ pub fn lora_update(x: &Tensor, base: &Tensor, a: &Tensor, b: &Tensor, scaling: f
     let err = unsafe { ffi::nibble_lora_update(ptr(x), ptr(base), ptr(a), ptr(b), scaling, &mut result) };
     check(err)?;
     take(result, "output")
+}
+
+/// The three shapes of [`lora_update`]'s products, each `r` (<= [`LORA_KERNEL_MAX_RANK`]) wide
+/// on one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankProduct {
+    /// `a [m, k] @ b [k, r]`: the input times A^T, the output gradient times B (`a` bf16 or f32).
+    Contract,
+    /// `a [m, r] @ b [r, n]`, in f32: the r-wide intermediate times B^T, its gradient times A.
+    Expand,
+    /// `a^T @ b` for `a [k, r]`, `b [k, n]` (bf16 or f32): the factors' gradients, summed over rows.
+    Reduce,
+}
+
+/// One of [`lora_update`]'s products on its own, in f32 (what the step floor times for an
+/// adapter's matmuls where the step runs these kernels). Needs [`lora_kernels_available`].
+pub fn lora_rank_product(op: RankProduct, a: &Tensor, b: &Tensor) -> Result<Tensor, Error> {
+    let code = match op {
+        RankProduct::Contract => 0,
+        RankProduct::Expand => 1,
+        RankProduct::Reduce => 2,
+    };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err = unsafe { ffi::nibble_lora_rank_product(code, ptr(a), ptr(b), &mut result) };
+    check(err)?;
+    take(result, "product")
 }
 
 /// Linear4bit's forward through the C++ autograd Function: `x [..., in]` (already in the compute

@@ -111,6 +111,29 @@ fn bad_inputs_are_refused_with_what_is_wrong() {
     );
 }
 
+/// Each product on its own is torch's matmul, to f32 rounding.
+#[test]
+fn each_rank_product_is_a_matmul() {
+    if !ops::lora_kernels_available() {
+        return;
+    }
+    tch::manual_seed(9);
+    let f = |s: &[i64]| Tensor::randn(s, (Kind::Float, Device::Cpu));
+    for kind in [Kind::BFloat16, Kind::Float] {
+        let (x, a) = (f(&[37, 70]).to_kind(kind), f(&[70, 20]));
+        let got = ops::lora_rank_product(ops::RankProduct::Contract, &x, &a).unwrap();
+        assert!(rel(&got, &x.to_kind(Kind::Float).matmul(&a)) < 1e-5, "contract {kind:?}");
+        let (d, w) = (f(&[37, 20]), f(&[20, 45]));
+        let got = ops::lora_rank_product(ops::RankProduct::Expand, &d, &w).unwrap();
+        assert!(rel(&got, &d.matmul(&w)) < 1e-5, "expand");
+        let (d, y) = (f(&[37, 20]), f(&[37, 45]).to_kind(kind));
+        let got = ops::lora_rank_product(ops::RankProduct::Reduce, &d, &y).unwrap();
+        assert!(rel(&got, &d.tr().matmul(&y.to_kind(Kind::Float))) < 1e-5, "reduce {kind:?}");
+    }
+    let wide = f(&[8, 65]);
+    assert!(ops::lora_rank_product(ops::RankProduct::Contract, &f(&[3, 8]), &wide).is_err());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 

@@ -52,6 +52,8 @@ pub(crate) struct Gemm {
     pub n: i64,
     pub kind: Kind,
     pub count: f64,
+    /// For an adapter's product, the rank-r kernel that computes it where the step runs them.
+    pub rank: Option<quant::ops::RankProduct>,
 }
 
 impl Gemm {
@@ -85,6 +87,9 @@ pub(crate) struct StepShape {
     /// The dtype its gradient product runs in (f32 where the run takes TRL's f32 product).
     pub head_grad: Kind,
     pub checkpointing: bool,
+    /// The adapters' products run as nibble's rank-r kernels (`quant::ops::lora_update`), on
+    /// activations of this dtype: the floor takes the faster of them and torch's matmul.
+    pub lora_kernels: Option<Kind>,
     /// DPO's reference forward each step: `Some(with adapters)` (a frozen initial adapter
     /// scores the reference), `None` without one (SFT, or precomputed log-probs).
     pub reference: Option<bool>,
@@ -102,7 +107,7 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     let micro = s.micro_batches as f64;
     let (n_tok, t) = (s.rows * s.seq, s.seq);
     let mut add = |part, pass, batch, m, k, n, kind, count: f64| {
-        out.push(Gemm { part, pass, batch, m, k, n, kind, count: count * micro });
+        out.push(Gemm { part, pass, batch, m, k, n, kind, count: count * micro, rank: None });
     };
     // A block's linears, `(PEFT name, in, out)`, as the memory estimate knows them.
     let linears: Vec<_> =
@@ -175,6 +180,18 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
         forward(&mut add, Pass::Reference, adapters, 1.0);
         add(Part::Head, Pass::Reference, 1, n_tok, h, v, s.head, 1.0);
     }
+    // The adapters' products in the order listed: a forward pass's adapter is `x A^T` then its
+    // B product, a backward's the gradients of B and of `x A^T`, of A and of x.
+    use quant::ops::RankProduct::{Contract, Expand, Reduce};
+    let mut nth = 0usize;
+    for g in out.iter_mut().filter(|g| g.part == Part::Lora) {
+        g.rank = Some(if g.pass == Pass::Backward {
+            [Reduce, Contract, Reduce, Expand][nth % 4]
+        } else {
+            [Contract, Expand][nth % 2]
+        });
+        nth = if g.pass == Pass::Backward || nth.is_multiple_of(2) { nth + 1 } else { 0 };
+    }
     out
 }
 
@@ -229,6 +246,7 @@ pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
         head,
         head_grad,
         checkpointing: run.gradient_checkpointing,
+        lora_kernels: lora_kernels(plan, &run),
         reference: plan.dpo.as_ref().filter(|d| !d.precompute).map(|_| plan.lora_init_adapter.is_some()),
         four_bit_read,
         dequant_write: match compute {
@@ -236,6 +254,40 @@ pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
             _ => 2.0,
         },
     }
+}
+
+/// The activations' dtype where the run's adapters take nibble's fused kernels (the conditions
+/// `lora::LoraLinear` checks: f32 factors of rank <= 64 without dropout on bf16/f32 CPU
+/// activations, a CPU with the kernels, a policy other than `native`).
+fn lora_kernels(plan: &RunPlan, run: &device_map::estimate::RunShape) -> Option<Kind> {
+    let activations = plan.load.compute_dtype;
+    (plan.device == Device::Cpu
+        && run.lora_r > 0
+        && run.adapter_bytes == 4
+        && !run.lora_dropout
+        && run.lora_r as i64 <= quant::ops::LORA_KERNEL_MAX_RANK
+        && matches!(activations, Kind::BFloat16 | Kind::Float)
+        && plan.cpu_matmul != quant::ops::CpuMatmul::Native
+        && quant::ops::lora_kernels_available())
+    .then_some(activations)
+}
+
+/// Operands for one adapter product as the step's kernel takes them (`a`, `b`, which kernel):
+/// `[m, k] x [k, n]` with one side the rank; the gradient of B, `[out, rows] x [rows, r]` in the
+/// list, is the kernel's `a^T b` over the rows (`[rows, r]`, `[rows, out]`).
+fn rank_operands(g: &Gemm, act: Kind) -> Result<(Tensor, Tensor, quant::ops::RankProduct)> {
+    use quant::ops::RankProduct;
+    let f = |s: [i64; 2], k: Kind| Tensor::f_randn(s, (k, Device::Cpu));
+    let op = g.rank.ok_or_else(|| anyhow::anyhow!("{g:?} is no adapter product"))?;
+    let (a, b) = match op {
+        RankProduct::Expand => (f([g.m, g.k], Kind::Float)?, f([g.k, g.n], Kind::Float)?),
+        // The gradient of A, `[r, rows] x [rows, in]`: the rows are the sum.
+        RankProduct::Reduce if g.m < g.n => (f([g.k, g.m], Kind::Float)?, f([g.k, g.n], act)?),
+        // The gradient of B, `[out, rows] x [rows, r]`, as `a^T b` over the rows.
+        RankProduct::Reduce => (f([g.k, g.n], Kind::Float)?, f([g.k, g.m], act)?),
+        RankProduct::Contract => (f([g.m, g.k], act)?, f([g.k, g.n], Kind::Float)?),
+    };
+    Ok((a, b, op))
 }
 
 /// The measured floor.
@@ -275,11 +327,26 @@ fn time_median(device: Device, budget_s: f64, mut f: impl FnMut() -> Result<()>)
 pub(crate) fn measure(shape: &StepShape, device: Device) -> Result<Floor> {
     let _guard = tch::no_grad_guard();
     let mut floor = Floor::default();
-    let mut seen: HashMap<(i64, i64, i64, i64, Kind), f64> = HashMap::new();
+    let mut seen: HashMap<(i64, i64, i64, i64, Kind, bool), f64> = HashMap::new();
     let list = gemms(shape);
     let bar = indicatif::ProgressBar::new(list.len() as u64).with_message("timing the step's matmuls");
     for g in &list {
-        let key = (g.batch, g.m, g.k, g.n, g.kind);
+        // Where the step runs an adapter's product on nibble's rank-r kernel, the floor is the
+        // faster of that kernel and torch's matmul, each timed alone.
+        let kernel = shape.lora_kernels.filter(|_| g.part == Part::Lora && g.batch == 1);
+        let key = (g.batch, g.m, g.k, g.n, g.kind, kernel.is_some());
+        let kernel_s = match (seen.get(&key), kernel) {
+            (None, Some(act)) => {
+                let (a, b, op) = rank_operands(g, act)?;
+                let s = time_median(device, 0.3, || {
+                    let _ = quant::ops::lora_rank_product(op, &a, &b)?;
+                    Ok(())
+                })
+                .with_context(|| format!("timing a {}x{}x{} rank product ({op:?})", g.m, g.k, g.n))?;
+                Some(s)
+            }
+            _ => None,
+        };
         let secs = match seen.get(&key) {
             Some(&s) => s,
             None => {
@@ -296,6 +363,7 @@ pub(crate) fn measure(shape: &StepShape, device: Device) -> Result<Floor> {
                 .with_context(|| {
                     format!("timing a {}x{}x{} x{} matmul in {:?}", g.m, g.k, g.n, g.batch, g.kind)
                 })?;
+                let s = kernel_s.map_or(s, |k| k.min(s));
                 seen.insert(key, s);
                 s
             }
@@ -334,12 +402,13 @@ pub fn print(plan: &RunPlan) -> Result<()> {
     #[allow(clippy::print_stdout)]
     {
         println!(
-            "step: {} x {} tokens x {} micro-batch(es), matmuls in {:?} (adapters {:?}, head {:?}, its gradient {:?}), gradient checkpointing {}{}",
+            "step: {} x {} tokens x {} micro-batch(es), matmuls in {:?} (adapters {:?}{}, head {:?}, its gradient {:?}), gradient checkpointing {}{}",
             shape.rows,
             shape.seq,
             shape.micro_batches,
             shape.compute,
             shape.adapter,
+            if shape.lora_kernels.is_some() { " on nibble's rank-r kernels" } else { "" },
             shape.head,
             shape.head_grad,
             shape.checkpointing,
@@ -441,6 +510,7 @@ mod tests {
             head: Kind::BFloat16,
             head_grad: Kind::Float,
             checkpointing: false,
+            lora_kernels: None,
             reference: None,
             four_bit_read: Some(0.5),
             dequant_write: 2.0,
@@ -504,6 +574,46 @@ mod tests {
         let parts: f64 = f.by.values().sum();
         assert!((parts - f.matmul_s).abs() <= 1e-9 * f.matmul_s.max(1.0));
         assert!(f.by.contains_key("lora/reference") && f.by.contains_key("head/backward"));
+        // Where the step runs the adapters on nibble's kernels, the floor also times those (and
+        // keeps the faster of the two per shape).
+        if quant::ops::lora_kernels_available() {
+            let k = StepShape { lora_kernels: Some(Kind::BFloat16), ..s.clone() };
+            let fk = measure(&k, Device::Cpu)?;
+            assert!(fk.by["lora/backward"] > 0.0 && (fk.flops - f.flops).abs() <= 1e-9 * f.flops);
+        }
+        Ok(())
+    }
+
+    /// Each adapter product of the list maps to the kernel the step runs it on, with operands
+    /// whose product has the listed FLOP.
+    #[test]
+    fn adapter_products_map_to_the_steps_kernels() -> Result<()> {
+        use quant::ops::RankProduct;
+        let s = StepShape { checkpointing: true, ..shape() };
+        let mut ops = Vec::new();
+        for g in gemms(&s).iter().filter(|g| g.part == Part::Lora) {
+            let (a, b, op) = rank_operands(g, Kind::BFloat16)?;
+            // `a [m, k] x b [k, n]`, or for a reduce `a [k, m]^T x b [k, n]`: the same FLOP.
+            let (sa, sb) = (a.size(), b.size());
+            assert_eq!(2 * sa[0] * sa[1] * sb[1], 2 * g.m * g.k * g.n, "{g:?} as {op:?}");
+            // The operands meet on the summed side: the rows for a reduce, `k` otherwise.
+            if op == RankProduct::Reduce {
+                assert_eq!(sa[0], sb[0])
+            } else {
+                assert_eq!(sa[1], sb[0])
+            }
+            ops.push((g.pass, op));
+        }
+        // Forward: contract then expand per adapter; backward: reduce (B), contract, reduce (A),
+        // expand.
+        assert_eq!(ops[..2], [(Pass::Forward, RankProduct::Contract), (Pass::Forward, RankProduct::Expand)]);
+        let back: Vec<_> = ops.iter().filter(|(p, _)| *p == Pass::Backward).map(|(_, o)| *o).collect();
+        assert_eq!(
+            back[..4],
+            [RankProduct::Reduce, RankProduct::Contract, RankProduct::Reduce, RankProduct::Expand]
+        );
+        let recompute: Vec<_> = ops.iter().filter(|(p, _)| *p == Pass::Recompute).map(|(_, o)| *o).collect();
+        assert_eq!(recompute[..2], [RankProduct::Contract, RankProduct::Expand]);
         Ok(())
     }
 }
