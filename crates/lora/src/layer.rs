@@ -94,18 +94,17 @@ impl LoraLinear {
     /// f32 factors of rank <= 64 on bf16 or f32 CPU activations, a CPU with AVX-512, and a
     /// `cpu_matmul` policy other than `native` (which keeps torch's products, PEFT's bits).
     fn kernels_fit(&self, x: &Tensor, result: &Tensor) -> bool {
-        let kinds = self.lora_a.kind() == Kind::Float
-            && self.lora_b.kind() == Kind::Float
-            && x.kind() == result.kind()
-            && matches!(x.kind(), Kind::BFloat16 | Kind::Float);
-        let cpu = [x.device(), result.device(), self.lora_a.device(), self.lora_b.device()]
-            .iter()
-            .all(|d| *d == Device::Cpu);
-        kinds
-            && cpu
-            && self.lora_a.size()[0] <= quant::ops::LORA_KERNEL_MAX_RANK
-            && quant::ops::CpuMatmul::current() != quant::ops::CpuMatmul::Native
-            && quant::ops::lora_kernels_available()
+        let devices = [x.device(), result.device(), self.lora_a.device(), self.lora_b.device()];
+        self.lora_b.kind() == self.lora_a.kind()
+            && result.kind() == x.kind()
+            && devices.iter().all(|d| *d == devices[0])
+            && quant::ops::lora_kernels_fit(
+                quant::ops::CpuMatmul::current(),
+                self.lora_a.kind(),
+                x.kind(),
+                devices[0],
+                self.lora_a.size()[0],
+            )
     }
 
     /// `result + B(A(dropout(x))) * scaling` as PEFT's bitsandbytes layer orders it (bit for bit

@@ -750,6 +750,25 @@ pub fn lora_kernels_available() -> bool {
     unsafe { ffi::nibble_lora_kernels_available() == 1 }
 }
 
+/// Whether an adapter without dropout runs as [`lora_update`] under `policy`: f32 factors of rank
+/// 1 to [`LORA_KERNEL_MAX_RANK`] on bf16 or f32 activations on the CPU, a CPU with the kernels,
+/// and a policy other than [`CpuMatmul::Native`] (which keeps torch's products, PEFT's bits).
+/// What `lora::LoraLinear` takes and what the step floor assumes, from one place.
+pub fn lora_kernels_fit(
+    policy: CpuMatmul,
+    factors: Kind,
+    activations: Kind,
+    device: Device,
+    rank: i64,
+) -> bool {
+    factors == Kind::Float
+        && matches!(activations, Kind::BFloat16 | Kind::Float)
+        && device == Device::Cpu
+        && (1..=LORA_KERNEL_MAX_RANK).contains(&rank)
+        && policy != CpuMatmul::Native
+        && lora_kernels_available()
+}
+
 /// `base + ((x A^T) * scaling) B^T` for f32 LoRA factors `a [r, in]`, `b [out, r]` (r up to
 /// [`LORA_KERNEL_MAX_RANK`]) on CPU activations `x [.., in]` and the base layer's output
 /// `base [.., out]` of one dtype (bf16 or f32), as one autograd Function whose six rank-r

@@ -183,14 +183,15 @@ pub(crate) fn gemms(s: &StepShape) -> Vec<Gemm> {
     // The adapters' products in the order listed: a forward pass's adapter is `x A^T` then its
     // B product, a backward's the gradients of B and of `x A^T`, of A and of x.
     use quant::ops::RankProduct::{Contract, Expand, Reduce};
-    let mut nth = 0usize;
+    let mut nth: BTreeMap<Pass, usize> = BTreeMap::new();
     for g in out.iter_mut().filter(|g| g.part == Part::Lora) {
+        let i = nth.entry(g.pass).or_insert(0);
         g.rank = Some(if g.pass == Pass::Backward {
-            [Reduce, Contract, Reduce, Expand][nth % 4]
+            [Reduce, Contract, Reduce, Expand][*i % 4]
         } else {
-            [Contract, Expand][nth % 2]
+            [Contract, Expand][*i % 2]
         });
-        nth = if g.pass == Pass::Backward || nth.is_multiple_of(2) { nth + 1 } else { 0 };
+        *i += 1;
     }
     out
 }
@@ -261,14 +262,15 @@ pub(crate) fn step_shape(plan: &RunPlan) -> StepShape {
 /// activations, a CPU with the kernels, a policy other than `native`).
 fn lora_kernels(plan: &RunPlan, run: &device_map::estimate::RunShape) -> Option<Kind> {
     let activations = plan.load.compute_dtype;
-    (plan.device == Device::Cpu
-        && run.lora_r > 0
-        && run.adapter_bytes == 4
-        && !run.lora_dropout
-        && run.lora_r as i64 <= quant::ops::LORA_KERNEL_MAX_RANK
-        && matches!(activations, Kind::BFloat16 | Kind::Float)
-        && plan.cpu_matmul != quant::ops::CpuMatmul::Native
-        && quant::ops::lora_kernels_available())
+    let factors = if run.adapter_bytes == 4 { Kind::Float } else { Kind::BFloat16 };
+    (!run.lora_dropout
+        && quant::ops::lora_kernels_fit(
+            plan.cpu_matmul,
+            factors,
+            activations,
+            plan.device,
+            run.lora_r as i64,
+        ))
     .then_some(activations)
 }
 
@@ -335,18 +337,6 @@ pub(crate) fn measure(shape: &StepShape, device: Device) -> Result<Floor> {
         // faster of that kernel and torch's matmul, each timed alone.
         let kernel = shape.lora_kernels.filter(|_| g.part == Part::Lora && g.batch == 1);
         let key = (g.batch, g.m, g.k, g.n, g.kind, kernel.is_some());
-        let kernel_s = match (seen.get(&key), kernel) {
-            (None, Some(act)) => {
-                let (a, b, op) = rank_operands(g, act)?;
-                let s = time_median(device, 0.3, || {
-                    let _ = quant::ops::lora_rank_product(op, &a, &b)?;
-                    Ok(())
-                })
-                .with_context(|| format!("timing a {}x{}x{} rank product ({op:?})", g.m, g.k, g.n))?;
-                Some(s)
-            }
-            _ => None,
-        };
         let secs = match seen.get(&key) {
             Some(&s) => s,
             None => {
@@ -356,14 +346,22 @@ pub(crate) fn measure(shape: &StepShape, device: Device) -> Result<Floor> {
                 } else {
                     (Tensor::f_randn([g.batch, g.m, g.k], opts)?, Tensor::f_randn([g.batch, g.k, g.n], opts)?)
                 };
-                let s = time_median(device, 0.3, || {
+                let mut s = time_median(device, 0.3, || {
                     let _ = a.f_matmul(&b)?;
                     Ok(())
                 })
                 .with_context(|| {
                     format!("timing a {}x{}x{} x{} matmul in {:?}", g.m, g.k, g.n, g.batch, g.kind)
                 })?;
-                let s = kernel_s.map_or(s, |k| k.min(s));
+                if let Some(act) = kernel {
+                    let (a, b, op) = rank_operands(g, act)?;
+                    let k = time_median(device, 0.3, || {
+                        let _ = quant::ops::lora_rank_product(op, &a, &b)?;
+                        Ok(())
+                    })
+                    .with_context(|| format!("timing a {}x{}x{} rank product ({op:?})", g.m, g.k, g.n))?;
+                    s = s.min(k);
+                }
                 seen.insert(key, s);
                 s
             }

@@ -321,7 +321,8 @@ impl Layers<'_> {
         timed(Phase::Backward, device, || -> Result<(), model_loader::Error> {
             let (mut inputs, mut grad) = (inputs, ctx.pack(&grad)?);
             for i in (0..model.num_layers()).rev() {
-                let (x, y, l) = match kept.take().filter(|_| Some(i) == last) {
+                let graph = if Some(i) == last { kept.take() } else { None };
+                let (x, y, l) = match graph {
                     Some(graph) => graph,
                     None => {
                         let x = inputs[i].f_detach()?.set_requires_grad(true);
