@@ -3,7 +3,8 @@
 //
 // Why: an adapter's six products per step (x A^T, (.) B^T forward; g B, g^T a, g_a^T x, g_a A
 // backward) have one side only r wide (8-64). MKL runs such shapes at 40-80 GFLOP/s on two
-// cores where a large f32 GEMM reaches 150-190, and around them PEFT's order adds passes over
+// cores where a large f32 GEMM reaches 150-190 (these kernels: 180-225 on an AVX-512 Zen 4, r =
+// 16, 512 rows, 768 and 2048 wide), and around them PEFT's order adds passes over
 // the layer's input and output: the input's f32 copy, the update's rounding to 16 bits and its
 // sum with the base output, and backward the gradient's f32 copy and the input gradient's
 // rounding. Here each product is one pass that reads 16-bit operands directly, and the forward's
@@ -67,27 +68,52 @@ NIBBLE_AVX512_INLINE void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, to_bf16(v));
 }
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-
 inline __mmask16 tail_mask(int64_t len) {
   return len >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << len) - 1);
 }
 
-// Rows of Y converted to f32 at once in `contract`, so the inner loop broadcasts from memory.
+// Columns of Y converted to f32 at once in `contract`, so the inner loop broadcasts from memory.
 constexpr int64_t kContractTile = 256;
+
+// acc[RB x C] += tile[:RB, :len] W[:len, :r] (W row-major with row stride r, r split in C chunks
+// of 16 lanes, the last masked). The running sums come in and go out through `acc_mem`, and
+// live in registers only inside: carried across the caller's tile conversion, GCC 12 keeps
+// them in memory and stores all of them after every multiply-add (2.6x slower).
+template <int RB, int C>
+NIBBLE_AVX512_INLINE void contract_tile(const float (*tile)[kContractTile], const float* w, int64_t len,
+                                        int64_t r, const __mmask16* mask, float* acc_mem) {
+  __m512 acc[RB * C];
+#pragma GCC unroll 64
+  for (int i = 0; i < RB * C; ++i) {
+    acc[i] = _mm512_load_ps(acc_mem + 16 * i);
+  }
+  for (int64_t j = 0; j < len; ++j, w += r) {
+    __m512 wv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      wv[c] = load16(w + 16 * c, mask[c]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const __m512 yv = _mm512_set1_ps(tile[i][j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        acc[i * C + c] = _mm512_fmadd_ps(yv, wv[c], acc[i * C + c]);
+      }
+    }
+  }
+#pragma GCC unroll 64
+  for (int i = 0; i < RB * C; ++i) {
+    _mm512_store_ps(acc_mem + 16 * i, acc[i]);
+  }
+}
 
 // Z[n, :r] = sum_k Y[n, k] W[k, :r] for RB rows from n0: W is [K, r] row-major f32, r split in C
 // chunks of 16 lanes (the last masked).
 template <typename In, int RB, int C>
 NIBBLE_AVX512 void contract_rows(const In* y, const float* w, float* z, int64_t n0, int64_t k_dim,
                                  int64_t r) {
-  __m512 acc[RB][C];
-  for (int i = 0; i < RB; ++i) {
-    for (int c = 0; c < C; ++c) {
-      acc[i][c] = _mm512_setzero_ps();
-    }
-  }
+  alignas(64) float acc[RB * C * 16] = {};
   __mmask16 mask[C];
   for (int c = 0; c < C; ++c) {
     mask[c] = tail_mask(r - 16 * c);
@@ -97,27 +123,16 @@ NIBBLE_AVX512 void contract_rows(const In* y, const float* w, float* z, int64_t 
     const int64_t len = std::min(kContractTile, k_dim - k0);
     for (int i = 0; i < RB; ++i) {
       const In* row = y + (n0 + i) * k_dim + k0;
-      for (int64_t j = 0; j < len; ++j) {
-        tile[i][j] = to_f32(row[j]);
+      for (int64_t j = 0; j < len; j += 16) {
+        const __mmask16 m = tail_mask(len - j);
+        _mm512_mask_storeu_ps(&tile[i][j], m, load16(row + j, m));
       }
     }
-    for (int64_t j = 0; j < len; ++j) {
-      const float* wk = w + (k0 + j) * r;
-      __m512 wv[C];
-      for (int c = 0; c < C; ++c) {
-        wv[c] = load16(wk + 16 * c, mask[c]);
-      }
-      for (int i = 0; i < RB; ++i) {
-        const __m512 yv = _mm512_set1_ps(tile[i][j]);
-        for (int c = 0; c < C; ++c) {
-          acc[i][c] = _mm512_fmadd_ps(yv, wv[c], acc[i][c]);
-        }
-      }
-    }
+    contract_tile<RB, C>(tile, w + k0 * r, len, r, mask, acc);
   }
   for (int i = 0; i < RB; ++i) {
     for (int c = 0; c < C; ++c) {
-      store16(z + (n0 + i) * r + 16 * c, acc[i][c], mask[c]);
+      store16(z + (n0 + i) * r + 16 * c, _mm512_load_ps(acc + 16 * (i * C + c)), mask[c]);
     }
   }
 }
@@ -125,7 +140,7 @@ NIBBLE_AVX512 void contract_rows(const In* y, const float* w, float* z, int64_t 
 template <typename In, int C>
 NIBBLE_AVX512 void contract_c(const In* y, const float* w, float* z, int64_t n, int64_t k_dim,
                               int64_t r) {
-  constexpr int RB = C == 1 ? 8 : (C == 2 ? 4 : 2);
+  constexpr int RB = C == 1 ? 8 : (C == 2 ? 6 : 4);
   const int64_t blocks = n / RB;
   at::parallel_for(0, blocks + 1, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -204,33 +219,55 @@ void expand(const float* x, const float* w, const Out* base, Out* out, int64_t n
   });
 }
 
-// Z [r, O] = X [n, r]^T @ Y [n, O], over 16-lane blocks of O, 16 rows of Z at a time.
-template <typename In>
-NIBBLE_AVX512 void reduce_block(const float* x, const In* y, float* z, int64_t n, int64_t r,
-                                int64_t o_dim, int64_t o) {
+// Z [k0 .. k0 + KB, o .. o + 16] = X [n, k0 .. k0 + KB]^T @ Y [n, o .. o + 16]. KB is a constant so
+// the KB running sums stay in registers (with a run-time count GCC 12 keeps them in memory).
+template <typename In, int KB>
+NIBBLE_AVX512 void reduce_tile(const float* x, const In* y, float* z, int64_t n, int64_t r, int64_t o_dim,
+                               int64_t o, int64_t k0) {
   const __mmask16 m = tail_mask(o_dim - o);
-  for (int64_t k0 = 0; k0 < r; k0 += 16) {
-    const int64_t kn = std::min<int64_t>(16, r - k0);
-    __m512 acc[16];
-    for (int k = 0; k < 16; ++k) {
-      acc[k] = _mm512_setzero_ps();
+  __m512 acc[KB];
+#pragma GCC unroll 16
+  for (int k = 0; k < KB; ++k) {
+    acc[k] = _mm512_setzero_ps();
+  }
+  const In* yi = y + o;
+  const float* xi = x + k0;
+  for (int64_t i = 0; i < n; ++i, yi += o_dim, xi += r) {
+    const __m512 yv = load16(yi, m);
+#pragma GCC unroll 16
+    for (int k = 0; k < KB; ++k) {
+      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(xi[k]), yv, acc[k]);
     }
-    for (int64_t i = 0; i < n; ++i) {
-      const __m512 yv = load16(y + i * o_dim + o, m);
-      const float* xi = x + i * r + k0;
-      if (kn == 16) {
-        for (int k = 0; k < 16; ++k) {
-          acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(xi[k]), yv, acc[k]);
-        }
-      } else {
-        for (int64_t k = 0; k < kn; ++k) {
-          acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(xi[k]), yv, acc[k]);
-        }
-      }
-    }
-    for (int64_t k = 0; k < kn; ++k) {
-      store16(z + (k0 + k) * o_dim + o, acc[k], m);
-    }
+  }
+#pragma GCC unroll 16
+  for (int k = 0; k < KB; ++k) {
+    store16(z + (k0 + k) * o_dim + o, acc[k], m);
+  }
+}
+
+// Z [r, O] = X [n, r]^T @ Y [n, O], over 16-lane blocks of O, up to 16 rows of Z at a time (a
+// rank's remainder below 16 in power-of-two pieces).
+template <typename In>
+NIBBLE_AVX512 void reduce_block(const float* x, const In* y, float* z, int64_t n, int64_t r, int64_t o_dim,
+                                int64_t o) {
+  int64_t k0 = 0;
+  for (; k0 + 16 <= r; k0 += 16) {
+    reduce_tile<In, 16>(x, y, z, n, r, o_dim, o, k0);
+  }
+  if (r - k0 >= 8) {
+    reduce_tile<In, 8>(x, y, z, n, r, o_dim, o, k0);
+    k0 += 8;
+  }
+  if (r - k0 >= 4) {
+    reduce_tile<In, 4>(x, y, z, n, r, o_dim, o, k0);
+    k0 += 4;
+  }
+  if (r - k0 >= 2) {
+    reduce_tile<In, 2>(x, y, z, n, r, o_dim, o, k0);
+    k0 += 2;
+  }
+  if (r - k0 >= 1) {
+    reduce_tile<In, 1>(x, y, z, n, r, o_dim, o, k0);
   }
 }
 
