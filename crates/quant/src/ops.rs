@@ -89,6 +89,15 @@ mod ffi {
             result: *mut *mut c_void,
         ) -> *mut c_char;
         pub fn nibble_lora_kernels_available() -> i32;
+        pub fn nibble_attention_available() -> i32;
+        pub fn nibble_attention(
+            q: *const c_void,
+            k: *const c_void,
+            v: *const c_void,
+            causal: i32,
+            scale: f64,
+            result: *mut *mut c_void,
+        ) -> *mut c_char;
         pub fn nibble_lora_rank_product(
             op: i32,
             a: *const c_void,
@@ -809,6 +818,44 @@ pub fn lora_rank_product(op: RankProduct, a: &Tensor, b: &Tensor) -> Result<Tens
     let err = unsafe { ffi::nibble_lora_rank_product(code, ptr(a), ptr(b), &mut result) };
     check(err)?;
     take(result, "product")
+}
+
+/// Whether this CPU runs [`attention`] (AVX-512 F, BW, VL and BF16), so callers can pick it
+/// over torch's flash attention where that multiplies bf16 through a generic path.
+pub fn attention_available() -> bool {
+    // SAFETY: a pure query of CPU features.
+    unsafe { ffi::nibble_attention_available() == 1 }
+}
+
+/// The widest head [`attention`] takes.
+pub const ATTENTION_MAX_HEAD_DIM: i64 = 256;
+
+/// Whether attention over `kind` heads of `head_dim` on `device` runs as [`attention`] under
+/// `policy` (the caller still owes: no mask beyond causality, no dropout, no soft-capping):
+/// bf16 on a CPU with the kernels, an even head size up to [`ATTENTION_MAX_HEAD_DIM`], and a
+/// policy other than [`CpuMatmul::Native`] (which keeps torch's flash attention, TRL's bits).
+pub fn attention_fits(policy: CpuMatmul, kind: Kind, device: Device, head_dim: i64) -> bool {
+    kind == Kind::BFloat16
+        && device == Device::Cpu
+        && head_dim % 2 == 0
+        && (2..=ATTENTION_MAX_HEAD_DIM).contains(&head_dim)
+        && policy != CpuMatmul::Native
+        && attention_available()
+}
+
+/// `softmax(q k^T scale) v` with autograd, for bf16 CPU heads `q [B, H, Tq, D]`, `k`, `v [B, KVH,
+/// Tk, D]` (H a multiple of KVH: grouped-query heads share keys without being repeated), causal
+/// where asked (the queries are the last Tq of the Tk positions), no other mask, no dropout, D
+/// even and at most [`ATTENTION_MAX_HEAD_DIM`]. torch's flash attention to float noise, with
+/// every product a native bf16 dot product (`csrc/attention_ops.cpp`); needs
+/// [`attention_available`]. The output is `[B, H, Tq, D]` over `[B, Tq, H, D]` memory, so
+/// joining its heads is a view.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Tensor, Error> {
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the tensors live for the call; `result` is a valid local.
+    let err = unsafe { ffi::nibble_attention(ptr(q), ptr(k), ptr(v), i32::from(causal), scale, &mut result) };
+    check(err)?;
+    take(result, "attention output")
 }
 
 /// Linear4bit's forward through the C++ autograd Function: `x [..., in]` (already in the compute

@@ -417,6 +417,17 @@ impl Attention {
             let out = self.eager(&q, &k, &v, ctx.mask.as_ref(), past, upcast)?;
             return self.output(&out, b, t, unpad);
         }
+        let causal = ctx.mask.is_none() && t > 1 && past == 0;
+        if ctx.mask.is_none()
+            && !upcast
+            && quant::ops::attention_fits(quant::ops::CpuMatmul::current(), kind, q.device(), self.head_dim)
+        {
+            // The same attention as the sdpa call below, every product a native bf16 dot product
+            // instead of torch's CPU flash kernel (see `quant::ops::attention`).
+            let scale = self.scores.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+            let out = quant::ops::attention(&q, &k, &v, causal, scale)?;
+            return self.output(&out, b, t, unpad);
+        }
         let repeat = rep > 1 && (ctx.mask.is_some() || self.head_dim > 256);
         let (k, v) = if repeat { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) } else { (k, v) };
         let out = Tensor::f_scaled_dot_product_attention(
@@ -425,7 +436,7 @@ impl Attention {
             &f32_of(&v)?,
             ctx.mask.as_ref(), // boolean
             0.0,
-            ctx.mask.is_none() && t > 1 && past == 0,
+            causal,
             self.scores.scale,
             rep > 1 && !repeat,
         )?
@@ -870,5 +881,54 @@ mod tests {
         let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
         assert!(close(&y0, &y1) < 1e-6, "outputs differ by {}", close(&y0, &y1));
         assert!(close(&g0, &g1) < 1e-6, "input gradients differ by {}", close(&g0, &g1));
+    }
+
+    /// Unmasked bf16 attention runs nibble's kernel where it fits (and torch's sdpa under
+    /// `cpu_matmul: native`): the layer's output is the kernel's on its own projections, and
+    /// within bf16 rounding of torch's grouped-query sdpa.
+    #[test]
+    fn unmasked_bf16_attention_takes_the_kernel_where_it_fits() {
+        tch::manual_seed(3);
+        let (hidden, heads, kv_heads, head_dim, t) = (64, 4, 2, 16, 20);
+        let bf = |out: i64, inp: i64| -> Box<dyn Linear> {
+            let w =
+                (Tensor::randn([out, inp], (Kind::Float, tch::Device::Cpu)) * 0.2).to_kind(Kind::BFloat16);
+            Box::new(quant::linear::Dense::new(w, None).expect("dense"))
+        };
+        let attn = Attention {
+            qkv: Qkv::Separate {
+                q_proj: bf(heads * head_dim, hidden),
+                k_proj: bf(kv_heads * head_dim, hidden),
+                v_proj: bf(kv_heads * head_dim, hidden),
+            },
+            o_proj: bf(hidden, heads * head_dim),
+            q_norm: None,
+            k_norm: None,
+            heads,
+            kv_heads,
+            head_dim,
+            scores: ScoreOptions { scale: None, softcap: None, eager: false },
+        };
+        // Rotation by zero angles: the tables leave q and k as projected.
+        let table = |v: f64| Tensor::full([1, t, head_dim], v, (Kind::BFloat16, tch::Device::Cpu));
+        let ctx = DeviceContext { cos: table(1.0), sin: table(0.0), mask: None, sliding: None, unpad: None };
+        let x = Tensor::randn([2, t, hidden], (Kind::Float, tch::Device::Cpu)).to_kind(Kind::BFloat16);
+        let got = attn.forward_cached(&x, &ctx, None).expect("attention");
+        let (q, k, v) = attn.project_qkv(&x, None).expect("projections");
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let sdpa =
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, Some(scale), true);
+        let sdpa = attn.output(&sdpa, 2, t, None).expect("output");
+        let policy = quant::ops::CpuMatmul::current();
+        let want = if quant::ops::attention_fits(policy, Kind::BFloat16, tch::Device::Cpu, head_dim) {
+            let out = quant::ops::attention(&q, &k, &v, true, scale).expect("kernel");
+            attn.output(&out, 2, t, None).expect("output")
+        } else {
+            sdpa.shallow_clone()
+        };
+        assert!(got.equal(&want), "the layer's attention is not the path it should take");
+        let (g, w) = (got.to_kind(Kind::Float), sdpa.to_kind(Kind::Float));
+        let off = (&g - &w).abs().max().double_value(&[]) / w.abs().max().double_value(&[]);
+        assert!(off < 2e-2, "off torch's sdpa by {off}");
     }
 }
