@@ -100,7 +100,7 @@ NIBBLE_BF16_INLINE __m512 exp_ps(__m512 x) {
 }
 
 // A panel packed for `vdpbf16ps`: B [K, N] as [ceil(K/2)][ceil(N/16)][16][2], element (k, n) at
-// ((k/2) * groups + n/16) * 32 + (n%16) * 2 + k%2, zeros past K and N.
+// ((k/2) * groups + n/16) * 32 + (n%16) * 2 + k%2, zeros past K and N (written by the packers).
 struct Packed {
   std::vector<uint16_t> data;
   int64_t k = 0, n = 0, groups = 0, pairs = 0;
@@ -110,11 +110,11 @@ struct Packed {
     n = n_;
     groups = (n + 15) / 16;
     pairs = (k + 1) / 2;
+    // No zero fill: both packers write every element, their pads included.
     const size_t len = static_cast<size_t>(pairs * groups * 32);
     if (data.size() < len) {
       data.resize(len);
     }
-    std::fill(data.begin(), data.begin() + static_cast<std::ptrdiff_t>(len), uint16_t{0});
   }
 };
 

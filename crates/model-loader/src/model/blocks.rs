@@ -424,7 +424,7 @@ impl Attention {
         {
             // The same attention as the sdpa call below, every product a native bf16 dot product
             // instead of torch's CPU flash kernel (see `quant::ops::attention`).
-            let scale = self.scores.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+            let scale = self.scale();
             let out = quant::ops::attention(&q, &k, &v, causal, scale)?;
             return self.output(&out, b, t, unpad);
         }
@@ -457,6 +457,11 @@ impl Attention {
 }
 
 impl Attention {
+    /// The scores' scale: the model's, or `head_dim^-1/2` (what sdpa takes for `None`).
+    fn scale(&self) -> f64 {
+        self.scores.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+
     /// transformers' eager attention: keys and values repeated per group, `q k^T * scale`
     /// (soft-capped), the mask added as the dtype's lowest value, softmax in f32 rounded to the
     /// dtype, times `v`. With `upcast` each product runs in f32 and is rounded once (see
@@ -484,7 +489,7 @@ impl Attention {
                 a.f_matmul(b)
             }
         };
-        let scale = self.scores.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+        let scale = self.scale();
         let mut w = product(q, &k.f_transpose(2, 3)?)?.f_mul_scalar(scale)?;
         if let Some(cap) = self.scores.softcap {
             w = softcap(&w, cap)?;
